@@ -1,0 +1,250 @@
+"""The compressor interface, option parsing and the theory constants every compressor declares.
+
+Constants follow INTERFACE.md (None where the class does not apply, every bound for every x):
+
+* ``unbiased``: E C(x) = x.
+* ``omega``: E||C(x) - x||^2 <= omega ||x||^2 (unbiased compressors).
+* ``alpha``: E||C(x) - x||^2 <= (1 - alpha) ||x||^2, alpha in (0, 1] (contractive class, B3(1/alpha)).
+* ``b1`` = [a, b]: a||x||^2 <= E||C(x)||^2 <= b <E C(x), x>  (Beznosikov et al., class B1).
+* ``b2`` = [g, b]: max(g||x||^2, E||C(x)||^2 / b) <= <E C(x), x>  (class B2).
+* ``theta``: for the collection C_1..C_n fed the same x, E||(1/n) sum_i C_i(x) - x||^2 <= theta||x||^2.
+
+``Constants.complete`` derives what follows from the rest, with the paper's own arguments:
+an unbiased C in U(zeta) is in B1(1, zeta) and B2(1, zeta) (Thm 7 with lambda = 1); any C in
+B2(g, b) with b < 2 is contractive with alpha = g (2 - b) (expand E||C - x||^2 and use both B2
+bounds; lambda = 1/b gives Thm 6's B3(b/g)); theta is omega/n for independent unbiased workers
+(Lemma A.5), omega for one shared draw, and 1 - alpha for a biased collection (Jensen).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+import torch
+
+from common.keys import StreamKey
+
+
+@dataclass(frozen=True)
+class Constants:
+    unbiased: bool
+    omega: float | None = None
+    alpha: float | None = None
+    b1: tuple[float, float] | None = None
+    b2: tuple[float, float] | None = None
+    theta: float | None = None
+
+    def complete(self, n_workers: int, shared: bool) -> "Constants":
+        c = self
+        if c.unbiased and c.omega is not None:
+            zeta = 1.0 + c.omega
+            if c.b1 is None:
+                c = replace(c, b1=(1.0, zeta))
+            if c.b2 is None:
+                c = replace(c, b2=(1.0, zeta))
+        if c.b2 is not None and c.b2[1] < 2.0:
+            derived = c.b2[0] * (2.0 - c.b2[1])
+            if derived > 0 and (c.alpha is None or derived > c.alpha):
+                c = replace(c, alpha=min(1.0, derived))
+        if c.theta is None:
+            if c.unbiased and c.omega is not None:
+                c = replace(c, theta=c.omega if shared else c.omega / n_workers)
+            elif c.alpha is not None:
+                c = replace(c, theta=1.0 - c.alpha)
+        return c
+
+    def as_dict(self) -> dict[str, Any]:
+        def clean(v):
+            if v is None or isinstance(v, bool):
+                return v
+            if isinstance(v, tuple):
+                return [clean(x) for x in v]
+            return float(v)
+
+        return {k: clean(getattr(self, k)) for k in ("unbiased", "omega", "alpha", "b1", "b2", "theta")}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One ``key=value`` option of a compressor: its type, default and a check with a message."""
+
+    name: str
+    kind: type
+    default: Any = None
+    check: Callable[[Any], bool] | None = None
+    must: str = ""
+    doc: str = ""
+
+    def convert(self, owner: str, value: Any) -> Any:
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{owner}: option {self.name}={value!r} must be true or false")
+        elif self.kind is int:
+            if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+                raise ValueError(f"{owner}: option {self.name}={value!r} must be an integer")
+            value = int(value)
+        elif self.kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{owner}: option {self.name}={value!r} must be a number")
+            value = float(value)
+        elif self.kind is str:
+            value = str(value).lower()
+        if self.check is not None and not self.check(value):
+            raise ValueError(f"{owner}: option {self.name}={value!r} must be {self.must}")
+        return value
+
+
+def resolve_k(owner: str, dim: int, options: dict[str, Any], default_ratio: float | None = None) -> int:
+    """k from ``k=`` (a count) or ``ratio=`` (a fraction of dim, rounded, at least 1)."""
+    if "k" in options and "ratio" in options:
+        raise ValueError(f"{owner}: give k= or ratio=, not both")
+    if "k" in options:
+        k = options["k"]
+        if k < 1:
+            raise ValueError(f"{owner}: k={k} must be at least 1")
+        if k > dim:
+            raise ValueError(f"{owner}: k={k} is larger than the dimension d={dim}")
+        return k
+    ratio = options.get("ratio", default_ratio)
+    if ratio is None:
+        raise ValueError(f"{owner}: needs k= (a count) or ratio= (a fraction of d)")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"{owner}: ratio={ratio} must be in (0, 1]")
+    return max(1, min(dim, round(ratio * dim)))
+
+
+K_PARAMS = (
+    Param("k", int, None, lambda v: v >= 1, "at least 1", "number of kept coordinates"),
+    Param("ratio", float, None, lambda v: 0 < v <= 1, "in (0, 1]", "fraction of coordinates kept"),
+)
+
+
+class Compressor:
+    """A compressor for 1-D float vectors of a fixed dimension, built by ``common.compressors.build``.
+
+    Subclasses set ``name``, ``params`` and ``summary``, compute their constants in ``__init__`` and
+    implement ``_compress(x, key)``. ``_compress`` may be handed shorter vectors when the compressor is
+    the tail of a chain (it then compresses the values a sparsifier kept).
+    """
+
+    name: str = ""
+    summary: str = ""
+    params: tuple[Param, ...] = ()
+    shared: bool = False  # one draw for all workers at a step (same-Rand-K, Perm-K's permutation)
+    is_sparsifier: bool = False
+
+    def __init__(self, dim: int, n_workers: int, seed: int, options: dict[str, Any], purpose: str = "compress"):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"{self.name}: dimension d={dim!r} must be a positive integer")
+        if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+            raise ValueError(f"{self.name}: n_workers={n_workers!r} must be a positive integer")
+        self.dim = dim
+        self.n_workers = n_workers
+        self.seed = int(seed)
+        self.purpose = purpose
+        self.options = self._parse_options(options)
+        self.constants_obj = Constants(unbiased=False)
+
+    # -- options -------------------------------------------------------------------------------
+    def _parse_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            allowed = ", ".join(known) or "none"
+            raise ValueError(f"{self.name}: unknown option {unknown[0]!r} (options: {allowed})")
+        parsed = {}
+        for p in self.params:
+            if p.name in options:
+                parsed[p.name] = p.convert(self.name, options[p.name])
+            elif p.default is not None:
+                parsed[p.name] = p.default
+        return parsed
+
+    # -- constants -----------------------------------------------------------------------------
+    def _set_constants(self, constants: Constants) -> None:
+        self.constants_obj = constants.complete(self.n_workers, self.shared)
+
+    @property
+    def constants(self) -> dict[str, Any]:
+        return self.constants_obj.as_dict()
+
+    # -- compress / decompress -----------------------------------------------------------------
+    def compress(self, x: torch.Tensor, worker: int = 0, step: int = 0):
+        """Compress ``x`` (1-D float tensor of length d, any device) for ``worker`` at ``step``."""
+        self._check_input(x)
+        if isinstance(worker, bool) or not isinstance(worker, int) or not 0 <= worker < self.n_workers:
+            raise ValueError(f"{self.name}: worker={worker!r} must be an integer in [0, {self.n_workers})")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{self.name}: step={step!r} must be a non-negative integer")
+        return self._compress(x, StreamKey(self.seed, step, worker, self.purpose))
+
+    def decompress(self, payload) -> torch.Tensor:
+        """The dense vector a payload stands for, on the payload's device, in the input's dtype."""
+        return payload.to_dense()
+
+    def _compress(self, x: torch.Tensor, key: StreamKey):
+        raise NotImplementedError
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{self.name}: input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 1:
+            raise ValueError(f"{self.name}: input must be 1-D, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{self.name}: input must be a float tensor, got {x.dtype}")
+        if x.numel() != self.dim:
+            raise ValueError(f"{self.name}: input has {x.numel()} coordinates, compressor was built for d={self.dim}")
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise ValueError(f"{self.name}: input has {bad} non-finite value(s) (NaN or inf)")
+
+    # -- description ---------------------------------------------------------------------------
+    @property
+    def spec(self) -> str:
+        if not self.options:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.options.items())
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.spec} d={self.dim} n={self.n_workers}>"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a sparsifier does to the values it keeps, for the constants of a chain it heads.
+
+    It keeps at most ``max_out`` coordinates and multiplies each by ``scale``; ``gamma`` bounds
+    <E S(x), x> >= gamma ||x||^2. Then E||S(x)||^2 = scale <E S(x), x> (each kept coordinate
+    contributes scale^2 x_j^2 with probability p_j, and <E S x, x> = sum scale p_j x_j^2).
+    """
+
+    scale: float
+    gamma: float
+    max_out: int
+
+
+class Sparsifier(Compressor):
+    """A compressor that keeps some coordinates (possibly scaled): it can head a ``+`` chain."""
+
+    is_sparsifier = True
+    selection: Selection
+
+    def select(self, x: torch.Tensor, key: StreamKey):
+        """Return (indices or None, IndexRule or None, kept values) for ``x``."""
+        raise NotImplementedError
+
+    def _compress(self, x: torch.Tensor, key: StreamKey):
+        from common.compressors.payloads import Dense, Sparse
+
+        indices, rule, values = self.select(x, key)
+        return Sparse(x.numel(), Dense(values, x.dtype), indices, rule, x.dtype)
+
+
+def float32_scalar(value: torch.Tensor) -> torch.Tensor:
+    """A 0-d float32 tensor: scales and norms travel in float32 and both sides use the rounded value."""
+    return value.detach().reshape(()).to(torch.float32)
+
+
+def finite_positive(v: float) -> bool:
+    return v > 0 and math.isfinite(v)

@@ -1,0 +1,39 @@
+"""Value casts to fp16 and bf16: round to nearest, 16 bits a coordinate.
+
+A cast is a precision choice outside the compression theory: no class constant holds for *every* x
+(a float32 value below the 16-bit subnormal range becomes 0, so no alpha > 0 bounds the error), and
+round-to-nearest is biased. Both therefore declare ``unbiased=False`` and no other constant. fp16
+saturates at +-65504 instead of overflowing to inf.
+"""
+from __future__ import annotations
+
+import torch
+
+from common.compressors.base import Compressor, Constants
+from common.compressors.payloads import Dense
+
+
+class _Cast(Compressor):
+    target: torch.dtype
+
+    def __init__(self, dim, n_workers, seed, options, purpose="compress"):
+        super().__init__(dim, n_workers, seed, options, purpose)
+        self._set_constants(Constants(unbiased=False))
+
+    def _compress(self, x, key):
+        limit = torch.finfo(self.target).max
+        return Dense(x.detach().clamp(-limit, limit).to(self.target), x.dtype)
+
+
+class Fp16(_Cast):
+    name = "fp16"
+    summary = "cast values to IEEE half precision (round to nearest, saturating)"
+    example = "fp16"
+    target = torch.float16
+
+
+class Bf16(_Cast):
+    name = "bf16"
+    summary = "cast values to bfloat16 (round to nearest)"
+    example = "bf16"
+    target = torch.bfloat16

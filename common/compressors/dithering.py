@@ -1,0 +1,102 @@
+"""Dithering: C(x)_i = ||x||_p sign(x_i) xi(|x_i| / ||x||_p), xi rounding stochastically (linear in
+value) between neighbouring levels of a fixed table (Beznosikov et al. eq. 14). All are unbiased.
+
+* ``expdither`` (base b, s levels, p-norm): levels 0 < b^(1-s) < ... < b^-1 < 1 and 0;
+  U(zeta_b), zeta_b = (b + 1/b + 2)/4 + d^(1/r) b^(1-s) min(1, d^(1/r) b^(1-s)), r = min(p, 2)
+  (Lemma 15, eq. 15). ``natdither`` is b = 2.
+* ``qsgd`` (standard dithering, Alistarh et al.): levels l/s over the 2-norm; omega = min(d/s^2, sqrt(d)/s).
+* ``ternary`` (TernGrad): levels {0, 1}; E||C||^2 = ||x||_p ||x||_1 <= sqrt(d)||x||^2 for p = 2 or inf,
+  so omega = sqrt(d) - 1.
+
+The norm travels as float32, rounded up, and the codes are computed against that rounded norm, so
+the decoded vector is still unbiased and the receiver reproduces it exactly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from common.compressors.base import Compressor, Constants, Param
+from common.compressors.payloads import LevelTable, Quantized
+from common.compressors.rounding import compute_dtype, stochastic_codes
+
+
+def norm_float32_up(x: torch.Tensor, p: float) -> torch.Tensor:
+    """||x||_p as a 0-d float32 tensor, rounded up so that |x_i| <= norm for every i."""
+    norm = torch.linalg.vector_norm(x.to(compute_dtype(x.dtype)), ord=p).to(torch.float64)
+    n32 = norm.to(torch.float32)
+    bump = n32.to(torch.float64) < norm
+    return torch.where(bump, torch.nextafter(n32, torch.tensor(math.inf, device=x.device)), n32)
+
+
+class _Dither(Compressor):
+    table: LevelTable
+    p: float
+
+    def _compress(self, x, key):
+        work = compute_dtype(x.dtype)
+        norm = norm_float32_up(x.detach(), self.p)
+        t = x.detach().abs().to(work) / norm.to(work).clamp_min(torch.finfo(torch.float32).tiny)
+        codes = stochastic_codes(t, self.table.values(work, x.device), key.torch_generator(x.device))
+        return Quantized(self.table, x < 0, codes, norm, x.dtype)
+
+
+P_PARAM = Param("p", float, 2.0, lambda v: v >= 1, "a number >= 1 or inf", "the norm the levels are relative to")
+
+
+class ExpDither(_Dither):
+    name = "expdither"
+    summary = "general exponential dithering: levels b^-j of the p-norm, stochastic, unbiased"
+    example = "expdither:base=2,s=4,p=2"
+    params = (
+        Param("base", float, 2.0, lambda v: 1.0 < v < float("inf"), "a number > 1"),
+        Param("s", int, 4, lambda v: 1 <= v <= 1023, "an integer in [1, 1023]", "number of non-zero levels"),
+        P_PARAM,
+    )
+
+    def __init__(self, dim, n_workers, seed, options, purpose="compress"):
+        super().__init__(dim, n_workers, seed, options, purpose)
+        b, s, self.p = self.options["base"], self.options["s"], self.options["p"]
+        self.table = LevelTable("exp", b, s)
+        r = min(self.p, 2.0)
+        tail = dim ** (1.0 / r) * b ** (1 - s)
+        zeta = (b + 1 / b + 2) / 4 + tail * min(1.0, tail)
+        self._set_constants(Constants(unbiased=True, omega=zeta - 1.0))
+
+
+class NatDither(ExpDither):
+    name = "natdither"
+    summary = "natural dithering: exponential dithering with base 2"
+    example = "natdither:s=4,p=inf"
+    params = tuple(p for p in ExpDither.params if p.name != "base")
+
+    def _parse_options(self, options):
+        return {**super()._parse_options(options), "base": 2.0}
+
+
+class QSGD(_Dither):
+    name = "qsgd"
+    summary = "standard (uniform) dithering / QSGD with s levels of the 2-norm"
+    example = "qsgd:s=16"
+    params = (Param("s", int, 16, lambda v: 1 <= v <= 65535, "an integer in [1, 65535]", "number of levels"),)
+
+    def __init__(self, dim, n_workers, seed, options, purpose="compress"):
+        super().__init__(dim, n_workers, seed, options, purpose)
+        s = self.options["s"]
+        self.p = 2.0
+        self.table = LevelTable("uniform", 1.0, s)
+        self._set_constants(Constants(unbiased=True, omega=min(dim / s**2, math.sqrt(dim) / s)))
+
+
+class Ternary(_Dither):
+    name = "ternary"
+    summary = "ternary quantization (TernGrad): ||x||_p * sign * Bernoulli(|x_i|/||x||_p)"
+    example = "ternary"
+    params = (Param("p", float, math.inf, lambda v: v == 2 or v == math.inf, "2 or inf"),)
+
+    def __init__(self, dim, n_workers, seed, options, purpose="compress"):
+        super().__init__(dim, n_workers, seed, options, purpose)
+        self.p = self.options["p"]
+        self.table = LevelTable("uniform", 1.0, 1)
+        self._set_constants(Constants(unbiased=True, omega=math.sqrt(dim) - 1.0))

@@ -1,0 +1,18 @@
+"""Identity: the uncompressed vector (in every class with omega = 0, alpha = 1; spec Table 3 remark)."""
+from __future__ import annotations
+
+from common.compressors.base import Compressor, Constants
+from common.compressors.payloads import Dense
+
+
+class Identity(Compressor):
+    name = "identity"
+    summary = "no compression: the vector itself (32 bits a coordinate in float32)"
+    example = "identity"
+
+    def __init__(self, dim, n_workers, seed, options, purpose="compress"):
+        super().__init__(dim, n_workers, seed, options, purpose)
+        self._set_constants(Constants(unbiased=True, omega=0.0, alpha=1.0, b1=(1.0, 1.0), b2=(1.0, 1.0), theta=0.0))
+
+    def _compress(self, x, key):
+        return Dense(x.detach().clone(), x.dtype)

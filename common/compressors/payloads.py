@@ -1,0 +1,230 @@
+"""Typed payloads: what a compressor produces and what the wire layer turns into bytes.
+
+A payload is self-contained: ``to_dense()`` rebuilds the dense vector from the payload alone (indices
+that were not sent are regenerated from the ``IndexRule`` it carries). Every payload remembers the
+``dtype`` of the vector it came from and decompresses to that dtype, on the device its tensors are on.
+
+Kinds:
+
+* ``Dense``: the values themselves, possibly cast to fp16/bf16.
+* ``Sparse``: a support (sent ``indices``, or a ``rule`` that regenerates them) and a payload of the
+  kept values (``Dense``, or any other payload when a chain compresses the values further).
+* ``Signs``: one sign per coordinate and one float32 scale (sign(0) is +1).
+* ``Quantized``: a sign and a code per coordinate into a level table, times an optional float32 norm
+  (exponential rounding, natural compression, dithering, QSGD, ternary).
+* ``Scaled``: a float32 factor times another payload.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+import torch
+
+from common.compressors import indices as index_sets
+
+
+@dataclass(frozen=True)
+class LevelTable:
+    """The non-negative levels that a ``Quantized`` payload's codes index.
+
+    * ``kind="exp"``: exponential dithering, levels [0, b^(1-s), ..., b^-1, 1] (spec eq. 14).
+    * ``kind="uniform"``: standard dithering / QSGD, levels [0, 1/s, ..., 1]; ternary is s = 1.
+    * ``kind="rounding"``: exponential rounding, levels [0, b^emin, ..., b^emax] where emin, emax cover
+      the positive range of ``dtype`` (eq. 12 with a_k = b^k, truncated to what the dtype holds).
+
+    Level values are computed once on the host in float64 and cast, so every device reads the same
+    numbers from the table.
+    """
+
+    kind: str
+    base: float
+    s: int = 0
+    dtype_name: str = "float32"
+
+    def host_values(self) -> np.ndarray:
+        return _host_levels(self)
+
+    def values(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return _device_levels(self, dtype, device)
+
+    def __len__(self) -> int:
+        return len(self.host_values())
+
+    @property
+    def code_bits(self) -> int:
+        return max(1, math.ceil(math.log2(len(self))))
+
+
+def rounding_exponent_range(base: float, dtype: torch.dtype) -> tuple[int, int]:
+    """The exponents e with base^e inside the positive finite range of ``dtype`` (subnormals included)."""
+    info = torch.finfo(dtype)
+    smallest = float(info.smallest_normal) * float(info.eps)  # the smallest subnormal
+    emin = math.floor(math.log(smallest) / math.log(base))
+    emax = math.floor(math.log(float(info.max)) / math.log(base))
+    while _power_fits(base, emax + 1, float(info.max)):
+        emax += 1
+    while not _power_fits(base, emax, float(info.max)):
+        emax -= 1
+    return emin, emax
+
+
+def _power_fits(base: float, exponent: int, limit: float) -> bool:
+    try:
+        return base ** exponent <= limit
+    except OverflowError:
+        return False
+
+
+@functools.lru_cache(maxsize=64)
+def _host_levels(table: LevelTable) -> np.ndarray:
+    b, s = table.base, table.s
+    if table.kind == "uniform":
+        levels = np.arange(s + 1, dtype=np.float64) / s
+    elif table.kind == "exp":
+        levels = np.concatenate([[0.0], b ** np.arange(1 - s, 1, dtype=np.float64)])
+    elif table.kind == "rounding":
+        emin, emax = rounding_exponent_range(b, getattr(torch, table.dtype_name))
+        exps = np.arange(emin, emax + 1)
+        if b == 2.0:
+            powers = np.ldexp(1.0, exps)  # exact, also below float64's normal range
+        else:
+            powers = np.power(b, exps.astype(np.float64))
+        levels = np.concatenate([[0.0], powers])
+    else:
+        raise ValueError(f"unknown level table kind {table.kind!r}")
+    levels.setflags(write=False)
+    return levels
+
+
+@functools.lru_cache(maxsize=256)
+def _device_levels(table: LevelTable, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(_host_levels(table).copy()).to(dtype).to(device)
+
+
+@dataclass(frozen=True)
+class IndexRule:
+    """How to regenerate a support that is not sent: ``kind`` is "randk" or "permk"; ``key`` the
+    64-bit stream code; ``count`` is k for Rand-K and the number of workers n for Perm-K."""
+
+    kind: str
+    dim: int
+    count: int
+    worker: int
+    key: int
+
+    def indices(self) -> np.ndarray:
+        return index_sets.regenerate(self)
+
+
+@dataclass(frozen=True, eq=False)
+class Dense:
+    values: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def dim(self) -> int:
+        return self.values.numel()
+
+    def to_dense(self) -> torch.Tensor:
+        return self.values.to(self.dtype)
+
+    def nominal_bits(self) -> int:
+        return self.values.numel() * self.values.element_size() * 8
+
+
+@dataclass(frozen=True, eq=False)
+class Signs:
+    negative: torch.Tensor  # bool, one per coordinate
+    scale: torch.Tensor  # 0-d float32
+    dtype: torch.dtype
+
+    @property
+    def dim(self) -> int:
+        return self.negative.numel()
+
+    def to_dense(self) -> torch.Tensor:
+        scale = self.scale.to(self.dtype)
+        return torch.where(self.negative, -scale, scale)
+
+    def nominal_bits(self) -> int:
+        return self.dim + 32
+
+
+@dataclass(frozen=True, eq=False)
+class Quantized:
+    table: LevelTable
+    negative: torch.Tensor  # bool
+    codes: torch.Tensor  # integer codes into table
+    norm: torch.Tensor | None  # 0-d float32, or None when the levels are absolute
+    dtype: torch.dtype
+
+    @property
+    def dim(self) -> int:
+        return self.codes.numel()
+
+    def to_dense(self) -> torch.Tensor:
+        levels = self.table.values(self.dtype, self.codes.device)
+        out = levels[self.codes.long()]
+        if self.norm is not None:
+            out = out * self.norm.to(self.dtype)
+        return torch.where(self.negative, -out, out)
+
+    def nominal_bits(self) -> int:
+        return self.dim * (1 + self.table.code_bits) + (32 if self.norm is not None else 0)
+
+
+@dataclass(frozen=True, eq=False)
+class Sparse:
+    dim: int
+    values: "Payload"
+    indices: torch.Tensor | None = None  # sorted int64 support, when it must be sent
+    rule: IndexRule | None = None  # how to regenerate the support, when it is not sent
+    dtype: torch.dtype = torch.float32
+
+    def support(self, device: torch.device) -> torch.Tensor:
+        if self.indices is not None:
+            return self.indices.to(device)
+        return torch.from_numpy(self.rule.indices()).to(device)
+
+    def to_dense(self) -> torch.Tensor:
+        kept = self.values.to_dense().to(self.dtype)
+        out = torch.zeros(self.dim, dtype=self.dtype, device=kept.device)
+        if kept.numel():
+            out[self.support(kept.device)] = kept
+        return out
+
+    def nominal_bits(self) -> int:
+        k = self.values.dim
+        if self.indices is None or k == 0:
+            index_bits = 0
+        else:
+            index_bits = min(k * max(1, math.ceil(math.log2(self.dim))), self.dim)
+        return self.values.nominal_bits() + index_bits
+
+
+@dataclass(frozen=True, eq=False)
+class Scaled:
+    factor: torch.Tensor  # 0-d float32
+    inner: "Payload"
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+    def to_dense(self) -> torch.Tensor:
+        dense = self.inner.to_dense()
+        return dense * self.factor.to(dense.dtype)
+
+    def nominal_bits(self) -> int:
+        return self.inner.nominal_bits() + 32
+
+
+Payload = Union[Dense, Sparse, Signs, Quantized, Scaled]

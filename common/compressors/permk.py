@@ -1,0 +1,37 @@
+"""Perm-K (Gruntkowska et al. Def. 4.1; spec/marina-p-m3.md section 1): a correlated collection.
+
+At each step one random permutation, shared by all n workers, is cut into n disjoint blocks that cover
+[d]; worker i gets its block scaled by n. Each C_i is unbiased with omega = n - 1 exactly
+(E||C_i(x)||^2 = n||x||^2), and (1/n) sum_i C_i(x) = x for every draw, so theta = 0.
+For d < n (n = q d + r) each coordinate goes to exactly q workers scaled by n/q, r workers get
+nothing, and omega = n/q - 1 (Lemma A.6). See ``indices.permk_support`` for the construction.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from common.compressors.base import Constants, Selection, Sparsifier
+from common.compressors.indices import permk_scale
+from common.compressors.payloads import IndexRule
+
+
+class PermK(Sparsifier):
+    name = "permk"
+    summary = "worker i gets block i of a shared random permutation, scaled by n; the n messages average to x"
+    example = "permk"
+
+    def __init__(self, dim, n_workers, seed, options, purpose="compress"):
+        super().__init__(dim, n_workers, seed, options, purpose)
+        d, n = dim, n_workers
+        scale = permk_scale(d, n)
+        zeta = scale  # E||C_i(x)||^2 = scale ||x||^2
+        self.selection = Selection(scale=scale, gamma=1.0, max_out=math.ceil(d / n) if d >= n else 1)
+        self._set_constants(Constants(unbiased=True, omega=zeta - 1.0, b1=(zeta, zeta), b2=(1.0, zeta), theta=0.0))
+
+    def select(self, x, key):
+        m = x.numel()
+        rule = IndexRule("permk", m, self.n_workers, key.worker, key.for_worker(0).child("permutation").code)
+        idx = torch.from_numpy(rule.indices()).to(x.device)
+        return None, rule, x[idx] * permk_scale(m, self.n_workers)

@@ -1,0 +1,59 @@
+"""Rand-K: k coordinates drawn uniformly without replacement.
+
+* ``randk`` (scaled=true, default): values times d/k, unbiased, U(d/k) i.e. omega = d/k - 1
+  (Beznosikov et al. eq. 8, Lemma 8); E||C(x)||^2 = (d/k)||x||^2 exactly. Workers draw independently,
+  so the collection has theta = omega/n (Gruntkowska et al. Lemma A.5/A.6(b)).
+* ``randk:scaled=false``: unscaled, biased random sparsification (eq. 9): B1(k/d,1), B2(k/d,1), B3(d/k);
+  for independent workers theta = (1-q)^2 + q(1-q)/n with q = k/d (each coordinate is kept with
+  probability q independently across workers).
+* ``samerandk``: one draw per step shared by every worker (MARINA-P's SameRandK, Lemma A.6(a)): the
+  workers get the same message and theta = omega.
+
+The support is regenerated from the key by the receiver, so only the values travel.
+"""
+from __future__ import annotations
+
+import torch
+
+from common.compressors.base import K_PARAMS, Constants, Param, Selection, Sparsifier, resolve_k
+from common.compressors.payloads import IndexRule
+
+
+class RandK(Sparsifier):
+    name = "randk"
+    summary = "k uniformly random coordinates, independent per worker (indices regenerated, not sent)"
+    example = "randk:ratio=0.01"
+    params = K_PARAMS + (Param("scaled", bool, True, doc="multiply by d/k (unbiased) or not (biased)"),)
+
+    def __init__(self, dim, n_workers, seed, options, purpose="compress"):
+        super().__init__(dim, n_workers, seed, options, purpose)
+        self.k = resolve_k(self.name, dim, self.options)
+        self.scaled = self.options["scaled"]
+        d, k, n = dim, self.k, n_workers
+        q = k / d
+        if self.scaled:
+            self.selection = Selection(scale=d / k, gamma=1.0, max_out=k)
+            self._set_constants(Constants(unbiased=True, omega=d / k - 1.0, b1=(d / k, d / k), b2=(1.0, d / k)))
+        else:
+            theta = (1 - q) if self.shared else (1 - q) ** 2 + q * (1 - q) / n
+            self.selection = Selection(scale=1.0, gamma=q, max_out=k)
+            self._set_constants(Constants(unbiased=False, alpha=q, b1=(q, 1.0), b2=(q, 1.0), theta=theta))
+
+    def select(self, x, key):
+        m = x.numel()
+        k = min(self.k, m)
+        if self.shared:
+            key = key.for_worker(0)
+        rule = IndexRule("randk", m, k, 0, key.child("support").code)
+        idx = torch.from_numpy(rule.indices()).to(x.device)
+        values = x[idx]
+        if self.scaled:
+            values = values * (m / k)
+        return None, rule, values
+
+
+class SameRandK(RandK):
+    name = "samerandk"
+    summary = "one Rand-K draw per step shared by all workers (same message to everyone)"
+    example = "samerandk:ratio=0.01"
+    shared = True

@@ -1,0 +1,90 @@
+"""Exponential rounding onto the levels a_k = b^k (Beznosikov et al. eqs. 12-13, Lemmas 12-13).
+
+* unbiased (``exprounding``, ``natural`` = base 2): round |x_i| in [b^k, b^(k+1)] to one of the two
+  ends with probabilities linear in value; U(zeta) with zeta = (b + 1/b + 2)/4, so
+  omega = (b - 1)^2 / (4b) (1/8 for natural compression, Horvath et al.).
+* biased (``exprounding:biased=true``): nearest level in linear distance (ties go down);
+  B1((2/(b+1))^2, 2b/(b+1)), B2(2/(b+1), 2b/(b+1)), B3((b+1)^2/(4b)).
+
+Levels cover the positive range of the input's dtype (``LevelTable`` kind "rounding"); 0 stays 0.
+Inputs above the top level b^emax (only the last binade of the dtype) are clamped to it: that is the
+one place where the declared constants do not hold, since the next level is not representable.
+The payload keeps a sign and a code per coordinate (natural compression: sign + exponent).
+"""
+from __future__ import annotations
+
+import torch
+
+from common.compressors.base import Compressor, Constants, Param
+from common.compressors.payloads import LevelTable, Quantized
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic precision for rounding decisions: float64 stays, everything else uses float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def stochastic_codes(t: torch.Tensor, levels: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    """Round each t (>= 0) between the two neighbouring levels.
+
+    With ``gen`` the rounding is unbiased: up with probability (t - lo)/(hi - lo) (linear in value,
+    spec pitfall 5). Without it, to the nearest level (ties down). Values at or above the top level map
+    to the top level.
+    """
+    top = levels.numel() - 1
+    lo_idx = (torch.searchsorted(levels, t, right=True) - 1).clamp_(0, top - 1)
+    lo = levels[lo_idx]
+    hi = levels[lo_idx + 1]
+    gap = hi - lo
+    if gen is None:
+        up = (t - lo) > (hi - t)
+    else:
+        p_up = torch.where(gap > 0, (t - lo) / torch.where(gap > 0, gap, 1), torch.ones_like(t))
+        up = torch.rand(t.shape, generator=gen, device=t.device, dtype=t.dtype) < p_up
+    return (lo_idx + up).to(torch.int16 if top < 2 ** 15 else torch.int32)
+
+
+class ExpRounding(Compressor):
+    name = "exprounding"
+    summary = "round each |x_i| to a power of b (stochastic and unbiased, or nearest when biased=true)"
+    example = "exprounding:base=2"
+    params = (
+        Param("base", float, 2.0, lambda v: 1.0 < v < float("inf"), "a number > 1", "b, levels are b^k"),
+        Param("biased", bool, False, doc="nearest level (biased) instead of stochastic rounding"),
+    )
+
+    def __init__(self, dim, n_workers, seed, options, purpose="compress"):
+        super().__init__(dim, n_workers, seed, options, purpose)
+        b = self.base = self.options["base"]
+        self.biased = self.options["biased"]
+        if self.biased:
+            beta, gamma = 2 * b / (b + 1), 2 / (b + 1)
+            self._set_constants(Constants(unbiased=False, alpha=4 * b / (b + 1) ** 2, b1=(gamma**2, beta), b2=(gamma, beta)))
+        else:
+            self._set_constants(Constants(unbiased=True, omega=(b - 1) ** 2 / (4 * b)))
+
+    def _compress(self, x, key):
+        table = LevelTable("rounding", self.base, dtype_name=str(x.dtype).removeprefix("torch."))
+        work = compute_dtype(x.dtype)
+        levels = table.values(work, x.device)
+        gen = None if self.biased else key.torch_generator(x.device)
+        codes = stochastic_codes(x.detach().abs().to(work), levels, gen)
+        return Quantized(table, x < 0, codes, None, x.dtype)
+
+
+class Natural(ExpRounding):
+    name = "natural"
+    summary = "natural compression: unbiased rounding to a power of 2 (sign + exponent)"
+    example = "natural"
+    params = ()
+
+    def __init__(self, dim, n_workers, seed, options, purpose="compress"):
+        super().__init__(dim, n_workers, seed, dict(options), purpose)
+
+    def _parse_options(self, options):
+        parsed = super()._parse_options(options)
+        return {**parsed, "base": 2.0, "biased": False}
+
+    @property
+    def spec(self):
+        return self.name

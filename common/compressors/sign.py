@@ -1,0 +1,47 @@
+"""Scaled sign: C(x) = scale * sign(x), sign(0) = +1, one bit a coordinate plus a float32 scale.
+
+* ``scale=l1`` (CD-Adam, Wang et al.): scale = ||x||_1 / d, the least-squares scale. Then
+  ||C(x)||^2 = <C(x), x> = ||x||_1^2/d >= ||x||^2/d, so B1(1/d, 1), B2(1/d, 1) and
+  ||C(x) - x||^2 = (1 - ||x||_1^2/(d||x||^2))||x||^2 <= (1 - 1/d)||x||^2: alpha = 1/d (identity A.2).
+* ``scale=l2`` (1-bit Adam): scale = ||x||_2 / sqrt(d), so ||C(x)||^2 = ||x||^2 and
+  <C(x), x> = ||x||_2||x||_1/sqrt(d) >= ||x||^2/sqrt(d): B1(1, sqrt(d)), B2(1/sqrt(d), sqrt(d)); it is
+  contractive only for d < 4.
+
+Deterministic. The scale is rounded to float32 and both sides use the rounded value, so the bounds
+hold up to that rounding (a relative 6e-8).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from common.compressors.base import Compressor, Constants, Param, float32_scalar
+from common.compressors.rounding import compute_dtype
+from common.compressors.payloads import Signs
+
+
+class Sign(Compressor):
+    name = "sign"
+    summary = "scaled sign: one bit a coordinate and one scale (l1: ||x||_1/d, l2: ||x||_2/sqrt(d))"
+    example = "sign:scale=l1"
+    params = (Param("scale", str, "l1", lambda v: v in ("l1", "l2"), "l1 or l2"),)
+
+    def __init__(self, dim, n_workers, seed, options, purpose="compress"):
+        super().__init__(dim, n_workers, seed, options, purpose)
+        self.norm = self.options["scale"]
+        d = dim
+        if self.norm == "l1":
+            self._set_constants(Constants(unbiased=False, alpha=1.0 / d, b1=(1.0 / d, 1.0), b2=(1.0 / d, 1.0)))
+        else:
+            r = math.sqrt(d)
+            self._set_constants(Constants(unbiased=False, b1=(1.0, r), b2=(1.0 / r, r)))
+
+    def _compress(self, x, key):
+        m = max(1, x.numel())
+        work = x.detach().to(compute_dtype(x.dtype))
+        if self.norm == "l1":
+            scale = work.abs().sum() / m
+        else:
+            scale = torch.linalg.vector_norm(work) / math.sqrt(m)
+        return Signs(x < 0, float32_scalar(scale), x.dtype)
