@@ -1,0 +1,238 @@
+"""Structure, determinism and argument checking of the compressors (constants: test_compressor_constants)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from common.compressors import REGISTRY, build
+from common.compressors.indices import permk_blocks
+
+ALL_SPECS = [cls.example for cls in REGISTRY.values()] + [
+    "randk:k=7,scaled=false", "exprounding:base=3,biased=true", "sign:scale=l2", "ternary:p=2",
+    "topk:ratio=0.05+natdither:s=2,p=inf", "permk+natural", "randk:k=9+natural", "samerandk:k=9+natural",
+    "natural+scale:lambda=0.888", "topk:k=20+randk:k=5+qsgd:s=4", "adaptive+sign",
+]
+
+
+def vec(d, seed=0, dtype=torch.float32, device="cpu"):
+    return torch.randn(d, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(device)
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_same_key_same_output_and_fresh_steps(spec):
+    d, n = 257, 5
+    c = build(spec, d, n, seed=11)
+    x = vec(d)
+    y1 = c.decompress(c.compress(x, worker=2, step=9))
+    y2 = build(spec, d, n, seed=11).decompress(build(spec, d, n, seed=11).compress(x, worker=2, step=9))
+    assert torch.equal(y1, y2)
+    assert y1.dtype == x.dtype and y1.device == x.device and y1.shape == x.shape
+    random = not (spec.startswith(("identity", "fp16", "bf16", "topk:ratio=0.01", "sign", "scale"))) or "+" in spec
+    if random and spec not in ("exprounding:base=3,biased=true",):
+        outputs = {tuple(c.decompress(c.compress(x, worker=2, step=t)).tolist()) for t in range(4)}
+        assert len(outputs) > 1, "a fresh step must draw fresh randomness"
+
+
+def test_input_is_not_modified_and_float64_round_trips():
+    x = vec(100, dtype=torch.float64)
+    before = x.clone()
+    for spec in ALL_SPECS:
+        c = build(spec, 100, 4)
+        y = c.decompress(c.compress(x, worker=1, step=3))
+        assert y.dtype == torch.float64
+        assert torch.equal(x, before), spec
+
+
+def test_workers_draw_independently_except_samerandk():
+    d, n = 100, 4
+    x = vec(d)
+    indep = build("randk:k=10", d, n, seed=0)
+    same = build("samerandk:k=10", d, n, seed=0)
+    supp = lambda c, w: tuple(torch.nonzero(c.decompress(c.compress(x, worker=w, step=5))).flatten().tolist())
+    assert len({supp(indep, w) for w in range(n)}) > 1
+    assert len({supp(same, w) for w in range(n)}) == 1
+    chain = build("samerandk:k=10+natural", d, n, seed=0)
+    assert len({tuple(chain.decompress(chain.compress(x, worker=w, step=5)).tolist()) for w in range(n)}) == 1
+
+
+def test_seed_and_purpose_separate_streams():
+    x = vec(1000)
+    a = build("randk:k=10", 1000, 2, seed=1).compress(x, 0, 0)
+    b = build("randk:k=10", 1000, 2, seed=2).compress(x, 0, 0)
+    c = build("randk:k=10", 1000, 2, seed=1, purpose="downlink").compress(x, 0, 0)
+    assert len({tuple(p.rule.indices()) for p in (a, b, c)}) == 3
+
+
+@pytest.mark.parametrize("d,n", [(12, 4), (10, 4), (1000, 7), (7, 7), (3, 7), (3, 6), (1, 5), (5, 1)])
+def test_permk_partition_and_exact_mean(d, n):
+    c = build("permk", d, n, seed=5)
+    x = vec(d, dtype=torch.float64)
+    for step in range(5):
+        payloads = [c.compress(x, worker=i, step=step) for i in range(n)]
+        supports = [set(p.rule.indices().tolist()) for p in payloads]
+        sizes = sorted(len(s) for s in supports)
+        if d >= n:
+            assert sizes == sorted(permk_blocks(d, n))
+            assert set().union(*supports) == set(range(d))
+            assert sum(sizes) == d  # disjoint
+        else:
+            q, r = divmod(n, d)
+            assert sizes == [0] * r + [1] * (q * d)
+            for j in range(d):
+                assert sum(j in s for s in supports) == q
+        mean = sum(c.decompress(p) for p in payloads) / n
+        assert torch.allclose(mean, x, rtol=1e-12, atol=1e-12)
+        msgs = {tuple(c.decompress(p).tolist()) for p in payloads}
+        assert len(msgs) == (n if d >= n else d + (1 if n % d else 0))
+
+
+def test_topk_breaks_ties_towards_lower_indices():
+    x = torch.tensor([1.0, -3.0, 3.0, 2.0, -3.0, 0.5])
+    c = build("topk:k=2", 6)
+    p = c.compress(x)
+    assert p.indices.tolist() == [1, 2]
+    assert c.decompress(p).tolist() == [0.0, -3.0, 3.0, 0.0, 0.0, 0.0]
+    assert build("topk:ratio=0.5", 6).compress(x).indices.tolist() == [1, 2, 4]
+
+
+def test_natural_handles_zero_subnormals_and_the_top_binade():
+    c = build("natural", 5)
+    tiny = torch.finfo(torch.float32).smallest_normal * torch.finfo(torch.float32).eps
+    x = torch.tensor([0.0, -tiny, tiny * 3, 3e38, -1.0])
+    for step in range(20):
+        y = c.decompress(c.compress(x, step=step))
+        assert torch.isfinite(y).all()
+        assert y[0] == 0 and y[1] == -tiny and y[4] == -1.0
+        assert y[2] in (2 * tiny, 4 * tiny)
+        assert y[3] == 2.0**127
+
+
+def test_fp16_saturates_instead_of_overflowing():
+    c = build("fp16", 3)
+    y = c.decompress(c.compress(torch.tensor([1e6, -1e6, 1.0])))
+    assert torch.isfinite(y).all() and y[0] == 65504.0 and y[2] == 1.0
+
+
+def test_zero_vector_is_compressed_to_zero():
+    for spec in ALL_SPECS:
+        c = build(spec, 50, 3)
+        y = c.decompress(c.compress(torch.zeros(50), worker=1, step=2))
+        if spec.startswith("sign"):
+            assert (y == 0).all()  # the scale is 0
+        else:
+            assert (y == 0).all(), spec
+
+
+def test_chain_constants_follow_the_composition_rules():
+    d, n = 1000, 10
+    topnd = build("topk:ratio=0.1+natdither:s=2,p=inf", d, n)
+    zeta = topnd.tail.constants["omega"] + 1
+    assert topnd.constants["b1"] == pytest.approx([0.1, zeta])  # Lemma 16
+    assert topnd.constants["b2"] == pytest.approx([0.1, zeta])
+    pn = build("permk+natural", d, n).constants
+    assert pn["omega"] == pytest.approx(n * 9 / 8 - 1) and pn["theta"] == pytest.approx(1 / 8)
+    rn = build("randk:k=100+natural", d, n).constants
+    assert rn["omega"] == pytest.approx(10 * 9 / 8 - 1) and rn["theta"] == pytest.approx(rn["omega"] / n)
+    scaled = build("randk:k=100+scale:lambda=0.1", d, n).constants  # (1+omega)^-1 C: NEOLITHIC's scaling
+    assert scaled["alpha"] == pytest.approx(0.1, rel=1e-6) and not scaled["unbiased"]
+
+
+@pytest.mark.parametrize(
+    "spec,kwargs,message",
+    [
+        ("topk:k=11", {}, "larger than the dimension"),
+        ("topk:k=0", {}, "k=0"),
+        ("randk:ratio=1.5", {}, "ratio"),
+        ("topk", {}, "needs k="),
+        ("topk:k=2,ratio=0.1", {}, "not both"),
+        ("nosuch", {}, "unknown compressor 'nosuch'"),
+        ("topk:kk=3", {}, "unknown option 'kk'"),
+        ("topk:k", {}, "expected key=value"),
+        ("topk:k=abc", {}, "must be an integer"),
+        ("randk:k=2,scaled=maybe", {}, "true or false"),
+        ("exprounding:base=1", {}, "base"),
+        ("sign:scale=l3", {}, "l1 or l2"),
+        ("natural+topk:k=2", {}, "cannot be followed"),
+        ("scale:lambda=2+topk:k=2", {}, "may only come last"),
+        ("scale", {}, "needs lambda"),
+        ("topk:k=2++natural", {}, "empty stage"),
+        ("", {}, "empty"),
+        ("identity", {"dim": 0}, "dimension"),
+        ("identity", {"n_workers": 0}, "n_workers"),
+    ],
+)
+def test_bad_specs_raise_clear_value_errors(spec, kwargs, message):
+    args = {"dim": 10, "n_workers": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        build(spec, args.pop("dim"), **args)
+
+
+@pytest.mark.parametrize(
+    "x,message",
+    [
+        (torch.randn(2, 5), "1-D"),
+        (torch.arange(10), "float"),
+        (torch.randn(9), "built for d=10"),
+        (torch.tensor([1.0] * 9 + [float("nan")]), "non-finite"),
+        (torch.tensor([1.0] * 9 + [float("inf")]), "non-finite"),
+        ([1.0] * 10, "torch.Tensor"),
+    ],
+)
+def test_bad_inputs_raise_clear_value_errors(x, message):
+    for spec in ("topk:k=2", "natural", "permk"):
+        with pytest.raises(ValueError, match=message):
+            build(spec, 10, 2).compress(x)
+
+
+def test_bad_worker_and_step():
+    c = build("permk", 10, 2)
+    with pytest.raises(ValueError, match="worker"):
+        c.compress(torch.randn(10), worker=2)
+    with pytest.raises(ValueError, match="step"):
+        c.compress(torch.randn(10), step=-1)
+
+
+# ---- CUDA ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_cuda_output_stays_on_the_gpu_and_is_repeatable(spec):
+    d, n = 4099, 4
+    c = build(spec, d, n, seed=3)
+    x = vec(d, device="cuda")
+    p = c.compress(x, worker=1, step=2)
+    y = c.decompress(p)
+    assert y.is_cuda and y.dtype == x.dtype
+    assert torch.equal(y, c.decompress(c.compress(x, worker=1, step=2)))
+
+
+@pytest.mark.cuda
+def test_cuda_and_cpu_regenerate_the_same_supports():
+    d, n = 1000, 7
+    x = vec(d)
+    for spec in ("randk:k=50", "samerandk:k=50", "permk"):
+        c = build(spec, d, n, seed=4)
+        cpu = c.compress(x, worker=3, step=8)
+        gpu = c.compress(x.cuda(), worker=3, step=8)
+        assert torch.equal(c.decompress(cpu), c.decompress(gpu).cpu())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("spec,d,n", [("natural", 8, 3), ("topk:k=3", 10, 3), ("permk", 10, 4), ("sign", 9, 3), ("natdither:s=2,p=inf", 20, 3)])
+def test_cuda_constants_hold(spec, d, n):
+    from tests.montecarlo import draw, upper_ok
+
+    c = build(spec, d, n, seed=1)
+    x = vec(d, dtype=torch.float64, device="cuda")
+    m = draw(c, x, 1000)
+    m.x = m.x.cpu()
+    m.samples = m.samples.cpu()
+    sq = float(m.x @ m.x)
+    cst = c.constants
+    if cst["omega"] is not None:
+        assert upper_ok(m.err(), cst["omega"] * sq, sq)[0]
+    if cst["alpha"] is not None:
+        assert upper_ok(m.err(), (1 - cst["alpha"]) * sq, sq)[0]
