@@ -38,7 +38,7 @@ class _Dither(Compressor):
         work = compute_dtype(x.dtype)
         norm = norm_float32_up(x.detach(), self.p)
         t = x.detach().abs().to(work) / norm.to(work).clamp_min(torch.finfo(torch.float32).tiny)
-        codes = stochastic_codes(t, self.table.values(work, x.device), key.torch_generator(x.device))
+        codes = stochastic_codes(t, self.table, self.table.values(work, x.device), key.torch_generator(x.device))
         return Quantized(self.table, x < 0, codes, norm, x.dtype)
 
 

@@ -59,6 +59,7 @@ class LevelTable:
         return max(1, math.ceil(math.log2(len(self))))
 
 
+@functools.lru_cache(maxsize=64)
 def rounding_exponent_range(base: float, dtype: torch.dtype) -> tuple[int, int]:
     """The exponents e with base^e inside the positive finite range of ``dtype`` (subnormals included)."""
     info = torch.finfo(dtype)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from common.compressors.base import Compressor, Constants, Param
-from common.compressors.payloads import LevelTable, Quantized
+from common.compressors.payloads import LevelTable, Quantized, rounding_exponent_range
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -24,7 +24,30 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def stochastic_codes(t: torch.Tensor, levels: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+def lower_level(t: torch.Tensor, table: LevelTable, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the largest level <= t, clamped to [0, len - 2] so that the next level exists.
+
+    Uniform tables and base-2 tables are located arithmetically (floor, frexp); other tables by binary
+    search. Where floating-point rounding puts t a hair outside its interval, the rounding probability
+    below is clamped, so the result is still one of the two nearest levels.
+    """
+    top = levels.numel() - 1
+    if table.kind == "uniform":
+        idx = torch.floor(t * table.s).to(torch.int64)
+    elif table.base == 2.0:
+        exponent = torch.frexp(t).exponent.to(torch.int64)  # t in [2^(e-1), 2^e)
+        if table.kind == "rounding":
+            emin = rounding_exponent_range(2.0, getattr(torch, table.dtype_name))[0]
+            idx = exponent - emin  # level k holds 2^(emin + k - 1)
+        else:  # "exp": level k holds 2^(k - s) for k >= 1
+            idx = exponent - 1 + table.s
+        idx = torch.where(t > 0, idx, 0)
+    else:
+        idx = torch.searchsorted(levels, t, right=True) - 1
+    return idx.clamp_(0, top - 1)
+
+
+def stochastic_codes(t: torch.Tensor, table: LevelTable, levels: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
     """Round each t (>= 0) between the two neighbouring levels.
 
     With ``gen`` the rounding is unbiased: up with probability (t - lo)/(hi - lo) (linear in value,
@@ -32,13 +55,13 @@ def stochastic_codes(t: torch.Tensor, levels: torch.Tensor, gen: torch.Generator
     to the top level.
     """
     top = levels.numel() - 1
-    lo_idx = (torch.searchsorted(levels, t, right=True) - 1).clamp_(0, top - 1)
+    lo_idx = lower_level(t, table, levels)
     lo = levels[lo_idx]
     hi = levels[lo_idx + 1]
-    gap = hi - lo
     if gen is None:
         up = (t - lo) > (hi - t)
     else:
+        gap = hi - lo
         p_up = torch.where(gap > 0, (t - lo) / torch.where(gap > 0, gap, 1), torch.ones_like(t))
         up = torch.rand(t.shape, generator=gen, device=t.device, dtype=t.dtype) < p_up
     return (lo_idx + up).to(torch.int16 if top < 2 ** 15 else torch.int32)
@@ -68,7 +91,7 @@ class ExpRounding(Compressor):
         work = compute_dtype(x.dtype)
         levels = table.values(work, x.device)
         gen = None if self.biased else key.torch_generator(x.device)
-        codes = stochastic_codes(x.detach().abs().to(work), levels, gen)
+        codes = stochastic_codes(x.detach().abs().to(work), table, levels, gen)
         return Quantized(table, x < 0, codes, None, x.dtype)
 
 

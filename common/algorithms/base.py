@@ -1,0 +1,178 @@
+"""Algorithm rules: each method is a pure server rule and a pure worker rule that exchange messages.
+
+One round t, as the runtime drives it:
+
+    worker i:  msg_up_i = worker_rule.uplink(t)            (calls its gradient oracle as it needs)
+    server:    msgs_down = server_rule.step(t, [msg_up_1..msg_up_n])   (one message per worker)
+    worker i:  worker_rule.downlink(t, msgs_down[i])
+
+Rules never touch sockets, clocks or files: the in-process engine and the real processes drive the
+same rules through the same wire format. All state that must agree on two sides is updated from
+what the receiver decodes. ``state_dict``/``load_state_dict`` save and restore a rule.
+
+An ``Algorithm`` names the two rules, its default compressors, its options, and the step size its
+paper's theorem gives (``theory_lr``), used by ``lr=theory`` and ``lr=theory*F``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from common.compressors import Compressor, build
+from common.compressors.base import Param
+from common.compressors.payloads import Dense
+from common.config import RunConfig, parse_lr
+from common.keys import StreamKey
+from common.messages import Message
+from common.problems import Oracle
+
+
+@dataclass
+class RuleContext:
+    """What both rules of one run know: sizes, seed, step size, options and compressors."""
+
+    config: RunConfig
+    dim: int
+    options: dict[str, Any]
+    problem_constants: dict[str, float]
+    uplink_spec: str
+    downlink_spec: str
+    lr: float = 0.0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def n(self) -> int:
+        return self.config.workers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.config.torch_dtype
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    def compressor(self, spec: str, purpose: str) -> Compressor:
+        return build(spec, self.dim, self.n, self.config.seed, purpose=purpose)
+
+    @functools.cached_property
+    def uplink(self) -> Compressor:
+        return self.compressor(self.uplink_spec, "uplink")
+
+    @functools.cached_property
+    def downlink(self) -> Compressor:
+        return self.compressor(self.downlink_spec, "downlink")
+
+    def coin(self, step: int, p: float, name: str = "coin") -> bool:
+        """A Bernoulli(p) coin shared by everybody at ``step`` (drawn by the server, sent as a flag)."""
+        gen = StreamKey(self.seed, step, 0, name).torch_generator("cpu")
+        return bool(torch.rand(1, generator=gen, dtype=torch.float64)[0] < p)
+
+
+def dense(payload) -> torch.Tensor:
+    return payload.to_dense()
+
+
+def full(x: torch.Tensor) -> Dense:
+    """An uncompressed vector as a payload (a copy, so later in-place updates do not leak)."""
+    return Dense(x.detach().clone(), x.dtype)
+
+
+class ServerRule:
+    def __init__(self, ctx: RuleContext, x0: torch.Tensor):
+        self.ctx = ctx
+        self.x = x0.to(ctx.device, ctx.dtype).clone()
+
+    @property
+    def model(self) -> torch.Tensor:
+        """The point the metrics are measured at."""
+        return self.x
+
+    def step(self, t: int, uplinks: list[Message]) -> list[Message]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items() if k != "ctx" and not isinstance(v, Compressor)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v.clone() if isinstance(v, torch.Tensor) else v)
+
+
+class WorkerRule:
+    def __init__(self, ctx: RuleContext, rank: int, oracle: Oracle, x0: torch.Tensor):
+        self.ctx, self.rank, self.oracle = ctx, rank, oracle
+        self.x = x0.to(ctx.device, ctx.dtype).clone()
+
+    def grad(self, point: torch.Tensor, t: int) -> torch.Tensor:
+        return self.oracle(point, t)[1]
+
+    def uplink(self, t: int) -> Message:
+        raise NotImplementedError
+
+    def downlink(self, t: int, msg: Message) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        skip = ("ctx", "oracle")
+        return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items() if k not in skip and not isinstance(v, Compressor)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v.clone() if isinstance(v, torch.Tensor) else v)
+
+
+class Algorithm:
+    """A method: its two rules, default compressors, options and theory step size."""
+
+    name: str = ""
+    paper: str = ""
+    summary: str = ""
+    sends: str = ""  # what each side sends, for `psc list algorithms`
+    server_rule: type[ServerRule]
+    worker_rule: type[WorkerRule]
+    default_uplink: str = "identity"
+    default_downlink: str = "identity"
+    fixed_uplink: bool = False  # the method's uplink is uncompressed by definition
+    fixed_downlink: bool = False
+    params: tuple[Param, ...] = ()
+
+    def parse_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"algorithm {self.name}: unknown option {unknown[0]!r} (options: {', '.join(known) or 'none'})")
+        return {p.name: p.convert(f"algorithm {self.name}", options[p.name]) if p.name in options else p.default for p in self.params}
+
+    def theory_lr(self, ctx: RuleContext) -> float | None:
+        """The step size of the method's theorem, or None where the paper gives no formula."""
+        return None
+
+    def context(self, config: RunConfig, dim: int, options: dict[str, Any], problem_constants: dict[str, float]) -> RuleContext:
+        for side, fixed, given in (("uplink", self.fixed_uplink, config.uplink), ("downlink", self.fixed_downlink, config.downlink)):
+            if fixed and given not in (None, "identity"):
+                raise ValueError(f"algorithm {self.name} sends its {side} uncompressed; --{side} {given!r} does not apply")
+        ctx = RuleContext(
+            config=config, dim=dim, options=self.parse_options(options), problem_constants=problem_constants,
+            uplink_spec=config.uplink or self.default_uplink, downlink_spec=config.downlink or self.default_downlink,
+        )
+        ctx.uplink, ctx.downlink  # build both once so a bad spec fails before anything starts
+        kind, value = parse_lr(config.lr)
+        if kind == "fixed":
+            ctx.lr = value
+        else:
+            theory = self.theory_lr(ctx)
+            if theory is None:
+                raise ValueError(f"algorithm {self.name} has no theory step size for this problem; give --lr a number")
+            ctx.lr = theory * value
+        return ctx
+
+
+def need_constants(ctx: RuleContext, *names: str) -> list[float]:
+    missing = [n for n in names if n not in ctx.problem_constants]
+    if missing:
+        raise ValueError(f"the theory step size needs the problem's {', '.join(missing)}, which this problem does not know; give --lr a number")
+    return [ctx.problem_constants[n] for n in names]

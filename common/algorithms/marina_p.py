@@ -1,0 +1,82 @@
+"""MARINA-P (Gruntkowska, Tyurin, Richtarik 2024, Algorithm 1 / eq. 6): server-to-worker compression
+with a different message per worker.
+
+    worker i:  send grad f_i(w_i^t), uncompressed                         (line 1: at its own w_i)
+    server:    g^t = (1/n) sum_i grad f_i(w_i^t);  x^{t+1} = x^t - gamma g^t (line 2)
+               c^t ~ Bernoulli(p), one coin for all                       (line 3)
+               c^t = 1: send x^{t+1} to everyone; else send C_i^t(x^{t+1} - x^t) to worker i
+    worker i:  w_i^{t+1} = x^{t+1} if c^t = 1, else w_i^t + C_i^t(x^{t+1} - x^t)   (line 4)
+
+w_i^0 = x^0. Downlink compressor: ``permk`` by default (theta = 0, so mean_i w_i^t = x^t exactly),
+``samerandk`` or ``randk`` with k = d/n as in the paper. p defaults to 1/(omega_P + 1).
+Theory step (Thm D.1, which gives Thm D.2's three cases with theta = omega, omega/n and 0):
+gamma = 1 / (L + sqrt((L_A^2 omega_P + L_B^2 theta)(1/p - 1))).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, need_constants
+from common.compressors.base import Param
+from common.messages import Message
+
+
+def sync_probability(ctx) -> float:
+    p = ctx.options.get("p")
+    if p is not None:
+        return p
+    omega = ctx.downlink.constants["omega"]
+    if omega is None:
+        raise ValueError(f"marina-p: the downlink {ctx.downlink_spec!r} is not unbiased; MARINA-P needs an unbiased compressor (or give p=)")
+    return 1.0 / (omega + 1.0)
+
+
+class MarinaPServer(ServerRule):
+    def __init__(self, ctx, x0):
+        super().__init__(ctx, x0)
+        self.compressor = ctx.downlink
+        self.p = sync_probability(ctx)
+
+    def step(self, t, uplinks):
+        g = torch.stack([dense(m.payloads["g"]) for m in uplinks]).mean(0)
+        x_next = self.x - self.ctx.lr * g
+        if self.ctx.coin(t, self.p):
+            down = Message({"x": full(x_next)}, {"sync": True})
+            out = [down] * self.ctx.n
+        else:
+            delta = x_next - self.x
+            out = [Message({"delta": self.compressor.compress(delta, worker=i, step=t)}, {"sync": False}) for i in range(self.ctx.n)]
+        self.x = x_next
+        return out
+
+
+class MarinaPWorker(WorkerRule):
+    """Keeps w_i (``self.x``), the point its gradient is evaluated at."""
+
+    def uplink(self, t):
+        return Message({"g": full(self.grad(self.x, t))})
+
+    def downlink(self, t, msg):
+        if msg.meta.get("sync"):
+            self.x = dense(msg.payloads["x"])
+        else:
+            self.x = self.x + dense(msg.payloads["delta"])
+
+
+class MarinaP(Algorithm):
+    name = "marina-p"
+    paper = "Gruntkowska, Tyurin, Richtarik 2024 (Alg. 1)"
+    summary = "server-to-worker compression, a different message per worker (Perm-K)"
+    sends = "up: grad f_i(w_i) (d floats); down: C_i(x^{t+1} - x^t), or x^{t+1} with probability p"
+    server_rule, worker_rule = MarinaPServer, MarinaPWorker
+    default_downlink = "permk"
+    fixed_uplink = True
+    params = (Param("p", float, None, lambda v: 0 < v <= 1, "in (0, 1]", "sync probability (default 1/(omega+1))"),)
+
+    def theory_lr(self, ctx):
+        L, L_A, L_B = need_constants(ctx, "L", "L_A", "L_B")
+        c = ctx.downlink.constants
+        p = sync_probability(ctx)
+        return 1.0 / (L + math.sqrt((L_A**2 * c["omega"] + L_B**2 * c["theta"]) * (1.0 / p - 1.0)))

@@ -1,0 +1,35 @@
+"""The in-process engine: the same rules and the same wire format as the real processes, in one
+process, for tests and for experiments with hundreds of workers.
+
+Every uplink and downlink is encoded to frames and decoded again, exactly as over a socket, so the
+trajectory and the byte counts equal those of ``psc launch --engine procs`` (on the CPU).
+"""
+from __future__ import annotations
+
+import torch
+
+from common.config import RunConfig
+from common.setup import RunSetup
+from psserver.core import ServerCore
+from psserver.metrics import MetricsWriter
+from psserver.progress import progress_bar
+from worker.core import WorkerCore, resolve_device
+
+
+def run_inproc(config: RunConfig, metrics_path: str | None = None, device: str = "cpu", progress: bool = True) -> ServerCore:
+    setup = RunSetup.build(config)
+    metrics = MetricsWriter(metrics_path)
+    try:
+        server = ServerCore(setup, metrics)
+        workers = [WorkerCore(setup, rank, resolve_device(device, rank)) for rank in range(config.workers)]
+        server.begin(engine="inproc")
+        with progress_bar(config.rounds, progress) as bar:
+            for t in range(config.rounds):
+                downs = server.round(t, [w.uplink(t) for w in workers])
+                for worker, frames in zip(workers, downs):
+                    worker.downlink(t, frames)
+                bar.update(server.last)
+        server.end(engine="inproc")
+        return server
+    finally:
+        metrics.close()

@@ -1,0 +1,56 @@
+"""The runtime's protocol on ROUTER/DEALER sockets: explicit frames and a version in every message.
+
+Every multipart message a worker or the server sends is
+
+    [MAGIC, kind, header (msgpack map), *body frames]
+
+``MAGIC`` carries the protocol version. Kinds:
+
+* worker -> server: HELLO {version, rank (-1: any), host, pid}, READY {rank, dim}, UP {t, compute_s,
+  compress_s} + the algorithm's message frames, HEARTBEAT {rank}, BYE {rank, reason}
+* server -> worker: WELCOME {rank, config}, REFUSE {reason}, DOWN {t} + message frames,
+  HEARTBEAT {}, STOP {reason, ok}
+
+Byte counts in the metrics are the lengths of all frames of an UP or DOWN message (this envelope
+included), i.e. what is handed to the socket. ``parse`` trusts nothing and raises ``ProtocolError``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+MAGIC = b"PSC%d" % VERSION
+KINDS = (b"HELLO", b"READY", b"UP", b"HEARTBEAT", b"BYE", b"WELCOME", b"REFUSE", b"DOWN", b"STOP")
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+def pack(kind: bytes, header: dict[str, Any], body: list[bytes] = ()) -> list[bytes]:
+    return [MAGIC, kind, msgpack.packb(header, use_bin_type=True), *body]
+
+
+def parse(frames: list[bytes]) -> tuple[bytes, dict[str, Any], list[bytes]]:
+    if len(frames) < 3:
+        raise ProtocolError(f"message of {len(frames)} frame(s); expected at least 3")
+    magic, kind, header = bytes(frames[0]), bytes(frames[1]), frames[2]
+    if not magic.startswith(b"PSC"):
+        raise ProtocolError("not a psc message (bad magic)")
+    if magic != MAGIC:
+        raise ProtocolError(f"protocol version {magic[3:].decode(errors='replace')!r}, this side speaks {VERSION}")
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown message kind {kind[:16]!r}")
+    try:
+        data = msgpack.unpackb(bytes(header), raw=False, strict_map_key=True, max_str_len=1 << 16, max_bin_len=0, max_array_len=1 << 12, max_map_len=256)
+    except Exception as exc:
+        raise ProtocolError(f"malformed {kind.decode()} header ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"{kind.decode()} header is not a map")
+    return kind, data, [bytes(f) for f in frames[3:]]
+
+
+def size(frames: list[bytes]) -> int:
+    return sum(len(f) for f in frames)
