@@ -1,0 +1,129 @@
+"""Fixed-width bit packing with vectorized torch ops (no Python loop over elements).
+
+Bit order (used by every frame of the wire format): a packed stream is a sequence of bits; bit ``j``
+of the stream is bit ``j % 8`` (least significant first) of byte ``j // 8``. A field of width ``w``
+holding the value ``v`` occupies stream bits ``[i*w, (i+1)*w)`` for the ``i``-th field, least
+significant bit first. The last byte is padded with zero bits. So ``n`` fields of width ``w`` take
+exactly ``ceil(n*w/8)`` bytes, and ``w = 1`` is a plain little-endian bitmap (numpy's
+``packbits(bitorder="little")``).
+
+``pack`` runs on whatever device its input is on (a CUDA tensor is packed on the GPU) and returns a
+uint8 tensor on that device. ``unpack`` is used by the decoder on host tensors (it works on any
+device). Widths 1..32 are supported; odd widths work on 32-bit words, 8 fields at a time.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+_LITTLE = sys.byteorder == "little"
+# Byte j of this mask has only bit j set: selects bit j of a byte replicated into all 8 bytes.
+_SPREAD_MASK = 0x8040201008040201 - (1 << 64)  # as a signed int64
+_REPLICATE = 0x0101010101010101
+# Multiplying a word whose byte j is 0 or 1 by this moves byte j's bit to bit 56 + j (no carries).
+_GATHER = 0x0102040810204080
+
+
+def packed_len(n: int, width: int) -> int:
+    """Bytes taken by ``n`` fields of ``width`` bits."""
+    return (n * width + 7) // 8
+
+
+def pack(values: torch.Tensor, width: int) -> torch.Tensor:
+    """Pack the low ``width`` bits of each integer (or bool) in ``values`` (1-D) into a uint8 tensor.
+
+    The caller guarantees 0 <= values < 2**width.
+    """
+    n = values.numel()
+    device = values.device
+    if width == 0 or n == 0:
+        return torch.empty(0, dtype=torch.uint8, device=device)
+    if not 1 <= width <= 32:
+        raise ValueError(f"bit width {width} outside 1..32")
+    nbytes = packed_len(n, width)
+    if width == 8:
+        return values.to(torch.uint8)
+    if width == 1 and _LITTLE:
+        padded = torch.zeros(-(-n // 64) * 64, dtype=torch.uint8, device=device)
+        padded[:n] = values.to(torch.uint8)
+        words = padded.view(torch.int64)  # byte j of each word is 0 or 1
+        packed = ((words * _GATHER) >> 56) & 0xFF
+        # each int64 word of 8 flags gave one byte; 8 words -> 8 bytes
+        return packed.to(torch.uint8)[:nbytes]
+    if width in (16, 32) and _LITTLE:
+        dt = torch.int16 if width == 16 else torch.int32
+        v = values.to(torch.int64)
+        v = torch.where(v >= 1 << (width - 1), v - (1 << width), v)
+        return v.to(dt).view(torch.uint8)
+    # Any other width (<= 31): 8 fields make exactly ``width`` bytes. Field j of a group starts at bit
+    # j*width of the group, inside 32-bit word (j*width)//32; a field that crosses a word boundary
+    # puts its high bits into the next word. One vectorized step per j (8 steps), over all groups.
+    if not _LITTLE:
+        raise NotImplementedError("bit packing needs a little-endian host")
+    groups = -(-n // 8)
+    v = torch.zeros(groups * 8, dtype=torch.int32, device=device)
+    v[:n] = values
+    v = v.view(groups, 8)
+    nwords = -(-width // 4)
+    words = torch.zeros(groups, nwords, dtype=torch.int32, device=device)
+    for j in range(8):
+        wi, shift = divmod(j * width, 32)
+        col = v[:, j]
+        words[:, wi] |= col << shift
+        if shift + width > 32:
+            words[:, wi + 1] |= col >> (32 - shift)
+    return words.view(torch.uint8).view(groups, nwords * 4)[:, :width].reshape(-1)[:nbytes]
+
+
+def unpack(data: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    """Inverse of ``pack``: ``n`` fields of ``width`` bits from the uint8 tensor ``data`` (int64 for
+    widths 1, 8, 16 and 32, int32 otherwise).
+
+    ``data`` must hold exactly ``packed_len(n, width)`` bytes (the caller checks it).
+    """
+    device = data.device
+    if width == 0 or n == 0:
+        return torch.zeros(n, dtype=torch.int64, device=device)
+    if width == 8:
+        return data[:n].to(torch.int64)
+    if width == 1 and _LITTLE:
+        words = data.to(torch.int64) * _REPLICATE & _SPREAD_MASK
+        return (words.view(torch.uint8) != 0).to(torch.int64)[:n]
+    if width in (16, 32) and _LITTLE:
+        dt = torch.int16 if width == 16 else torch.int32
+        return data.view(dt).to(torch.int64) & ((1 << width) - 1)
+    if not _LITTLE:
+        raise NotImplementedError("bit unpacking needs a little-endian host")
+    groups = -(-n // 8)
+    nwords = -(-width // 4)
+    flat = torch.zeros(groups * width, dtype=torch.uint8, device=device)
+    flat[: data.numel()] = data
+    if nwords * 4 == width:
+        buf = flat.view(groups, width)
+    else:
+        buf = torch.zeros(groups, nwords * 4, dtype=torch.uint8, device=device)
+        buf[:, :width] = flat.view(groups, width)
+    words = buf.view(torch.int32)
+    out = torch.empty(groups, 8, dtype=torch.int32, device=device)
+    mask = (1 << width) - 1
+    for j in range(8):
+        wi, shift = divmod(j * width, 32)
+        low = words[:, wi] >> shift
+        if shift + width > 32:
+            low = (low & ((1 << (32 - shift)) - 1)) | (words[:, wi + 1] << (32 - shift))
+        out[:, j] = low & mask
+    return out.view(-1)[:n]
+
+
+def padding_is_zero(data: torch.Tensor, nbits: int) -> bool:
+    """True when the bits after the first ``nbits`` of ``data`` (the last byte's padding) are zero."""
+    rem = nbits % 8
+    if rem == 0 or data.numel() == 0:
+        return True
+    return int(data[-1]) >> rem == 0
+
+
+def width_for(count: int) -> int:
+    """Bits needed to tell ``count`` different values apart: ceil(log2(count)), 0 for count <= 1."""
+    return max(0, (count - 1).bit_length())

@@ -1,0 +1,404 @@
+"""Payload <-> frames: ``encode`` and ``decode`` (the layout of every payload kind is in
+``common/wire/__init__.py``).
+
+``encode`` walks the payload tree once: each node appends its header node and its binary frames
+(uint8 tensors packed on the payload's device); at the end the header is packed with msgpack and
+only the packed bytes are copied to the host.
+
+``decode`` works in two phases so that nothing large is allocated before the message is known to be
+consistent: (1) parse and check the header tree (types, ranges, dims, depth) and compute the exact
+length of every frame it implies (a range for Rice-coded indices); check the number of frames and
+every length; (2) read each frame (numpy / torch views of the frame memory), check its content
+(index order and range, code range, finiteness) and build the payload, on the host, then move it
+to ``device``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from common.compressors.indices import permk_support
+from common.compressors.payloads import Dense, IndexRule, LevelTable, Quantized, Scaled, Signs, Sparse, rounding_exponent_range
+from common.wire import bitpack, indexcode
+from common.wire.header import (
+    DENSE, DTYPE_CODE, DTYPE_NAMES, KIND_NAMES, MAX_DEPTH, MAX_DIM, MAX_LEVELS, MAX_WORKERS,
+    QUANTIZED, SCALED, SIGNS, SPARSE_PERMK, SPARSE_RANDK, SPARSE_SENT, TABLE_KINDS, Fields, WireError,
+    f32_bits, pack_header, unpack_header,
+)
+
+MAX_FRAMES = 64
+PLAIN, ZERO_ESCAPE = 0, 1  # how Quantized codes map to fields
+
+# ----------------------------------------------------------------------------------------------
+# encode
+# ----------------------------------------------------------------------------------------------
+
+
+def encode(payload) -> list[bytes]:
+    """Frames of ``payload``: a msgpack header, then the packed binary frames (see package doc)."""
+    out: list[torch.Tensor] = []
+    node = _enc(payload, out, 0)
+    frames = [pack_header(node)]
+    for t in out:
+        frames.append(t.cpu().numpy().tobytes())  # packed bytes only cross to the host
+    return frames
+
+
+def message_bytes(frames: Sequence) -> int:
+    """Bytes a message costs on the wire: the sum of its frame lengths, header included."""
+    return sum(memoryview(f).nbytes for f in frames)
+
+
+def _all_finite(v: torch.Tensor) -> bool:
+    """One pass: the largest magnitude is finite (a NaN makes the comparison false)."""
+    return v.numel() == 0 or bool(v.abs().amax() <= torch.finfo(v.dtype).max)
+
+
+def _dtype_code(dt, what: str) -> int:
+    code = DTYPE_CODE.get(dt)
+    if code is None:
+        raise WireError(f"{what}: dtype {dt} cannot be encoded (float32, float64, float16, bfloat16)")
+    return code
+
+
+def _flat(t, what: str, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dim() != 1:
+        raise WireError(f"{what}: {name} must be a 1-D tensor")
+    return t.contiguous()
+
+
+def _scalar_bits(t, what: str, name: str) -> int:
+    if not isinstance(t, torch.Tensor) or t.numel() != 1:
+        raise WireError(f"{what}: {name} must be a one-element tensor")
+    t = t.detach().reshape(()).to(torch.float32)
+    if not bool(torch.isfinite(t)):
+        raise WireError(f"{what}: {name} is not finite")
+    return f32_bits(t)
+
+
+def _enc(p, out: list, depth: int) -> list:
+    if depth >= MAX_DEPTH:
+        raise WireError(f"payload nested deeper than {MAX_DEPTH} levels")
+    if isinstance(p, Dense):
+        v = _flat(p.values.detach(), "Dense", "values")
+        code = _dtype_code(v.dtype, "Dense values")
+        if not _all_finite(v):
+            raise WireError("Dense: values are not all finite")
+        out.append(v.view(torch.uint8) if v.numel() else torch.empty(0, dtype=torch.uint8, device=v.device))
+        return [DENSE, _dtype_code(p.dtype, "Dense"), code, v.numel()]
+    if isinstance(p, Signs):
+        neg = _flat(p.negative, "Signs", "negative")
+        out.append(bitpack.pack(neg, 1))
+        return [SIGNS, _dtype_code(p.dtype, "Signs"), neg.numel(), _scalar_bits(p.scale, "Signs", "scale")]
+    if isinstance(p, Quantized):
+        return _enc_quantized(p, out)
+    if isinstance(p, Sparse):
+        return _enc_sparse(p, out, depth)
+    if isinstance(p, Scaled):
+        factor = _scalar_bits(p.factor, "Scaled", "factor")
+        return [SCALED, factor, _enc(p.inner, out, depth + 1)]
+    raise WireError(f"cannot encode a {type(p).__name__}: not a payload")
+
+
+def _number(x: float):
+    return int(x) if float(x).is_integer() and abs(x) < 2**53 else float(x)
+
+
+def _enc_quantized(p: Quantized, out: list) -> list:
+    table = p.table
+    if table.kind not in TABLE_KINDS:
+        raise WireError(f"Quantized: unknown level table kind {table.kind!r}")
+    if table.dtype_name not in DTYPE_NAMES:
+        raise WireError(f"Quantized: level table dtype {table.dtype_name!r} cannot be encoded")
+    neg = _flat(p.negative, "Quantized", "negative")
+    codes = _flat(p.codes, "Quantized", "codes")
+    n = codes.numel()
+    if neg.numel() != n:
+        raise WireError(f"Quantized: {neg.numel()} signs for {n} codes")
+    top = len(table) - 1
+    mode, offset, width = PLAIN, 0, 0
+    if n:
+        lo, hi = (int(v) for v in torch.aminmax(codes))
+        if lo < 0 or hi > top:
+            raise WireError(f"Quantized: codes span [{lo}, {hi}], outside the table's [0, {top}]")
+        mode, offset, width = PLAIN, lo, bitpack.width_for(hi - lo + 1)
+        if lo == 0 and hi > 0:
+            lo_nz = int(codes.masked_fill(codes == 0, hi).min())
+            if bitpack.width_for(hi - lo_nz + 2) < width:
+                mode, offset, width = ZERO_ESCAPE, lo_nz, bitpack.width_for(hi - lo_nz + 2)
+    codes = codes.to(torch.int64)
+    if mode == PLAIN:
+        fields = codes - offset
+    else:
+        fields = torch.where(codes == 0, 0, codes - (offset - 1))
+    out.append(bitpack.pack(neg, 1))
+    out.append(bitpack.pack(fields, width))
+    norm = None if p.norm is None else _scalar_bits(p.norm, "Quantized", "norm")
+    return [
+        QUANTIZED, _dtype_code(p.dtype, "Quantized"), n, TABLE_KINDS.index(table.kind), _number(table.base),
+        int(table.s), DTYPE_NAMES.index(table.dtype_name), norm, mode, offset, width,
+    ]
+
+
+def _enc_sparse(p: Sparse, out: list, depth: int) -> list:
+    dt = _dtype_code(p.dtype, "Sparse")
+    if p.indices is not None:
+        idx = _flat(p.indices, "Sparse", "indices")
+        k = idx.numel()
+        method, r, data = indexcode.encode_indices(idx, p.dim)
+        out.append(data)
+        node = [SPARSE_SENT, dt, p.dim, method, r]
+    elif p.rule is not None:
+        rule = p.rule
+        if rule.dim != p.dim:
+            raise WireError(f"Sparse: rule dimension {rule.dim} differs from payload dimension {p.dim}")
+        if rule.kind == "randk":
+            k = rule.count
+            node = [SPARSE_RANDK, dt, p.dim, int(rule.key)]
+        elif rule.kind == "permk":
+            k = None
+            node = [SPARSE_PERMK, dt, p.dim, rule.count, rule.worker, int(rule.key)]
+        else:
+            raise WireError(f"Sparse: unknown index rule {rule.kind!r}")
+    else:
+        raise WireError("Sparse: neither indices nor a rule")
+    child = _enc(p.values, out, depth + 1)
+    if k is not None and k != p.values.dim:
+        raise WireError(f"Sparse: {k} indices for {p.values.dim} values")
+    return node + [child]
+
+
+# ----------------------------------------------------------------------------------------------
+# decode
+# ----------------------------------------------------------------------------------------------
+
+
+def decode(frames, device=None, *, max_dim: int = MAX_DIM):
+    """The payload a message stands for; raises ``WireError`` (with the reason) on anything malformed.
+
+    ``max_dim`` caps every dimension the header may claim (pass the run's dimension where it is
+    known: a payload whose support is regenerated costs the receiver O(d) memory). Tensors are built
+    on the host and moved to ``device`` when given.
+    """
+    try:
+        return _decode(frames, device, max_dim)
+    except WireError:
+        raise
+    except Exception as exc:  # last line of defence: decode never raises anything but WireError
+        raise WireError(f"internal error while decoding: {type(exc).__name__}: {exc}") from None
+
+
+class _Plan:
+    """A checked header node: its dimension, the frames it reads, and how to build its payload."""
+
+    def __init__(self, dim: int, frames: list, build: Callable):
+        self.dim, self.frames, self.build = dim, frames, build
+
+
+def _decode(frames, device, max_dim):
+    if isinstance(frames, (bytes, bytearray, memoryview, str)) or not isinstance(frames, Sequence):
+        raise WireError("a message must be a list of frames")
+    if not 1 <= len(frames) <= MAX_FRAMES:
+        raise WireError(f"a message has 1 to {MAX_FRAMES} frames, got {len(frames)}")
+    views = []
+    for i, f in enumerate(frames):
+        try:
+            mv = memoryview(f)
+        except TypeError:
+            raise WireError(f"frame {i} is a {type(f).__name__}, not a bytes-like object") from None
+        if not mv.c_contiguous:
+            raise WireError(f"frame {i} is not contiguous")
+        views.append(mv.cast("B") if mv.ndim != 1 or mv.format != "B" else mv)
+    if isinstance(max_dim, bool) or not isinstance(max_dim, int) or max_dim < 1:
+        raise WireError(f"max_dim={max_dim!r} must be a positive integer")
+    max_dim = min(max_dim, MAX_DIM)
+    plan = _parse(unpack_header(bytes(views[0])), 0, True, max_dim)
+    if len(plan.frames) != len(views) - 1:
+        raise WireError(f"header describes {len(plan.frames)} data frames, message has {len(views) - 1}")
+    for i, (want, mv) in enumerate(zip(plan.frames, views[1:]), start=1):
+        name, lo, hi = want
+        if not lo <= mv.nbytes <= hi:
+            expect = f"{lo}" if lo == hi else f"{lo} to {hi}"
+            raise WireError(f"frame {i} ({name}) has {mv.nbytes} bytes, header implies {expect}")
+    payload = plan.build(iter(views[1:]))
+    if device is not None:
+        payload = _to_device(payload, torch.device(device))
+    return payload
+
+
+def _u8(mv: memoryview) -> np.ndarray:
+    return np.frombuffer(mv, dtype=np.uint8)
+
+
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    """A tensor over ``arr`` without a copy when the frame memory is writable and aligned, else a copy
+    (a tensor over an immutable ``bytes`` would let later in-place ops write into it)."""
+    if not arr.flags.writeable or not arr.flags.aligned:
+        arr = arr.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.from_numpy(arr)
+
+
+def _flags(mv: memoryview, n: int, what: str) -> torch.Tensor:
+    data = _u8(mv)
+    if n % 8 and data.size and int(data[-1]) >> (n % 8):
+        raise WireError(f"{what}: nonzero padding bits after the last sign")
+    bits = np.unpackbits(data, count=n, bitorder="little")
+    return torch.from_numpy(bits.view(np.bool_))
+
+
+def _parse(node, depth: int, top: bool, max_dim: int) -> _Plan:
+    if depth >= MAX_DEPTH:
+        raise WireError(f"payload nested deeper than {MAX_DEPTH} levels")
+    if not isinstance(node, list) or not node:
+        raise WireError("header node must be a non-empty array")
+    kind = node[0]
+    if type(kind) is not int or not 0 <= kind < len(KIND_NAMES):
+        raise WireError(f"unknown payload kind {kind!r}")
+    what = KIND_NAMES[kind]
+    min_n = 1 if top else 0
+    if kind == DENSE:
+        f = Fields(node, what, 4)
+        dtype, vdtype, n = f.dtype("dtype"), f.dtype("value dtype"), f.int("length", min_n, max_dim)
+        size = n * torch.empty(0, dtype=vdtype).element_size()
+        return _Plan(n, [("values", size, size)], lambda it: _build_dense(next(it), n, vdtype, dtype))
+    if kind == SIGNS:
+        f = Fields(node, what, 4)
+        dtype, n, scale = f.dtype("dtype"), f.int("length", min_n, max_dim), f.f32("scale")
+        size = (n + 7) // 8
+        return _Plan(n, [("signs", size, size)], lambda it: Signs(_flags(next(it), n, what), scale, dtype))
+    if kind == QUANTIZED:
+        return _parse_quantized(node, what, min_n, max_dim)
+    if kind == SCALED:
+        f = Fields(node, what, 3)
+        factor = f.f32("factor")
+        inner = _parse(f.raw(), depth + 1, top, max_dim)
+        return _Plan(inner.dim, inner.frames, lambda it: Scaled(factor, inner.build(it)))
+    # sparse kinds
+    size = {SPARSE_SENT: 6, SPARSE_RANDK: 5, SPARSE_PERMK: 7}[kind]
+    f = Fields(node, what, size)
+    dtype, dim = f.dtype("dtype"), f.int("dimension", 1, max_dim)
+    if kind == SPARSE_SENT:
+        method, r = f.int("index coding", 0, 1), f.int("Rice parameter", 0, indexcode.MAX_RICE - 1)
+        child = _parse(f.raw(), depth + 1, False, max_dim)
+        k = child.dim
+        if k > dim:
+            raise WireError(f"{what}: {k} values for dimension {dim}")
+        if method == indexcode.BITMAP:
+            lo = hi = (dim + 7) // 8
+        elif k == 0:
+            lo = hi = 0
+        else:
+            lo, hi = (k * r + 7) // 8 + (k + 7) // 8, (dim + 7) // 8 - 1
+        def build(it):
+            idx = indexcode.decode_indices(_u8(next(it)), dim, k, method, r, what)
+            return Sparse(dim, child.build(it), idx, None, dtype)
+        return _Plan(dim, [("indices", lo, hi)] + child.frames, build)
+    if kind == SPARSE_RANDK:
+        key = f.int("key", 0, 2**64 - 1)
+        child = _parse(f.raw(), depth + 1, False, max_dim)
+        if child.dim > dim:
+            raise WireError(f"{what}: {child.dim} values for dimension {dim}")
+        rule = IndexRule("randk", dim, child.dim, 0, key)
+        return _Plan(dim, child.frames, lambda it: Sparse(dim, child.build(it), None, rule, dtype))
+    n_workers = f.int("workers", 1, MAX_WORKERS)
+    worker = f.int("worker", 0, n_workers - 1)
+    key = f.int("key", 0, 2**64 - 1)
+    child = _parse(f.raw(), depth + 1, False, max_dim)
+    if dim >= n_workers:
+        q, rr = divmod(dim, n_workers)
+        allowed = (q, q + 1) if rr else (q,)
+    else:
+        allowed = (0, 1)
+    if child.dim not in allowed:
+        raise WireError(f"{what}: {child.dim} values, but a Perm-K block of d={dim}, n={n_workers} has {allowed}")
+    rule = IndexRule("permk", dim, n_workers, worker, key)
+
+    def build_permk(it):
+        support = permk_support(dim, n_workers, worker, key)
+        if support.size != child.dim:
+            raise WireError(f"{what}: {child.dim} values for worker {worker}'s block of {support.size}")
+        return Sparse(dim, child.build(it), None, rule, dtype)
+    return _Plan(dim, child.frames, build_permk)
+
+
+def _build_dense(mv, n, vdtype, dtype) -> Dense:
+    if vdtype == torch.bfloat16:
+        v = _tensor(np.frombuffer(mv, dtype=np.int16)).view(torch.bfloat16)
+    else:
+        v = _tensor(np.frombuffer(mv, dtype=str(vdtype).removeprefix("torch.")))
+    if not _all_finite(v):
+        raise WireError(f"Dense: {int((~torch.isfinite(v)).sum())} non-finite value(s)")
+    return Dense(v, dtype)
+
+
+def _table_size(kind: str, base: float, s: int, dtype_name: str, what: str) -> int:
+    if not math.isfinite(base):
+        raise WireError(f"{what}: level base {base} is not finite")
+    if kind in ("exp", "rounding") and not base > 1.0:
+        raise WireError(f"{what}: level base {base} must be > 1")
+    if kind in ("exp", "uniform"):
+        if not 1 <= s < MAX_LEVELS:
+            raise WireError(f"{what}: s={s} outside [1, {MAX_LEVELS})")
+        return s + 1
+    info = torch.finfo(getattr(torch, dtype_name))
+    span = math.log(float(info.max)) - math.log(float(info.smallest_normal) * float(info.eps))
+    if span / math.log(base) + 3 > MAX_LEVELS:
+        raise WireError(f"{what}: base {base} gives more than {MAX_LEVELS} rounding levels")
+    emin, emax = rounding_exponent_range(base, getattr(torch, dtype_name))
+    return emax - emin + 2
+
+
+def _parse_quantized(node, what, min_n, max_dim) -> _Plan:
+    f = Fields(node, what, 11)
+    dtype, n = f.dtype("dtype"), f.int("length", min_n, max_dim)
+    kind = TABLE_KINDS[f.int("table kind", 0, len(TABLE_KINDS) - 1)]
+    base = f.number("table base")
+    s = f.int("table s", 0, MAX_LEVELS)
+    dtype_name = DTYPE_NAMES[f.int("table dtype", 0, len(DTYPE_NAMES) - 1)]
+    norm = f.f32("norm", allow_none=True)
+    if norm is not None and bool(norm < 0):
+        raise WireError(f"{what}: norm {float(norm)} is negative")
+    mode = f.int("code mode", 0, 1)
+    levels = _table_size(kind, base, s, dtype_name, what)
+    top = levels - 1
+    offset = f.int("code offset", 1 if mode == ZERO_ESCAPE else 0, top)
+    width = f.int("code width", 0, bitpack.width_for(levels + 1))
+    table = LevelTable(kind, base, s, dtype_name)
+    sizes = [("signs", (n + 7) // 8, (n + 7) // 8), ("codes", bitpack.packed_len(n, width), bitpack.packed_len(n, width))]
+
+    def build(it):
+        negative = _flags(next(it), n, what)
+        data = _u8(next(it))
+        nbits = n * width
+        if nbits % 8 and data.size and int(data[-1]) >> (nbits % 8):
+            raise WireError(f"{what}: nonzero padding bits after the last code")
+        fields = bitpack.unpack(_tensor(data), n, width)
+        if mode == PLAIN:
+            codes = fields + offset
+        else:
+            codes = torch.where(fields == 0, 0, fields + (offset - 1))
+        if n and int(codes.max()) > top:
+            raise WireError(f"{what}: code {int(codes.max())} outside the table's [0, {top}]")
+        codes = codes.to(torch.int16 if top < 2**15 else torch.int32)
+        return Quantized(table, negative, codes, norm, dtype)
+    return _Plan(n, sizes, build)
+
+
+def _to_device(p, device: torch.device):
+    if isinstance(p, Dense):
+        return Dense(p.values.to(device), p.dtype)
+    if isinstance(p, Signs):
+        return Signs(p.negative.to(device), p.scale.to(device), p.dtype)
+    if isinstance(p, Quantized):
+        norm = None if p.norm is None else p.norm.to(device)
+        return Quantized(p.table, p.negative.to(device), p.codes.to(device), norm, p.dtype)
+    if isinstance(p, Scaled):
+        return Scaled(p.factor.to(device), _to_device(p.inner, device))
+    idx = None if p.indices is None else p.indices.to(device)
+    return Sparse(p.dim, _to_device(p.values, device), idx, p.rule, p.dtype)
