@@ -38,8 +38,11 @@ def encode_message(msg: Message) -> list[bytes]:
     return out
 
 
-def decode_message(frames: list[bytes], device: torch.device | str | None = None) -> Message:
-    """Decode an encoded message; anything malformed raises ``WireError``."""
+def decode_message(frames: list[bytes], device: torch.device | str | None = None, max_dim: int | None = None) -> Message:
+    """Decode an encoded message; anything malformed raises ``WireError``.
+
+    ``max_dim`` (the run's dimension) bounds what a payload may claim, so a small hostile message
+    cannot make the receiver allocate more than the run's vectors."""
     if not isinstance(frames, (list, tuple)) or not frames:
         raise WireError("message: no frames")
     try:
@@ -60,7 +63,7 @@ def decode_message(frames: list[bytes], device: torch.device | str | None = None
         name, count = entry
         if count < 1 or pos + count > len(frames) or name in payloads:
             raise WireError(f"message: payload {name!r} claims {count} frames, {len(frames) - pos} remain")
-        payloads[name] = decode(list(frames[pos:pos + count]), device=device)
+        payloads[name] = decode(list(frames[pos:pos + count]), device=device, **({} if max_dim is None else {"max_dim": max_dim}))
         pos += count
     if pos != len(frames):
         raise WireError(f"message: {len(frames) - pos} unexpected trailing frame(s)")

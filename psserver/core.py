@@ -49,7 +49,7 @@ class ServerCore:
                 kind, header, body = protocol.parse(frames)
                 if kind != b"UP" or header.get("t") != t:
                     raise protocol.ProtocolError(f"expected UP for round {t}, got {kind.decode()} {header.get('t')!r}")
-                msgs.append(decode_message(body, device=self.rule.x.device))
+                msgs.append(decode_message(body, device=self.rule.x.device, max_dim=self.setup.dim))
             except (WireError, protocol.ProtocolError) as exc:
                 raise RunFailed(f"round {t}: malformed uplink from worker {rank}: {exc}") from None
             compute.append(float(header.get("compute_s", 0.0)))

@@ -29,8 +29,18 @@ class ProtocolError(ValueError):
     pass
 
 
-def pack(kind: bytes, header: dict[str, Any], body: list[bytes] = ()) -> list[bytes]:
-    return [MAGIC, kind, msgpack.packb(header, use_bin_type=True), *body]
+def pack(kind: bytes, header: dict[str, Any], body: list[bytes] = (), version: int = VERSION) -> list[bytes]:
+    return [b"PSC%d" % version, kind, msgpack.packb(header, use_bin_type=True), *body]
+
+
+def refusal_reason(frames: list[bytes]) -> str | None:
+    """The reason of a REFUSE message, readable whatever protocol version either side speaks."""
+    if len(frames) >= 3 and bytes(frames[1]) == b"REFUSE":
+        try:
+            return str(msgpack.unpackb(bytes(frames[2]), raw=False, max_bin_len=0).get("reason", "refused"))
+        except Exception:
+            return "refused (unreadable reason)"
+    return None
 
 
 def parse(frames: list[bytes]) -> tuple[bytes, dict[str, Any], list[bytes]]:

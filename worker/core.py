@@ -64,7 +64,12 @@ class WorkerCore:
         return protocol.pack(b"UP", {"t": t, "compute_s": self.compute_s, "compress_s": max(0.0, total - self.compute_s)}, frames)
 
     def downlink(self, t: int, frames: list[bytes]) -> None:
+        """Apply worker-bound DOWN frames of round ``t`` (the whole protocol message)."""
         kind, header, body = protocol.parse(frames)
         if kind != b"DOWN" or header.get("t") != t:
             raise protocol.ProtocolError(f"expected DOWN for round {t}, got {kind.decode()} {header.get('t')!r}")
-        self.rule.downlink(t, decode_message(body, device=self.device))
+        self.apply(t, body)
+
+    def apply(self, t: int, body: list[bytes]) -> None:
+        """Apply the algorithm message frames of round ``t``'s downlink."""
+        self.rule.downlink(t, decode_message(body, device=self.device, max_dim=self.setup.dim))

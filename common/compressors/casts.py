@@ -21,7 +21,7 @@ class _Cast(Compressor):
         self._set_constants(Constants(unbiased=False))
 
     def _compress(self, x, key):
-        limit = torch.finfo(self.target).max
+        limit = min(torch.finfo(self.target).max, torch.finfo(x.dtype).max)
         return Dense(x.detach().clamp(-limit, limit).to(self.target), x.dtype)
 
 

@@ -24,7 +24,7 @@ from common.compressors.rounding import compute_dtype, stochastic_codes
 
 def norm_float32_up(x: torch.Tensor, p: float) -> torch.Tensor:
     """||x||_p as a 0-d float32 tensor, rounded up so that |x_i| <= norm for every i."""
-    norm = torch.linalg.vector_norm(x.to(compute_dtype(x.dtype)), ord=p).to(torch.float64)
+    norm = torch.linalg.vector_norm(x, ord=p, dtype=torch.float64)  # float64: a float32 sum of squares overflows
     n32 = norm.to(torch.float32)
     bump = n32.to(torch.float64) < norm
     return torch.where(bump, torch.nextafter(n32, torch.tensor(math.inf, device=x.device)), n32)

@@ -26,8 +26,16 @@ def regenerate(rule) -> np.ndarray:
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
-    """Cached results are shared: callers copy them to a tensor and never write to them."""
+    """Cached results are shared: they are read-only, and ``support_tensor`` copies them."""
+    a.setflags(write=False)
     return a
+
+
+def support_tensor(indices: np.ndarray, device) -> "torch.Tensor":
+    """A private int64 tensor copy of a (cached, read-only) support on ``device``."""
+    import torch
+
+    return torch.tensor(indices, dtype=torch.int64, device=device)
 
 
 @functools.lru_cache(maxsize=64)

@@ -189,7 +189,7 @@ class Sparse:
     def support(self, device: torch.device) -> torch.Tensor:
         if self.indices is not None:
             return self.indices.to(device)
-        return torch.from_numpy(self.rule.indices()).to(device)
+        return index_sets.support_tensor(self.rule.indices(), device)
 
     def to_dense(self) -> torch.Tensor:
         kept = self.values.to_dense().to(self.dtype)

@@ -13,7 +13,7 @@ import math
 import torch
 
 from common.compressors.base import Constants, Selection, Sparsifier
-from common.compressors.indices import permk_scale
+from common.compressors.indices import permk_scale, support_tensor
 from common.compressors.payloads import IndexRule
 
 
@@ -33,5 +33,5 @@ class PermK(Sparsifier):
     def select(self, x, key):
         m = x.numel()
         rule = IndexRule("permk", m, self.n_workers, key.worker, key.for_worker(0).child("permutation").code)
-        idx = torch.from_numpy(rule.indices()).to(x.device)
+        idx = support_tensor(rule.indices(), x.device)
         return None, rule, x[idx] * permk_scale(m, self.n_workers)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from common.compressors.base import K_PARAMS, Constants, Param, Selection, Sparsifier, resolve_k
+from common.compressors.indices import support_tensor
 from common.compressors.payloads import IndexRule
 
 
@@ -45,7 +46,7 @@ class RandK(Sparsifier):
         if self.shared:
             key = key.for_worker(0)
         rule = IndexRule("randk", m, k, 0, key.child("support").code)
-        idx = torch.from_numpy(rule.indices()).to(x.device)
+        idx = support_tensor(rule.indices(), x.device)
         values = x[idx]
         if self.scaled:
             values = values * (m / k)

@@ -17,7 +17,6 @@ import math
 import torch
 
 from common.compressors.base import Compressor, Constants, Param, float32_scalar
-from common.compressors.rounding import compute_dtype
 from common.compressors.payloads import Signs
 
 
@@ -39,9 +38,9 @@ class Sign(Compressor):
 
     def _compress(self, x, key):
         m = max(1, x.numel())
-        work = x.detach().to(compute_dtype(x.dtype))
-        if self.norm == "l1":
-            scale = work.abs().sum() / m
+        x = x.detach()
+        if self.norm == "l1":  # accumulated in float64: a float32 sum can overflow while the mean fits
+            scale = x.abs().sum(dtype=torch.float64) / m
         else:
-            scale = torch.linalg.vector_norm(work) / math.sqrt(m)
+            scale = torch.linalg.vector_norm(x, dtype=torch.float64) / math.sqrt(m)
         return Signs(x < 0, float32_scalar(scale), x.dtype)

@@ -1,0 +1,3 @@
+from psc.cli import main
+
+main()

@@ -1,0 +1,68 @@
+"""RUN OPTIONS shared by ``psc server`` and ``psc launch``, and the TOML file that may hold them.
+
+Precedence: the command line, then ``--config FILE.toml``, then the defaults of ``RunConfig`` (and
+the algorithm's default compressors). A TOML key that is not an option is an error.
+"""
+from __future__ import annotations
+
+import tomllib
+from typing import Any
+
+import click
+
+from common.config import DTYPES, RunConfig
+
+RUN_KEYS = ("algorithm", "uplink", "downlink", "problem", "workers", "rounds", "lr", "seed", "dtype")
+FILE_ONLY_KEYS = ("metrics",)
+
+
+def run_options(func):
+    """Add the RUN OPTIONS (all default to None, so that 'given' can be told from 'default')."""
+    options = [
+        click.option("--algorithm", help="Algorithm SPEC, e.g. marina-p or 'ef-sgd'.  [default: gd]"),
+        click.option("--uplink", help="Worker-to-server compressor SPEC.  [default: the algorithm's]"),
+        click.option("--downlink", help="Server-to-worker compressor SPEC.  [default: the algorithm's]"),
+        click.option("--problem", help="Problem SPEC, e.g. 'quadratic:d=300,la2=0,lb2=100'.  [default: quadratic]"),
+        click.option("--rounds", type=click.IntRange(min=0), help="Number of rounds.  [default: 100]"),
+        click.option("--lr", help="Step size: a number, 'theory' or 'theory*F'.  [default: theory]"),
+        click.option("--seed", type=int, help="Seed of all randomness.  [default: 0]"),
+        click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Model and wire precision.  [default: float32]"),
+        click.option("--metrics", type=click.Path(dir_okay=False), help="Metrics file (JSON Lines) to write."),
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="TOML file with any of these options."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def read_toml(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise click.UsageError(f"--config {path}: not valid TOML ({exc})") from None
+    unknown = sorted(set(data) - set(RUN_KEYS) - set(FILE_ONLY_KEYS))
+    if unknown:
+        raise click.UsageError(f"--config {path}: unknown option {unknown[0]!r} (known: {', '.join(RUN_KEYS + FILE_ONLY_KEYS)})")
+    return data
+
+
+def build_config(cli: dict[str, Any], workers: int | None = None) -> tuple[RunConfig, str | None]:
+    """The run's configuration and metrics path from command-line values and the TOML file."""
+    file_values = read_toml(cli.get("config_file"))
+    merged: dict[str, Any] = {}
+    for key in RUN_KEYS + FILE_ONLY_KEYS:
+        value = cli.get(key)
+        if key == "workers" and workers is not None:
+            value = workers
+        merged[key] = value if value is not None else file_values.get(key)
+    metrics = merged.pop("metrics")
+    values = {k: v for k, v in merged.items() if v is not None}
+    if "lr" in values:
+        values["lr"] = str(values["lr"])
+    try:
+        return RunConfig.from_dict(values), metrics
+    except (TypeError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None

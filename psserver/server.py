@@ -1,0 +1,197 @@
+"""The server process: a ROUTER socket, registration, synchronous rounds, heartbeats, metrics.
+
+Registration: a worker sends HELLO (protocol version, wanted rank); the server answers WELCOME with
+its rank and the run's configuration, or REFUSE with a reason (wrong protocol version, server full,
+rank taken, run already started). The worker builds the problem and answers READY with its
+dimension, which must match the server's. When all n are ready, rounds start.
+
+Each round the server waits for one UP from every worker, runs ``ServerCore.round`` and sends each
+worker its own DOWN (a broadcast is one encoding sent n times). Workers send HEARTBEATs from a
+separate socket while they compute; the server sends HEARTBEATs while it waits. A worker silent for
+longer than ``timeout`` seconds, or one that says BYE, stops the run: every worker gets STOP, the
+log says which worker and why, and ``run`` returns 1. Messages from unknown peers that do not parse
+are logged and refused; the run goes on.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import zmq
+
+from common.config import RunConfig
+from common.setup import RunSetup
+from psserver import protocol
+from psserver.core import RunFailed, ServerCore
+from psserver.metrics import MetricsWriter
+from psserver.progress import progress_bar
+
+log = logging.getLogger("psc.server")
+
+
+class Server:
+    def __init__(self, config: RunConfig, bind: str, metrics_path: str | None = None, timeout: float = 60.0,
+                 heartbeat: float = 1.0, join_timeout: float = 600.0, progress: bool = True):
+        self.config, self.bind, self.metrics_path = config, bind, metrics_path
+        self.timeout, self.heartbeat, self.join_timeout, self.progress = timeout, heartbeat, join_timeout, progress
+        self.setup = RunSetup.build(config)  # a bad configuration fails here, before any socket
+        self.zctx = zmq.Context.instance()
+        self.sock = self.zctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.bind(bind)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.ident: dict[int, bytes] = {}  # rank -> identity of its main socket
+        self.rank_of: dict[bytes, int] = {}
+        self.ready: set[int] = set()
+        self.last_seen: dict[int, float] = {}
+        self.last_beat = 0.0
+
+    # -- sending -------------------------------------------------------------------------------
+    def _send(self, identity: bytes, frames: list[bytes]) -> None:
+        self.sock.send_multipart([identity, *frames], copy=False)
+
+    def _refuse(self, identity: bytes, reason: str) -> None:
+        log.warning("refusing a peer: %s", reason)
+        self._send(identity, protocol.pack(b"REFUSE", {"reason": reason}))
+
+    def _stop_all(self, ok: bool, reason: str) -> None:
+        for identity in self.ident.values():
+            try:
+                self._send(identity, protocol.pack(b"STOP", {"ok": ok, "reason": reason}))
+            except zmq.ZMQError:
+                pass
+
+    def _beat(self) -> None:
+        now = time.monotonic()
+        if now - self.last_beat >= self.heartbeat:
+            self.last_beat = now
+            for identity in self.ident.values():
+                self._send(identity, protocol.pack(b"HEARTBEAT", {}))
+
+    # -- receiving -----------------------------------------------------------------------------
+    def _receive(self, wait_s: float):
+        """One message as (identity, kind, header, frames), or None after ``wait_s`` seconds."""
+        if not self.sock.poll(int(wait_s * 1000)):
+            return None
+        identity, *frames = self.sock.recv_multipart()
+        try:
+            kind, header, _ = protocol.parse(frames)
+        except protocol.ProtocolError as exc:
+            if identity in self.rank_of:
+                log.warning("worker %d sent a malformed message (%s); ignored", self.rank_of[identity], exc)
+            else:
+                self._refuse(identity, str(exc))
+            return identity, None, {}, frames
+        rank = header.get("rank")
+        if kind == b"HEARTBEAT" and isinstance(rank, int) and rank in self.ident:
+            self.last_seen[rank] = time.monotonic()
+        if identity in self.rank_of:
+            self.last_seen[self.rank_of[identity]] = time.monotonic()
+        return identity, kind, header, frames
+
+    def _handle_hello(self, identity: bytes, header: dict) -> None:
+        n = self.config.workers
+        wanted = header.get("rank", -1)
+        if identity in self.rank_of:
+            return
+        if len(self.ident) >= n:
+            return self._refuse(identity, f"server is full: all {n} workers are registered")
+        if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted >= n or wanted < -1:
+            return self._refuse(identity, f"rank {wanted!r} is out of range for {n} workers")
+        if wanted in self.ident:
+            return self._refuse(identity, f"rank {wanted} is already taken")
+        rank = wanted if wanted >= 0 else min(set(range(n)) - set(self.ident))
+        self.ident[rank], self.rank_of[identity] = identity, rank
+        self.last_seen[rank] = time.monotonic()
+        log.info("worker %d joined (host %s, pid %s)", rank, header.get("host"), header.get("pid"))
+        self._send(identity, protocol.pack(b"WELCOME", {"rank": rank, "config": self.config.to_dict(), "dim": self.setup.dim}))
+
+    def _check_liveness(self) -> None:
+        now = time.monotonic()
+        for rank in self.ident:
+            silent = now - self.last_seen.get(rank, now)
+            if silent > self.timeout:
+                raise RunFailed(f"worker {rank} has been silent for {silent:.1f} s (timeout {self.timeout:g} s); stopping the run")
+
+    def _handle_common(self, identity: bytes, kind: bytes, header: dict) -> None:
+        """Messages that mean the same in every phase."""
+        if kind == b"HELLO":
+            if identity not in self.rank_of:
+                self._refuse(identity, "the run has already started" if len(self.ready) == self.config.workers else f"server is full: all {self.config.workers} workers are registered")
+        elif kind == b"BYE" and identity in self.rank_of:
+            raise RunFailed(f"worker {self.rank_of[identity]} left: {header.get('reason', 'no reason given')}")
+
+    # -- phases --------------------------------------------------------------------------------
+    def _register(self) -> None:
+        n = self.config.workers
+        deadline = time.monotonic() + self.join_timeout
+        log.info("waiting for %d workers on %s", n, self.endpoint)
+        while len(self.ready) < n:
+            if time.monotonic() > deadline:
+                raise RunFailed(f"only {len(self.ready)} of {n} workers joined within {self.join_timeout:g} s")
+            got = self._receive(min(self.heartbeat, 0.5))
+            self._beat()
+            self._check_liveness()
+            if got is None or got[1] is None:
+                continue
+            identity, kind, header, _ = got
+            if kind == b"HELLO" and identity not in self.rank_of and len(self.ident) < n:
+                self._handle_hello(identity, header)
+            elif kind == b"READY" and identity in self.rank_of:
+                rank = self.rank_of[identity]
+                if header.get("dim") != self.setup.dim:
+                    self._refuse(identity, f"dimension mismatch: worker has d={header.get('dim')}, server d={self.setup.dim}")
+                    raise RunFailed(f"worker {rank} reports dimension {header.get('dim')}, the server has {self.setup.dim}")
+                self.ready.add(rank)
+            else:
+                self._handle_common(identity, kind, header)
+        log.info("all %d workers ready; running %d rounds", n, self.config.rounds)
+
+    def _collect(self, t: int) -> list[list[bytes]]:
+        ups: list[list[bytes] | None] = [None] * self.config.workers
+        missing = self.config.workers
+        while missing:
+            got = self._receive(min(self.heartbeat, 0.5))
+            self._beat()
+            self._check_liveness()
+            if got is None or got[1] is None:
+                continue
+            identity, kind, header, frames = got
+            if kind == b"UP" and identity in self.rank_of:
+                rank = self.rank_of[identity]
+                if header.get("t") != t or ups[rank] is not None:
+                    log.warning("worker %d sent an UP for round %r during round %d; ignored", rank, header.get("t"), t)
+                    continue
+                ups[rank] = frames
+                missing -= 1
+            else:
+                self._handle_common(identity, kind, header)
+        return ups
+
+    def run(self) -> int:
+        metrics = MetricsWriter(self.metrics_path)
+        core = ServerCore(self.setup, metrics)
+        try:
+            self._register()
+            core.begin(engine="procs", endpoint=self.endpoint)
+            with progress_bar(self.config.rounds, self.progress) as bar:
+                for t in range(self.config.rounds):
+                    downs = core.round(t, self._collect(t))
+                    for rank, frames in enumerate(downs):
+                        self._send(self.ident[rank], frames)
+                    bar.update(core.last)
+            core.end(engine="procs", ok=True)
+            self._stop_all(True, "done")
+            return 0
+        except RunFailed as exc:
+            log.error("%s", exc)
+            metrics.end(ok=False, error=str(exc))
+            self._stop_all(False, str(exc))
+            return 1
+        except BaseException as exc:  # a bug or Ctrl-C: the workers must not wait for a dead server
+            metrics.end(ok=False, error=f"{exc.__class__.__name__}: {exc}")
+            self._stop_all(False, f"server error: {exc.__class__.__name__}: {exc}")
+            raise
+        finally:
+            metrics.close()
+            self.sock.close()

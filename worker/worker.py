@@ -1,0 +1,124 @@
+"""The worker process: a DEALER socket, registration, the round loop, heartbeats.
+
+The worker sends HELLO, receives its rank and the run's configuration (WELCOME) or a refusal
+(REFUSE: exit 1 with the reason), builds the problem and its rule on its device, answers READY, then
+for each round sends UP and waits for its DOWN. A thread with its own socket sends HEARTBEATs so the
+server knows the worker is alive while it computes. If the server is silent for longer than
+``timeout`` seconds, or sends STOP with a failure, the worker exits 1 with a one-line reason.
+ZeroMQ reconnects by itself, so a worker started before its server simply waits for it (up to
+``join_timeout``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+import zmq
+
+from common.config import RunConfig
+from common.setup import RunSetup
+from psserver import protocol
+from worker.core import WorkerCore, resolve_device
+
+log = logging.getLogger("psc.worker")
+
+
+class WorkerFailed(RuntimeError):
+    pass
+
+
+class Worker:
+    def __init__(self, connect: str, device: str = "auto", rank: int | None = None, timeout: float = 60.0,
+                 heartbeat: float = 1.0, join_timeout: float = 600.0, protocol_version: int = protocol.VERSION):
+        self.connect, self.device_spec, self.wanted_rank = connect, device, rank
+        self.timeout, self.heartbeat, self.join_timeout = timeout, heartbeat, join_timeout
+        self.version = protocol_version
+        self.zctx = zmq.Context.instance()
+        self.identity = uuid.uuid4().hex.encode()
+        self.sock = self.zctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, self.identity)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.connect(connect)
+        self.rank = -1
+        self._stop_beats = threading.Event()
+
+    def _send(self, kind: bytes, header: dict, body: list[bytes] = ()) -> None:
+        self.sock.send_multipart(protocol.pack(kind, header, body, version=self.version), copy=False)
+
+    def _receive(self, want: bytes, patience: float, what: str):
+        """Wait for a message of kind ``want``; handle HEARTBEAT, STOP and REFUSE on the way."""
+        deadline = time.monotonic() + patience
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerFailed(f"no word from the server at {self.connect} for {patience:g} s while waiting for {what}")
+            if not self.sock.poll(int(min(left, self.heartbeat) * 1000)):
+                continue
+            frames = self.sock.recv_multipart()
+            reason = protocol.refusal_reason(frames)
+            if reason is not None:
+                raise WorkerFailed(f"the server refused this worker: {reason}")
+            try:
+                kind, header, body = protocol.parse(frames)
+            except protocol.ProtocolError as exc:
+                raise WorkerFailed(f"unreadable message from the server: {exc}") from None
+            if kind == b"STOP":
+                if header.get("ok") and want == b"STOP":
+                    return header, body
+                raise WorkerFailed(f"the server stopped the run: {header.get('reason', 'no reason given')}")
+            if kind == want:
+                return header, body
+            deadline = time.monotonic() + (self.timeout if want != b"WELCOME" else patience)
+            if kind != b"HEARTBEAT":
+                log.warning("unexpected %s from the server while waiting for %s; ignored", kind.decode(), what)
+
+    def _heartbeats(self) -> None:
+        beat = self.zctx.socket(zmq.DEALER)
+        beat.setsockopt(zmq.IDENTITY, self.identity + b"-hb")
+        beat.setsockopt(zmq.LINGER, 0)
+        beat.connect(self.connect)
+        try:
+            while not self._stop_beats.wait(self.heartbeat):
+                beat.send_multipart(protocol.pack(b"HEARTBEAT", {"rank": self.rank}, version=self.version))
+        finally:
+            beat.close()
+
+    def run(self) -> int:
+        beats = threading.Thread(target=self._heartbeats, daemon=True, name="psc-heartbeat")
+        try:
+            self._send(b"HELLO", {"version": self.version, "rank": -1 if self.wanted_rank is None else self.wanted_rank,
+                                  "host": socket.gethostname(), "pid": os.getpid()})
+            welcome, _ = self._receive(b"WELCOME", self.join_timeout, "registration")
+            self.rank = int(welcome["rank"])
+            config = RunConfig.from_dict(welcome["config"])
+            device = resolve_device(self.device_spec, int(os.environ.get("LOCAL_RANK", self.rank)))
+            setup = RunSetup.build(config)
+            core = WorkerCore(setup, self.rank, device)
+            log.info("worker %d of %d on %s, d = %d", self.rank, config.workers, device, setup.dim)
+            beats.start()
+            self._send(b"READY", {"rank": self.rank, "dim": setup.dim})
+            for t in range(config.rounds):
+                self.sock.send_multipart(core.uplink(t), copy=False)
+                header, body = self._receive(b"DOWN", self.timeout, f"round {t}")
+                if header.get("t") != t:
+                    raise WorkerFailed(f"the server sent round {header.get('t')!r} while this worker is at round {t}")
+                core.apply(t, body)
+            self._receive(b"STOP", self.timeout, "the end of the run")
+            return 0
+        except WorkerFailed:
+            raise
+        except BaseException as exc:
+            try:
+                self._send(b"BYE", {"rank": self.rank, "reason": f"{exc.__class__.__name__}: {exc}"})
+            except zmq.ZMQError:
+                pass
+            raise
+        finally:
+            self._stop_beats.set()
+            if beats.is_alive():
+                beats.join(timeout=2 * self.heartbeat)
+            self.sock.close()
