@@ -32,11 +32,13 @@ class _Group(click.Group):
 
 @click.group(cls=_Group)
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.option("--quiet", "-q", is_flag=True, help="Log warnings and errors only.")
 @click.pass_context
-def main(ctx, debug):
+def main(ctx, debug, quiet):
     """A compressed parameter server: compressors, server and workers over ZeroMQ."""
     ctx.ensure_object(dict)["debug"] = debug
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
 
 
 @main.group("list")
@@ -169,7 +171,10 @@ def server_cmd(bind, workers, join_timeout, timeout, heartbeat, **run):
     from psserver.server import Server
 
     config, metrics = build_config(run, workers)
-    server = Server(config, bind, metrics, timeout=timeout, heartbeat=heartbeat, join_timeout=join_timeout)
+    try:
+        server = Server(config, bind, metrics, timeout=timeout, heartbeat=heartbeat, join_timeout=join_timeout)
+    except ValueError as exc:  # a bad spec or option: the user's to fix
+        raise click.UsageError(str(exc)) from None
     click.echo(f"psc server: {config.algorithm} on {config.problem}, {config.workers} workers, listening on {server.endpoint}", err=True)
     sys.exit(server.run())
 
@@ -200,6 +205,7 @@ def worker_cmd(connect, device, rank, join_timeout, protocol_version, timeout, h
 @click.pass_context
 def launch_cmd(ctx, workers, engine, device, timeout, heartbeat, **run):
     """One server and N workers on this host; with no options, the built-in demo."""
+    from common.setup import RunSetup
     from psc.launch import launch
 
     given = [p.name for p in ctx.command.params if ctx.get_parameter_source(p.name) != click.core.ParameterSource.DEFAULT]
@@ -208,6 +214,10 @@ def launch_cmd(ctx, workers, engine, device, timeout, heartbeat, **run):
 
         sys.exit(run_demo())
     config, metrics = build_config(run, workers)
+    try:
+        RunSetup.build(config)  # a bad spec or option fails here as a usage error, before any process starts
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     sys.exit(launch(config, metrics, engine=engine, device=device, timeout=timeout, heartbeat=heartbeat))
 
 

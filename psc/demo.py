@@ -6,12 +6,14 @@ bytes each sent to one worker to reach the accuracy GD reaches in its rounds.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import click
 
 from common.config import RunConfig
 from psc.launch import launch
+from psc.plot import plot
 from psserver.metrics import read_metrics
 
 WORKERS = 8
@@ -28,6 +30,7 @@ def first_reaching(records: list[dict], target: float) -> dict | None:
 
 def run_demo(out_dir: str = "runs/demo") -> int:
     os.makedirs(out_dir, exist_ok=True)
+    logging.getLogger().setLevel(logging.WARNING)  # the demo prints its own summary
     click.echo(f"psc demo: {WORKERS} worker processes, {PROBLEM}, GD and MARINA-P (Perm-K downlink)")
     paths = {}
     for name, algorithm, rounds in (("gd", "gd", ROUNDS), ("marina-p", "marina-p", int(ROUNDS * 1.2))):
@@ -53,6 +56,8 @@ def run_demo(out_dir: str = "runs/demo") -> int:
     click.echo(f"  {'MARINA-P':10} {hit['round'] + 1:>6} {per_worker(hit, 'cum_bytes_down') / 1e3:>15.1f} {per_worker(hit, 'cum_bytes_up') / 1e3:>13.1f}")
     ratio = gd_last["cum_bytes_down"] / hit["cum_bytes_down"]
     click.echo(f"MARINA-P sent {ratio:.1f}x fewer bytes server-to-worker for the same accuracy (theory: about n/2 = {WORKERS / 2:g}x);")
-    click.echo("its worker-to-server traffic is uncompressed, like GD's. Plot the runs with:")
-    click.echo(f"  psc plot {paths['gd']} {paths['marina-p']} --x cum_bytes_down/n --y grad_norm_sq --logy -o {out_dir}/demo.png")
+    figure = os.path.join(out_dir, "demo.png")
+    plot([paths["gd"], paths["marina-p"]], "cum_bytes_down/n", "grad_norm_sq", figure, logy=True, title="bytes sent to one worker")
+    click.echo("its worker-to-server traffic is uncompressed, like GD's.")
+    click.echo(f"metrics: {paths['gd']}, {paths['marina-p']}; plot: {figure}")
     return 0

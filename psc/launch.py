@@ -29,6 +29,7 @@ def worker_devices(n: int, device: str) -> list[str]:
 
 def launch(config: RunConfig, metrics: str | None, engine: str = "procs", device: str = "auto",
            timeout: float = 60.0, heartbeat: float = 1.0, progress: bool = True) -> int:
+    quiet = ["-q"] if logging.getLogger().getEffectiveLevel() > logging.INFO else []
     if engine == "inproc":
         run_inproc(config, metrics, device="cpu" if device == "auto" else device, progress=progress)
         return 0
@@ -36,7 +37,7 @@ def launch(config: RunConfig, metrics: str | None, engine: str = "procs", device
     devices = worker_devices(config.workers, device)
     procs = [
         subprocess.Popen([
-            sys.executable, "-m", "psc", "worker", "--connect", server.endpoint, "--rank", str(rank),
+            sys.executable, "-m", "psc", *quiet, "worker", "--connect", server.endpoint, "--rank", str(rank),
             "--device", devices[rank], "--timeout", str(timeout), "--heartbeat", str(heartbeat),
         ])
         for rank in range(config.workers)

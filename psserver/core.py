@@ -6,6 +6,7 @@ The ZeroMQ server (``psserver.server``) and the in-process engine (``psserver.in
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any
 
@@ -78,6 +79,10 @@ class ServerCore:
         )
         return out
 
+    def model_digest(self) -> str:
+        """SHA-256 of the model's bytes: two runs with the same digest have bit-identical models."""
+        return hashlib.sha256(self.rule.model.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
     def end(self, **summary: Any) -> None:
         final = {k: self.last[k] for k in ("loss", "grad_norm_sq") if k in self.last}
-        self.metrics.end(rounds=self.setup.config.rounds, **final, **summary)
+        self.metrics.end(rounds=self.setup.config.rounds, model_sha256=self.model_digest(), **final, **summary)

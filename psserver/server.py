@@ -45,6 +45,7 @@ class Server:
         self.ready: set[int] = set()
         self.last_seen: dict[int, float] = {}
         self.last_beat = 0.0
+        self.early_ups: dict[int, list[bytes]] = {}  # round-0 uplinks of workers ready before the others
 
     # -- sending -------------------------------------------------------------------------------
     def _send(self, identity: bytes, frames: list[bytes]) -> None:
@@ -117,7 +118,8 @@ class Server:
         """Messages that mean the same in every phase."""
         if kind == b"HELLO":
             if identity not in self.rank_of:
-                self._refuse(identity, "the run has already started" if len(self.ready) == self.config.workers else f"server is full: all {self.config.workers} workers are registered")
+                started = " and the run has started" if len(self.ready) == self.config.workers else ""
+                self._refuse(identity, f"server is full: all {self.config.workers} workers are registered{started}")
         elif kind == b"BYE" and identity in self.rank_of:
             raise RunFailed(f"worker {self.rank_of[identity]} left: {header.get('reason', 'no reason given')}")
 
@@ -143,13 +145,18 @@ class Server:
                     self._refuse(identity, f"dimension mismatch: worker has d={header.get('dim')}, server d={self.setup.dim}")
                     raise RunFailed(f"worker {rank} reports dimension {header.get('dim')}, the server has {self.setup.dim}")
                 self.ready.add(rank)
+            elif kind == b"UP" and identity in self.rank_of and header.get("t") == 0:
+                self.early_ups[self.rank_of[identity]] = got[3]
             else:
                 self._handle_common(identity, kind, header)
         log.info("all %d workers ready; running %d rounds", n, self.config.rounds)
 
     def _collect(self, t: int) -> list[list[bytes]]:
         ups: list[list[bytes] | None] = [None] * self.config.workers
-        missing = self.config.workers
+        for rank, frames in self.early_ups.items():
+            ups[rank] = frames
+        self.early_ups = {}
+        missing = sum(u is None for u in ups)
         while missing:
             got = self._receive(min(self.heartbeat, 0.5))
             self._beat()

@@ -12,6 +12,7 @@ import torch
 
 from common.messages import decode_message, encode_message
 from common.setup import RunSetup
+from common.wire import WireError
 from psserver import protocol
 
 
@@ -59,7 +60,11 @@ class WorkerCore:
     def uplink(self, t: int) -> list[bytes]:
         self.compute_s = 0.0
         start = time.perf_counter()
-        frames = encode_message(self.rule.uplink(t))
+        try:
+            frames = encode_message(self.rule.uplink(t))
+        except (WireError, ValueError) as exc:
+            raise RuntimeError(f"worker {self.rank}, round {t}: cannot send the uplink ({exc}); "
+                               "if values are not finite the run diverged: try a smaller --lr") from None
         total = time.perf_counter() - start
         return protocol.pack(b"UP", {"t": t, "compute_s": self.compute_s, "compress_s": max(0.0, total - self.compute_s)}, frames)
 

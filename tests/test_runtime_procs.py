@@ -1,0 +1,114 @@
+"""Real processes on loopback: psc server + psc worker, psc launch, failures and refusals."""
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import torch
+
+from common.config import RunConfig
+from psserver import protocol
+from tests.procs import finish, free_port, kill_all, records, start, wait_for_rounds
+from tests.test_runtime_rules import drive
+
+
+def rounds_of(path):
+    return [r for r in records(path) if r["event"] == "round"]
+
+
+def test_server_and_three_workers_run_50_rounds(tmp_path):
+    port = free_port()
+    metrics = tmp_path / "run.jsonl"
+    args = ["--algorithm", "marina-p", "--problem", "quadratic:d=90,la2=1,lb2=100", "--rounds", "50", "--seed", "3"]
+    server = start(["server", "--bind", f"tcp://127.0.0.1:{port}", "--workers", "3", "--metrics", str(metrics), "--timeout", "30", *args])
+    workers = [start(["worker", "--connect", f"tcp://127.0.0.1:{port}", "--device", "cpu", "--timeout", "30"]) for _ in range(3)]
+    try:
+        code, _, err = finish(server, 120)
+        assert code == 0, err[-2000:]
+        for w in workers:
+            wcode, _, werr = finish(w, 30)
+            assert wcode == 0, werr[-2000:]
+    finally:
+        kill_all([server, *workers])
+    got = rounds_of(metrics)
+    assert len(got) == 50
+    # The bytes in the metrics are the lengths of the frames: replay the same run in one process and
+    # measure the frames it encodes (same seed, same rules, same wire format).
+    config = RunConfig(algorithm="marina-p", problem="quadratic:d=90,la2=1,lb2=100", rounds=50, seed=3, workers=3)
+    distinct_rounds = 0
+    for (t, server_core, _, downs), rec in zip(drive(config), got):
+        assert rec["bytes_down"] == [protocol.size(f) for f in downs]
+        assert rec["bytes_up"] == server_core.last["bytes_up"]
+        assert rec["grad_norm_sq"] == server_core.last["grad_norm_sq"]
+        distinct_rounds += len({b"".join(f) for f in downs}) == 3
+    assert distinct_rounds > 25  # Perm-K: a different message per worker on the compressed rounds
+
+
+def test_processes_and_inproc_give_bit_identical_trajectories(tmp_path):
+    common = ["--algorithm", "marina-p", "--problem", "quadratic:d=50,la2=2,lb2=200", "--rounds", "30", "--workers", "3", "--seed", "5"]
+    procs, inproc = tmp_path / "procs.jsonl", tmp_path / "inproc.jsonl"
+    code, _, err = finish(start(["launch", "--engine", "procs", "--device", "cpu", "--metrics", str(procs), *common]), 120)
+    assert code == 0, err[-2000:]
+    code, _, err = finish(start(["launch", "--engine", "inproc", "--metrics", str(inproc), *common]), 120)
+    assert code == 0, err[-2000:]
+    a, b = records(procs), records(inproc)
+    for ra, rb in zip(a[1:-1], b[1:-1]):
+        for key in ("round", "bytes_up", "bytes_down", "loss", "grad_norm_sq", "cum_bytes_up", "cum_bytes_down"):
+            assert ra[key] == rb[key], key
+    assert a[-1]["model_sha256"] == b[-1]["model_sha256"]
+
+
+def test_a_killed_worker_stops_the_run_within_the_timeout(tmp_path):
+    port = free_port()
+    metrics = tmp_path / "run.jsonl"
+    server = start(["server", "--bind", f"tcp://127.0.0.1:{port}", "--workers", "3", "--rounds", "1000000",
+                    "--problem", "quadratic:d=20", "--metrics", str(metrics), "--timeout", "3", "--heartbeat", "0.2"])
+    workers = [start(["worker", "--connect", f"tcp://127.0.0.1:{port}", "--device", "cpu", "--timeout", "20", "--heartbeat", "0.2"]) for _ in range(3)]
+    try:
+        wait_for_rounds(str(metrics), 5, 60)
+        workers[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        code, _, err = finish(server, 30)
+        assert code == 1
+        assert time.monotonic() - killed_at < 3 + 5
+        assert "silent" in err and "timeout 3 s" in err
+        for w in (workers[0], workers[2]):
+            wcode, _, werr = finish(w, 20)
+            assert wcode == 1 and "stopped the run" in werr
+    finally:
+        kill_all([server, *workers])
+    end = records(metrics)[-1]
+    assert end["event"] == "end" and end["ok"] is False and "silent" in end["error"]
+
+
+def test_wrong_protocol_version_and_full_server_are_refused(tmp_path):
+    port = free_port()
+    metrics = tmp_path / "run.jsonl"
+    server = start(["server", "--bind", f"tcp://127.0.0.1:{port}", "--workers", "2", "--rounds", "1000000",
+                    "--problem", "quadratic:d=20", "--metrics", str(metrics), "--timeout", "10"])
+    endpoint = f"tcp://127.0.0.1:{port}"
+    workers = []
+    try:
+        old = start(["worker", "--connect", endpoint, "--protocol-version", "99", "--join-timeout", "30"])
+        code, _, err = finish(old, 60)
+        assert code == 1 and "refused" in err and "protocol version" in err
+        workers = [start(["worker", "--connect", endpoint, "--device", "cpu"]) for _ in range(2)]
+        wait_for_rounds(str(metrics), 2, 60)
+        extra = start(["worker", "--connect", endpoint, "--join-timeout", "30"])
+        code, _, err = finish(extra, 60)
+        assert code == 1 and "server is full" in err
+        assert server.poll() is None  # the run goes on
+    finally:
+        kill_all([server, *workers])
+
+
+def test_cli_usage_errors_exit_2_and_runtime_errors_exit_1(tmp_path):
+    code, _, err = finish(start(["launch", "--algorithm", "nosuch", "--rounds", "2"]), 60)
+    assert code == 2 and "unknown algorithm" in err
+    code, _, err = finish(start(["server", "--problem", "quadratic:d=0"]), 60)
+    assert code == 2 and "d=0" in err
+    code, _, err = finish(start(["plot", str(tmp_path / "missing.jsonl"), "--x", "round", "--y", "loss", "-o", str(tmp_path / "p.png")]), 60)
+    assert code == 1 and "does not exist" in err and "Traceback" not in err
+    code, _, err = finish(start(["launch", "--engine", "inproc", "--rounds", "300", "--lr", "100", "--problem", "quadratic:d=10"]), 60)
+    assert code == 1 and "diverged" in err and "Traceback" not in err
