@@ -73,7 +73,7 @@ class ServerCore:
         compute_s, compress_s = max(compute), max(compress)
         self.last = self.metrics.round(
             t, [protocol.size(f) for f in uplinks], [protocol.size(f) for f in out],
-            **self.setup.problem.evaluate(self.rule.model),
+            **self.setup.problem.evaluate(self.rule.model), **self.rule.round_metrics(),
             round_s=round_s, compute_s=compute_s, compress_s=compress_s, server_s=server_s,
             comm_s=max(0.0, round_s - compute_s - compress_s - server_s),
         )

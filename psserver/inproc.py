@@ -6,7 +6,7 @@ trajectory and the byte counts equal those of ``psc launch --engine procs`` (on 
 """
 from __future__ import annotations
 
-import torch
+from typing import Callable
 
 from common.config import RunConfig
 from common.setup import RunSetup
@@ -16,7 +16,10 @@ from psserver.progress import progress_bar
 from worker.core import WorkerCore, resolve_device
 
 
-def run_inproc(config: RunConfig, metrics_path: str | None = None, device: str = "cpu", progress: bool = True) -> ServerCore:
+def run_inproc(config: RunConfig, metrics_path: str | None = None, device: str = "cpu", progress: bool = True,
+               until: Callable[[dict], bool] | None = None) -> ServerCore:
+    """Run ``config.rounds`` rounds (fewer if ``until(round_record)`` becomes true) and return the
+    server side, whose ``last`` holds the last round's record."""
     setup = RunSetup.build(config)
     metrics = MetricsWriter(metrics_path)
     try:
@@ -29,6 +32,8 @@ def run_inproc(config: RunConfig, metrics_path: str | None = None, device: str =
                 for worker, frames in zip(workers, downs):
                     worker.downlink(t, frames)
                 bar.update(server.last)
+                if until is not None and until(server.last):
+                    break
         server.end(engine="inproc")
         return server
     finally:

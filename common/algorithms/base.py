@@ -94,6 +94,10 @@ class ServerRule:
     def step(self, t: int, uplinks: list[Message]) -> list[Message]:
         raise NotImplementedError
 
+    def round_metrics(self) -> dict[str, Any]:
+        """Extra fields for this round's metrics line (e.g. communication rounds per iteration)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in vars(self).items() if k != "ctx" and not isinstance(v, Compressor)}
 
@@ -107,8 +111,11 @@ class WorkerRule:
         self.ctx, self.rank, self.oracle = ctx, rank, oracle
         self.x = x0.to(ctx.device, ctx.dtype).clone()
 
-    def grad(self, point: torch.Tensor, t: int) -> torch.Tensor:
-        return self.oracle(point, t)[1]
+    def grad(self, point: torch.Tensor, step: int) -> torch.Tensor:
+        """The worker's gradient at ``point``; ``step`` names the sample draw (the same step gives the
+        same minibatch for a stochastic oracle), so a rule that needs R draws per round passes
+        t * R + r."""
+        return self.oracle(point, step)[1]
 
     def uplink(self, t: int) -> Message:
         raise NotImplementedError
@@ -169,6 +176,17 @@ class Algorithm:
                 raise ValueError(f"algorithm {self.name} has no theory step size for this problem; give --lr a number")
             ctx.lr = theory * value
         return ctx
+
+
+ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator: make the algorithm buildable by its ``name``."""
+    if cls.name in ALGORITHMS:
+        raise ValueError(f"algorithm {cls.name!r} registered twice")
+    ALGORITHMS[cls.name] = cls()
+    return cls
 
 
 def need_constants(ctx: RuleContext, *names: str) -> list[float]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, need_constants
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants
 from common.messages import Message
 
 
@@ -27,6 +27,7 @@ class GDWorker(WorkerRule):
         self.x = dense(msg.payloads["x"])
 
 
+@register
 class GD(Algorithm):
     name = "gd"
     paper = "baseline"

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, need_constants
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants
 from common.compressors.base import Param
 from common.messages import Message
 
@@ -65,6 +65,7 @@ class MarinaPWorker(WorkerRule):
             self.x = self.x + dense(msg.payloads["delta"])
 
 
+@register
 class MarinaP(Algorithm):
     name = "marina-p"
     paper = "Gruntkowska, Tyurin, Richtarik 2024 (Alg. 1)"

@@ -1,18 +1,28 @@
-"""Problems by name: ``build_problem("quadratic:d=300,la2=0,lb2=100", n_workers, seed)``."""
+"""Problems by name: ``build_problem("quadratic:d=300,la2=0,lb2=100", n_workers, seed)``.
+
+Every module of this package that defines a ``Problem`` subclass decorated with ``@register`` is
+imported here, so adding a problem means adding one file.
+"""
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from common import spec as specs
-from common.problems.base import Oracle, Problem
-from common.problems.quadratic import Quadratic, quadratic_constants
+from common.problems.base import PROBLEMS, Oracle, Problem, register
 
-PROBLEMS: dict[str, type[Problem]] = {cls.name: cls for cls in (Quadratic,)}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["PROBLEMS", "Problem", "Oracle", "build_problem", "quadratic_constants"]
+from common.problems.quadratic import quadratic_constants  # noqa: E402
+
+__all__ = ["PROBLEMS", "Problem", "Oracle", "build_problem", "quadratic_constants", "register"]
 
 
 def build_problem(spec: str, n_workers: int, seed: int = 0) -> Problem:
     item = specs.parse(spec)
     cls = PROBLEMS.get(item.name)
     if cls is None:
-        raise ValueError(f"unknown problem {item.name!r} (known: {', '.join(PROBLEMS)})")
+        raise ValueError(f"unknown problem {item.name!r} (known: {', '.join(sorted(PROBLEMS))})")
     return cls(n_workers, seed, item.options)

@@ -16,6 +16,17 @@ from common.compressors.base import Param
 Oracle = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
 
 
+PROBLEMS: dict[str, type["Problem"]] = {}
+
+
+def register(cls):
+    """Class decorator: make the problem buildable by its ``name``."""
+    if cls.name in PROBLEMS:
+        raise ValueError(f"problem {cls.name!r} registered twice")
+    PROBLEMS[cls.name] = cls
+    return cls
+
+
 class Problem:
     name: str = ""
     summary: str = ""

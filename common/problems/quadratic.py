@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from common.compressors.base import Param
-from common.problems.base import Problem
+from common.problems.base import Problem, register
 
 
 def apply_x(x: torch.Tensor) -> torch.Tensor:
@@ -46,6 +46,7 @@ def quadratic_constants(matrices: list[np.ndarray]) -> dict[str, float]:
     }
 
 
+@register
 class Quadratic(Problem):
     name = "quadratic"
     summary = "heterogeneous quadratics 1/2 x^T A_i x + b_i^T x with calibrated L_A, L_B (MARINA-P sec. 6)"
