@@ -30,12 +30,16 @@ class _Group(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"auto_envvar_prefix": "PSC"})
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.option("--quiet", "-q", is_flag=True, help="Log warnings and errors only.")
 @click.pass_context
 def main(ctx, debug, quiet):
-    """A compressed parameter server: compressors, server and workers over ZeroMQ."""
+    """A compressed parameter server: compressors, server and workers over ZeroMQ.
+
+    Every option can also come from the environment: PSC_<COMMAND>_<OPTION>, e.g.
+    PSC_SERVER_ROUNDS=100 or PSC_WORKER_CONNECT=tcp://server:5555.
+    """
     ctx.ensure_object(dict)["debug"] = debug
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
