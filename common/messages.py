@@ -13,7 +13,7 @@ from typing import Any
 import msgpack
 import torch
 
-from common.wire import WireError, decode, encode
+from common.wire import WireError, decode, encode, message_bytes  # noqa: F401 (message_bytes re-exported)
 
 ENVELOPE_VERSION = 1
 MAX_PAYLOADS = 64
@@ -71,6 +71,3 @@ def decode_message(frames: list[bytes], device: torch.device | str | None = None
         raise WireError(f"message: {len(frames) - pos} unexpected trailing frame(s)")
     return Message(payloads, meta)
 
-
-def message_bytes(frames: list[bytes]) -> int:
-    return sum(len(f) for f in frames)

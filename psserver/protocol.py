@@ -20,6 +20,8 @@ from typing import Any
 
 import msgpack
 
+from common.wire import message_bytes as size  # noqa: F401 (the bytes a message costs)
+
 VERSION = 1
 MAGIC = b"PSC%d" % VERSION
 KINDS = (b"HELLO", b"READY", b"UP", b"HEARTBEAT", b"BYE", b"WELCOME", b"REFUSE", b"DOWN", b"STOP")
@@ -61,6 +63,3 @@ def parse(frames: list[bytes]) -> tuple[bytes, dict[str, Any], list[bytes]]:
         raise ProtocolError(f"{kind.decode()} header is not a map")
     return kind, data, [bytes(f) for f in frames[3:]]
 
-
-def size(frames: list[bytes]) -> int:
-    return sum(len(f) for f in frames)
