@@ -1,0 +1,432 @@
+"""deploy/: the compose files, the Dockerfile, the run file and the launcher agree with the CLI.
+
+The compose files are parsed with PyYAML and every `psc` command line in them (and in
+docs/deploy.md) is checked against the click command tree of `psc.cli.main`: an option the CLI does
+not have, or a PSC_* environment variable that no option reads, fails. The server's command, its
+environment and deploy/run.toml are then parsed by click and built into a run, exactly as the
+container would. Where a docker client that can run `docker compose config` (or `docker-compose
+config`) exists, it validates the files too; elsewhere that part is skipped.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+from pathlib import Path
+
+import click
+import pytest
+
+from common.setup import RunSetup
+from psc.cli import main
+from psc.runopts import build_config, read_toml
+from tests.procs import finish, free_port, kill_all, records, start
+
+yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the compose files")
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "docker-compose.yml"
+COMPOSE_GPU = DEPLOY / "docker-compose.gpu.yml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+DOCS = ROOT / "docs" / "deploy.md"
+
+
+# -- the CLI, as click sees it -------------------------------------------------------------------
+def cli_tree() -> dict[tuple[str, ...], tuple[click.Command, click.Context]]:
+    """Every command by its path (() is `psc` itself), with a context that carries click's env prefix."""
+    tree = {}
+
+    def walk(cmd, ctx, path):
+        tree[path] = (cmd, ctx)
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                walk(sub, click.Context(sub, info_name=name, parent=ctx), path + (name,))
+
+    walk(main, click.Context(main, info_name="psc", auto_envvar_prefix="PSC"), ())
+    return tree
+
+
+def cli_env_vars() -> dict[str, tuple[tuple[str, ...], click.Option]]:
+    """Each environment variable an option reads (click's auto_envvar_prefix rule: the prefix of the
+    command and the option's *parameter name*, e.g. --config is PSC_SERVER_CONFIG)."""
+    names = {}
+    for path, (cmd, ctx) in cli_tree().items():
+        for p in cmd.params:
+            if not isinstance(p, click.Option):
+                continue
+            explicit = [p.envvar] if isinstance(p.envvar, str) else list(p.envvar or ())
+            for name in explicit:
+                names[name] = (path, p)
+            if p.allow_from_autoenv and ctx.auto_envvar_prefix and p.name:
+                names[f"{ctx.auto_envvar_prefix}_{p.name.upper()}"] = (path, p)
+    return names
+
+
+def resolve_command(args: list[str]) -> tuple[tuple[str, ...], click.Command, list[str], list[str]]:
+    """Split `psc` arguments into (command path, command, psc's own options, the command's arguments)."""
+    tree = cli_tree()
+    path: tuple[str, ...] = ()
+    own: list[str] = []
+    i = 0
+    cmd = main
+    while isinstance(cmd, click.Group):
+        while i < len(args) and args[i].startswith("-"):
+            own.append(args[i])
+            i += 1
+        assert i < len(args), f"psc {' '.join(args)}: no command"
+        assert args[i] in cmd.commands, f"psc {' '.join(args)}: {' '.join(path + (args[i],))!r} is not a psc command"
+        path += (args[i],)
+        cmd = tree[path][0]
+        i += 1
+    return path, cmd, own, args[i:]
+
+
+def unknown_options(cmd: click.Command, args: list[str]) -> list[str]:
+    """The option names in ``args`` that ``cmd`` does not have (values are not checked here)."""
+    opts = {}
+    for p in cmd.params:
+        if isinstance(p, click.Option):
+            for o in (*p.opts, *p.secondary_opts):
+                opts[o] = p
+    bad, i = [], 0
+    while i < len(args):
+        tok = args[i]
+        i += 1
+        if tok == "--":
+            break
+        if not tok.startswith("-") or tok == "-":
+            continue
+        name = tok.split("=", 1)[0]
+        p = opts.get(name)
+        if p is None:
+            bad.append(name)
+        elif not p.is_flag and "=" not in tok:
+            i += 1  # its value
+    return bad
+
+
+def check_psc_args(args: list[str], where: str) -> tuple[tuple[str, ...], click.Command, list[str]]:
+    path, cmd, own, rest = resolve_command(args)
+    bad = unknown_options(main, own) + unknown_options(cmd, rest)
+    assert not bad, f"{where}: psc {' '.join(path)} has no option {', '.join(bad)} (psc {' '.join(path)} --help)"
+    return path, cmd, rest
+
+
+# -- the compose files -------------------------------------------------------------------------------
+VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def interpolate(value, env: dict[str, str]):
+    """Compose's variable substitution (${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, $$)."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m):
+        if m.group(0) == "$$":
+            return "$"
+        name, op, arg = m.group(1) or m.group(4), m.group(2), m.group(3)
+        val = env.get(name)
+        if op in (":-", "-") and (val is None or (op == ":-" and val == "")):
+            return arg
+        if op in (":?", "?") and (val is None or (op == ":?" and val == "")):
+            raise AssertionError(f"compose variable {name} is required: {arg}")
+        return val or ""
+
+    return VAR.sub(sub, value)
+
+
+def merge(base, over):
+    """Compose's merge of an override file, as far as these checks need it (mappings merge)."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(base[k], v) if k in base else v
+        return out
+    return over
+
+
+def load_compose(*files: Path, env: dict[str, str] | None = None) -> dict:
+    data: dict = {}
+    for f in files:
+        data = merge(data, yaml.safe_load(f.read_text()))
+    return interpolate(data, env or {})
+
+
+def environment(service: dict) -> dict[str, str | None]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return {k: (None if v is None else str(v)) for k, v in env.items()}
+
+
+def volumes(service: dict) -> list[tuple[Path, str, bool]]:
+    """(host path, container path, writable) of each bind mount, relative to the compose folder."""
+    out = []
+    for v in service.get("volumes") or []:
+        if isinstance(v, dict):
+            src, dst, rw = v["source"], v["target"], not v.get("read_only", False)
+        else:
+            parts = v.split(":")
+            src, dst, rw = parts[0], parts[1], "ro" not in parts[2:]
+        out.append(((DEPLOY / src).resolve(), dst, rw))
+    return out
+
+
+def to_host(args: list[str], service: dict) -> list[str]:
+    """Container paths in a command, rewritten to the host files mounted there."""
+    out = []
+    for a in args:
+        for src, dst, _ in volumes(service):
+            if a == dst or a.startswith(dst.rstrip("/") + "/"):
+                a = str(src) + a[len(dst.rstrip("/")):]
+        out.append(a)
+    return out
+
+
+def endpoint_port(endpoint: str) -> tuple[str, int]:
+    m = re.fullmatch(r"tcp://(.+):(\d+)", endpoint)
+    assert m, f"{endpoint!r} is not tcp://HOST:PORT"
+    return m.group(1), int(m.group(2))
+
+
+def container_ports(service: dict) -> set[int]:
+    ports = set()
+    for p in service.get("ports") or []:
+        target = p["target"] if isinstance(p, dict) else str(p).split(":")[-1].split("/")[0]
+        ports.add(int(target))
+    return ports
+
+
+def parse_service(service: dict, name: str, monkeypatch) -> tuple[tuple[str, ...], click.Context]:
+    """Parse a service's command and environment with click, as `psc` in its container would."""
+    args = service.get("command")
+    assert isinstance(args, list), f"service {name}: give the command as a list (the entrypoint is psc)"
+    path, cmd, rest = check_psc_args(args, f"service {name}")
+    known = cli_env_vars()
+    for var in list(os.environ):
+        if var.startswith("PSC_"):
+            monkeypatch.delenv(var)
+    for var, value in environment(service).items():
+        if not var.startswith("PSC_"):
+            continue
+        assert var in known, f"service {name}: {var} is read by no psc option (known: {', '.join(sorted(known))})"
+        var_path, _ = known[var]
+        assert var_path in ((), path), f"service {name} runs psc {' '.join(path)}, but {var} is an option of psc {' '.join(var_path)}"
+        if value is not None:
+            monkeypatch.setenv(var, value)
+    tree = cli_tree()
+    ctx = cmd.make_context(path[-1], to_host(rest, service), parent=tree[path[:-1]][1])
+    return path, ctx
+
+
+# -- tests -----------------------------------------------------------------------------------------
+@pytest.fixture(params=["cpu", "gpu"])
+def compose(request):
+    files = (COMPOSE,) if request.param == "cpu" else (COMPOSE, COMPOSE_GPU)
+    return request.param, load_compose(*files)
+
+
+def test_compose_commands_ports_and_environment_agree_with_the_cli(compose, monkeypatch):
+    kind, data = compose
+    services = data["services"]
+    assert set(services) >= {"server", "worker"}
+    server, worker = services["server"], services["worker"]
+
+    spath, sctx = parse_service(server, "server", monkeypatch)
+    assert spath == ("server",)
+    wpath, wctx = parse_service(worker, "worker", monkeypatch)
+    assert wpath == ("worker",)
+
+    # The run: command line, environment and the mounted run.toml build a valid configuration.
+    config, metrics = build_config(sctx.params, sctx.params["workers"])
+    RunSetup.build(config)
+    replicas = int(worker.get("deploy", {}).get("replicas", 1))
+    assert config.workers == replicas, "the server must wait for as many workers as the compose file starts"
+    # ... and its metrics land in a writable mounted folder.
+    raw_metrics = server["command"][server["command"].index("--metrics") + 1]
+    assert any(raw_metrics.startswith(dst.rstrip("/") + "/") and rw for _, dst, rw in volumes(server)), raw_metrics
+    assert metrics and Path(metrics).parent == next(src for src, dst, _ in volumes(server) if raw_metrics.startswith(dst))
+
+    # Ports: the server binds what it publishes and what the worker connects to; the health checks
+    # probe that port.
+    host, port = endpoint_port(sctx.params["bind"])
+    assert host in ("0.0.0.0", "*"), "in a container the server must bind every interface"
+    assert port in container_ports(server)
+    assert re.search(rf"^EXPOSE\s+.*\b{port}\b", DOCKERFILE.read_text(), re.M)
+    whost, wport = endpoint_port(wctx.params["connect"])
+    assert whost == "server" and wport == port
+    assert f"{port})" in " ".join(server["healthcheck"]["test"])
+    assert f":{port:04X}" in " ".join(worker["healthcheck"]["test"])
+    assert worker["depends_on"]["server"]["condition"] == "service_healthy"
+    assert wctx.params["join_timeout"] >= 60, "workers must wait long enough for the server"
+
+    if kind == "gpu":
+        devices = worker["deploy"]["resources"]["reservations"]["devices"]
+        assert any("gpu" in d.get("capabilities", []) for d in devices)
+        assert wctx.params["device"] == "auto" or wctx.params["device"].startswith("cuda")
+
+
+def test_worker_count_follows_workers_variable():
+    data = load_compose(COMPOSE, env={"WORKERS": "5"})
+    assert environment(data["services"]["server"])["PSC_SERVER_WORKERS"] == "5"
+    assert int(data["services"]["worker"]["deploy"]["replicas"]) == 5
+
+
+def test_dockerfile_builds_what_compose_asks_for():
+    text = DOCKERFILE.read_text()
+    args = set(re.findall(r"^ARG\s+([A-Za-z_][A-Za-z0-9_]*)", text, re.M))
+    assert {"BASE", "TORCH", "TORCH_INDEX"} <= args
+    assert re.search(r'^ENTRYPOINT\s+\["psc"\]', text, re.M)
+    # Every package that pyproject.toml installs is copied into the image.
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        include = tomllib.load(fh)["tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = set(re.findall(r"^COPY\s+(\S+)\s", text, re.M))
+    for pattern in include:
+        assert pattern.rstrip("*") in copied, f"deploy/Dockerfile does not COPY {pattern.rstrip('*')}"
+    for f in (COMPOSE, COMPOSE_GPU):
+        for name, service in load_compose(f).get("services", {}).items():
+            build = service.get("build")
+            if not build:
+                continue
+            assert (DEPLOY / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE, name
+            assert set(build.get("args", {})) <= args, f"{f.name} {name}: build args the Dockerfile does not declare"
+
+
+def test_run_toml_holds_only_run_options():
+    data = read_toml(str(DEPLOY / "run.toml"))  # raises a usage error on an unknown key
+    assert "workers" not in data, "the worker count comes from $WORKERS in the compose file"
+
+
+def code_lines(text: str) -> list[str]:
+    """The lines of fenced and indented code blocks, with backslash continuations joined."""
+    lines, fenced, out = text.splitlines(), False, []
+    for line in lines:
+        if line.strip().startswith("```"):
+            fenced = not fenced
+            continue
+        if fenced or line.startswith("    "):
+            out.append(line.strip())
+    joined, buf = [], ""
+    for line in out:
+        if line.endswith("\\"):
+            buf += line[:-1] + " "
+            continue
+        joined.append(buf + line)
+        buf = ""
+    return joined
+
+
+def psc_invocations(line: str) -> list[tuple[dict[str, str], list[str]]]:
+    """The `psc ...` (or `python -m psc ...`) commands of one shell line, with their VAR=value prefixes."""
+    try:
+        tokens = shlex.split(line, comments=True)
+    except ValueError:
+        return []
+    found, i = [], 0
+    while i < len(tokens):
+        env = {}
+        while i < len(tokens) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", tokens[i]):
+            k, v = tokens[i].split("=", 1)
+            env[k] = v
+            i += 1
+        start = None
+        if i < len(tokens) and (tokens[i] == "psc" or tokens[i].endswith("/psc")):
+            start = i + 1
+        elif i + 2 < len(tokens) and tokens[i + 1:i + 3] == ["-m", "psc"]:
+            start = i + 3
+        j = start if start is not None else i + 1
+        while j < len(tokens) and tokens[j] not in ("&&", "||", "|", ";", "&"):
+            j += 1
+        if start is not None:
+            found.append((env, tokens[start:j]))
+        i = j + 1
+    return found
+
+
+def test_docs_deploy_commands_agree_with_the_cli():
+    known = cli_env_vars()
+    checked = 0
+    for line in code_lines(DOCS.read_text()):
+        for var in re.findall(r"\b(PSC_[A-Z0-9_]+)=", line):
+            assert var in known, f"docs/deploy.md: {var} is read by no psc option: {line}"
+        for _env, args in psc_invocations(line):
+            if args:
+                check_psc_args(args, f"docs/deploy.md: {line}")
+                checked += 1
+    assert checked >= 5, "docs/deploy.md should show the psc commands it explains"
+
+
+def compose_client() -> list[str] | None:
+    for cmd in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        try:
+            if subprocess.run([*cmd, "version"], capture_output=True, timeout=60).returncode == 0:
+                return cmd
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+    return None
+
+
+@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, COMPOSE_GPU]], ids=["cpu", "gpu"])
+def test_docker_compose_config_validates(files):
+    client = compose_client()
+    if client is None:
+        pytest.skip("no docker client that runs `docker compose config` (or docker-compose)")
+    args = [a for f in files for a in ("-f", str(f))]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PSC_")}
+    r = subprocess.run([*client, *args, "config", "-q"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, f"{' '.join(client)} config: {r.stderr}"
+
+
+def test_multi_gpu_launcher_joins_a_remote_server_and_the_healthcheck_sees_it(tmp_path):
+    """deploy/launch_multi_gpu.sh --connect starts this host's workers against a server elsewhere
+    (here: on loopback); the compose file's server health check succeeds on a listening server."""
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    port = free_port()
+    metrics = tmp_path / "run.jsonl"
+    server = start(["server", "--bind", f"tcp://127.0.0.1:{port}", "--workers", "2", "--rounds", "5",
+                    "--problem", "quadratic:d=20", "--metrics", str(metrics), "--timeout", "30", "--join-timeout", "90"])
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PSC_")}, "PYTHON": sys.executable}
+    launcher = None
+    try:
+        probe = load_compose(COMPOSE)["services"]["server"]["healthcheck"]["test"]
+        assert probe[0] == "CMD" and probe[1] == "python"
+        code = [a.replace("5555", str(port)) for a in probe[2:]]
+        for _ in range(100):  # the server binds after building its problem: at most ~10 s here
+            if subprocess.run([sys.executable, *code], capture_output=True, timeout=10).returncode == 0:
+                break
+            assert server.poll() is None, server.communicate()[1][-2000:]
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the server health check never succeeded")
+        launcher = subprocess.Popen(["bash", str(DEPLOY / "launch_multi_gpu.sh"), "--connect", f"tcp://127.0.0.1:{port}",
+                                     "--workers", "2", "--rank-offset", "0", "--", "--timeout", "30"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        code, _, err = finish(server, 120)
+        assert code == 0, err[-2000:]
+        lcode, _, lerr = finish(launcher, 60)
+        assert lcode == 0, lerr[-2000:]
+    finally:
+        if launcher is not None and launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)  # the script and the workers it started
+        kill_all([p for p in (server, launcher) if p is not None])
+    assert "worker 0 joined" in err and "worker 1 joined" in err
+    got = records(str(metrics))
+    assert got[-1]["event"] == "end" and got[-1]["ok"] is True
+    assert sum(r["event"] == "round" for r in got) == 5
