@@ -5,7 +5,10 @@ the algorithm's default compressors). A TOML key that is not an option is an err
 """
 from __future__ import annotations
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 from typing import Any
 
 import click
@@ -28,7 +31,7 @@ def run_options(func):
         click.option("--seed", type=int, help="Seed of all randomness.  [default: 0]"),
         click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Model and wire precision.  [default: float32]"),
         click.option("--metrics", type=click.Path(dir_okay=False), help="Metrics file (JSON Lines) to write."),
-        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="TOML file with any of these options."),
+        click.option("--config", type=click.Path(exists=True, dir_okay=False), help="TOML file with any of these options."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -51,7 +54,7 @@ def read_toml(path: str | None) -> dict[str, Any]:
 
 def build_config(cli: dict[str, Any], workers: int | None = None) -> tuple[RunConfig, str | None]:
     """The run's configuration and metrics path from command-line values and the TOML file."""
-    file_values = read_toml(cli.get("config_file"))
+    file_values = read_toml(cli.get("config"))
     merged: dict[str, Any] = {}
     for key in RUN_KEYS + FILE_ONLY_KEYS:
         value = cli.get(key)

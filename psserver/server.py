@@ -37,7 +37,8 @@ class Server:
         self.setup = RunSetup.build(config)  # a bad configuration fails here, before any socket
         self.zctx = zmq.Context.instance()
         self.sock = self.zctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.LINGER, 500)
+        self.sock.setsockopt(zmq.IPV6, 1)  # accept and reach IPv6 addresses as well as IPv4
         self.sock.bind(bind)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.ident: dict[int, bytes] = {}  # rank -> identity of its main socket

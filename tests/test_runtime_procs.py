@@ -71,7 +71,7 @@ def test_a_killed_worker_stops_the_run_within_the_timeout(tmp_path):
         killed_at = time.monotonic()
         code, _, err = finish(server, 30)
         assert code == 1
-        assert time.monotonic() - killed_at < 3 + 5
+        assert time.monotonic() - killed_at < 3 + 10  # the timeout, plus poll granularity and exit on a loaded machine
         assert "silent" in err and "timeout 3 s" in err
         for w in (workers[0], workers[2]):
             wcode, _, werr = finish(w, 20)

@@ -42,6 +42,7 @@ class Worker:
         self.sock = self.zctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.identity)
         self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.setsockopt(zmq.IPV6, 1)  # accept and reach IPv6 addresses as well as IPv4
         self.sock.connect(connect)
         self.rank = -1
         self._stop_beats = threading.Event()
@@ -80,6 +81,7 @@ class Worker:
         beat = self.zctx.socket(zmq.DEALER)
         beat.setsockopt(zmq.IDENTITY, self.identity + b"-hb")
         beat.setsockopt(zmq.LINGER, 0)
+        beat.setsockopt(zmq.IPV6, 1)
         beat.connect(self.connect)
         try:
             while not self._stop_beats.wait(self.heartbeat):
