@@ -118,7 +118,8 @@ def list_compressors(dim, workers, as_json, specs):
 @list_group.command("algorithms")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_algorithms(as_json):
-    """Each algorithm with its paper, default compressors and what each side sends."""
+    """Each algorithm with its paper, default compressors and what each side sends ({k} in a default
+    compressor is the papers' K = d/n)."""
     from common.algorithms import ALGORITHMS
 
     rows = [{

@@ -141,7 +141,7 @@ class Algorithm:
     sends: str = ""  # what each side sends, for `psc list algorithms`
     server_rule: type[ServerRule]
     worker_rule: type[WorkerRule]
-    default_uplink: str = "identity"
+    default_uplink: str = "identity"  # may say {k} for K = d // n
     default_downlink: str = "identity"
     fixed_uplink: bool = False  # the method's uplink is uncompressed by definition
     fixed_downlink: bool = False
@@ -154,6 +154,11 @@ class Algorithm:
             raise ValueError(f"algorithm {self.name}: unknown option {unknown[0]!r} (options: {', '.join(known) or 'none'})")
         return {p.name: p.convert(f"algorithm {self.name}", options[p.name]) if p.name in options else p.default for p in self.params}
 
+    @staticmethod
+    def default_spec(spec: str, dim: int, n: int) -> str:
+        """A default compressor spec may say ``{k}`` for the papers' K = d/n (at least 1)."""
+        return spec.format(k=max(1, dim // n))
+
     def theory_lr(self, ctx: RuleContext) -> float | None:
         """The step size of the method's theorem, or None where the paper gives no formula."""
         return None
@@ -164,7 +169,8 @@ class Algorithm:
                 raise ValueError(f"algorithm {self.name} sends its {side} uncompressed; --{side} {given!r} does not apply")
         ctx = RuleContext(
             config=config, dim=dim, options=self.parse_options(options), problem_constants=problem_constants,
-            uplink_spec=config.uplink or self.default_uplink, downlink_spec=config.downlink or self.default_downlink,
+            uplink_spec=config.uplink or self.default_spec(self.default_uplink, dim, config.workers),
+            downlink_spec=config.downlink or self.default_spec(self.default_downlink, dim, config.workers),
         )
         ctx.uplink, ctx.downlink  # build both once so a bad spec fails before anything starts
         kind, value = parse_lr(config.lr)

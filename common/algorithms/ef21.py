@@ -1,0 +1,81 @@
+"""EF21 (Richtarik, Sokolov, Fatkhullin 2021; spec/neolithic.md 1c, spec/cd-adam.md 1(d)):
+Markov compression of the gradients, optionally of the downlink too.
+
+    x^{t+1} = x^t - gamma g^t
+    worker i:  c_i = C(grad f_i(x^{t+1}) - g_i^t);  g_i^{t+1} = g_i^t + c_i;  send c_i
+    server:    g^{t+1} = g^t + (1/n) sum_i c_i
+    init:      g_i^0 = grad f_i(x^0) sent in full (``init=full``), or c_i = C(grad f_i(x^0)) from
+               g_i = 0 (``init=compressed``, CD-Adam's Markov sequence started at 0)
+
+Downlink (the CD-Adam paper's "EF21 with bidirectional Top-K and SGD", its Algorithm 1 lines 5-7
+with SGD in place of Adam): the server keeps g~, a copy of what the workers hold, and broadcasts
+c = C_down(g^t - g~); everyone does g~ += c and x^{t+1} = x^t - gamma g~ (the server too: its x is
+the model). With ``--downlink identity`` (the default) c = g^t - g~, so g~ = g^t up to rounding and this
+is plain EF21. Every shared vector is updated from the decoded payloads.
+Theory step (Richtarik et al. 2021, Thm 1), identity downlink only:
+gamma = 1 / (L + L_tilde sqrt(beta/theta)), theta = 1 - sqrt(1 - alpha), beta = (1 - alpha)/theta,
+L_tilde^2 = (1/n) sum L_i^2 (L_max where the problem does not give L_hat).
+"""
+from __future__ import annotations
+
+import torch
+
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants
+from common.algorithms.ef21_p import ef21_factor
+from common.compressors.base import Param
+from common.messages import Message
+
+
+class EF21Server(ServerRule):
+    def __init__(self, ctx, x0):
+        super().__init__(ctx, x0)
+        self.g = torch.zeros_like(self.x)        # g^t = (1/n) sum_i g_i^t
+        self.g_down = torch.zeros_like(self.x)   # g~: what every worker holds
+
+    def step(self, t, uplinks):
+        self.g = self.g + torch.stack([dense(m.payloads["c"]) for m in uplinks]).mean(0)
+        c = self.ctx.downlink.compress(self.g - self.g_down, worker=0, step=t)
+        self.g_down = self.g_down + dense(c)
+        self.x = self.x - self.ctx.lr * self.g_down
+        down = Message({"c": c})
+        return [down] * self.ctx.n
+
+
+class EF21Worker(WorkerRule):
+    """Keeps x^t, its Markov state g_i and the downlink state g~."""
+
+    def __init__(self, ctx, rank, oracle, x0):
+        super().__init__(ctx, rank, oracle, x0)
+        self.g_i = torch.zeros_like(self.x)
+        self.g_down = torch.zeros_like(self.x)
+
+    def uplink(self, t):
+        grad = self.grad(self.x, t)
+        if t == 0 and self.ctx.options["init"] == "full":
+            c = full(grad)
+        else:
+            c = self.ctx.uplink.compress(grad - self.g_i, worker=self.rank, step=t)
+        self.g_i = self.g_i + dense(c)
+        return Message({"c": c})
+
+    def downlink(self, t, msg):
+        self.g_down = self.g_down + dense(msg.payloads["c"])
+        self.x = self.x - self.ctx.lr * self.g_down
+
+
+@register
+class EF21(Algorithm):
+    name = "ef21"
+    paper = "Richtarik, Sokolov, Fatkhullin 2021 (EF21); CD-Adam paper sec. 7.2 (bidirectional)"
+    summary = "Markov-compressed gradients (g_i += C(grad - g_i)); optional Markov-compressed downlink"
+    sends = "up: C(grad f_i(x) - g_i) (round 0 full with init=full); down: C_down(g - g~), the same to all (d floats with identity)"
+    server_rule, worker_rule = EF21Server, EF21Worker
+    default_uplink, default_downlink = "topk:ratio=0.1", "identity"
+    params = (Param("init", str, "full", lambda v: v in ("full", "compressed"), "full or compressed", "g_i^0: full gradient or C(grad)"),)
+
+    def theory_lr(self, ctx):
+        if ctx.downlink.constants["alpha"] != 1.0:
+            return None
+        L, L_max = need_constants(ctx, "L", "L_max")
+        L_tilde = ctx.problem_constants.get("L_hat", L_max)
+        return 1.0 / (L + L_tilde * ef21_factor(ctx.uplink.constants["alpha"], ctx.uplink_spec, self.name))
