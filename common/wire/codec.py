@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from common.compressors.base import all_finite
 from common.compressors.indices import permk_support
 from common.compressors.payloads import Dense, IndexRule, LevelTable, Quantized, Scaled, Signs, Sparse, rounding_exponent_range
 from common.wire import bitpack, indexcode
@@ -53,9 +54,7 @@ def message_bytes(frames: Sequence) -> int:
     return sum(memoryview(f).nbytes for f in frames)
 
 
-def _all_finite(v: torch.Tensor) -> bool:
-    """One pass: the largest magnitude is finite (a NaN makes the comparison false)."""
-    return v.numel() == 0 or bool(v.abs().amax() <= torch.finfo(v.dtype).max)
+_all_finite = all_finite
 
 
 def _dtype_code(dt, what: str) -> int:
