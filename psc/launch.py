@@ -8,6 +8,7 @@ worker i gets cuda:(i mod G); otherwise the CPU; ``--device`` names one device f
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 
@@ -35,11 +36,15 @@ def launch(config: RunConfig, metrics: str | None, engine: str = "procs", device
         return 0
     server = Server(config, "tcp://127.0.0.1:*", metrics, timeout=timeout, heartbeat=heartbeat, join_timeout=max(120.0, timeout), progress=progress)
     devices = worker_devices(config.workers, device)
+    env = dict(os.environ)
+    if "OMP_NUM_THREADS" not in env and all(d == "cpu" for d in devices):
+        # N CPU workers on one host share its cores: more threads each only oversubscribe them.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // config.workers))
     procs = [
         subprocess.Popen([
             sys.executable, "-m", "psc", *quiet, "worker", "--connect", server.endpoint, "--rank", str(rank),
             "--device", devices[rank], "--timeout", str(timeout), "--heartbeat", str(heartbeat),
-        ])
+        ], env=env)
         for rank in range(config.workers)
     ]
     try:

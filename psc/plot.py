@@ -11,19 +11,30 @@ import os
 from psserver.metrics import read_metrics
 
 
-def field_values(records: list[dict], field: str, workers: int, path: str) -> list[float]:
+def _field(field: str) -> tuple[str, float, bool]:
+    """(record key, scale, per worker) for a FIELD such as ``cum_bits_down/n``."""
     name, per_worker = (field[:-2], True) if field.endswith("/n") else (field, False)
-    scale = 1.0 / workers if per_worker else 1.0
+    scale = 1.0
     if name in ("cum_bits_up", "cum_bits_down"):
-        name, scale = name.replace("bits", "bytes"), scale * 8
-    values = []
-    for r in records:
-        if name not in r:
-            known = sorted(k for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        name, scale = name.replace("bits", "bytes"), 8.0
+    return name, scale, per_worker
+
+
+def series(records: list[dict], x: str, y: str, workers: int, path: str) -> tuple[list[float], list[float]]:
+    """The (x, y) points of the round records that have both fields (a problem may measure some
+    fields only every few rounds, e.g. test_accuracy with eval_every)."""
+    (xn, xs, xw), (yn, ys, yw) = _field(x), _field(y)
+    for name in (xn, yn):
+        if not any(name in r for r in records):
+            known = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
             raise ValueError(f"{path}: no field {name!r} in its round records (fields: {', '.join(known)})")
-        v = r[name]
-        values.append(float("nan") if v is None else float(v) * scale)
-    return values
+    xv, yv = [], []
+    for r in records:
+        if r.get(xn) is None or r.get(yn) is None:
+            continue
+        xv.append(float(r[xn]) * xs / (workers if xw else 1))
+        yv.append(float(r[yn]) * ys / (workers if yw else 1))
+    return xv, yv
 
 
 def plot(paths: list[str], x: str, y: str, out: str, logy: bool = False, logx: bool = False, title: str | None = None) -> None:
@@ -44,7 +55,7 @@ def plot(paths: list[str], x: str, y: str, out: str, logy: bool = False, logx: b
         label = cfg.get("algorithm", os.path.basename(path))
         if start.get("downlink") not in (None, "identity") or start.get("uplink") not in (None, "identity"):
             label += f" (up {start.get('uplink')}, down {start.get('downlink')})"
-        ax.plot(field_values(rounds, x, workers, path), field_values(rounds, y, workers, path), label=label)
+        ax.plot(*series(rounds, x, y, workers, path), label=label)
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     if logy:

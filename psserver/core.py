@@ -55,7 +55,10 @@ class ServerCore:
                 raise RunFailed(f"round {t}: malformed uplink from worker {rank}: {exc}") from None
             compute.append(float(header.get("compute_s", 0.0)))
             compress.append(float(header.get("compress_s", 0.0)))
-        downs = self.rule.step(t, msgs)
+        try:
+            downs = self.rule.step(t, msgs)
+        except (KeyError, ValueError, IndexError, RuntimeError) as exc:  # e.g. a payload the rule did not expect
+            raise RunFailed(f"round {t}: the server rule could not use the uplinks ({exc.__class__.__name__}: {exc})") from None
         if len(downs) != self.n:
             raise RunFailed(f"round {t}: the server rule returned {len(downs)} downlinks for {self.n} workers")
         if not bool(torch.isfinite(self.rule.model).all()):

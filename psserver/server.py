@@ -38,7 +38,7 @@ class Server:
         self.zctx = zmq.Context.instance()
         self.sock = self.zctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 500)
-        self.sock.setsockopt(zmq.IPV6, 1)  # accept and reach IPv6 addresses as well as IPv4
+        self.sock.setsockopt(zmq.IPV6, int("[" in bind))  # tcp://[::]:5555 binds IPv6 and IPv4
         self.sock.bind(bind)
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.ident: dict[int, bytes] = {}  # rank -> identity of its main socket

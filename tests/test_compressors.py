@@ -1,7 +1,6 @@
 """Structure, determinism and argument checking of the compressors (constants: test_compressor_constants)."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -4,8 +4,6 @@ from __future__ import annotations
 import signal
 import time
 
-import pytest
-import torch
 
 from common.config import RunConfig
 from psserver import protocol

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from common.config import RunConfig
-from common.messages import decode_message, encode_message
+from common.messages import decode_message
 from common.setup import RunSetup
 from psserver import protocol
 from psserver.core import ServerCore

@@ -42,7 +42,7 @@ class Worker:
         self.sock = self.zctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, self.identity)
         self.sock.setsockopt(zmq.LINGER, 2000)
-        self.sock.setsockopt(zmq.IPV6, 1)  # accept and reach IPv6 addresses as well as IPv4
+        self.sock.setsockopt(zmq.IPV6, int("[" in connect))  # an IPv6 literal: tcp://[2001:db8::1]:5555
         self.sock.connect(connect)
         self.rank = -1
         self._stop_beats = threading.Event()
@@ -81,7 +81,7 @@ class Worker:
         beat = self.zctx.socket(zmq.DEALER)
         beat.setsockopt(zmq.IDENTITY, self.identity + b"-hb")
         beat.setsockopt(zmq.LINGER, 0)
-        beat.setsockopt(zmq.IPV6, 1)
+        beat.setsockopt(zmq.IPV6, int("[" in self.connect))
         beat.connect(self.connect)
         try:
             while not self._stop_beats.wait(self.heartbeat):

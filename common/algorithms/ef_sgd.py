@@ -18,7 +18,6 @@ exact gradients and L the f_i's smoothness (L_max); we return 1/(28 delta L_max)
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

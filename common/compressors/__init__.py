@@ -12,7 +12,6 @@ next stages compress; trailing ``scale:lambda=L`` stages multiply everything bef
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch

@@ -90,7 +90,7 @@ class Param:
                 raise ValueError(f"{owner}: option {self.name}={value!r} must be a number")
             value = float(value)
         elif self.kind is str:
-            value = str(value).lower()
+            value = str(value)
         if self.check is not None and not self.check(value):
             raise ValueError(f"{owner}: option {self.name}={value!r} must be {self.must}")
         return value

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import torch
 
 from common.keys import numpy_rng
 
@@ -31,10 +32,8 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def support_tensor(indices: np.ndarray, device) -> "torch.Tensor":
+def support_tensor(indices: np.ndarray, device) -> torch.Tensor:
     """A private int64 tensor copy of a (cached, read-only) support on ``device``."""
-    import torch
-
     return torch.tensor(indices, dtype=torch.int64, device=device)
 
 

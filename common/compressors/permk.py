@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 
 from common.compressors.base import Constants, Selection, Sparsifier
 from common.compressors.indices import permk_scale, support_tensor

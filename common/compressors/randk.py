@@ -13,7 +13,6 @@ The support is regenerated from the key by the receiver, so only the values trav
 """
 from __future__ import annotations
 
-import torch
 
 from common.compressors.base import K_PARAMS, Constants, Param, Selection, Sparsifier, resolve_k
 from common.compressors.indices import support_tensor

@@ -1,0 +1,48 @@
+"""P-SGD, parallel minibatch SGD, uncompressed (NEOLITHIC section 1c; the CIFAR runs' DDP baseline).
+
+    worker i:  g_i = (1/B) sum_{b<B} O_i(x; zeta_i^(t,b))      (oracle steps t*B + b)
+    server:    x <- x - gamma (1/n) sum_i g_i;  broadcast x
+
+With identity compressors NEOLITHIC with R rounds equals P-SGD with batch=R (same oracle steps).
+"""
+from __future__ import annotations
+
+import torch
+
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register
+from common.algorithms.neolithic import SCHEDULE_PARAMS, staircase
+from common.compressors.base import Param
+from common.messages import Message
+
+
+class PSGDServer(ServerRule):
+    def step(self, t, uplinks):
+        g = torch.stack([dense(m.payloads["g"]) for m in uplinks]).mean(0)
+        self.x = self.x - staircase(self.ctx, t) * g
+        return [Message({"x": full(self.x)})] * self.ctx.n
+
+    def round_metrics(self):
+        return {"comm_rounds": 1}
+
+
+class PSGDWorker(WorkerRule):
+    def uplink(self, t):
+        B = self.ctx.options["batch"]
+        g = self.grad(self.x, t * B)
+        for b in range(1, B):
+            g = g + self.grad(self.x, t * B + b)
+        return Message({"g": full(g / B)})
+
+    def downlink(self, t, msg):
+        self.x = dense(msg.payloads["x"])
+
+
+@register
+class PSGD(Algorithm):
+    name = "psgd"
+    paper = "baseline (NEOLITHIC sec. 1c)"
+    summary = "parallel SGD with B minibatches per round, uncompressed both ways"
+    sends = "up: mean of B stochastic gradients (d floats); down: x (d floats)"
+    server_rule, worker_rule = PSGDServer, PSGDWorker
+    fixed_uplink = fixed_downlink = True
+    params = (Param("batch", int, 1, lambda v: v >= 1, "a positive integer", "oracle calls averaged per round"),) + SCHEDULE_PARAMS
