@@ -6,10 +6,9 @@ spec/cd-adam.md 1.2(a)), server-side update, no bias correction, nu inside the s
 """
 from __future__ import annotations
 
-import torch
 
 from common.algorithms.amsgrad_state import AMS_PARAMS, amsgrad_step, init_amsgrad
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
 from common.messages import Message
 
 
@@ -19,7 +18,7 @@ class AMSGradServer(ServerRule):
         init_amsgrad(self)
 
     def step(self, t, uplinks):
-        amsgrad_step(self, torch.stack([dense(m.payloads["g"]) for m in uplinks]).mean(0))
+        amsgrad_step(self, mean_of(uplinks, "g"))
         return [Message({"x": full(self.x)})] * self.ctx.n
 
 

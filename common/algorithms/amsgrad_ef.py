@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.amsgrad_state import AMS_PARAMS, MirrorServer, MirrorWorker, amsgrad_step
-from common.algorithms.base import Algorithm, dense, register
+from common.algorithms.base import Algorithm, dense, register, mean_of
 from common.messages import Message
 
 
@@ -27,7 +27,7 @@ class EFServer(MirrorServer):
         self.delta = torch.zeros_like(self.x)
 
     def step(self, t, uplinks):
-        p = torch.stack([dense(m.payloads["c"]) for m in uplinks]).mean(0) + self.delta
+        p = mean_of(uplinks, "c") + self.delta
         c = self.ctx.downlink.compress(p, worker=0, step=t)
         d_t = dense(c)
         self.delta = p - d_t

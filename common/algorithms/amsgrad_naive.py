@@ -10,16 +10,15 @@ uplink-only variant (the server then broadcasts g_hat_t in full).
 """
 from __future__ import annotations
 
-import torch
 
 from common.algorithms.amsgrad_state import AMS_PARAMS, MirrorServer, MirrorWorker, amsgrad_step
-from common.algorithms.base import Algorithm, dense, register
+from common.algorithms.base import Algorithm, dense, register, mean_of
 from common.messages import Message
 
 
 class NaiveServer(MirrorServer):
     def step(self, t, uplinks):
-        g_hat = torch.stack([dense(m.payloads["c"]) for m in uplinks]).mean(0)
+        g_hat = mean_of(uplinks, "c")
         c = self.ctx.downlink.compress(g_hat, worker=0, step=t)
         amsgrad_step(self, dense(c))
         return [Message({"c": c})] * self.ctx.n

@@ -76,6 +76,11 @@ def dense(payload) -> torch.Tensor:
     return payload.to_dense()
 
 
+def mean_of(uplinks: list[Message], name: str) -> torch.Tensor:
+    """(1/n) sum_i of the decoded payload ``name`` of every worker's uplink."""
+    return torch.stack([dense(m.payloads[name]) for m in uplinks]).mean(0)
+
+
 def full(x: torch.Tensor) -> Dense:
     """An uncompressed vector as a payload (a copy, so later in-place updates do not leak)."""
     return Dense(x.detach().clone(), x.dtype)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.amsgrad_state import AMS_PARAMS, MirrorServer, MirrorWorker, amsgrad_step
-from common.algorithms.base import Algorithm, dense, register
+from common.algorithms.base import Algorithm, dense, register, mean_of
 from common.messages import Message
 
 
@@ -31,7 +31,7 @@ class CDAdamServer(MirrorServer):
         self.g_tilde = torch.zeros_like(self.x)
 
     def step(self, t, uplinks):
-        self.g_hat = self.g_hat + torch.stack([dense(m.payloads["c"]) for m in uplinks]).mean(0)   # line 8
+        self.g_hat = self.g_hat + mean_of(uplinks, "c")   # line 8
         c = self.ctx.downlink.compress(self.g_hat - self.g_tilde, worker=0, step=t)                # line 9
         self.g_tilde = self.g_tilde + dense(c)                                                      # line 10
         amsgrad_step(self, self.g_tilde)                                                           # lines 13-16, mirrored

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
 from common.compressors.base import Param
 from common.keys import StreamKey
 from common.messages import Message
@@ -31,7 +31,7 @@ def directions(ctx, t: int, device, dtype) -> torch.Tensor:
 
 class CoreServer(ServerRule):
     def step(self, t, uplinks):
-        p = torch.stack([dense(m.payloads["p"]) for m in uplinks]).mean(0)   # p_j
+        p = mean_of(uplinks, "p")   # p_j
         down = Message({"p": full(p)})
         xi = directions(self.ctx, t, self.x.device, self.x.dtype)
         self.x = self.x - self.ctx.lr * (dense(down.payloads["p"]) @ xi) / xi.shape[0]

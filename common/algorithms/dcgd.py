@@ -10,15 +10,14 @@ DCGD bound, Khaled & Richtarik 2020 / Gorbunov et al. 2020); None for a biased C
 """
 from __future__ import annotations
 
-import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
 from common.messages import Message
 
 
 class DCGDServer(ServerRule):
     def step(self, t, uplinks):
-        g = torch.stack([dense(m.payloads["g"]) for m in uplinks]).mean(0)
+        g = mean_of(uplinks, "g")
         self.x = self.x - self.ctx.lr * g
         down = Message({"x": full(self.x)})
         return [down] * self.ctx.n

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, register
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, register, mean_of
 from common.algorithms.neolithic import SCHEDULE_PARAMS, staircase
 from common.messages import Message
 
@@ -23,7 +23,7 @@ class DoubleSqueezeServer(ServerRule):
         self.delta = torch.zeros_like(self.x)
 
     def step(self, t, uplinks):
-        v = torch.stack([dense(m.payloads["q"]) for m in uplinks]).mean(0) + self.delta
+        v = mean_of(uplinks, "q") + self.delta
         q = self.ctx.downlink.compress(v, worker=0, step=t)
         q_dense = dense(q)
         self.delta = v - q_dense

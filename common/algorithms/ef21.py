@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
 from common.algorithms.ef21_p import ef21_factor
 from common.compressors.base import Param
 from common.messages import Message
@@ -33,7 +33,7 @@ class EF21Server(ServerRule):
         self.g_down = torch.zeros_like(self.x)   # g~: what every worker holds
 
     def step(self, t, uplinks):
-        self.g = self.g + torch.stack([dense(m.payloads["c"]) for m in uplinks]).mean(0)
+        self.g = self.g + mean_of(uplinks, "c")
         c = self.ctx.downlink.compress(self.g - self.g_down, worker=0, step=t)
         self.g_down = self.g_down + dense(c)
         self.x = self.x - self.ctx.lr * self.g_down

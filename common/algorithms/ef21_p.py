@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import math
 
-import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
 from common.messages import Message
 
 
@@ -39,7 +38,7 @@ class EF21PServer(ServerRule):
         self.w = self.x.clone()
 
     def step(self, t, uplinks):
-        g = torch.stack([dense(m.payloads["g"]) for m in uplinks]).mean(0)
+        g = mean_of(uplinks, "g")
         self.x = self.x - self.ctx.lr * g                                  # x^{t+1}
         c = self.ctx.downlink.compress(self.x - self.w, worker=0, step=t)  # C(x^{t+1} - w^t)
         self.w = self.w + dense(c)                                         # w^{t+1}, from what is sent

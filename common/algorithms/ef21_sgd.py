@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
 from common.algorithms.neolithic import SCHEDULE_PARAMS, staircase
 from common.messages import Message
 
@@ -23,7 +23,7 @@ class EF21SGDServer(ServerRule):
         self.g = torch.zeros_like(self.x)
 
     def step(self, t, uplinks):
-        self.g = self.g + torch.stack([dense(m.payloads["c"]) for m in uplinks]).mean(0)
+        self.g = self.g + mean_of(uplinks, "c")
         self.x = self.x - staircase(self.ctx, t) * self.g
         return [Message({"g": full(self.g)})] * self.ctx.n
 

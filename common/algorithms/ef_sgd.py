@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
 from common.compressors.base import Param
 from common.messages import Message
 
@@ -52,7 +52,7 @@ class EFSGDServer(ServerRule):
         return self.x if self.average == "none" else self.x_bar
 
     def step(self, t, uplinks):
-        self.x = self.x - torch.stack([dense(m.payloads["g"]) for m in uplinks]).mean(0)   # (23)
+        self.x = self.x - mean_of(uplinks, "g")   # (23)
         self.k += 1
         if self.average != "none":
             lam = average_weight(self.average, self.k, self.q)

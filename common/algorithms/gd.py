@@ -5,15 +5,14 @@ sends x^{t+1} to every worker (one broadcast, counted once per worker). Theory s
 """
 from __future__ import annotations
 
-import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
 from common.messages import Message
 
 
 class GDServer(ServerRule):
     def step(self, t, uplinks):
-        g = torch.stack([dense(m.payloads["g"]) for m in uplinks]).mean(0)
+        g = mean_of(uplinks, "g")
         self.x = self.x - self.ctx.lr * g
         down = Message({"x": full(self.x)})
         return [down] * self.ctx.n

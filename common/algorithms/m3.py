@@ -27,8 +27,9 @@ import math
 
 import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants
-from common.algorithms.marina import unbiased_omega
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, full, need_constants, mean_of
+from common.algorithms.marina import difference_message, unbiased_omega
+from common.algorithms.marina_p import shifted_model
 from common.compressors.base import Param
 from common.messages import Message
 
@@ -57,7 +58,7 @@ class M3Server(ServerRule):
         self.sync_d = True  # round 0: the full initial upload of g^0
 
     def step(self, t, uplinks):
-        parts = torch.stack([dense(m.payloads["g"]) for m in uplinks]).mean(0)
+        parts = mean_of(uplinks, "g")
         self.g = parts if self.sync_d else self.g + parts              # line 4 (of the previous iteration)
         x_next = self.x - self.ctx.lr * self.g                          # line 1
         sync_p = self.ctx.coin(t, self.p_p)                             # c_P^t
@@ -83,19 +84,10 @@ class M3Worker(WorkerRule):
         self.sync_d = True
 
     def uplink(self, t):
-        g = self.grad(self.z, t)                                        # grad f_i(z_i^t)
-        if self.sync_d:
-            out = Message({"g": full(g)})
-        else:
-            out = Message({"g": self.ctx.uplink.compress(g - self.g_prev, worker=self.rank, step=t)})
-        self.g_prev = g
-        return out
+        return difference_message(self, self.grad(self.z, t), self.sync_d, t)   # grad f_i(z_i^t), line 4
 
     def downlink(self, t, msg):
-        if msg.meta["sync"]:                                            # line 3: w_i^{t+1}
-            self.x = dense(msg.payloads["x"])
-        else:
-            self.x = self.x + dense(msg.payloads["delta"])
+        self.x = shifted_model(self.x, msg)                             # line 3: w_i^{t+1}
         self.z = self.beta * self.x + (1.0 - self.beta) * self.z if self.beta != 1.0 else self.x.clone()
         self.sync_d = bool(msg.meta["sync_d"])
 

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
 from common.compressors.base import Param
 from common.messages import Message
 
@@ -44,12 +44,23 @@ class MarinaServer(ServerRule):
         self.sync = True  # round 0: g^0 is a full upload
 
     def step(self, t, uplinks):
-        parts = torch.stack([dense(m.payloads["g"]) for m in uplinks]).mean(0)
+        parts = mean_of(uplinks, "g")
         self.g = parts if self.sync else self.g + parts       # g^t (eq. 5)
         self.x = self.x - self.ctx.lr * self.g                # x^{t+1} = x^t - gamma g^t
         self.sync = self.ctx.coin(t, self.p)                  # c^t ~ Bern(p)
         down = Message({"x": full(self.x)}, {"sync": self.sync})
         return [down] * self.ctx.n
+
+
+def difference_message(rule: WorkerRule, g, sync: bool, t: int) -> Message:
+    """MARINA's uplink (eq. 5): the full gradient after a sync coin, else Q_i(g - g_prev); keeps g
+    as ``rule.g_prev`` for the next difference (M3 sends its uplink the same way, at z_i)."""
+    if sync:
+        out = Message({"g": full(g)})
+    else:
+        out = Message({"g": rule.ctx.uplink.compress(g - rule.g_prev, worker=rule.rank, step=t)})
+    rule.g_prev = g
+    return out
 
 
 class MarinaWorker(WorkerRule):
@@ -61,13 +72,7 @@ class MarinaWorker(WorkerRule):
         self.sync = True
 
     def uplink(self, t):
-        g = self.grad(self.x, t)
-        if self.sync:
-            out = Message({"g": full(g)})
-        else:
-            out = Message({"g": self.ctx.uplink.compress(g - self.g_prev, worker=self.rank, step=t)})
-        self.g_prev = g
-        return out
+        return difference_message(self, self.grad(self.x, t), self.sync, t)
 
     def downlink(self, t, msg):
         self.x = dense(msg.payloads["x"])

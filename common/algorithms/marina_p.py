@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import math
 
-import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
 from common.compressors.base import Param
 from common.messages import Message
 
@@ -40,7 +39,7 @@ class MarinaPServer(ServerRule):
         self.p = sync_probability(ctx)
 
     def step(self, t, uplinks):
-        g = torch.stack([dense(m.payloads["g"]) for m in uplinks]).mean(0)
+        g = mean_of(uplinks, "g")
         x_next = self.x - self.ctx.lr * g
         if self.ctx.coin(t, self.p):
             down = Message({"x": full(x_next)}, {"sync": True})
@@ -52,6 +51,13 @@ class MarinaPServer(ServerRule):
         return out
 
 
+def shifted_model(w, msg):
+    """Line 4: w_i^{t+1} = x^{t+1} on a sync round, else w_i^t + C_i^t(x^{t+1} - x^t) (M3 line 3 too)."""
+    if msg.meta.get("sync"):
+        return dense(msg.payloads["x"])
+    return w + dense(msg.payloads["delta"])
+
+
 class MarinaPWorker(WorkerRule):
     """Keeps w_i (``self.x``), the point its gradient is evaluated at."""
 
@@ -59,10 +65,7 @@ class MarinaPWorker(WorkerRule):
         return Message({"g": full(self.grad(self.x, t))})
 
     def downlink(self, t, msg):
-        if msg.meta.get("sync"):
-            self.x = dense(msg.payloads["x"])
-        else:
-            self.x = self.x + dense(msg.payloads["delta"])
+        self.x = shifted_model(self.x, msg)
 
 
 @register

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
 from common.algorithms.neolithic import SCHEDULE_PARAMS, staircase
 from common.messages import Message
 
 
 class MemSGDServer(ServerRule):
     def step(self, t, uplinks):
-        q_bar = torch.stack([dense(m.payloads["q"]) for m in uplinks]).mean(0)
+        q_bar = mean_of(uplinks, "q")
         self.x = self.x - q_bar
         return [Message({"q_bar": full(q_bar)})] * self.ctx.n
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
 from common.compressors.base import Param
 from common.messages import Message
 
@@ -59,10 +59,10 @@ class OneBitAdamServer(ServerRule):
 
     def step(self, t, uplinks):
         if t < self.ctx.options["warmup"]:
-            g = torch.stack([dense(m.payloads["g"]) for m in uplinks]).mean(0)
+            g = mean_of(uplinks, "g")
             _adam(self, t, g)
             return [Message({"g": full(g)})] * self.ctx.n
-        p = torch.stack([dense(m.payloads["m"]) for m in uplinks]).mean(0) + self.delta   # step 3
+        p = mean_of(uplinks, "m") + self.delta   # step 3
         c = self.ctx.downlink.compress(p, worker=0, step=t)
         m_bar_hat = dense(c)
         self.delta = p - m_bar_hat

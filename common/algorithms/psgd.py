@@ -7,9 +7,8 @@ With identity compressors NEOLITHIC with R rounds equals P-SGD with batch=R (sam
 """
 from __future__ import annotations
 
-import torch
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
 from common.algorithms.neolithic import SCHEDULE_PARAMS, staircase
 from common.compressors.base import Param
 from common.messages import Message
@@ -17,7 +16,7 @@ from common.messages import Message
 
 class PSGDServer(ServerRule):
     def step(self, t, uplinks):
-        g = torch.stack([dense(m.payloads["g"]) for m in uplinks]).mean(0)
+        g = mean_of(uplinks, "g")
         self.x = self.x - staircase(self.ctx, t) * g
         return [Message({"x": full(self.x)})] * self.ctx.n
 
