@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.config import RunConfig  # noqa: E402
 from common.problems.datasets import CIFAR_TEST, CIFAR_TRAIN  # noqa: E402
-from psserver.inproc import run_inproc  # noqa: E402
-from psserver.metrics import read_metrics  # noqa: E402
+from runtime.engine import run_inproc  # noqa: E402
+from runtime.metrics import read_metrics  # noqa: E402
 
 
 def write_fake_cifar(folder: str, per_batch: int) -> None:

@@ -1,5 +1,5 @@
 """Shared lower layers of the parameter server: compressors, wire format, algorithm rules, problems.
 
 Layers (see the README): ``common.compressors`` knows tensors only; nothing here imports the runtime
-(``psserver``, ``worker``) or the command line (``psc``).
+(``runtime``, ``psserver``, ``worker``) or the command line (``psc``).
 """

@@ -14,8 +14,8 @@ import json
 import os
 
 from common.config import RunConfig
-from psserver.inproc import run_inproc
-from psserver.metrics import read_metrics
+from runtime.engine import run_inproc
+from runtime.metrics import read_metrics
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ import numpy as np
 
 from common.algorithms import ALGORITHMS
 from common.config import RunConfig
-from psserver.inproc import run_inproc
-from psserver.metrics import read_metrics
+from runtime.engine import run_inproc
+from runtime.metrics import read_metrics
 
 LIBSVM = ("phishing", "mushrooms", "a9a", "w8a")
 COMPRESSORS = {"scaled sign": "sign", "Top-1": "topk:k=1"}

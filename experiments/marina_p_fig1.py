@@ -20,12 +20,12 @@ import re
 import time
 
 from common.config import RunConfig
-from psserver.inproc import run_inproc
+from runtime.engine import run_inproc
 
 
 def run_to_target(config: RunConfig, path: str | None, eps: float) -> dict:
     """Run until grad_norm_sq <= eps * initial; return bits per worker at that point (or reached=False)."""
-    from common.setup import RunSetup
+    from runtime.setup import RunSetup
 
     setup = RunSetup.build(config)
     target = eps * setup.problem.evaluate(setup.x0)["grad_norm_sq"]

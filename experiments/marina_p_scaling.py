@@ -17,7 +17,7 @@ import os
 import time
 
 from common.config import RunConfig
-from psserver.inproc import run_inproc
+from runtime.engine import run_inproc
 
 
 def main() -> None:

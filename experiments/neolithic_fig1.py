@@ -21,8 +21,8 @@ import os
 import numpy as np
 
 from common.config import RunConfig
-from psserver.inproc import run_inproc
-from psserver.metrics import read_metrics
+from runtime.engine import run_inproc
+from runtime.metrics import read_metrics
 
 RAND1 = "randk:k=1,scaled=false"
 METHODS = {

@@ -197,7 +197,7 @@ def server_cmd(bind, workers, join_timeout, timeout, heartbeat, **run):
 @liveness
 def worker_cmd(connect, device, rank, join_timeout, protocol_version, timeout, heartbeat):
     """Start one worker; it gets the run's configuration from the server."""
-    from psserver import protocol
+    from runtime import protocol
     from worker.worker import Worker
 
     w = Worker(connect, device=device, rank=rank, timeout=timeout, heartbeat=heartbeat, join_timeout=join_timeout,
@@ -214,7 +214,7 @@ def worker_cmd(connect, device, rank, join_timeout, protocol_version, timeout, h
 @click.pass_context
 def launch_cmd(ctx, workers, engine, device, timeout, heartbeat, **run):
     """One server and N workers on this host; with no options, the built-in demo."""
-    from common.setup import RunSetup
+    from runtime.setup import RunSetup
     from psc.launch import launch
 
     given = [p.name for p in ctx.command.params if ctx.get_parameter_source(p.name) != click.core.ParameterSource.DEFAULT]

@@ -19,7 +19,7 @@ import time
 import click
 
 from common.config import RunConfig
-from psserver.metrics import read_metrics
+from runtime.metrics import read_metrics
 
 WORKERS = 4
 ROUNDS = 250

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from common.config import RunConfig
-from psserver.inproc import run_inproc
+from runtime.engine import run_inproc
 from psserver.server import Server
 
 log = logging.getLogger("psc.launch")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from psserver.metrics import read_metrics
+from runtime.metrics import read_metrics
 
 
 def _field(field: str) -> tuple[str, float, bool]:

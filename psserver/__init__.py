@@ -1,1 +1,1 @@
-"""Layer 5, server side: the ROUTER-socket server process (membership, rounds, metrics)."""
+"""Layer 5, server side: the ROUTER-socket loop (membership, rounds); the rest is in ``runtime``."""

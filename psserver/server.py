@@ -20,11 +20,11 @@ import time
 import zmq
 
 from common.config import RunConfig
-from common.setup import RunSetup
-from psserver import protocol
-from psserver.core import RunFailed, ServerCore
-from psserver.metrics import MetricsWriter
-from psserver.progress import progress_bar
+from runtime.setup import RunSetup
+from runtime import protocol
+from runtime.server_core import RunFailed, ServerCore
+from runtime.metrics import MetricsWriter
+from runtime.progress import progress_bar
 
 log = logging.getLogger("psc.server")
 

@@ -11,7 +11,7 @@ import torch
 
 from common.config import RunConfig
 from common.problems import build_problem
-from psserver.inproc import run_inproc
+from runtime.engine import run_inproc
 from tests.procs import finish, records, start
 from tests.test_runtime_rules import drive
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from common.config import RunConfig
-from common.messages import decode_message
-from common.setup import RunSetup
-from psserver import protocol
+from common.wire.message import decode_message
+from runtime.setup import RunSetup
+from runtime import protocol
 from tests.procs import finish, records, start
 from tests.test_runtime_rules import drive
 

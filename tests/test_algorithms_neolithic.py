@@ -9,8 +9,8 @@ from common.algorithms.neolithic import fcc
 from common.compressors import build
 from common.config import RunConfig
 from common.problems import build_problem
-from common.setup import RunSetup
-from psserver.inproc import run_inproc
+from runtime.setup import RunSetup
+from runtime.engine import run_inproc
 from tests.test_runtime_rules import drive
 
 LS = "least-squares:d=12,m=40"

@@ -26,7 +26,7 @@ from pathlib import Path
 import click
 import pytest
 
-from common.setup import RunSetup
+from runtime.setup import RunSetup
 from psc.cli import main
 from psc.runopts import build_config, read_toml
 from tests.procs import finish, free_port, kill_all, records, start

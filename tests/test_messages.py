@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.compressors import build
-from common.messages import Message, decode_message, encode_message, message_bytes
+from common.wire.message import Message, decode_message, encode_message, message_bytes
 from common.wire import WireError, encode
 
 

@@ -8,11 +8,11 @@ import torch
 
 from common.algorithms import ALGORITHMS
 from common.config import RunConfig
-from common.setup import RunSetup
-from psserver.core import ServerCore
-from psserver.metrics import MetricsWriter
+from runtime.setup import RunSetup
+from runtime.server_core import ServerCore
+from runtime.metrics import MetricsWriter
 from tests.procs import finish, records, start
-from worker.core import WorkerCore
+from runtime.worker_core import WorkerCore
 
 pytestmark = pytest.mark.cuda
 

@@ -13,7 +13,7 @@ from common.config import RunConfig
 from common.problems import PROBLEMS, build_problem
 from common.problems import models
 from common.problems.nn import flat_views
-from psserver.inproc import run_inproc
+from runtime.engine import run_inproc
 
 
 @pytest.fixture(autouse=True)

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from common.config import RunConfig
-from common.messages import decode_message
-from common.setup import RunSetup
-from psserver import protocol
-from psserver.core import ServerCore
-from psserver.inproc import run_inproc
-from psserver.metrics import MetricsWriter
-from worker.core import WorkerCore
+from common.wire.message import decode_message
+from runtime.setup import RunSetup
+from runtime import protocol
+from runtime.server_core import ServerCore
+from runtime.engine import run_inproc
+from runtime.metrics import MetricsWriter
+from runtime.worker_core import WorkerCore
 
 
 def drive(config: RunConfig):
@@ -93,7 +93,7 @@ def test_rule_state_round_trips():
 def test_inproc_engine_writes_the_metrics_file(tmp_path):
     path = tmp_path / "m.jsonl"
     run_inproc(RunConfig(algorithm="gd", workers=3, rounds=7, problem="quadratic:d=30"), str(path), progress=False)
-    from psserver.metrics import read_metrics
+    from runtime.metrics import read_metrics
 
     recs = read_metrics(str(path))
     assert recs[0]["event"] == "start" and recs[0]["dim"] == 30 and recs[0]["workers"] == 3
@@ -117,7 +117,7 @@ def test_malformed_uplink_names_the_worker():
     good = WorkerCore(setup, 0, torch.device("cpu")).uplink(0)
     bad = list(good)
     bad[-1] = bad[-1][:-3]
-    from psserver.core import RunFailed
+    from runtime.server_core import RunFailed
 
     with pytest.raises(RunFailed, match="worker 1"):
         server.round(0, [good, bad])

@@ -1,1 +1,1 @@
-"""Layer 5, worker side: the DEALER-socket worker process (device placement, gradient oracle)."""
+"""Layer 5, worker side: the DEALER-socket loop (registration, rounds); the rest is in ``runtime``."""

@@ -20,9 +20,9 @@ import uuid
 import zmq
 
 from common.config import RunConfig
-from common.setup import RunSetup
-from psserver import protocol
-from worker.core import WorkerCore, resolve_device
+from runtime.setup import RunSetup
+from runtime import protocol
+from runtime.worker_core import WorkerCore, resolve_device
 
 log = logging.getLogger("psc.worker")
 

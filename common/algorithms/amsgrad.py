@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from common.algorithms.amsgrad_state import AMS_PARAMS, amsgrad_step, init_amsgrad
 from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
-from common.messages import Message
+from common.compressors.message import Message
 
 
 class AMSGradServer(ServerRule):

@@ -26,7 +26,7 @@ from common.compressors.base import Param
 from common.compressors.payloads import Dense
 from common.config import RunConfig, parse_lr
 from common.keys import StreamKey
-from common.messages import Message
+from common.compressors.message import Message
 from common.problems import Oracle
 
 

@@ -21,7 +21,7 @@ import torch
 
 from common.algorithms.amsgrad_state import AMS_PARAMS, MirrorServer, MirrorWorker, amsgrad_step
 from common.algorithms.base import Algorithm, dense, register, mean_of
-from common.messages import Message
+from common.compressors.message import Message
 
 
 class CDAdamServer(MirrorServer):

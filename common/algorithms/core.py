@@ -19,7 +19,7 @@ import torch
 from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
 from common.compressors.base import Param
 from common.keys import StreamKey
-from common.messages import Message
+from common.compressors.message import Message
 
 
 def directions(ctx, t: int, device, dtype) -> torch.Tensor:

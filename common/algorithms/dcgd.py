@@ -12,7 +12,7 @@ from __future__ import annotations
 
 
 from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
-from common.messages import Message
+from common.compressors.message import Message
 
 
 class DCGDServer(ServerRule):

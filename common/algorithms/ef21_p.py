@@ -17,7 +17,7 @@ import math
 
 
 from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
-from common.messages import Message
+from common.compressors.message import Message
 
 
 def ef21_factor(alpha: float | None, spec: str, who: str) -> float:

@@ -14,7 +14,7 @@ import torch
 
 from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
 from common.algorithms.neolithic import SCHEDULE_PARAMS, staircase
-from common.messages import Message
+from common.compressors.message import Message
 
 
 class EF21SGDServer(ServerRule):

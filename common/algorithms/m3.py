@@ -31,7 +31,7 @@ from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, 
 from common.algorithms.marina import difference_message, unbiased_omega
 from common.algorithms.marina_p import shifted_model
 from common.compressors.base import Param
-from common.messages import Message
+from common.compressors.message import Message
 
 
 def m3_parameters(ctx) -> tuple[float, float, float]:

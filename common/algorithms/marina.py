@@ -21,7 +21,7 @@ import torch
 
 from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
 from common.compressors.base import Param
-from common.messages import Message
+from common.compressors.message import Message
 
 
 def unbiased_omega(compressor, spec: str, who: str) -> float:

@@ -19,7 +19,7 @@ import math
 
 from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
 from common.compressors.base import Param
-from common.messages import Message
+from common.compressors.message import Message
 
 
 def sync_probability(ctx) -> float:

@@ -29,7 +29,7 @@ import torch
 
 from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, register
 from common.compressors.base import Param
-from common.messages import Message
+from common.compressors.message import Message
 
 SCHEDULE_PARAMS = (
     Param("decay", float, 1.0, lambda v: 0 < v <= 1, "in (0, 1]", "multiply the step size by this every `every` comm rounds"),

@@ -20,7 +20,7 @@ import torch
 
 from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
 from common.compressors.base import Param
-from common.messages import Message
+from common.compressors.message import Message
 
 
 def _init(rule):

@@ -10,10 +10,10 @@ import time
 
 import torch
 
-from common.messages import decode_message, encode_message
-from common.setup import RunSetup
+from common.wire.message import decode_message, encode_message
+from runtime.setup import RunSetup
 from common.wire import WireError
-from psserver import protocol
+from runtime import protocol
 
 
 def resolve_device(spec: str, rank: int) -> torch.device:

@@ -1,7 +1,7 @@
 """The server's side of a round, independent of transport: decode the n uplinks, run the server
 rule, encode one downlink per worker, measure, and write the metrics line.
 
-The ZeroMQ server (``psserver.server``) and the in-process engine (``psserver.inproc``) both call
+The ZeroMQ server (``psserver.server``) and the in-process engine (``runtime.engine``) both call
 ``ServerCore.round``, so the two give the same trajectory and the same byte counts.
 """
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from common.messages import decode_message, encode_message
-from common.setup import RunSetup
+from common.wire.message import decode_message, encode_message
+from runtime.setup import RunSetup
 from common.wire import WireError
-from psserver import protocol
-from psserver.metrics import MetricsWriter
+from runtime import protocol
+from runtime.metrics import MetricsWriter
 
 
 class RunFailed(RuntimeError):

@@ -1,29 +1,21 @@
-"""Messages: what one side sends the other in one round, and their bytes.
+"""Messages on the wire: a ``Message`` (``common.compressors.message``) as frames, and back.
 
-A message is a few named payloads (``common.compressors`` payloads, encoded by ``common.wire``) and a
-few scalar flags (``meta``: the sync coin of MARINA-P, ...). On the wire it is an envelope frame,
+A message is a few named payloads and a few scalar flags (``meta``). On the wire it is an envelope frame,
 the msgpack array ``[version, meta, name_1, frames_1, name_2, frames_2, ...]``, followed by each
 payload's frames. Its size is the sum of the frame lengths, envelope included (about 15 bytes).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import msgpack
 import torch
 
-from common.wire import WireError, decode, encode, message_bytes  # noqa: F401 (message_bytes re-exported)
+from common.compressors.message import Message
+from common.wire.codec import decode, encode, message_bytes  # noqa: F401 (message_bytes re-exported)
+from common.wire.header import WireError
 
 ENVELOPE_VERSION = 1
 MAX_PAYLOADS = 64
 _SCALARS = (bool, int, float, str)
-
-
-@dataclass(eq=False)
-class Message:
-    payloads: dict[str, Any] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def encode_message(msg: Message) -> list[bytes]:

@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Callable
 
 from common.config import RunConfig
-from common.setup import RunSetup
-from psserver.core import ServerCore
-from psserver.metrics import MetricsWriter
-from psserver.progress import progress_bar
-from worker.core import WorkerCore, resolve_device
+from runtime.setup import RunSetup
+from runtime.server_core import ServerCore
+from runtime.metrics import MetricsWriter
+from runtime.progress import progress_bar
+from runtime.worker_core import WorkerCore, resolve_device
 
 
 def run_inproc(config: RunConfig, metrics_path: str | None = None, device: str = "cpu", progress: bool = True,
