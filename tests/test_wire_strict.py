@@ -1,0 +1,121 @@
+"""Strictness of the wire format and of the float32 scalars that travel in it.
+
+* Padding bits are zero: the encoder writes ``ceil(n w / 8)`` bytes with the unused bits of the last
+  byte cleared (``common/wire/__init__.py``), so a decoder that ignores a set padding bit would accept
+  two byte strings for one payload (and a corrupted frame as a valid one). ``decode`` must reject a
+  set padding bit in a sign bitmap, in a quantized-code frame and in the Rice remainder section.
+* Dithering and ternary norms are rounded UP to float32 (never to nearest): the codes are computed
+  against the rounded norm, and |x_i| <= norm is what keeps every level ratio in [0, 1] and the
+  declared omega valid (Beznosikov et al. eq. 14 with t_i = |x_i| / ||x||_p).
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from common.compressors import build
+from common.wire import WireError, decode, encode
+from common.wire.indexcode import RICE
+
+
+def _set_last_bit(frame: bytes) -> bytes:
+    b = bytearray(frame)
+    b[-1] |= 0x80
+    return bytes(b)
+
+
+def test_sign_bitmap_padding_bit_is_rejected():
+    d = 13  # 13 signs: 3 padding bits in the second byte
+    frames = encode(build("sign", d).compress(torch.randn(d, generator=torch.Generator().manual_seed(1))))
+    assert len(frames[1]) == 2
+    decode(frames)
+    with pytest.raises(WireError, match="padding"):
+        decode([frames[0], _set_last_bit(frames[1])])
+
+
+@pytest.mark.parametrize("spec", ["natural", "qsgd:s=16", "natdither:s=3,p=inf", "ternary"])
+def test_quantized_code_padding_bit_is_rejected(spec):
+    d = 11
+    x = torch.randn(d, generator=torch.Generator().manual_seed(2))
+    frames = encode(build(spec, d).compress(x))
+    head = msgpack.unpackb(frames[0])
+    width = head[1][10]
+    if width == 0 or d * width % 8 == 0:
+        pytest.skip("no padding bits in this frame")
+    decode(frames)
+    with pytest.raises(WireError, match="padding"):
+        decode([frames[0], frames[1], _set_last_bit(frames[2])])
+    # and the sign frame of the same message (11 signs: 5 padding bits)
+    with pytest.raises(WireError, match="padding"):
+        decode([frames[0], _set_last_bit(frames[1]), frames[2]])
+
+
+def test_rice_remainder_padding_bit_is_rejected():
+    d, k = 10_000, 7  # r > 0 and k r not a multiple of 8
+    x = torch.zeros(d)
+    x[torch.arange(k) * 1400 + 3] = 1.0
+    frames = encode(build(f"topk:k={k}", d).compress(x))
+    head = msgpack.unpackb(frames[0])
+    method, r = head[1][3], head[1][4]
+    assert method == RICE and r > 0 and k * r % 8
+    rem_bytes = (k * r + 7) // 8
+    decode(frames)
+    bad = bytearray(frames[1])
+    bad[rem_bytes - 1] |= 0x80
+    with pytest.raises(WireError, match="padding"):
+        decode([frames[0], bytes(bad)] + frames[2:])
+
+
+def _exact_norm(x: torch.Tensor, p: float) -> Fraction | float:
+    values = [Fraction(float(v)) for v in x.tolist()]
+    if p == math.inf:
+        return max(abs(v) for v in values)
+    return sum(v * v for v in values)  # the squared 2-norm, exactly
+
+
+def _norm_at_least(norm32: float, exact, p: float) -> bool:
+    n = Fraction(norm32)
+    return n >= exact if p == math.inf else n * n >= exact
+
+
+def _one_ulp_above(f: float) -> float:
+    """A float64 one float64-ulp above the float32 value ``f``."""
+    assert float(np.float32(f)) == f
+    return float(np.nextafter(f, math.inf))
+
+
+@pytest.mark.parametrize("spec,p", [
+    ("ternary", math.inf), ("ternary:p=2", 2.0), ("natdither:s=3,p=inf", math.inf), ("natdither:s=3,p=2", 2.0),
+    ("qsgd:s=4", 2.0), ("expdither:base=3,s=3,p=2", 2.0),
+])
+@pytest.mark.parametrize("base", [1.0, 0.7, 3.0e-20, 1.5e30])
+def test_norms_are_rounded_up_to_float32(spec, p, base):
+    f = float(np.float32(base))
+    x = torch.tensor([_one_ulp_above(f), -0.25 * f, 0.0], dtype=torch.float64)
+    if p == 2.0:
+        x = x[:1].clone()  # one coordinate: the 2-norm is |x_0| itself
+    payload = build(spec, x.numel()).compress(x)
+    norm32 = float(payload.norm)
+    assert payload.norm.dtype == torch.float32
+    exact = _exact_norm(x, p)
+    assert _norm_at_least(norm32, exact, p), (norm32, float(x[0]))
+    assert norm32 == float(np.nextafter(np.float32(f), np.float32(np.inf)))  # the next float32 up, not f
+    # and the decoded vector stays within the norm: every level is at most 1
+    y = build(spec, x.numel()).decompress(decode(encode(payload)))
+    assert float(y.abs().max()) <= norm32
+
+
+@pytest.mark.parametrize("spec", ["ternary", "ternary:p=2", "natdither:s=2,p=2", "qsgd:s=8"])
+def test_norm_round_up_on_random_float64_vectors(spec):
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(5, generator=g, dtype=torch.float64) * 10.0 ** float(torch.randint(-30, 30, (1,), generator=g))
+        c = build(spec, 5)
+        p = c.p
+        norm32 = float(c.compress(x).norm)
+        assert _norm_at_least(norm32, _exact_norm(x, p), p)
