@@ -1,10 +1,19 @@
-"""Compress + decompress time per compressor against a plain tensor copy of the same size.
+"""Compressor + wire codec time per compressor, as multiples of one memory copy of the same vector.
 
-    python benchmarks/bench_compressors.py --dims 1e6 1e7 [--device cpu|cuda|all] [--repeats 5]
+    python benchmarks/bench_compressors.py --dims 1e7 [--device cpu|cuda|all] [--repeats 5]
 
-Each figure is the median over ``--repeats`` timed calls after one warm-up call, on a float32 N(0,1)
-vector. ``GB/s`` is dense input bytes (4 d) over the time of compress + decompress. CUDA timings
-synchronize the device around each call. Prints a markdown table.
+For each compressor it times, on a float32 N(0,1) vector of d coordinates:
+
+* compress + encode: ``encode(c.compress(x, worker, step))`` with a fresh step each call (so fresh
+  random draws and, for Perm-K / Rand-K, a fresh support), packed bytes on the host;
+* decode + decompress: ``c.decompress(decode(frames))`` of one such message, onto the device;
+* one memory copy, ``x.clone()``.
+
+The three are interleaved (copy, compress + encode, decode + decompress, repeated) after one warm-up
+call each, so that a machine whose load changes during the run affects all three alike; each figure
+is the median over ``--repeats`` rounds and the "x copy" columns divide by the median copy time of
+the same compressor's rounds. CUDA timings synchronize the device around each call. Prints a
+markdown table.
 """
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ import time
 import torch
 
 from common.compressors import build
+from common.wire import decode, encode
 
 SPECS = [
     "identity", "fp16", "bf16", "topk:ratio=0.01", "randk:ratio=0.01", "samerandk:ratio=0.01", "permk",
@@ -29,16 +39,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn, device: torch.device, repeats: int) -> float:
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved_medians(fns, device: torch.device, repeats: int) -> list[float]:
+    """Median seconds of each function, timed in turn ``repeats`` times after one warm-up call each."""
+    for fn in fns:
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for t, fn in zip(times, fns):
+            t.append(_timed(fn, device))
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -46,35 +63,39 @@ def main() -> None:
     parser.add_argument("--dims", nargs="+", type=float, default=[1e6, 1e7])
     parser.add_argument("--device", default="all", help="cpu, cuda, cuda:K or all (cpu and, if present, cuda)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--workers", type=int, default=10, help="n for Perm-K")
+    parser.add_argument("--workers", type=int, default=10, help="n for Perm-K (worker 1's message is timed)")
     parser.add_argument("--specs", nargs="*", default=SPECS)
     args = parser.parse_args()
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "all" else [args.device]
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, median of {args.repeats}")
-    print("| device | d | compressor | compress ms | decompress ms | total ms | GB/s | x copy time |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, n = {args.workers}, "
+          f"median of {args.repeats} interleaved rounds")
+    print()
+    print("| device | d | compressor | bytes | copy ms | compress+encode ms | decode+decompress ms "
+          "| compress+encode x copy | decode+decompress x copy |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for dev_name in devices:
         device = torch.device(dev_name)
         for d in (int(v) for v in args.dims):
             x = torch.randn(d, generator=torch.Generator().manual_seed(0)).to(device)
-            copy = median_seconds(lambda: x.clone(), device, args.repeats)
-            print(f"| {dev_name} | {d:.0e} | copy (x.clone()) | | | {copy * 1e3:.3f} | {4 * d / copy / 1e9:.2f} | 1.0 |")
             for spec in args.specs:
                 c = build(spec, d, args.workers, seed=0)
+                worker = min(1, args.workers - 1)
                 step = [0]
 
-                def compress():
+                def compress_encode():
                     step[0] += 1
-                    return c.compress(x, worker=1, step=step[0])
+                    return encode(c.compress(x, worker=worker, step=step[0]))
 
-                payload = compress()
-                t_c = median_seconds(compress, device, args.repeats)
-                t_d = median_seconds(lambda: c.decompress(payload), device, args.repeats)
-                total = t_c + t_d
+                frames = compress_encode()
+                size = sum(len(f) for f in frames)
+                t_copy, t_ce, t_dd = interleaved_medians(
+                    [lambda: x.clone(), compress_encode, lambda: c.decompress(decode(frames, device))],
+                    device, args.repeats,
+                )
                 print(
-                    f"| {dev_name} | {d:.0e} | {spec} | {t_c * 1e3:.3f} | {t_d * 1e3:.3f} | {total * 1e3:.3f} | "
-                    f"{4 * d / total / 1e9:.2f} | {total / copy:.1f} |",
+                    f"| {dev_name} | {d:.0e} | {spec} | {size} | {t_copy * 1e3:.2f} | {t_ce * 1e3:.2f} | "
+                    f"{t_dd * 1e3:.2f} | {t_ce / t_copy:.1f} | {t_dd / t_copy:.1f} |",
                     flush=True,
                 )
 
