@@ -10,43 +10,46 @@ worker its own DOWN (a broadcast is one encoding sent n times). Workers send HEA
 separate socket while they compute; the server sends HEARTBEATs while it waits. A worker silent for
 longer than ``timeout`` seconds, or one that says BYE, stops the run: every worker gets STOP, the
 log says which worker and why, and ``run`` returns 1. Messages from unknown peers that do not parse
-are logged and refused; the run goes on.
+are logged and refused; the run goes on. Sockets and liveness come from ``runtime.transport``; each
+message is parsed once, here, and reaches the round as a ``protocol.Envelope``.
+
+``supervise`` (optional) is called between polls, at least every half second: ``psc launch`` uses
+it to raise ``RunFailed`` as soon as one of its worker processes has exited with an error.
 """
 from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import zmq
 
 from common.config import RunConfig
-from runtime.setup import RunSetup
-from runtime import protocol
-from runtime.server_core import RunFailed, ServerCore
+from runtime import protocol, transport
 from runtime.metrics import MetricsWriter
 from runtime.progress import progress_bar
+from runtime.server_core import RunFailed, ServerCore
+from runtime.setup import RunSetup
+from runtime.signals import Terminated
 
 log = logging.getLogger("psc.server")
 
 
 class Server:
     def __init__(self, config: RunConfig, bind: str, metrics_path: str | None = None, timeout: float = 60.0,
-                 heartbeat: float = 1.0, join_timeout: float = 600.0, progress: bool = True):
+                 heartbeat: float = 1.0, join_timeout: float = 600.0, progress: bool = True,
+                 supervise: Callable[[], None] | None = None):
         self.config, self.bind, self.metrics_path = config, bind, metrics_path
         self.timeout, self.heartbeat, self.join_timeout, self.progress = timeout, heartbeat, join_timeout, progress
+        self.supervise = supervise
         self.setup = RunSetup.build(config)  # a bad configuration fails here, before any socket
-        self.zctx = zmq.Context.instance()
-        self.sock = self.zctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 500)
-        self.sock.setsockopt(zmq.IPV6, int("[" in bind))  # tcp://[::]:5555 binds IPv6 and IPv4
-        self.sock.bind(bind)
-        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.sock, self.endpoint = transport.server_socket(bind)
         self.ident: dict[int, bytes] = {}  # rank -> identity of its main socket
         self.rank_of: dict[bytes, int] = {}
         self.ready: set[int] = set()
-        self.last_seen: dict[int, float] = {}
+        self.liveness = transport.Liveness(timeout)
         self.last_beat = 0.0
-        self.early_ups: dict[int, list[bytes]] = {}  # round-0 uplinks of workers ready before the others
+        self.early_ups: dict[int, protocol.Envelope] = {}  # round-0 uplinks of workers ready before the others
 
     # -- sending -------------------------------------------------------------------------------
     def _send(self, identity: bytes, frames: list[bytes]) -> None:
@@ -72,24 +75,29 @@ class Server:
 
     # -- receiving -----------------------------------------------------------------------------
     def _receive(self, wait_s: float):
-        """One message as (identity, kind, header, frames), or None after ``wait_s`` seconds."""
+        """One message as (identity, Envelope or None if it did not parse), or None after ``wait_s``
+        seconds. Also runs the supervisor's check, sends due heartbeats and checks liveness."""
+        if self.supervise is not None:
+            self.supervise()
+        self._beat()
+        self._check_liveness()
         if not self.sock.poll(int(wait_s * 1000)):
             return None
         identity, *frames = self.sock.recv_multipart()
         try:
-            kind, header, _ = protocol.parse(frames)
+            msg = protocol.parse(frames)
         except protocol.ProtocolError as exc:
             if identity in self.rank_of:
                 log.warning("worker %d sent a malformed message (%s); ignored", self.rank_of[identity], exc)
             else:
                 self._refuse(identity, str(exc))
-            return identity, None, {}, frames
-        rank = header.get("rank")
-        if kind == b"HEARTBEAT" and isinstance(rank, int) and rank in self.ident:
-            self.last_seen[rank] = time.monotonic()
+            return identity, None
+        rank = msg.header.get("rank")
+        if msg.kind == b"HEARTBEAT" and isinstance(rank, int) and rank in self.ident:
+            self.liveness.heard(rank)
         if identity in self.rank_of:
-            self.last_seen[self.rank_of[identity]] = time.monotonic()
-        return identity, kind, header, frames
+            self.liveness.heard(self.rank_of[identity])
+        return identity, msg
 
     def _handle_hello(self, identity: bytes, header: dict) -> None:
         n = self.config.workers
@@ -104,16 +112,13 @@ class Server:
             return self._refuse(identity, f"rank {wanted} is already taken")
         rank = wanted if wanted >= 0 else min(set(range(n)) - set(self.ident))
         self.ident[rank], self.rank_of[identity] = identity, rank
-        self.last_seen[rank] = time.monotonic()
+        self.liveness.heard(rank)
         log.info("worker %d joined (host %s, pid %s)", rank, header.get("host"), header.get("pid"))
         self._send(identity, protocol.pack(b"WELCOME", {"rank": rank, "config": self.config.to_dict(), "dim": self.setup.dim}))
 
     def _check_liveness(self) -> None:
-        now = time.monotonic()
-        for rank in self.ident:
-            silent = now - self.last_seen.get(rank, now)
-            if silent > self.timeout:
-                raise RunFailed(f"worker {rank} has been silent for {silent:.1f} s (timeout {self.timeout:g} s); stopping the run")
+        for rank, silent in self.liveness.silent():
+            raise RunFailed(f"worker {rank} has been silent for {silent:.1f} s (timeout {self.timeout:g} s); stopping the run")
 
     def _handle_common(self, identity: bytes, kind: bytes, header: dict) -> None:
         """Messages that mean the same in every phase."""
@@ -133,11 +138,10 @@ class Server:
             if time.monotonic() > deadline:
                 raise RunFailed(f"only {len(self.ready)} of {n} workers joined within {self.join_timeout:g} s")
             got = self._receive(min(self.heartbeat, 0.5))
-            self._beat()
-            self._check_liveness()
             if got is None or got[1] is None:
                 continue
-            identity, kind, header, _ = got
+            identity, msg = got
+            kind, header = msg.kind, msg.header
             if kind == b"HELLO" and identity not in self.rank_of and len(self.ident) < n:
                 self._handle_hello(identity, header)
             elif kind == b"READY" and identity in self.rank_of:
@@ -147,33 +151,31 @@ class Server:
                     raise RunFailed(f"worker {rank} reports dimension {header.get('dim')}, the server has {self.setup.dim}")
                 self.ready.add(rank)
             elif kind == b"UP" and identity in self.rank_of and header.get("t") == 0:
-                self.early_ups[self.rank_of[identity]] = got[3]
+                self.early_ups[self.rank_of[identity]] = msg
             else:
                 self._handle_common(identity, kind, header)
         log.info("all %d workers ready; running %d rounds", n, self.config.rounds)
 
-    def _collect(self, t: int) -> list[list[bytes]]:
-        ups: list[list[bytes] | None] = [None] * self.config.workers
-        for rank, frames in self.early_ups.items():
-            ups[rank] = frames
+    def _collect(self, t: int) -> list[protocol.Envelope]:
+        ups: list[protocol.Envelope | None] = [None] * self.config.workers
+        for rank, msg in self.early_ups.items():
+            ups[rank] = msg
         self.early_ups = {}
         missing = sum(u is None for u in ups)
         while missing:
             got = self._receive(min(self.heartbeat, 0.5))
-            self._beat()
-            self._check_liveness()
             if got is None or got[1] is None:
                 continue
-            identity, kind, header, frames = got
-            if kind == b"UP" and identity in self.rank_of:
+            identity, msg = got
+            if msg.kind == b"UP" and identity in self.rank_of:
                 rank = self.rank_of[identity]
-                if header.get("t") != t or ups[rank] is not None:
-                    log.warning("worker %d sent an UP for round %r during round %d; ignored", rank, header.get("t"), t)
+                if msg.header.get("t") != t or ups[rank] is not None:
+                    log.warning("worker %d sent an UP for round %r during round %d; ignored", rank, msg.header.get("t"), t)
                     continue
-                ups[rank] = frames
+                ups[rank] = msg
                 missing -= 1
             else:
-                self._handle_common(identity, kind, header)
+                self._handle_common(identity, msg.kind, msg.header)
         return ups
 
     def run(self) -> int:
@@ -196,7 +198,12 @@ class Server:
             metrics.end(ok=False, error=str(exc))
             self._stop_all(False, str(exc))
             return 1
-        except BaseException as exc:  # a bug or Ctrl-C: the workers must not wait for a dead server
+        except Terminated as exc:  # SIGINT or SIGTERM: say why, stop the workers, exit 130 / 143
+            log.error("%s; stopping the run", exc)
+            metrics.end(ok=False, error=str(exc), signal=exc.name)
+            self._stop_all(False, str(exc))
+            raise
+        except BaseException as exc:  # a bug: the workers must not wait for a dead server
             metrics.end(ok=False, error=f"{exc.__class__.__name__}: {exc}")
             self._stop_all(False, f"server error: {exc.__class__.__name__}: {exc}")
             raise

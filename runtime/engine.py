@@ -6,35 +6,61 @@ trajectory and the byte counts equal those of ``psc launch --engine procs`` (on 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 from common.config import RunConfig
-from runtime.setup import RunSetup
-from runtime.server_core import ServerCore
+from runtime import protocol
 from runtime.metrics import MetricsWriter
 from runtime.progress import progress_bar
+from runtime.server_core import ServerCore
+from runtime.setup import RunSetup
 from runtime.worker_core import WorkerCore, resolve_device
+
+
+class Engine:
+    """One server core and n worker cores in this process, driven round by round.
+
+    ``rounds()`` yields ``(t, downs)`` after each round, where ``downs[i]`` are the DOWN frames worker i
+    received; ``engine.server`` and ``engine.workers`` are the cores (their ``rule`` holds the state),
+    so a test can look at both sides between rounds. ``run_inproc`` is this loop with a progress bar.
+    """
+
+    def __init__(self, config: RunConfig, metrics_path: str | None = None, device: str = "cpu"):
+        self.config = config
+        self.setup = RunSetup.build(config)
+        self.metrics = MetricsWriter(metrics_path)
+        try:
+            self.server = ServerCore(self.setup, self.metrics)
+            self.workers = [WorkerCore(self.setup, rank, resolve_device(device, rank)) for rank in range(config.workers)]
+        except BaseException:
+            self.metrics.close()
+            raise
+
+    def rounds(self) -> Iterator[tuple[int, list[list[bytes]]]]:
+        """Run the rounds; each UP and DOWN is encoded, parsed once and decoded, as over a socket."""
+        self.server.begin(engine="inproc")
+        for t in range(self.config.rounds):
+            downs = self.server.round(t, [protocol.parse(w.uplink(t)) for w in self.workers])
+            for worker, frames in zip(self.workers, downs):
+                worker.downlink(t, frames)
+            yield t, downs
+
+    def close(self) -> None:
+        self.metrics.close()
 
 
 def run_inproc(config: RunConfig, metrics_path: str | None = None, device: str = "cpu", progress: bool = True,
                until: Callable[[dict], bool] | None = None) -> ServerCore:
     """Run ``config.rounds`` rounds (fewer if ``until(round_record)`` becomes true) and return the
     server side, whose ``last`` holds the last round's record."""
-    setup = RunSetup.build(config)
-    metrics = MetricsWriter(metrics_path)
+    engine = Engine(config, metrics_path, device)
     try:
-        server = ServerCore(setup, metrics)
-        workers = [WorkerCore(setup, rank, resolve_device(device, rank)) for rank in range(config.workers)]
-        server.begin(engine="inproc")
         with progress_bar(config.rounds, progress) as bar:
-            for t in range(config.rounds):
-                downs = server.round(t, [w.uplink(t) for w in workers])
-                for worker, frames in zip(workers, downs):
-                    worker.downlink(t, frames)
-                bar.update(server.last)
-                if until is not None and until(server.last):
+            for _ in engine.rounds():
+                bar.update(engine.server.last)
+                if until is not None and until(engine.server.last):
                     break
-        server.end(engine="inproc")
-        return server
+        engine.server.end(engine="inproc")
+        return engine.server
     finally:
-        metrics.close()
+        engine.close()

@@ -12,10 +12,13 @@ Every multipart message a worker or the server sends is
   HEARTBEAT {}, STOP {reason, ok}
 
 Byte counts in the metrics are the lengths of all frames of an UP or DOWN message (this envelope
-included), i.e. what is handed to the socket. ``parse`` trusts nothing and raises ``ProtocolError``.
+included), i.e. what is handed to the socket. ``parse`` trusts nothing and raises ``ProtocolError``;
+each received message is parsed once, where it is received, and travels on as an ``Envelope``.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -45,7 +48,31 @@ def refusal_reason(frames: list[bytes]) -> str | None:
     return None
 
 
-def parse(frames: list[bytes]) -> tuple[bytes, dict[str, Any], list[bytes]]:
+@dataclass(frozen=True)
+class Envelope:
+    """A parsed message: its kind, its header, the algorithm's frames, and what all its frames cost."""
+
+    kind: bytes
+    header: dict[str, Any]
+    body: list[bytes]
+    nbytes: int
+
+    def round_of(self, kind: bytes) -> int:
+        """The round ``t`` of an UP or DOWN message of ``kind``; ``ProtocolError`` otherwise."""
+        t = self.header.get("t")
+        if self.kind != kind or isinstance(t, bool) or not isinstance(t, int):
+            raise ProtocolError(f"expected {kind.decode()}, got {self.kind.decode()} with t={t!r}")
+        return t
+
+    def seconds(self, name: str) -> float:
+        """A non-negative, finite duration from the header (0 when absent); ``ProtocolError`` otherwise."""
+        value = self.header.get(name, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ProtocolError(f"{self.kind.decode()} field {name}={str(value)[:40]!r} is not a duration")
+        return float(value)
+
+
+def parse(frames: list[bytes]) -> Envelope:
     if len(frames) < 3:
         raise ProtocolError(f"message of {len(frames)} frame(s); expected at least 3")
     magic, kind, header = bytes(frames[0]), bytes(frames[1]), frames[2]
@@ -61,5 +88,5 @@ def parse(frames: list[bytes]) -> tuple[bytes, dict[str, Any], list[bytes]]:
         raise ProtocolError(f"malformed {kind.decode()} header ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"{kind.decode()} header is not a map")
-    return kind, data, [bytes(f) for f in frames[3:]]
+    return Envelope(kind, data, [bytes(f) for f in frames[3:]], size(frames))
 

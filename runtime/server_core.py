@@ -41,20 +41,20 @@ class ServerCore:
         )
         self.last_round_end = time.perf_counter()
 
-    def round(self, t: int, uplinks: list[list[bytes]]) -> list[list[bytes]]:
-        """``uplinks[i]``: worker i's UP message frames. Returns worker i's DOWN frames."""
+    def round(self, t: int, uplinks: list[protocol.Envelope]) -> list[list[bytes]]:
+        """``uplinks[i]``: worker i's UP message, parsed where it was received. Returns worker i's
+        DOWN frames."""
         start = time.perf_counter()
         msgs, compute, compress = [], [], []
-        for rank, frames in enumerate(uplinks):
+        for rank, up in enumerate(uplinks):
             try:
-                kind, header, body = protocol.parse(frames)
-                if kind != b"UP" or header.get("t") != t:
-                    raise protocol.ProtocolError(f"expected UP for round {t}, got {kind.decode()} {header.get('t')!r}")
-                msgs.append(decode_message(body, device=self.rule.x.device, max_dim=self.setup.dim))
+                if up.round_of(b"UP") != t:
+                    raise protocol.ProtocolError(f"expected UP for round {t}, got round {up.header.get('t')!r}")
+                compute.append(up.seconds("compute_s"))
+                compress.append(up.seconds("compress_s"))
+                msgs.append(decode_message(up.body, device=self.rule.x.device, max_dim=self.setup.dim))
             except (WireError, protocol.ProtocolError) as exc:
                 raise RunFailed(f"round {t}: malformed uplink from worker {rank}: {exc}") from None
-            compute.append(float(header.get("compute_s", 0.0)))
-            compress.append(float(header.get("compress_s", 0.0)))
         try:
             downs = self.rule.step(t, msgs)
         except (KeyError, ValueError, IndexError, RuntimeError) as exc:  # e.g. a payload the rule did not expect
@@ -75,7 +75,7 @@ class ServerCore:
         self.last_round_end = now
         compute_s, compress_s = max(compute), max(compress)
         self.last = self.metrics.round(
-            t, [protocol.size(f) for f in uplinks], [protocol.size(f) for f in out],
+            t, [up.nbytes for up in uplinks], [protocol.size(f) for f in out],
             **self.setup.problem.evaluate(self.rule.model), **self.rule.round_metrics(),
             round_s=round_s, compute_s=compute_s, compress_s=compress_s, server_s=server_s,
             comm_s=max(0.0, round_s - compute_s - compress_s - server_s),

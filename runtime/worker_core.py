@@ -70,10 +70,10 @@ class WorkerCore:
 
     def downlink(self, t: int, frames: list[bytes]) -> None:
         """Apply worker-bound DOWN frames of round ``t`` (the whole protocol message)."""
-        kind, header, body = protocol.parse(frames)
-        if kind != b"DOWN" or header.get("t") != t:
-            raise protocol.ProtocolError(f"expected DOWN for round {t}, got {kind.decode()} {header.get('t')!r}")
-        self.apply(t, body)
+        down = protocol.parse(frames)
+        if down.round_of(b"DOWN") != t:
+            raise protocol.ProtocolError(f"expected DOWN for round {t}, got round {down.header.get('t')!r}")
+        self.apply(t, down.body)
 
     def apply(self, t: int, body: list[bytes]) -> None:
         """Apply the algorithm message frames of round ``t``'s downlink."""

@@ -84,7 +84,7 @@ def test_m3_with_identity_uplink_and_beta_1_is_marina_p():
     m3, compressed = [], 0
     for _, server, _, downs in drive(RunConfig(algorithm="m3:beta=1", uplink="identity", **common)):
         m3.append(server.rule.x.clone())
-        compressed += not decode_message(protocol.parse(downs[0])[2]).meta["sync"]
+        compressed += not decode_message(protocol.parse(downs[0]).body).meta["sync"]
     assert compressed > 0
     for t, (a, b) in enumerate(zip(mp, m3)):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), f"round {t}"
@@ -140,7 +140,7 @@ def core_sizes(m, d=50):
     sizes = []
     for t, server, workers, downs in drive(config):
         assert all(torch.equal(w.rule.x, server.rule.x) for w in workers)
-        assert decode_message(protocol.parse(downs[0])[2]).payloads["p"].to_dense().numel() == m
+        assert decode_message(protocol.parse(downs[0]).body).payloads["p"].to_dense().numel() == m
         sizes.append((server.last["bytes_up"], server.last["bytes_down"]))
     for up, down in sizes:
         assert all(4 * m <= b < 4 * m + 100 for b in up + down)

@@ -8,6 +8,7 @@ import torch
 
 from common.algorithms import ALGORITHMS
 from common.config import RunConfig
+from runtime import protocol
 from runtime.setup import RunSetup
 from runtime.server_core import ServerCore
 from runtime.metrics import MetricsWriter
@@ -57,7 +58,7 @@ def test_compression_happens_on_the_gpu_inproc(name):
         assert g.device.type == "cuda"
         payload = setup.ctx.uplink.compress(g, worker=0, step=t)
         assert payload.to_dense().device.type == "cuda"
-        downs = server.round(t, [w.uplink(t) for w in workers])
+        downs = server.round(t, [protocol.parse(w.uplink(t)) for w in workers])
         for w, frames in zip(workers, downs):
             w.downlink(t, frames)
         assert all(w.rule.x.device.type == "cuda" for w in workers)

@@ -9,22 +9,19 @@ from common.wire.message import decode_message
 from runtime.setup import RunSetup
 from runtime import protocol
 from runtime.server_core import ServerCore
-from runtime.engine import run_inproc
+from runtime.engine import Engine, run_inproc
 from runtime.metrics import MetricsWriter
 from runtime.worker_core import WorkerCore
 
 
 def drive(config: RunConfig):
-    """Yield (t, server_core, worker_cores, down_frames) after each round of an in-process run."""
-    setup = RunSetup.build(config)
-    server = ServerCore(setup, MetricsWriter(None))
-    workers = [WorkerCore(setup, r, torch.device("cpu")) for r in range(config.workers)]
-    server.begin()
-    for t in range(config.rounds):
-        downs = server.round(t, [w.uplink(t) for w in workers])
-        for w, frames in zip(workers, downs):
-            w.downlink(t, frames)
-        yield t, server, workers, downs
+    """Yield (t, server_core, worker_cores, down_frames) after each round of the in-process engine."""
+    engine = Engine(config)
+    try:
+        for t, downs in engine.rounds():
+            yield t, engine.server, engine.workers, downs
+    finally:
+        engine.close()
 
 
 @pytest.mark.parametrize("d,n", [(60, 6), (50, 7), (5, 12)])
@@ -35,7 +32,7 @@ def test_marina_p_permk_keeps_mean_of_w_equal_to_x(d, n):
     for t, server, workers, downs in drive(config):
         w_mean = torch.stack([w.rule.x for w in workers]).mean(0)
         assert torch.allclose(w_mean, server.rule.x, rtol=0, atol=1e-12), f"round {t}"
-        kind, header, body = protocol.parse(downs[0])
+        body = protocol.parse(downs[0]).body
         if decode_message(body).meta["sync"]:
             synced += 1
         else:
@@ -66,7 +63,7 @@ def test_downlink_bytes_match_the_method():
         up = server.last["bytes_up"]
         down = server.last["bytes_down"]
         assert all(b >= 4 * d for b in up) and all(b < 4 * d + 120 for b in up)  # dense float32 gradient
-        kind, header, body = protocol.parse(downs[0])
+        body = protocol.parse(downs[0]).body
         if decode_message(body).meta["sync"]:
             assert all(4 * d <= b < 4 * d + 120 for b in down)
         else:
@@ -120,7 +117,7 @@ def test_malformed_uplink_names_the_worker():
     from runtime.server_core import RunFailed
 
     with pytest.raises(RunFailed, match="worker 1"):
-        server.round(0, [good, bad])
+        server.round(0, [protocol.parse(good), protocol.parse(bad)])
     assert torch.equal(server.rule.x, setup.x0.float())  # the state is untouched
 
 

@@ -13,15 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 
 import zmq
 
 from common.config import RunConfig
+from runtime import protocol, transport
 from runtime.setup import RunSetup
-from runtime import protocol
 from runtime.worker_core import WorkerCore, resolve_device
 
 log = logging.getLogger("psc.worker")
@@ -37,15 +36,9 @@ class Worker:
         self.connect, self.device_spec, self.wanted_rank = connect, device, rank
         self.timeout, self.heartbeat, self.join_timeout = timeout, heartbeat, join_timeout
         self.version = protocol_version
-        self.zctx = zmq.Context.instance()
         self.identity = uuid.uuid4().hex.encode()
-        self.sock = self.zctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, self.identity)
-        self.sock.setsockopt(zmq.LINGER, 2000)
-        self.sock.setsockopt(zmq.IPV6, int("[" in connect))  # an IPv6 literal: tcp://[2001:db8::1]:5555
-        self.sock.connect(connect)
+        self.sock = transport.worker_socket(connect, self.identity)
         self.rank = -1
-        self._stop_beats = threading.Event()
 
     def _send(self, kind: bytes, header: dict, body: list[bytes] = ()) -> None:
         self.sock.send_multipart(protocol.pack(kind, header, body, version=self.version), copy=False)
@@ -64,37 +57,27 @@ class Worker:
             if reason is not None:
                 raise WorkerFailed(f"the server refused this worker: {reason}")
             try:
-                kind, header, body = protocol.parse(frames)
+                msg = protocol.parse(frames)
             except protocol.ProtocolError as exc:
                 raise WorkerFailed(f"unreadable message from the server: {exc}") from None
+            kind = msg.kind
             if kind == b"STOP":
-                if header.get("ok") and want == b"STOP":
-                    return header, body
-                raise WorkerFailed(f"the server stopped the run: {header.get('reason', 'no reason given')}")
+                if msg.header.get("ok") and want == b"STOP":
+                    return msg
+                raise WorkerFailed(f"the server stopped the run: {msg.header.get('reason', 'no reason given')}")
             if kind == want:
-                return header, body
+                return msg
             deadline = time.monotonic() + (self.timeout if want != b"WELCOME" else patience)
             if kind != b"HEARTBEAT":
                 log.warning("unexpected %s from the server while waiting for %s; ignored", kind.decode(), what)
 
-    def _heartbeats(self) -> None:
-        beat = self.zctx.socket(zmq.DEALER)
-        beat.setsockopt(zmq.IDENTITY, self.identity + b"-hb")
-        beat.setsockopt(zmq.LINGER, 0)
-        beat.setsockopt(zmq.IPV6, int("[" in self.connect))
-        beat.connect(self.connect)
-        try:
-            while not self._stop_beats.wait(self.heartbeat):
-                beat.send_multipart(protocol.pack(b"HEARTBEAT", {"rank": self.rank}, version=self.version))
-        finally:
-            beat.close()
-
     def run(self) -> int:
-        beats = threading.Thread(target=self._heartbeats, daemon=True, name="psc-heartbeat")
+        beats = transport.HeartbeatSender(self.connect, self.identity + b"-hb", self.heartbeat,
+                                          lambda: protocol.pack(b"HEARTBEAT", {"rank": self.rank}, version=self.version))
         try:
             self._send(b"HELLO", {"version": self.version, "rank": -1 if self.wanted_rank is None else self.wanted_rank,
                                   "host": socket.gethostname(), "pid": os.getpid()})
-            welcome, _ = self._receive(b"WELCOME", self.join_timeout, "registration")
+            welcome = self._receive(b"WELCOME", self.join_timeout, "registration").header
             self.rank = int(welcome["rank"])
             config = RunConfig.from_dict(welcome["config"])
             device = resolve_device(self.device_spec, int(os.environ.get("LOCAL_RANK", self.rank)))
@@ -105,10 +88,10 @@ class Worker:
             self._send(b"READY", {"rank": self.rank, "dim": setup.dim})
             for t in range(config.rounds):
                 self.sock.send_multipart(core.uplink(t), copy=False)
-                header, body = self._receive(b"DOWN", self.timeout, f"round {t}")
-                if header.get("t") != t:
-                    raise WorkerFailed(f"the server sent round {header.get('t')!r} while this worker is at round {t}")
-                core.apply(t, body)
+                down = self._receive(b"DOWN", self.timeout, f"round {t}")
+                if down.header.get("t") != t:
+                    raise WorkerFailed(f"the server sent round {down.header.get('t')!r} while this worker is at round {t}")
+                core.apply(t, down.body)
             self._receive(b"STOP", self.timeout, "the end of the run")
             return 0
         except WorkerFailed:
@@ -120,7 +103,5 @@ class Worker:
                 pass
             raise
         finally:
-            self._stop_beats.set()
-            if beats.is_alive():
-                beats.join(timeout=2 * self.heartbeat)
+            beats.stop()
             self.sock.close()
