@@ -14,16 +14,21 @@ import click
 
 from common.compressors import REGISTRY, describe
 from psc.runopts import build_config, run_options
+from runtime.signals import Terminated, stop_signals
 
 
 class _Group(click.Group):
-    """Turns an uncaught error into a one-line message and exit status 1 (unless --debug)."""
+    """Turns an uncaught error into a one-line message and exit status 1 (unless --debug), and
+    SIGINT / SIGTERM into exit status 130 / 143."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
+        except Terminated as exc:
+            click.echo(f"psc: {exc}", err=True)
+            sys.exit(exc.exit_code)
         except BrokenPipeError:  # the reader went away (psc list ... | head): stop quietly
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
@@ -185,7 +190,9 @@ def server_cmd(bind, workers, join_timeout, timeout, heartbeat, **run):
     except ValueError as exc:  # a bad spec or option: the user's to fix
         raise click.UsageError(str(exc)) from None
     click.echo(f"psc server: {config.algorithm} on {config.problem}, {config.workers} workers, listening on {server.endpoint}", err=True)
-    sys.exit(server.run())
+    with stop_signals():
+        code = server.run()
+    sys.exit(code)
 
 
 @main.command("worker")
@@ -202,7 +209,9 @@ def worker_cmd(connect, device, rank, join_timeout, protocol_version, timeout, h
 
     w = Worker(connect, device=device, rank=rank, timeout=timeout, heartbeat=heartbeat, join_timeout=join_timeout,
                protocol_version=protocol.VERSION if protocol_version is None else protocol_version)
-    sys.exit(w.run())
+    with stop_signals():
+        code = w.run()
+    sys.exit(code)
 
 
 @main.command("launch")

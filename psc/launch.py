@@ -4,60 +4,146 @@
 The server runs in this process, bound to a free loopback port; each worker is a separate
 ``python -m psc worker`` process. Device placement: with ``--device auto`` on a host with G GPUs,
 worker i gets cuda:(i mod G); otherwise the CPU; ``--device`` names one device for all workers.
+
+Supervision, as torchrun's agent does it:
+
+* SIGINT and SIGTERM are forwarded to every worker; the server writes its metrics ``end`` line with
+  the reason and stops; every child is gone within ``STOP_GRACE_S`` (killed after that), and the
+  command exits 130 or 143.
+* A worker that exits with an error while the run goes on stops the run at once; its exit status
+  and the last line it wrote on stderr are reported.
+* When the server is done, the workers are awaited as a group, with one deadline for all of them:
+  a worker's own ``--timeout`` (it never waits longer than that for the server's last word) plus a
+  grace period for its interpreter to exit.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
-
-import torch
+import threading
+import time
 
 from common.config import RunConfig
 from runtime.engine import run_inproc
-from psserver.server import Server
+from runtime.server_core import RunFailed
+from runtime.signals import stop_signals
 
 log = logging.getLogger("psc.launch")
+
+STOP_GRACE_S = 4.0  # after SIGINT/SIGTERM, how long the children get before they are killed
+EXIT_GRACE_S = 15.0  # after a run, how long beyond its own timeout a worker gets to exit
 
 
 def worker_devices(n: int, device: str) -> list[str]:
     if device != "auto":
         return [device] * n
+    import torch
+
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return [f"cuda:{i % gpus}" if gpus else "cpu" for i in range(n)]
 
 
+class WorkerProcess:
+    """One ``psc worker`` child: its stderr is passed through to ours, and its last line is kept for
+    the report when the worker fails."""
+
+    def __init__(self, rank: int, argv: list[str], env: dict[str, str]):
+        self.rank = rank
+        self.proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
+        self.last_line = ""
+        self._reader = threading.Thread(target=self._pass_through, daemon=True, name=f"psc-worker-{rank}-stderr")
+        self._reader.start()
+
+    def _pass_through(self) -> None:
+        for line in self.proc.stderr:
+            sys.stderr.write(line)
+            if line.strip():
+                self.last_line = line.strip()
+        self.proc.stderr.close()
+
+    def failure(self) -> str | None:
+        """None while running or after a clean exit; otherwise what went wrong, in one line."""
+        code = self.proc.poll()
+        if code is None or code == 0:
+            return None
+        self._reader.join(timeout=1.0)  # the last line may still be in the pipe
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        return f"worker {self.rank} {how}" + (f": {self.last_line}" if self.last_line else "")
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+
+def wait_all(workers: list[WorkerProcess], deadline_s: float) -> list[WorkerProcess]:
+    """Wait for every worker until one shared deadline; kill and return those still running then."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline and any(w.proc.poll() is None for w in workers):
+        time.sleep(0.05)
+    late = [w for w in workers if w.proc.poll() is None]
+    for w in late:
+        w.proc.kill()
+    for w in workers:
+        w.proc.wait()
+        w._reader.join(timeout=1.0)
+    return late
+
+
 def launch(config: RunConfig, metrics: str | None, engine: str = "procs", device: str = "auto",
            timeout: float = 60.0, heartbeat: float = 1.0, progress: bool = True) -> int:
-    quiet = ["-q"] if logging.getLogger().getEffectiveLevel() > logging.INFO else []
     if engine == "inproc":
-        run_inproc(config, metrics, device="cpu" if device == "auto" else device, progress=progress)
+        with stop_signals():
+            run_inproc(config, metrics, device="cpu" if device == "auto" else device, progress=progress)
         return 0
-    server = Server(config, "tcp://127.0.0.1:*", metrics, timeout=timeout, heartbeat=heartbeat, join_timeout=max(120.0, timeout), progress=progress)
+    from psserver.server import Server
+
+    quiet = ["-q"] if logging.getLogger().getEffectiveLevel() > logging.INFO else []
+    workers: list[WorkerProcess] = []
+
+    def supervise() -> None:
+        for w in workers:
+            reason = w.failure()
+            if reason is not None:
+                raise RunFailed(reason)
+
+    server = Server(config, "tcp://127.0.0.1:*", metrics, timeout=timeout, heartbeat=heartbeat,
+                    join_timeout=max(120.0, timeout), progress=progress, supervise=supervise)
     devices = worker_devices(config.workers, device)
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env and all(d == "cpu" for d in devices):
         # N CPU workers on one host share its cores: more threads each only oversubscribe them.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // config.workers))
-    procs = [
-        subprocess.Popen([
-            sys.executable, "-m", "psc", *quiet, "worker", "--connect", server.endpoint, "--rank", str(rank),
-            "--device", devices[rank], "--timeout", str(timeout), "--heartbeat", str(heartbeat),
-        ], env=env)
-        for rank in range(config.workers)
-    ]
+
+    def forward(signum: int) -> None:
+        for w in workers:
+            w.signal(signum)
+
     try:
-        code = server.run()
-    finally:
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(10.0, 3 * heartbeat))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    failed = [rank for rank, proc in enumerate(procs) if proc.returncode != 0]
-    if code == 0 and failed:
-        log.error("worker(s) %s exited with an error", ", ".join(map(str, failed)))
-        return 1
-    return code
+        with stop_signals(forward):
+            for rank in range(config.workers):
+                workers.append(WorkerProcess(rank, [
+                    sys.executable, "-m", "psc", *quiet, "worker", "--connect", server.endpoint, "--rank", str(rank),
+                    "--device", devices[rank], "--timeout", str(timeout), "--heartbeat", str(heartbeat),
+                ], env))
+            code = server.run()
+    except BaseException:
+        late = wait_all(workers, STOP_GRACE_S)
+        if late:
+            log.warning("killed worker(s) %s, still running %g s after the run stopped", ", ".join(str(w.rank) for w in late), STOP_GRACE_S)
+        raise
+    late = wait_all(workers, timeout + EXIT_GRACE_S)
+    if late:
+        log.error("worker(s) %s had not exited %g s after the run ended; killed", ", ".join(str(w.rank) for w in late), timeout + EXIT_GRACE_S)
+    if code != 0:
+        return code
+    failures = [w.failure() for w in workers if w not in late]
+    failures = [f for f in failures if f]
+    for reason in failures:
+        log.error("%s", reason)
+    return 1 if failures or late else 0

@@ -1,0 +1,80 @@
+"""``psc launch`` supervises its workers: signals are forwarded and every child is gone within
+seconds (checked in the process table), a failed worker is reported with its exit status at once."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.procs import finish, kill_all, records, start, wait_for_rounds
+
+pytestmark = pytest.mark.procs
+
+LONG_RUN = ["launch", "--workers", "3", "--device", "cpu", "--rounds", "1000000", "--problem", "quadratic:d=20",
+            "--heartbeat", "0.2"]
+
+
+def children_of(pid: int) -> set[int]:
+    """PIDs whose parent is ``pid``, read from the process table (/proc)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    stat = fh.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_launch_and_every_worker_within_seconds(tmp_path, signum, code):
+    metrics = tmp_path / "run.jsonl"
+    launcher = start([*LONG_RUN, "--metrics", str(metrics)])
+    try:
+        wait_for_rounds(str(metrics), 3, 120)
+        workers = children_of(launcher.pid)
+        assert len(workers) == 3
+        launcher.send_signal(signum)
+        sent = time.monotonic()
+        got, _, err = finish(launcher, 30)
+        assert got == code, err[-2000:]
+        while any(alive(pid) for pid in workers) and time.monotonic() - sent < 5:
+            time.sleep(0.05)
+        assert not any(alive(pid) for pid in workers), "a worker outlived the launcher by 5 s"
+        assert time.monotonic() - sent < 5 + 2  # the launcher itself was gone well within the grace period
+    finally:
+        kill_all([launcher])
+    end = records(metrics)[-1]
+    name = signal.Signals(signum).name
+    assert end["event"] == "end" and end["ok"] is False and end["signal"] == name and name in end["error"]
+
+
+def test_a_worker_that_dies_is_named_with_its_exit_status_at_once(tmp_path):
+    metrics = tmp_path / "run.jsonl"
+    launcher = start([*LONG_RUN, "--metrics", str(metrics), "--timeout", "60"])
+    try:
+        wait_for_rounds(str(metrics), 3, 120)
+        victim = sorted(children_of(launcher.pid))[1]
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        got, _, err = finish(launcher, 60)
+        assert got == 1
+        assert time.monotonic() - killed < 20  # not the 60 s liveness timeout
+        assert "was killed by SIGKILL" in err
+    finally:
+        kill_all([launcher])
+    end = records(metrics)[-1]
+    assert end["ok"] is False and "SIGKILL" in end["error"]
