@@ -20,6 +20,8 @@ import pytest
 
 from tests.procs import finish, kill_all, records
 
+pytestmark = pytest.mark.procs
+
 PORT = 5555  # free by construction: nothing else lives in a namespace this test creates
 
 
