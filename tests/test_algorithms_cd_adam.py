@@ -1,18 +1,14 @@
 """CD-Adam and the AMSGrad family (spec/cd-adam.md): replica agreement, the identity reduction, 1-bit
-Adam's stages, the nonconvex logistic problem and its data readers; and every method of issue 6 over
-real processes with its bytes per direction."""
+Adam's stages, and CD-Adam against naive compression. Its problem (nonconvex logistic regression) is
+tested in tests/test_problems.py; its runs over real processes in tests/test_algorithms_procs.py."""
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
 
 from common.config import RunConfig
 from common.problems import build_problem
 from runtime.engine import run_inproc
-from tests.procs import finish, records, start
 from tests.test_runtime_rules import drive
 
 NL = "nonconvex-logistic:dataset=breast_cancer"
@@ -83,102 +79,3 @@ def test_cd_adam_beats_naive_compression():
     cd = run_inproc(RunConfig(algorithm="cd-adam", **common), None, progress=False).last["grad_norm_sq"]
     naive = run_inproc(RunConfig(algorithm="amsgrad-naive", **common), None, progress=False).last["grad_norm_sq"]
     assert cd < naive
-
-
-def test_nonconvex_logistic_gradient_and_constants():
-    p = build_problem("nonconvex-logistic:dataset=digits,lam=0.1", 20, seed=2)
-    assert p.dim == 64 and p.A.shape == (20, 1797 // 20, 64)
-    x = torch.randn(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    # the workers' full local gradients average to the server's exact gradient
-    g = sum(p.oracle(i, torch.device("cpu"), torch.float64)(x, 0)[1] for i in range(20)) / 20
-    assert p.evaluate(x)["grad_norm_sq"] == pytest.approx(float(g @ g), rel=1e-10)
-    # finite differences of the loss
-    h = 1e-6
-    e = torch.zeros(64, dtype=torch.float64)
-    e[5] = 1.0
-    fd = (p.evaluate(x + h * e)["loss"] - p.evaluate(x - h * e)["loss"]) / (2 * h)
-    assert fd == pytest.approx(float(g[5]), rel=1e-5, abs=1e-8)
-    assert p.constants["L"] <= p.constants["L_max"] and p.constants["L"] > 0.2  # 2 lam from the regulariser
-
-
-def test_libsvm_reader_and_missing_file(tmp_path):
-    path = tmp_path / "Tiny.svm"  # upper case: the path is not lower-cased
-    rng = np.random.default_rng(0)
-    lines = []
-    for j in range(41):
-        feats = " ".join(f"{k + 1}:{rng.normal():.4f}" for k in range(5) if rng.random() < 0.7)
-        lines.append(f"{1 if j % 2 else 0} {feats}")
-    path.write_text("\n".join(lines) + "\n")
-    p = build_problem(f"nonconvex-logistic:dataset=libsvm,path={path},features=6", 4, seed=0)
-    assert p.dim == 6 and p.A.shape == (4, 10, 6) and set(np.unique(p.y)) == {-1.0, 1.0}
-    server = run_inproc(RunConfig(algorithm="cd-adam", workers=4, rounds=5, lr="0.01",
-                                  problem=f"nonconvex-logistic:dataset=libsvm,path={path}"), None, progress=False)
-    assert math.isfinite(server.last["grad_norm_sq"])
-    missing = tmp_path / "no_such_file"
-    with pytest.raises(ValueError, match="no_such_file"):
-        build_problem(f"nonconvex-logistic:dataset=libsvm,path={missing}", 4)
-
-
-# -- every method of issue 6 over real processes: 20 rounds, 3 workers, bytes per direction ------
-
-D = 64  # least-squares:d=64 for all; each payload is checked against what the method must send
-DENSE, SIGN, RAND1 = 4 * D, D // 8, 4
-METHODS = {
-    # name: (run options, core bytes up, core bytes down) -- core = values/bits, headers excluded
-    "neolithic": (["--algorithm", "neolithic:r=4", "--uplink", "randk:k=1,scaled=false", "--downlink", "randk:k=2,scaled=false"], 4 * RAND1, 4 * 2 * RAND1),
-    "mem-sgd": (["--algorithm", "mem-sgd", "--uplink", "randk:k=1,scaled=false"], RAND1, DENSE),
-    "double-squeeze": (["--algorithm", "double-squeeze", "--uplink", "randk:k=1,scaled=false", "--downlink", "randk:k=2,scaled=false"], RAND1, 2 * RAND1),
-    "ef21-sgd": (["--algorithm", "ef21-sgd", "--uplink", "randk:k=1,scaled=false"], RAND1, DENSE),
-    "psgd": (["--algorithm", "psgd"], DENSE, DENSE),
-    "cd-adam": (["--algorithm", "cd-adam"], SIGN, SIGN),
-    "amsgrad": (["--algorithm", "amsgrad"], DENSE, DENSE),
-    "amsgrad-naive": (["--algorithm", "amsgrad-naive"], SIGN, SIGN),
-    "amsgrad-ef": (["--algorithm", "amsgrad-ef"], SIGN, SIGN),
-    "onebit-adam": (["--algorithm", "onebit-adam:warmup=5"], SIGN, SIGN),
-}
-PARALLEL = 3
-PAYLOADS = {"neolithic": 4}  # payloads in one message (R FCC rounds), else 1
-
-
-@pytest.fixture(scope="module")
-def procs_runs(tmp_path_factory):
-    """Run the ten launches, at most PARALLEL at a time (the host is small and shared: a few overlap
-    their start-up, too many starve each other past the join timeout)."""
-    out = tmp_path_factory.mktemp("procs")
-    pending = list(METHODS.items())
-    running, results = {}, {}
-    while pending or running:
-        while pending and len(running) < PARALLEL:
-            name, (opts, _, _) = pending.pop(0)
-            path = out / f"{name}.jsonl"
-            args = ["launch", "--engine", "procs", "--workers", "3", "--device", "cpu", "--rounds", "20", "--lr", "0.01",
-                    "--problem", f"least-squares:d={D},m=50", "--metrics", str(path), *opts]
-            running[name] = (start(args), path)
-        name = next(iter(running))
-        proc, path = running.pop(name)
-        code, _, err = finish(proc, 600)
-        results[name] = (code, err, path)
-    return results
-
-
-@pytest.mark.parametrize("name", list(METHODS))
-def test_method_runs_over_processes_and_sends_what_it_should(procs_runs, name):
-    code, err, path = procs_runs[name]
-    assert code == 0, err[-2000:]
-    recs = records(path)
-    rounds = [r for r in recs if r["event"] == "round"]
-    assert len(rounds) == 20 and recs[-1]["event"] == "end"
-    _, up_core, down_core = METHODS[name]
-    slack = 90 + 32 * PAYLOADS.get(name, 1)  # protocol header, envelope, one payload header each
-    for r in rounds:
-        if name == "onebit-adam" and r["round"] < 5:
-            up, down = DENSE, DENSE  # uncompressed warm-up
-        else:
-            up, down = up_core, down_core
-        assert all(up <= b <= up + slack for b in r["bytes_up"]), (r["round"], r["bytes_up"], up)
-        assert all(down <= b <= down + slack for b in r["bytes_down"]), (r["round"], r["bytes_down"], down)
-        assert math.isfinite(r["grad_norm_sq"])
-    if name == "neolithic":
-        assert all(r["comm_rounds"] == 4 for r in rounds)
-    if name == "cd-adam":  # about d/8 + a few tens of bytes each way per worker
-        assert max(rounds[-1]["bytes_up"]) <= D // 8 + 80 and max(rounds[-1]["bytes_down"]) <= D // 8 + 50

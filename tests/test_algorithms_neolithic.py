@@ -1,5 +1,6 @@
 """NEOLITHIC and its baselines (spec/neolithic.md): Lemma 6, the R = 1 and identity reductions, FCC's
-(1 - delta)^R contraction, replica agreement, the P2 check, and the problems of section 3."""
+(1 - delta)^R contraction, replica agreement and the P2 check. The problems of section 3 are tested in
+tests/test_problems.py."""
 from __future__ import annotations
 
 import pytest
@@ -122,29 +123,3 @@ def test_neolithic_converges_on_logistic_regression():
                                   problem="logistic:d=10,m=100", lr="0.5"), None, progress=False)
     start = build_problem("logistic:d=10,m=100", 8).evaluate(build_problem("logistic:d=10,m=100", 8).initial_point())
     assert server.last["grad_norm_sq"] < 0.05 * start["grad_norm_sq"]
-
-
-@pytest.mark.parametrize("name", ["least-squares:d=7,m=30", "logistic:d=7,m=30"])
-def test_problem_oracle_is_unbiased_and_constants_bound_the_curvature(name):
-    p = build_problem(name, 3, seed=4)
-    x = p.initial_point()
-    full_grad = torch.zeros(p.dim, dtype=torch.float64)
-    for i in range(3):
-        f = p.oracle(i, torch.device("cpu"), torch.float64)
-        # every row equally likely: the mean over all rows is the worker's full gradient
-        rows = torch.from_numpy(p.A[i])
-        z = rows @ x
-        full_grad += rows.T @ p.dloss(z, torch.from_numpy(p.y[i])) / rows.shape[0] / 3
-        loss, g = f(x, 11)
-        assert g.shape == (p.dim,) and torch.isfinite(loss)
-        assert torch.equal(f(x, 11)[1], g)  # the same step draws the same row
-    got = p.evaluate(x)
-    assert got["grad_norm_sq"] == pytest.approx(float(full_grad @ full_grad), rel=1e-10)
-    # L bounds the curvature along random directions: |<grad f(x+h) - grad f(x), h>| <= L ||h||^2
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        h = torch.randn(p.dim, generator=gen, dtype=torch.float64) * 1e-3
-        g1 = p._A_all.T @ p.dloss(p._A_all @ (x + h), p._y_all) / p._y_all.numel()
-        g0 = p._A_all.T @ p.dloss(p._A_all @ x, p._y_all) / p._y_all.numel()
-        assert float((g1 - g0) @ h) <= p.constants["L"] * float(h @ h) * (1 + 1e-6)
-    assert p.constants["L"] <= p.constants["L_max"] <= p.constants["L_sample"]

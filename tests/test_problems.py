@@ -1,0 +1,80 @@
+"""The problems (common/problems/) on their own: objectives, gradient oracles, data readers and the
+constants the step sizes are built from.
+
+The neural-network problems have their own files: tests/test_nn_models.py (models, the flat
+vector, the oracle) and tests/test_nn_data.py (sharding, batch order, the file readers)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.config import RunConfig
+from common.problems import build_problem
+from runtime.engine import run_inproc
+
+
+# -- least squares and logistic regression (NEOLITHIC, section 3) --------------------------------
+
+@pytest.mark.parametrize("name", ["least-squares:d=7,m=30", "logistic:d=7,m=30"])
+def test_problem_oracle_is_unbiased_and_constants_bound_the_curvature(name):
+    p = build_problem(name, 3, seed=4)
+    x = p.initial_point()
+    full_grad = torch.zeros(p.dim, dtype=torch.float64)
+    for i in range(3):
+        f = p.oracle(i, torch.device("cpu"), torch.float64)
+        # every row equally likely: the mean over all rows is the worker's full gradient
+        rows = torch.from_numpy(p.A[i])
+        z = rows @ x
+        full_grad += rows.T @ p.dloss(z, torch.from_numpy(p.y[i])) / rows.shape[0] / 3
+        loss, g = f(x, 11)
+        assert g.shape == (p.dim,) and torch.isfinite(loss)
+        assert torch.equal(f(x, 11)[1], g)  # the same step draws the same row
+    got = p.evaluate(x)
+    assert got["grad_norm_sq"] == pytest.approx(float(full_grad @ full_grad), rel=1e-10)
+    # L bounds the curvature along random directions: |<grad f(x+h) - grad f(x), h>| <= L ||h||^2
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        h = torch.randn(p.dim, generator=gen, dtype=torch.float64) * 1e-3
+        g1 = p._A_all.T @ p.dloss(p._A_all @ (x + h), p._y_all) / p._y_all.numel()
+        g0 = p._A_all.T @ p.dloss(p._A_all @ x, p._y_all) / p._y_all.numel()
+        assert float((g1 - g0) @ h) <= p.constants["L"] * float(h @ h) * (1 + 1e-6)
+    assert p.constants["L"] <= p.constants["L_max"] <= p.constants["L_sample"]
+
+
+# -- nonconvex logistic regression (CD-Adam) and its data readers ------------------------------
+
+def test_nonconvex_logistic_gradient_and_constants():
+    p = build_problem("nonconvex-logistic:dataset=digits,lam=0.1", 20, seed=2)
+    assert p.dim == 64 and p.A.shape == (20, 1797 // 20, 64)
+    x = torch.randn(64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # the workers' full local gradients average to the server's exact gradient
+    g = sum(p.oracle(i, torch.device("cpu"), torch.float64)(x, 0)[1] for i in range(20)) / 20
+    assert p.evaluate(x)["grad_norm_sq"] == pytest.approx(float(g @ g), rel=1e-10)
+    # finite differences of the loss
+    h = 1e-6
+    e = torch.zeros(64, dtype=torch.float64)
+    e[5] = 1.0
+    fd = (p.evaluate(x + h * e)["loss"] - p.evaluate(x - h * e)["loss"]) / (2 * h)
+    assert fd == pytest.approx(float(g[5]), rel=1e-5, abs=1e-8)
+    assert p.constants["L"] <= p.constants["L_max"] and p.constants["L"] > 0.2  # 2 lam from the regulariser
+
+
+def test_libsvm_reader_and_missing_file(tmp_path):
+    path = tmp_path / "Tiny.svm"  # upper case: the path is not lower-cased
+    rng = np.random.default_rng(0)
+    lines = []
+    for j in range(41):
+        feats = " ".join(f"{k + 1}:{rng.normal():.4f}" for k in range(5) if rng.random() < 0.7)
+        lines.append(f"{1 if j % 2 else 0} {feats}")
+    path.write_text("\n".join(lines) + "\n")
+    p = build_problem(f"nonconvex-logistic:dataset=libsvm,path={path},features=6", 4, seed=0)
+    assert p.dim == 6 and p.A.shape == (4, 10, 6) and set(np.unique(p.y)) == {-1.0, 1.0}
+    server = run_inproc(RunConfig(algorithm="cd-adam", workers=4, rounds=5, lr="0.01",
+                                  problem=f"nonconvex-logistic:dataset=libsvm,path={path}"), None, progress=False)
+    assert math.isfinite(server.last["grad_norm_sq"])
+    missing = tmp_path / "no_such_file"
+    with pytest.raises(ValueError, match="no_such_file"):
+        build_problem(f"nonconvex-logistic:dataset=libsvm,path={missing}", 4)
