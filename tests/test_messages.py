@@ -63,3 +63,17 @@ def test_garbage_gives_only_wire_errors():
             decode_message(frames, max_dim=200)
         except WireError:
             pass
+
+
+def test_trailing_frames_after_a_message_are_rejected():
+    """A frame that no payload claims is an error, never silently dropped: garbage, an empty frame,
+    and a copy of one of the message's own frames."""
+    good = encode_message(sample_message())
+    assert len(decode_message(good, max_dim=200).payloads) == 2
+    for extra in ([b"extra"], [b""], [good[-1]], good[1:]):
+        with pytest.raises(WireError, match="trailing"):
+            decode_message(good + extra, max_dim=200)
+    bare = encode_message(Message({}, {"sync": True}))  # meta only: the envelope is the whole message
+    assert decode_message(bare).meta == {"sync": True}
+    with pytest.raises(WireError, match="trailing"):
+        decode_message(bare + [b"\x00"])
