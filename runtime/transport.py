@@ -34,6 +34,34 @@ def is_ipv6(endpoint: str) -> bool:
     return "[" in endpoint
 
 
+def check_endpoint(endpoint: str, bind: bool) -> str:
+    """``endpoint`` if ZeroMQ can use it to bind (``bind``) or connect, else ``ValueError`` saying
+    why in words: ``tcp://HOST:PORT`` (``tcp://*:PORT`` and port ``*`` only to bind, IPv6 hosts in
+    brackets), ``ipc://PATH`` or ``inproc://NAME``."""
+    scheme, sep, rest = str(endpoint).partition("://")
+    usage = "expected tcp://HOST:PORT" + (" (HOST may be * and PORT * to pick a free one)" if bind else "")
+    if not sep:
+        raise ValueError(f"{endpoint!r} has no transport: {usage}, e.g. tcp://{endpoint}")
+    if scheme in ("ipc", "inproc"):
+        if not rest:
+            raise ValueError(f"{endpoint!r}: {scheme}:// needs a name")
+        return endpoint
+    if scheme != "tcp":
+        raise ValueError(f"{endpoint!r}: unknown transport {scheme!r}; {usage}")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host:
+        raise ValueError(f"{endpoint!r}: {usage}")
+    if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+        raise ValueError(f"{endpoint!r}: an IPv6 address goes in brackets, e.g. tcp://[::1]:5555")
+    if host == "*" and not bind:
+        raise ValueError(f"{endpoint!r}: a worker connects to a host name or address, not *")
+    if port == "*" and bind:
+        return endpoint
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{endpoint!r}: port {port!r} must be a number from 1 to 65535")
+    return endpoint
+
+
 def _socket(kind: int, endpoint: str, linger_ms: int, identity: bytes | None = None) -> zmq.Socket:
     sock = context().socket(kind)
     sock.setsockopt(zmq.LINGER, linger_ms)
