@@ -9,7 +9,7 @@ import torch
 from common.config import RunConfig
 from common.problems import build_problem
 from runtime.engine import run_inproc
-from tests.test_runtime_rules import drive
+from tests.inproc import drive
 
 NL = "nonconvex-logistic:dataset=breast_cancer"
 

@@ -12,7 +12,7 @@ from common.config import RunConfig
 from common.problems import build_problem
 from runtime.setup import RunSetup
 from runtime.engine import run_inproc
-from tests.test_runtime_rules import drive
+from tests.inproc import drive
 
 LS = "least-squares:d=12,m=40"
 

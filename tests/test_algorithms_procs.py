@@ -14,6 +14,51 @@ from tests.procs import finish, records, start
 pytestmark = pytest.mark.procs
 
 
+# -- the MARINA-P/M3 and biased-compression families on a quadratic: one launch at a time -------
+
+QD, QN = 120, 3
+QK = QD // QN          # Rand-QK default of m3/marina, Perm-QK block
+TOPK = 12           # ratio=0.1 of d = 120
+OVER = 100          # protocol + envelope + payload headers
+full, part, core_m = (4 * QD, 4 * QD + OVER), (4 * QK, 4 * QK + OVER), (40, 40 + OVER)
+topk = (4 * TOPK, 4 * TOPK + TOPK + OVER)   # values + at most 7 index bits each
+rand12 = (4 * TOPK, 4 * TOPK + OVER)        # randk:ratio=0.1, indices regenerated
+
+QUADRATIC_METHODS = {  # name: (extra args, allowed uplink ranges, allowed downlink ranges, round-0 uplink)
+    "dcgd": ([], [rand12], [full], None),
+    "ef-sgd": ([], [topk], [full], None),
+    "ef21": ([], [topk, full], [full], full),
+    "ef21-p": ([], [full], [topk], None),
+    "ef21-p-dcgd": (["--lr", "0.005"], [rand12], [topk], None),
+    "marina": ([], [part, full], [full], full),
+    "m3": ([], [part, full], [part, full], full),
+    "core": ([], [core_m], [core_m], None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUADRATIC_METHODS))
+def test_method_runs_over_real_processes(name, tmp_path):
+    extra, up_ok, down_ok, first_up = QUADRATIC_METHODS[name]
+    metrics = tmp_path / "run.jsonl"
+    args = ["launch", "--engine", "procs", "--device", "cpu", "--workers", str(QN), "--algorithm", name,
+            "--problem", f"quadratic:d={QD},la2=1,lb2=100", "--rounds", "20", "--metrics", str(metrics), *extra]
+    code, _, err = finish(start(args), 180)
+    assert code == 0, err[-2000:]
+    rounds = [r for r in records(str(metrics)) if r["event"] == "round"]
+    assert len(rounds) == 20
+    inside = lambda b, ranges: any(lo <= b < hi for lo, hi in ranges)
+    for r in rounds:
+        assert all(inside(b, up_ok) for b in r["bytes_up"]), (r["round"], r["bytes_up"])
+        assert all(inside(b, down_ok) for b in r["bytes_down"]), (r["round"], r["bytes_down"])
+    if first_up:
+        assert all(first_up[0] <= b < first_up[1] for b in rounds[0]["bytes_up"])
+    if len(up_ok) > 1:  # the compressed rounds must occur
+        assert any(b < up_ok[0][1] for r in rounds[1:] for b in r["bytes_up"])
+    if len(down_ok) > 1:
+        assert any(b < down_ok[0][1] for r in rounds for b in r["bytes_down"])
+    assert math.isfinite(rounds[-1]["grad_norm_sq"])
+
+
 # -- NEOLITHIC, CD-Adam and their baselines on least squares: up to 3 launches at a time ---------
 
 LD = 64  # least-squares:d=64 for all; each payload is checked against what the method must send

@@ -78,3 +78,17 @@ def test_libsvm_reader_and_missing_file(tmp_path):
     missing = tmp_path / "no_such_file"
     with pytest.raises(ValueError, match="no_such_file"):
         build_problem(f"nonconvex-logistic:dataset=libsvm,path={missing}", 4)
+
+
+# -- the examples of the biased-compression paper and the identity quadratics (MARINA-P) ----------
+
+def test_problem_constants():
+    ex1 = build_problem("biased-example1", 3)
+    assert ex1.constants["L_max"] == pytest.approx(34.5)  # 2 ||a_i||^2 + 1/2
+    x = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(ex1.oracle(0, torch.device("cpu"), torch.float64)(x, 0)[1], 0.5 * torch.tensor([-11.0, 9.0, 9.0], dtype=torch.float64))
+    q = build_problem("identity-quadratic:d=20", 50, seed=1)
+    assert q.constants["L"] == pytest.approx(q.a.mean()) and q.constants["L_max"] == pytest.approx(q.a.max())
+    assert q.constants["L_A"] == pytest.approx(math.sqrt(2) * abs(q.a - q.a.mean()).max())
+    with pytest.raises(ValueError, match="3 workers"):
+        build_problem("biased-example3", 4)

@@ -8,7 +8,7 @@ import time
 from common.config import RunConfig
 from runtime import protocol
 from tests.procs import finish, free_port, kill_all, records, start, wait_for_rounds
-from tests.test_runtime_rules import drive
+from tests.inproc import drive
 
 
 def rounds_of(path):

@@ -1,0 +1,121 @@
+"""The runtime in one process (``runtime.engine``): rule state round trips, the metrics file and its
+cumulative byte counts, divergence, malformed and over-long messages, bad configurations. The
+algorithms' own invariants, driven the same way, are in tests/test_algorithms_*.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.config import RunConfig
+from common.wire import WireError
+from runtime.setup import RunSetup
+from runtime import protocol
+from runtime.server_core import RunFailed, ServerCore
+from runtime.engine import run_inproc
+from runtime.metrics import MetricsWriter, read_metrics
+from runtime.worker_core import WorkerCore
+from tests.inproc import drive
+
+
+def test_rule_state_round_trips():
+    config = RunConfig(algorithm="marina-p", workers=3, rounds=5, problem="quadratic:d=20", lr="0.1")
+    run = drive(config)
+    for _, server, workers, _ in run:
+        pass
+    state = server.rule.state_dict()
+    wstate = workers[1].rule.state_dict()
+    fresh = RunSetup.build(config)
+    s2 = fresh.server_rule()
+    s2.load_state_dict(state)
+    assert torch.equal(s2.x, server.rule.x) and s2.p == server.rule.p
+    w2 = fresh.worker_rule(1, torch.device("cpu"))
+    w2.load_state_dict(wstate)
+    assert torch.equal(w2.x, workers[1].rule.x)
+
+
+def test_inproc_engine_writes_the_metrics_file(tmp_path):
+    path = tmp_path / "m.jsonl"
+    run_inproc(RunConfig(algorithm="gd", workers=3, rounds=7, problem="quadratic:d=30"), str(path), progress=False)
+    recs = read_metrics(str(path))
+    assert recs[0]["event"] == "start" and recs[0]["dim"] == 30 and recs[0]["workers"] == 3
+    rounds = [r for r in recs if r["event"] == "round"]
+    assert [r["round"] for r in rounds] == list(range(7))
+    for r in rounds:
+        assert len(r["bytes_up"]) == 3 and len(r["bytes_down"]) == 3
+        assert {"time_s", "loss", "grad_norm_sq", "compute_s", "compress_s", "comm_s", "round_s"} <= set(r)
+    assert rounds[-1]["cum_bytes_up"] == sum(sum(r["bytes_up"]) for r in rounds)
+    assert recs[-1]["event"] == "end" and len(recs[-1]["model_sha256"]) == 64
+
+
+@pytest.mark.parametrize("algorithm,downlink", [("marina-p", "permk"), ("gd", None)], ids=["per-worker", "broadcast"])
+def test_cumulative_bytes_are_running_sums_of_the_per_round_bytes(tmp_path, algorithm, downlink):
+    """cum_bytes_up/down after round t = the sum over rounds <= t of every worker's bytes_up/down, and
+    the end line repeats the totals. d = 62 over 4 workers: Perm-K blocks of 16 and 15 coordinates, so
+    the workers' downlinks differ in size; a broadcast is counted once per worker."""
+    n = 4
+    path = tmp_path / "m.jsonl"
+    options = {"downlink": downlink} if downlink else {}
+    run_inproc(RunConfig(algorithm=algorithm, workers=n, rounds=25, problem="quadratic:d=62,la2=1,lb2=100", lr="theory", **options),
+               str(path), progress=False)
+    recs = read_metrics(str(path))
+    rounds = [r for r in recs if r["event"] == "round"]
+    assert len(rounds) == 25
+    up = down = 0
+    for r in rounds:
+        assert len(r["bytes_up"]) == n and len(r["bytes_down"]) == n
+        up, down = up + sum(r["bytes_up"]), down + sum(r["bytes_down"])
+        assert (r["cum_bytes_up"], r["cum_bytes_down"]) == (up, down), f"round {r['round']}"
+    assert recs[-1]["event"] == "end" and (recs[-1]["cum_bytes_up"], recs[-1]["cum_bytes_down"]) == (up, down)
+    if downlink == "permk":
+        assert any(len(set(r["bytes_down"])) > 1 for r in rounds)  # different sizes within a round
+        assert len({sum(r["bytes_down"]) for r in rounds}) > 1  # synced (dense) and compressed rounds
+    else:
+        assert all(len(set(r["bytes_down"])) == 1 for r in rounds)
+
+
+def test_divergence_is_reported_clearly():
+    with pytest.raises(RuntimeError, match="diverged"):
+        run_inproc(RunConfig(algorithm="gd", workers=2, rounds=400, problem="quadratic:d=10", lr="100"), None, progress=False)
+
+
+def test_malformed_uplink_names_the_worker():
+    setup = RunSetup.build(RunConfig(algorithm="gd", workers=2, rounds=1, problem="quadratic:d=10"))
+    server = ServerCore(setup, MetricsWriter(None))
+    good = WorkerCore(setup, 0, torch.device("cpu")).uplink(0)
+    bad = list(good)
+    bad[-1] = bad[-1][:-3]
+    with pytest.raises(RunFailed, match="worker 1"):
+        server.round(0, [protocol.parse(good), protocol.parse(bad)])
+    assert torch.equal(server.rule.x, setup.x0.float())  # the state is untouched
+
+
+def test_trailing_frames_after_an_up_or_a_down_are_rejected():
+    """An UP or a DOWN with a frame after the algorithm's message is malformed: the server names the
+    worker and keeps its state; a worker refuses the DOWN and keeps its own."""
+    setup = RunSetup.build(RunConfig(algorithm="gd", workers=2, rounds=1, problem="quadratic:d=10"))
+    server = ServerCore(setup, MetricsWriter(None))
+    workers = [WorkerCore(setup, r, torch.device("cpu")) for r in range(2)]
+    ups = [w.uplink(0) for w in workers]
+    for extra in (b"", b"extra", ups[1][-1]):
+        with pytest.raises(RunFailed, match="worker 1.*trailing"):
+            server.round(0, [protocol.parse(ups[0]), protocol.parse(ups[1] + [extra])])
+        assert torch.equal(server.rule.x, setup.x0.float())  # the state is untouched
+    downs = server.round(0, [protocol.parse(up) for up in ups])
+    before = workers[0].rule.x.clone()
+    for extra in (b"", b"extra", downs[0][-1]):
+        with pytest.raises(WireError, match="trailing"):
+            workers[0].downlink(0, downs[0] + [extra])
+        assert torch.equal(workers[0].rule.x, before)
+    workers[0].downlink(0, downs[0])  # the DOWN as sent applies
+    assert not torch.equal(workers[0].rule.x, before)
+
+
+def test_bad_configs_are_rejected():
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        RunSetup.build(RunConfig(algorithm="nope"))
+    with pytest.raises(ValueError, match="uncompressed"):
+        RunSetup.build(RunConfig(algorithm="gd", uplink="topk:k=2"))
+    with pytest.raises(ValueError, match="lr"):
+        RunConfig(lr="fast")
+    with pytest.raises(ValueError, match="too large"):
+        RunSetup.build(RunConfig(problem="quadratic:la2=1000,lb2=1", workers=5))
