@@ -9,6 +9,7 @@ import sys
 import time
 
 PSC = [sys.executable, "-m", "psc"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:
@@ -17,8 +18,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(args: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def start(args: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    """``psc ARGS`` with ``env`` added to this process's environment; the repository is importable
+    (``custom:factory=tests.slow_problem:make`` works in the child)."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **(env or {})}
     return subprocess.Popen(PSC + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
 
 

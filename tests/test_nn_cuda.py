@@ -65,6 +65,7 @@ def test_compression_happens_on_the_gpu_inproc(name):
     assert torch.allclose(workers[0].rule.x.cpu(), server.rule.model.cpu().to(workers[0].rule.x.dtype), atol=1e-5)
 
 
+@pytest.mark.procs
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_three_worker_processes_share_one_gpu(tmp_path, name):
     needs(name)
