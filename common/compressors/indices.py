@@ -4,18 +4,31 @@ Rand-K (Beznosikov et al. eq. 8) draws k of d coordinates uniformly without repl
 (Gruntkowska et al. Def. 4.1, and spec/marina-p-m3.md section 1 for n not dividing d and for d < n)
 gives worker i block i of one random permutation shared by all workers at a step.
 
-Draws happen on the host with NumPy's PCG64 keyed by the rule's 64-bit code, so a CPU server and a
-CUDA worker get the same indices. The last few results are cached: a server that compresses n Perm-K
-messages at one step computes the permutation once.
+Both ends must get the same indices bit for bit, also when one is a CPU server and the other a CUDA
+worker. Two constructions guarantee it:
+
+* Rand-K, and Perm-K for d <= ``PERMK_HOST_MAX_DIM`` or d < n: NumPy's PCG64 on the host keyed by the
+  rule's 64-bit code; only the (small) index array is copied to the tensor's device. The last few
+  results are cached: a server that compresses n Perm-K messages at one step draws the permutation
+  once.
+* Perm-K for d > ``PERMK_HOST_MAX_DIM`` (and d >= n): the permutation is a keyed bijection of [0, d)
+  (``keyed_permutation``: a Feistel network with keyed round tables and cycle walking, then a keyed
+  rotation), evaluated pointwise in integer torch arithmetic on the tensor's device. Integer arithmetic without overflow
+  gives the same result on every device, and worker i evaluates it only at the d/n positions of its
+  own block: O(d/n) work instead of a host permutation of all d coordinates (O(d), serial, and
+  slow for d = 1e7). The assignment of blocks to workers is a PCG64 permutation of the n workers.
 """
 from __future__ import annotations
 
 import functools
-
 import numpy as np
 import torch
 
-from common.keys import numpy_rng
+from common.keys import mix, numpy_rng
+
+PERMK_HOST_MAX_DIM = 1 << 16  # Perm-K of larger d uses the keyed bijection (``keyed_permutation``)
+FEISTEL_ROUNDS = 4
+_MASK32 = (1 << 32) - 1
 
 
 def regenerate(rule) -> np.ndarray:
@@ -24,6 +37,14 @@ def regenerate(rule) -> np.ndarray:
     if rule.kind == "permk":
         return permk_support(rule.dim, rule.count, rule.worker, rule.key)
     raise ValueError(f"unknown index rule {rule.kind!r}")
+
+
+def support_on(rule, device) -> torch.Tensor:
+    """The rule's sorted support as a private int64 tensor on ``device`` (computed there when the
+    construction allows it, so that no index array crosses from the host)."""
+    if rule.kind == "permk" and _permk_on_device(rule.dim, rule.count):
+        return permk_support_tensor(rule.dim, rule.count, rule.worker, rule.key, torch.device(device))
+    return support_tensor(regenerate(rule), device)
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -46,12 +67,28 @@ def randk_support(dim: int, k: int, key: int) -> np.ndarray:
     return _frozen(np.sort(rng.choice(dim, size=k, replace=False)).astype(np.int64))
 
 
+# ---------------------------------------------------------------------------------------------
+# Perm-K
+# ---------------------------------------------------------------------------------------------
+
+
+def _permk_on_device(dim: int, n: int) -> bool:
+    return dim > PERMK_HOST_MAX_DIM and dim >= n
+
+
 @functools.lru_cache(maxsize=8)
 def _permutations(dim: int, n: int, key: int) -> tuple[np.ndarray, np.ndarray]:
     rng = numpy_rng(key)
     coord_perm = rng.permutation(dim) if dim >= n else np.arange(dim)
     worker_perm = rng.permutation(n)
     return coord_perm, worker_perm
+
+
+@functools.lru_cache(maxsize=64)
+def _worker_slots(n: int, key: int) -> np.ndarray:
+    """The block each worker gets, for the keyed-bijection construction: a PCG64 permutation of the
+    n workers keyed by ``key`` (so every worker's block size is q + 1 with probability (d mod n)/n)."""
+    return _frozen(numpy_rng(key).permutation(n))
 
 
 def permk_blocks(dim: int, n: int) -> list[int]:
@@ -65,24 +102,144 @@ def permk_scale(dim: int, n: int) -> float:
     return float(n) if dim >= n else n / (n // dim)
 
 
-@functools.lru_cache(maxsize=4096)
-def permk_support(dim: int, n: int, worker: int, key: int) -> np.ndarray:
-    """Worker ``worker``'s sorted support for the step keyed by ``key``.
+def _slot(dim: int, n: int, worker: int, key: int) -> int:
+    if _permk_on_device(dim, n):
+        return int(_worker_slots(n, key)[worker])
+    return int(_permutations(dim, n, key)[1][worker])
 
-    d >= n: a random permutation of the coordinates is cut into n blocks (sizes of ``permk_blocks``),
-    and a random permutation of the workers assigns the blocks, so each worker's support is uniformly
-    distributed whatever its index. The blocks are disjoint and cover range(d).
-    d < n, n = q d + r: the workers are randomly ordered; positions 0..q d - 1 get coordinate
-    position mod d (each coordinate goes to exactly q workers), the last r workers get nothing.
-    """
+
+def _block(dim: int, n: int, slot: int) -> tuple[int, int]:
+    """(start, size) of block ``slot`` in the permuted order (d >= n)."""
+    q, r = divmod(dim, n)
+    return slot * q + min(slot, r), q + (1 if slot < r else 0)
+
+
+def permk_block_size(dim: int, n: int, worker: int, key: int) -> int:
+    """The number of coordinates worker ``worker`` gets at the step keyed by ``key`` (no support is
+    computed: the decoder checks a message's length with it)."""
+    slot = _slot(dim, n, worker, key)
+    if dim >= n:
+        return _block(dim, n, slot)[1]
+    return 1 if slot < (n // dim) * dim else 0
+
+
+@functools.lru_cache(maxsize=64)
+def _permk_support_host(dim: int, n: int, worker: int, key: int) -> np.ndarray:
     coord_perm, worker_perm = _permutations(dim, n, key)
     slot = int(worker_perm[worker])
     if dim >= n:
-        q, r = divmod(dim, n)
-        start = slot * q + min(slot, r)
-        size = q + (1 if slot < r else 0)
+        start, size = _block(dim, n, slot)
         return _frozen(np.sort(coord_perm[start:start + size]).astype(np.int64))
     q = n // dim
     if slot < q * dim:
         return _frozen(np.array([slot % dim], dtype=np.int64))
     return _frozen(np.empty(0, dtype=np.int64))
+
+
+def permk_support(dim: int, n: int, worker: int, key: int) -> np.ndarray:
+    """Worker ``worker``'s sorted support for the step keyed by ``key``, as a host array.
+
+    d >= n: a random permutation of the coordinates is cut into n blocks (sizes of ``permk_blocks``),
+    and a random permutation of the workers assigns the blocks, so each worker's support is uniformly
+    distributed whatever its index. The blocks are disjoint and cover range(d). For d above
+    ``PERMK_HOST_MAX_DIM`` the coordinate permutation is ``keyed_permutation`` (see the module doc).
+    d < n, n = q d + r: the workers are randomly ordered; positions 0..q d - 1 get coordinate
+    position mod d (each coordinate goes to exactly q workers), the last r workers get nothing.
+    """
+    if _permk_on_device(dim, n):
+        return _frozen(permk_support_tensor(dim, n, worker, key, torch.device("cpu")).numpy())
+    return _permk_support_host(dim, n, worker, key)
+
+
+def permk_support_tensor(dim: int, n: int, worker: int, key: int, device: torch.device) -> torch.Tensor:
+    """``permk_support`` as a private int64 tensor on ``device``, computed there for large d."""
+    if not _permk_on_device(dim, n):
+        return support_tensor(_permk_support_host(dim, n, worker, key), device)
+    start, size = _block(dim, n, _slot(dim, n, worker, key))
+    if size == dim:
+        return torch.arange(dim, dtype=torch.int64, device=device)
+    dtype = torch.int32 if dim + (1 << 16) < 2**31 else torch.int64
+    values = keyed_permutation(torch.arange(start, start + size, dtype=dtype, device=device), dim, key)
+    return _sorted_distinct(values, dim).to(torch.int64)
+
+
+def _sorted_distinct(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """``values`` (distinct, in [0, dim)) in increasing order. On the CPU NumPy sorts (its SIMD sort
+    of int64 is several times faster than torch's); elsewhere the device sorts."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.sort(values.numpy()))
+    return torch.sort(values).values
+
+
+def _hash32(z: torch.Tensor, key: int) -> torch.Tensor:
+    """A keyed 32-bit mix of non-negative int64 values below 2^32 (three multiply-xorshift rounds with
+    odd multipliers below 2^31, so every product stays below 2^63: exact on every device)."""
+    z = z ^ (mix(key, 0) & _MASK32)
+    for j in (1, 2, 3):
+        z = (z * ((mix(key, j) & 0x7FFFFFFF) | 1)) & _MASK32
+        z = z ^ (z >> 16)
+    return z
+
+
+@functools.lru_cache(maxsize=16)
+def _feistel_tables(dim: int, key: int, device: torch.device):
+    """Round tables and constants of ``keyed_permutation`` for (dim, key), built on ``device``.
+
+    The domain is Z_A x Z_(2^b) (value = left * 2^b + right) with b = floor(bits(d - 1) / 2) and
+    A = ceil(d / 2^b), so it holds d and less than d + 2^b values (cycle walking is rare). Even
+    rounds set right ^= T_r[left] (T_r uniform on [0, 2^b)), odd rounds left = (left + T_r[right])
+    mod A (T_r uniform on [0, A)); each round is a bijection of the domain.
+    """
+    bits = max(2, (dim - 1).bit_length())
+    low = bits // 2
+    a_size = -(-dim // (1 << low))
+    dtype = torch.int32 if a_size << low < 2**31 else torch.int64
+    tables = []
+    for r in range(FEISTEL_ROUNDS):
+        sub = mix(key, 0x7AB1E, r)
+        if r % 2 == 0:
+            h = _hash32(torch.arange(a_size, dtype=torch.int64, device=device), sub)
+            tables.append((h >> (32 - low)).to(dtype))
+        else:  # stored minus A: left + T - A lies in [-A, A) and one sign test reduces it mod A
+            h = _hash32(torch.arange(1 << low, dtype=torch.int64, device=device), sub)
+            tables.append((((h * a_size) >> 32) - a_size).to(dtype))
+    rotation = mix(key, 0x7AB1E, FEISTEL_ROUNDS) % dim
+    return low, a_size, dtype, tuple(tables), rotation
+
+
+def _feistel(v: torch.Tensor, low: int, a_size: int, tables) -> torch.Tensor:
+    """One pass of the keyed Feistel network over Z_A x Z_(2^low) (``_feistel_tables``)."""
+    left = v >> low
+    right = v.bitwise_and_((1 << low) - 1)
+    for r, table in enumerate(tables):
+        if r % 2 == 0:
+            right.bitwise_xor_(table.index_select(0, left))
+        else:
+            left.add_(table.index_select(0, right))
+            left.add_((left >> (8 * left.element_size() - 1)).bitwise_and_(a_size))
+    return left.bitwise_left_shift_(low).bitwise_or_(right)
+
+
+def keyed_permutation(positions: torch.Tensor, dim: int, key: int) -> torch.Tensor:
+    """pi_key(p) for integer positions p in [0, dim): a keyed bijection of [0, dim), as int32 where
+    the domain fits (int64 otherwise).
+
+    pi(p) = (F(p) + s) mod dim, where F is a 4-round Feistel network with random round tables on a
+    domain of fewer than dim + 2^(bits/2) values, restricted to [0, dim) by cycle walking (a value
+    >= dim goes through F again), and s is a keyed rotation in [0, dim). The rotation makes every
+    coordinate equally likely at every position whatever F is (P(pi(p) = j) = 1/d for each p and j
+    over s), which is what Perm-K's unbiasedness and omega = n - 1 rest on; F spreads a block over the
+    coordinates. Integer arithmetic without overflow: the same on CPU and CUDA.
+    """
+    low, a_size, dtype, tables, rotation = _feistel_tables(dim, key, positions.device)
+    out = _feistel(positions.to(dtype), low, a_size, tables)
+    if a_size << low != dim:
+        todo = torch.nonzero(out >= dim).flatten()
+        while todo.numel():
+            again = _feistel(out[todo], low, a_size, tables)
+            out[todo] = again
+            todo = todo[again >= dim]
+    if rotation:  # (out + s) mod dim, with out + s - dim in [-dim, dim)
+        out.add_(rotation - dim)
+        out.add_((out >> (8 * out.element_size() - 1)).bitwise_and_(dim))
+    return out

@@ -178,6 +178,17 @@ class Quantized:
         return self.dim * (1 + self.table.code_bits) + (32 if self.norm is not None else 0)
 
 
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
+def zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero vector. On the CPU NumPy's calloc gets zero pages from the system, where torch.zeros
+    would write every byte once more."""
+    if device.type == "cpu" and dtype in _NUMPY_DTYPES:
+        return torch.from_numpy(np.zeros(n, dtype=_NUMPY_DTYPES[dtype]))
+    return torch.zeros(n, dtype=dtype, device=device)
+
+
 @dataclass(frozen=True, eq=False)
 class Sparse:
     dim: int
@@ -189,13 +200,13 @@ class Sparse:
     def support(self, device: torch.device) -> torch.Tensor:
         if self.indices is not None:
             return self.indices.to(device)
-        return index_sets.support_tensor(self.rule.indices(), device)
+        return index_sets.support_on(self.rule, device)
 
     def to_dense(self) -> torch.Tensor:
         kept = self.values.to_dense().to(self.dtype)
-        out = torch.zeros(self.dim, dtype=self.dtype, device=kept.device)
+        out = zeros(self.dim, self.dtype, kept.device)
         if kept.numel():
-            out[self.support(kept.device)] = kept
+            out.index_copy_(0, self.support(kept.device), kept)
         return out
 
     def nominal_bits(self) -> int:

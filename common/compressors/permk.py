@@ -4,18 +4,20 @@ At each step one random permutation, shared by all n workers, is cut into n disj
 [d]; worker i gets its block scaled by n. Each C_i is unbiased with omega = n - 1 exactly
 (E||C_i(x)||^2 = n||x||^2), and (1/n) sum_i C_i(x) = x for every draw, so theta = 0.
 For d < n (n = q d + r) each coordinate goes to exactly q workers scaled by n/q, r workers get
-nothing, and omega = n/q - 1 (Lemma A.6). See ``indices.permk_support`` for the construction.
+nothing, and omega = n/q - 1 (Lemma A.6). See ``indices.permk_support`` for the construction (for
+large d a keyed bijection that each worker evaluates on its own block only).
 """
 from __future__ import annotations
 
 import math
 
 
-from common.compressors.base import Constants, Selection, Sparsifier
-from common.compressors.indices import permk_scale, support_tensor
+from common.compressors.base import Constants, Selection, Sparsifier, register
+from common.compressors.indices import permk_scale, support_on
 from common.compressors.payloads import IndexRule
 
 
+@register
 class PermK(Sparsifier):
     name = "permk"
     summary = "worker i gets block i of a shared random permutation, scaled by n; the n messages average to x"
@@ -32,5 +34,5 @@ class PermK(Sparsifier):
     def select(self, x, key):
         m = x.numel()
         rule = IndexRule("permk", m, self.n_workers, key.worker, key.for_worker(0).child("permutation").code)
-        idx = support_tensor(rule.indices(), x.device)
-        return None, rule, x[idx] * permk_scale(m, self.n_workers)
+        idx = support_on(rule, x.device)
+        return None, rule, x.index_select(0, idx).mul_(permk_scale(m, self.n_workers))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from common.compressors.base import all_finite
-from common.compressors.indices import permk_support
+from common.compressors.indices import permk_block_size
 from common.compressors.payloads import Dense, IndexRule, LevelTable, Quantized, Scaled, Signs, Sparse, rounding_exponent_range
 from common.wire import bitpack, indexcode
 from common.wire.header import (
@@ -319,9 +319,9 @@ def _parse(node, depth: int, top: bool, max_dim: int) -> _Plan:
     rule = IndexRule("permk", dim, n_workers, worker, key)
 
     def build_permk(it):
-        support = permk_support(dim, n_workers, worker, key)
-        if support.size != child.dim:
-            raise WireError(f"{what}: {child.dim} values for worker {worker}'s block of {support.size}")
+        size = permk_block_size(dim, n_workers, worker, key)
+        if size != child.dim:
+            raise WireError(f"{what}: {child.dim} values for worker {worker}'s block of {size}")
         return Sparse(dim, child.build(it), None, rule, dtype)
     return _Plan(dim, child.frames, build_permk)
 
