@@ -168,11 +168,15 @@ class Quantized:
         return self.codes.numel()
 
     def to_dense(self) -> torch.Tensor:
+        """sign_i * level[code_i] (* norm): one gather from the 2L signed values
+        [l_0 norm, .., l_(L-1) norm, -l_0 norm, ..] (the same float products as coordinate-wise)."""
         levels = self.table.values(self.dtype, self.codes.device)
-        out = levels[self.codes.long()]
         if self.norm is not None:
-            out = out * self.norm.to(self.dtype)
-        return torch.where(self.negative, -out, out)
+            levels = levels * self.norm.to(self.dtype)
+        signed = torch.cat([levels, -levels])
+        index = self.codes.to(torch.int32 if levels.numel() < 2**30 else torch.int64)
+        index.add_(self.negative, alpha=levels.numel())
+        return signed.index_select(0, index)
 
     def nominal_bits(self) -> int:
         return self.dim * (1 + self.table.code_bits) + (32 if self.norm is not None else 0)

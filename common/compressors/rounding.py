@@ -13,6 +13,8 @@ The payload keeps a sign and a code per coordinate (natural compression: sign + 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from common.compressors.base import Compressor, Constants, Param
@@ -63,8 +65,53 @@ def stochastic_codes(t: torch.Tensor, table: LevelTable, levels: torch.Tensor, g
     else:
         gap = hi - lo
         p_up = torch.where(gap > 0, (t - lo) / torch.where(gap > 0, gap, 1), torch.ones_like(t))
-        up = torch.rand(t.shape, generator=gen, device=t.device, dtype=t.dtype) < p_up
+        up = uniform_below(p_up, gen)
     return (lo_idx + up).to(torch.int16 if top < 2 ** 15 else torch.int32)
+
+
+def uniform_below(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``torch.rand(p.shape, generator=gen, dtype=p.dtype) < p``, bit for bit, with the same draws.
+
+    On the CPU torch.rand makes a float32 from the low 24 bits of one 32-bit Mersenne-Twister output,
+    u = k 2^-24 (a float64 from 53 bits of a 64-bit output), and ``random_`` on int32 (int64) hands
+    out those same outputs. So u < p iff k < p 2^24 (exact: scaling by a power of two), and the
+    integer draw skips torch.rand's float conversion pass. Elsewhere torch.rand itself is used.
+    """
+    if p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
+        bits, itype = (24, torch.int32) if p.dtype == torch.float32 else (53, torch.int64)
+        k = torch.empty(p.shape, dtype=itype).random_(generator=gen).bitwise_and_((1 << bits) - 1)
+        return k < p * float(2**bits)
+    return torch.rand(p.shape, generator=gen, device=p.device, dtype=p.dtype) < p
+
+
+@functools.lru_cache(maxsize=8)
+def _natural_code_table(top: int) -> torch.Tensor:
+    """Code of a float32 whose biased exponent after rounding is e (e = 0: zero): level k holds
+    2^(k - 150), so a normal 2^(e - 127) is code e + 23, clamped to the top level 2^127."""
+    e = torch.arange(256, dtype=torch.int32)
+    return torch.where(e == 0, 0, (e + 23).clamp(max=top)).to(torch.int16)
+
+
+def natural_codes_float32(x: torch.Tensor, gen: torch.Generator, top: int) -> torch.Tensor | None:
+    """Unbiased rounding of |x| to powers of two for a float32 CPU vector, on its bit pattern
+    (Horvath et al.'s C_nat, spec eq. 12 with b = 2): the same codes and draws as ``stochastic_codes``.
+
+    For a normal |x| = 2^(E - 127)(1 + m 2^-23) the probability of rounding up is m 2^-23 and the draw
+    is u = k 2^-24 (``uniform_below``): up iff floor(k/2) < m iff m + (2^23 - 1 - floor(k/2)) carries
+    into the exponent field. So code = table[exponent field of (x + noise)], with the noise added to
+    the bit pattern. Returns None (nothing drawn) when x holds subnormals, which this does not cover.
+    """
+    state = gen.get_state()
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.empty(x.shape, dtype=torch.int32).random_(generator=gen)
+    exponent = noise.bitwise_not_().bitwise_right_shift_(1).bitwise_and_(0x7FFFFF)
+    exponent.add_(bits).bitwise_right_shift_(23).bitwise_and_(0xFF)  # the sign bit never changes
+    if bool((exponent <= 1).any()):  # zeros, or possibly subnormals: look at the input
+        magnitude = bits & 0x7FFFFFFF
+        if bool(((magnitude - 1) >> 23 == 0).any()):  # 0 < |x| < 2^-126
+            gen.set_state(state)
+            return None
+    return _natural_code_table(top).index_select(0, exponent)
 
 
 class ExpRounding(Compressor):
@@ -91,7 +138,11 @@ class ExpRounding(Compressor):
         work = compute_dtype(x.dtype)
         levels = table.values(work, x.device)
         gen = None if self.biased else key.torch_generator(x.device)
-        codes = stochastic_codes(x.detach().abs().to(work), table, levels, gen)
+        codes = None
+        if gen is not None and self.base == 2.0 and x.dtype == torch.float32 and x.device.type == "cpu":
+            codes = natural_codes_float32(x.detach(), gen, levels.numel() - 1)
+        if codes is None:
+            codes = stochastic_codes(x.detach().abs().to(work), table, levels, gen)
         return Quantized(table, x < 0, codes, None, x.dtype)
 
 

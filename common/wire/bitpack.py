@@ -56,6 +56,8 @@ def pack(values: torch.Tensor, width: int) -> torch.Tensor:
         v = values.to(torch.int64)
         v = torch.where(v >= 1 << (width - 1), v - (1 << width), v)
         return v.to(dt).view(torch.uint8)
+    if width < 8 and _LITTLE:
+        return _pack_small(values, n, width)
     # Any other width (<= 31): 8 fields make exactly ``width`` bytes. Field j of a group starts at bit
     # j*width of the group, inside 32-bit word (j*width)//32; a field that crosses a word boundary
     # puts its high bits into the next word. One vectorized step per j (8 steps), over all groups.
@@ -93,6 +95,8 @@ def unpack(data: torch.Tensor, n: int, width: int) -> torch.Tensor:
     if width in (16, 32) and _LITTLE:
         dt = torch.int16 if width == 16 else torch.int32
         return data.view(dt).to(torch.int64) & ((1 << width) - 1)
+    if width < 8 and _LITTLE:
+        return unpack_small(data, n, width).to(torch.int64)
     if not _LITTLE:
         raise NotImplementedError("bit unpacking needs a little-endian host")
     groups = -(-n // 8)
@@ -114,6 +118,53 @@ def unpack(data: torch.Tensor, n: int, width: int) -> torch.Tensor:
             low = (low & ((1 << (32 - shift)) - 1)) | (words[:, wi + 1] << (32 - shift))
         out[:, j] = low & mask
     return out.view(-1)[:n]
+
+
+def _lane_masks(width: int) -> list[tuple[int, int, int]]:
+    """For the three merge steps of ``_pack_small`` (lanes of 16, 32, 64 bits holding two fields of
+    ``f`` = width, 2 width, 4 width bits): (lane bits, mask of the low field, f) with the masks
+    replicated over the 64-bit word, as signed int64 constants."""
+    out = []
+    for lane, f in ((16, width), (32, 2 * width), (64, 4 * width)):
+        low = sum(((1 << f) - 1) << (lane * j) for j in range(64 // lane))
+        out.append((lane, low - (1 << 64) if low >= 1 << 63 else low, f))
+    return out
+
+
+def _pack_small(values: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    """Widths 2..7: the 8 fields of a group sit in the 8 bytes of one int64 word; three SWAR steps
+    merge neighbouring fields (bytes, then 16-bit lanes, then 32-bit lanes) until the group's
+    8 * width bits are the low bits of the word, whose first ``width`` bytes are the packed group."""
+    groups = -(-n // 8)
+    if values.dtype == torch.uint8 and n == groups * 8 and values.is_contiguous():
+        buf = values.clone()
+    else:
+        buf = torch.zeros(groups * 8, dtype=torch.uint8, device=values.device)
+        buf[:n] = values
+    words = buf.view(torch.int64)
+    for lane, low, f in _lane_masks(width):
+        # the high field of each lane starts at lane/2 and moves down to f: shift by lane/2 - f
+        high = (words >> (lane // 2 - f)).bitwise_and_(low << f)
+        words.bitwise_and_(low).bitwise_or_(high)
+    return buf.view(groups, 8)[:, :width].reshape(-1)[: packed_len(n, width)]
+
+
+def unpack_small(data: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    """Inverse of ``_pack_small`` for widths 2..7: the ``n`` fields as a uint8 tensor."""
+    groups = -(-n // 8)
+    buf = torch.zeros(groups, 8, dtype=torch.uint8, device=data.device)
+    flat = buf[:, :width]
+    full = data.numel() // width
+    flat[:full] = data[: full * width].view(full, width)
+    if full < groups:
+        tail = torch.zeros(width, dtype=torch.uint8, device=data.device)
+        tail[: data.numel() - full * width] = data[full * width:]
+        flat[full] = tail
+    words = buf.view(torch.int64).view(-1)
+    for lane, low, f in reversed(_lane_masks(width)):
+        high = (words >> f).bitwise_and_(low).bitwise_left_shift_(lane // 2)
+        words.bitwise_and_(low).bitwise_or_(high)
+    return buf.view(-1)[:n]
 
 
 def padding_is_zero(data: torch.Tensor, nbits: int) -> bool:

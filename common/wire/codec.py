@@ -126,14 +126,14 @@ def _enc_quantized(p: Quantized, out: list) -> list:
             raise WireError(f"Quantized: codes span [{lo}, {hi}], outside the table's [0, {top}]")
         mode, offset, width = PLAIN, lo, bitpack.width_for(hi - lo + 1)
         if lo == 0 and hi > 0:
-            lo_nz = int(codes.masked_fill(codes == 0, hi).min())
+            lo_nz = int(codes.masked_fill(codes == 0, hi).amin())
             if bitpack.width_for(hi - lo_nz + 2) < width:
                 mode, offset, width = ZERO_ESCAPE, lo_nz, bitpack.width_for(hi - lo_nz + 2)
-    codes = codes.to(torch.int64)
+    small = torch.uint8 if width <= 8 else torch.int64
     if mode == PLAIN:
-        fields = codes - offset
-    else:
-        fields = torch.where(codes == 0, 0, codes - (offset - 1))
+        fields = (codes - offset).to(small) if offset else codes.to(small)
+    else:  # code 0 -> field 0, code c >= offset -> c - offset + 1 (c - (offset - 1) is <= 0 only for 0)
+        fields = (codes - (offset - 1)).clamp_(min=0).to(small)
     out.append(bitpack.pack(neg, 1))
     out.append(bitpack.pack(fields, width))
     norm = None if p.norm is None else _scalar_bits(p.norm, "Quantized", "norm")
@@ -377,14 +377,20 @@ def _parse_quantized(node, what, min_n, max_dim) -> _Plan:
         nbits = n * width
         if nbits % 8 and data.size and int(data[-1]) >> (nbits % 8):
             raise WireError(f"{what}: nonzero padding bits after the last code")
-        fields = bitpack.unpack(_tensor(data), n, width)
-        if mode == PLAIN:
-            codes = fields + offset
+        code_dtype = torch.int16 if top < 2**15 else torch.int32
+        largest = offset + (1 << width) - (1 if mode == PLAIN else 2)  # the largest code the fields allow
+        work = code_dtype if largest < 2**15 else torch.int64  # no overflow before the range check
+        if 1 < width < 8:
+            fields = bitpack.unpack_small(_tensor(data), n, width).to(work)
         else:
-            codes = torch.where(fields == 0, 0, fields + (offset - 1))
-        if n and int(codes.max()) > top:
+            fields = bitpack.unpack(_tensor(data), n, width).to(work)
+        if mode == PLAIN:
+            codes = fields.add_(offset) if offset else fields
+        else:
+            codes = fields.add_((fields != 0).to(work).mul_(offset - 1))
+        if n and largest > top and int(codes.max()) > top:
             raise WireError(f"{what}: code {int(codes.max())} outside the table's [0, {top}]")
-        codes = codes.to(torch.int16 if top < 2**15 else torch.int32)
+        codes = codes.to(code_dtype)
         return Quantized(table, negative, codes, norm, dtype)
     return _Plan(n, sizes, build)
 
