@@ -17,39 +17,26 @@ from typing import Any
 import torch
 
 from common import spec as specs
-from common.compressors.adaptive import Adaptive
-from common.compressors.base import Compressor, Constants, Sparsifier
-from common.compressors.casts import Bf16, Fp16
-from common.compressors.chain import Chain
-from common.compressors.dithering import QSGD, ExpDither, NatDither, Ternary
+from common.compressors.base import REGISTRY, Compressor, Constants, Sparsifier, register
+# Each compressor registers itself (``@register``) when its module is imported; this import order is
+# the order of ``psc list compressors``.
 from common.compressors.identity import Identity
-from common.compressors.payloads import Dense, IndexRule, LevelTable, Payload, Quantized, Scaled, Signs, Sparse
-from common.compressors.permk import PermK
-from common.compressors.randk import RandK, SameRandK
-from common.compressors.rounding import ExpRounding, Natural
-from common.compressors.scale import Scale, ScaledCompressor
-from common.compressors.sign import Sign
+from common.compressors.casts import Bf16, Fp16
 from common.compressors.topk import TopK
-
-REGISTRY: dict[str, type[Compressor]] = {
-    cls.name: cls
-    for cls in (
-        Identity, Fp16, Bf16, TopK, RandK, SameRandK, PermK, Adaptive, ExpRounding, Natural,
-        ExpDither, NatDither, QSGD, Ternary, Sign, Scale,
-    )
-}
+from common.compressors.randk import RandK, SameRandK
+from common.compressors.permk import PermK
+from common.compressors.adaptive import Adaptive
+from common.compressors.rounding import ExpRounding, Natural
+from common.compressors.dithering import QSGD, ExpDither, NatDither, Ternary
+from common.compressors.sign import Sign
+from common.compressors.scale import Scale, ScaledCompressor
+from common.compressors.chain import Chain
+from common.compressors.payloads import Dense, IndexRule, LevelTable, Payload, Quantized, Scaled, Signs, Sparse
 
 __all__ = [
-    "build", "REGISTRY", "Compressor", "Constants", "Payload", "Dense", "Sparse", "Signs", "Quantized",
+    "build", "REGISTRY", "register", "Compressor", "Constants", "Payload", "Dense", "Sparse", "Signs", "Quantized",
     "Scaled", "IndexRule", "LevelTable", "describe",
 ]
-
-
-def _build_one(item: specs.Spec, dim: int, n_workers: int, seed: int, purpose: str) -> Compressor:
-    cls = REGISTRY.get(item.name)
-    if cls is None:
-        raise ValueError(f"unknown compressor {item.name!r} (known: {', '.join(REGISTRY)})")
-    return cls(dim, n_workers, seed, item.options, purpose)
 
 
 def build(spec: str, dim: int, n_workers: int = 1, seed: int = 0, *, purpose: str = "compress") -> Compressor:
@@ -69,13 +56,13 @@ def build(spec: str, dim: int, n_workers: int = 1, seed: int = 0, *, purpose: st
 
     compressor = _build_chain(stages, dim, n_workers, seed, purpose, spec)
     for item in factors:
-        lam = Scale(dim, n_workers, seed, item.options, purpose).factor
+        lam = REGISTRY.build(item, dim, n_workers, seed, purpose=purpose).factor
         compressor = ScaledCompressor(compressor, lam)
     return compressor
 
 
 def _build_chain(stages, dim, n_workers, seed, purpose, text) -> Compressor:
-    head = _build_one(stages[0], dim, n_workers, seed, purpose)
+    head = REGISTRY.build(stages[0], dim, n_workers, seed, purpose=purpose)
     if len(stages) == 1:
         return head
     if not isinstance(head, Sparsifier):

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from common.compressors.base import Constants, Selection, Sparsifier
+from common.compressors.base import Constants, Selection, Sparsifier, register
 
 
+@register
 class Adaptive(Sparsifier):
     name = "adaptive"
     summary = "one coordinate drawn with probability |x_i|/||x||_1, unscaled (index sent)"

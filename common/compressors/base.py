@@ -1,4 +1,4 @@
-"""The compressor interface, option parsing and the theory constants every compressor declares.
+"""The compressor interface, its registry (``@register``) and the theory constants every compressor declares.
 
 Constants follow INTERFACE.md (None where the class does not apply, every bound for every x):
 
@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from common.keys import StreamKey
+from common.options import Param, Registry, parse_options  # noqa: F401  (Param: the compressors' option type)
 
 
 @dataclass(frozen=True)
@@ -64,36 +65,6 @@ class Constants:
             return float(v)
 
         return {k: clean(getattr(self, k)) for k in ("unbiased", "omega", "alpha", "b1", "b2", "theta")}
-
-
-@dataclass(frozen=True)
-class Param:
-    """One ``key=value`` option of a compressor: its type, default and a check with a message."""
-
-    name: str
-    kind: type
-    default: Any = None
-    check: Callable[[Any], bool] | None = None
-    must: str = ""
-    doc: str = ""
-
-    def convert(self, owner: str, value: Any) -> Any:
-        if self.kind is bool:
-            if not isinstance(value, bool):
-                raise ValueError(f"{owner}: option {self.name}={value!r} must be true or false")
-        elif self.kind is int:
-            if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-                raise ValueError(f"{owner}: option {self.name}={value!r} must be an integer")
-            value = int(value)
-        elif self.kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{owner}: option {self.name}={value!r} must be a number")
-            value = float(value)
-        elif self.kind is str:
-            value = str(value)
-        if self.check is not None and not self.check(value):
-            raise ValueError(f"{owner}: option {self.name}={value!r} must be {self.must}")
-        return value
 
 
 def resolve_k(owner: str, dim: int, options: dict[str, Any], default_ratio: float | None = None) -> int:
@@ -149,18 +120,9 @@ class Compressor:
 
     # -- options -------------------------------------------------------------------------------
     def _parse_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            allowed = ", ".join(known) or "none"
-            raise ValueError(f"{self.name}: unknown option {unknown[0]!r} (options: {allowed})")
-        parsed = {}
-        for p in self.params:
-            if p.name in options:
-                parsed[p.name] = p.convert(self.name, options[p.name])
-            elif p.default is not None:
-                parsed[p.name] = p.default
-        return parsed
+        """The options, checked by the shared parser; an option whose default is None is left out
+        unless given. Subclasses that fix an option (natural: base=2) add it here."""
+        return parse_options(self.name, self.params, options, keep_unset=False)
 
     # -- constants -----------------------------------------------------------------------------
     def _set_constants(self, constants: Constants) -> None:
@@ -209,6 +171,10 @@ class Compressor:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.spec} d={self.dim} n={self.n_workers}>"
+
+
+REGISTRY: Registry[type[Compressor]] = Registry("compressor")
+register = REGISTRY.register  # class decorator: ``@register`` makes a compressor buildable by its name
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from common.compressors.base import Compressor, Constants
+from common.compressors.base import Compressor, Constants, register
 from common.compressors.payloads import Dense
 
 
@@ -25,6 +25,7 @@ class _Cast(Compressor):
         return Dense(x.detach().clamp(-limit, limit).to(self.target), x.dtype)
 
 
+@register
 class Fp16(_Cast):
     name = "fp16"
     summary = "cast values to IEEE half precision (round to nearest, saturating)"
@@ -32,6 +33,7 @@ class Fp16(_Cast):
     target = torch.float16
 
 
+@register
 class Bf16(_Cast):
     name = "bf16"
     summary = "cast values to bfloat16 (round to nearest)"

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from common.compressors.base import Compressor, Constants, Param
+from common.compressors.base import Compressor, Constants, Param, register
 from common.compressors.payloads import LevelTable, Quantized
 from common.compressors.rounding import compute_dtype, stochastic_codes
 
@@ -45,6 +45,7 @@ class _Dither(Compressor):
 P_PARAM = Param("p", float, 2.0, lambda v: v >= 1, "a number >= 1 or inf", "the norm the levels are relative to")
 
 
+@register
 class ExpDither(_Dither):
     name = "expdither"
     summary = "general exponential dithering: levels b^-j of the p-norm, stochastic, unbiased"
@@ -65,6 +66,7 @@ class ExpDither(_Dither):
         self._set_constants(Constants(unbiased=True, omega=zeta - 1.0))
 
 
+@register
 class NatDither(ExpDither):
     name = "natdither"
     summary = "natural dithering: exponential dithering with base 2"
@@ -75,6 +77,7 @@ class NatDither(ExpDither):
         return {**super()._parse_options(options), "base": 2.0}
 
 
+@register
 class QSGD(_Dither):
     name = "qsgd"
     summary = "standard (uniform) dithering / QSGD with s levels of the 2-norm"
@@ -89,6 +92,7 @@ class QSGD(_Dither):
         self._set_constants(Constants(unbiased=True, omega=min(dim / s**2, math.sqrt(dim) / s)))
 
 
+@register
 class Ternary(_Dither):
     name = "ternary"
     summary = "ternary quantization (TernGrad): ||x||_p * sign * Bernoulli(|x_i|/||x||_p)"

@@ -1,10 +1,11 @@
 """Identity: the uncompressed vector (in every class with omega = 0, alpha = 1; spec Table 3 remark)."""
 from __future__ import annotations
 
-from common.compressors.base import Compressor, Constants
+from common.compressors.base import Compressor, Constants, register
 from common.compressors.payloads import Dense
 
 
+@register
 class Identity(Compressor):
     name = "identity"
     summary = "no compression: the vector itself (32 bits a coordinate in float32)"

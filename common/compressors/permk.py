@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 
 
-from common.compressors.base import Constants, Selection, Sparsifier
+from common.compressors.base import Constants, Selection, Sparsifier, register
 from common.compressors.indices import permk_scale, support_on
 from common.compressors.payloads import IndexRule
 
 
+@register
 class PermK(Sparsifier):
     name = "permk"
     summary = "worker i gets block i of a shared random permutation, scaled by n; the n messages average to x"

@@ -14,11 +14,12 @@ The support is regenerated from the key by the receiver, so only the values trav
 from __future__ import annotations
 
 
-from common.compressors.base import K_PARAMS, Constants, Param, Selection, Sparsifier, resolve_k
+from common.compressors.base import K_PARAMS, Constants, Param, Selection, Sparsifier, resolve_k, register
 from common.compressors.indices import support_tensor
 from common.compressors.payloads import IndexRule
 
 
+@register
 class RandK(Sparsifier):
     name = "randk"
     summary = "k uniformly random coordinates, independent per worker (indices regenerated, not sent)"
@@ -52,6 +53,7 @@ class RandK(Sparsifier):
         return None, rule, values
 
 
+@register
 class SameRandK(RandK):
     name = "samerandk"
     summary = "one Rand-K draw per step shared by all workers (same message to everyone)"

@@ -17,7 +17,7 @@ import functools
 
 import torch
 
-from common.compressors.base import Compressor, Constants, Param
+from common.compressors.base import Compressor, Constants, Param, register
 from common.compressors.payloads import LevelTable, Quantized, rounding_exponent_range
 
 
@@ -114,6 +114,7 @@ def natural_codes_float32(x: torch.Tensor, gen: torch.Generator, top: int) -> to
     return _natural_code_table(top).index_select(0, exponent)
 
 
+@register
 class ExpRounding(Compressor):
     name = "exprounding"
     summary = "round each |x_i| to a power of b (stochastic and unbiased, or nearest when biased=true)"
@@ -146,6 +147,7 @@ class ExpRounding(Compressor):
         return Quantized(table, x < 0, codes, None, x.dtype)
 
 
+@register
 class Natural(ExpRounding):
     name = "natural"
     summary = "natural compression: unbiased rounding to a power of 2 (sign + exponent)"

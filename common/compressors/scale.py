@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from common.compressors.base import Compressor, Constants, Param
+from common.compressors.base import Compressor, Constants, Param, register
 from common.compressors.payloads import Dense, Scaled
 
 LAMBDA = Param("lambda", float, None, lambda v: 0 < v < float("inf"), "a positive number", "the factor")
@@ -27,6 +27,7 @@ def scaled_constants(inner: Constants, lam: float) -> Constants:
     return Constants(unbiased=False, b1=b1, b2=b2, theta=theta)
 
 
+@register
 class Scale(Compressor):
     """``scale:lambda=L`` on its own: lambda * x (useful mostly at the end of a chain)."""
 

@@ -16,10 +16,11 @@ import math
 
 import torch
 
-from common.compressors.base import Compressor, Constants, Param, float32_scalar
+from common.compressors.base import Compressor, Constants, Param, float32_scalar, register
 from common.compressors.payloads import Signs
 
 
+@register
 class Sign(Compressor):
     name = "sign"
     summary = "scaled sign: one bit a coordinate and one scale (l1: ||x||_1/d, l2: ||x||_2/sqrt(d))"

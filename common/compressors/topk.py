@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from common.compressors.base import K_PARAMS, Constants, Selection, Sparsifier, resolve_k
+from common.compressors.base import K_PARAMS, Constants, Selection, Sparsifier, resolve_k, register
 
 
 def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -26,6 +26,7 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.cat([above, at])).values
 
 
+@register
 class TopK(Sparsifier):
     name = "topk"
     summary = "keep the k largest magnitudes (indices sent)"

@@ -1,14 +1,14 @@
 """Problems by name: ``build_problem("quadratic:d=300,la2=0,lb2=100", n_workers, seed)``.
 
-Every module of this package that defines a ``Problem`` subclass decorated with ``@register`` is
-imported here, so adding a problem means adding one file.
+Every module of this package is imported here, so a ``Problem`` subclass decorated with ``@register``
+(the registry of ``common.options``, shared with compressors and algorithms) exists by its name as
+soon as its file does: adding a problem means adding one file.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
 
-from common import spec as specs
 from common.problems.base import PROBLEMS, Oracle, Problem, register
 
 for _module in pkgutil.iter_modules(__path__):
@@ -21,8 +21,5 @@ __all__ = ["PROBLEMS", "Problem", "Oracle", "build_problem", "quadratic_constant
 
 
 def build_problem(spec: str, n_workers: int, seed: int = 0) -> Problem:
-    item = specs.parse(spec)
-    cls = PROBLEMS.get(item.name)
-    if cls is None:
-        raise ValueError(f"unknown problem {item.name!r} (known: {', '.join(sorted(PROBLEMS))})")
-    return cls(n_workers, seed, item.options)
+    """The problem named by ``spec`` for ``n_workers`` workers; a ValueError names what is wrong."""
+    return PROBLEMS.build(spec, n_workers, seed)

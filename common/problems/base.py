@@ -4,27 +4,18 @@ A worker calls ``oracle(x, step)`` on its own device and gets (loss, gradient) a
 sync). The server calls ``evaluate(x)`` at its own model for the metrics file, where the problem can
 (the quadratics evaluate f and grad f exactly). ``constants`` holds the smoothness constants that
 theory step sizes need (L, L_A, L_B, L_max), where known.
+
+A problem is a ``Problem`` subclass decorated with ``@register`` (``common.options.Registry``), built
+from its SPEC by ``PROBLEMS.build(spec, n_workers, seed)`` = ``cls(n_workers, seed, options=...)``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from common.compressors.base import Param
-
-Oracle = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor]"]
-
-
-PROBLEMS: dict[str, type["Problem"]] = {}
-
-
-def register(cls):
-    """Class decorator: make the problem buildable by its ``name``."""
-    if cls.name in PROBLEMS:
-        raise ValueError(f"problem {cls.name!r} registered twice")
-    PROBLEMS[cls.name] = cls
-    return cls
+from common.options import Param, Registry, parse_options
+from common.oracle import Oracle
 
 
 class Problem:
@@ -37,11 +28,7 @@ class Problem:
             raise ValueError(f"{self.name}: n_workers={n_workers!r} must be a positive integer")
         self.n_workers = n_workers
         self.seed = int(seed)
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise ValueError(f"problem {self.name}: unknown option {unknown[0]!r} (options: {', '.join(known) or 'none'})")
-        self.options = {p.name: p.convert(f"problem {self.name}", options[p.name]) if p.name in options else p.default for p in self.params}
+        self.options = parse_options(f"problem {self.name}", self.params, options)
         self.dim = 0
         self.constants: dict[str, float] = {}
 
@@ -55,3 +42,7 @@ class Problem:
     def evaluate(self, x: torch.Tensor) -> dict[str, float]:
         """Server-side metrics at x (loss, grad_norm_sq, ...); {} when the server cannot know them."""
         return {}
+
+
+PROBLEMS: Registry[type[Problem]] = Registry("problem")
+register = PROBLEMS.register  # class decorator: ``@register`` makes a problem buildable by its name

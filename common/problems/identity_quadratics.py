@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from common.compressors.base import Param
+from common.options import Param
 from common.problems.base import Problem, register
 from common.problems.quadratic import quadratic_constants
 

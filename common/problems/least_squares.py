@@ -8,7 +8,7 @@ oracle: ``batch`` rows drawn uniformly per call (default 1, the paper's), keyed 
 """
 from __future__ import annotations
 
-from common.compressors.base import Param
+from common.options import Param
 from common.problems.base import register
 from common.problems.tabular_data import RowProblem, heterogeneous_rows
 

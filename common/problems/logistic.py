@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.compressors.base import Param
+from common.options import Param
 from common.problems.base import register
 from common.problems.tabular_data import LogisticLoss, RowProblem, heterogeneous_rows
 

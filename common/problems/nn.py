@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from common.compressors.base import Param
+from common.options import Param
 from common.keys import StreamKey
 from common.problems import datasets as ds
 from common.problems import models

@@ -10,7 +10,7 @@ The regulariser r(x) = x^2/(1+x^2) has |r''| <= 2, so L = lambda_max(A^T A/N)/4 
 """
 from __future__ import annotations
 
-from common.compressors.base import Param
+from common.options import Param
 from common.problems.base import register
 from common.problems.tabular_data import LogisticLoss, RowProblem, load_tabular, split_equally
 

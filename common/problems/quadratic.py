@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from common.compressors.base import Param
+from common.options import Param
 from common.problems.base import Problem, register
 
 
