@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from common.algorithms import Algorithm, RuleContext, ServerRule, WorkerRule, get_algorithm  # noqa: F401
+from common.algorithms import Algorithm, RuleContext, ServerRule, WorkerRule, build_algorithm  # noqa: F401
 from common.config import RunConfig
 from common.problems import Problem, build_problem
 
@@ -21,9 +21,9 @@ class RunSetup:
 
     @classmethod
     def build(cls, config: RunConfig) -> "RunSetup":
-        algorithm, options = get_algorithm(config.algorithm)
+        algorithm = build_algorithm(config.algorithm)
         problem = build_problem(config.problem, config.workers, config.seed)
-        ctx = algorithm.context(config, problem.dim, options, problem.constants)
+        ctx = algorithm.context(config, problem.dim, problem.constants)
         return cls(config, algorithm, problem, ctx, problem.initial_point())
 
     @property

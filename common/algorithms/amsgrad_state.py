@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.base import ServerRule, WorkerRule
-from common.compressors.base import Param
+from common.options import Param
 
 AMS_PARAMS = (
     Param("beta1", float, 0.9, lambda v: 0 <= v < 1, "in [0, 1)", "momentum"),

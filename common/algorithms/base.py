@@ -11,7 +11,9 @@ same rules through the same wire format. All state that must agree on two sides 
 what the receiver decodes. ``state_dict``/``load_state_dict`` save and restore a rule.
 
 An ``Algorithm`` names the two rules, its default compressors, its options, and the step size its
-paper's theorem gives (``theory_lr``), used by ``lr=theory`` and ``lr=theory*F``.
+paper's theorem gives (``theory_lr``), used by ``lr=theory`` and ``lr=theory*F``. It is registered
+with ``@register`` (``common.options.Registry``, shared with compressors and problems) and built
+from its SPEC by ``ALGORITHMS.build("marina:p=0.3")``, which checks the options.
 """
 from __future__ import annotations
 
@@ -22,12 +24,12 @@ from typing import Any
 import torch
 
 from common.compressors import Compressor, build
-from common.compressors.base import Param
 from common.compressors.payloads import Dense
 from common.config import RunConfig, parse_lr
 from common.keys import StreamKey
 from common.compressors.message import Message
-from common.problems import Oracle
+from common.options import Param, Registry, parse_options
+from common.oracle import Oracle
 
 
 @dataclass
@@ -138,7 +140,11 @@ class WorkerRule:
 
 
 class Algorithm:
-    """A method: its two rules, default compressors, options and theory step size."""
+    """A method: its two rules, default compressors, options and theory step size.
+
+    ``Algorithm(options)`` checks the SPEC's ``key=value`` options against ``params`` (every option
+    present afterwards, unset ones at their default); ``context`` then builds a run's ``RuleContext``.
+    """
 
     name: str = ""
     paper: str = ""
@@ -152,12 +158,8 @@ class Algorithm:
     fixed_downlink: bool = False
     params: tuple[Param, ...] = ()
 
-    def parse_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        known = {p.name: p for p in self.params}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise ValueError(f"algorithm {self.name}: unknown option {unknown[0]!r} (options: {', '.join(known) or 'none'})")
-        return {p.name: p.convert(f"algorithm {self.name}", options[p.name]) if p.name in options else p.default for p in self.params}
+    def __init__(self, options: dict[str, Any] | None = None):
+        self.options = parse_options(f"algorithm {self.name}", self.params, options or {})
 
     @staticmethod
     def default_spec(spec: str, dim: int, n: int) -> str:
@@ -168,12 +170,12 @@ class Algorithm:
         """The step size of the method's theorem, or None where the paper gives no formula."""
         return None
 
-    def context(self, config: RunConfig, dim: int, options: dict[str, Any], problem_constants: dict[str, float]) -> RuleContext:
+    def context(self, config: RunConfig, dim: int, problem_constants: dict[str, float]) -> RuleContext:
         for side, fixed, given in (("uplink", self.fixed_uplink, config.uplink), ("downlink", self.fixed_downlink, config.downlink)):
             if fixed and given not in (None, "identity"):
                 raise ValueError(f"algorithm {self.name} sends its {side} uncompressed; --{side} {given!r} does not apply")
         ctx = RuleContext(
-            config=config, dim=dim, options=self.parse_options(options), problem_constants=problem_constants,
+            config=config, dim=dim, options=dict(self.options), problem_constants=problem_constants,
             uplink_spec=config.uplink or self.default_spec(self.default_uplink, dim, config.workers),
             downlink_spec=config.downlink or self.default_spec(self.default_downlink, dim, config.workers),
         )
@@ -189,15 +191,8 @@ class Algorithm:
         return ctx
 
 
-ALGORITHMS: dict[str, Algorithm] = {}
-
-
-def register(cls: type[Algorithm]) -> type[Algorithm]:
-    """Class decorator: make the algorithm buildable by its ``name``."""
-    if cls.name in ALGORITHMS:
-        raise ValueError(f"algorithm {cls.name!r} registered twice")
-    ALGORITHMS[cls.name] = cls()
-    return cls
+ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm")
+register = ALGORITHMS.register  # class decorator: ``@register`` makes an algorithm buildable by its name
 
 
 def need_constants(ctx: RuleContext, *names: str) -> list[float]:

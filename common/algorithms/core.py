@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
-from common.compressors.base import Param
+from common.options import Param
 from common.keys import StreamKey
 from common.compressors.message import Message
 
@@ -58,8 +58,8 @@ class Core(Algorithm):
     fixed_uplink = fixed_downlink = True
     params = (Param("m", int, 10, lambda v: v >= 1, "at least 1", "number of shared directions"),)
 
-    def context(self, config, dim, options, problem_constants):
-        ctx = super().context(config, dim, options, problem_constants)
+    def context(self, config, dim, problem_constants):
+        ctx = super().context(config, dim, problem_constants)
         if ctx.options["m"] > dim:
             raise ValueError(f"algorithm core: m={ctx.options['m']} exceeds the dimension d={dim}")
         return ctx

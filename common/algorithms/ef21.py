@@ -22,7 +22,7 @@ import torch
 
 from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
 from common.algorithms.ef21_p import ef21_factor
-from common.compressors.base import Param
+from common.options import Param
 from common.compressors.message import Message
 
 

@@ -30,7 +30,7 @@ import torch
 from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, full, need_constants, mean_of
 from common.algorithms.marina import difference_message, unbiased_omega
 from common.algorithms.marina_p import shifted_model
-from common.compressors.base import Param
+from common.options import Param
 from common.compressors.message import Message
 
 

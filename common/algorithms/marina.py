@@ -20,7 +20,7 @@ import math
 import torch
 
 from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
-from common.compressors.base import Param
+from common.options import Param
 from common.compressors.message import Message
 
 

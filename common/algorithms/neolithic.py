@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, register
-from common.compressors.base import Param
+from common.options import Param
 from common.compressors.message import Message
 
 SCHEDULE_PARAMS = (
@@ -137,8 +137,8 @@ class Neolithic(Algorithm):
     default_uplink, default_downlink = "topk:ratio=0.05", "identity"
     params = (Param("r", int, 4, lambda v: 1 <= v <= 64, "an integer in [1, 64]", "FCC rounds = minibatches per iteration"),) + SCHEDULE_PARAMS
 
-    def context(self, config, dim, options, problem_constants):
-        ctx = super().context(config, dim, options, problem_constants)
+    def context(self, config, dim, problem_constants):
+        ctx = super().context(config, dim, problem_constants)
         require_contractive(self.name, "uplink", ctx.uplink)
         require_contractive(self.name, "downlink", ctx.downlink)
         return ctx

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
-from common.compressors.base import Param
+from common.options import Param
 from common.compressors.message import Message
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
 from common.algorithms.neolithic import SCHEDULE_PARAMS, staircase
-from common.compressors.base import Param
+from common.options import Param
 from common.compressors.message import Message
 
 
