@@ -18,6 +18,7 @@ import torch
 
 from common.algorithms.amsgrad_state import AMS_PARAMS, MirrorServer, MirrorWorker, amsgrad_step
 from common.algorithms.base import Algorithm, dense, register, mean_of
+from common.algorithms.memory import error_feedback
 from common.compressors.message import Message
 
 
@@ -27,12 +28,10 @@ class EFServer(MirrorServer):
         self.delta = torch.zeros_like(self.x)
 
     def step(self, t, uplinks):
-        p = mean_of(uplinks, "c") + self.delta
-        c = self.ctx.downlink.compress(p, worker=0, step=t)
-        d_t = dense(c)
-        self.delta = p - d_t
-        amsgrad_step(self, d_t)
-        return [Message({"c": c})] * self.ctx.n
+        p = mean_of(uplinks, "c") + self.delta                      # g_hat + delta_bar
+        d_t, self.delta = error_feedback(self.ctx.downlink, p, 0, t)  # d_t = C_0(...);  delta_bar <- g_hat + delta_bar - d_t
+        amsgrad_step(self, dense(d_t))
+        return [Message({"c": d_t})] * self.ctx.n
 
 
 class EFWorker(MirrorWorker):
@@ -41,9 +40,8 @@ class EFWorker(MirrorWorker):
         self.delta = torch.zeros_like(self.x)
 
     def uplink(self, t):
-        p = self.grad(self.x, t) + self.delta
-        c = self.ctx.uplink.compress(p, worker=self.rank, step=t)
-        self.delta = p - dense(c)
+        p = self.grad(self.x, t) + self.delta                            # g_t^(i) + delta^(i)
+        c, self.delta = error_feedback(self.ctx.uplink, p, self.rank, t)  # g_hat^(i) = C(...);  delta^(i) <- ... - g_hat^(i)
         return Message({"c": c})
 
     def downlink(self, t, msg):

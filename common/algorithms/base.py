@@ -14,6 +14,9 @@ An ``Algorithm`` names the two rules, its default compressors, its options, and 
 paper's theorem gives (``theory_lr``), used by ``lr=theory`` and ``lr=theory*F``. It is registered
 with ``@register`` (``common.options.Registry``, shared with compressors and problems) and built
 from its SPEC by ``ALGORITHMS.build("marina:p=0.3")``, which checks the options.
+
+The pieces several rules share have a module each: ``memory`` (error feedback, the Markov shift),
+``schedule`` (the staircase step size), ``sync`` (p = 1/(omega + 1)), ``marina_p_downlink``.
 """
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.amsgrad_state import AMS_PARAMS, MirrorServer, MirrorWorker, amsgrad_step
-from common.algorithms.base import Algorithm, dense, register, mean_of
+from common.algorithms.base import Algorithm, register, mean_of
+from common.algorithms.memory import markov_compress, shift
 from common.compressors.message import Message
 
 
@@ -31,9 +32,8 @@ class CDAdamServer(MirrorServer):
         self.g_tilde = torch.zeros_like(self.x)
 
     def step(self, t, uplinks):
-        self.g_hat = self.g_hat + mean_of(uplinks, "c")   # line 8
-        c = self.ctx.downlink.compress(self.g_hat - self.g_tilde, worker=0, step=t)                # line 9
-        self.g_tilde = self.g_tilde + dense(c)                                                      # line 10
+        self.g_hat = shift(self.g_hat, mean_of(uplinks, "c"))                                       # line 8
+        c, self.g_tilde = markov_compress(self.ctx.downlink, self.g_hat, self.g_tilde, 0, t)        # lines 9-10
         amsgrad_step(self, self.g_tilde)                                                           # lines 13-16, mirrored
         return [Message({"c": c})] * self.ctx.n
 
@@ -46,12 +46,11 @@ class CDAdamWorker(MirrorWorker):
 
     def uplink(self, t):
         g = self.grad(self.x, t)                                                                    # line 4
-        c = self.ctx.uplink.compress(g - self.g_hat, worker=self.rank, step=t)                     # line 5
-        self.g_hat = self.g_hat + dense(c)                                                          # line 6
+        c, self.g_hat = markov_compress(self.ctx.uplink, g, self.g_hat, self.rank, t)              # lines 5-6
         return Message({"c": c})
 
     def downlink(self, t, msg):
-        self.g_tilde = self.g_tilde + dense(msg.payloads["c"])                                      # line 12
+        self.g_tilde = shift(self.g_tilde, msg.payloads["c"])                                       # line 12
         amsgrad_step(self, self.g_tilde)                                                           # lines 13-16
 
 

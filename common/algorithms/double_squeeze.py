@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, register, mean_of
-from common.algorithms.neolithic import SCHEDULE_PARAMS, staircase
+from common.algorithms.memory import error_feedback
+from common.algorithms.schedule import SCHEDULE_PARAMS, staircase
 from common.compressors.message import Message
 
 
@@ -23,11 +24,9 @@ class DoubleSqueezeServer(ServerRule):
         self.delta = torch.zeros_like(self.x)
 
     def step(self, t, uplinks):
-        v = mean_of(uplinks, "q") + self.delta
-        q = self.ctx.downlink.compress(v, worker=0, step=t)
-        q_dense = dense(q)
-        self.delta = v - q_dense
-        self.x = self.x - staircase(self.ctx, t) * q_dense
+        v = mean_of(uplinks, "q") + self.delta                     # v = (1/n) sum_i Q_i(v_i) + delta
+        q, self.delta = error_feedback(self.ctx.downlink, v, 0, t)   # broadcast Q(v);  delta <- v - Q(v)
+        self.x = self.x - staircase(self.ctx, t) * dense(q)
         return [Message({"q": q})] * self.ctx.n
 
     def round_metrics(self):
@@ -40,9 +39,8 @@ class DoubleSqueezeWorker(WorkerRule):
         self.delta = torch.zeros_like(self.x)
 
     def uplink(self, t):
-        v = self.grad(self.x, t) + self.delta
-        q = self.ctx.uplink.compress(v, worker=self.rank, step=t)
-        self.delta = v - dense(q)
+        v = self.grad(self.x, t) + self.delta                           # v_i = g_i + delta_i
+        q, self.delta = error_feedback(self.ctx.uplink, v, self.rank, t)  # send Q_i(v_i);  delta_i <- v_i - Q_i(v_i)
         return Message({"q": q})
 
     def downlink(self, t, msg):

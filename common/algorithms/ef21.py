@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, full, need_constants, mean_of
 from common.algorithms.ef21_p import ef21_factor
+from common.algorithms.memory import markov_compress, shift
 from common.options import Param
 from common.compressors.message import Message
 
@@ -33,9 +34,8 @@ class EF21Server(ServerRule):
         self.g_down = torch.zeros_like(self.x)   # g~: what every worker holds
 
     def step(self, t, uplinks):
-        self.g = self.g + mean_of(uplinks, "c")
-        c = self.ctx.downlink.compress(self.g - self.g_down, worker=0, step=t)
-        self.g_down = self.g_down + dense(c)
+        self.g = shift(self.g, mean_of(uplinks, "c"))                                # g^{t+1} = g^t + (1/n) sum_i c_i
+        c, self.g_down = markov_compress(self.ctx.downlink, self.g, self.g_down, 0, t)   # c = C_down(g - g~);  g~ += c
         self.x = self.x - self.ctx.lr * self.g_down
         down = Message({"c": c})
         return [down] * self.ctx.n
@@ -52,14 +52,14 @@ class EF21Worker(WorkerRule):
     def uplink(self, t):
         grad = self.grad(self.x, t)
         if t == 0 and self.ctx.options["init"] == "full":
-            c = full(grad)
+            c = full(grad)                                                               # g_i^0 = grad f_i(x^0)
+            self.g_i = shift(self.g_i, c)
         else:
-            c = self.ctx.uplink.compress(grad - self.g_i, worker=self.rank, step=t)
-        self.g_i = self.g_i + dense(c)
+            c, self.g_i = markov_compress(self.ctx.uplink, grad, self.g_i, self.rank, t)  # c_i = C(grad - g_i);  g_i += c_i
         return Message({"c": c})
 
     def downlink(self, t, msg):
-        self.g_down = self.g_down + dense(msg.payloads["c"])
+        self.g_down = shift(self.g_down, msg.payloads["c"])                              # g~ += c
         self.x = self.x - self.ctx.lr * self.g_down
 
 

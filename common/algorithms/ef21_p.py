@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, full, need_constants, mean_of
+from common.algorithms.memory import markov_compress, shift
 from common.compressors.message import Message
 
 
@@ -40,8 +41,7 @@ class EF21PServer(ServerRule):
     def step(self, t, uplinks):
         g = mean_of(uplinks, "g")
         self.x = self.x - self.ctx.lr * g                                  # x^{t+1}
-        c = self.ctx.downlink.compress(self.x - self.w, worker=0, step=t)  # C(x^{t+1} - w^t)
-        self.w = self.w + dense(c)                                         # w^{t+1}, from what is sent
+        c, self.w = markov_compress(self.ctx.downlink, self.x, self.w, 0, t)  # c^t = C(x^{t+1} - w^t);  w^{t+1} = w^t + c^t
         down = Message({"c": c})
         return [down] * self.ctx.n
 
@@ -56,7 +56,7 @@ class EF21PWorker(WorkerRule):
         return full(g)
 
     def downlink(self, t, msg):
-        self.x = self.x + dense(msg.payloads["c"])
+        self.x = shift(self.x, msg.payloads["c"])                          # w^{t+1} = w^t + c^t
 
 
 @register

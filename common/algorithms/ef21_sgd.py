@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
-from common.algorithms.neolithic import SCHEDULE_PARAMS, staircase
+from common.algorithms.memory import markov_compress, shift
+from common.algorithms.schedule import SCHEDULE_PARAMS, staircase
 from common.compressors.message import Message
 
 
@@ -23,7 +24,7 @@ class EF21SGDServer(ServerRule):
         self.g = torch.zeros_like(self.x)
 
     def step(self, t, uplinks):
-        self.g = self.g + mean_of(uplinks, "c")
+        self.g = shift(self.g, mean_of(uplinks, "c"))                    # g^{t+1} = g^t + (1/n) sum_i c_i
         self.x = self.x - staircase(self.ctx, t) * self.g
         return [Message({"g": full(self.g)})] * self.ctx.n
 
@@ -37,8 +38,7 @@ class EF21SGDWorker(WorkerRule):
         self.g_i = torch.zeros_like(self.x)
 
     def uplink(self, t):
-        c = self.ctx.uplink.compress(self.grad(self.x, t) - self.g_i, worker=self.rank, step=t)
-        self.g_i = self.g_i + dense(c)
+        c, self.g_i = markov_compress(self.ctx.uplink, self.grad(self.x, t), self.g_i, self.rank, t)   # c_i = C(g_i(x^t) - g_i^t);  g_i^{t+1} = g_i^t + c_i
         return Message({"c": c})
 
     def downlink(self, t, msg):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
+from common.algorithms.memory import error_feedback
 from common.options import Param
 from common.compressors.message import Message
 
@@ -70,11 +71,9 @@ class EFSGDWorker(WorkerRule):
         self.g = torch.zeros_like(self.x)
 
     def uplink(self, t):
-        self.g = self.grad(self.x, t)                                           # (19)
-        v = self.e + self.ctx.lr * self.g
-        c = self.ctx.uplink.compress(v, worker=self.rank, step=t)             # (21)
-        self.e = v - dense(c)                                                   # (22)
-        return Message({"g": c})
+        self.g = self.grad(self.x, t)                                                           # (19)
+        g_tilde, self.e = error_feedback(self.ctx.uplink, self.e + self.ctx.lr * self.g, self.rank, t)   # (21), (22)
+        return Message({"g": g_tilde})
 
     def downlink(self, t, msg):
         self.x = dense(msg.payloads["x"])

@@ -27,23 +27,23 @@ import math
 
 import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, full, need_constants, mean_of
-from common.algorithms.marina import difference_message, unbiased_omega
-from common.algorithms.marina_p import shifted_model
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, need_constants, mean_of
+from common.algorithms.marina import difference_message
+from common.algorithms.marina_p_downlink import model_messages, shifted_model
+from common.algorithms.sync import sync_probability, unbiased_omega
 from common.options import Param
-from common.compressors.message import Message
 
 
 def m3_parameters(ctx) -> tuple[float, float, float]:
     """(p_P, p_D, beta): the options where given, else Cor. E.2's values."""
     o = ctx.options
-    omega_p = unbiased_omega(ctx.downlink, ctx.downlink_spec, "m3 downlink") if o["p_p"] is None or o["beta"] is None else None
-    omega_d = unbiased_omega(ctx.uplink, ctx.uplink_spec, "m3 uplink") if o["p_d"] is None or o["beta"] is None else None
-    p_p = o["p_p"] if o["p_p"] is not None else 1.0 / (omega_p + 1.0)
-    p_d = o["p_d"] if o["p_d"] is not None else 1.0 / (omega_d + 1.0)
+    p_p = sync_probability(o["p_p"], ctx.downlink, ctx.downlink_spec, "m3 downlink", "p_p")
+    p_d = sync_probability(o["p_d"], ctx.uplink, ctx.uplink_spec, "m3 uplink", "p_d")
     if o["beta"] is not None:
         beta = o["beta"]
     else:
+        omega_p = unbiased_omega(ctx.downlink, ctx.downlink_spec, "m3 downlink", " (or give beta=)")
+        omega_d = unbiased_omega(ctx.uplink, ctx.uplink_spec, "m3 uplink", " (or give beta=)")
         denom = omega_d * omega_p * (omega_d + 1.0)
         beta = 1.0 if denom == 0 else min((ctx.n / denom) ** (1.0 / 3.0), 1.0)
     return p_p, p_d, beta
@@ -63,12 +63,7 @@ class M3Server(ServerRule):
         x_next = self.x - self.ctx.lr * self.g                          # line 1
         sync_p = self.ctx.coin(t, self.p_p)                             # c_P^t
         self.sync_d = self.ctx.coin(t, self.p_d, "coin_d")              # c_D^t
-        meta = {"sync": sync_p, "sync_d": self.sync_d}
-        if sync_p:                                                      # line 2
-            out = [Message({"x": full(x_next)}, meta)] * self.ctx.n
-        else:
-            delta = x_next - self.x
-            out = [Message({"delta": self.compressor.compress(delta, worker=i, step=t)}, meta) for i in range(self.ctx.n)]
+        out = model_messages(self.ctx, self.compressor, self.x, x_next, t, sync_p, sync_d=self.sync_d)   # line 2
         self.x = x_next
         return out
 

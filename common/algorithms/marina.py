@@ -20,26 +20,20 @@ import math
 import torch
 
 from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
+from common.algorithms.sync import sync_probability, unbiased_omega
 from common.options import Param
 from common.compressors.message import Message
 
 
-def unbiased_omega(compressor, spec: str, who: str) -> float:
-    omega = compressor.constants["omega"]
-    if omega is None:
-        raise ValueError(f"{who}: {spec!r} is not unbiased; the method needs an unbiased compressor")
-    return omega
-
-
-def marina_p_prob(ctx) -> float:
-    p = ctx.options.get("p")
-    return p if p is not None else 1.0 / (unbiased_omega(ctx.uplink, ctx.uplink_spec, "marina") + 1.0)
+def marina_probability(ctx) -> float:
+    """p: the option p=, else 1/(omega + 1) of the uplink."""
+    return sync_probability(ctx.options["p"], ctx.uplink, ctx.uplink_spec, "marina")
 
 
 class MarinaServer(ServerRule):
     def __init__(self, ctx, x0):
         super().__init__(ctx, x0)
-        self.p = marina_p_prob(ctx)
+        self.p = marina_probability(ctx)
         self.g = torch.zeros_like(self.x)
         self.sync = True  # round 0: g^0 is a full upload
 
@@ -94,5 +88,5 @@ class Marina(Algorithm):
         L, L_max = need_constants(ctx, "L", "L_max")
         L_hat = ctx.problem_constants.get("L_hat", L_max)
         omega = unbiased_omega(ctx.uplink, ctx.uplink_spec, "marina")
-        p = marina_p_prob(ctx)
+        p = marina_probability(ctx)
         return 1.0 / (L + L_hat * math.sqrt((1.0 - p) * omega / (p * ctx.n)))

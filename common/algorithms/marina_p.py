@@ -17,55 +17,40 @@ from __future__ import annotations
 import math
 
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, full, need_constants, mean_of
+from common.algorithms.marina_p_downlink import model_messages, shifted_model
+from common.algorithms.sync import sync_probability
 from common.options import Param
 from common.compressors.message import Message
 
 
-def sync_probability(ctx) -> float:
-    p = ctx.options.get("p")
-    if p is not None:
-        return p
-    omega = ctx.downlink.constants["omega"]
-    if omega is None:
-        raise ValueError(f"marina-p: the downlink {ctx.downlink_spec!r} is not unbiased; MARINA-P needs an unbiased compressor (or give p=)")
-    return 1.0 / (omega + 1.0)
+def marina_p_probability(ctx) -> float:
+    """p: the option p=, else 1/(omega_P + 1) of the downlink."""
+    return sync_probability(ctx.options["p"], ctx.downlink, ctx.downlink_spec, "marina-p downlink")
 
 
 class MarinaPServer(ServerRule):
     def __init__(self, ctx, x0):
         super().__init__(ctx, x0)
         self.compressor = ctx.downlink
-        self.p = sync_probability(ctx)
+        self.p = marina_p_probability(ctx)
 
     def step(self, t, uplinks):
-        g = mean_of(uplinks, "g")
-        x_next = self.x - self.ctx.lr * g
-        if self.ctx.coin(t, self.p):
-            down = Message({"x": full(x_next)}, {"sync": True})
-            out = [down] * self.ctx.n
-        else:
-            delta = x_next - self.x
-            out = [Message({"delta": self.compressor.compress(delta, worker=i, step=t)}, {"sync": False}) for i in range(self.ctx.n)]
+        g = mean_of(uplinks, "g")                                                    # line 2
+        x_next = self.x - self.ctx.lr * g                                            # line 2
+        out = model_messages(self.ctx, self.compressor, self.x, x_next, t, self.ctx.coin(t, self.p))   # line 3
         self.x = x_next
         return out
-
-
-def shifted_model(w, msg):
-    """Line 4: w_i^{t+1} = x^{t+1} on a sync round, else w_i^t + C_i^t(x^{t+1} - x^t) (M3 line 3 too)."""
-    if msg.meta.get("sync"):
-        return dense(msg.payloads["x"])
-    return w + dense(msg.payloads["delta"])
 
 
 class MarinaPWorker(WorkerRule):
     """Keeps w_i (``self.x``), the point its gradient is evaluated at."""
 
     def uplink(self, t):
-        return Message({"g": full(self.grad(self.x, t))})
+        return Message({"g": full(self.grad(self.x, t))})                           # line 1
 
     def downlink(self, t, msg):
-        self.x = shifted_model(self.x, msg)
+        self.x = shifted_model(self.x, msg)                                          # line 4
 
 
 @register
@@ -82,5 +67,5 @@ class MarinaP(Algorithm):
     def theory_lr(self, ctx):
         L, L_A, L_B = need_constants(ctx, "L", "L_A", "L_B")
         c = ctx.downlink.constants
-        p = sync_probability(ctx)
+        p = marina_p_probability(ctx)
         return 1.0 / (L + math.sqrt((L_A**2 * c["omega"] + L_B**2 * c["theta"]) * (1.0 / p - 1.0)))

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
-from common.algorithms.neolithic import SCHEDULE_PARAMS, staircase
+from common.algorithms.memory import error_feedback
+from common.algorithms.schedule import SCHEDULE_PARAMS, staircase
 from common.compressors.message import Message
 
 
@@ -33,9 +34,8 @@ class MemSGDWorker(WorkerRule):
         self.e = torch.zeros_like(self.x)
 
     def uplink(self, t):
-        p = staircase(self.ctx, t) * self.grad(self.x, t) + self.e
-        q = self.ctx.uplink.compress(p, worker=self.rank, step=t)
-        self.e = p - dense(q)
+        p = staircase(self.ctx, t) * self.grad(self.x, t) + self.e        # p_i = gamma g_i + e_i
+        q, self.e = error_feedback(self.ctx.uplink, p, self.rank, t)     # q_i = C_i(p_i);  e_i <- p_i - q_i
         return Message({"q": q})
 
     def downlink(self, t, msg):

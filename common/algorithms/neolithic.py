@@ -28,21 +28,9 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, register
+from common.algorithms.schedule import SCHEDULE_PARAMS, staircase
 from common.options import Param
 from common.compressors.message import Message
-
-SCHEDULE_PARAMS = (
-    Param("decay", float, 1.0, lambda v: 0 < v <= 1, "in (0, 1]", "multiply the step size by this every `every` comm rounds"),
-    Param("every", int, 0, lambda v: v >= 0, "a non-negative integer", "staircase period in communication rounds (0: constant)"),
-)
-
-
-def staircase(ctx, comm_rounds: int) -> float:
-    """gamma after ``comm_rounds`` communication rounds: lr * decay^floor(comm_rounds / every)."""
-    every = ctx.options.get("every", 0)
-    if not every:
-        return ctx.lr
-    return ctx.lr * ctx.options["decay"] ** (comm_rounds // every)
 
 
 def require_contractive(name: str, side: str, compressor) -> None:

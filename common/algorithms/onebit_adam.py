@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
+from common.algorithms.memory import error_feedback
 from common.options import Param
 from common.compressors.message import Message
 
@@ -62,11 +63,9 @@ class OneBitAdamServer(ServerRule):
             g = mean_of(uplinks, "g")
             _adam(self, t, g)
             return [Message({"g": full(g)})] * self.ctx.n
-        p = mean_of(uplinks, "m") + self.delta   # step 3
-        c = self.ctx.downlink.compress(p, worker=0, step=t)
-        m_bar_hat = dense(c)
-        self.delta = p - m_bar_hat
-        _frozen(self, t, m_bar_hat)
+        p = mean_of(uplinks, "m") + self.delta                           # step 3: m_bar + delta_bar
+        c, self.delta = error_feedback(self.ctx.downlink, p, 0, t)       # m_bar_hat = C(...);  delta_bar <- ... - m_bar_hat
+        _frozen(self, t, dense(c))
         return [Message({"m": c})] * self.ctx.n
 
 
@@ -80,9 +79,8 @@ class OneBitAdamWorker(WorkerRule):
         g = self.grad(self.x, t)
         if t < o["warmup"]:
             return Message({"g": full(g)})
-        p = o["beta1"] * self.m + (1 - o["beta1"]) * g + self.delta                        # steps 1-2
-        c = self.ctx.uplink.compress(p, worker=self.rank, step=t)
-        self.delta = p - dense(c)
+        p = o["beta1"] * self.m + (1 - o["beta1"]) * g + self.delta                        # step 1: m^(i) + delta^(i)
+        c, self.delta = error_feedback(self.ctx.uplink, p, self.rank, t)                   # step 2
         return Message({"m": c})
 
     def downlink(self, t, msg):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
-from common.algorithms.neolithic import SCHEDULE_PARAMS, staircase
+from common.algorithms.schedule import SCHEDULE_PARAMS, staircase
 from common.options import Param
 from common.compressors.message import Message
 

@@ -1,0 +1,43 @@
+"""Error-feedback memory and the Markov shift: the two ways a rule keeps what compression dropped.
+Defines no Algorithm.
+
+Error feedback, or memory (Stich, Cordonnier, Jaggi 2018; Beznosikov et al. 2023 eqs. 21-22;
+Double-Squeeze; 1-bit Adam; COMP-AMS). The vector v handed over already holds the old memory
+(v = e + gamma g, or g + delta); what is sent is C(v) and the memory keeps the rest:
+
+    send C(v);   e <- v - C(v)                                   ``error_feedback``
+
+Markov compression (EF21, Richtarik, Sokolov, Fatkhullin 2021; CD-Adam Alg. 1 lines 5-6, 8-10, 12;
+EF21-P). Both sides hold the same state h; the sender compresses the distance to its target and
+both shift h by what was sent:
+
+    c = C(target - h);   h <- h + c                              ``markov_compress`` (sender)
+    h <- h + c                                                   ``shift`` (receiver; or the server's
+                                                                  h <- h + (1/n) sum_i c_i)
+
+Every update uses what the receiver decodes (``payload.to_dense()``), never the sender's unrounded
+vector, so the copies on both sides stay bit-identical. These are the operations the rules wrote
+inline, in the same order: trajectories do not change.
+"""
+from __future__ import annotations
+
+import torch
+
+from common.algorithms.base import dense
+
+
+def error_feedback(compressor, v: torch.Tensor, worker: int, step: int):
+    """Send C(v), keep the rest: returns (payload, e) with e = v - C(v) (C(v) as decoded)."""
+    c = compressor.compress(v, worker=worker, step=step)
+    return c, v - dense(c)
+
+
+def markov_compress(compressor, target: torch.Tensor, h: torch.Tensor, worker: int, step: int):
+    """The sender's Markov step: returns (c, h + c) with c = C(target - h)."""
+    c = compressor.compress(target - h, worker=worker, step=step)
+    return c, shift(h, c)
+
+
+def shift(h: torch.Tensor, c) -> torch.Tensor:
+    """h + c, where c is a received payload (decoded here) or an already dense tensor (an average)."""
+    return h + (c if isinstance(c, torch.Tensor) else dense(c))
