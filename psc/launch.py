@@ -15,21 +15,30 @@ Supervision, as torchrun's agent does it:
 * When the server is done, the workers are awaited as a group, with one deadline for all of them:
   a worker's own ``--timeout`` (it never waits longer than that for the server's last word) plus a
   grace period for its interpreter to exit.
+
+Trust: the workers are started allowing exactly the factory and data folder of this run
+(``WorkerPolicy.for_run``). With server keys (CURVE), each worker gets a fresh key pair in a private
+temporary folder, and the server admits those keys (plus, with ``--allow DIR``, the keys in DIR).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 from common.config import RunConfig
 from runtime.engine import run_inproc
+from runtime import transport
 from runtime.server_core import RunFailed
 from runtime.signals import stop_signals
+from runtime.trust import WorkerPolicy
 
 log = logging.getLogger("psc.launch")
 
@@ -95,12 +104,42 @@ def wait_all(workers: list[WorkerProcess], deadline_s: float) -> list[WorkerProc
     return late
 
 
+def worker_key_options(keys: transport.ServerKeys, folder: str, n: int) -> tuple[transport.ServerKeys, list[list[str]]]:
+    """Fresh CURVE key pairs for ``n`` workers in ``folder``: the server keys that admit them (and
+    whoever ``keys.allow_dir`` admits) and each worker's ``--key``/``--server-public`` options."""
+    allowed = os.path.join(folder, "allowed")
+    os.makedirs(allowed)
+    if keys.allow_dir is not None:
+        for name in os.listdir(keys.allow_dir):
+            if name.endswith(".key"):
+                shutil.copy(os.path.join(keys.allow_dir, name), allowed)
+    server_public = os.path.join(folder, "server.key")
+    with open(server_public, "w") as fh:
+        fh.write(f'curve\n    public-key = "{keys.public.decode()}"\n')
+    options = []
+    for rank in range(n):
+        public, secret = transport.keygen(folder, f"worker{rank}")
+        shutil.copy(public, allowed)
+        options.append(["--key", secret, "--server-public", server_public])
+    return dataclasses.replace(keys, allow_dir=allowed), options
+
+
 def launch(config: RunConfig, metrics: str | None, engine: str = "procs", device: str = "auto",
-           timeout: float = 60.0, heartbeat: float = 1.0, progress: bool = True) -> int:
+           timeout: float = 60.0, heartbeat: float = 1.0, progress: bool = True,
+           keys: transport.ServerKeys | None = None, round_timeout: float | None = None) -> int:
     if engine == "inproc":
         with stop_signals():
             run_inproc(config, metrics, device="cpu" if device == "auto" else device, progress=progress)
         return 0
+    with tempfile.TemporaryDirectory(prefix="psc-launch-") as folder:
+        os.chmod(folder, 0o700)
+        key_options: list[list[str]] = [[] for _ in range(config.workers)]
+        if keys is not None:
+            keys, key_options = worker_key_options(keys, folder, config.workers)
+        return _launch_procs(config, metrics, device, timeout, heartbeat, progress, keys, round_timeout, key_options)
+
+
+def _launch_procs(config, metrics, device, timeout, heartbeat, progress, keys, round_timeout, key_options) -> int:
     from psserver.server import Server
 
     quiet = ["-q"] if logging.getLogger().getEffectiveLevel() > logging.INFO else []
@@ -113,7 +152,9 @@ def launch(config: RunConfig, metrics: str | None, engine: str = "procs", device
                 raise RunFailed(reason)
 
     server = Server(config, "tcp://127.0.0.1:*", metrics, timeout=timeout, heartbeat=heartbeat,
-                    join_timeout=max(120.0, timeout), progress=progress, supervise=supervise)
+                    join_timeout=max(120.0, timeout), progress=progress, supervise=supervise, keys=keys,
+                    round_timeout=round_timeout)
+    allow = WorkerPolicy.for_run(config).argv()
     devices = worker_devices(config.workers, device)
     env = dict(os.environ)
     if "OMP_NUM_THREADS" not in env and all(d == "cpu" for d in devices):
@@ -130,6 +171,7 @@ def launch(config: RunConfig, metrics: str | None, engine: str = "procs", device
                 workers.append(WorkerProcess(rank, [
                     sys.executable, "-m", "psc", *quiet, "worker", "--connect", server.endpoint, "--rank", str(rank),
                     "--device", devices[rank], "--timeout", str(timeout), "--heartbeat", str(heartbeat),
+                    *allow, *key_options[rank],
                 ], env))
             code = server.run()
     except BaseException:

@@ -79,7 +79,7 @@ def parse(frames: list[bytes]) -> Envelope:
     if not magic.startswith(b"PSC"):
         raise ProtocolError("not a psc message (bad magic)")
     if magic != MAGIC:
-        raise ProtocolError(f"protocol version {magic[3:].decode(errors='replace')!r}, this side speaks {VERSION}")
+        raise ProtocolError(f"protocol version {magic[3:19].decode(errors='replace')!r}, this side speaks {VERSION}")
     if kind not in KINDS:
         raise ProtocolError(f"unknown message kind {kind[:16]!r}")
     try:
