@@ -1,11 +1,43 @@
-"""The metrics file (INTERFACE.md): JSON Lines, a start line, one line a round, an end line."""
+"""The metrics file (INTERFACE.md): JSON Lines, a start line, one line a round, an end line.
+
+The writer also feeds every record to a ``RunSummary`` (``runtime.summary``), logs the run's
+configuration and the project's version when the run starts, the summary block when it ends, and,
+with ``Outputs(tensorboard=DIR)``, writes the round metrics as TensorBoard events. Callers may pass
+``Outputs`` wherever a metrics path is expected.
+"""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, TextIO
+
+from runtime.summary import RunSummary, project_version
+
+log = logging.getLogger("psc.run")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a run writes: the metrics file (or None) and a TensorBoard folder (or None)."""
+
+    metrics: str | None = None
+    tensorboard: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.metrics or self.tensorboard)
+
+
+def config_line(config: dict[str, Any], dim: int, workers: int, lr: Any = None) -> str:
+    """The run's configuration in one line, e.g. ``algorithm=gd problem=quadratic ... d=300``."""
+    shown = {k: v for k, v in config.items() if v is not None}
+    if isinstance(lr, float) and str(shown.get("lr")) != f"{lr:g}":
+        shown["lr"] = f"{shown.get('lr')} ({lr:.4g})"
+    shown["workers"], shown["d"] = workers, dim
+    return " ".join(f"{k}={v}" for k, v in shown.items())
 
 
 def _clean(value: Any) -> Any:
@@ -21,25 +53,45 @@ def _clean(value: Any) -> Any:
 class MetricsWriter:
     """Writes one JSON object a line and flushes each, so a crash loses at most the line in flight."""
 
-    def __init__(self, path: str | None):
-        self.path = path
+    def __init__(self, path: "str | Outputs | None", report: bool = True):
+        outputs = path if isinstance(path, Outputs) else Outputs(metrics=path)
+        self.path = path = outputs.metrics
+        self.report = report
+        self.summary = RunSummary()
         self.file: TextIO | None = None
+        self.tensorboard = None
         if path:
+            self.summary.paths["metrics"] = path
             directory = os.path.dirname(os.path.abspath(path))
             os.makedirs(directory, exist_ok=True)
             self.file = open(path, "w", encoding="utf-8")
+        if outputs.tensorboard:
+            from runtime.tensorboard import TensorBoardWriter
+
+            try:
+                self.tensorboard = TensorBoardWriter(outputs.tensorboard)
+            except BaseException:
+                self.close()
+                raise
+            self.summary.paths["tensorboard"] = outputs.tensorboard
         self.t0 = time.perf_counter()
         self.cum_up = 0
         self.cum_down = 0
 
     def write(self, record: dict[str, Any]) -> None:
+        self.summary.add(record)
+        if self.tensorboard is not None and record.get("event") == "round":
+            self.tensorboard.round(record)
         if self.file is not None:
             self.file.write(json.dumps(_clean(record)) + "\n")
             self.file.flush()
 
     def start(self, config: dict[str, Any], dim: int, workers: int, **extra: Any) -> None:
         self.t0 = time.perf_counter()
-        self.write({"event": "start", "config": config, "dim": dim, "workers": workers, **extra})
+        version = project_version()
+        if self.report:
+            log.info("psc %s: %s", version, config_line(config, dim, workers, extra.get("lr")))
+        self.write({"event": "start", "config": config, "dim": dim, "workers": workers, "version": version, **extra})
 
     def round(self, t: int, bytes_up: list[int], bytes_down: list[int], **fields: Any) -> dict[str, Any]:
         self.cum_up += sum(bytes_up)
@@ -53,9 +105,19 @@ class MetricsWriter:
         return record
 
     def end(self, **summary: Any) -> None:
+        """Write the end line and log the run's summary (``self.summary``), whether the run finished or
+        stopped (the summary once, if a failure while ending calls this again)."""
+        first = self.summary.end is None
         self.write({"event": "end", "time_s": time.perf_counter() - self.t0, "cum_bytes_up": self.cum_up, "cum_bytes_down": self.cum_down, **summary})
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+        if self.report and first:
+            log.info("%s", self.summary.text())
 
     def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         if self.file is not None:
             self.file.close()
             self.file = None
