@@ -2,6 +2,10 @@
 
 Precedence: the command line, then ``--config FILE.toml``, then the defaults of ``RunConfig`` (and
 the algorithm's default compressors). A TOML key that is not an option is an error.
+
+Nothing here imports torch: ``psc --help`` stays fast. An existing metrics file is not overwritten
+unless ``--force`` is given; ``--tensorboard`` needs the optional ``tensorboard`` package. Both are
+checked here, before any process starts.
 """
 from __future__ import annotations
 
@@ -9,14 +13,18 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from common.config import DTYPES, RunConfig
+if TYPE_CHECKING:
+    from common.config import RunConfig
+    from runtime.metrics import Outputs
 
 RUN_KEYS = ("algorithm", "uplink", "downlink", "problem", "workers", "rounds", "lr", "seed", "dtype")
-FILE_ONLY_KEYS = ("metrics",)
+FILE_ONLY_KEYS = ("metrics", "tensorboard")
+DTYPE_NAMES = ("float32", "float64")  # common.config.DTYPES (tests/test_cli.py checks they agree)
 
 
 def run_options(func):
@@ -29,8 +37,10 @@ def run_options(func):
         click.option("--rounds", type=click.IntRange(min=0), help="Number of rounds.  [default: 100]"),
         click.option("--lr", help="Step size: a number, 'theory' or 'theory*F'.  [default: theory]"),
         click.option("--seed", type=int, help="Seed of all randomness.  [default: 0]"),
-        click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Model and wire precision.  [default: float32]"),
-        click.option("--metrics", type=click.Path(dir_okay=False), help="Metrics file (JSON Lines) to write."),
+        click.option("--dtype", type=click.Choice(DTYPE_NAMES), help="Model and wire precision.  [default: float32]"),
+        click.option("--metrics", type=click.Path(dir_okay=False), help="Metrics file (JSON Lines) to write; an existing one only with --force."),
+        click.option("--force", is_flag=True, help="Overwrite an existing --metrics file."),
+        click.option("--tensorboard", type=click.Path(file_okay=False), help="Also write the round metrics as TensorBoard events into this folder (needs the tensorboard package)."),
         click.option("--config", type=click.Path(exists=True, dir_okay=False), help="TOML file with any of these options."),
     ]
     for option in reversed(options):
@@ -52,8 +62,12 @@ def read_toml(path: str | None) -> dict[str, Any]:
     return data
 
 
-def build_config(cli: dict[str, Any], workers: int | None = None) -> tuple[RunConfig, str | None]:
-    """The run's configuration and metrics path from command-line values and the TOML file."""
+def build_config(cli: dict[str, Any], workers: int | None = None) -> "tuple[RunConfig, Outputs]":
+    """The run's configuration and where it writes (metrics file, TensorBoard folder), from
+    command-line values and the TOML file; ``click.UsageError`` for what the user must fix."""
+    from common.config import RunConfig
+    from runtime.metrics import Outputs
+
     file_values = read_toml(cli.get("config"))
     merged: dict[str, Any] = {}
     for key in RUN_KEYS + FILE_ONLY_KEYS:
@@ -61,11 +75,20 @@ def build_config(cli: dict[str, Any], workers: int | None = None) -> tuple[RunCo
         if key == "workers" and workers is not None:
             value = workers
         merged[key] = value if value is not None else file_values.get(key)
-    metrics = merged.pop("metrics")
+    metrics, tensorboard = merged.pop("metrics"), merged.pop("tensorboard")
+    if metrics and os.path.isdir(metrics):
+        raise click.UsageError(f"--metrics {metrics}: is a folder; give a file name")
+    if metrics and os.path.exists(metrics) and not cli.get("force"):
+        raise click.UsageError(f"--metrics {metrics}: the file exists; pass --force to overwrite it, or choose another file name")
+    if tensorboard:
+        from runtime.tensorboard import INSTALL_HINT, available
+
+        if not available():
+            raise click.UsageError(f"--tensorboard needs the tensorboard package: {INSTALL_HINT}")
     values = {k: v for k, v in merged.items() if v is not None}
     if "lr" in values:
         values["lr"] = str(values["lr"])
     try:
-        return RunConfig.from_dict(values), metrics
+        return RunConfig.from_dict(values), Outputs(metrics, tensorboard)
     except (TypeError, ValueError) as exc:
         raise click.UsageError(str(exc)) from None
