@@ -1,29 +1,76 @@
 """The ``psc`` command line: one click group (INTERFACE.md).
 
-Exit status: 0 done, 2 usage error (click), 1 runtime failure with a one-line reason on stderr
-(a traceback only with ``--debug``).
+Exit status: 0 done, 2 usage error (one line on stderr, found before any process starts), 1 runtime
+failure with a one-line reason on stderr (a traceback only with ``--debug``).
+
+Start-up stays fast (``psc --help`` well under a second): torch and the numerical packages are
+imported inside the commands that need them, never at the top of this module. ``-q`` is accepted
+before or after the command. Logs go to stderr with timestamps.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import sys
 
 import click
 
-from common.compressors import REGISTRY, describe
 from psc.runopts import build_config, run_options
 from runtime.signals import Terminated, stop_signals
 
+log = logging.getLogger("psc")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
+
+
+def _quiet(ctx, param, value) -> None:
+    """``-q`` after the command: the same as before it."""
+    if value and not (ctx.find_root().obj or {}).get("debug"):
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+def _quiet_option() -> click.Option:
+    return click.Option(["--quiet", "-q"], is_flag=True, expose_value=False, is_eager=True, callback=_quiet,
+                        help="Log warnings and errors only (also accepted before the command).")
+
+
+class _Command(click.Command):
+    """A command that also accepts ``-q``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not any(p.name == "quiet" for p in self.params):
+            self.params.append(_quiet_option())
+
 
 class _Group(click.Group):
-    """Turns an uncaught error into a one-line message and exit status 1 (unless --debug), and
-    SIGINT / SIGTERM into exit status 130 / 143."""
+    """Turns a usage error into one line and exit status 2, an uncaught error into a one-line message
+    and exit status 1 (unless --debug), and SIGINT / SIGTERM into exit status 130 / 143. Its
+    commands (and sub-groups) accept ``-q``."""
+
+    command_class = _Command
+    group_class = type  # sub-groups are _Group too
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not any(p.name == "quiet" for p in self.params):
+            self.params.append(_quiet_option())
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            root = ctx.find_root().info_name or ""
+            where = "psc" + where[len(root):] if where.startswith(root) else where  # not "python -m psc"
+            click.echo(f"{where}: error: {exc.format_message()} (see {where} --help)", err=True)
+            sys.exit(exc.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except Terminated as exc:
@@ -41,7 +88,7 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"auto_envvar_prefix": "PSC"})
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
-@click.option("--quiet", "-q", is_flag=True, help="Log warnings and errors only.")
+@click.option("--quiet", "-q", is_flag=True, help="Log warnings and errors only (also accepted after the command).")
 @click.pass_context
 def main(ctx, debug, quiet):
     """A compressed parameter server: compressors, server and workers over ZeroMQ.
@@ -51,7 +98,12 @@ def main(ctx, debug, quiet):
     """
     ctx.ensure_object(dict)["debug"] = debug
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATEFMT, stream=sys.stderr)
+    logging.getLogger().setLevel(level)
+    # custom:factory=MODULE:FUNCTION finds a module in the current folder, as `python -m psc` would
+    # (appended, so that installed packages keep their names).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
 
 
 @main.group("list")
@@ -98,6 +150,8 @@ def list_compressors(dim, workers, as_json, specs):
     SPECS (optional) are compressor specs to describe instead of each compressor's example,
     e.g. 'topk:ratio=0.01+natural'.
     """
+    from common.compressors import REGISTRY, describe
+
     rows = []
     for spec in specs or [cls.example for cls in REGISTRY.values()] + list(EXTRA_EXAMPLES):
         name = spec.split(":")[0].split("+")[0]
@@ -162,10 +216,69 @@ def list_problems(as_json):
             click.echo(f"{'':14}{name}={o['default']}  {o['doc']}")
 
 
+class Seconds(click.ParamType):
+    """A finite number of seconds, at least ``low`` (NaN and infinity would switch a check off)."""
+
+    name = "seconds"
+
+    def __init__(self, low: float):
+        self.low = low
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or seconds < self.low:
+            self.fail(f"{value!r} must be a finite number of seconds, at least {self.low:g}", param, ctx)
+        return seconds
+
+
 _liveness = [
-    click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds of silence after which the other side is declared gone."),
-    click.option("--heartbeat", default=1.0, show_default=True, type=click.FloatRange(min=0.01), help="Seconds between heartbeats."),
+    click.option("--timeout", default=60.0, show_default=True, type=Seconds(0.1), help="Seconds of silence after which the other side is declared gone."),
+    click.option("--heartbeat", default=1.0, show_default=True, type=Seconds(0.01), help="Seconds between heartbeats."),
 ]
+
+_server_security = [
+    click.option("--server-key", type=click.Path(dir_okay=False), help="CURVE on: the server's secret key file (NAME.key_secret from psc keygen)."),
+    click.option("--allow", "allow_dir", type=click.Path(file_okay=False), help="Folder of the public keys (*.key) of the workers allowed in.  [default: any worker holding the server's public key]"),
+    click.option("--round-timeout", type=Seconds(0.01), help="A worker without its uplink this many seconds after a round began is lost.  [default: --timeout or 10x the slowest round]"),
+]
+
+
+def server_security(func):
+    for option in reversed(_server_security):
+        func = option(func)
+    return func
+
+
+def load_server_keys(server_key: str | None, allow_dir: str | None):
+    from runtime.transport import ServerKeys
+
+    if server_key is None:
+        if allow_dir is not None:
+            raise click.UsageError("--allow needs --server-key (CURVE must be on to check workers' keys)")
+        return None
+    try:
+        return ServerKeys.load(server_key, allow_dir)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@main.command("keygen")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", required=True, help="Key name: writes DIRECTORY/NAME.key (public) and NAME.key_secret.")
+def keygen_cmd(directory, name):
+    """Write a CurveZMQ key pair for a server or a worker."""
+    from runtime.transport import keygen
+
+    try:
+        public, secret = keygen(directory, name)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"wrote {public} (public: give it to the other side) and {secret} (secret: keep it here)")
 
 
 def liveness(func):
@@ -174,41 +287,98 @@ def liveness(func):
     return func
 
 
+def _endpoint(bind: bool):
+    """A click callback: the endpoint, or a usage error saying in words what is wrong with it."""
+
+    def check(ctx, param, value):
+        if value is None:
+            return value
+        from runtime.transport import check_endpoint
+
+        try:
+            return check_endpoint(value, bind=bind)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from None
+
+    return check
+
+
+class Device(click.ParamType):
+    """auto, cpu, cuda or cuda:K, checked by spelling (torch is not imported for this)."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip().lower()
+        if re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+            return text
+        self.fail(f"{value!r} is not a device: expected auto, cpu, cuda or cuda:K (K = 0, 1, ...)", param, ctx)
+
+
+def check_gpu(device: str) -> None:
+    """A usage error if ``device`` names a GPU this host does not have (imports torch: only for cuda)."""
+    if device.startswith("cuda"):
+        from runtime.worker_core import resolve_device
+
+        try:
+            resolve_device(device, 0)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+
+
 @main.command("server")
-@click.option("--bind", default="tcp://0.0.0.0:5555", show_default=True, help="ZeroMQ endpoint to bind.")
+@click.option("--bind", default="tcp://0.0.0.0:5555", show_default=True, callback=_endpoint(True), help="ZeroMQ endpoint to bind.")
 @click.option("--workers", type=click.IntRange(min=1), help="Number of workers to wait for.  [default: 4]")
 @click.option("--join-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds to wait for all workers to join.")
 @liveness
+@server_security
 @run_options
-def server_cmd(bind, workers, join_timeout, timeout, heartbeat, **run):
+def server_cmd(bind, workers, join_timeout, timeout, heartbeat, server_key, allow_dir, round_timeout, **run):
     """Start the server: wait for N workers, then run the rounds."""
     from psserver.server import Server
 
     config, metrics = build_config(run, workers)
+    keys = load_server_keys(server_key, allow_dir)
     try:
-        server = Server(config, bind, metrics, timeout=timeout, heartbeat=heartbeat, join_timeout=join_timeout)
-    except ValueError as exc:  # a bad spec or option: the user's to fix
+        server = Server(config, bind, metrics, timeout=timeout, heartbeat=heartbeat, join_timeout=join_timeout,
+                        keys=keys, round_timeout=round_timeout)
+    except (ValueError, OSError) as exc:  # a bad spec or option, a missing data file: the user's to fix
         raise click.UsageError(str(exc)) from None
-    click.echo(f"psc server: {config.algorithm} on {config.problem}, {config.workers} workers, listening on {server.endpoint}", err=True)
+    log.info("psc server: %s on %s, %d workers, listening on %s", config.algorithm, config.problem, config.workers, server.endpoint)
     with stop_signals():
         code = server.run()
     sys.exit(code)
 
 
 @main.command("worker")
-@click.option("--connect", required=True, help="The server's endpoint, e.g. tcp://HOST:5555.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:K (auto: GPU local_rank mod count, else CPU).")
+@click.option("--connect", required=True, callback=_endpoint(False), help="The server's endpoint, e.g. tcp://HOST:5555.")
+@click.option("--device", default="auto", show_default=True, type=Device(), help="auto, cpu, cuda or cuda:K (auto: GPU local_rank mod count, else CPU).")
 @click.option("--rank", type=click.IntRange(min=0), help="Ask for this rank (default: the server assigns one).")
 @click.option("--join-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds to wait for the server to answer.")
 @click.option("--protocol-version", type=int, hidden=True, help="Speak another protocol version (for tests).")
+@click.option("--key", type=click.Path(dir_okay=False), help="CURVE on: this worker's secret key file (NAME.key_secret).")
+@click.option("--server-public", type=click.Path(dir_okay=False), help="CURVE on: the server's public key file (NAME.key).")
+@click.option("--allow-factory", multiple=True, help="A custom:factory=MODULE:FUNCTION the server may make this worker import (repeatable; env: comma-separated).")
+@click.option("--allow-data-dir", multiple=True, type=click.Path(file_okay=False), help="A folder the server's configuration may make this worker read data from, besides $PSC_DATA_DIR or ./data (repeatable).")
 @liveness
-def worker_cmd(connect, device, rank, join_timeout, protocol_version, timeout, heartbeat):
+def worker_cmd(connect, device, rank, join_timeout, protocol_version, key, server_public, allow_factory, allow_data_dir, timeout, heartbeat):
     """Start one worker; it gets the run's configuration from the server."""
     from runtime import protocol
+    from runtime.transport import WorkerKeys
+    from runtime.trust import WorkerPolicy
     from worker.worker import Worker
 
+    if (key is None) != (server_public is None):
+        raise click.UsageError("CURVE needs both --key (this worker's secret key) and --server-public (the server's public key)")
+    try:
+        keys = WorkerKeys.load(key, server_public) if key else None
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    factories = tuple(f.strip() for item in allow_factory for f in item.split(",") if f.strip())
+    policy = WorkerPolicy(factories, tuple(allow_data_dir))
+    check_gpu(device)
     w = Worker(connect, device=device, rank=rank, timeout=timeout, heartbeat=heartbeat, join_timeout=join_timeout,
-               protocol_version=protocol.VERSION if protocol_version is None else protocol_version)
+               protocol_version=protocol.VERSION if protocol_version is None else protocol_version, keys=keys, policy=policy)
     with stop_signals():
         code = w.run()
     sys.exit(code)
@@ -217,39 +387,53 @@ def worker_cmd(connect, device, rank, join_timeout, protocol_version, timeout, h
 @main.command("launch")
 @click.option("--workers", type=click.IntRange(min=1), help="Number of workers.  [default: 4]")
 @click.option("--engine", type=click.Choice(["procs", "inproc"]), default="procs", show_default=True, help="Real processes and sockets, or everything in this process.")
-@click.option("--device", default="auto", show_default=True, help="Workers' device: auto (GPU i mod G, else CPU), cpu, cuda, cuda:K.")
+@click.option("--device", default="auto", show_default=True, type=Device(), help="Workers' device: auto (GPU i mod G, else CPU), cpu, cuda, cuda:K.")
 @liveness
+@server_security
 @run_options
 @click.pass_context
-def launch_cmd(ctx, workers, engine, device, timeout, heartbeat, **run):
+def launch_cmd(ctx, workers, engine, device, timeout, heartbeat, server_key, allow_dir, round_timeout, **run):
     """One server and N workers on this host; with no options, the built-in demo."""
     from runtime.setup import RunSetup
     from psc.launch import launch
 
-    given = [p.name for p in ctx.command.params if ctx.get_parameter_source(p.name) != click.core.ParameterSource.DEFAULT]
+    given = [p.name for p in ctx.command.params
+             if p.name != "quiet" and ctx.get_parameter_source(p.name) != click.core.ParameterSource.DEFAULT]
     if not given:
         from psc.demo import run_demo
 
         sys.exit(run_demo())
     config, metrics = build_config(run, workers)
+    check_gpu(device)
     try:
-        RunSetup.build(config)  # a bad spec or option fails here as a usage error, before any process starts
-    except ValueError as exc:
+        RunSetup.build(config)  # a bad spec or option, a missing data file: a usage error, before any process starts
+    except (ValueError, OSError) as exc:
         raise click.UsageError(str(exc)) from None
-    sys.exit(launch(config, metrics, engine=engine, device=device, timeout=timeout, heartbeat=heartbeat))
+    keys = load_server_keys(server_key, allow_dir)
+    sys.exit(launch(config, metrics, engine=engine, device=device, timeout=timeout, heartbeat=heartbeat,
+                    keys=keys, round_timeout=round_timeout))
 
 
 @main.command("plot")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--x", "x_field", required=True, help="Field on the x axis (e.g. cum_bytes_down/n, round, time_s).")
-@click.option("--y", "y_field", required=True, help="Field on the y axis (e.g. grad_norm_sq).")
+@click.option("--x", "x_field", required=True, help="Field on the x axis (e.g. cum_bits_down/n, round, time_s).")
+@click.option("--y", "y_fields", required=True, multiple=True, help="Field on the y axis (e.g. grad_norm_sq); repeat for one panel per field.")
+@click.option("--label", "labels", multiple=True, help="The legend of each file, in order (repeat once per file).  [default: the configuration values that differ]")
 @click.option("--logy", is_flag=True, help="Logarithmic y axis.")
 @click.option("--logx", is_flag=True, help="Logarithmic x axis.")
-@click.option("--title", help="Plot title.")
+@click.option("--title", help="Plot title.  [default: the problem and the number of workers]")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
-def plot_cmd(runs, x_field, y_field, logy, logx, title, output):
-    """Curves from metrics files, one line per file."""
-    from psc.plot import plot
+def plot_cmd(runs, x_field, y_fields, labels, logy, logx, title, output):
+    """Curves from metrics files, one line per file.
 
-    plot(list(runs), x_field, y_field, output, logy=logy, logx=logx, title=title)
+    A FIELD is any number of the round records (round, time_s, loss, grad_norm_sq, test_accuracy,
+    cum_bytes_up, ...) or cum_bits_up / cum_bits_down, each optionally /n (per worker). Bytes are
+    drawn in MB.
+    """
+    from psc.plot import PlotError, plot
+
+    try:
+        plot(list(runs), x_field, list(y_fields), output, logy=logy, logx=logx, title=title, labels=list(labels))
+    except PlotError as exc:
+        raise click.UsageError(str(exc)) from None
     click.echo(f"wrote {output}")

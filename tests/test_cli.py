@@ -59,4 +59,11 @@ def test_plot_draws_any_field_against_any_other(tmp_path):
     result = run("plot", str(metrics), str(metrics), "--x", "cum_bits_down/n", "--y", "grad_norm_sq", "--logy", "-o", str(out))
     assert result.exit_code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = run("plot", str(metrics), "--x", "nosuch", "--y", "loss", "-o", str(out))
-    assert result.exit_code == 1 and "no field 'nosuch'" in result.output
+    assert result.exit_code == 2 and "no field 'nosuch'" in result.output
+
+
+def test_dtype_choices_are_the_configs():
+    from common.config import DTYPES
+    from psc.runopts import DTYPE_NAMES
+
+    assert sorted(DTYPE_NAMES) == sorted(DTYPES)
