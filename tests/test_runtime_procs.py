@@ -115,7 +115,7 @@ def test_cli_usage_errors_exit_2_and_runtime_errors_exit_1(tmp_path):
     code, _, err = finish(start(["server", "--problem", "quadratic:d=0"]), 60)
     assert code == 2 and "d=0" in err
     code, _, err = finish(start(["plot", str(tmp_path / "missing.jsonl"), "--x", "round", "--y", "loss", "-o", str(tmp_path / "p.png")]), 60)
-    assert code == 1 and "does not exist" in err and "Traceback" not in err
+    assert code == 2 and "does not exist" in err and "Traceback" not in err  # a missing input file: a usage error
     code, _, err = finish(start(["launch", "--engine", "inproc", "--rounds", "300", "--lr", "100", "--problem", "quadratic:d=10"]), 60)
     assert code == 1 and "diverged" in err and "Traceback" not in err
 
