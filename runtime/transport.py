@@ -21,7 +21,7 @@ Limits: the server's socket drops (disconnects) a peer that sends a frame larger
 ``max_frame`` bytes before the frame is read, and queues at most ``RCVHWM`` messages per peer.
 With ``ROUTER_MANDATORY`` a send to a peer whose connection has closed fails (``send`` returns
 False) instead of vanishing, so a worker that dies is noticed at the server's next heartbeat to it,
-not after the liveness timeout.
+not after the liveness timeout. The server never blocks on a peer that does not read.
 
 Liveness (the ZeroMQ guide's heartbeat pattern, as ps-lite puts it in its transport): a worker's
 ``HeartbeatSender`` thread sends a HEARTBEAT every ``interval`` seconds from its own socket, so that
@@ -225,14 +225,18 @@ class ServerSocket:
             raise RuntimeError(f"cannot bind {bind}: {exc}") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
-    def send(self, identity: bytes, frames: list) -> bool:
-        """Send ``frames`` to the peer ``identity``; False if it has no open connection."""
+    def send(self, identity: bytes, frames: list, must: bool = False) -> bool:
+        """Send ``frames`` to the peer ``identity`` without ever blocking. False if it has no open
+        connection, or, when the message ``must`` arrive, if the peer has stopped reading (its
+        queue is full); a message that need not arrive (a refusal, a heartbeat) is then dropped."""
         try:
-            self.sock.send_multipart([identity, *frames], copy=False)
+            self.sock.send_multipart([identity, *frames], flags=zmq.DONTWAIT, copy=False)
             return True
         except zmq.ZMQError as exc:
             if exc.errno == zmq.EHOSTUNREACH:
                 return False
+            if exc.errno == zmq.EAGAIN:
+                return not must
             raise
 
     @staticmethod
