@@ -15,10 +15,21 @@ message is parsed once, here, and reaches the round as a ``protocol.Envelope``.
 
 ``supervise`` (optional) is called between polls, at least every half second: ``psc launch`` uses
 it to raise ``RunFailed`` as soon as one of its worker processes has exited with an error.
+
+Who a rank belongs to: the connection that registered it (its main socket; its heartbeat socket,
+``identity + b"-hb"``, is bound at its first heartbeat) and, with CURVE, the public key it
+authenticated with; every later message must come from that connection (``transport.peer_of``). When a registered connection closes (the next send to it
+fails, at the latest at the next heartbeat), its rank is lost at once, so a later connection that
+reuses the routing identity is never taken for the old worker. Heartbeats count only from the
+rank's own heartbeat socket. A
+worker that has not delivered its uplink ``round_timeout`` seconds after a round began is lost,
+however lively its heartbeats (default: the liveness timeout or ten times the slowest round so
+far, whichever is longer; no deadline for the first round). Refusals are logged once per peer, with the peer's text cut short.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Callable
 
@@ -38,31 +49,38 @@ log = logging.getLogger("psc.server")
 class Server:
     def __init__(self, config: RunConfig, bind: str, metrics_path: str | None = None, timeout: float = 60.0,
                  heartbeat: float = 1.0, join_timeout: float = 600.0, progress: bool = True,
-                 supervise: Callable[[], None] | None = None):
+                 supervise: Callable[[], None] | None = None, keys: transport.ServerKeys | None = None,
+                 round_timeout: float | None = None):
         self.config, self.bind, self.metrics_path = config, bind, metrics_path
         self.timeout, self.heartbeat, self.join_timeout, self.progress = timeout, heartbeat, join_timeout, progress
-        self.supervise = supervise
+        self.supervise, self.round_timeout = supervise, round_timeout
         self.setup = RunSetup.build(config)  # a bad configuration fails here, before any socket
-        self.sock, self.endpoint = transport.server_socket(bind)
+        # No honest frame is larger than d float64 values plus headers.
+        self.transport = transport.ServerSocket(bind, keys, max_frame=8 * self.setup.dim + (1 << 16))
+        self.sock, self.endpoint = self.transport.sock, self.transport.endpoint
         self.ident: dict[int, bytes] = {}  # rank -> identity of its main socket
         self.rank_of: dict[bytes, int] = {}
+        self.beats_of: dict[bytes, int] = {}  # identity of a rank's heartbeat socket -> rank
+        self.key_of: dict[int, str | None] = {}  # rank -> the CURVE key it registered with
+        self.conn_of: dict[bytes, str] = {}  # a rank's main and heartbeat identities -> their connections
+        self.logged_peers: set[bytes] = set()
+        self.slowest_round = 0.0
         self.ready: set[int] = set()
         self.liveness = transport.Liveness(timeout)
         self.last_beat = 0.0
         self.early_ups: dict[int, protocol.Envelope] = {}  # round-0 uplinks of workers ready before the others
 
     # -- sending -------------------------------------------------------------------------------
-    def _send(self, identity: bytes, frames: list[bytes]) -> None:
-        self.sock.send_multipart([identity, *frames], copy=False)
-
-    def _refuse(self, identity: bytes, reason: str) -> None:
-        log.warning("refusing a peer: %s", reason)
-        self._send(identity, protocol.pack(b"REFUSE", {"reason": reason}))
+    def _send(self, identity: bytes, frames: list[bytes], must: bool = False) -> None:
+        """Send to a registered worker; a closed connection (or, for a message that ``must``
+        arrive, a worker that stopped reading) makes it lost."""
+        if not self.transport.send(identity, frames, must) and identity in self.rank_of:
+            raise RunFailed(f"worker {self.rank_of[identity]}'s connection closed (or it stopped reading); stopping the run")
 
     def _stop_all(self, ok: bool, reason: str) -> None:
         for identity in self.ident.values():
             try:
-                self._send(identity, protocol.pack(b"STOP", {"ok": ok, "reason": reason}))
+                self.transport.send(identity, protocol.pack(b"STOP", {"ok": ok, "reason": reason}))
             except zmq.ZMQError:
                 pass
 
@@ -70,36 +88,60 @@ class Server:
         now = time.monotonic()
         if now - self.last_beat >= self.heartbeat:
             self.last_beat = now
-            for identity in self.ident.values():
+            for identity in list(self.ident.values()):
                 self._send(identity, protocol.pack(b"HEARTBEAT", {}))
+
+    def _once(self, identity: bytes, message: str, *args) -> None:
+        """Log a warning about a peer the first time only (a bounded memory of peers)."""
+        if identity not in self.logged_peers and len(self.logged_peers) < transport.MAX_REMEMBERED_REFUSALS:
+            self.logged_peers.add(identity)
+            log.warning(message + " (logged once per peer)", *args)
+
+    def _refuse(self, identity: bytes, reason: str) -> None:
+        reason = reason[:200]
+        self._once(identity, "refusing a peer: %s", reason)
+        self.transport.send(identity, protocol.pack(b"REFUSE", {"reason": reason}))
 
     # -- receiving -----------------------------------------------------------------------------
     def _receive(self, wait_s: float):
-        """One message as (identity, Envelope or None if it did not parse), or None after ``wait_s``
-        seconds. Also runs the supervisor's check, sends due heartbeats and checks liveness."""
+        """One message as (identity, Envelope or None if it was not for the run, its frames), or None after
+        ``wait_s`` seconds. Also runs the supervisor's check, sends due heartbeats and checks
+        liveness."""
         if self.supervise is not None:
             self.supervise()
         self._beat()
         self._check_liveness()
         if not self.sock.poll(int(wait_s * 1000)):
             return None
-        identity, *frames = self.sock.recv_multipart()
+        identity, *frames = self.sock.recv_multipart(copy=False)
+        identity = identity.bytes
+        rank = self.rank_of.get(identity, self.beats_of.get(identity))
+        if rank is not None and not self._owns(identity, rank, self.transport.peer_of(frames[0])):
+            self._once(identity, "a connection that is not worker %d's uses its routing identity; ignored", rank)
+            return identity, None, frames
         try:
             msg = protocol.parse(frames)
         except protocol.ProtocolError as exc:
             if identity in self.rank_of:
                 log.warning("worker %d sent a malformed message (%s); ignored", self.rank_of[identity], exc)
-            else:
+            elif identity not in self.beats_of:
                 self._refuse(identity, str(exc))
-            return identity, None
-        rank = msg.header.get("rank")
-        if msg.kind == b"HEARTBEAT" and isinstance(rank, int) and rank in self.ident:
+            return identity, None, frames
+        if rank is not None:
             self.liveness.heard(rank)
-        if identity in self.rank_of:
-            self.liveness.heard(self.rank_of[identity])
-        return identity, msg
+        if identity in self.beats_of:  # a heartbeat socket says nothing else
+            return identity, None, frames
+        return identity, msg, frames
 
-    def _handle_hello(self, identity: bytes, header: dict) -> None:
+    def _owns(self, identity: bytes, rank: int, peer: str) -> bool:
+        """Whether the connection ``peer`` may speak for ``rank`` through ``identity``: the one that
+        registered it, or, for the heartbeat socket, the first one with the rank's key."""
+        bound = self.conn_of.get(identity)
+        if bound is None and identity in self.beats_of and self.transport.key_of(peer) == self.key_of.get(rank):
+            self.conn_of[identity] = bound = peer
+        return bound == peer
+
+    def _handle_hello(self, identity: bytes, header: dict, frames: list) -> None:
         n = self.config.workers
         wanted = header.get("rank", -1)
         if identity in self.rank_of:
@@ -110,11 +152,16 @@ class Server:
             return self._refuse(identity, f"rank {wanted!r} is out of range for {n} workers")
         if wanted in self.ident:
             return self._refuse(identity, f"rank {wanted} is already taken")
+        peer = self.transport.peer_of(frames[0])
+        key = self.transport.key_of(peer)
+        if key is not None and key in self.key_of.values():
+            return self._refuse(identity, "this key already holds a rank")
         rank = wanted if wanted >= 0 else min(set(range(n)) - set(self.ident))
-        self.ident[rank], self.rank_of[identity] = identity, rank
+        self.ident[rank], self.rank_of[identity], self.beats_of[identity + b"-hb"] = identity, rank, rank
+        self.conn_of[identity], self.key_of[rank] = peer, key
         self.liveness.heard(rank)
         log.info("worker %d joined (host %s, pid %s)", rank, header.get("host"), header.get("pid"))
-        self._send(identity, protocol.pack(b"WELCOME", {"rank": rank, "config": self.config.to_dict(), "dim": self.setup.dim}))
+        self._send(identity, protocol.pack(b"WELCOME", {"rank": rank, "config": self.config.to_dict(), "dim": self.setup.dim}), must=True)
 
     def _check_liveness(self) -> None:
         for rank, silent in self.liveness.silent():
@@ -140,10 +187,10 @@ class Server:
             got = self._receive(min(self.heartbeat, 0.5))
             if got is None or got[1] is None:
                 continue
-            identity, msg = got
+            identity, msg, frames = got
             kind, header = msg.kind, msg.header
             if kind == b"HELLO" and identity not in self.rank_of and len(self.ident) < n:
-                self._handle_hello(identity, header)
+                self._handle_hello(identity, header, frames)
             elif kind == b"READY" and identity in self.rank_of:
                 rank = self.rank_of[identity]
                 if header.get("dim") != self.setup.dim:
@@ -156,17 +203,32 @@ class Server:
                 self._handle_common(identity, kind, header)
         log.info("all %d workers ready; running %d rounds", n, self.config.rounds)
 
+    def _round_deadline(self) -> float:
+        """``--round-timeout``, else the liveness timeout or ten times the slowest round so far,
+        whichever is longer; before any round has been seen, none (liveness alone decides)."""
+        if self.round_timeout is not None:
+            return self.round_timeout
+        if self.slowest_round == 0.0:
+            return math.inf
+        return max(self.timeout, 10.0 * self.slowest_round)
+
     def _collect(self, t: int) -> list[protocol.Envelope]:
         ups: list[protocol.Envelope | None] = [None] * self.config.workers
         for rank, msg in self.early_ups.items():
             ups[rank] = msg
         self.early_ups = {}
         missing = sum(u is None for u in ups)
+        began, deadline = time.monotonic(), self._round_deadline()
         while missing:
-            got = self._receive(min(self.heartbeat, 0.5))
+            waited = time.monotonic() - began
+            if waited > deadline:
+                late = ", ".join(str(r) for r, u in enumerate(ups) if u is None)
+                raise RunFailed(f"worker(s) {late} sent no uplink for round {t} within {deadline:g} s "
+                                f"(round timeout); stopping the run")
+            got = self._receive(max(0.01, min(self.heartbeat, 0.5, deadline - waited)))
             if got is None or got[1] is None:
                 continue
-            identity, msg = got
+            identity, msg, _ = got
             if msg.kind == b"UP" and identity in self.rank_of:
                 rank = self.rank_of[identity]
                 if msg.header.get("t") != t or ups[rank] is not None:
@@ -176,6 +238,7 @@ class Server:
                 missing -= 1
             else:
                 self._handle_common(identity, msg.kind, msg.header)
+        self.slowest_round = max(self.slowest_round, time.monotonic() - began)
         return ups
 
     def run(self) -> int:
@@ -188,7 +251,7 @@ class Server:
                 for t in range(self.config.rounds):
                     downs = core.round(t, self._collect(t))
                     for rank, frames in enumerate(downs):
-                        self._send(self.ident[rank], frames)
+                        self._send(self.ident[rank], frames, must=True)
                     bar.update(core.last)
             core.end(engine="procs", ok=True)
             self._stop_all(True, "done")
@@ -209,4 +272,4 @@ class Server:
             raise
         finally:
             metrics.close()
-            self.sock.close()
+            self.transport.close()

@@ -6,7 +6,8 @@ for each round sends UP and waits for its DOWN. A thread with its own socket sen
 server knows the worker is alive while it computes. If the server is silent for longer than
 ``timeout`` seconds, or sends STOP with a failure, the worker exits 1 with a one-line reason.
 ZeroMQ reconnects by itself, so a worker started before its server simply waits for it (up to
-``join_timeout``).
+``join_timeout``). The configuration may load code or read local files only where this worker's
+``WorkerPolicy`` allows it (``runtime.trust``); with ``WorkerKeys`` both sockets speak CURVE.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import zmq
 from common.config import RunConfig
 from runtime import protocol, transport
 from runtime.setup import RunSetup
+from runtime.summary import WorkerTally
+from runtime.trust import WorkerPolicy
 from runtime.worker_core import WorkerCore, resolve_device
 
 log = logging.getLogger("psc.worker")
@@ -32,12 +35,14 @@ class WorkerFailed(RuntimeError):
 
 class Worker:
     def __init__(self, connect: str, device: str = "auto", rank: int | None = None, timeout: float = 60.0,
-                 heartbeat: float = 1.0, join_timeout: float = 600.0, protocol_version: int = protocol.VERSION):
+                 heartbeat: float = 1.0, join_timeout: float = 600.0, protocol_version: int = protocol.VERSION,
+                 keys: transport.WorkerKeys | None = None, policy: WorkerPolicy = WorkerPolicy()):
         self.connect, self.device_spec, self.wanted_rank = connect, device, rank
         self.timeout, self.heartbeat, self.join_timeout = timeout, heartbeat, join_timeout
         self.version = protocol_version
         self.identity = uuid.uuid4().hex.encode()
-        self.sock = transport.worker_socket(connect, self.identity)
+        self.keys, self.policy = keys, policy
+        self.sock = transport.worker_socket(connect, self.identity, keys)
         self.rank = -1
 
     def _send(self, kind: bytes, header: dict, body: list[bytes] = ()) -> None:
@@ -73,16 +78,23 @@ class Worker:
 
     def run(self) -> int:
         beats = transport.HeartbeatSender(self.connect, self.identity + b"-hb", self.heartbeat,
-                                          lambda: protocol.pack(b"HEARTBEAT", {"rank": self.rank}, version=self.version))
+                                          lambda: protocol.pack(b"HEARTBEAT", {"rank": self.rank}, version=self.version),
+                                          self.keys)
         try:
             self._send(b"HELLO", {"version": self.version, "rank": -1 if self.wanted_rank is None else self.wanted_rank,
                                   "host": socket.gethostname(), "pid": os.getpid()})
             welcome = self._receive(b"WELCOME", self.join_timeout, "registration").header
             self.rank = int(welcome["rank"])
             config = RunConfig.from_dict(welcome["config"])
+            try:
+                self.policy.check(config)  # nothing from the wire is executed unless this worker allows it
+            except PermissionError as exc:
+                self._send(b"BYE", {"rank": self.rank, "reason": "refused the run's configuration"})
+                raise WorkerFailed(str(exc)) from None
             device = resolve_device(self.device_spec, int(os.environ.get("LOCAL_RANK", self.rank)))
             setup = RunSetup.build(config)
             core = WorkerCore(setup, self.rank, device)
+            tally = WorkerTally(core)  # this worker's summary: rounds, bytes each way, compute time
             log.info("worker %d of %d on %s, d = %d", self.rank, config.workers, device, setup.dim)
             beats.start()
             self._send(b"READY", {"rank": self.rank, "dim": setup.dim})
@@ -91,8 +103,10 @@ class Worker:
                 down = self._receive(b"DOWN", self.timeout, f"round {t}")
                 if down.header.get("t") != t:
                     raise WorkerFailed(f"the server sent round {down.header.get('t')!r} while this worker is at round {t}")
+                tally.received(down)
                 core.apply(t, down.body)
             self._receive(b"STOP", self.timeout, "the end of the run")
+            log.info("%s", tally.text())
             return 0
         except WorkerFailed:
             raise
