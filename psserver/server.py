@@ -18,13 +18,14 @@ it to raise ``RunFailed`` as soon as one of its worker processes has exited with
 
 Who a rank belongs to: the connection that registered it (its main socket; its heartbeat socket,
 ``identity + b"-hb"``, is bound at its first heartbeat) and, with CURVE, the public key it
-authenticated with; every later message must come from that connection (``transport.peer_of``). When a registered connection closes (the next send to it
-fails, at the latest at the next heartbeat), its rank is lost at once, so a later connection that
-reuses the routing identity is never taken for the old worker. Heartbeats count only from the
-rank's own heartbeat socket. A
+authenticated with; every later message must come from that connection (``transport.peer_of``).
+When a registered connection closes (the next send to it fails, at the latest at the next
+heartbeat), its rank is lost at once, so a later connection that reuses the routing identity is
+never taken for the old worker. Heartbeats count only from the rank's own heartbeat socket. A
 worker that has not delivered its uplink ``round_timeout`` seconds after a round began is lost,
 however lively its heartbeats (default: the liveness timeout or ten times the slowest round so
-far, whichever is longer; no deadline for the first round). Refusals are logged once per peer, with the peer's text cut short.
+far, whichever is longer; no deadline for the first round). Refusals are logged once per peer,
+with the peer's text cut short.
 """
 from __future__ import annotations
 
