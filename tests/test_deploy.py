@@ -253,6 +253,7 @@ def test_compose_commands_ports_and_environment_agree_with_the_cli(compose, monk
 
     # The run: command line, environment and the mounted run.toml build a valid configuration.
     config, metrics = build_config(sctx.params, sctx.params["workers"])
+    metrics = getattr(metrics, "metrics", metrics)  # the metrics path, or an outputs record holding it
     RunSetup.build(config)
     replicas = int(worker.get("deploy", {}).get("replicas", 1))
     assert config.workers == replicas, "the server must wait for as many workers as the compose file starts"
@@ -280,23 +281,35 @@ def test_compose_commands_ports_and_environment_agree_with_the_cli(compose, monk
         assert wctx.params["device"] == "auto" or wctx.params["device"].startswith("cuda")
 
 
-def test_worker_count_follows_workers_variable():
+def test_worker_count_has_one_source():
+    """WORKERS drives the server's count, the number of worker containers and the workers' own
+    scale check; both services count the containers of the worker service."""
     data = load_compose(COMPOSE, env={"WORKERS": "5"})
-    assert environment(data["services"]["server"])["PSC_SERVER_WORKERS"] == "5"
-    assert int(data["services"]["worker"]["deploy"]["replicas"]) == 5
+    server, worker = data["services"]["server"], data["services"]["worker"]
+    assert environment(server)["PSC_SERVER_WORKERS"] == "5"
+    assert int(worker["deploy"]["replicas"]) == 5
+    assert environment(worker)["SCALE_CHECK_WORKERS"] == "5"
+    assert environment(server)["SCALE_CHECK_SERVICE"] == environment(worker)["SCALE_CHECK_SERVICE"] == "worker"
+    assert "worker" in data["services"]
 
 
 def test_dockerfile_builds_what_compose_asks_for():
     text = DOCKERFILE.read_text()
     args = set(re.findall(r"^ARG\s+([A-Za-z_][A-Za-z0-9_]*)", text, re.M))
-    assert {"BASE", "TORCH", "TORCH_INDEX"} <= args
-    assert re.search(r'^ENTRYPOINT\s+\["psc"\]', text, re.M)
-    # Every package that pyproject.toml installs is copied into the image.
+    assert {"BASE", "TORCH", "TORCH_INDEX", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "CA_BUNDLE"} <= args
+    # Two stages on one base; tini is PID 1 and hands signals to the entrypoint, which hands them to psc.
+    assert len(re.findall(r"^FROM\s+\$\{BASE\}", text, re.M)) == 2
+    assert re.search(r'^ENTRYPOINT\s+\["/usr/bin/tini", "--", "/opt/venv/bin/python", "/opt/psc/entrypoint.py"\]', text, re.M)
+    assert re.search(r"^COPY \. /src$", text, re.M) and "deploy/entrypoint.py" in text
+    # The build context (BuildKit filters it with Dockerfile.dockerignore) lets through every package
+    # that pyproject.toml installs, the entrypoint and the CA folder.
     with open(ROOT / "pyproject.toml", "rb") as fh:
         include = tomllib.load(fh)["tool"]["setuptools"]["packages"]["find"]["include"]
-    copied = set(re.findall(r"^COPY\s+(\S+)\s", text, re.M))
+    allowed = {line[1:].strip() for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines() if line.startswith("!")}
     for pattern in include:
-        assert pattern.rstrip("*") in copied, f"deploy/Dockerfile does not COPY {pattern.rstrip('*')}"
+        assert f"{pattern.rstrip('*')}/**" in allowed, f"deploy/Dockerfile.dockerignore does not let {pattern.rstrip('*')}/ through"
+    assert {"pyproject.toml", "README.md", "deploy/entrypoint.py", "deploy/certs/**"} <= allowed
+    assert (DEPLOY / "certs").is_dir()
     for f in (COMPOSE, COMPOSE_GPU):
         for name, service in load_compose(f).get("services", {}).items():
             build = service.get("build")
@@ -430,3 +443,155 @@ def test_multi_gpu_launcher_joins_a_remote_server_and_the_healthcheck_sees_it(tm
     got = records(str(metrics))
     assert got[-1]["event"] == "end" and got[-1]["ok"] is True
     assert sum(r["event"] == "round" for r in got) == 5
+
+
+# -- deploy/entrypoint.py: the container's entrypoint ------------------------------------------------
+def load_entrypoint():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("psc_deploy_entrypoint", DEPLOY / "entrypoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, dt):
+        self.t += dt
+
+
+def run_check(counts, expected, settle=10.0, steps=200):
+    """check_scale against a scripted sequence of container counts (the last one repeats)."""
+    ep = load_entrypoint()
+    clock, seq, calls = FakeClock(), list(counts), []
+
+    def count():
+        calls.append(1)
+        return seq.pop(0) if len(seq) > 1 else seq[0]
+
+    return ep.check_scale(expected, count, "worker", "the server", settle=settle, poll=0.5,
+                          alive=lambda: len(calls) < steps, clock=clock, sleep=clock.sleep, emit=lambda _: None)
+
+
+def test_scale_check_names_both_numbers_on_a_surplus():
+    msg = run_check([0, 0, 1, 3], expected=2)
+    assert msg is not None and "3 containers of service 'worker'" in msg and "waits for 2 workers" in msg
+    assert "--scale worker=3" in msg and "WORKERS=2" in msg
+
+
+def test_scale_check_names_both_numbers_when_fewer_settle():
+    msg = run_check([0, 1, 2], expected=3, settle=5.0)
+    assert msg is not None and "2 containers of service 'worker'" in msg and "waits for 3 workers" in msg
+
+
+def test_scale_check_accepts_the_configured_count_and_no_containers():
+    assert run_check([0, 1, 2, 3], expected=3) is None  # equal for `settle` seconds: done
+    assert run_check([0], expected=3) is None  # no worker containers: workers elsewhere; never an error
+    # Workers that finish after the count was right are no mismatch.
+    assert run_check([3, 3, 1, 0], expected=3, settle=100.0, steps=50) is None
+
+
+def test_entrypoint_reads_psc_settings_as_psc_does(tmp_path):
+    ep = load_entrypoint()
+    assert ep.split_command(["--debug", "server", "--workers", "3"]) == ("server", ["--workers", "3"])
+    assert ep.split_command(["--help"]) == (None, [])
+    conf = tmp_path / "run.toml"
+    conf.write_text('workers = 7\nmetrics = "/runs/x.jsonl"\n')
+    env = {"PSC_SERVER_WORKERS": "5", "PSC_SERVER_CONFIG": str(conf)}
+    assert ep.setting("server", ["--workers=4"], "workers", env) == "4"
+    assert ep.setting("server", [], "workers", env) == "5"
+    assert ep.setting("server", [], "workers", {**env, "PSC_SERVER_WORKERS": ""}) == "7"
+    assert ep.setting("server", ["--metrics", "m.jsonl"], "metrics", env) == "m.jsonl"
+    assert ep.setting("server", [], "metrics", env) == "/runs/x.jsonl"
+
+
+def entrypoint(args, env=None):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PSC_") and not k.startswith("SCALE_CHECK")}
+    return subprocess.Popen([sys.executable, str(DEPLOY / "entrypoint.py"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**base, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def test_entrypoint_stops_a_server_whose_worker_count_disagrees_with_the_containers(tmp_path):
+    """A real server started by the entrypoint, as in the compose file: the worker service name
+    resolves to one address (here `localhost`, one container), the server waits for 2: the run
+    fails at once, exit 1, with a message naming both numbers (not after --join-timeout)."""
+    port = free_port()
+    t0 = time.monotonic()
+    proc = entrypoint(["server", "--bind", f"tcp://127.0.0.1:{port}", "--rounds", "5", "--problem", "quadratic:d=20",
+                       "--metrics", str(tmp_path / "run.jsonl"), "--join-timeout", "120"],
+                      {"PSC_SERVER_WORKERS": "2", "SCALE_CHECK_SERVICE": "localhost", "SCALE_CHECK_SETTLE": "2"})
+    code, _, err = finish(proc, 60)
+    assert code == 1, err[-2000:]
+    assert time.monotonic() - t0 < 50
+    assert "compose runs 1 container of service 'localhost'" in err and "waits for 2 workers" in err, err[-2000:]
+
+
+def test_entrypoint_runs_psc_with_progress_lines_and_summary_and_passes_sigterm(tmp_path):
+    """The agreeing case runs to the end, and the log (stderr, not a terminal) holds psc's progress
+    lines and its summary; a SIGTERM to the entrypoint reaches psc (the entrypoint then exits with
+    psc's status)."""
+    port = free_port()
+    metrics = tmp_path / "run.jsonl"
+    server = entrypoint(["server", "--bind", f"tcp://127.0.0.1:{port}", "--workers", "1", "--rounds", "20",
+                         "--problem", "quadratic:d=20", "--metrics", str(metrics), "--timeout", "30"],
+                        {"SCALE_CHECK_SERVICE": "localhost", "SCALE_CHECK_SETTLE": "1"})
+    worker = start(["worker", "--connect", f"tcp://127.0.0.1:{port}", "--timeout", "30"])
+    try:
+        code, _, err = finish(server, 120)
+        assert code == 0, err[-2000:]
+        assert finish(worker, 60)[0] == 0
+    finally:
+        kill_all([server, worker])
+    assert "1 container of service 'localhost', as the server expects" in err
+    assert re.search(r"round 20/20\b", err), err[-2000:]
+    assert "summary" in err, err[-2000:]
+    assert records(str(metrics))[-1]["ok"] is True
+
+    port = free_port()
+    server = entrypoint(["server", "--bind", f"tcp://127.0.0.1:{port}", "--workers", "2", "--rounds", "5",
+                         "--problem", "quadratic:d=20", "--metrics", str(tmp_path / "stop.jsonl")])
+    try:
+        probe = load_compose(COMPOSE)["services"]["server"]["healthcheck"]["test"][2:]
+        code = [a.replace("5555", str(port)) for a in probe]
+        for _ in range(150):  # listening: psc has started and installed its handlers
+            if subprocess.run([sys.executable, *code], capture_output=True, timeout=10).returncode == 0:
+                break
+            time.sleep(0.1)
+        server.send_signal(signal.SIGTERM)
+        code, _, err = finish(server, 30)
+    finally:
+        kill_all([server])
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+
+
+def test_smoke_script_is_valid_bash_and_says_when_it_cannot_run(tmp_path):
+    """deploy/smoke.sh parses, and exits 77 (not 1) where no Docker engine can run."""
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    smoke = DEPLOY / "smoke.sh"
+    assert subprocess.run(["bash", "-n", str(smoke)], capture_output=True).returncode == 0
+    assert os.access(smoke, os.X_OK)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "docker").write_text("#!/bin/sh\nexit 1\n")  # a client that reaches no engine
+    (fake / "docker").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "DOCKERD": "none", "TMPDIR": str(tmp_path)}
+    r = subprocess.run(["bash", str(smoke)], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 77, r.stdout + r.stderr
+    assert "CANNOT RUN" in r.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["bin"], "smoke.sh left its temporary folder"
+
+
+@pytest.mark.skipif(os.environ.get("DOCKER_SMOKE") != "1", reason="the Docker smoke test runs on demand: DOCKER_SMOKE=1")
+def test_docker_smoke():
+    """deploy/smoke.sh end to end (minutes; builds the image): DOCKER_SMOKE=1 python -m pytest tests/test_deploy.py -k smoke."""
+    r = subprocess.run(["bash", str(DEPLOY / "smoke.sh")], timeout=3600)
+    if r.returncode == 77:
+        pytest.skip("no Docker engine can run here (deploy/smoke.sh exited 77)")
+    assert r.returncode == 0
