@@ -19,15 +19,47 @@ import torch
 
 from common.compressors.base import Compressor, Constants, Param, register
 from common.compressors.payloads import LevelTable, Quantized
-from common.compressors.rounding import compute_dtype, stochastic_codes
+from common.compressors.rounding import compute_dtype, stochastic_codes, uniform_below
 
 
 def norm_float32_up(x: torch.Tensor, p: float) -> torch.Tensor:
     """||x||_p as a 0-d float32 tensor, rounded up so that |x_i| <= norm for every i."""
-    norm = torch.linalg.vector_norm(x, ord=p, dtype=torch.float64)  # float64: a float32 sum of squares overflows
+    if p == math.inf and x.dtype in (torch.float32, torch.float64):
+        norm = torch.linalg.vector_norm(x, ord=p).to(torch.float64)  # a maximum is exact in any precision
+    else:
+        norm = torch.linalg.vector_norm(x, ord=p, dtype=torch.float64)  # float64: a float32 sum of squares overflows
     n32 = norm.to(torch.float32)
     bump = n32.to(torch.float64) < norm
     return torch.where(bump, torch.nextafter(n32, torch.tensor(math.inf, device=x.device)), n32)
+
+
+def dither_codes(t: torch.Tensor, table: LevelTable, levels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``stochastic_codes(t, ...)`` for t = |x_i| / ||x||_p in [0, 1]: the same codes from the same
+    draws, with int32 level indices and the level pair fetched from the small table (eq. 14's
+    xi(t) = l_k with probability (l_(k+1) - t)/(l_(k+1) - l_k), else l_(k+1)). ``t`` is consumed.
+
+    Uniform levels l_k = k/s (QSGD, ternary): k = floor(t s); base-2 levels 2^(k - s) (natural
+    dithering): k from t's exponent field. Other tables go through ``stochastic_codes``.
+    """
+    top = levels.numel() - 1
+    code_dtype = torch.int16 if top < 2**15 else torch.int32
+    gaps = levels[1:] - levels[:-1]
+    fast = t.dtype == torch.float32 and bool((gaps > 0).all()) and (
+        table.kind == "uniform" or (table.kind == "exp" and table.base == 2.0 and table.s < 127))
+    if not fast:
+        return stochastic_codes(t, table, levels, gen)
+    if top == 1 and table.kind == "uniform":  # ternary: levels {0, 1}, p_up = (t - 0)/(1 - 0) = t
+        return uniform_below(t, gen).to(code_dtype)
+    if table.kind == "uniform":  # floor(t s) (t >= 0: truncation is floor)
+        lo_idx = (t * float(table.s)).to(torch.int32)
+    else:  # t in [2^(E-127), 2^(E-126)) lies above level E - 127 + s; 0 and t < 2^-126 give <= 0
+        lo_idx = t.view(torch.int32).bitwise_right_shift(23).add_(table.s - 127)
+    lo_idx.clamp_(0, top - 1)
+    lo = levels.index_select(0, lo_idx)
+    gap = gaps.index_select(0, lo_idx)
+    # (t - lo) / (hi - lo); hi - lo is the same float difference as in ``stochastic_codes``
+    up = uniform_below(t.sub_(lo).div_(gap), gen)
+    return lo_idx.add_(up).to(code_dtype)
 
 
 class _Dither(Compressor):
@@ -37,8 +69,8 @@ class _Dither(Compressor):
     def _compress(self, x, key):
         work = compute_dtype(x.dtype)
         norm = norm_float32_up(x.detach(), self.p)
-        t = x.detach().abs().to(work) / norm.to(work).clamp_min(torch.finfo(torch.float32).tiny)
-        codes = stochastic_codes(t, self.table, self.table.values(work, x.device), key.torch_generator(x.device))
+        t = x.detach().abs().to(work).div_(norm.to(work).clamp_min(torch.finfo(torch.float32).tiny))
+        codes = dither_codes(t, self.table, self.table.values(work, x.device), key.torch_generator(x.device))
         return Quantized(self.table, x < 0, codes, norm, x.dtype)
 
 

@@ -149,7 +149,8 @@ class Signs:
 
     def to_dense(self) -> torch.Tensor:
         scale = self.scale.to(self.dtype)
-        return torch.where(self.negative, -scale, scale)
+        out = torch.empty(self.negative.shape, dtype=self.dtype, device=self.negative.device).fill_(scale)
+        return out.masked_fill_(self.negative, -scale)
 
     def nominal_bits(self) -> int:
         return self.dim + 32

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 
 _LITTLE = sys.byteorder == "little"
@@ -44,6 +45,9 @@ def pack(values: torch.Tensor, width: int) -> torch.Tensor:
     nbytes = packed_len(n, width)
     if width == 8:
         return values.to(torch.uint8)
+    if width == 1 and device.type == "cpu" and values.dtype in (torch.bool, torch.uint8):
+        # numpy's little-endian packbits is this layout (any nonzero byte is a one bit)
+        return torch.from_numpy(np.packbits(values.contiguous().numpy(), bitorder="little"))
     if width == 1 and _LITTLE:
         padded = torch.zeros(-(-n // 64) * 64, dtype=torch.uint8, device=device)
         padded[:n] = values.to(torch.uint8)
@@ -147,6 +151,17 @@ def _pack_small(values: torch.Tensor, n: int, width: int) -> torch.Tensor:
         high = (words >> (lane // 2 - f)).bitwise_and_(low << f)
         words.bitwise_and_(low).bitwise_or_(high)
     return buf.view(groups, 8)[:, :width].reshape(-1)[: packed_len(n, width)]
+
+
+def unpack_u8(data: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    """``unpack`` for widths 1..8, as a uint8 tensor (no int64 temporaries)."""
+    if width == 8:
+        return data[:n]
+    if width == 1 and data.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(data.numpy(), count=n, bitorder="little"))
+    if width == 1:
+        return unpack(data, n, 1).to(torch.uint8)
+    return unpack_small(data, n, width)
 
 
 def unpack_small(data: torch.Tensor, n: int, width: int) -> torch.Tensor:

@@ -125,7 +125,7 @@ def _enc_quantized(p: Quantized, out: list) -> list:
         if lo < 0 or hi > top:
             raise WireError(f"Quantized: codes span [{lo}, {hi}], outside the table's [0, {top}]")
         mode, offset, width = PLAIN, lo, bitpack.width_for(hi - lo + 1)
-        if lo == 0 and hi > 0:
+        if lo == 0 and width > 1:  # the zero escape needs at least 1 bit too
             lo_nz = int(codes.masked_fill(codes == 0, hi).amin())
             if bitpack.width_for(hi - lo_nz + 2) < width:
                 mode, offset, width = ZERO_ESCAPE, lo_nz, bitpack.width_for(hi - lo_nz + 2)
@@ -380,8 +380,8 @@ def _parse_quantized(node, what, min_n, max_dim) -> _Plan:
         code_dtype = torch.int16 if top < 2**15 else torch.int32
         largest = offset + (1 << width) - (1 if mode == PLAIN else 2)  # the largest code the fields allow
         work = code_dtype if largest < 2**15 else torch.int64  # no overflow before the range check
-        if 1 < width < 8:
-            fields = bitpack.unpack_small(_tensor(data), n, width).to(work)
+        if 1 <= width <= 8:
+            fields = bitpack.unpack_u8(_tensor(data), n, width).to(work)
         else:
             fields = bitpack.unpack(_tensor(data), n, width).to(work)
         if mode == PLAIN:
