@@ -242,6 +242,27 @@ class Server:
         self.slowest_round = max(self.slowest_round, time.monotonic() - began)
         return ups
 
+    def _await_goodbyes(self) -> None:
+        """After the last round: wait until every worker confirms the end (its BYE), at most
+        ``timeout`` seconds. The last DOWN and the STOP may still be queued here (on a slow link a
+        large DOWN takes seconds), and closing the socket under them would lose them."""
+        waiting = set(self.ident)
+        deadline = time.monotonic() + self.timeout
+        while waiting and time.monotonic() < deadline:
+            if not self.sock.poll(100):
+                continue
+            identity, *frames = self.sock.recv_multipart(copy=False)
+            rank = self.rank_of.get(identity.bytes)
+            if rank is None or not self._owns(identity.bytes, rank, self.transport.peer_of(frames[0])):
+                continue
+            try:
+                if protocol.parse(frames).kind == b"BYE":
+                    waiting.discard(rank)
+            except protocol.ProtocolError:
+                continue
+        if waiting:
+            log.warning("worker(s) %s did not confirm the end of the run within %g s", ", ".join(map(str, sorted(waiting))), self.timeout)
+
     def run(self) -> int:
         metrics = MetricsWriter(self.metrics_path)
         core = ServerCore(self.setup, metrics)
@@ -256,6 +277,7 @@ class Server:
                     bar.update(core.last)
             core.end(engine="procs", ok=True)
             self._stop_all(True, "done")
+            self._await_goodbyes()
             return 0
         except RunFailed as exc:
             log.error("%s", exc)

@@ -7,7 +7,8 @@ Every multipart message a worker or the server sends is
 ``MAGIC`` carries the protocol version. Kinds:
 
 * worker -> server: HELLO {version, rank (-1: any), host, pid}, READY {rank, dim}, UP {t, compute_s,
-  compress_s} + the algorithm's message frames, HEARTBEAT {rank}, BYE {rank, reason}
+  compress_s} + the algorithm's message frames, HEARTBEAT {rank}, BYE {rank, reason} (also a
+  worker's confirmation, after the final STOP, that the run's last messages arrived)
 * server -> worker: WELCOME {rank, config}, REFUSE {reason}, DOWN {t} + message frames,
   HEARTBEAT {}, STOP {reason, ok}
 

@@ -106,6 +106,7 @@ class Worker:
                 tally.received(down)
                 core.apply(t, down.body)
             self._receive(b"STOP", self.timeout, "the end of the run")
+            self._send(b"BYE", {"rank": self.rank, "reason": "done", "ok": True})  # the server waits for it to close
             log.info("%s", tally.text())
             return 0
         except WorkerFailed:
