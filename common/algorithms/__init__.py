@@ -11,9 +11,13 @@ import pkgutil
 
 from common.algorithms.base import ALGORITHMS, Algorithm, RuleContext, ServerRule, WorkerRule, register
 
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
+# ``psc list algorithms`` shows the registration order, which is this import order; a module added to
+# this package is imported after these (and listed after them).
+_LISTED = ("amsgrad", "amsgrad_ef", "amsgrad_naive", "cd_adam", "core", "dcgd", "neolithic", "double_squeeze",
+           "ef21_p", "ef21", "ef21_p_dcgd", "ef21_sgd", "ef_sgd", "gd", "marina", "marina_p", "m3", "mem_sgd",
+           "onebit_adam", "psgd")
+for _name in _LISTED + tuple(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_name}")
 
 __all__ = ["ALGORITHMS", "Algorithm", "RuleContext", "ServerRule", "WorkerRule", "build_algorithm", "register"]
 
