@@ -1,0 +1,185 @@
+"""Reductions the papers state, checked round by round in one process (``runtime.engine.Engine``: the
+same rules and wire format as the real processes), the invariant of M3's momentum, and the one
+options-and-registry mechanism shared by compressors, algorithms and problems."""
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+import torch
+
+from common.config import RunConfig
+from common.options import Param, Registry
+from runtime.engine import Engine
+
+QUAD = "quadratic:d=40,la2=4,lb2=400"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run(config: RunConfig):
+    """Yield (t, server_core, worker_cores) after each round."""
+    engine = Engine(config)
+    try:
+        for t, _ in engine.rounds():
+            yield t, engine.server, engine.workers
+    finally:
+        engine.close()
+
+
+def gd_iterates(**common) -> list[torch.Tensor]:
+    return [server.rule.x.clone() for _, server, _ in run(RunConfig(algorithm="gd", **common))]
+
+
+# --- MARINA with an identity uplink is GD ----------------------------------------------------------
+
+def test_marina_with_identity_uplink_is_gd_round_for_round():
+    """MARINA (eq. 5) with Q = identity: g^{t+1} = g^t + (1/n) sum_i (grad f_i(x^{t+1}) - grad f_i(x^t))
+    = grad f(x^{t+1}) whatever the coin says, so x^t is GD's x^t. p = 0.3: most rounds send differences.
+    Equal up to the rounding of the telescoping sum (float64)."""
+    common = dict(workers=5, rounds=60, dtype="float64", problem=QUAD, lr="0.01")
+    gd = gd_iterates(**common)
+    differences = 0
+    for t, server, workers in run(RunConfig(algorithm="marina:p=0.3", uplink="identity", **common)):
+        assert torch.allclose(server.rule.x, gd[t], rtol=1e-12, atol=1e-12), f"round {t}"
+        assert all(torch.equal(w.rule.x, server.rule.x) for w in workers), f"round {t}"
+        differences += not server.rule.sync  # round t + 1 sends differences
+    assert differences > 20
+
+
+# --- EF-SGD with an identity uplink is GD ----------------------------------------------------------
+
+@pytest.mark.parametrize("average", ["none", "uniform"])
+def test_ef_sgd_with_identity_uplink_is_gd_round_for_round(average):
+    """Beznosikov et al. Alg. 1 with C = identity: g~_i = e_i + eta g_i, e_i stays 0, and
+    x^{k+1} = x^k - (1/n) sum_i eta g_i^k is GD's step. The iterate x^k is compared (eq. 23); with
+    average=uniform the server's model is the average x_bar^K of eq. 20, which must be GD's average."""
+    eta = 0.01
+    common = dict(workers=4, rounds=40, dtype="float64", problem=QUAD, lr=str(eta))
+    gd = gd_iterates(**common)
+    x0 = Engine(RunConfig(algorithm="gd", **common)).setup.x0.double()
+    for t, server, workers in run(RunConfig(algorithm=f"ef-sgd:average={average}", uplink="identity", **common)):
+        assert torch.allclose(server.rule.x, gd[t], rtol=1e-12, atol=1e-12), f"round {t}"
+        assert all(torch.equal(w.rule.e, torch.zeros_like(w.rule.e)) for w in workers), f"round {t}"
+        if average == "uniform":
+            expect = torch.stack([x0] + gd[: t + 1]).mean(0)
+            assert torch.allclose(server.rule.model, expect, rtol=1e-12, atol=1e-12), f"round {t}"
+        else:
+            assert server.rule.model is server.rule.x
+
+
+# --- M3's momentum -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("beta", [0.3, 0.75])
+def test_m3_keeps_z_the_momentum_average_of_w_every_round(beta):
+    """M3 (Alg. 2 line 3): z_i^{t+1} = beta w_i^{t+1} + (1 - beta) z_i^t on every worker, every round,
+    sync or not, and the uplink is measured at z_i (not at w_i)."""
+    config = RunConfig(algorithm=f"m3:beta={beta}", uplink="randk:k=8", downlink="permk", workers=4, rounds=40,
+                       dtype="float64", problem=QUAD, lr="0.005")
+    engine = Engine(config)
+    try:
+        z_prev = [engine.setup.x0.double().clone() for _ in engine.workers]   # z_i^0 = x^0
+        apart = 0
+        for t, _ in engine.rounds():
+            for i, w in enumerate(engine.workers):
+                expect = beta * w.rule.x + (1.0 - beta) * z_prev[i]
+                assert torch.equal(w.rule.z, expect), f"round {t}, worker {i}"
+                apart += not torch.equal(w.rule.z, w.rule.x)
+                z_prev[i] = w.rule.z.clone()
+    finally:
+        engine.close()
+    assert apart > 0
+    assert all(w.rule.beta == beta for w in engine.workers) and engine.server.rule.beta == beta
+
+
+# --- one options-and-registry mechanism -----------------------------------------------------------
+
+def test_each_family_builds_by_spec_through_one_registry():
+    from common.algorithms import ALGORITHMS, Algorithm
+    from common.compressors import REGISTRY, build
+    from common.compressors.topk import TopK
+    from common.problems import PROBLEMS, Problem, build_problem
+    from common.problems.quadratic import Quadratic
+
+    assert all(type(r) is Registry for r in (REGISTRY, ALGORITHMS, PROBLEMS))
+    c = REGISTRY.build("topk:k=3", 10, 2, 0, purpose="uplink")
+    assert isinstance(c, TopK) and c.k == 3 and c.spec == build("topk:k=3", 10, 2, 0).spec
+    a = ALGORITHMS.build("marina:p=0.3")
+    assert isinstance(a, Algorithm) and a.name == "marina" and a.options == {"p": 0.3}
+    assert ALGORITHMS.build("m3").options == {"p_p": None, "p_d": None, "beta": None}
+    p = PROBLEMS.build("quadratic:d=7", 3, 1)
+    assert isinstance(p, Quadratic) and isinstance(p, Problem) and p.dim == 7
+    assert torch.equal(p.initial_point(), build_problem("quadratic:d=7", 3, 1).initial_point())
+    for family in (REGISTRY, ALGORITHMS, PROBLEMS):
+        for cls in family.values():
+            assert all(type(q) is Param for q in cls.params), cls
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: __import__("common.compressors", fromlist=["build"]).build("nosuch", 5), r"unknown compressor 'nosuch' \(known: .*topk"),
+    (lambda: __import__("common.compressors", fromlist=["build"]).build("topk:kk=3", 5), r"topk: unknown option 'kk' \(options: k, ratio\)"),
+    (lambda: __import__("common.algorithms", fromlist=["x"]).ALGORITHMS.build("nosuch"), r"unknown algorithm 'nosuch' \(known: .*marina"),
+    (lambda: __import__("common.algorithms", fromlist=["x"]).ALGORITHMS.build("marina:y=1"), r"algorithm marina: unknown option 'y' \(options: p\)"),
+    (lambda: __import__("common.algorithms", fromlist=["x"]).ALGORITHMS.build("gd:y=1"), r"algorithm gd: unknown option 'y' \(options: none\)"),
+    (lambda: __import__("common.algorithms", fromlist=["x"]).ALGORITHMS.build("marina:p=2"), r"algorithm marina: option p=2.0 must be in \(0, 1\]"),
+    (lambda: __import__("common.problems", fromlist=["x"]).build_problem("nosuch", 2), r"unknown problem 'nosuch' \(known: .*quadratic"),
+    (lambda: __import__("common.problems", fromlist=["x"]).build_problem("quadratic:d=x", 2), r"problem quadratic: option d='x' must be an integer"),
+])
+def test_bad_specs_get_the_same_clear_errors_in_every_family(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_a_name_is_registered_once():
+    from common.algorithms import ALGORITHMS, register
+    from common.algorithms.gd import GD
+    from common.compressors import REGISTRY
+    from common.compressors import register as register_compressor
+    from common.problems import PROBLEMS
+    from common.problems import register as register_problem
+
+    class Again(GD):
+        name = "gd"
+
+    with pytest.raises(ValueError, match="algorithm 'gd' registered twice"):
+        register(Again)
+    assert ALGORITHMS["gd"] is GD
+    with pytest.raises(ValueError, match="compressor 'topk' registered twice"):
+        register_compressor(type("TopKAgain", (REGISTRY["topk"],), {}))
+    with pytest.raises(ValueError, match="problem 'quadratic' registered twice"):
+        register_problem(type("QuadraticAgain", (PROBLEMS["quadratic"],), {}))
+
+    fresh = Registry("widget")
+
+    @fresh.register
+    class Widget:
+        name = "widget"
+        params = (Param("size", int, 3),)
+
+        def __init__(self, *, options):
+            self.options = options
+
+    with pytest.raises(ValueError, match="widget 'widget' registered twice"):
+        fresh.register(Widget)
+    with pytest.raises(ValueError, match="name ''"):
+        fresh.register(type("Nameless", (), {"name": ""}))
+    assert list(fresh) == ["widget"] and fresh.build("widget:size=4").options == {"size": 4}
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_layers_import_downwards_only():
+    """Algorithms name the oracle without importing problems; problems take Param from common.options."""
+    for path in (ROOT / "common" / "algorithms").glob("*.py"):
+        assert not any(m == "common.problems" or m.startswith("common.problems.") for m in _imports(path)), path
+    for path in (ROOT / "common" / "problems").glob("*.py"):
+        assert not any(m == "common.compressors" or m.startswith("common.compressors.") for m in _imports(path)), path
+    assert not any(m.startswith("common.") and m not in ("common.spec",) for m in _imports(ROOT / "common" / "options.py"))
