@@ -1,6 +1,7 @@
 """Real processes on loopback: psc server + psc worker, psc launch, failures and refusals."""
 from __future__ import annotations
 
+import re
 import signal
 import time
 
@@ -78,14 +79,19 @@ def test_a_killed_worker_stops_the_run_within_the_timeout(tmp_path):
         code, _, err = finish(server, 30)
         assert code == 1
         assert time.monotonic() - killed_at < 3 + 10  # the timeout, plus poll granularity and exit on a loaded machine
-        assert "silent" in err and "timeout 3 s" in err
+        _, _, killed_err = finish(workers[1], 20)
+        rank = int(re.search(r"worker (\d+) of 3", killed_err).group(1))
+        # Found silent after the timeout, or sooner: the server's next heartbeat to it finds its connection closed.
+        lost = (f"worker {rank} has been silent", "(timeout 3 s)"), (f"worker {rank}'s connection closed",)
+        assert any(all(part in err for part in way) for way in lost), err[-2000:]
         for w in (workers[0], workers[2]):
             wcode, _, werr = finish(w, 20)
             assert wcode == 1 and "stopped the run" in werr
     finally:
         kill_all([server, *workers])
     end = records(metrics)[-1]
-    assert end["event"] == "end" and end["ok"] is False and "silent" in end["error"]
+    assert end["event"] == "end" and end["ok"] is False
+    assert any(all(part in end["error"] for part in way) for way in lost), end["error"]
 
 
 def test_wrong_protocol_version_and_full_server_are_refused(tmp_path):
@@ -124,9 +130,15 @@ SLOW = "custom:factory=tests.slow_problem:make"
 TRUST_SLOW = {"PSC_WORKER_ALLOW_FACTORY": "tests.slow_problem:make"}  # psc worker --allow-factory, from the environment
 
 
-def test_a_worker_busy_past_the_timeout_is_not_declared_dead(tmp_path):
+ROUND_DEADLINE = pytest.mark.xfail(strict=True, reason="psserver/server.py's default round deadline, max(--timeout, 10x the "
+                                   "slowest round), drops a worker that turns slow after fast rounds while its heartbeats arrive")
+
+
+@pytest.mark.parametrize("slow_from", [0, pytest.param(1, marks=ROUND_DEADLINE)], ids=["from-round-0", "from-round-1"])
+def test_a_worker_busy_past_the_timeout_is_not_declared_dead(tmp_path, slow_from):
     """Liveness is the heartbeat, not the round: a worker whose gradient takes three timeouts while
-    its heartbeats arrive is alive, and so is the fast worker that waits for it."""
+    its heartbeats arrive is alive, and so is the fast worker that waits for it; whether the worker is
+    slow from the start or becomes slow after a fast first round."""
     timeout, beat, busy = 1.5, 0.3, 4.5
     port = free_port()
     metrics = tmp_path / "run.jsonl"
@@ -134,7 +146,7 @@ def test_a_worker_busy_past_the_timeout_is_not_declared_dead(tmp_path):
     server = start(["server", "--bind", f"tcp://127.0.0.1:{port}", "--workers", "2", "--rounds", "3", "--algorithm", "gd",
                     "--problem", SLOW, "--lr", "0.1", "--metrics", str(metrics), *liveness])
     connect = ["worker", "--connect", f"tcp://127.0.0.1:{port}", "--device", "cpu", *liveness]
-    slow = start(connect, env={**TRUST_SLOW, slow_problem.ORACLE_SLEEP: str(busy)})
+    slow = start(connect, env={**TRUST_SLOW, slow_problem.ORACLE_SLEEP: str(busy), slow_problem.ORACLE_SLEEP_FROM: str(slow_from)})
     fast = start(connect, env=TRUST_SLOW)
     try:
         code, _, err = finish(server, 180)
@@ -146,7 +158,7 @@ def test_a_worker_busy_past_the_timeout_is_not_declared_dead(tmp_path):
         kill_all([server, slow, fast])
     got = rounds_of(metrics)
     assert len(got) == 3
-    assert all(r["compute_s"] >= busy for r in got)  # the slow worker really was busy past the timeout
+    assert all(r["compute_s"] >= busy for r in got[slow_from:])  # the slow worker really was busy past the timeout
     assert records(metrics)[-1]["ok"] is True
 
 
