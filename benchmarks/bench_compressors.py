@@ -12,8 +12,9 @@ For each compressor it times, on a float32 N(0,1) vector of d coordinates:
 The three are interleaved (copy, compress + encode, decode + decompress, repeated) after one warm-up
 call each, so that a machine whose load changes during the run affects all three alike; each figure
 is the median over ``--repeats`` rounds and the "x copy" columns divide by the median copy time of
-the same compressor's rounds. CUDA timings synchronize the device around each call. Prints a
-markdown table.
+the same compressor's rounds. CUDA timings synchronize the device around each call. ``--clock cpu``
+times this process's CPU time instead of wall time, which other work on the machine disturbs less.
+Prints a markdown table.
 """
 from __future__ import annotations
 
@@ -39,12 +40,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
+
 def _timed(fn, device: torch.device) -> float:
     _sync(device)
-    start = time.perf_counter()
+    start = _clock()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return _clock() - start
 
 
 def interleaved_medians(fns, device: torch.device, repeats: int) -> list[float]:
@@ -65,11 +70,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workers", type=int, default=10, help="n for Perm-K (worker 1's message is timed)")
     parser.add_argument("--specs", nargs="*", default=SPECS)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or this process's CPU time (steadier on a machine shared with other work; "
+                             "counts every thread, so it is not for CUDA)")
     args = parser.parse_args()
+    global _clock
+    _clock = CLOCKS[args.clock]
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "all" else [args.device]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, n = {args.workers}, "
-          f"median of {args.repeats} interleaved rounds")
+          f"median of {args.repeats} interleaved rounds, {args.clock} clock")
     print()
     print("| device | d | compressor | bytes | copy ms | compress+encode ms | decode+decompress ms "
           "| compress+encode x copy | decode+decompress x copy |")
