@@ -14,9 +14,9 @@ exits with psc's status (128 + N when psc died of signal N), while it checks the
   More containers than that, or fewer once the count has not changed for SCALE_CHECK_SETTLE seconds
   (15), is an error that names both numbers: psc is stopped (SIGTERM) and this process exits 1.
   No container of the service at all is not checked (`docker compose up server`, remote workers).
-- The server, for a worker: once the host of its --connect endpoint (the server's container) has
-  not resolved for SCALE_CHECK_GONE seconds (10), the server container is gone; the worker is stopped
-  and this process exits 1, instead of waiting out --join-timeout for a server that will not come.
+- The other side. A worker stops (exit 1) once the host of its --connect endpoint (the server's
+  container) has not resolved for SCALE_CHECK_GONE seconds (10), and a server whose worker
+  containers have all gone for that long stops too, instead of waiting out --join-timeout.
 """
 from __future__ import annotations
 
@@ -201,17 +201,28 @@ def main(argv: list[str]) -> int:
             say(f"psc entrypoint: error: {msg}")
             child.send_signal(signal.SIGTERM)
 
+    # Name lookups that fail fast (on a network without outside DNS a missing name would take
+    # seconds); psc itself, started above, keeps the resolver's defaults.
+    os.environ.setdefault("RES_OPTIONS", "timeout:1 attempts:1")
+    settle = float(env.get("SCALE_CHECK_SETTLE") or 15.0)
+    gone_s = float(env.get("SCALE_CHECK_GONE") or 10.0)
+
     def watch():
-        settle = float(env.get("SCALE_CHECK_SETTLE") or 15.0)
         msg = check_scale(expected, lambda: count_containers(service), service, "the server", settle, alive=alive)
         if msg is not None:
+            if command == "worker":  # let the server's check see this container before it goes
+                say(f"psc entrypoint: error: {msg}")
+                deadline = time.monotonic() + min(settle, 5.0)
+                while alive() and time.monotonic() < deadline:
+                    time.sleep(0.2)
             return stop(msg)
         if command == "worker":
             endpoint = setting("worker", args, "connect", env) or ""
             host = endpoint.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
-            gone_s = float(env.get("SCALE_CHECK_GONE") or 10.0)
             if host and server_gone(host, gone_s, alive):
                 stop(f"the server's container ({host}) is gone; this worker stops instead of waiting for it")
+        elif server_gone(service, gone_s, alive):  # the workers it counted have all exited
+            stop(f"every container of service '{service}' has exited but the server still runs; it stops too")
 
     threading.Thread(target=watch, daemon=True).start()
     code = child.wait()

@@ -4,8 +4,8 @@
 #   deploy/smoke.sh            # from anywhere in the repository; takes a few minutes
 #
 # 1. A Docker engine: the running one (`docker info`), or, when none answers and dockerd is installed
-#    and this is root, a private dockerd (own socket, data root and exec root in a temporary folder,
-#    no iptables rules, so containers reach nothing but each other) that is stopped again by its PID.
+#    and this is root, a private dockerd (own socket, data root and exec root in a temporary folder)
+#    that is stopped again by its PID.
 # 2. The base image: BASE_IMAGE (python:3.11-slim) if present or pullable; otherwise a Debian base is
 #    made with debootstrap from this host's apt mirror (minbase, imported as psc-smoke-base:SUITE).
 # 3. The image, built from the repository's files (git ls-files: no virtual environments, no runs),
@@ -96,8 +96,7 @@ else
   [[ $(id -u) -eq 0 ]] || cannot "no Docker engine answers, and starting dockerd needs root"
   mkdir -p "$WORK/docker/data" "$WORK/docker/exec"
   "$DOCKERD" --host "unix://$WORK/docker/docker.sock" --data-root "$WORK/docker/data" \
-    --exec-root "$WORK/docker/exec" --pidfile "$WORK/docker/dockerd.pid" \
-    --iptables=false --ip-masq=false > "$WORK/docker/dockerd.log" 2>&1 &
+    --exec-root "$WORK/docker/exec" --pidfile "$WORK/docker/dockerd.pid" > "$WORK/docker/dockerd.log" 2>&1 &
   DOCKERD_PID=$!
   export DOCKER_HOST="unix://$WORK/docker/docker.sock"
   for _ in $(seq 120); do
