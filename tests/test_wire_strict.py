@@ -152,3 +152,16 @@ def test_large_permk_supports_partition_regenerate_and_are_uniform():
     # neighbouring coordinates are not kept together more often than independent ones would be
     both = float((hits[1:] * hits[:-1]).mean())
     assert abs(both / (steps * p) ** 2 - 1) < 0.1
+
+
+@pytest.mark.parametrize("spec", ["qsgd:s=40000", "natural", "natdither:s=3,p=inf", "sign", "permk", "topk:k=3+natural"])
+def test_decompress_leaves_the_payload_unchanged(spec):
+    """Decompressing twice gives the same vector and re-encodes to the same bytes (no in-place work on
+    the payload's own tensors, e.g. int32 codes that a dtype conversion would hand back as is)."""
+    x = torch.randn(70, generator=torch.Generator().manual_seed(4))
+    c = build(spec, 70, 3)
+    q = decode(encode(c.compress(x, worker=1, step=2)))
+    frames = encode(q)
+    first = c.decompress(q)
+    assert torch.equal(c.decompress(q), first)
+    assert encode(q) == frames

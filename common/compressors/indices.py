@@ -232,7 +232,7 @@ def keyed_permutation(positions: torch.Tensor, dim: int, key: int) -> torch.Tens
     coordinates. Integer arithmetic without overflow: the same on CPU and CUDA.
     """
     low, a_size, dtype, tables, rotation = _feistel_tables(dim, key, positions.device)
-    out = _feistel(positions.to(dtype), low, a_size, tables)
+    out = _feistel(positions.to(dtype, copy=True), low, a_size, tables)  # (works in place)
     if a_size << low != dim:
         todo = torch.nonzero(out >= dim).flatten()
         while todo.numel():

@@ -175,7 +175,7 @@ class Quantized:
         if self.norm is not None:
             levels = levels * self.norm.to(self.dtype)
         signed = torch.cat([levels, -levels])
-        index = self.codes.to(torch.int32 if levels.numel() < 2**30 else torch.int64)
+        index = self.codes.to(torch.int32 if levels.numel() < 2**30 else torch.int64, copy=True)  # the payload stays
         index.add_(self.negative, alpha=levels.numel())
         return signed.index_select(0, index)
 
