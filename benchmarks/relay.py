@@ -9,7 +9,8 @@ direction of each connection is paced by a token bucket at ``mbit_per_s`` (``mod
 every worker has a link of its own), or all connections and directions share one bucket
 (``mode="shared"``: one bottleneck, as a server behind a single uplink). Kernel traffic shaping is
 not needed, so it runs anywhere. ``achieved_mbit_per_s`` reports the rate the busiest direction
-actually reached, to check the link against the configured one.
+actually reached, to check the link against the configured one (it can only fall below it, on a
+machine too busy to keep the relay's threads running).
 """
 from __future__ import annotations
 
@@ -81,9 +82,8 @@ class RateLimitedRelay:
                 began = time.monotonic()
                 bucket.take(len(data))
                 dst.sendall(data)
-                flow["bytes"] += len(data)
-                if len(data) == CHUNK:  # a full chunk: the link, not the sender, set the pace
-                    flow["busy_s"] += time.monotonic() - began
+                flow["bytes"] += len(data)  # each chunk's bytes over the time it held the link
+                flow["busy_s"] += time.monotonic() - began
         except OSError:
             pass
         finally:
@@ -94,7 +94,9 @@ class RateLimitedRelay:
                     pass
 
     def achieved_mbit_per_s(self) -> float | None:
-        """Megabits per second of the busiest direction while it moved full chunks; None if none did."""
+        """Megabits per second of the busiest direction while it was moving data (the time between
+        chunks, when the sender had nothing to send, is not counted); None if nothing was moved
+        for long enough to tell."""
         with self.lock:
             busy = [f for f in self.flows if f["busy_s"] > 0.5]
         if not busy:

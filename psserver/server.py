@@ -23,7 +23,7 @@ When a registered connection closes (the next send to it fails, at the latest at
 heartbeat), its rank is lost at once, so a later connection that reuses the routing identity is
 never taken for the old worker. Heartbeats count only from the rank's own heartbeat socket. A
 worker that has not delivered its uplink ``round_timeout`` seconds after a round began is lost,
-however lively its heartbeats (default: the liveness timeout or ten times the slowest round so
+however lively its heartbeats (default: ten times the liveness timeout or the slowest round so
 far, whichever is longer; no deadline for the first round). Refusals are logged once per peer,
 with the peer's text cut short.
 """
@@ -205,13 +205,14 @@ class Server:
         log.info("all %d workers ready; running %d rounds", n, self.config.rounds)
 
     def _round_deadline(self) -> float:
-        """``--round-timeout``, else the liveness timeout or ten times the slowest round so far,
-        whichever is longer; before any round has been seen, none (liveness alone decides)."""
+        """``--round-timeout``, else ten times the liveness timeout or the slowest round so far,
+        whichever is longer (a worker may be busy past ``timeout`` while its heartbeats say it is
+        alive); before any round has been seen, none (liveness alone decides)."""
         if self.round_timeout is not None:
             return self.round_timeout
         if self.slowest_round == 0.0:
             return math.inf
-        return max(self.timeout, 10.0 * self.slowest_round)
+        return 10.0 * max(self.timeout, self.slowest_round)
 
     def _collect(self, t: int) -> list[protocol.Envelope]:
         ups: list[protocol.Envelope | None] = [None] * self.config.workers

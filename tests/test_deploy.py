@@ -406,6 +406,7 @@ def test_docker_compose_config_validates(files):
     assert r.returncode == 0, f"{' '.join(client)} config: {r.stderr}"
 
 
+@pytest.mark.procs
 def test_multi_gpu_launcher_joins_a_remote_server_and_the_healthcheck_sees_it(tmp_path):
     """deploy/launch_multi_gpu.sh --connect starts this host's workers against a server elsewhere
     (here: on loopback); the compose file's server health check succeeds on a listening server."""
@@ -517,6 +518,7 @@ def entrypoint(args, env=None):
                             stderr=subprocess.PIPE, text=True, env={**base, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
+@pytest.mark.procs
 def test_entrypoint_stops_a_server_whose_worker_count_disagrees_with_the_containers(tmp_path):
     """A real server started by the entrypoint, as in the compose file: the worker service name
     resolves to one address (here `localhost`, one container), the server waits for 2: the run
@@ -532,6 +534,7 @@ def test_entrypoint_stops_a_server_whose_worker_count_disagrees_with_the_contain
     assert "compose runs 1 container of service 'localhost'" in err and "waits for 2 workers" in err, err[-2000:]
 
 
+@pytest.mark.procs
 def test_entrypoint_runs_psc_with_progress_lines_and_summary_and_passes_sigterm(tmp_path):
     """The agreeing case runs to the end, and the log (stderr, not a terminal) holds psc's progress
     lines and its summary; a SIGTERM to the entrypoint reaches psc (the entrypoint then exits with

@@ -27,4 +27,4 @@ def test_a_run_through_a_slow_link_loses_no_message_at_the_end(tmp_path):
         relay.close()
     assert records(metrics)[-1]["ok"] is True
     achieved = relay.achieved_mbit_per_s()
-    assert achieved is not None and 70 < achieved < 110, achieved  # the link was as slow as configured
+    assert achieved is not None and achieved < 105, achieved  # the link was as slow as configured

@@ -91,12 +91,12 @@ class Worker:
             except PermissionError as exc:
                 self._send(b"BYE", {"rank": self.rank, "reason": "refused the run's configuration"})
                 raise WorkerFailed(str(exc)) from None
+            beats.start()  # from here on: building the problem may take longer than the timeout
             device = resolve_device(self.device_spec, int(os.environ.get("LOCAL_RANK", self.rank)))
             setup = RunSetup.build(config)
             core = WorkerCore(setup, self.rank, device)
             tally = WorkerTally(core)  # this worker's summary: rounds, bytes each way, compute time
             log.info("worker %d of %d on %s, d = %d", self.rank, config.workers, device, setup.dim)
-            beats.start()
             self._send(b"READY", {"rank": self.rank, "dim": setup.dim})
             for t in range(config.rounds):
                 self.sock.send_multipart(core.uplink(t), copy=False)
