@@ -437,3 +437,54 @@ def plot_cmd(runs, x_field, y_fields, labels, logy, logx, title, output):
     except PlotError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(f"wrote {output}")
+
+
+def _number_list(kind):
+    """A click callback: a comma-separated list of ``kind`` (int or float); a clear error otherwise."""
+
+    def convert(ctx, param, value):
+        if value is None:
+            return []
+        items = [v for v in str(value).replace(" ", "").split(",") if v]
+        try:
+            return [kind(v) for v in items]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a comma-separated list of {kind.__name__}s") from None
+
+    return convert
+
+
+@main.command("sweep")
+@click.option("--method", "methods", multiple=True, required=True,
+              help="One method: 'ALGO[ up=SPEC][ down=SPEC][ label=TEXT]' (repeat for each method).")
+@click.option("--problem", required=True, help="Problem SPEC; '{n}' in it is replaced by the number of workers.")
+@click.option("--workers", "-n", default="4", show_default=True, callback=_number_list(int), help="Numbers of workers, comma-separated.")
+@click.option("--lr-exp", "lr_exps", callback=_number_list(float), help="Step sizes theory x 2^i for these i, comma-separated (e.g. -2,-1,0,1).")
+@click.option("--lr", "lr_values", callback=_number_list(float), help="Fixed step sizes, comma-separated (e.g. 0.001,0.003).")
+@click.option("--seeds", default="0", show_default=True, callback=_number_list(int), help="Seeds, comma-separated.")
+@click.option("--rounds", default=100, show_default=True, type=click.IntRange(min=1), help="Rounds per run (at most).")
+@click.option("--target", type=float, help="Stop a run once grad_norm_sq <= TARGET x grad_norm_sq(x^0).")
+@click.option("--criterion", type=click.Choice(["bits-down", "bits-up", "bits-total", "rounds", "final-loss", "final-grad"]),
+              help="What 'best' means (smaller wins).  [default: bits-total with --target, else final-loss]")
+@click.option("--jobs", "-j", default=2, show_default=True, type=click.IntRange(min=1), help="Runs at a time (processes).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for every run's metrics file and the summary.")
+def sweep_cmd(methods, problem, workers, lr_exps, lr_values, seeds, rounds, target, criterion, jobs, out):
+    """A grid of runs over step sizes, seeds, n and methods, in parallel (in-process engine).
+
+    Writes every run's metrics file, runs.jsonl, summary.md and summary.json into --out and prints
+    the summary: one row per (method, n, step size) with the median over seeds, and the best step
+    size of each method by --criterion.
+    """
+    from psc.sweep import Sweep, SweepError, lr_grid, parse_method, run_sweep
+
+    try:
+        sweep = Sweep([parse_method(m) for m in methods], problem, workers, lr_grid(lr_exps, lr_values), seeds, rounds,
+                      target, criterion or ("bits-total" if target is not None else "final-loss"))
+        sweep.check()
+    except SweepError as exc:
+        raise click.UsageError(str(exc)) from None
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise click.UsageError(f"--out {out}: exists and is not a folder")
+    summary = run_sweep(sweep, out, jobs=jobs, log=lambda line: click.echo(line, err=True))
+    click.echo(summary["markdown"], nl=False)
+    click.echo(f"wrote {len(summary['runs'])} metrics files, summary.md and summary.json in {out} ({summary['seconds']:.0f} s)")
