@@ -23,13 +23,16 @@ OVER = 100          # protocol + envelope + payload headers
 full, part, core_m = (4 * QD, 4 * QD + OVER), (4 * QK, 4 * QK + OVER), (40, 40 + OVER)
 topk = (4 * TOPK, 4 * TOPK + TOPK + OVER)   # values + at most 7 index bits each
 rand12 = (4 * TOPK, 4 * TOPK + OVER)        # randk:ratio=0.1, indices regenerated
+top1 = (4, 4 + 1 + OVER)                     # EF21's default Top-K, 1.6% of d = 120: K = 1
+topqk = (4 * QK, 4 * QK + QK + OVER)         # EF21-P's default Top-K, K = d/n
+natqk = (QK, 2 * QK + OVER)                  # EF21-P + DCGD's default Rand-K + natural, K = d/n: 1 to 2 bytes a value
 
 QUADRATIC_METHODS = {  # name: (extra args, allowed uplink ranges, allowed downlink ranges, round-0 uplink)
     "dcgd": ([], [rand12], [full], None),
     "ef-sgd": ([], [topk], [full], None),
-    "ef21": ([], [topk, full], [full], full),
-    "ef21-p": ([], [full], [topk], None),
-    "ef21-p-dcgd": (["--lr", "0.005"], [rand12], [topk], None),
+    "ef21": ([], [top1, full], [full], full),
+    "ef21-p": ([], [full], [topqk], None),
+    "ef21-p-dcgd": (["--lr", "0.005"], [natqk], [natqk], None),
     "marina": ([], [part, full], [full], full),
     "m3": ([], [part, full], [part, full], full),
     "core": ([], [core_m], [core_m], None),

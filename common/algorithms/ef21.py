@@ -66,11 +66,11 @@ class EF21Worker(WorkerRule):
 @register
 class EF21(Algorithm):
     name = "ef21"
-    paper = "Richtarik, Sokolov, Fatkhullin 2021 (EF21); CD-Adam paper sec. 7.2 (bidirectional)"
+    paper = "Richtarik, Sokolov, Fatkhullin 2021 (EF21); defaults: CD-Adam paper sec. 7.2, Top-K with K = 1.6% of d (bidirectional there: --downlink)"
     summary = "Markov-compressed gradients (g_i += C(grad - g_i)); optional Markov-compressed downlink"
     sends = "up: C(grad f_i(x) - g_i) (round 0 full with init=full); down: C_down(g - g~), the same to all (d floats with identity)"
     server_rule, worker_rule = EF21Server, EF21Worker
-    default_uplink, default_downlink = "topk:ratio=0.1", "identity"
+    default_uplink, default_downlink = "topk:ratio=0.016", "identity"
     params = (Param("init", str, "full", lambda v: v in ("full", "compressed"), "full or compressed", "g_i^0: full gradient or C(grad)"),)
 
     def theory_lr(self, ctx):

@@ -62,11 +62,11 @@ class EF21PWorker(WorkerRule):
 @register
 class EF21P(Algorithm):
     name = "ef21-p"
-    paper = "Gruntkowska, Tyurin, Richtarik 2023 (EF21-P); MARINA-P paper sec. 6"
+    paper = "Gruntkowska, Tyurin, Richtarik 2023 (EF21-P); defaults: MARINA-P paper sec. 6 / F.3, Top-K with K = d/n"
     summary = "server-to-worker error feedback: one compressed broadcast of x^{t+1} - w^t"
     sends = "up: grad f_i(w^t) (d floats); down: C(x^{t+1} - w^t), the same to every worker"
     server_rule, worker_rule = EF21PServer, EF21PWorker
-    default_downlink = "topk:ratio=0.1"
+    default_downlink = "topk:k={k}"
     fixed_uplink = True
 
     def theory_lr(self, ctx):

@@ -10,7 +10,7 @@ Safaryan 2023, Algorithm 1; spec/biased-compression.md 2):
 
 g~ is what the server decodes (payload.to_dense()), so e_i is exact. C: ``--uplink`` (default Top-K,
 10% of d), which should be in B3 (contractive). Option ``average``: ``none`` (the model is x^k),
-``uniform`` (w^k = 1, Thm 21 iii) or ``exp`` (w^k = (1 - mu eta/2)^{-(k+1)}, Thm 21 ii, needs ``mu``);
+``uniform`` (the default, the paper's output: w^k = 1, Thm 21 iii) or ``exp`` (w^k = (1 - mu eta/2)^{-(k+1)}, Thm 21 ii, needs ``mu``);
 the average is the server's ``model`` and is kept as a normalized running average
 x_bar <- (1 - lam_k) x_bar + lam_k x^k, lam_k = w^k / W^k, computed without forming w^k (no overflow).
 Theory step: Thm 21 (ii)/(iii) take eta <= 1/(14 (2 delta + B) L) with delta = 1/alpha and B = 0 for
@@ -82,14 +82,14 @@ class EFSGDWorker(WorkerRule):
 @register
 class EFSGD(Algorithm):
     name = "ef-sgd"
-    paper = "Beznosikov et al. 2023 (Alg. 1)"
+    paper = "Beznosikov et al. 2023 (Alg. 1; the model is the eq. 20 average, uniform weights by default)"
     summary = "distributed SGD with biased compression and error feedback (optional eq. 20 average)"
     sends = "up: C_i(e_i + eta g_i); down: x^{k+1} (d floats)"
     server_rule, worker_rule = EFSGDServer, EFSGDWorker
     default_uplink = "topk:ratio=0.1"
     fixed_downlink = True
     params = (
-        Param("average", str, "none", lambda v: v in ("none", "uniform", "exp"), "none, uniform or exp", "eq. 20 output average"),
+        Param("average", str, "uniform", lambda v: v in ("none", "uniform", "exp"), "none, uniform or exp", "eq. 20 output average"),
         Param("mu", float, None, lambda v: v > 0, "positive", "strong convexity for average=exp"),
     )
 

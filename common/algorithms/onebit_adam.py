@@ -1,6 +1,7 @@
 """1-bit Adam (Tang et al. 2021; the CD-Adam paper's baseline, sec. 7.2; spec/cd-adam.md 1.2(e)).
 
-Warm-up, rounds t < warmup (full precision both ways): worker i sends g_t^(i); the server broadcasts
+Warm-up, rounds t < warmup (full precision both ways; by default 13% of the run's rounds, the CD-Adam
+paper's 13 of 100 epochs): worker i sends g_t^(i); the server broadcasts
 g_t = (1/n) sum_i g_t^(i); everyone runs Adam:
     m = beta1 m + (1 - beta1) g;  v = beta2 v + (1 - beta2) g^2;  x <- x - alpha m / (sqrt(v) + eps)
 Compression stage, t >= warmup: v is frozen at v_{T_w} and
@@ -93,7 +94,7 @@ class OneBitAdamWorker(WorkerRule):
 @register
 class OneBitAdam(Algorithm):
     name = "onebit-adam"
-    paper = "Tang et al. 2021 (1-bit Adam); baseline of Wang, Lin, Chen 2022 (sec. 7.2)"
+    paper = "Tang et al. 2021 (1-bit Adam); defaults: Wang, Lin, Chen 2022 (sec. 7.2), warm-up 13% of the rounds"
     summary = "Adam warm-up uncompressed, then frozen variance and sign-compressed momentum with EF both ways"
     sends = "warm-up: g_i / mean g (d floats each way); then C(m_i + delta_i) / C(m_bar + delta_bar) (d bits + 32)"
     server_rule, worker_rule = OneBitAdamServer, OneBitAdamWorker
@@ -102,6 +103,13 @@ class OneBitAdam(Algorithm):
         Param("beta1", float, 0.9, lambda v: 0 <= v < 1, "in [0, 1)", "momentum"),
         Param("beta2", float, 0.99, lambda v: 0 <= v < 1, "in [0, 1)", "second-moment decay"),
         Param("eps", float, 1e-8, lambda v: v > 0, "positive", "added to sqrt(v)"),
-        Param("warmup", int, 100, lambda v: v >= 1, "a positive integer", "uncompressed Adam rounds before v is frozen"),
+        Param("warmup", int, 0, lambda v: v >= 0, "a non-negative integer",
+              "uncompressed Adam rounds before v is frozen (0: 13% of the rounds, the CD-Adam paper's 13 of 100 epochs)"),
         Param("bias_correction", bool, False, doc="Adam's bias correction in the warm-up"),
     )
+
+    def context(self, config, dim, problem_constants):
+        ctx = super().context(config, dim, problem_constants)
+        if ctx.options["warmup"] == 0:  # both sides derive the same count from the run's rounds
+            ctx.options["warmup"] = max(1, round(0.13 * config.rounds))
+        return ctx
