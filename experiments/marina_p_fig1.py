@@ -1,132 +1,116 @@
-"""MARINA-P paper, Figure 1 (section 6 / F.3): server-to-worker bits to reach an accuracy, against n.
+"""MARINA-P paper (Gruntkowska, Tyurin, Richtarik 2024), Figure 1 / F.3: ||grad f(x^t)||^2 against the
+server-to-worker bits per worker, one panel per n (columns) and per (L_A^2, L_B^2) setting (rows).
 
-    python experiments/marina_p_fig1.py [--d 300] [--ns 10 100 1000] [--la2 1] [--lb2 100]
-        [--eps 1e-3] [--max-rounds 3000] [--factors -2 -1 0 1 2 3] [--quick] [--out runs/marina_p_fig1]
+    python experiments/marina_p_fig1.py [--quick] [--out runs/marina_p_fig1] [--jobs 2]
 
-Problem: the Thm 4.9 quadratics (``quadratic:d,la2,lb2``; x^0 = 0). Methods: GD, MARINA-P with
-same-Rand-K, independent Rand-K and Perm-K (K = max(1, d // n), p = 1/(omega + 1)), EF21-P with Top-K
-(K = max(1, d // n)). As in the paper only the step size is tuned: lr = theory * 2^f over ``--factors``.
-Each run stops when grad_norm_sq <= eps * grad_norm_sq(x^0) (or at ``--max-rounds``); a method's
-score is the server-to-worker bits per worker (cum_bytes_down * 8 / n, real frames) of its best
-factor. Writes one JSONL per run, ``table.md`` and ``fig1.png`` under ``--out``.
+Problem: the Thm 4.9 quadratics, d = 300 (``quadratic:d=300,la2=..,lb2=..``, x^0 = 0). Methods: GD,
+MARINA-P with SameRand-K, independent Rand-K and Perm-K (K = d/n, p = K/d = 1/(omega + 1)), EF21-P
+with Top-K (K = d/n, at least 1; n = 900 > d uses K = 1 and Perm-K's d < n case). Only the step size
+is tuned, over theory x 2^i (the paper's protocol), each method at its best i by the s2w bits per
+worker to reach ||grad f||^2 <= eps ||grad f(x^0)||^2. Full mode: n = 10, 100, 900, the paper's 4 x 4
+grid of L_A^2 in {0, 1, 10, 100} and L_B^2 in {1e2, 1e3, 1e4, 1e5}, i in -1..3, eps = 0.03, 3 seeds.
+Quick mode: n = 10 and 100, (L_A^2, L_B^2) = (1, 100), eps = 0.1, 1 seed, i in 0..2 and at most 300
+rounds for n = 10, i in 1..2 and at most 150 rounds for n = 100.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import re
 import time
 
-from common.config import RunConfig
-from runtime.engine import run_inproc
+from figlib import Method, Result, Sweep, band, best_runs, bits_label, cli, curve, lr_grid, md_table, pyplot, run_sweep, savefig
+
+D = 300
 
 
-def run_to_target(config: RunConfig, path: str | None, eps: float) -> dict:
-    """Run until grad_norm_sq <= eps * initial; return bits per worker at that point (or reached=False)."""
-    from runtime.setup import RunSetup
-
-    setup = RunSetup.build(config)
-    target = eps * setup.problem.evaluate(setup.x0)["grad_norm_sq"]
-    try:
-        s = run_inproc(config, path, progress=False, until=lambda r: r["grad_norm_sq"] <= target)
-    except RuntimeError:  # diverged
-        return {"reached": False, "rounds": None, "lr": setup.ctx.lr}
-    n = config.workers
-    last = s.last
-    return {"reached": last["grad_norm_sq"] <= target, "rounds": last["round"] + 1, "lr": setup.ctx.lr,
-            "s2w_bits": 8 * last["cum_bytes_down"] / n, "w2s_bits": 8 * last["cum_bytes_up"] / n,
-            "total_bits": 8 * (last["cum_bytes_down"] + last["cum_bytes_up"]) / n, "grad_norm_sq": last["grad_norm_sq"]}
+def methods(n: int) -> list[Method]:
+    k = max(1, D // n)
+    return [Method("gd", label="GD"),
+            Method("marina-p", downlink=f"samerandk:k={k}", label="MARINA-P SameRandK"),
+            Method("marina-p", downlink=f"randk:k={k}", label="MARINA-P RandK"),
+            Method("marina-p", downlink="permk", label="MARINA-P PermK"),
+            Method("ef21-p", downlink=f"topk:k={k}", label="EF21-P TopK")]
 
 
-def tune(label: str, base: dict, factors, eps: float, out: str, key: str) -> dict:
-    """Run ``base`` at lr = theory * 2^f for each f; keep the reached run with the fewest ``key`` bits."""
-    best = None
-    for f in factors:
-        config = RunConfig(**base, lr=f"theory*{2.0 ** f}")
-        res = run_to_target(config, os.path.join(out, f"{label}_f{f}.jsonl"), eps)
-        res["factor"] = f
-        print(json.dumps({"method": label, **res}), flush=True)
-        if res["reached"] and (best is None or res[key] < best[key]):
-            best = res
-    return best or {"reached": False, "factor": None, key: math.inf}
+def settings(quick: bool) -> dict:
+    if quick:
+        return dict(ns=[10, 100], grid=[(1, 100)], exps={10: [0, 1, 2], 100: [1, 2]}, eps=0.1, seeds=[0],
+                    rounds={10: 300, 100: 150})
+    return dict(ns=[10, 100, 900], grid=[(a, b) for a in (0, 1, 10, 100) for b in (100, 1000, 10000, 100000)],
+                exps={n: [-1, 0, 1, 2, 3] for n in (10, 100, 900)}, eps=0.03, seeds=[0, 1, 2], rounds={n: 3000 for n in (10, 100, 900)})
 
 
-def methods(d: int, n: int) -> dict[str, dict]:
-    k = max(1, d // n)
-    return {
-        "GD": dict(algorithm="gd"),
-        f"MARINA-P SameRand{k}": dict(algorithm="marina-p", downlink=f"samerandk:k={k}"),
-        f"MARINA-P Rand{k}": dict(algorithm="marina-p", downlink=f"randk:k={k}"),
-        "MARINA-P PermK": dict(algorithm="marina-p", downlink="permk"),
-        f"EF21-P Top{k}": dict(algorithm="ef21-p", downlink=f"topk:k={k}"),
-    }
+def run(quick: bool, out: str, jobs: int) -> Result:
+    t0 = time.time()
+    s = settings(quick)
+    os.makedirs(out, exist_ok=True)
+    best: dict = {}  # (la2, lb2, n) -> {method: (best lr, score, curves)}
+    for la2, lb2 in s["grid"]:
+        for n in s["ns"]:
+            sub = os.path.join(out, f"la{la2}_lb{lb2}", f"n{n}")
+            sw = Sweep(methods(n), f"quadratic:d={D},la2={la2},lb2={lb2}", [n], lr_grid(s["exps"][n]), s["seeds"],
+                       rounds=s["rounds"][n], target=s["eps"], criterion="bits-down")
+            summary = run_sweep(sw, sub, jobs=jobs, log=lambda line: print(line, flush=True))
+            files = best_runs(summary)
+            cell = {}
+            for b in summary["best"]:
+                cell[b["method"]] = (b["lr"], b["score"], [curve(os.path.join(sub, f)) for f in files.get((b["method"], n), [])])
+            best[(la2, lb2, n)] = cell
 
+    plt = pyplot()
+    rows, cols = len(s["grid"]), len(s["ns"])
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    count = "8 x wire bytes"
+    for i, (la2, lb2) in enumerate(s["grid"]):
+        for j, n in enumerate(s["ns"]):
+            ax = axes[i][j]
+            for label, (lr, score, curves) in best[(la2, lb2, n)].items():
+                if curves:
+                    count = curves[0]["count"]
+                    factor = lr.replace("theory*", "x")
+                    band(ax, curves, "down", "grad_norm_sq", f"{label}, {factor}")
+            ax.set_yscale("log")
+            ax.set_title(f"n = {n}, L_A^2 = {la2:g}, L_B^2 = {lb2:g}", fontsize=9)
+            ax.set_xlabel(bits_label(count, "s2w bits / n"), fontsize=8)
+            ax.set_ylabel("||grad f(x^t)||^2")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6)
+    fig.suptitle(f"MARINA-P Fig. 1: quadratics d = {D}, step theory x 2^i (best i by s2w bits to eps = {s['eps']})", fontsize=10)
+    fig_name = savefig(fig, out, "fig1.png")
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--d", type=int, default=300)
-    ap.add_argument("--ns", type=int, nargs="+", default=[10, 100, 1000])
-    ap.add_argument("--la2", type=float, default=1.0)
-    ap.add_argument("--lb2", type=float, default=100.0)
-    ap.add_argument("--eps", type=float, default=1e-3, help="relative accuracy on grad_norm_sq")
-    ap.add_argument("--max-rounds", type=int, default=3000)
-    ap.add_argument("--factors", type=int, nargs="+", default=[-2, -1, 0, 1, 2, 3], help="lr = theory * 2^f")
-    ap.add_argument("--quick", action="store_true", help="eps 0.1, 400 rounds, factors 0 1 2")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="runs/marina_p_fig1")
-    args = ap.parse_args()
-    if args.quick:
-        args.eps, args.max_rounds, args.factors = 0.1, 400, [0, 1, 2]
-    os.makedirs(args.out, exist_ok=True)
-    rows = []
-    for n in args.ns:
-        common = dict(problem=f"quadratic:d={args.d},la2={args.la2},lb2={args.lb2}", workers=n, rounds=args.max_rounds, seed=args.seed)
-        for label, spec in methods(args.d, n).items():
-            t0 = time.time()
-            best = tune(f"n{n}_{label.replace(' ', '_')}", {**common, **spec}, args.factors, args.eps, args.out, "s2w_bits")
-            rows.append({"n": n, "method": label, **best, "seconds": time.time() - t0})
-    write_outputs(rows, args, "s2w_bits", "server-to-worker bits per worker", "fig1",
-                  f"quadratic d={args.d}, L_A^2={args.la2}, L_B^2={args.lb2}; target grad_norm_sq <= {args.eps} x initial; "
-                  f"lr = theory x 2^f, f in {args.factors}, at most {args.max_rounds} rounds")
+    table_rows = []
+    for (la2, lb2, n), cell in best.items():
+        for label, (lr, score, curves) in cell.items():
+            table_rows.append([la2, lb2, n, label, lr, score, len(curves)])
+    table = md_table(["L_A^2", "L_B^2", "n", "method", "best step", f"s2w bits/worker to eps={s['eps']} (median)", "seeds"], table_rows)
+    with open(os.path.join(out, "table.md"), "w") as fh:
+        fh.write(table)
 
-
-def write_outputs(rows, args, key, ylabel, stem, title):
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump(rows, fh, indent=1)
-    lines = [title, "", f"| n | method | best lr factor | rounds | {ylabel} | s2w bits/worker | w2s bits/worker |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r["reached"]:
-            lines.append(f"| {r['n']} | {r['method']} | 2^{r['factor']} | {r['rounds']} | {r[key]:.4g} | {r['s2w_bits']:.4g} | {r['w2s_bits']:.4g} |")
-        else:
-            lines.append(f"| {r['n']} | {r['method']} | - | not reached | - | - | - |")
-    with open(os.path.join(args.out, "table.md"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label in dict.fromkeys(_family(r["method"]) for r in rows):
-        pts = [(r["n"], r[key]) for r in rows if r["reached"] and _family(r["method"]) == label]
-        if pts:
-            ax.loglog(*zip(*pts), "o-", label=label)
-    ax.set_xlabel("workers n")
-    ax.set_ylabel(ylabel + " to target")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, f"{stem}.png"), dpi=120)
-    print(f"wrote {args.out}/table.md and {args.out}/{stem}.png")
-
-
-def _family(method: str) -> str:
-    """The method name without its K (so the points of n = 10, 100, 1000 join into one curve)."""
-    return re.sub(r"\d+$", "K", method)
+    # the claims: Perm-K's s2w bits to eps fall with n, GD's do not; Perm-K is the best method
+    checks, notes = [], []
+    for la2, lb2 in s["grid"]:
+        lo, hi = s["ns"][0], s["ns"][-1]
+        pk = [best[(la2, lb2, n)]["MARINA-P PermK"][1] for n in (lo, hi)]
+        gd = [best[(la2, lb2, n)]["GD"][1] for n in (lo, hi)]
+        falls = pk[1] < pk[0]
+        gd_flat = math.isfinite(gd[0]) and math.isfinite(gd[1]) and gd[1] > 0.5 * gd[0]
+        winners = [all(best[(la2, lb2, n)]["MARINA-P PermK"][1] <= sc for _, sc, _ in best[(la2, lb2, n)].values()) for n in s["ns"]]
+        checks.append(falls and gd_flat and all(winners))
+        notes.append(f"L_A^2={la2:g}, L_B^2={lb2:g}: Perm-K {pk[0]:.3g} -> {pk[1]:.3g} bits from n={lo} to n={hi}, "
+                     f"GD {gd[0]:.3g} -> {gd[1]:.3g}; Perm-K best at n = " + ", ".join(str(n) for n, w in zip(s["ns"], winners) if w))
+    verdict = "reproduced" if all(checks) else ("partly reproduced" if any(checks) else "not reproduced")
+    why = ("Perm-K needed the fewest s2w bits and its cost fell with n while GD's stayed flat in every setting run"
+           if all(checks) else "at least one of: Perm-K's bits fall with n, GD's stay flat, Perm-K is best, failed (see the table)")
+    if quick:
+        why += "; quick mode: n = 10 and 100 only (no n = 900), one (L_A^2, L_B^2) setting, 1 seed, a loose eps = 0.1"
+    return Result(
+        key="marina_p_fig1", title="MARINA-P, Figure 1 / F.3: s2w bits per worker, one panel per n",
+        claim="With K = d/n, MARINA-P with Perm-K needs the fewest server-to-worker bits per worker and its cost falls as n grows, while GD's does not.",
+        measured="; ".join(notes), verdict=verdict, why=why, figures=[fig_name], table=table,
+        command="python experiments/marina_p_fig1.py" + (" --quick" if quick else ""), seconds=time.time() - t0,
+        settings=f"n in {s['ns']}, (L_A^2, L_B^2) in {s['grid']}, step theory x 2^i for i in {s['exps']}, "
+                 f"seeds {s['seeds']}, at most {s['rounds']} rounds, eps = {s['eps']}").save(out)
 
 
 if __name__ == "__main__":
-    main()
+    cli(run, __doc__, "runs/marina_p_fig1")

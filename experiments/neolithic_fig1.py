@@ -1,118 +1,117 @@
-"""NEOLITHIC figure 1 (Huang et al. 2022, section 5; spec/neolithic.md section 3): E||grad f||^2 against
-communication rounds on least squares and logistic regression, d = 30, n = 32, M = 1000 rows per
-worker, one-row stochastic gradients, rand-1 (unscaled, delta = 1/d), NEOLITHIC with R = 4.
+"""NEOLITHIC figure 1 (Huang, Chen, Yin, Yuan 2022, section 5; spec/neolithic.md section 3):
+E||grad f(x)||^2 against communication rounds on least squares and logistic regression, d = 30,
+n = 32, M = 1000 rows per worker, one-row stochastic gradients, rand-1 (unscaled, delta = 1/d), R = 4.
 
-    python experiments/neolithic_fig1.py [--comm-rounds 2000] [--trials 1] [--out runs/neolithic_fig1]
+    python experiments/neolithic_fig1.py [--quick] [--out runs/neolithic_fig1] [--jobs 2]
 
-Methods: NEOLITHIC (uplink rand-1, downlink identity, R = 4: K = T/R iterations, pitfall P5),
-MEM-SGD, Double-Squeeze (rand-1 both ways, as in the paper's bidirectional baseline), P-SGD
-(uncompressed). Every method gets the same communication-round budget T and the same staircase
-step size (``--lr-ls``/``--lr-logistic``, NEOLITHIC's times ``--neolithic-lr-scale`` = R: one move per R
-rounds on an R-times larger batch, the linear scaling rule; halved every ``--every`` communication rounds; the paper's initial values and
-factor are not given). E||grad f||^2 is the exact full gradient at the server's model (= the workers'
-x), averaged over ``--trials`` seeds. Writes one metrics file per run, fig1.png and table.md.
+Methods: NEOLITHIC uplink-only (rand-1 up, downlink uncompressed) and bidirectional (rand-1 both
+ways), MEM-SGD (uplink only), Double-Squeeze (rand-1 both ways) and P-SGD (uncompressed). Every
+method gets the same communication-round budget T (NEOLITHIC: T / R iterations of R rounds each),
+the paper's staircase (the step divided by 2 every 2,500 communication rounds for least squares,
+every 800 for logistic regression; the paper does not give the factor, 2 is our choice) and the same
+step-size search: each method runs every step size of the grid and keeps the one with the smallest
+final E||grad f||^2 (the median over the trials). No method's step is scaled by R.
+E||grad f||^2 is the exact full gradient at the server's model, averaged over the trials (the
+paper: 20). Full: T = 10,000 (least squares) and 4,000 (logistic), 20 trials, 4 step sizes. Quick:
+T = 400 (the paper's decay does not start), 2 trials, 2 step sizes.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
+import time
 
 import numpy as np
 
-from common.config import RunConfig
-from runtime.engine import run_inproc
-from runtime.metrics import read_metrics
+from figlib import Method, Result, Sweep, band, best_runs, cli, curve, md_table, pyplot, run_sweep, savefig
 
 RAND1 = "randk:k=1,scaled=false"
-METHODS = {
-    "NEOLITHIC (R=4)": ("neolithic:r=4", RAND1, "identity"),
-    "MEM-SGD": ("mem-sgd", RAND1, None),
-    "Double-Squeeze": ("double-squeeze", RAND1, RAND1),
-    "P-SGD": ("psgd", None, None),
-}
+R = 4
 
 
-def curve(path):
-    """(cumulative communication rounds, grad_norm_sq) after every iteration, starting at 0."""
-    recs = read_metrics(path)
-    x, y, total = [0], [recs[0]["initial"]["grad_norm_sq"]], 0
-    for r in recs:
-        if r["event"] == "round":
-            total += r.get("comm_rounds", 1)
-            x.append(total)
-            y.append(r["grad_norm_sq"])
-    return np.array(x), np.array(y), recs
+def methods(T: int, every: int) -> list[Method]:
+    sched = f"decay=0.5,every={every}"
+    return [Method(f"neolithic:r={R},{sched}", RAND1, "identity", "NEOLITHIC uplink-only", options={"rounds": T // R}),
+            Method(f"neolithic:r={R},{sched}", RAND1, RAND1, "NEOLITHIC bidirectional", options={"rounds": T // R}),
+            Method(f"mem-sgd:{sched}", RAND1, None, "MEM-SGD"),
+            Method(f"double-squeeze:{sched}", RAND1, RAND1, "Double-Squeeze"),
+            Method(f"psgd:{sched}", None, None, "P-SGD")]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--comm-rounds", type=int, default=2000, help="communication-round budget T per method")
-    ap.add_argument("--trials", type=int, default=1)
-    ap.add_argument("--workers", type=int, default=32)
-    ap.add_argument("--d", type=int, default=30)
-    ap.add_argument("--m", type=int, default=1000)
-    ap.add_argument("--lr-ls", type=float, default=0.02, help="initial step size, least squares")
-    ap.add_argument("--lr-logistic", type=float, default=0.2, help="initial step size, logistic regression")
-    ap.add_argument("--neolithic-lr-scale", type=float, default=4.0,
-                    help="NEOLITHIC's step = this x the others' (its iteration averages R minibatches and makes one move per R comm rounds)")
-    ap.add_argument("--decay", type=float, default=0.5)
-    ap.add_argument("--every", type=int, default=500, help="decay period in communication rounds")
-    ap.add_argument("--out", default="runs/neolithic_fig1")
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    problems = {"least squares": ("least-squares", args.lr_ls), "logistic regression": ("logistic", args.lr_logistic)}
+def settings(quick: bool) -> dict:
+    if quick:
+        return dict(trials=2, problems={"least squares": ("least-squares:d=30,m=1000", 400, 2500, [0.01, 0.02]),
+                                        "logistic regression": ("logistic:d=30,m=1000", 400, 800, [0.1, 0.2])})
+    return dict(trials=20, problems={"least squares": ("least-squares:d=30,m=1000", 10000, 2500, [0.005, 0.01, 0.02, 0.04]),
+                                     "logistic regression": ("logistic:d=30,m=1000", 4000, 800, [0.05, 0.1, 0.2, 0.4])})
+
+
+def run(quick: bool, out: str, jobs: int) -> Result:
+    t0 = time.time()
+    s = settings(quick)
     results = {}
-    for pname, (pspec, lr) in problems.items():
-        for label, (algo, up, down) in METHODS.items():
-            R = 4 if algo.startswith("neolithic") else 1
-            lr_m = lr * (args.neolithic_lr_scale if R > 1 else 1.0)
-            ys = []
-            for seed in range(args.trials):
-                path = os.path.join(args.out, f"{pspec}_{algo.split(':')[0]}_s{seed}.jsonl")
-                config = RunConfig(algorithm=f"{algo}{',' if ':' in algo else ':'}decay={args.decay},every={args.every}",
-                                   uplink=up, downlink=down, problem=f"{pspec}:d={args.d},m={args.m}", workers=args.workers,
-                                   rounds=args.comm_rounds // R, lr=str(lr_m), seed=seed)
-                run_inproc(config, path, progress=False)
-                x, y, recs = curve(path)
-                ys.append(y)
-                bits = 8 * recs[-2]["cum_bytes_up"] / args.workers
-            y = np.mean(ys, 0)
-            results[(pname, label)] = (x, y, bits, lr_m)
-            print(json.dumps({"problem": pname, "method": label, "final": float(y[-1]), "bits_up_per_worker": bits}), flush=True)
+    for pname, (pspec, T, every, lrs) in s["problems"].items():
+        sub = os.path.join(out, pspec.split(":")[0])
+        sw = Sweep(methods(T, every), pspec, [32], [f"{v:g}" for v in lrs], list(range(s["trials"])), rounds=T,
+                   criterion="final-grad")
+        summary = run_sweep(sw, sub, jobs=jobs, log=lambda line: print(line, flush=True))
+        files = best_runs(summary)
+        for b in summary["best"]:
+            results[(pname, b["method"])] = (b, [curve(os.path.join(sub, f)) for f in files.get((b["method"], 32), [])])
 
-    marks = [args.comm_rounds // 4, args.comm_rounds // 2, args.comm_rounds]
-    lines = [f"NEOLITHIC Fig. 1: E||grad f||^2 (exact, at the server model, mean of {args.trials} trial(s)) after T "
-             f"communication rounds; d={args.d}, n={args.workers}, M={args.m}, rand-1, R=4, step halved every {args.every} comm rounds\n",
-             "| problem | method | lr | " + " | ".join(f"T={m}" for m in marks) + " | uplink bits / worker |",
-             "|---|---|---|" + "---|" * len(marks) + "---|"]
-    for (pname, label), (x, y, bits, lr_m) in results.items():
-        vals = [y[np.searchsorted(x, m)] if m <= x[-1] else y[-1] for m in marks]
-        lines.append(f"| {pname} | {label} | {lr_m:g} | " + " | ".join(f"{v:.3e}" for v in vals) + f" | {bits:.0f} |")
-    table = "\n".join(lines) + "\n"
-    with open(os.path.join(args.out, "table.md"), "w") as fh:
-        fh.write(table)
-    print(table)
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, pname in zip(axes, problems):
-        for label in METHODS:
-            x, y = results[(pname, label)][:2]
-            ax.semilogy(x, y, label=label)
-        ax.set_title(f"{pname}, d={args.d}, n={args.workers}, rand-1")
+    for ax, (pname, (pspec, T, every, lrs)) in zip(axes, s["problems"].items()):
+        for (pp, label), (b, curves) in results.items():
+            if pp == pname and curves:
+                band(ax, curves, "comm", "grad_norm_sq", f"{label}, lr {b['lr']}")
+        ax.set_yscale("log")
+        ax.set_title(f"{pname}: d=30, n=32, rand-1, R={R}, step / 2 every {every} rounds", fontsize=9)
         ax.set_xlabel("communication rounds")
-        ax.set_ylabel("E||grad f(x)||^2")
+        ax.set_ylabel("E||grad f(x)||^2 (mean over trials: line = median, band = min..max)", fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "fig1.png"), dpi=120)
-    print(f"wrote {args.out}/table.md and {args.out}/fig1.png")
+        ax.legend(fontsize=7)
+    fig_name = savefig(fig, out, "fig1.png")
+
+    rows, final = [], {}
+    for (pname, label), (b, curves) in results.items():
+        T = s["problems"][pname][1]
+        ys = np.array([c["grad_norm_sq"] for c in curves]) if curves else None
+        mean = ys.mean(0) if ys is not None and len({len(y) for y in ys}) == 1 else None
+        final[(pname, label)] = float(mean[-1]) if mean is not None else float("inf")
+        half = float(mean[len(mean) // 2]) if mean is not None else float("inf")
+        up = float(np.median([c["up"][-1] for c in curves])) if curves else float("nan")
+        down = float(np.median([c["down"][-1] for c in curves])) if curves else float("nan")
+        wall = float(np.median([c["time"][-1] for c in curves])) if curves else float("nan")
+        rows.append([pname, label, b["lr"], T, half, final[(pname, label)], up, down, wall])
+    table = md_table(["problem", "method", "best lr", "T", "E||grad f||^2 at T/2", "E||grad f||^2 at T (mean of trials)",
+                      "up bits/worker", "down bits/worker", "wall s (median)"], rows)
+    with open(os.path.join(out, "table.md"), "w") as fh:
+        fh.write(table)
+
+    notes, wins = [], []
+    for pname in s["problems"]:
+        neo = min(final[(pname, "NEOLITHIC uplink-only")], final[(pname, "NEOLITHIC bidirectional")])
+        others = {k: final[(pname, k)] for k in ("MEM-SGD", "Double-Squeeze")}
+        wins.append(all(neo < v for v in others.values()))
+        notes.append(f"{pname}: final E||grad f||^2 NEOLITHIC uplink-only {final[(pname, 'NEOLITHIC uplink-only')]:.3g}, "
+                     f"bidirectional {final[(pname, 'NEOLITHIC bidirectional')]:.3g}, MEM-SGD {others['MEM-SGD']:.3g}, "
+                     f"Double-Squeeze {others['Double-Squeeze']:.3g}, P-SGD {final[(pname, 'P-SGD')]:.3g}")
+    verdict = "reproduced" if all(wins) else "partly reproduced" if any(wins) else "not reproduced"
+    why = ("the better NEOLITHIC variant ends below MEM-SGD and Double-Squeeze on "
+           + ", ".join(p for p, w in zip(s["problems"], wins) if w) if any(wins) else
+           "NEOLITHIC does not end below both MEM-SGD and Double-Squeeze at the same communication budget") 
+    if not all(wins):
+        why += "; not on " + ", ".join(p for p, w in zip(s["problems"], wins) if not w)
+    if quick:
+        why += f"; quick mode: T = 400 communication rounds (the paper's decay never starts), {s['trials']} trials, 2 step sizes"
+    return Result(
+        key="neolithic_fig1", title="NEOLITHIC, Figure 1: E||grad f||^2 per communication round",
+        claim="At the same number of communication rounds NEOLITHIC reaches a smaller E||grad f||^2 than MEM-SGD and Double-Squeeze, close to uncompressed P-SGD.",
+        measured="; ".join(notes), verdict=verdict, why=why, figures=[fig_name], table=table,
+        command="python experiments/neolithic_fig1.py" + (" --quick" if quick else ""), seconds=time.time() - t0,
+        settings=f"{s['trials']} trials; " + "; ".join(f"{p}: T = {v[1]}, step / 2 every {v[2]} rounds, step grid {v[3]}"
+                                                     for p, v in s["problems"].items())).save(out)
 
 
 if __name__ == "__main__":
-    main()
+    cli(run, __doc__, "runs/neolithic_fig1")

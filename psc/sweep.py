@@ -50,7 +50,7 @@ class Method:
     downlink: str | None = None
     label: str = ""
     lrs: tuple[str, ...] | None = None  # this method's own step sizes (None: the sweep's)
-    options: dict[str, Any] = field(default_factory=dict)  # extra RunConfig fields (e.g. dtype)
+    options: dict[str, Any] = field(default_factory=dict)  # RunConfig fields of this method (rounds, dtype)
 
     @property
     def name(self) -> str:
@@ -168,7 +168,8 @@ class Sweep:
                     for seed in self.seeds:
                         config = dict(algorithm=m.algorithm, uplink=m.uplink, downlink=m.downlink,
                                       problem=self.problem.replace("{n}", str(n)), workers=n, rounds=self.rounds,
-                                      lr=lr, seed=seed, **m.options)
+                                      lr=lr, seed=seed)
+                        config.update(m.options)  # e.g. NEOLITHIC's rounds = T / R, or dtype
                         out.append({"method": m.name, "n": n, "lr": lr, "seed": seed, "config": config,
                                     "target": self.target})
         return out
