@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from common.compressors import indices as index_sets
+from common.keys import MASK64, StreamKey, mix, purpose_code
 
 
 @dataclass(frozen=True)
@@ -108,14 +109,34 @@ def _device_levels(table: LevelTable, dtype: torch.dtype, device: torch.device) 
 
 @dataclass(frozen=True)
 class IndexRule:
-    """How to regenerate a support that is not sent: ``kind`` is "randk" or "permk"; ``key`` the
-    64-bit stream code; ``count`` is k for Rand-K and the number of workers n for Perm-K."""
+    """How to regenerate a support that is not sent: ``kind`` is "randk" or "permk"; ``count`` is k
+    for Rand-K and the number of workers n for Perm-K; ``worker`` the block a Perm-K message holds.
+
+    The support's random stream is named by its parts, (``seed``, ``step``, ``key_worker``,
+    ``purpose`` code), not by their 64-bit mix ``key``: on a link, seed, key worker and purpose never
+    change and the step advances with the round, so the lean wire form (``common.wire.stream``)
+    predicts all four and sends none of them (MARINA-P's and EF21-P's supports are derived, not sent).
+    """
 
     kind: str
     dim: int
     count: int
     worker: int
-    key: int
+    seed: int
+    step: int
+    key_worker: int
+    purpose: int
+
+    @classmethod
+    def keyed(cls, kind: str, dim: int, count: int, worker: int, stream: StreamKey) -> "IndexRule":
+        """The rule whose support comes from ``stream`` (a ``common.keys.StreamKey``)."""
+        return cls(kind, dim, count, worker, stream.seed & MASK64, stream.step & MASK64, stream.worker,
+                   purpose_code(stream.purpose))
+
+    @property
+    def key(self) -> int:
+        """The 64-bit stream code, ``StreamKey(seed, step, key_worker, purpose).code``."""
+        return mix(self.seed, self.step, self.key_worker, self.purpose)
 
     def indices(self) -> np.ndarray:
         return index_sets.regenerate(self)
