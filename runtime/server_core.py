@@ -105,7 +105,8 @@ class ServerCore:
         self.last = self.metrics.round(
             t, [up.nbytes for up in uplinks], [protocol.size(f) for f in out],
             payload_bits_up=bits_up, payload_bits_down=bits_down, control_bytes=control,
-            **self.setup.problem.evaluate(self.rule.model), **self.rule.round_metrics(),
+            **(self.setup.problem.evaluate(self.rule.model) if self.setup.config.evaluated(t) else {}),
+            **self.rule.round_metrics(),
             round_s=round_s, compute_s=compute_s, compress_s=compress_s, server_s=server_s,
             comm_s=max(0.0, round_s - compute_s - compress_s - server_s),
         )

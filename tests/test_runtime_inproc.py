@@ -119,3 +119,18 @@ def test_bad_configs_are_rejected():
         RunConfig(lr="fast")
     with pytest.raises(ValueError, match="too large"):
         RunSetup.build(RunConfig(problem="quadratic:la2=1000,lb2=1", workers=5))
+
+
+def test_eval_every_skips_the_evaluation_but_not_the_run(tmp_path):
+    """--eval-every 4: loss and gradient norm after rounds 0, 4, 8 and the last; the same model."""
+    digests = []
+    for k in (1, 4):
+        path = str(tmp_path / f"k{k}.jsonl")
+        run_inproc(RunConfig(algorithm="ef21", workers=3, rounds=10, problem="quadratic:d=20", eval_every=k), path, progress=False)
+        rounds = [r for r in read_metrics(path) if r["event"] == "round"]
+        assert [r["round"] for r in rounds if "loss" in r] == ([*range(10)] if k == 1 else [0, 4, 8, 9])
+        assert all("bytes_up" in r and "payload_bits_up" in r for r in rounds)
+        digests.append(read_metrics(path)[-1]["model_sha256"])
+    assert digests[0] == digests[1]
+    with pytest.raises(ValueError, match="eval_every"):
+        RunConfig(eval_every=0)
