@@ -27,7 +27,6 @@ import tempfile
 import threading
 import time
 
-import msgpack
 import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
