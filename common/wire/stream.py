@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import msgpack
-import torch
 
 from common.compressors.message import Message
 from common.wire.codec import build_node, content_bits, encode_node, plan_node
