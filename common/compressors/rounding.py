@@ -84,6 +84,26 @@ def uniform_below(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(p.shape, generator=gen, device=p.device, dtype=p.dtype) < p
 
 
+CPU_BLOCK = 1 << 18
+
+
+def cpu_blocks(n: int) -> list[slice]:
+    """Slices of 2^18 coordinates that cover range(n). The CPU paths of the quantizers work block by
+    block: every pass then runs on data in cache and no temporary exceeds a block (a vector-sized
+    temporary costs a memory pass, and above 32 MB glibc hands out fresh pages that fault in)."""
+    return [slice(i, min(n, i + CPU_BLOCK)) for i in range(0, n, CPU_BLOCK)]
+
+
+def negative_flags(x: torch.Tensor) -> torch.Tensor:
+    """``x < 0``, on the CPU block by block."""
+    if x.device.type != "cpu":
+        return x < 0
+    out = torch.empty(x.shape, dtype=torch.bool)
+    for block in cpu_blocks(x.numel()):
+        torch.lt(x[block], 0, out=out[block])
+    return out
+
+
 @functools.lru_cache(maxsize=8)
 def _natural_code_table(top: int) -> torch.Tensor:
     """Code of a float32 whose biased exponent after rounding is e (e = 0: zero): level k holds
@@ -99,19 +119,25 @@ def natural_codes_float32(x: torch.Tensor, gen: torch.Generator, top: int) -> to
     For a normal |x| = 2^(E - 127)(1 + m 2^-23) the probability of rounding up is m 2^-23 and the draw
     is u = k 2^-24 (``uniform_below``): up iff floor(k/2) < m iff m + (2^23 - 1 - floor(k/2)) carries
     into the exponent field. So code = table[exponent field of (x + noise)], with the noise added to
-    the bit pattern. Returns None (nothing drawn) when x holds subnormals, which this does not cover.
+    the bit pattern. Returns None (and restores the generator) when x holds subnormals, which this
+    does not cover. Works block by block (``cpu_blocks``): the draws are the same as one call's.
     """
     state = gen.get_state()
     bits = x.contiguous().view(torch.int32)
-    noise = torch.empty(x.shape, dtype=torch.int32).random_(generator=gen)
-    exponent = noise.bitwise_not_().bitwise_right_shift_(1).bitwise_and_(0x7FFFFF)
-    exponent.add_(bits).bitwise_right_shift_(23).bitwise_and_(0xFF)  # the sign bit never changes
-    if bool((exponent <= 1).any()):  # zeros, or possibly subnormals: look at the input
-        magnitude = bits & 0x7FFFFFFF
-        if bool(((magnitude - 1) >> 23 == 0).any()):  # 0 < |x| < 2^-126
-            gen.set_state(state)
-            return None
-    return _natural_code_table(top).index_select(0, exponent)
+    table = _natural_code_table(top)
+    codes = torch.empty(x.shape, dtype=torch.int16)
+    noise = torch.empty(min(bits.numel(), CPU_BLOCK), dtype=torch.int32)
+    for block in cpu_blocks(bits.numel()):
+        b = bits[block]
+        e = noise[: b.numel()].random_(generator=gen)
+        e.bitwise_not_().bitwise_right_shift_(1).bitwise_and_(0x7FFFFF)
+        e.add_(b).bitwise_right_shift_(23).bitwise_and_(0xFF)  # the sign bit never changes
+        if bool((e <= 1).any()):  # zeros, or possibly subnormals: look at the input
+            if bool(((b & 0x7FFFFFFF) - 1 >> 23 == 0).any()):  # 0 < |x| < 2^-126
+                gen.set_state(state)
+                return None
+        torch.index_select(table, 0, e, out=codes[block])
+    return codes
 
 
 @register
@@ -144,7 +170,7 @@ class ExpRounding(Compressor):
             codes = natural_codes_float32(x.detach(), gen, levels.numel() - 1)
         if codes is None:
             codes = stochastic_codes(x.detach().abs().to(work), table, levels, gen)
-        return Quantized(table, x < 0, codes, None, x.dtype)
+        return Quantized(table, negative_flags(x.detach()), codes, None, x.dtype)
 
 
 @register
