@@ -18,8 +18,8 @@ import math
 import torch
 
 from common.compressors.base import Compressor, Constants, Param, register
-from common.compressors.payloads import LevelTable, Quantized
-from common.compressors.rounding import CPU_BLOCK, compute_dtype, cpu_blocks, negative_flags, stochastic_codes, uniform_below
+from common.compressors.payloads import CPU_BLOCK, LevelTable, Quantized, cpu_blocks
+from common.compressors.rounding import compute_dtype, negative_flags, stochastic_codes, uniform_below
 
 
 def norm_float32_up(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -175,12 +175,31 @@ class Quantized:
         if self.norm is not None:
             levels = levels * self.norm.to(self.dtype)
         signed = torch.cat([levels, -levels])
-        index = self.codes.to(torch.int32 if levels.numel() < 2**30 else torch.int64, copy=True)  # the payload stays
-        index.add_(self.negative, alpha=levels.numel())
-        return signed.index_select(0, index)
+        itype = torch.int32 if levels.numel() < 2**30 else torch.int64
+        if self.codes.device.type != "cpu":
+            index = self.codes.to(itype, copy=True)  # the payload stays
+            return signed.index_select(0, index.add_(self.negative, alpha=levels.numel()))
+        # on the CPU block by block: the index never exists for the whole vector
+        n = self.codes.numel()
+        out = torch.empty(n, dtype=self.dtype)
+        index = torch.empty(min(n, CPU_BLOCK), dtype=itype)
+        for block in cpu_blocks(n):
+            idx = index[: block.stop - block.start].copy_(self.codes[block])
+            torch.index_select(signed, 0, idx.add_(self.negative[block], alpha=levels.numel()), out=out[block])
+        return out
 
     def nominal_bits(self) -> int:
         return self.dim * (1 + self.table.code_bits) + (32 if self.norm is not None else 0)
+
+
+CPU_BLOCK = 1 << 18
+
+
+def cpu_blocks(n: int) -> list[slice]:
+    """Slices of 2^18 coordinates that cover range(n). The CPU paths of the quantizers work block by
+    block: every pass then runs on data in cache and no temporary exceeds a block (a vector-sized
+    temporary costs a memory pass, and above 32 MB glibc hands out fresh pages that fault in)."""
+    return [slice(i, min(n, i + CPU_BLOCK)) for i in range(0, n, CPU_BLOCK)]
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}

@@ -18,7 +18,7 @@ import functools
 import torch
 
 from common.compressors.base import Compressor, Constants, Param, register
-from common.compressors.payloads import LevelTable, Quantized, rounding_exponent_range
+from common.compressors.payloads import CPU_BLOCK, LevelTable, Quantized, cpu_blocks, rounding_exponent_range
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,16 +82,6 @@ def uniform_below(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         k = torch.empty(p.shape, dtype=itype).random_(generator=gen).bitwise_and_((1 << bits) - 1)
         return k < p * float(2**bits)
     return torch.rand(p.shape, generator=gen, device=p.device, dtype=p.dtype) < p
-
-
-CPU_BLOCK = 1 << 18
-
-
-def cpu_blocks(n: int) -> list[slice]:
-    """Slices of 2^18 coordinates that cover range(n). The CPU paths of the quantizers work block by
-    block: every pass then runs on data in cache and no temporary exceeds a block (a vector-sized
-    temporary costs a memory pass, and above 32 MB glibc hands out fresh pages that fault in)."""
-    return [slice(i, min(n, i + CPU_BLOCK)) for i in range(0, n, CPU_BLOCK)]
 
 
 def negative_flags(x: torch.Tensor) -> torch.Tensor:
