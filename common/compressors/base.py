@@ -223,5 +223,21 @@ def float32_scalar(value: torch.Tensor) -> torch.Tensor:
     return value.detach().reshape(()).to(torch.float32)
 
 
+def float64_norm(x: torch.Tensor, p: int) -> torch.Tensor:
+    """||x||_p for p = 1 or 2, accumulated in float64 (a float32 sum can overflow), as a 0-d float64
+    tensor. On the CPU a large vector is summed in float64 blocks instead of through a float64 copy
+    of all of it; that sum can differ from a one-piece sum in its last bits."""
+    if x.device.type != "cpu" or x.numel() <= _SUM_BLOCK:
+        return x.abs().sum(dtype=torch.float64) if p == 1 else torch.linalg.vector_norm(x, dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(0, x.numel(), _SUM_BLOCK):
+        block = x[i:i + _SUM_BLOCK].to(torch.float64)
+        total += block.abs_().sum() if p == 1 else block.square_().sum()
+    return total if p == 1 else total.sqrt_()
+
+
+_SUM_BLOCK = 1 << 20
+
+
 def finite_positive(v: float) -> bool:
     return v > 0 and math.isfinite(v)

@@ -17,9 +17,9 @@ import math
 
 import torch
 
-from common.compressors.base import Compressor, Constants, Param, register
-from common.compressors.payloads import CPU_BLOCK, LevelTable, Quantized, cpu_blocks
-from common.compressors.rounding import compute_dtype, negative_flags, stochastic_codes, uniform_below
+from common.compressors.base import Compressor, Constants, Param, float64_norm, register
+from common.compressors.payloads import CPU_BLOCK, LevelTable, Quantized, cpu_blocks, negative_flags
+from common.compressors.rounding import compute_dtype, stochastic_codes, uniform_below
 
 
 def norm_float32_up(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -35,19 +35,13 @@ def norm_float32_up(x: torch.Tensor, p: float) -> torch.Tensor:
             return torch.zeros((), dtype=torch.float32, device=x.device)
         lo, hi = torch.aminmax(x)
         norm = torch.maximum(-lo, hi).abs_().to(torch.float64)  # (abs: +0 for a zero vector)
-    elif p == 2.0 and x.device.type == "cpu" and x.numel() > _NORM_BLOCK:
-        total = torch.zeros((), dtype=torch.float64)
-        for i in range(0, x.numel(), _NORM_BLOCK):
-            total += x[i:i + _NORM_BLOCK].to(torch.float64).square_().sum()
-        norm = total.sqrt_()
+    elif p == 2.0:
+        norm = float64_norm(x, 2)
     else:
         norm = torch.linalg.vector_norm(x, ord=p, dtype=torch.float64)
     n32 = norm.to(torch.float32)
     bump = n32.to(torch.float64) < norm
     return torch.where(bump, torch.nextafter(n32, torch.tensor(math.inf, device=x.device)), n32)
-
-
-_NORM_BLOCK = 1 << 20
 
 
 def dither_codes(t: torch.Tensor, table: LevelTable, levels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -149,8 +149,17 @@ class Signs:
 
     def to_dense(self) -> torch.Tensor:
         scale = self.scale.to(self.dtype)
-        out = torch.empty(self.negative.shape, dtype=self.dtype, device=self.negative.device).fill_(scale)
-        return out.masked_fill_(self.negative, -scale)
+        out = torch.empty(self.negative.shape, dtype=self.dtype, device=self.negative.device)
+        bits = _SIGN_BIT.get(self.dtype)
+        if out.device.type != "cpu" or bits is None:
+            return out.fill_(scale).masked_fill_(self.negative, -scale)
+        # on the CPU: the scale's bit pattern with the sign bit flipped where negative, block by block
+        itype, shift = bits
+        pattern = int(scale.view(itype))
+        words = out.view(itype)
+        for block in cpu_blocks(out.numel()):
+            words[block].copy_(self.negative[block]).bitwise_left_shift_(shift).bitwise_xor_(pattern)
+        return out
 
     def nominal_bits(self) -> int:
         return self.dim + 32
@@ -193,6 +202,7 @@ class Quantized:
 
 
 CPU_BLOCK = 1 << 18
+_SIGN_BIT = {torch.float32: (torch.int32, 31), torch.float64: (torch.int64, 63)}
 
 
 def cpu_blocks(n: int) -> list[slice]:
@@ -200,6 +210,16 @@ def cpu_blocks(n: int) -> list[slice]:
     block: every pass then runs on data in cache and no temporary exceeds a block (a vector-sized
     temporary costs a memory pass, and above 32 MB glibc hands out fresh pages that fault in)."""
     return [slice(i, min(n, i + CPU_BLOCK)) for i in range(0, n, CPU_BLOCK)]
+
+
+def negative_flags(x: torch.Tensor) -> torch.Tensor:
+    """``x < 0``, on the CPU block by block."""
+    if x.device.type != "cpu":
+        return x < 0
+    out = torch.empty(x.shape, dtype=torch.bool)
+    for block in cpu_blocks(x.numel()):
+        torch.lt(x[block], 0, out=out[block])
+    return out
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}

@@ -18,7 +18,7 @@ import functools
 import torch
 
 from common.compressors.base import Compressor, Constants, Param, register
-from common.compressors.payloads import CPU_BLOCK, LevelTable, Quantized, cpu_blocks, rounding_exponent_range
+from common.compressors.payloads import CPU_BLOCK, LevelTable, Quantized, cpu_blocks, negative_flags, rounding_exponent_range
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -84,16 +84,6 @@ def uniform_below(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(p.shape, generator=gen, device=p.device, dtype=p.dtype) < p
 
 
-def negative_flags(x: torch.Tensor) -> torch.Tensor:
-    """``x < 0``, on the CPU block by block."""
-    if x.device.type != "cpu":
-        return x < 0
-    out = torch.empty(x.shape, dtype=torch.bool)
-    for block in cpu_blocks(x.numel()):
-        torch.lt(x[block], 0, out=out[block])
-    return out
-
-
 @functools.lru_cache(maxsize=8)
 def _natural_code_table(top: int) -> torch.Tensor:
     """Code of a float32 whose biased exponent after rounding is e (e = 0: zero): level k holds
@@ -122,7 +112,7 @@ def natural_codes_float32(x: torch.Tensor, gen: torch.Generator, top: int) -> to
         e = noise[: b.numel()].random_(generator=gen)
         e.bitwise_not_().bitwise_right_shift_(1).bitwise_and_(0x7FFFFF)
         e.add_(b).bitwise_right_shift_(23).bitwise_and_(0xFF)  # the sign bit never changes
-        if bool((e <= 1).any()):  # zeros, or possibly subnormals: look at the input
+        if int(e.amin()) <= 1:  # zeros, or possibly subnormals: look at the input
             if bool(((b & 0x7FFFFFFF) - 1 >> 23 == 0).any()):  # 0 < |x| < 2^-126
                 gen.set_state(state)
                 return None
