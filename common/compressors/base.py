@@ -227,16 +227,20 @@ def float64_norm(x: torch.Tensor, p: int) -> torch.Tensor:
     """||x||_p for p = 1 or 2, accumulated in float64 (a float32 sum can overflow), as a 0-d float64
     tensor. On the CPU a large vector is summed in float64 blocks instead of through a float64 copy
     of all of it; that sum can differ from a one-piece sum in its last bits."""
-    if x.device.type != "cpu" or x.numel() <= _SUM_BLOCK:
+    if x.device.type != "cpu" or x.numel() <= 1 << 20:
         return x.abs().sum(dtype=torch.float64) if p == 1 else torch.linalg.vector_norm(x, dtype=torch.float64)
     total = torch.zeros((), dtype=torch.float64)
-    for i in range(0, x.numel(), _SUM_BLOCK):
-        block = x[i:i + _SUM_BLOCK].to(torch.float64)
+    for block in float64_blocks(x):
         total += block.abs_().sum() if p == 1 else block.square_().sum()
     return total if p == 1 else total.sqrt_()
 
 
-_SUM_BLOCK = 1 << 20
+def float64_blocks(x: torch.Tensor, size: int = 1 << 16):
+    """The consecutive blocks of ``size`` coordinates of a CPU vector, each converted to float64 in
+    one reused buffer (valid until the next block; a fresh buffer for each would be fresh pages)."""
+    buf = torch.empty(min(x.numel(), size), dtype=torch.float64)
+    for i in range(0, x.numel(), size):
+        yield buf[: min(size, x.numel() - i)].copy_(x[i:i + size])
 
 
 def finite_positive(v: float) -> bool:
