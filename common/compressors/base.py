@@ -215,6 +215,8 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64, torch.float16):
         return bool(np.isfinite(t.detach().numpy()).all())
+    if t.device.type == "cpu" and t.dtype == torch.bfloat16:  # exponent field all ones: inf or NaN
+        return int(t.detach().view(torch.int16).bitwise_and(0x7F80).amax()) < 0x7F80
     return bool(torch.isfinite(t).all())
 
 

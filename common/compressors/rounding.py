@@ -148,6 +148,10 @@ class ExpRounding(Compressor):
         codes = None
         if gen is not None and self.base == 2.0 and x.dtype == torch.float32 and x.device.type == "cpu":
             codes = natural_codes_float32(x.detach(), gen, levels.numel() - 1)
+        if codes is None and x.device.type == "cpu":  # block by block: the same draws in the same order
+            codes = torch.empty(x.shape, dtype=torch.int16 if levels.numel() <= 2**15 else torch.int32)
+            for block in cpu_blocks(x.numel()):
+                codes[block] = stochastic_codes(x.detach()[block].abs().to(work), table, levels, gen)
         if codes is None:
             codes = stochastic_codes(x.detach().abs().to(work), table, levels, gen)
         return Quantized(table, negative_flags(x.detach()), codes, None, x.dtype)
