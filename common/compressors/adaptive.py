@@ -2,8 +2,8 @@
 with probability |x_i| / ||x||_1. B1(1/d, 1), B2(1/d, 1), B3(d) (Lemma 10). The index travels.
 
 Sampling is by inverse CDF on float64 cumulative sums (no limit on d, unlike ``torch.multinomial``); on
-the CPU a vector of more than 2^16 coordinates is searched in two levels, first among the cumulative
-sums of blocks of 2^16, then inside the block found (the same distribution; float64 rounding of the
+the CPU a vector of more than 2^15 coordinates is searched in two levels, first among the cumulative
+sums of blocks of 2^15, then inside the block found (the same distribution; float64 rounding of the
 sums differs from one long scan, so a draw near a boundary between two coordinates can pick the
 other one).
 """
@@ -43,10 +43,10 @@ class Adaptive(Sparsifier):
         u = u * bounds[-1]
         j = int(torch.searchsorted(bounds, u, right=True).clamp_(max=len(starts) - 1))
         start = starts[j]
-        block = x[start:start + _BLOCK].to(torch.float64).abs_()
+        block = x[start:start + _BLOCK].to(torch.float64, copy=True).abs_()  # (x stays)
         cdf = torch.cumsum(block, 0).add_(bounds[j] - sums[j])
         idx = torch.searchsorted(cdf, u, right=True).clamp_(max=block.numel() - 1).add_(start)
         return idx, None, x[idx]
 
 
-_BLOCK = 1 << 16
+_BLOCK = 1 << 15

@@ -237,7 +237,7 @@ def float64_norm(x: torch.Tensor, p: int) -> torch.Tensor:
     return total if p == 1 else total.sqrt_()
 
 
-def float64_blocks(x: torch.Tensor, size: int = 1 << 16):
+def float64_blocks(x: torch.Tensor, size: int = 1 << 15):
     """The consecutive blocks of ``size`` coordinates of a CPU vector, each converted to float64 in
     one reused buffer (valid until the next block; a fresh buffer for each would be fresh pages)."""
     buf = torch.empty(min(x.numel(), size), dtype=torch.float64)

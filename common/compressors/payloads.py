@@ -201,14 +201,16 @@ class Quantized:
         return self.dim * (1 + self.table.code_bits) + (32 if self.norm is not None else 0)
 
 
-CPU_BLOCK = 1 << 18
+CPU_BLOCK = 1 << 15
 _SIGN_BIT = {torch.float32: (torch.int32, 31), torch.float64: (torch.int64, 63)}
 
 
 def cpu_blocks(n: int) -> list[slice]:
-    """Slices of 2^18 coordinates that cover range(n). The CPU paths of the quantizers work block by
+    """Slices of 2^15 coordinates that cover range(n). The CPU paths of the quantizers work block by
     block: every pass then runs on data in cache and no temporary exceeds a block (a vector-sized
-    temporary costs a memory pass, and above 32 MB glibc hands out fresh pages that fault in)."""
+    temporary costs a memory pass, and above 32 MB glibc hands out fresh pages that fault in). 2^15
+    is torch's grain size: an op on one block runs in the calling thread without waking the other
+    threads of the pool for a few microseconds of work each (which cost more than they save)."""
     return [slice(i, min(n, i + CPU_BLOCK)) for i in range(0, n, CPU_BLOCK)]
 
 
