@@ -23,7 +23,9 @@ import torch
 
 from common.compressors.base import all_finite
 from common.compressors.indices import permk_block_size
-from common.compressors.payloads import Dense, IndexRule, LevelTable, Quantized, Scaled, Signs, Sparse, rounding_exponent_range
+from common.compressors.payloads import (
+    CPU_BLOCK, Dense, IndexRule, LevelTable, Quantized, Scaled, Signs, Sparse, cpu_blocks, rounding_exponent_range,
+)
 from common.wire import bitpack, indexcode
 from common.wire.header import (
     DENSE, DTYPE_CODE, DTYPE_NAMES, DTYPES as DTYPES_BY_CODE, KIND_NAMES, MAX_DEPTH, MAX_DIM, MAX_LEVELS, MAX_WORKERS,
@@ -158,14 +160,14 @@ def _enc_quantized(p: Quantized, out: list) -> list:
             raise WireError(f"Quantized: codes span [{lo}, {hi}], outside the table's [0, {top}]")
         mode, offset, width = PLAIN, lo, bitpack.width_for(hi - lo + 1)
         if lo == 0 and width > 1:  # the zero escape needs at least 1 bit too
-            lo_nz = int(codes.masked_fill(codes == 0, hi).amin())
+            lo_nz = _smallest_nonzero(codes)
             if bitpack.width_for(hi - lo_nz + 2) < width:
                 mode, offset, width = ZERO_ESCAPE, lo_nz, bitpack.width_for(hi - lo_nz + 2)
     small = torch.uint8 if width <= 8 else torch.int64
     if mode == PLAIN:
-        fields = (codes - offset).to(small) if offset else codes.to(small)
+        fields = _fields(codes, offset, False, small)
     else:  # code 0 -> field 0, code c >= offset -> c - offset + 1 (c - (offset - 1) is <= 0 only for 0)
-        fields = (codes - (offset - 1)).clamp_(min=0).to(small)
+        fields = _fields(codes, offset - 1, True, small)
     out.append(bitpack.pack(neg, 1))
     out.append(bitpack.pack(fields, width))
     norm = None if p.norm is None else _scalar_bits(p.norm, "Quantized", "norm")
@@ -173,6 +175,32 @@ def _enc_quantized(p: Quantized, out: list) -> list:
         QUANTIZED, _dtype_code(p.dtype, "Quantized"), n, TABLE_KINDS.index(table.kind), _number(table.base),
         int(table.s), DTYPE_NAMES.index(table.dtype_name), norm, mode, offset, width,
     ]
+
+
+def _smallest_nonzero(codes: torch.Tensor) -> int:
+    """The smallest nonzero code (codes are >= 0 and not all 0): code - 1 with the sign bit cleared
+    turns 0 into the largest int32. On the CPU block by block."""
+    if codes.device.type != "cpu":
+        return int(codes.masked_fill(codes == 0, torch.iinfo(codes.dtype).max).amin())
+    buf = torch.empty(min(codes.numel(), CPU_BLOCK), dtype=torch.int32)
+    least = 2**31 - 1
+    for block in cpu_blocks(codes.numel()):
+        b = buf[: block.stop - block.start].copy_(codes[block])
+        least = min(least, int(b.sub_(1).bitwise_and_(2**31 - 1).amin()))
+    return least + 1
+
+
+def _fields(codes: torch.Tensor, minus: int, clamp: bool, small: torch.dtype) -> torch.Tensor:
+    """codes - minus (clamped at 0 when ``clamp``) as ``small``; on the CPU block by block."""
+    if codes.device.type != "cpu":
+        f = codes - minus if minus else codes
+        return (f.clamp(min=0) if clamp else f).to(small)
+    out = torch.empty(codes.numel(), dtype=small)
+    buf = torch.empty(min(codes.numel(), CPU_BLOCK), dtype=codes.dtype)
+    for block in cpu_blocks(codes.numel()):
+        f = torch.sub(codes[block], minus, out=buf[: block.stop - block.start])
+        out[block] = f.clamp_(min=0) if clamp else f
+    return out
 
 
 def _enc_sparse(p: Sparse, out: list, depth: int) -> list:
