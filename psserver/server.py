@@ -5,8 +5,10 @@ its rank and the run's configuration, or REFUSE with a reason (wrong protocol ve
 rank taken, run already started). The worker builds the problem and answers READY with its
 dimension, which must match the server's. When all n are ready, rounds start.
 
-Each round the server waits for one UP from every worker, runs ``ServerCore.round`` and sends each
-worker its own DOWN (a broadcast is one encoding sent n times). Workers send HEARTBEATs from a
+Each round the server waits for one UP (and the STATS before it) from every worker, runs
+``ServerCore.round`` and sends each worker its own DOWN (a broadcast's payloads are encoded once).
+UP and DOWN are lean link messages (``common.wire.stream``) whose two ends must see every message, so
+an UP or STATS for another round is a protocol violation that stops the run. Workers send HEARTBEATs from a
 separate socket while they compute; the server sends HEARTBEATs while it waits. A worker silent for
 longer than ``timeout`` seconds, or one that says BYE, stops the run: every worker gets STOP, the
 log says which worker and why, and ``run`` returns 1. Messages from unknown peers that do not parse
@@ -70,6 +72,7 @@ class Server:
         self.liveness = transport.Liveness(timeout)
         self.last_beat = 0.0
         self.early_ups: dict[int, protocol.Envelope] = {}  # round-0 uplinks of workers ready before the others
+        self.core: ServerCore | None = None
 
     # -- sending -------------------------------------------------------------------------------
     def _send(self, identity: bytes, frames: list[bytes], must: bool = False) -> None:
@@ -89,8 +92,15 @@ class Server:
         now = time.monotonic()
         if now - self.last_beat >= self.heartbeat:
             self.last_beat = now
+            beat = protocol.pack(b"HEARTBEAT", {})
             for identity in list(self.ident.values()):
-                self._send(identity, protocol.pack(b"HEARTBEAT", {}))
+                self._send(identity, beat)
+                self._count_control(beat)
+
+    def _count_control(self, frames) -> None:
+        """Heartbeats and telemetry go into the round's ``control_bytes`` (once rounds have begun)."""
+        if self.core is not None:
+            self.core.control(protocol.size(frames))
 
     def _once(self, identity: bytes, message: str, *args) -> None:
         """Log a warning about a peer the first time only (a bounded memory of peers)."""
@@ -131,6 +141,7 @@ class Server:
         if rank is not None:
             self.liveness.heard(rank)
         if identity in self.beats_of:  # a heartbeat socket says nothing else
+            self._count_control(frames)
             return identity, None, frames
         return identity, msg, frames
 
@@ -198,7 +209,9 @@ class Server:
                     self._refuse(identity, f"dimension mismatch: worker has d={header.get('dim')}, server d={self.setup.dim}")
                     raise RunFailed(f"worker {rank} reports dimension {header.get('dim')}, the server has {self.setup.dim}")
                 self.ready.add(rank)
-            elif kind == b"UP" and identity in self.rank_of and header.get("t") == 0:
+            elif kind == b"STATS" and identity in self.rank_of and self.core is not None:
+                self.core.stats(self.rank_of[identity], 0, msg)
+            elif kind == b"UP" and identity in self.rank_of and msg.is_round(b"UP", 0):
                 self.early_ups[self.rank_of[identity]] = msg
             else:
                 self._handle_common(identity, kind, header)
@@ -231,10 +244,13 @@ class Server:
             if got is None or got[1] is None:
                 continue
             identity, msg, _ = got
-            if msg.kind == b"UP" and identity in self.rank_of:
+            if msg.kind in (b"UP", b"STATS") and identity in self.rank_of:
                 rank = self.rank_of[identity]
-                if msg.header.get("t") != t or ups[rank] is not None:
-                    log.warning("worker %d sent an UP for round %r during round %d; ignored", rank, msg.header.get("t"), t)
+                if not msg.is_round(msg.kind, t) or (msg.kind == b"UP" and ups[rank] is not None):
+                    # a link's two ends must see the same messages: one cannot be skipped
+                    raise RunFailed(f"worker {rank} sent {msg.kind.decode()} for round {msg.round_text} during round {t}; stopping the run")
+                if msg.kind == b"STATS":
+                    self.core.stats(rank, t, msg)
                     continue
                 ups[rank] = msg
                 missing -= 1
@@ -266,7 +282,7 @@ class Server:
 
     def run(self) -> int:
         metrics = MetricsWriter(self.metrics_path)
-        core = ServerCore(self.setup, metrics)
+        core = self.core = ServerCore(self.setup, metrics)
         try:
             self._register()
             core.begin(engine="procs", endpoint=self.endpoint)

@@ -40,10 +40,19 @@ class Engine:
         """Run the rounds; each UP and DOWN is encoded, parsed once and decoded, as over a socket."""
         self.server.begin(engine="inproc")
         for t in range(self.config.rounds):
-            downs = self.server.round(t, [protocol.parse(w.uplink(t)) for w in self.workers])
-            for worker, frames in zip(self.workers, downs):
-                worker.downlink(t, frames)
-            yield t, downs
+            yield t, self.exchange(t)
+
+    def exchange(self, t: int) -> list[list[bytes]]:
+        """Round ``t``: every worker's STATS and UP, the server's round, every worker's DOWN."""
+        ups = []
+        for rank, worker in enumerate(self.workers):
+            stats, up = worker.uplink(t)
+            self.server.stats(rank, t, protocol.parse(stats))
+            ups.append(protocol.parse(up))
+        downs = self.server.round(t, ups)
+        for worker, frames in zip(self.workers, downs):
+            worker.downlink(t, protocol.parse(frames))
+        return downs
 
     def close(self) -> None:
         self.metrics.close()

@@ -2,7 +2,7 @@
 
 The worker sends HELLO, receives its rank and the run's configuration (WELCOME) or a refusal
 (REFUSE: exit 1 with the reason), builds the problem and its rule on its device, answers READY, then
-for each round sends UP and waits for its DOWN. A thread with its own socket sends HEARTBEATs so the
+for each round sends STATS (its timing) and UP and waits for its DOWN. A thread with its own socket sends HEARTBEATs so the
 server knows the worker is alive while it computes. If the server is silent for longer than
 ``timeout`` seconds, or sends STOP with a failure, the worker exits 1 with a one-line reason.
 ZeroMQ reconnects by itself, so a worker started before its server simply waits for it (up to
@@ -99,12 +99,14 @@ class Worker:
             log.info("worker %d of %d on %s, d = %d", self.rank, config.workers, device, setup.dim)
             self._send(b"READY", {"rank": self.rank, "dim": setup.dim})
             for t in range(config.rounds):
-                self.sock.send_multipart(core.uplink(t), copy=False)
+                stats, up = core.uplink(t)
+                self.sock.send_multipart(stats)  # telemetry first: the server has it when the UP completes the round
+                self.sock.send_multipart(up, copy=False)
                 down = self._receive(b"DOWN", self.timeout, f"round {t}")
-                if down.header.get("t") != t:
-                    raise WorkerFailed(f"the server sent round {down.header.get('t')!r} while this worker is at round {t}")
+                if not down.is_round(b"DOWN", t):
+                    raise WorkerFailed(f"the server sent round {down.round_text} while this worker is at round {t}")
                 tally.received(down)
-                core.apply(t, down.body)
+                core.downlink(t, down)
             self._receive(b"STOP", self.timeout, "the end of the run")
             self._send(b"BYE", {"rank": self.rank, "reason": "done", "ok": True})  # the server waits for it to close
             log.info("%s", tally.text())
