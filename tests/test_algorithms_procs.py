@@ -25,7 +25,8 @@ topk = (4 * TOPK, 4 * TOPK + TOPK + OVER)   # values + at most 7 index bits each
 rand12 = (4 * TOPK, 4 * TOPK + OVER)        # randk:ratio=0.1, indices regenerated
 top1 = (4, 4 + 1 + OVER)                     # EF21's default Top-K, 1.6% of d = 120: K = 1
 topqk = (4 * QK, 4 * QK + QK + OVER)         # EF21-P's default Top-K, K = d/n
-natqk = (QK, 2 * QK + OVER)                  # EF21-P + DCGD's default Rand-K + natural, K = d/n: 1 to 2 bytes a value
+natqk = (QK // 8, 2 * QK + OVER)             # EF21-P + DCGD's default Rand-K + natural, K = d/n: a sign bit a value plus
+                                             # a code field only as wide as the exponents' range needs (docs/messages.md)
 
 QUADRATIC_METHODS = {  # name: (extra args, allowed uplink ranges, allowed downlink ranges, round-0 uplink)
     "dcgd": ([], [rand12], [full], None),

@@ -71,7 +71,7 @@ def test_sweep_runs_the_grid_keeps_every_run_and_picks_the_best(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     rows = summary["runs"]
     assert len(rows) == 2 * 2 * 3 * 2
-    assert summary["bits_count"] == "8 x wire bytes"
+    assert summary["bits_count"] == "payload bits"  # the papers' count, which the metrics now carry
     for r in rows:
         recs = read_metrics(str(out / r["file"]))
         assert recs[0]["event"] == "start" and recs[0]["workers"] == r["n"]
@@ -80,7 +80,8 @@ def test_sweep_runs_the_grid_keeps_every_run_and_picks_the_best(tmp_path):
             continue
         last = [x for x in recs if x["event"] == "round"][-1]
         assert r["rounds"] == last["round"] + 1
-        assert r["bits_down"] == pytest.approx(8 * last["cum_bytes_down"] / r["n"])
+        assert r["bits_down"] == pytest.approx(last["cum_payload_bits_down"] / r["n"])
+        assert r["wire_bytes_down"] == pytest.approx(last["cum_bytes_down"] / r["n"])
         if r["reached"]:  # stopped at the first round under the target
             assert last["grad_norm_sq"] <= 0.05 * recs[0]["initial"]["grad_norm_sq"]
             prev = [x for x in recs if x["event"] == "round"][-2:-1]
