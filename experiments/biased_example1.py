@@ -6,7 +6,8 @@ error feedback (Algorithm 1) with Top-1 converges.
 Problem ``biased-example1`` (3 workers, d = 3, x^0 = (1, 1, 1), x* = 0), float64, in-process engine,
 eta = 0.005. DCGD + Top-1 follows x^k = (1 + 11 eta/6)^k x^0 exactly; EF-SGD + Top-1 (its iterate x^k,
 ``average=none``, and the eq. 20 average) and uncompressed GD go to 0. Top-1 and GD are deterministic,
-so one seed says everything (no band). Full: 4,000 rounds; quick: 1,500.
+so one seed says everything (no band). Full: 4,000 rounds; quick: 1,500. The x axis is the papers'
+payload bits (Top-1: a float32 value and its index), the real wire bytes dotted beside them.
 """
 from __future__ import annotations
 
@@ -16,13 +17,18 @@ import time
 
 import numpy as np
 
-from figlib import Method, Result, Sweep, bits_label, cli, curve, md_table, pyplot, run_sweep, savefig
+from figlib import Method, Result, Sweep, bits_label, cli, curve, md_table, pyplot, run_sweep, savefig, wall
 
 ETA = 0.005
 METHODS = [Method("dcgd", "topk:k=1", label="DCGD Top-1", options={"dtype": "float64"}),
            Method("ef-sgd:average=none", "topk:k=1", label="EF Top-1 (x^k)", options={"dtype": "float64"}),
            Method("ef-sgd:average=uniform", "topk:k=1", label="EF Top-1 (eq. 20 average)", options={"dtype": "float64"}),
            Method("gd", label="GD", options={"dtype": "float64"})]
+
+
+def work(quick: bool) -> float:
+    """Worker-rounds (report.py scales time by it)."""
+    return len(METHODS) * (1500 if quick else 4000) * 3
 
 
 def run(quick: bool, out: str, jobs: int) -> Result:
@@ -38,7 +44,9 @@ def run(quick: bool, out: str, jobs: int) -> Result:
     count = "8 x wire bytes"
     for label, (r, c) in curves.items():
         count = c["count"]
-        ax.semilogy(c["up"], np.maximum(np.sqrt(np.maximum(c["grad_norm_sq"], 0)), 1e-300), label=label)
+        g = np.maximum(np.sqrt(np.maximum(c["grad_norm_sq"], 0)), 1e-300)
+        line, = ax.semilogy(c["up"], g, label=f"{label}, {wall([c]):.1f} s wall")
+        ax.semilogy(c["wire_up"], g, linestyle=":", linewidth=1, color=line.get_color())
     ax.set_xlabel(bits_label(count, "uplink bits per worker"), fontsize=8)
     ax.set_ylabel("||grad f(x^k)||")
     ax.set_title(f"Example 1 (Beznosikov et al.), n = 3, d = 3, eta = {ETA}, float64", fontsize=9)
@@ -49,8 +57,9 @@ def run(quick: bool, out: str, jobs: int) -> Result:
     rows = []
     for label, (r, c) in curves.items():
         g = np.sqrt(c["grad_norm_sq"])
-        rows.append([label, r["rounds"], float(g[0]), float(g[-1]), float(c["up"][-1]), r["status"]])
-    table = md_table(["method", "rounds", "||grad f(x^0)||", "||grad f|| at the end", "uplink bits/worker", "status"], rows)
+        rows.append([label, r["rounds"], float(g[0]), float(g[-1]), float(c["up"][-1]), float(c["wire_up"][-1]) / 8, wall([c]), r["status"]])
+    table = md_table(["method", "rounds", "||grad f(x^0)||", "||grad f|| at the end", "uplink payload bits/worker",
+                      "uplink wire bytes/worker", "wall s", "status"], rows)
     with open(os.path.join(out, "table.md"), "w") as fh:
         fh.write(table)
     dcgd = curves["DCGD Top-1"][0]

@@ -1,6 +1,8 @@
 """What the figure scripts share: the import path, curves read from metrics files, bands over seeds,
 the bit axis (the papers' payload bits when the metrics carry them, otherwise 8 x the wire bytes,
-and the label says which), markdown tables and the verdict record that ``report.py`` collects.
+and the label says which) with the real wire bytes beside it (a dotted line of the same colour),
+each run's wall-clock in its legend entry, markdown tables and the verdict record that
+``report.py`` collects.
 
 Every script has ``run(quick, out, jobs) -> Result`` and a ``main()`` for the command line.
 """
@@ -103,6 +105,7 @@ def curve(path: str) -> dict[str, np.ndarray]:
             out[k].append(r.get(k, math.nan))
     res = {k: np.asarray(v, dtype=float) for k, v in out.items()}
     res["total"] = res["up"] + res["down"]
+    res["wire_total"] = res["wire_up"] + res["wire_down"]
     res["count"] = "payload bits" if payload else "8 x wire bytes"
     return res
 
@@ -117,26 +120,52 @@ def best_runs(summary: dict[str, Any]) -> dict[tuple[str, int], list[str]]:
     return out
 
 
-def band(ax, curves: list[dict], x: str, y: str, label: str, transform=None, **style) -> None:
+def band(ax, curves: list[dict], x: str, y: str, label: str, transform=None, wire: bool = False, **style) -> None:
     """Median over seeds as a line, min..max as a shaded band, on a common x grid that ends where
-    the shortest seed ends (a seed that stopped at the target is not extrapolated)."""
+    the shortest seed ends (a seed that stopped at the target is not extrapolated). ``wire``: also
+    the median against the real wire bits (``wire_`` + x, 8 x the bytes handed to the socket) as a
+    dotted line of the same colour. The legend entry ends with the median wall-clock of a run."""
     curves = [c for c in curves if len(c[x]) > 1]
     if not curves:
         return
     f = transform or (lambda v: v)
+    label = f"{label}, {wall(curves):.1f} s wall"
+    if len(curves) > 1:
+        label = f"{label} ({len(curves)} seeds)"
+    xs, ys = _on_grid(curves, x, y, f)
+    line, = ax.plot(xs, np.median(ys, 0), label=label, **style)
+    if len(curves) > 1:
+        ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+    if wire:
+        wx, wy = _on_grid(curves, "wire_" + x, y, f)
+        ax.plot(wx, np.median(wy, 0), linestyle=":", linewidth=1, color=line.get_color())
+
+
+def _on_grid(curves: list[dict], x: str, y: str, f) -> tuple[np.ndarray, np.ndarray]:
     if len(curves) == 1:
-        ax.plot(curves[0][x], f(curves[0][y]), label=label, **style)
-        return
-    end = min(c[x][-1] for c in curves)
-    grid = np.linspace(0, end, 200)
-    ys = np.array([np.interp(grid, c[x], f(c[y])) for c in curves])
-    line, = ax.plot(grid, np.median(ys, 0), label=f"{label} ({len(curves)} seeds)", **style)
-    ax.fill_between(grid, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2, linewidth=0)
+        return curves[0][x], np.array([f(curves[0][y])])
+    grid = np.linspace(0, min(c[x][-1] for c in curves), 200)
+    return grid, np.array([np.interp(grid, c[x], f(c[y])) for c in curves])
 
 
-def bits_label(count: str, what: str) -> str:
+def bits_label(count: str, what: str, wire: bool = True) -> str:
     unit = "payload bits, the papers' count" if count == "payload bits" else "bits = 8 x wire bytes incl. headers"
-    return f"{what} [{unit}]"
+    beside = "\n(dotted: the same runs against 8 x the wire bytes)" if wire and count == "payload bits" else ""
+    return f"{what} [{unit}]{beside}"
+
+
+def median_first(curves: list[dict], x: str, threshold: float, relative: bool = False) -> float:
+    """The median over seeds of the x at which grad_norm_sq first falls to ``threshold`` (times
+    the seed's grad_norm_sq(x^0) when ``relative``); inf when the median seed never gets there."""
+    if not curves:
+        return math.inf
+    return float(np.median([first_at(c, "grad_norm_sq", threshold * (c["grad_norm_sq"][0] if relative else 1.0), x)
+                            for c in curves]))
+
+
+def wall(curves: list[dict]) -> float:
+    """The median wall-clock seconds of a run (the last round's time_s)."""
+    return float(np.median([c["time"][-1] for c in curves])) if curves else math.nan
 
 
 def first_at(c: dict, y: str, threshold: float, x: str) -> float:

@@ -10,7 +10,9 @@ is tuned, over theory x 2^i (the paper's protocol), each method at its best i by
 worker to reach ||grad f||^2 <= eps ||grad f(x^0)||^2. Full mode: n = 10, 100, 900, the paper's 4 x 4
 grid of L_A^2 in {0, 1, 10, 100} and L_B^2 in {1e2, 1e3, 1e4, 1e5}, i in -1..3, eps = 0.03, 3 seeds.
 Quick mode: n = 10 and 100, (L_A^2, L_B^2) = (1, 100), eps = 0.1, 1 seed, i in 0..2 and at most 300
-rounds for n = 10, i in 1..2 and at most 150 rounds for n = 100.
+rounds for n = 10, i in 1..2 and at most 150 rounds for n = 100. Bits are the papers' payload bits (32
+a value, nothing for a support both sides regenerate); the real wire bytes are drawn dotted and
+listed in the table beside them, with each run's wall-clock.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ import math
 import os
 import time
 
-from figlib import Method, Result, Sweep, band, best_runs, bits_label, cli, curve, lr_grid, md_table, pyplot, run_sweep, savefig
+from figlib import (Method, Result, Sweep, band, best_runs, bits_label, cli, curve, lr_grid, md_table, median_first, pyplot, run_sweep,
+                    savefig, wall)
 
 D = 300
 
@@ -38,6 +41,12 @@ def settings(quick: bool) -> dict:
                     rounds={10: 300, 100: 150})
     return dict(ns=[10, 100, 900], grid=[(a, b) for a in (0, 1, 10, 100) for b in (100, 1000, 10000, 100000)],
                 exps={n: [-1, 0, 1, 2, 3] for n in (10, 100, 900)}, eps=0.03, seeds=[0, 1, 2], rounds={n: 3000 for n in (10, 100, 900)})
+
+
+def work(quick: bool) -> float:
+    """Worker-rounds of the whole grid, every run to its round limit (report.py scales time by it)."""
+    s = settings(quick)
+    return len(s["grid"]) * sum(len(methods(n)) * len(s["exps"][n]) * len(s["seeds"]) * s["rounds"][n] * n for n in s["ns"])
 
 
 def run(quick: bool, out: str, jobs: int) -> Result:
@@ -68,7 +77,7 @@ def run(quick: bool, out: str, jobs: int) -> Result:
                 if curves:
                     count = curves[0]["count"]
                     factor = lr.replace("theory*", "x")
-                    band(ax, curves, "down", "grad_norm_sq", f"{label}, {factor}")
+                    band(ax, curves, "down", "grad_norm_sq", f"{label}, {factor}", wire=True)
             ax.set_yscale("log")
             ax.set_title(f"n = {n}, L_A^2 = {la2:g}, L_B^2 = {lb2:g}", fontsize=9)
             ax.set_xlabel(bits_label(count, "s2w bits / n"), fontsize=8)
@@ -81,8 +90,10 @@ def run(quick: bool, out: str, jobs: int) -> Result:
     table_rows = []
     for (la2, lb2, n), cell in best.items():
         for label, (lr, score, curves) in cell.items():
-            table_rows.append([la2, lb2, n, label, lr, score, len(curves)])
-    table = md_table(["L_A^2", "L_B^2", "n", "method", "best step", f"s2w bits/worker to eps={s['eps']} (median)", "seeds"], table_rows)
+            wire_bytes = median_first(curves, "wire_down", s["eps"], relative=True) / 8
+            table_rows.append([la2, lb2, n, label, lr, score, wire_bytes, wall(curves), len(curves)])
+    table = md_table(["L_A^2", "L_B^2", "n", "method", "best step", f"s2w payload bits/worker to eps={s['eps']} (median)",
+                      "s2w wire bytes/worker to eps", "wall s/run", "seeds"], table_rows)
     with open(os.path.join(out, "table.md"), "w") as fh:
         fh.write(table)
 

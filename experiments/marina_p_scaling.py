@@ -5,8 +5,9 @@
 The paper's set-up with L_A = 0 (homogeneous A_i, L_B^2 = 100 by default), in-process engine, the
 theory step size 1/L for both methods. For each n: GD runs ``--rounds`` rounds and sets the target
 (its final grad_norm_sq); MARINA-P with Perm-K (K = d/n, p = 1/n) runs until it reaches the target.
-Reported: the bytes one worker received from the server up to that point (the real frames, headers
-included), and the same in bits. Theory says MARINA-P's s2w cost falls like 1/n while GD's is flat
+Reported: the bits one worker received from the server up to that point as the paper counts them
+(payload bits: 32 a value, nothing for the shared support), and beside them the real bytes (the
+frames, headers included) and the wall-clock. Theory says MARINA-P's s2w cost falls like 1/n while GD's is flat
 (eq. 10 with L_A = 0). Writes metrics files, a PNG and a markdown table under ``--out``.
 """
 from __future__ import annotations
@@ -44,18 +45,21 @@ def main() -> None:
         reached = mp.last["grad_norm_sq"] <= target
         row = {
             "n": n, "target": target, "gd_rounds": gd.last["round"] + 1, "mp_rounds": mp.last["round"] + 1, "reached": reached,
-            "gd_bits_per_worker": 8 * gd.last["cum_bytes_down"] / n, "mp_bits_per_worker": 8 * mp.last["cum_bytes_down"] / n,
-            "seconds": time.time() - t0,
+            "gd_bits_per_worker": gd.last["cum_payload_bits_down"] / n, "mp_bits_per_worker": mp.last["cum_payload_bits_down"] / n,
+            "gd_bytes_per_worker": gd.last["cum_bytes_down"] / n, "mp_bytes_per_worker": mp.last["cum_bytes_down"] / n,
+            "gd_seconds": gd.last["time_s"], "mp_seconds": mp.last["time_s"], "seconds": time.time() - t0,
         }
         row["ratio"] = row["gd_bits_per_worker"] / row["mp_bits_per_worker"]
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    table = ["| n | target grad_norm_sq | GD rounds | GD s2w bits / worker | MARINA-P rounds | MARINA-P s2w bits / worker | GD / MARINA-P |",
-             "|---|---|---|---|---|---|---|"]
+    table = ["| n | target grad_norm_sq | GD rounds | GD s2w payload bits / worker | GD wire bytes / worker | GD wall s | MARINA-P rounds | "
+             "MARINA-P s2w payload bits / worker | MARINA-P wire bytes / worker | MARINA-P wall s | GD / MARINA-P (bits) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        table.append(f"| {r['n']} | {r['target']:.4g} | {r['gd_rounds']} | {r['gd_bits_per_worker']:.4g} | "
-                     f"{r['mp_rounds']}{'' if r['reached'] else ' (not reached)'} | {r['mp_bits_per_worker']:.4g} | {r['ratio']:.1f}x |")
+        table.append(f"| {r['n']} | {r['target']:.4g} | {r['gd_rounds']} | {r['gd_bits_per_worker']:.4g} | {r['gd_bytes_per_worker']:.4g} | "
+                     f"{r['gd_seconds']:.1f} | {r['mp_rounds']}{'' if r['reached'] else ' (not reached)'} | {r['mp_bits_per_worker']:.4g} | "
+                     f"{r['mp_bytes_per_worker']:.4g} | {r['mp_seconds']:.1f} | {r['ratio']:.1f}x |")
     with open(os.path.join(args.out, "table.md"), "w") as fh:
         fh.write(f"MARINA-P (Perm-K) vs GD, {problem}, target = GD's grad_norm_sq after {args.rounds} rounds\n\n" + "\n".join(table) + "\n")
     print("\n".join(table))
@@ -67,16 +71,19 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ns = [r["n"] for r in rows]
-    ax.loglog(ns, [r["gd_bits_per_worker"] for r in rows], "o-", label="GD")
-    ax.loglog(ns, [r["mp_bits_per_worker"] for r in rows], "s-", label="MARINA-P, Perm-K")
+    gd_line, = ax.loglog(ns, [r["gd_bits_per_worker"] for r in rows], "o-", label="GD")
+    mp_line, = ax.loglog(ns, [r["mp_bits_per_worker"] for r in rows], "s-", label="MARINA-P, Perm-K")
+    ax.loglog(ns, [8 * r["gd_bytes_per_worker"] for r in rows], "o:", color=gd_line.get_color(), mfc="none", label="GD, 8 x wire bytes")
+    ax.loglog(ns, [8 * r["mp_bytes_per_worker"] for r in rows], "s:", color=mp_line.get_color(), mfc="none",
+              label="MARINA-P, 8 x wire bytes")
     ax.loglog(ns, [rows[0]["mp_bits_per_worker"] * ns[0] / n for n in ns], "k:", label="1/n")
     ax.set_xlabel("workers n")
-    ax.set_ylabel("server-to-worker bits per worker to reach the target")
+    ax.set_ylabel("s2w bits per worker to the target\n[payload bits, the paper's count]")
     ax.set_title(f"d = {args.d}, L_A = 0")
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "scaling.png"), dpi=120)
+    fig.savefig(os.path.join(args.out, "scaling.png"), dpi=80)
     print(f"wrote {args.out}/table.md and {args.out}/scaling.png")
 
 

@@ -13,7 +13,8 @@ step-size search: each method runs every step size of the grid and keeps the one
 final E||grad f||^2 (the median over the trials). No method's step is scaled by R.
 E||grad f||^2 is the exact full gradient at the server's model, averaged over the trials (the
 paper: 20). Full: T = 10,000 (least squares) and 4,000 (logistic), 20 trials, 4 step sizes. Quick:
-T = 400 (the paper's decay does not start), 2 trials, 2 step sizes.
+T = 400 (the paper's decay does not start), 2 trials, 2 step sizes. The lower row puts the same
+curves against the papers' payload bits per worker (up + down), the real wire bytes dotted beside them.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import time
 
 import numpy as np
 
-from figlib import Method, Result, Sweep, band, best_runs, cli, curve, md_table, pyplot, run_sweep, savefig
+from figlib import Method, Result, Sweep, band, best_runs, bits_label, cli, curve, md_table, pyplot, run_sweep, savefig, wall
 
 RAND1 = "randk:k=1,scaled=false"
 R = 4
@@ -45,6 +46,12 @@ def settings(quick: bool) -> dict:
                                      "logistic regression": ("logistic:d=30,m=1000", 4000, 800, [0.05, 0.1, 0.2, 0.4])})
 
 
+def work(quick: bool) -> float:
+    """Worker-rounds of the whole grid (report.py scales time by it)."""
+    s = settings(quick)
+    return sum(5 * len(lrs) * s["trials"] * T * 32 for _, T, _, lrs in s["problems"].values())
+
+
 def run(quick: bool, out: str, jobs: int) -> Result:
     t0 = time.time()
     s = settings(quick)
@@ -59,17 +66,23 @@ def run(quick: bool, out: str, jobs: int) -> Result:
             results[(pname, b["method"])] = (b, [curve(os.path.join(sub, f)) for f in files.get((b["method"], 32), [])])
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (pname, (pspec, T, every, lrs)) in zip(axes, s["problems"].items()):
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    count = "8 x wire bytes"
+    for j, (pname, (pspec, T, every, lrs)) in enumerate(s["problems"].items()):
         for (pp, label), (b, curves) in results.items():
             if pp == pname and curves:
-                band(ax, curves, "comm", "grad_norm_sq", f"{label}, lr {b['lr']}")
-        ax.set_yscale("log")
-        ax.set_title(f"{pname}: d=30, n=32, rand-1, R={R}, step / 2 every {every} rounds", fontsize=9)
-        ax.set_xlabel("communication rounds")
-        ax.set_ylabel("E||grad f(x)||^2 (mean over trials: line = median, band = min..max)", fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+                count = curves[0]["count"]
+                band(axes[0][j], curves, "comm", "grad_norm_sq", f"{label}, lr {b['lr']}")
+                band(axes[1][j], curves, "total", "grad_norm_sq", f"{label}, lr {b['lr']}", wire=True)
+        axes[0][j].set_title(f"{pname}: d=30, n=32, rand-1, R={R}, step / 2 every {every} rounds", fontsize=9)
+        axes[0][j].set_xlabel("communication rounds (the paper's axis)")
+        axes[1][j].set_xscale("log")
+        axes[1][j].set_xlabel(bits_label(count, "bits per worker, up + down"), fontsize=8)
+        for ax in axes[:, j]:
+            ax.set_yscale("log")
+            ax.set_ylabel("E||grad f(x)||^2 (mean over trials: line = median, band = min..max)", fontsize=7)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6)
     fig_name = savefig(fig, out, "fig1.png")
 
     rows, final = [], {}
@@ -79,12 +92,13 @@ def run(quick: bool, out: str, jobs: int) -> Result:
         mean = ys.mean(0) if ys is not None and len({len(y) for y in ys}) == 1 else None
         final[(pname, label)] = float(mean[-1]) if mean is not None else float("inf")
         half = float(mean[len(mean) // 2]) if mean is not None else float("inf")
-        up = float(np.median([c["up"][-1] for c in curves])) if curves else float("nan")
-        down = float(np.median([c["down"][-1] for c in curves])) if curves else float("nan")
-        wall = float(np.median([c["time"][-1] for c in curves])) if curves else float("nan")
-        rows.append([pname, label, b["lr"], T, half, final[(pname, label)], up, down, wall])
+        at_end = {k: float(np.median([c[k][-1] for c in curves])) if curves else float("nan")
+                  for k in ("up", "wire_up", "down", "wire_down")}
+        rows.append([pname, label, b["lr"], T, half, final[(pname, label)], at_end["up"], at_end["wire_up"] / 8, at_end["down"],
+                     at_end["wire_down"] / 8, wall(curves)])
     table = md_table(["problem", "method", "best lr", "T", "E||grad f||^2 at T/2", "E||grad f||^2 at T (mean of trials)",
-                      "up bits/worker", "down bits/worker", "wall s (median)"], rows)
+                      "up payload bits/worker", "up wire bytes/worker", "down payload bits/worker", "down wire bytes/worker",
+                      "wall s/run"], rows)
     with open(os.path.join(out, "table.md"), "w") as fh:
         fh.write(table)
 

@@ -10,7 +10,8 @@ Criteria (smaller is better; a run that diverged or missed the target is never b
 
 - ``bits-down`` / ``bits-up`` / ``bits-total``: bits per worker (server-to-worker, worker-to-server,
   both) spent until the target was reached. Bits are the papers' count (``cum_payload_bits_*``) where
-  the metrics have it, otherwise 8 x the wire bytes (frames with headers); the summary says which.
+  the metrics have it, otherwise 8 x the wire bytes (frames with headers); the summary says which,
+  and its table shows the real wire bytes per worker beside the bits.
 - ``rounds``: rounds to the target.
 - ``final-loss`` / ``final-grad``: the loss or grad_norm_sq of the last round.
 
@@ -271,6 +272,8 @@ def summarize(rows: list[dict[str, Any]], criterion: str) -> tuple[list[dict[str
             "rounds": statistics.median(r["rounds"] for r in ok) if ok else None,
             "bits_down": statistics.median(r["bits_down"] for r in ok) if ok else None,
             "bits_up": statistics.median(r["bits_up"] for r in ok) if ok else None,
+            "wire_bytes_down": _median(r.get("wire_bytes_down") for r in ok),
+            "wire_bytes_up": _median(r.get("wire_bytes_up") for r in ok),
             "final_loss": _median(r.get("loss") for r in ok),
             "final_grad_norm_sq": _median(r.get("grad_norm_sq") for r in ok),
             "seconds": sum(r.get("seconds", 0.0) for r in rs),
@@ -306,7 +309,7 @@ def markdown(table: list[dict[str, Any]], best: list[dict[str, Any]], criterion:
     head = [f"Criterion: {what}, median over seeds (smaller is better)"
             + (f"; target grad_norm_sq <= {target:g} x grad_norm_sq(x^0)" if target is not None else "") + ".", ""]
     cols = ["method", "n", "lr", "lr_value", "seeds", "failed", "reached", "score", "rounds", "bits_down", "bits_up",
-            "final_loss", "final_grad_norm_sq", "seconds"]
+            "wire_bytes_down", "wire_bytes_up", "final_loss", "final_grad_norm_sq", "seconds"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in table]
     bl = ["", "Best step size per method and n:", "", "| method | n | lr | lr_value | score |", "|---|---|---|---|---|"]
