@@ -23,8 +23,27 @@ if ROOT not in sys.path:  # `python experiments/x.py` runs this checkout, not an
 
 import numpy as np  # noqa: E402
 
-from psc.sweep import Method, Sweep, lr_grid, run_sweep  # noqa: E402,F401
+from psc import sweep as _sweep  # noqa: E402
+from psc.sweep import Method, Sweep, lr_grid  # noqa: E402,F401
 from runtime.metrics import read_metrics  # noqa: E402
+
+REUSE = False  # report.py --reuse: a sweep whose grid is unchanged is read back, not run again
+RUN = [0]  # sweeps actually run in this process
+
+
+def run_sweep(sweep: Sweep, out: str, jobs: int = 1, log=print) -> dict[str, Any]:
+    """``psc.sweep.run_sweep``, or with ``REUSE`` the summary already in ``out`` when it was made by
+    the very same grid (methods, problem, n, steps, seeds, rounds, target, criterion)."""
+    path = os.path.join(out, "summary.json")
+    if REUSE and os.path.isfile(path):
+        with open(path) as fh:
+            old = json.load(fh)
+        now = {**asdict(sweep), "methods": [asdict(m) | {"name": m.name} for m in sweep.methods]}
+        if json.dumps(old["sweep"], sort_keys=True) == json.dumps(json.loads(json.dumps(now, default=str)), sort_keys=True):
+            log(f"reusing the {len(old['runs'])} runs in {out}")
+            return old
+    RUN[0] += 1
+    return _sweep.run_sweep(sweep, out, jobs=jobs, log=log)
 
 
 @dataclass
@@ -187,6 +206,11 @@ def md_table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def savefig(fig, out: str, name: str) -> str:
+    from matplotlib.ticker import EngFormatter
+
+    for ax in fig.axes:  # large bit counts as 200k, 1.5M instead of long tick labels
+        if ax.get_xscale() == "linear" and max(abs(v) for v in ax.get_xlim()) >= 1e4:
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     fig.tight_layout()
     fig.savefig(os.path.join(out, name), dpi=80)
     return name

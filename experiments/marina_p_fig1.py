@@ -109,6 +109,14 @@ def run(quick: bool, out: str, jobs: int) -> Result:
         checks.append(falls and gd_flat and all(winners))
         notes.append(f"L_A^2={la2:g}, L_B^2={lb2:g}: Perm-K {pk[0]:.3g} -> {pk[1]:.3g} bits from n={lo} to n={hi}, "
                      f"GD {gd[0]:.3g} -> {gd[1]:.3g}; Perm-K best at n = " + ", ".join(str(n) for n, w in zip(s["ns"], winners) if w))
+        for n in s["ns"]:
+            cell, top = best[(la2, lb2, n)], lr_grid(s["exps"][n][-1:])[0]
+            missed = [label for label, (_, sc, _) in cell.items() if not math.isfinite(sc)]
+            edge = [label for label, (lr, sc, _) in cell.items() if math.isfinite(sc) and lr == top]
+            if missed:
+                notes[-1] += f"; n={n}: not reached within {s['rounds'][n]} rounds at any step: " + ", ".join(missed)
+            if edge:
+                notes[-1] += f"; n={n}: best step at the top of the grid ({top}; a larger one might need fewer bits): " + ", ".join(edge)
     verdict = "reproduced" if all(checks) else ("partly reproduced" if any(checks) else "not reproduced")
     why = ("Perm-K needed the fewest s2w bits and its cost fell with n while GD's stayed flat in every setting run"
            if all(checks) else "at least one of: Perm-K's bits fall with n, GD's stay flat, Perm-K is best, failed (see the table)")
