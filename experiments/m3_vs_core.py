@@ -18,6 +18,8 @@ import math
 import os
 import time
 
+import numpy as np
+
 from figlib import (Method, Result, Sweep, band, best_runs, bits_label, cli, curve, lr_grid, md_table, median_first, pyplot, run_sweep,
                     savefig, wall)
 
@@ -91,11 +93,26 @@ def run(quick: bool, out: str, jobs: int) -> Result:
     core = [at[("CORE (m=10)", n)] for n in (lo, hi)]
     m3_improves = all(m3[1][side] < m3[0][side] for side in ("down", "up"))
     core_flat = all(math.isfinite(core[0][side]) and 0.5 < core[1][side] / core[0][side] < 2 for side in ("down", "up"))
-    measured = (f"M3 s2w {m3[0]['down']:.3g} -> {m3[1]['down']:.3g} and w2s {m3[0]['up']:.3g} -> {m3[1]['up']:.3g} bits/worker "
-                f"from n={lo} to n={hi}; CORE s2w {core[0]['down']:.3g} -> {core[1]['down']:.3g}, w2s {core[0]['up']:.3g} -> {core[1]['up']:.3g}")
+    measured = (f"M3 s2w {m3[0]['down']:.3g} -> {m3[1]['down']:.3g} and w2s {m3[0]['up']:.3g} -> {m3[1]['up']:.3g} payload bits/worker "
+                f"to eps = {s['eps']:g} from n={lo} to n={hi}; CORE s2w {core[0]['down']:.3g} -> {core[1]['down']:.3g}, "
+                f"w2s {core[0]['up']:.3g} -> {core[1]['up']:.3g}")
     verdict = "reproduced" if m3_improves and core_flat else "partly reproduced" if m3_improves or core_flat else "not reproduced"
     why = ("M3's bits to eps fall with n in both directions, CORE's stay within a factor 2" if verdict == "reproduced" else
            f"M3 improves with n in both directions: {m3_improves}; CORE flat within a factor 2: {core_flat}")
+    core_curves = [cells[("CORE (m=10)", n)][1] for n in (lo, hi)]
+    if not all(math.isfinite(c[side]) for c in core for side in ("down", "up")) and all(core_curves):
+        # CORE missed eps: compare its bits at the accuracy it reached at both n instead
+        ends = [max(c["grad_norm_sq"][-1] / c["grad_norm_sq"][0] for c in cs) for cs in core_curves]  # the worst seed's
+        level = max(ends) * 1.001
+        at_level = [{side: median_first(cs, side, level, relative=True) for side in ("down", "up")} for cs in core_curves]
+        flat = all(0.5 < at_level[1][side] / at_level[0][side] < 2 for side in ("down", "up"))
+        measured += (f"; CORE did not reach eps at any step within {s['rounds'][lo]} / {s['rounds'][hi]} rounds (it ended at "
+                     f"{ends[0]:.3g} / {ends[1]:.3g} x grad_norm_sq(x^0)); to {level:.3g} x grad_norm_sq(x^0), which it reached at both n, "
+                     f"CORE needed s2w {at_level[0]['down']:.3g} -> {at_level[1]['down']:.3g} and w2s {at_level[0]['up']:.3g} -> "
+                     f"{at_level[1]['up']:.3g} payload bits/worker")
+        why = (f"M3 improves with n in both directions: {m3_improves}; CORE's flatness is not measured at eps (it never got there "
+               f"in the round budget); at the looser accuracy it reached, its bits {'stay' if flat else 'do not stay'} within a factor 2 "
+               "from n = 10 to 100")
     if quick:
         why += "; quick mode: n = 10 and 100 (no n = 1000), 2 seeds, eps = 1e-2"
     return Result(

@@ -113,11 +113,16 @@ def run(quick: bool, out: str, jobs: int) -> Result:
     verdict = "reproduced" if all(wins) else "partly reproduced" if any(wins) else "not reproduced"
     why = ("the better NEOLITHIC variant ends below MEM-SGD and Double-Squeeze on "
            + ", ".join(p for p, w in zip(s["problems"], wins) if w) if any(wins) else
-           "NEOLITHIC does not end below both MEM-SGD and Double-Squeeze at the same communication budget") 
+           "NEOLITHIC does not end below both MEM-SGD and Double-Squeeze at the same communication budget")
     if not all(wins):
         why += "; not on " + ", ".join(p for p, w in zip(s["problems"], wins) if not w)
+    for pname, (_, _, _, lrs) in s["problems"].items():
+        edge = [f"{label} ({b['lr']})" for (pp, label), (b, _) in results.items() if pp == pname and b["lr"] in (f"{lrs[0]:g}", f"{lrs[-1]:g}")]
+        if edge and len(lrs) > 2:
+            why += f"; {pname}: best step at an end of the grid {lrs} (another step might change the order): " + ", ".join(edge)
     if quick:
-        why += f"; quick mode: T = 400 communication rounds (the paper's decay never starts), {s['trials']} trials, 2 step sizes"
+        why += (f"; quick mode: T = 400 communication rounds, i.e. {400 // R} NEOLITHIC iterations (the paper's decay never starts), "
+                f"{s['trials']} trials, 2 step sizes (every method's best is one of the two ends, so a wider search could change the order)")
     return Result(
         key="neolithic_fig1", title="NEOLITHIC, Figure 1: E||grad f||^2 per communication round",
         claim="At the same number of communication rounds NEOLITHIC reaches a smaller E||grad f||^2 than MEM-SGD and Double-Squeeze, close to uncompressed P-SGD.",
