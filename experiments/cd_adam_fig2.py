@@ -93,7 +93,7 @@ def run(quick: bool, out: str, jobs: int, data_dir: str | None = None) -> Result
     fig.suptitle(f"CD-Adam Fig. 2: nonconvex logistic regression, n = 20, best step of {s['lrs']}", fontsize=10)
     fig_name = savefig(fig, out, "fig2.png")
 
-    rows, notes, wins, near = [], [], [], []
+    rows, notes, wins, near, stall = [], [], [], [], []
     for dname in names:
         base_b, base = cells[(dname, "AMSGrad (uncompressed)")]
         target = float(np.median([c["grad_norm_sq"][len(c["grad_norm_sq"]) // 4] for c in base]))
@@ -109,6 +109,9 @@ def run(quick: bool, out: str, jobs: int, data_dir: str | None = None) -> Result
             cd = bits[f"CD-Adam, {cname}"]
             wins.append(all(cd[0] < v[0] for k, v in bits.items() if not k.startswith("CD-Adam")))
             near.append(cd[1] <= 4 * base_final)
+            ef, naive = bits[f"AMSGrad + EF, {cname}"][1], bits[f"AMSGrad naive, {cname}"][1]
+            stall.append(f"{dname} / {cname}: EF {'ends below' if ef < cd[1] else 'ends above'} CD-Adam, naive "
+                         f"{'ends below' if naive < cd[1] else 'ends above'}")
             notes.append(f"{dname} / {cname}: bits to AMSGrad's ||grad f||^2 at T/4 ({target:.3g}): "
                          + ", ".join(f"{k.split(',')[0]} {v[0]:.3g}" for k, v in bits.items())
                          + f"; final ||grad f|| CD-Adam {math.sqrt(cd[1]):.3g} vs AMSGrad {math.sqrt(base_final):.3g}")
@@ -120,6 +123,10 @@ def run(quick: bool, out: str, jobs: int, data_dir: str | None = None) -> Result
     why = (f"CD-Adam fewest bits to the accuracy in {sum(wins)} of {len(wins)} panels; its final ||grad f||^2 within 4x of "
            f"uncompressed AMSGrad's in {sum(near)} of {len(near)}; the LIBSVM sets of the paper are not in this offline checkout "
            "(breast_cancer and digits stand in)")
+    why += "; the claim that EF and naive compression stall, in final ||grad f||: " + "; ".join(stall)
+    edge = [f"{dname}: {label} ({b['lr']})" for (dname, label), (b, _) in cells.items() if b["lr"] in (lrs[0], lrs[-1])]
+    if edge:
+        why += f"; best step at an end of the grid {s['lrs']} (a wider grid might change the order): " + ", ".join(edge)
     if quick:
         why += "; quick mode: 150 iterations, scaled sign only, 3 of the 5 steps, 1 seed"
     return Result(
