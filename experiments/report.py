@@ -84,7 +84,7 @@ def render(results: list[figlib.Result], quick: bool, seconds: float, jobs: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="reduced settings (under 15 minutes on 2 free cores)")
+    ap.add_argument("--quick", action="store_true", help="reduced settings (docs/results.md states how long they took)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (processes)")
     ap.add_argument("--only", nargs="+", choices=SCRIPTS, help="rerun only these; the others are read from --runs")
     ap.add_argument("--runs", default=os.path.join(figlib.ROOT, "runs", "report"), help="folder for every run's metrics")
