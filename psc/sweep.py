@@ -192,7 +192,18 @@ def bits_fields(record: dict[str, Any]) -> tuple[str, float, float]:
 
 
 def run_one(run: dict[str, Any], out_dir: str, threads: int | None = 1) -> dict[str, Any]:
-    """Run one configuration to its rounds (or its target); return its summary row."""
+    """Run one configuration to its rounds (or its target); return its summary row. The run's own
+    summary log is quiet (one progress line per run instead), in this process only while it runs."""
+    logger = logging.getLogger("psc.run")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        return _run_one(run, out_dir, threads)
+    finally:
+        logger.setLevel(level)
+
+
+def _run_one(run: dict[str, Any], out_dir: str, threads: int | None) -> dict[str, Any]:
     import torch
 
     from common.config import RunConfig
@@ -200,7 +211,6 @@ def run_one(run: dict[str, Any], out_dir: str, threads: int | None = 1) -> dict[
 
     if threads:
         torch.set_num_threads(threads)
-    logging.getLogger("psc.run").setLevel(logging.WARNING)  # one progress line per run instead
     path = os.path.join(out_dir, run_name(run))
     row: dict[str, Any] = {k: run[k] for k in ("method", "n", "lr", "seed")}
     row.update(file=os.path.basename(path), status="ok", reached=None)
