@@ -193,13 +193,18 @@ def first_at(c: dict, y: str, threshold: float, x: str) -> float:
     return float(c[x][hit[0]]) if len(hit) else math.inf
 
 
+def md_cell(text: str) -> str:
+    """``text`` for a markdown table cell: a norm's bars would split the cell."""
+    return text.replace("||", "\u2016")
+
+
 def md_table(header: list[str], rows: list[list[Any]]) -> str:
     def fmt(v):
         if isinstance(v, float):
             return "not reached" if math.isinf(v) else ("-" if math.isnan(v) else f"{v:.4g}")
         return str(v)
 
-    cell = lambda v: fmt(v).replace("||", "‖")  # noqa: E731  (a norm's bars would split the cell)
+    cell = lambda v: md_cell(fmt(v))  # noqa: E731
     lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"

@@ -68,10 +68,10 @@ def render(results: list[figlib.Result], quick: bool, seconds: float, jobs: int,
                   f"--jobs {jobs} on these cores (each figure's quick time scaled by the worker-rounds of its full grid; "
                   "an upper bound where runs stop at their target). Full mode has not been run for this file.", ""]
         lines += ["| figure | verdict | seconds | full mode, estimated hours (upper bound) |", "|---|---|---|---|"]
-        lines += [f"| [{r.title}](#{r.key}) | **{r.verdict}** | {r.seconds:.0f} | {est[r.key] / 3600:.1f} |" for r in results]
+        lines += [f"| [{figlib.md_cell(r.title)}](#{r.key}) | **{r.verdict}** | {r.seconds:.0f} | {est[r.key] / 3600:.1f} |" for r in results]
     else:
         lines += ["| figure | verdict | seconds |", "|---|---|---|"]
-        lines += [f"| [{r.title}](#{r.key}) | **{r.verdict}** | {r.seconds:.0f} |" for r in results]
+        lines += [f"| [{figlib.md_cell(r.title)}](#{r.key}) | **{r.verdict}** | {r.seconds:.0f} |" for r in results]
     lines.append("")
     for r in results:
         lines += [f"<a id=\"{r.key}\"></a>", f"## {r.title}", ""]
