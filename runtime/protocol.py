@@ -11,6 +11,9 @@ Every multipart message a worker or the server sends is
   worker's confirmation, after the final STOP, that the run's last messages arrived)
 * server -> worker: WELCOME {rank, config}, REFUSE {reason}, DOWN {t} + message frames,
   HEARTBEAT {}, STOP {reason, ok}
+* checkpoints (``runtime.checkpoint``): server -> worker SAVE {t} (upload your state once round t-1
+  is applied), RESTORE {t, fresh} + state frames (roll back to round t); worker -> server STATE {t}
+  + state frames
 
 Byte counts in the metrics are the lengths of all frames of an UP or DOWN message (this envelope
 included), i.e. what is handed to the socket. ``parse`` trusts nothing and raises ``ProtocolError``;
@@ -28,7 +31,8 @@ from common.wire import message_bytes as size  # noqa: F401 (the bytes a message
 
 VERSION = 1
 MAGIC = b"PSC%d" % VERSION
-KINDS = (b"HELLO", b"READY", b"UP", b"HEARTBEAT", b"BYE", b"WELCOME", b"REFUSE", b"DOWN", b"STOP")
+KINDS = (b"HELLO", b"READY", b"UP", b"HEARTBEAT", b"BYE", b"WELCOME", b"REFUSE", b"DOWN", b"STOP",
+         b"SAVE", b"STATE", b"RESTORE")
 
 
 class ProtocolError(ValueError):
