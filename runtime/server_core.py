@@ -31,6 +31,7 @@ class ServerCore:
         self.n = setup.config.workers
         self.last_round_end = time.perf_counter()
         self.last: dict[str, Any] = {}
+        self.control_bytes = 0  # bytes of this round that are not algorithm messages (checkpoint traffic)
 
     def begin(self, **extra: Any) -> None:
         initial = self.setup.problem.evaluate(self.rule.model)
@@ -78,8 +79,9 @@ class ServerCore:
             t, [up.nbytes for up in uplinks], [protocol.size(f) for f in out],
             **self.setup.problem.evaluate(self.rule.model), **self.rule.round_metrics(),
             round_s=round_s, compute_s=compute_s, compress_s=compress_s, server_s=server_s,
-            comm_s=max(0.0, round_s - compute_s - compress_s - server_s),
+            comm_s=max(0.0, round_s - compute_s - compress_s - server_s), control_bytes=self.control_bytes,
         )
+        self.control_bytes = 0
         return out
 
     def model_digest(self) -> str:
