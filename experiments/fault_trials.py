@@ -52,17 +52,25 @@ def psc(args: list[str], log_path: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "psc", *args], stdout=log, stderr=log, env=env, cwd=ROOT)
 
 
-def reference_sha(run_args: list[str], seed: int) -> str:
-    """The model of the uninterrupted run, from the in-process engine (same rules, same wire)."""
+def reference_sha(run_args: list[str], seed: int, workers: int = WORKERS) -> str:
+    """The model of the uninterrupted run, from the in-process engine (same rules, same wire, and one
+    thread, like the processes of a trial)."""
     sys.path.insert(0, ROOT)
     from common.config import RunConfig
     from runtime.engine import run_inproc
 
     values = dict(zip(run_args[::2], run_args[1::2]))
     config = RunConfig(algorithm=values["--algorithm"], uplink=values.get("--uplink"), downlink=values.get("--downlink"),
-                       problem=values["--problem"], workers=WORKERS, rounds=int(values["--rounds"]), lr=values["--lr"],
+                       problem=values["--problem"], workers=workers, rounds=int(values["--rounds"]), lr=values["--lr"],
                        seed=seed)
-    return run_inproc(config, progress=False).model_digest()
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the trial's processes (OMP_NUM_THREADS=1): conv sums depend on it
+    try:
+        return run_inproc(config, progress=False).model_digest()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def rounds_written(path: str) -> int:
@@ -97,26 +105,29 @@ class Trial:
 
 
 def trial(kind: str, run_args: list[str], seed: int, want_sha: str, rng: random.Random, every: int = 20,
-          timeout: float = 120.0) -> Trial:
-    """One trial of ``kind`` (``worker`` or ``server``) in a fresh folder."""
+          timeout: float = 120.0, workers: int = WORKERS) -> Trial:
+    """One trial of ``kind`` (``worker`` or ``server``) in a fresh folder: start a server and
+    ``workers`` workers, kill -9 one of them (or the server) once a random round is written, start it
+    again with its original command (the server with ``--resume``), and check the outcome."""
+    n = workers
     began = time.monotonic()
     rounds = int(dict(zip(run_args[::2], run_args[1::2]))["--rounds"])
     with tempfile.TemporaryDirectory(prefix="psc-fault-") as folder:
         metrics, ckpt, log_path = (os.path.join(folder, n) for n in ("run.jsonl", "ckpt", "log.txt"))
         endpoint = f"tcp://127.0.0.1:{free_port()}"
-        server_args = ["server", "--bind", endpoint, "--workers", str(WORKERS), "--seed", str(seed), *run_args,
+        server_args = ["server", "--bind", endpoint, "--workers", str(n), "--seed", str(seed), *run_args,
                        "--metrics", metrics, "--checkpoint", ckpt, "--checkpoint-every", str(every),
                        "--timeout", "20", "--heartbeat", "0.2", "--rejoin-timeout", "60", "-q"]
         worker_args = ["worker", "--connect", endpoint, "--device", "cpu", "--timeout", "30", "--heartbeat", "0.2", "-q"]
         server = psc(server_args, log_path)
-        workers = [psc(worker_args, log_path) for _ in range(WORKERS)]
+        workers = [psc(worker_args, log_path) for _ in range(n)]
         kill_round = rng.randrange(1, rounds - 1)
         procs = [server, *workers]
         try:
             if not wait_round(metrics, kill_round, timeout):
                 return Trial(False, kill_round, time.monotonic() - began, f"round {kill_round} not reached")
             if kind == "worker":
-                victim = rng.randrange(WORKERS)
+                victim = rng.randrange(n)
                 workers[victim].send_signal(signal.SIGKILL)
                 workers[victim].wait()
                 workers[victim] = psc(worker_args, log_path)
