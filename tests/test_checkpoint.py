@@ -152,3 +152,55 @@ def test_model_out_state_dict_loads_into_the_model_class(tmp_path):
     measured = problem.metrics_on(model.eval(), problem.data.x_test, problem.data.y_test)
     assert measured["test_accuracy"] == core.last["test_accuracy"]
     assert measured["loss"] == pytest.approx(core.last["loss"], rel=1e-6)
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from psc.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def _one_line_error(result, *words):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+RUN = ["--algorithm", "ef21", "--problem", "quadratic:d=16", "--workers", "2", "--lr", "0.01"]
+
+
+def test_launch_inproc_checkpoints_resumes_and_saves_the_model(tmp_path):
+    ck, metrics, model = str(tmp_path / "ck"), str(tmp_path / "m.jsonl"), str(tmp_path / "x.pt")
+    result = _cli("-q", "launch", "--engine", "inproc", *RUN, "--rounds", "6", "--checkpoint", ck, "--checkpoint-every", "2",
+                  "--metrics", metrics)
+    assert result.exit_code == 0, result.output
+    assert [r for r, _ in checkpoint.checkpoint_files(ck)] == [4, 2]
+    # a longer run resumes from round 4 and appends to the same metrics file
+    result = _cli("-q", "launch", "--engine", "inproc", *RUN, "--rounds", "9", "--resume", ck, "--metrics", metrics,
+                  "--model-out", model)
+    assert result.exit_code == 0, result.output
+    rounds = [json.loads(line).get("round") for line in open(metrics) if '"round"' in line]
+    assert rounds == list(range(9))
+    straight = run_inproc(RunConfig(algorithm="ef21", problem="quadratic:d=16", workers=2, lr="0.01", rounds=9), progress=False)
+    assert torch.equal(torch.load(model, weights_only=True), straight.rule.model)
+    assert json.loads(open(metrics).readlines()[-1])["model_sha256"] == straight.model_digest()
+
+
+@pytest.mark.parametrize("command", ["server", "launch"])
+def test_resume_refuses_damaged_foreign_or_missing_checkpoints(tmp_path, command):
+    ck = str(tmp_path / "ck")
+    _run(RunConfig(algorithm="ef21", problem="quadratic:d=16", workers=2, lr="0.01", rounds=5), checkpoint_dir=ck, checkpoint_every=2)
+    extra = ["--bind", "tcp://127.0.0.1:*"] if command == "server" else []
+    _one_line_error(_cli(command, *extra, *RUN, "--rounds", "5", "--resume", str(tmp_path / "none")), "--resume", "no such folder")
+    _one_line_error(_cli(command, *extra, *RUN, "--rounds", "5", "--seed", "9", "--resume", ck), "another configuration", "seed=0 there, 9 here")
+    newest = checkpoint.checkpoint_files(ck)[0][1]
+    data = bytearray(open(newest, "rb").read())
+    data[-1] ^= 0x01
+    open(newest, "wb").write(bytes(data))
+    _one_line_error(_cli(command, *extra, *RUN, "--rounds", "5", "--resume", ck), "damaged", "checksum")

@@ -41,3 +41,67 @@ def test_kill_minus_nine_and_restart_gives_the_same_model(case, kind):
     result = trial(kind, run_args, 3, reference_sha(run_args, 3, workers=2), random.Random(seed),
                    every=10, timeout=90, workers=2)
     assert result.ok, f"{case}, kill -9 {kind} at round {result.kill_round} (trial seed {seed}): {result.why}"
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(p) for p in fh.read().split()]
+    except OSError:
+        return []
+
+
+LAUNCH = CASES["ef21-topk-both"][:-1] + ["150"]
+
+
+def _launch(tmp_path, *extra):
+    from tests.procs import start
+
+    return start(["launch", "--workers", "2", "--device", "cpu", "--seed", "3", *LAUNCH, "--metrics", str(tmp_path / "run.jsonl"),
+                  "--checkpoint-every", "10", "--timeout", "20", "--heartbeat", "0.2", "-q", *extra])
+
+
+def _check_run(tmp_path, code, err):
+    from tests.procs import records
+
+    assert code == 0, err[-3000:]
+    got = records(str(tmp_path / "run.jsonl"))
+    assert [r["round"] for r in got if r["event"] == "round"] == list(range(150))
+    assert got[-1]["event"] == "end" and got[-1]["model_sha256"] == reference_sha(LAUNCH, 3, workers=2)
+
+
+def test_launch_restarts_a_worker_killed_with_minus_nine(tmp_path):
+    import signal
+
+    from tests.procs import finish, kill_all, wait_for_rounds
+
+    launch = _launch(tmp_path, "--checkpoint", str(tmp_path / "ck"))
+    try:
+        wait_for_rounds(str(tmp_path / "run.jsonl"), random.randrange(5, 140), 60)
+        victim = random.choice(_children(launch.pid))
+        os.kill(victim, signal.SIGKILL)
+        code, _, err = finish(launch, 90)
+    finally:
+        kill_all([launch])
+    assert "starting it again (restart 1 of 3)" in err
+    _check_run(tmp_path, code, err)
+
+
+def test_launch_resume_after_the_whole_launch_was_killed(tmp_path):
+    import signal
+
+    from tests.procs import finish, kill_all, wait_for_rounds
+
+    launch = _launch(tmp_path, "--checkpoint", str(tmp_path / "ck"))
+    try:
+        wait_for_rounds(str(tmp_path / "run.jsonl"), random.randrange(12, 140), 60)
+        children = _children(launch.pid)
+        launch.send_signal(signal.SIGKILL)
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+        launch.communicate()
+        again = _launch(tmp_path, "--resume", str(tmp_path / "ck"))
+        code, _, err = finish(again, 90)
+    finally:
+        kill_all([launch])
+    _check_run(tmp_path, code, err)
