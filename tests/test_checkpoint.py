@@ -156,20 +156,7 @@ def test_model_out_state_dict_loads_into_the_model_class(tmp_path):
 
 # -- the command line -----------------------------------------------------------------------------
 
-def _cli(*args):
-    from click.testing import CliRunner
-
-    from psc.cli import main
-
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-def _one_line_error(result, *words):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
+from tests.test_cli_usage import one_line_usage_error as _one_line_error, run as _cli  # noqa: E402
 
 
 RUN = ["--algorithm", "ef21", "--problem", "quadratic:d=16", "--workers", "2", "--lr", "0.01"]
