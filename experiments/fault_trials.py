@@ -105,10 +105,11 @@ class Trial:
 
 
 def trial(kind: str, run_args: list[str], seed: int, want_sha: str, rng: random.Random, every: int = 20,
-          timeout: float = 120.0, workers: int = WORKERS) -> Trial:
+          timeout: float = 120.0, workers: int = WORKERS, keep_log: str | None = None) -> Trial:
     """One trial of ``kind`` (``worker`` or ``server``) in a fresh folder: start a server and
     ``workers`` workers, kill -9 one of them (or the server) once a random round is written, start it
-    again with its original command (the server with ``--resume``), and check the outcome."""
+    again with its original command (the server with ``--resume``), and check the outcome. The
+    processes' log of a failed trial is copied to ``keep_log``."""
     n = workers
     began = time.monotonic()
     rounds = int(dict(zip(run_args[::2], run_args[1::2]))["--rounds"])
@@ -117,8 +118,8 @@ def trial(kind: str, run_args: list[str], seed: int, want_sha: str, rng: random.
         endpoint = f"tcp://127.0.0.1:{free_port()}"
         server_args = ["server", "--bind", endpoint, "--workers", str(n), "--seed", str(seed), *run_args,
                        "--metrics", metrics, "--checkpoint", ckpt, "--checkpoint-every", str(every),
-                       "--timeout", "20", "--heartbeat", "0.2", "--rejoin-timeout", "60", "-q"]
-        worker_args = ["worker", "--connect", endpoint, "--device", "cpu", "--timeout", "30", "--heartbeat", "0.2", "-q"]
+                       "--timeout", "20", "--heartbeat", "0.2", "--rejoin-timeout", "120"]
+        worker_args = ["worker", "--connect", endpoint, "--device", "cpu", "--timeout", "60", "--heartbeat", "0.2"]
         server = psc(server_args, log_path)
         workers = [psc(worker_args, log_path) for _ in range(n)]
         kill_round = rng.randrange(1, rounds - 1)
@@ -160,6 +161,10 @@ def trial(kind: str, run_args: list[str], seed: int, want_sha: str, rng: random.
                 why.append("metrics rounds are not 0..T-1 once each")
             if why:
                 tail = open(log_path, errors="replace").read()[-1500:]
+                if keep_log:
+                    os.makedirs(os.path.dirname(os.path.abspath(keep_log)), exist_ok=True)
+                    with open(keep_log, "w") as out:
+                        out.write(open(log_path, errors="replace").read())
                 return Trial(False, kill_round, time.monotonic() - began, "; ".join(why) + "\n" + tail)
             return Trial(True, kill_round, time.monotonic() - began)
         finally:
@@ -175,6 +180,7 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--kinds", nargs="+", default=["worker", "server"], choices=["worker", "server"])
     ap.add_argument("--seed", type=int, default=0, help="seed of the trial draws (kill round, victim)")
+    ap.add_argument("--logs", default="runs/fault_trials", help="folder for the logs of failed trials")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     tally = {}
@@ -184,7 +190,8 @@ def main(argv=None) -> int:
         for kind in args.kinds:
             passed = 0
             for i in range(args.trials):
-                result = trial(kind, run_args, 7, want, rng)
+                result = trial(kind, run_args, 7, want, rng, timeout=300,
+                               keep_log=os.path.join(args.logs, f"{method}-{kind}-{i + 1}.log"))
                 passed += result.ok
                 print(f"{method:9} kill {kind:6} trial {i + 1:2}: round {result.kill_round:3} "
                       f"{'ok' if result.ok else 'FAILED: ' + result.why} ({result.seconds:.1f} s)", flush=True)

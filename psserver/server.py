@@ -400,8 +400,9 @@ class Server:
         else:
             self.core.begin(engine="procs", endpoint=self.endpoint)
             t = 0
-            if self.checkpoint_dir:
-                self.ckpt = checkpoint.server_snapshot(self.core, 0)  # round 0: no worker state needed
+            if self.checkpoint_dir:  # round 0: the workers' initial states need not travel
+                self.ckpt = checkpoint.server_snapshot(self.core, 0)
+                checkpoint.write(self.checkpoint_dir, self.ckpt, self.config.to_dict(), self.setup.dim)
         while t < self.config.rounds:
             try:
                 ups = self._collect(t)

@@ -8,6 +8,10 @@ What a checkpoint holds (a round boundary t: rounds 0..t-1 done, round t not beg
 * the problem's server-side counters (``Problem.state_dict``, e.g. the evaluation schedule);
 * the metrics counters (every ``cum_*`` of the writer, and the seconds elapsed) and the round t.
 
+Round 0 is written as soon as the run starts, without worker states (the workers' rules are then as
+their configuration builds them: a RESTORE with ``fresh``), so that a run killed before its first
+K rounds resumes too.
+
 Where worker state lives: on the server. At a checkpoint round the server asks every worker for its
 state (SAVE), each worker uploads it (STATE, counted in ``control_bytes``) and the server writes one
 file; on a restore the server sends each worker its state back (RESTORE). A worker restarted on a
@@ -238,7 +242,7 @@ def read(path: str, config: dict[str, Any], dim: int) -> Checkpoint:
                           dict(body["problem"]), dict(body["metrics"]), path)
     except Exception:
         raise CheckpointError(f"checkpoint {path}: damaged (unreadable payload)") from None
-    if ckpt.round != saved_round or len(ckpt.workers) != config.get("workers"):
+    if ckpt.round != saved_round or len(ckpt.workers) not in ((0, config.get("workers")) if ckpt.round == 0 else (config.get("workers"),)):
         raise CheckpointError(f"checkpoint {path}: damaged (its round or worker count disagrees with its manifest)")
     return ckpt
 

@@ -54,6 +54,8 @@ class Engine:
             first = self.resume.round
         else:
             self.server.begin(engine="inproc")
+            if self.checkpoint_dir:
+                self.save(0)
         for t in range(first, self.config.rounds):
             if self.checkpoint_dir and t != first and t % self.checkpoint_every == 0:
                 self.save(t)
@@ -65,13 +67,14 @@ class Engine:
     def save(self, t: int) -> str:
         """Write the checkpoint of boundary ``t`` (rounds 0..t-1 done)."""
         ckpt = checkpoint.server_snapshot(self.server, t)
-        ckpt.workers = [checkpoint.pack_state(w.rule.state_dict()) for w in self.workers]
+        if t > 0:  # round 0's workers are new rules, as the configuration builds them
+            ckpt.workers = [checkpoint.pack_state(w.rule.state_dict()) for w in self.workers]
         return checkpoint.write(self.checkpoint_dir, ckpt, self.config.to_dict(), self.setup.dim)
 
     def restore(self, ckpt: checkpoint.Checkpoint, old_records=None) -> None:
         """Put the server, every worker and the metrics back at ``ckpt``'s boundary."""
         checkpoint.restore_server(self.server, ckpt, old_records)
-        for worker, frames in zip(self.workers, ckpt.workers):
+        for worker, frames in zip(self.workers, ckpt.workers):  # none in round 0's: the rules are new
             checkpoint.restore_rule(worker.rule, checkpoint.unpack_state(frames, worker.device))
 
     def close(self) -> None:

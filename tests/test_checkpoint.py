@@ -39,7 +39,7 @@ def test_every_algorithm_resumes_bit_for_bit(name, tmp_path):
         if t == 4:
             break
     first.close()
-    assert [r for r, _ in checkpoint.checkpoint_files(str(tmp_path))] == [3]
+    assert [r for r, _ in checkpoint.checkpoint_files(str(tmp_path))] == [3, 0]
     resumed = _run(config, resume=str(tmp_path))
     assert _digest(resumed) == _digest(straight)
     for a, b in zip(straight.workers, resumed.workers):
@@ -50,6 +50,17 @@ def test_every_algorithm_resumes_bit_for_bit(name, tmp_path):
                 assert torch.equal(sa[key], sb[key]), (name, key)
             else:
                 assert sa[key] == sb[key], (name, key)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_round_zero(tmp_path):
+    config = RunConfig(algorithm="cd-adam", problem="quadratic:d=24", workers=3, rounds=6, lr="0.001", seed=2)
+    first = Engine(config, checkpoint_dir=str(tmp_path), checkpoint_every=50)
+    for t, _ in first.rounds():
+        if t == 2:
+            break
+    first.close()
+    assert [r for r, _ in checkpoint.checkpoint_files(str(tmp_path))] == [0]
+    assert _digest(_run(config, resume=str(tmp_path))) == _digest(_run(config))
 
 
 def test_state_frames_round_trip_and_refuse_nonsense():
