@@ -92,6 +92,26 @@ def test_keeps_the_last_two_and_a_write_cut_short_is_never_loaded(tmp_path):
     assert checkpoint.latest(str(tmp_path), config.to_dict(), 16).round == 8
 
 
+def test_a_write_that_dies_before_its_rename_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    config = _config(rounds=5)
+    engine = Engine(config, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    rounds = engine.rounds()
+    for t, _ in rounds:
+        if t == 2:
+            break
+
+    def crash(src, dst):
+        raise KeyboardInterrupt("killed during the write")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        for _ in rounds:  # at boundary 4, the write of its checkpoint dies
+            pass
+    engine.close()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000000.psc", "ckpt-00000002.psc"]
+    assert checkpoint.latest(str(tmp_path), config.to_dict(), 16).round == 2
+
+
 def test_damaged_or_foreign_checkpoints_are_refused_in_one_line(tmp_path):
     config = _config()
     _run(config, checkpoint_dir=str(tmp_path), checkpoint_every=4)
