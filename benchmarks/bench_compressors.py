@@ -7,7 +7,9 @@ For each compressor it times, on a float32 N(0,1) vector of d coordinates:
 * compress + encode: ``encode(c.compress(x, worker, step))`` with a fresh step each call (so fresh
   random draws and, for Perm-K / Rand-K, a fresh support), packed bytes on the host;
 * decode + decompress: ``c.decompress(decode(frames))`` of one such message, onto the device;
-* one memory copy, ``x.clone()``.
+* one memory copy, ``x.clone()`` (``--copy into``: ``y.copy_(x)`` into a vector allocated once, the
+  memory bandwidth alone; a clone also pays for fresh pages, and whether it gets them depends on what
+  the allocator holds, so its time varies between 1x and 5x a copy into).
 
 The three are interleaved (copy, compress + encode, decode + decompress, repeated) after one warm-up
 call each, so that a machine whose load changes during the run affects all three alike; each figure
@@ -20,9 +22,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout this file is in, not an installed copy
 
 from common.compressors import build
 from common.wire import decode, encode
@@ -73,13 +79,15 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall time, or this process's CPU time (steadier on a machine shared with other work; "
                              "counts every thread, so it is not for CUDA)")
+    parser.add_argument("--copy", choices=["clone", "into"], default="clone",
+                        help="the reference copy: x.clone() (a new vector) or a copy into one allocated once")
     args = parser.parse_args()
     global _clock
     _clock = CLOCKS[args.clock]
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "all" else [args.device]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, n = {args.workers}, "
-          f"median of {args.repeats} interleaved rounds, {args.clock} clock")
+          f"median of {args.repeats} interleaved rounds, {args.clock} clock, copy = {args.copy}")
     print()
     print("| device | d | compressor | bytes | copy ms | compress+encode ms | decode+decompress ms "
           "| compress+encode x copy | decode+decompress x copy |")
@@ -88,6 +96,8 @@ def main() -> None:
         device = torch.device(dev_name)
         for d in (int(v) for v in args.dims):
             x = torch.randn(d, generator=torch.Generator().manual_seed(0)).to(device)
+            target = torch.empty_like(x)
+            copy = (lambda: x.clone()) if args.copy == "clone" else (lambda: target.copy_(x))
             for spec in args.specs:
                 c = build(spec, d, args.workers, seed=0)
                 worker = min(1, args.workers - 1)
@@ -100,7 +110,7 @@ def main() -> None:
                 frames = compress_encode()
                 size = sum(len(f) for f in frames)
                 t_copy, t_ce, t_dd = interleaved_medians(
-                    [lambda: x.clone(), compress_encode, lambda: c.decompress(decode(frames, device))],
+                    [copy, compress_encode, lambda: c.decompress(decode(frames, device))],
                     device, args.repeats,
                 )
                 print(

@@ -17,6 +17,7 @@ server's memory (VmRSS) before the flood and at its peak. Exit status 0 when the
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -26,14 +27,14 @@ import tempfile
 import threading
 import time
 
-import msgpack
 import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common.config import RunConfig  # noqa: E402
 from common.compressors.payloads import Dense  # noqa: E402
-from common.wire import encode  # noqa: E402
+from common.compressors.message import Message  # noqa: E402
+from common.wire.stream import UP, Encoded, LinkEncoder, encode_parts  # noqa: E402
 from runtime import protocol  # noqa: E402
 
 PSC = [sys.executable, "-m", "psc", "-q"]
@@ -65,14 +66,15 @@ class Garbage:
         self.rng, self.d = rng, d
         import torch
 
-        huge = encode(Dense(torch.zeros(4), torch.float32))
-        header = msgpack.unpackb(huge[0], raw=False)
-        header[1][3] = 10**12  # a dense payload that claims 10^12 values
-        self.huge_claim = protocol.pack(b"UP", {"t": 0}, [msgpack.packb([1, {}, "g", 2]), msgpack.packb(header), huge[1]])
+        small = encode_parts(Message({"g": Dense(torch.zeros(4), torch.float32)}))
+        tree = copy.deepcopy(small.tree)
+        tree[1][1][3] = 10**12  # a dense payload that claims 10^12 values
+        self.huge_claim = LinkEncoder(UP).encode(0, Encoded(tree, small.data, small.bits))
         self.real = [
             protocol.pack(b"HELLO", {"version": protocol.VERSION, "rank": -1, "host": "x", "pid": 1}),
             protocol.pack(b"READY", {"rank": 0, "dim": d}),
-            protocol.pack(b"UP", {"t": 0, "compute_s": 0.1, "compress_s": 0.0}, encode(Dense(torch.ones(d), torch.float32))),
+            protocol.pack(b"STATS", {"t": 0, "compute_s": 0.1, "compress_s": 0.0}),
+            LinkEncoder(UP).encode(0, Message({"g": Dense(torch.ones(d), torch.float32)})),
             protocol.pack(b"HEARTBEAT", {"rank": 0}),
             protocol.pack(b"BYE", {"rank": 1, "reason": "x"}),
         ]
@@ -109,7 +111,7 @@ class Garbage:
         return protocol.pack(b"HELLO", {"version": protocol.VERSION, "rank": self.rng.choice([0, 1, -1, 7, -5, "x"])})
 
     def bad_numbers(self):
-        return protocol.pack(b"UP", {"t": self.rng.choice([0, -1, 2**63, "0", None]), "compute_s": self.rng.choice(["nan", -1.0, float("nan"), "x"])})
+        return protocol.pack(b"STATS", {"t": self.rng.choice([0, -1, 2**63, "0", None]), "compute_s": self.rng.choice(["nan", -1.0, float("nan"), "x"])})
 
     def next(self):
         return self.rng.choice(self.kinds)()
@@ -139,7 +141,7 @@ def flood(endpoint: str, messages: int, d: int, stop: threading.Event, server_pu
         sock = socks[i % len(socks)]
         i += 1
         if rng.random() < 0.0005:
-            frames = [b"PSC1", rng.randbytes(8 * d + (1 << 17))]  # larger than any frame of the run
+            frames = [protocol.MAGIC, rng.randbytes(8 * d + (1 << 17))]  # larger than any frame of the run
             oversized += 1
         else:
             frames = garbage.next()

@@ -10,7 +10,9 @@ every worker has a link of its own), or all connections and directions share one
 (``mode="shared"``: one bottleneck, as a server behind a single uplink). Kernel traffic shaping is
 not needed, so it runs anywhere. ``achieved_mbit_per_s`` reports the rate the busiest direction
 actually reached, to check the link against the configured one (it can only fall below it, on a
-machine too busy to keep the relay's threads running).
+machine too busy to keep the relay's threads running). ``flows`` holds the bytes each direction of
+each connection moved; with ``record=True``, ``seen`` keeps every byte forwarded (to look for
+plaintext on the wire).
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ class TokenBucket:
 
 
 class RateLimitedRelay:
-    def __init__(self, target_port: int, mbit_per_s: float, target_host: str = "127.0.0.1", mode: str = "per-connection"):
+    def __init__(self, target_port: int, mbit_per_s: float, target_host: str = "127.0.0.1", mode: str = "per-connection",
+                 record: bool = False):
         if mode not in ("per-connection", "shared"):
             raise ValueError(f"mode={mode!r}: per-connection or shared")
         if not mbit_per_s > 0:
@@ -53,6 +56,7 @@ class RateLimitedRelay:
         self.port = self.listener.getsockname()[1]
         self.lock = threading.Lock()
         self.flows: list[dict] = []  # per direction: bytes moved and the time they took
+        self.seen = bytearray() if record else None  # with record=True: every byte forwarded, both ways
         self.closed = False
         threading.Thread(target=self._accept, daemon=True, name="relay-accept").start()
 
@@ -82,6 +86,9 @@ class RateLimitedRelay:
                 began = time.monotonic()
                 bucket.take(len(data))
                 dst.sendall(data)
+                if self.seen is not None:
+                    with self.lock:
+                        self.seen += data
                 flow["bytes"] += len(data)  # each chunk's bytes over the time it held the link
                 flow["busy_s"] += time.monotonic() - began
         except OSError:

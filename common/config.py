@@ -21,12 +21,19 @@ class RunConfig:
     lr: str = "theory"  # a number, "theory" or "theory*F"
     seed: int = 0
     dtype: str = "float32"  # the model's and the wire's value precision
+    eval_every: int = 1  # the server evaluates the model every K rounds, and in the first and last
+
+    def evaluated(self, t: int) -> bool:
+        """Whether the server evaluates the model after round ``t``."""
+        return t % self.eval_every == 0 or t == self.rounds - 1
 
     def __post_init__(self):
         if self.workers < 1:
             raise ValueError(f"workers={self.workers} must be at least 1")
         if self.rounds < 0:
             raise ValueError(f"rounds={self.rounds} must be non-negative")
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 1:
+            raise ValueError(f"eval_every={self.eval_every!r} must be a positive integer")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}")
         parse_lr(self.lr)

@@ -15,6 +15,9 @@
 # 4. WORKERS=3 compose up --scale worker=3 with the compose client (COMPOSE, else `docker compose`, else
 #    `docker-compose`): the metrics file's end line must say ok, every worker must have sent bytes,
 #    every container must exit 0, the server's log must hold progress lines and the run summary.
+#    Then the same with CurveZMQ (docker-compose.curve.yml): keys made with `psc keygen` in the image,
+#    WORKERS=2, the run must end ok (a worker holding keys cannot talk to a server without CURVE) and
+#    no secret key may appear in the logs.
 # 5. The scale check: WORKERS=2 with --scale worker=3 must fail, naming both numbers.
 # 6. docker stop: a long run's server must exit 143 (SIGTERM reached psc) well before the stop timeout.
 # Then everything it made is removed: containers, networks, images, the temporary folder, the local
@@ -23,14 +26,14 @@
 # Variables: BASE_IMAGE, COMPOSE (e.g. "docker-compose"), WORKERS (3), TORCH_INDEX (default: empty,
 # i.e. torch as this host's pip finds it, when this host's pip has an index setting; else the
 # Dockerfile's), BUILD_NETWORK (host), SMOKE_TIMEOUT (600 s per cluster run), SMOKE_KEEP=1 (keep the
-# images), SMOKE_IMAGE (test this image instead of building one), SMOKE_MISMATCH=0 / SMOKE_STOP=0
-# (skip steps 5 / 6), DEBIAN_MIRROR, DEBIAN_SUITE, DOCKERD (the dockerd to start; none: never start one).
+# images), SMOKE_IMAGE (test this image instead of building one), SMOKE_CURVE=0 / SMOKE_MISMATCH=0 /
+# SMOKE_STOP=0 (skip the CURVE run / steps 5 / 6), DEBIAN_MIRROR, DEBIAN_SUITE, DOCKERD (the dockerd to start; none: never start one).
 #
 # Exit status: 0 passed; 1 a check failed (the reason is printed); 2 a usage error; 77 no Docker
 # engine or no compose client or no base image can be had here (nothing was checked).
 set -euo pipefail
 
-usage() { sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
 case "${1:-}" in -h|--help) usage 0 ;; "") ;; *) echo "smoke.sh: no arguments expected (see --help)" >&2; exit 2 ;; esac
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -262,7 +265,8 @@ docker run --rm --network none "$TAG" list algorithms > /dev/null || fail "psc l
 # -- 4. the cluster ---------------------------------------------------------------------------------
 compose_env() {  # compose_env PROJECT WORKERS CMD...: run CMD with the compose file's variables set
   local project=$1 workers=$2; shift 2
-  env -u PSC_SERVER_ROUNDS -u PSC_SERVER_PROBLEM IMAGE="$TAG" WORKERS="$workers" RUNS_DIR="$WORK/runs-$project" \
+  env -u PSC_SERVER_ROUNDS -u PSC_SERVER_PROBLEM -u PSC_SERVER_ALLOW_DIR -u CURVE_KEYS -u CURVE_SERVER_SECRET \
+    -u CURVE_WORKER_SECRET -u CURVE_SERVER_PUBLIC -u CURVE_ALLOW_KEYS IMAGE="$TAG" WORKERS="$workers" RUNS_DIR="$WORK/runs-$project" \
     RUN_NAME="$project" SERVER_PORT="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')" \
     PUBLISH_ADDR=127.0.0.1 COMPOSE_PROJECT_NAME="$project" "${EXTRA_ENV[@]}" "$@"
 }
@@ -278,18 +282,19 @@ wait_exited() {  # wait_exited PROJECT TIMEOUT -> 0 once every container of PROJ
   done
   return 1
 }
+FILES=(-f "$ROOT/deploy/docker-compose.yml")
 cluster() {  # cluster PROJECT WORKERS SCALE: up -d, wait for the end, logs in $WORK/PROJECT.log
   local project=$1 workers=$2 scale=$3
   COMPOSE_PROJECTS+=("$project")
   mkdir -p "$WORK/runs-$project"
-  compose_env "$project" "$workers" "${COMPOSE_CMD[@]}" -p "$project" -f "$ROOT/deploy/docker-compose.yml" \
+  compose_env "$project" "$workers" "${COMPOSE_CMD[@]}" -p "$project" "${FILES[@]}" \
     up -d --no-build --scale "worker=$scale" > "$WORK/$project.up.log" 2>&1 || { cat "$WORK/$project.up.log"; fail "compose up failed"; }
   if ! wait_exited "$project" "$SMOKE_TIMEOUT"; then
-    compose_env "$project" "$workers" "${COMPOSE_CMD[@]}" -p "$project" -f "$ROOT/deploy/docker-compose.yml" logs --no-color > "$WORK/$project.log" 2>&1
+    compose_env "$project" "$workers" "${COMPOSE_CMD[@]}" -p "$project" "${FILES[@]}" logs --no-color > "$WORK/$project.log" 2>&1
     tail -n 40 "$WORK/$project.log"
     fail "the cluster did not finish within $SMOKE_TIMEOUT s"
   fi
-  compose_env "$project" "$workers" "${COMPOSE_CMD[@]}" -p "$project" -f "$ROOT/deploy/docker-compose.yml" logs --no-color > "$WORK/$project.log" 2>&1
+  compose_env "$project" "$workers" "${COMPOSE_CMD[@]}" -p "$project" "${FILES[@]}" logs --no-color > "$WORK/$project.log" 2>&1
 }
 exit_codes() {  # NAME EXITCODE per container of PROJECT
   containers "$1" | xargs -r docker inspect -f '{{.Name}} {{.State.ExitCode}}' | sed 's|^/||' | sort
@@ -322,6 +327,35 @@ assert all(b > 0 for b in sent), f"bytes sent per worker: {sent}"
 print(f"    metrics: {len(rounds)} rounds, end ok=true, loss {end.get('loss')}, bytes up per worker {sent}, "
       f"down {end.get('cum_bytes_down')} in all, {end.get('time_s')} s")
 EOF
+
+# -- 4b. CurveZMQ ------------------------------------------------------------------------------------
+if [[ "${SMOKE_CURVE:-1}" != 0 ]]; then
+  p="${PROJECT}cz"
+  log "compose with CurveZMQ: keys from psc keygen, WORKERS=2, -f deploy/docker-compose.curve.yml"
+  mkdir -p "$WORK/keys"
+  for side in server worker; do
+    docker run --rm --network none --user "$(id -u):$(id -g)" -v "$WORK/keys:/keys" "$TAG" keygen "/keys/$side" --name "$side" > /dev/null \
+      || fail "psc keygen in the image failed"
+  done
+  cp "$WORK/keys/server/server.key" "$WORK/keys/worker/"
+  t=$(date +%s)
+  FILES=(-f "$ROOT/deploy/docker-compose.yml" -f "$ROOT/deploy/docker-compose.curve.yml")
+  EXTRA_ENV=(CURVE_KEYS="$WORK/keys")
+  cluster "$p" 2 2
+  FILES=(-f "$ROOT/deploy/docker-compose.yml")
+  EXTRA_ENV=()
+  exit_codes "$p" | sed 's/^/    /'
+  bad=$(exit_codes "$p" | awk '$2 != 0')
+  [[ -z "$bad" ]] || { tail -n 30 "$WORK/$p.log"; fail "CURVE cluster: containers that did not exit 0: $bad"; }
+  python3 -c "import json, sys; end = [json.loads(l) for l in open(sys.argv[1]) if l.strip()][-1]; sys.exit(0 if end.get('ok') is True else 1)" \
+    "$WORK/runs-$p/$p.jsonl" || fail "CURVE cluster: the metrics file's end line is not ok"
+  for f in "$WORK/keys/server/server.key_secret" "$WORK/keys/worker/worker.key_secret"; do
+    secret=$(sed -n 's/^ *secret-key = "\(.*\)"/\1/p' "$f")
+    [[ -n "$secret" ]] || fail "no secret key in $f"
+    if grep -qF -- "$secret" "$WORK/$p.log"; then fail "a secret key appears in the CURVE cluster's logs"; fi
+  done
+  log "CURVE cluster ok in $(( $(date +%s) - t )) s: encrypted run ended ok, no secret key in the logs"
+fi
 
 # -- 5. the scale check -------------------------------------------------------------------------------
 if [[ "${SMOKE_MISMATCH:-1}" != 0 ]]; then

@@ -124,9 +124,18 @@ def trial(kind: str, run_args: list[str], seed: int, want_sha: str, rng: random.
         workers = [psc(worker_args, log_path) for _ in range(n)]
         kill_round = rng.randrange(1, rounds - 1)
         procs = [server, *workers]
+
+        def failed(why: str) -> Trial:
+            text = open(log_path, errors="replace").read()
+            if keep_log:
+                os.makedirs(os.path.dirname(os.path.abspath(keep_log)), exist_ok=True)
+                with open(keep_log, "w") as out:
+                    out.write(text)
+            return Trial(False, kill_round, time.monotonic() - began, why + "\n" + text[-1500:])
+
         try:
             if not wait_round(metrics, kill_round, timeout):
-                return Trial(False, kill_round, time.monotonic() - began, f"round {kill_round} not reached")
+                return failed(f"round {kill_round} not reached")
             if kind == "worker":
                 victim = rng.randrange(n)
                 workers[victim].send_signal(signal.SIGKILL)
@@ -141,7 +150,7 @@ def trial(kind: str, run_args: list[str], seed: int, want_sha: str, rng: random.
             try:
                 code = server.wait(timeout)
             except subprocess.TimeoutExpired:
-                return Trial(False, kill_round, time.monotonic() - began, "the server did not finish")
+                return failed("the server did not finish")
             codes = []
             for w in workers:
                 try:
@@ -160,12 +169,7 @@ def trial(kind: str, run_args: list[str], seed: int, want_sha: str, rng: random.
             if got_rounds != list(range(rounds)):
                 why.append("metrics rounds are not 0..T-1 once each")
             if why:
-                tail = open(log_path, errors="replace").read()[-1500:]
-                if keep_log:
-                    os.makedirs(os.path.dirname(os.path.abspath(keep_log)), exist_ok=True)
-                    with open(keep_log, "w") as out:
-                        out.write(open(log_path, errors="replace").read())
-                return Trial(False, kill_round, time.monotonic() - began, "; ".join(why) + "\n" + tail)
+                return failed("; ".join(why))
             return Trial(True, kill_round, time.monotonic() - began)
         finally:
             for p in procs:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from common.config import RunConfig
     from runtime.metrics import Outputs
 
-RUN_KEYS = ("algorithm", "uplink", "downlink", "problem", "workers", "rounds", "lr", "seed", "dtype")
+RUN_KEYS = ("algorithm", "uplink", "downlink", "problem", "workers", "rounds", "lr", "seed", "dtype", "eval_every")
 FILE_ONLY_KEYS = ("metrics", "tensorboard")
 DTYPE_NAMES = ("float32", "float64")  # common.config.DTYPES (tests/test_cli.py checks they agree)
 
@@ -38,6 +38,7 @@ def run_options(func):
         click.option("--lr", help="Step size: a number, 'theory' or 'theory*F'.  [default: theory]"),
         click.option("--seed", type=int, help="Seed of all randomness.  [default: 0]"),
         click.option("--dtype", type=click.Choice(DTYPE_NAMES), help="Model and wire precision.  [default: float32]"),
+        click.option("--eval-every", type=click.IntRange(min=1), help="The server evaluates loss, gradient norm and accuracy every K rounds (and the first and last).  [default: 1]"),
         click.option("--metrics", type=click.Path(dir_okay=False), help="Metrics file (JSON Lines) to write; an existing one only with --force."),
         click.option("--force", is_flag=True, help="Overwrite an existing --metrics file."),
         click.option("--tensorboard", type=click.Path(file_okay=False), help="Also write the round metrics as TensorBoard events into this folder (needs the tensorboard package)."),

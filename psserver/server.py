@@ -5,8 +5,10 @@ its rank and the run's configuration, or REFUSE with a reason (wrong protocol ve
 rank taken, run already started). The worker builds the problem and answers READY with its
 dimension, which must match the server's. When all n are ready, rounds start.
 
-Each round the server waits for one UP from every worker, runs ``ServerCore.round`` and sends each
-worker its own DOWN (a broadcast is one encoding sent n times). Workers send HEARTBEATs from a
+Each round the server waits for one UP (and the STATS before it) from every worker, runs
+``ServerCore.round`` and sends each worker its own DOWN (a broadcast's payloads are encoded once).
+UP and DOWN are lean link messages (``common.wire.stream``) whose two ends must see every message, so
+an UP or STATS for another round is a protocol violation that stops the run. Workers send HEARTBEATs from a
 separate socket while they compute; the server sends HEARTBEATs while it waits. A worker silent for
 longer than ``timeout`` seconds, or one that says BYE, stops the run: every worker gets STOP, the
 log says which worker and why, and ``run`` returns 1. Messages from unknown peers that do not parse
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Callable
 
@@ -85,6 +88,9 @@ class Server:
         self.pending: checkpoint.Checkpoint | None = None  # one waiting for the workers' states
         self.restoring = False  # WELCOME tells a worker to wait for its state (RESTORE)
         self.stashed: list = []  # HELLOs that revealed a lost worker, answered once the run recovers
+        # RESTORE and its answer RESTORED carry ``seq``, new for each rollback and random from the start,
+        # so that an answer queued for a server that died is not taken for one to this server.
+        self.restores = int.from_bytes(os.urandom(4), "little")
         # No honest frame is larger than d float64 values plus headers.
         self.transport = transport.ServerSocket(bind, keys, max_frame=8 * self.setup.dim + (1 << 16))
         self.sock, self.endpoint = self.transport.sock, self.transport.endpoint
@@ -99,6 +105,7 @@ class Server:
         self.liveness = transport.Liveness(timeout)
         self.last_beat = 0.0
         self.early_ups: dict[int, protocol.Envelope] = {}  # round-0 uplinks of workers ready before the others
+        self.core: ServerCore | None = None
 
     # -- sending -------------------------------------------------------------------------------
     def _send(self, identity: bytes, frames: list[bytes], must: bool = False) -> None:
@@ -119,8 +126,15 @@ class Server:
         now = time.monotonic()
         if now - self.last_beat >= self.heartbeat:
             self.last_beat = now
+            beat = protocol.pack(b"HEARTBEAT", {})
             for identity in list(self.ident.values()):
-                self._send(identity, protocol.pack(b"HEARTBEAT", {}))
+                self._send(identity, beat)
+                self._count_control(beat)
+
+    def _count_control(self, frames) -> None:
+        """Heartbeats and telemetry go into the round's ``control_bytes`` (once rounds have begun)."""
+        if self.core is not None:
+            self.core.control(protocol.size(frames))
 
     def _once(self, identity: bytes, message: str, *args) -> None:
         """Log a warning about a peer the first time only (a bounded memory of peers)."""
@@ -161,6 +175,7 @@ class Server:
         if rank is not None:
             self.liveness.heard(rank)
         if identity in self.beats_of:  # a heartbeat socket says nothing else
+            self._count_control(frames)
             return identity, None, frames
         return identity, msg, frames
 
@@ -277,10 +292,12 @@ class Server:
                 self._refuse(identity, f"dimension mismatch: worker has d={header.get('dim')}, server d={self.setup.dim}")
                 raise RunFailed(f"worker {rank} reports dimension {header.get('dim')}, the server has {self.setup.dim}")
             self.ready.add(rank)
-        elif kind == b"UP" and identity in self.rank_of and header.get("t") == 0 and not restore:
-            self.early_ups[self.rank_of[identity]] = msg
-        elif kind in (b"UP", b"STATE") and identity in self.rank_of:
+        elif kind in (b"UP", b"STATS", b"STATE", b"RESTORED") and identity in self.rank_of and restore:
             return  # from before the restore that is coming
+        elif kind == b"STATS" and identity in self.rank_of:
+            self.core.stats(self.rank_of[identity], 0, msg)
+        elif kind == b"UP" and identity in self.rank_of and msg.is_round(b"UP", 0):
+            self.early_ups[self.rank_of[identity]] = msg
         else:
             self._handle_common(identity, kind, header, frames)
 
@@ -316,15 +333,18 @@ class Server:
             identity, msg, frames = got
             if msg.kind == b"STATE" and identity in self.rank_of:
                 rank = self.rank_of[identity]
-                self.core.control_bytes += msg.nbytes
+                self.core.control(msg.nbytes)
                 if states is not None and msg.header.get("t") == t and states[rank] is None:
                     states[rank] = msg.body
                     missing -= 1
                 continue
-            if msg.kind == b"UP" and identity in self.rank_of:
+            if msg.kind in (b"UP", b"STATS") and identity in self.rank_of:
                 rank = self.rank_of[identity]
-                if msg.header.get("t") != t or ups[rank] is not None:
-                    log.warning("worker %d sent an UP for round %r during round %d; ignored", rank, msg.header.get("t"), t)
+                if not msg.is_round(msg.kind, t) or (msg.kind == b"UP" and ups[rank] is not None):
+                    # a link's two ends must see the same messages: one cannot be skipped
+                    raise RunFailed(f"worker {rank} sent {msg.kind.decode()} for round {msg.round_text} during round {t}; stopping the run")
+                if msg.kind == b"STATS":
+                    self.core.stats(rank, t, msg)
                     continue
                 ups[rank] = msg
                 missing -= 1
@@ -362,7 +382,7 @@ class Server:
         self.pending.workers = [None] * self.config.workers
         for rank in range(self.config.workers):
             frames = protocol.pack(b"SAVE", {"t": t})
-            self.core.control_bytes += protocol.size(frames)
+            self._count_control(frames)
             self._send(self.ident[rank], frames, must=True)
 
     def _write_pending(self, t: int) -> None:
@@ -373,16 +393,43 @@ class Server:
 
     def _restore(self, ckpt: checkpoint.Checkpoint, old_records=None) -> int:
         """Roll the server and every worker back to ``ckpt`` (RESTORE carries each worker's state;
-        ``fresh``: round 0, the worker rebuilds its rule). Returns the round to run next."""
+        ``fresh``: round 0, the worker rebuilds its rule) and wait until every worker has answered
+        RESTORED. Every link starts again from an empty memory on both ends. Returns the round to
+        run next."""
         checkpoint.restore_server(self.core, ckpt, old_records)
         self.pending, self.early_ups = None, {}
+        self.restores += 1
         for rank in range(self.config.workers):
-            frames = protocol.pack(b"RESTORE", {"t": ckpt.round, "fresh": not ckpt.workers},
+            frames = protocol.pack(b"RESTORE", {"t": ckpt.round, "fresh": not ckpt.workers, "seq": self.restores},
                                    ckpt.workers[rank] if ckpt.workers else [])
-            self.core.control_bytes += protocol.size(frames)
+            self._count_control(frames)
             self._send(self.ident[rank], frames, must=True)
+        self._await_restored(ckpt.round)
         log.info("rolled back to round %d", ckpt.round)
         return ckpt.round
+
+    def _await_restored(self, t: int) -> None:
+        """Wait for every worker's RESTORED (of this rollback: its ``seq``). What a worker sent
+        before it belongs to the abandoned rounds and was encoded on the links' old memory, so it
+        is dropped unread."""
+        waiting = set(range(self.config.workers))
+        began, deadline = time.monotonic(), self._round_deadline()
+        while waiting:
+            if time.monotonic() - began > deadline:
+                late = sorted(waiting)
+                raise WorkerLost(late, f"worker(s) {', '.join(map(str, late))} did not confirm the rollback to round {t} "
+                                       f"within {deadline:g} s (round timeout)")
+            got = self._receive(min(self.heartbeat, 0.5))
+            if got is None or got[1] is None:
+                continue
+            identity, msg, frames = got
+            rank = self.rank_of.get(identity)
+            if rank is not None and msg.kind == b"RESTORED":
+                self._count_control(frames)
+                if msg.header.get("seq") == self.restores:
+                    waiting.discard(rank)
+            elif rank is None or msg.kind not in (b"UP", b"STATS", b"STATE"):
+                self._handle_common(identity, msg.kind, msg.header, frames)
 
     def _recover(self, lost: WorkerLost) -> int:
         """A worker is gone: keep its rank open for ``rejoin_timeout`` s, then roll everyone back."""
@@ -417,7 +464,12 @@ class Server:
             except WorkerLost as exc:
                 if not self.checkpoint_dir:
                     raise
-                t = self._recover(exc)
+                while True:  # another worker may be lost during the recovery itself
+                    try:
+                        t = self._recover(exc)
+                        break
+                    except WorkerLost as again:
+                        exc = again
 
     def run(self) -> int:
         path = self.metrics_path.metrics if hasattr(self.metrics_path, "metrics") else self.metrics_path

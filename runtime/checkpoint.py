@@ -315,8 +315,10 @@ def server_snapshot(core, t: int) -> Checkpoint:
 
 
 def restore_server(core, ckpt: Checkpoint, old_records: list[dict[str, Any]] | None = None) -> None:
-    """Put the server's side back at ``ckpt``'s boundary, metrics file included."""
+    """Put the server's side back at ``ckpt``'s boundary, metrics file included; the server's ends of
+    the links forget what was said (the workers' ends do the same when they get their RESTORE)."""
     restore_rule(core.rule, unpack_state(ckpt.server, core.rule.x.device))
+    core.reset_links()
     core.setup.problem.load_state_dict(ckpt.problem)
     rewind_metrics(core.metrics, ckpt.round, ckpt.metrics, old_records)
     core.last = {}

@@ -59,10 +59,19 @@ class Engine:
         for t in range(first, self.config.rounds):
             if self.checkpoint_dir and t != first and t % self.checkpoint_every == 0:
                 self.save(t)
-            downs = self.server.round(t, [protocol.parse(w.uplink(t)) for w in self.workers])
-            for worker, frames in zip(self.workers, downs):
-                worker.downlink(t, frames)
-            yield t, downs
+            yield t, self.exchange(t)
+
+    def exchange(self, t: int) -> list[list[bytes]]:
+        """Round ``t``: every worker's STATS and UP, the server's round, every worker's DOWN."""
+        ups = []
+        for rank, worker in enumerate(self.workers):
+            stats, up = worker.uplink(t)
+            self.server.stats(rank, t, protocol.parse(stats))
+            ups.append(protocol.parse(up))
+        downs = self.server.round(t, ups)
+        for worker, frames in zip(self.workers, downs):
+            worker.downlink(t, protocol.parse(frames))
+        return downs
 
     def save(self, t: int) -> str:
         """Write the checkpoint of boundary ``t`` (rounds 0..t-1 done)."""
@@ -74,8 +83,8 @@ class Engine:
     def restore(self, ckpt: checkpoint.Checkpoint, old_records=None) -> None:
         """Put the server, every worker and the metrics back at ``ckpt``'s boundary."""
         checkpoint.restore_server(self.server, ckpt, old_records)
-        for worker, frames in zip(self.workers, ckpt.workers):  # none in round 0's: the rules are new
-            checkpoint.restore_rule(worker.rule, checkpoint.unpack_state(frames, worker.device))
+        for rank, worker in enumerate(self.workers):  # round 0's holds no worker states: the rules are new
+            worker.restore(checkpoint.unpack_state(ckpt.workers[rank], worker.device) if ckpt.workers else None)
 
     def close(self) -> None:
         self.metrics.close()

@@ -77,6 +77,9 @@ class MetricsWriter:
         self.t0 = time.perf_counter()
         self.cum_up = 0
         self.cum_down = 0
+        self.cum_bits_up = 0
+        self.cum_bits_down = 0
+        self.cum_control = 0
 
     def write(self, record: dict[str, Any]) -> None:
         self.summary.add(record)
@@ -93,13 +96,25 @@ class MetricsWriter:
             log.info("psc %s: %s", version, config_line(config, dim, workers, extra.get("lr")))
         self.write({"event": "start", "config": config, "dim": dim, "workers": workers, "version": version, **extra})
 
-    def round(self, t: int, bytes_up: list[int], bytes_down: list[int], **fields: Any) -> dict[str, Any]:
+    def round(self, t: int, bytes_up: list[int], bytes_down: list[int], payload_bits_up: list[int] | None = None,
+              payload_bits_down: list[int] | None = None, control_bytes: int = 0, **fields: Any) -> dict[str, Any]:
+        """One round line: the algorithm's bytes per worker each way (all frames handed to the
+        socket), the papers' content bits per worker each way, the round's control bytes, running
+        totals of all three, and ``fields`` (loss, timings, ...)."""
+        bits_up = payload_bits_up if payload_bits_up is not None else [0] * len(bytes_up)
+        bits_down = payload_bits_down if payload_bits_down is not None else [0] * len(bytes_down)
         self.cum_up += sum(bytes_up)
         self.cum_down += sum(bytes_down)
+        self.cum_bits_up += sum(bits_up)
+        self.cum_bits_down += sum(bits_down)
+        self.cum_control += control_bytes
         record = {
             "event": "round", "round": t, "time_s": time.perf_counter() - self.t0,
             "bytes_up": bytes_up, "bytes_down": bytes_down,
-            "cum_bytes_up": self.cum_up, "cum_bytes_down": self.cum_down, **fields,
+            "cum_bytes_up": self.cum_up, "cum_bytes_down": self.cum_down,
+            "payload_bits_up": bits_up, "payload_bits_down": bits_down,
+            "cum_payload_bits_up": self.cum_bits_up, "cum_payload_bits_down": self.cum_bits_down,
+            "control_bytes": control_bytes, "cum_control_bytes": self.cum_control, **fields,
         }
         self.write(record)
         return record
@@ -108,7 +123,9 @@ class MetricsWriter:
         """Write the end line and log the run's summary (``self.summary``), whether the run finished or
         stopped (the summary once, if a failure while ending calls this again)."""
         first = self.summary.end is None
-        self.write({"event": "end", "time_s": time.perf_counter() - self.t0, "cum_bytes_up": self.cum_up, "cum_bytes_down": self.cum_down, **summary})
+        self.write({"event": "end", "time_s": time.perf_counter() - self.t0, "cum_bytes_up": self.cum_up, "cum_bytes_down": self.cum_down,
+                    "cum_payload_bits_up": self.cum_bits_up, "cum_payload_bits_down": self.cum_bits_down,
+                    "cum_control_bytes": self.cum_control, **summary})
         if self.tensorboard is not None:
             self.tensorboard.flush()
         if self.report and first:

@@ -1,23 +1,32 @@
-"""The runtime's protocol on ROUTER/DEALER sockets: explicit frames and a version in every message.
+"""The runtime's protocol on ROUTER/DEALER sockets: control messages and lean algorithm messages.
 
-Every multipart message a worker or the server sends is
+A control message is the multipart message
 
     [MAGIC, kind, header (msgpack map), *body frames]
 
 ``MAGIC`` carries the protocol version. Kinds:
 
-* worker -> server: HELLO {version, rank (-1: any), host, pid}, READY {rank, dim}, UP {t, compute_s,
-  compress_s} + the algorithm's message frames, HEARTBEAT {rank}, BYE {rank, reason} (also a
-  worker's confirmation, after the final STOP, that the run's last messages arrived)
-* server -> worker: WELCOME {rank, config}, REFUSE {reason}, DOWN {t} + message frames,
-  HEARTBEAT {}, STOP {reason, ok}
+* worker -> server: HELLO {version, rank (-1: any), host, pid}, READY {rank, dim}, STATS {t,
+  compute_s, compress_s} (a round's telemetry, sent just before its UP), HEARTBEAT {rank}, BYE
+  {rank, reason} (also a worker's confirmation, after the final STOP, that the run's last messages
+  arrived)
+* server -> worker: WELCOME {rank, config}, REFUSE {reason}, HEARTBEAT {}, STOP {reason, ok}
 * checkpoints (``runtime.checkpoint``): server -> worker SAVE {t} (upload your state once round t-1
-  is applied), RESTORE {t, fresh} + state frames (roll back to round t); worker -> server STATE {t}
-  + state frames
+  is applied), RESTORE {t, fresh, seq} + state frames (roll back to round t; seq is new for each rollback); worker -> server STATE {t}
+  + state frames, RESTORED {rank, t, seq} (the worker's answer to RESTORE: everything it sends after it
+  belongs to the restored run, so the server drops what came before it, and both ends of each link
+  start again from an empty memory)
 
-Byte counts in the metrics are the lengths of all frames of an UP or DOWN message (this envelope
-included), i.e. what is handed to the socket. ``parse`` trusts nothing and raises ``ProtocolError``;
-each received message is parsed once, where it is received, and travels on as an ``Envelope``.
+The algorithm's messages, UP (worker -> server) and DOWN (server -> worker), are lean link messages
+(``common.wire.stream``): one frame (or a head frame and the data frames of a large message) that
+starts with a flags byte, never with ``MAGIC``, and carries the round compactly (its low byte once
+the link has described the message's shape). They hold nothing but the algorithm's content and a
+few bytes to rebuild its header; telemetry and heartbeats travel as control messages.
+
+Byte counts in the metrics are the lengths of all frames of an UP or DOWN message (``bytes_up``,
+``bytes_down``) and of the control messages of the round (``control_bytes``), i.e. what is handed to
+the socket. ``parse`` trusts nothing and raises ``ProtocolError``; each received message is parsed
+once, where it is received, and travels on as an ``Envelope``.
 """
 from __future__ import annotations
 
@@ -27,12 +36,14 @@ from typing import Any
 
 import msgpack
 
-from common.wire import message_bytes as size  # noqa: F401 (the bytes a message costs)
+from common.wire import WireError, message_bytes as size  # noqa: F401 (the bytes a message costs)
+from common.wire import stream
 
-VERSION = 1
+VERSION = 2
 MAGIC = b"PSC%d" % VERSION
-KINDS = (b"HELLO", b"READY", b"UP", b"HEARTBEAT", b"BYE", b"WELCOME", b"REFUSE", b"DOWN", b"STOP",
-         b"SAVE", b"STATE", b"RESTORE")
+KINDS = (b"HELLO", b"READY", b"STATS", b"HEARTBEAT", b"BYE", b"WELCOME", b"REFUSE", b"STOP",
+         b"SAVE", b"STATE", b"RESTORE", b"RESTORED")
+DATA_KINDS = {stream.UP: b"UP", stream.DOWN: b"DOWN"}
 
 
 class ProtocolError(ValueError):
@@ -62,12 +73,20 @@ class Envelope:
     body: list[bytes]
     nbytes: int
 
-    def round_of(self, kind: bytes) -> int:
-        """The round ``t`` of an UP or DOWN message of ``kind``; ``ProtocolError`` otherwise."""
-        t = self.header.get("t")
-        if self.kind != kind or isinstance(t, bool) or not isinstance(t, int):
-            raise ProtocolError(f"expected {kind.decode()}, got {self.kind.decode()} with t={t!r}")
-        return t
+    def is_round(self, kind: bytes, t: int) -> bool:
+        """Whether this is an UP, DOWN or STATS message of ``kind`` for round ``t`` (a lean message
+        whose link knows the shape carries the round's low byte only; ``stream`` checks it in full)."""
+        if self.kind != kind:
+            return False
+        if "t8" in self.header:
+            return self.header["t8"] == t & 0xFF
+        sent = self.header.get("t")
+        return type(sent) is int and sent == t
+
+    @property
+    def round_text(self) -> str:
+        """The round this message says it belongs to, for error messages."""
+        return f"{self.header['t8']} (mod 256)" if "t8" in self.header else repr(self.header.get("t"))
 
     def seconds(self, name: str) -> float:
         """A non-negative, finite duration from the header (0 when absent); ``ProtocolError`` otherwise."""
@@ -78,6 +97,10 @@ class Envelope:
 
 
 def parse(frames: list[bytes]) -> Envelope:
+    if not frames:
+        raise ProtocolError("empty message")
+    if bytes(memoryview(frames[0])[:3]) != b"PSC":
+        return _parse_data(frames)
     if len(frames) < 3:
         raise ProtocolError(f"message of {len(frames)} frame(s); expected at least 3")
     magic, kind, header = bytes(frames[0]), bytes(frames[1]), frames[2]
@@ -95,3 +118,16 @@ def parse(frames: list[bytes]) -> Envelope:
         raise ProtocolError(f"{kind.decode()} header is not a map")
     return Envelope(kind, data, [bytes(f) for f in frames[3:]], size(frames))
 
+
+
+def _parse_data(frames: list[bytes]) -> Envelope:
+    """An UP or DOWN lean message: its direction and round from the head frame; the body is decoded
+    by the receiving link (``stream.LinkDecoder``), which knows what the link agreed on."""
+    try:
+        head = memoryview(frames[0]).cast("B")
+        _, direction, _ = stream.flags_of(head)
+        t, complete = stream.round_field(head)
+    except (WireError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"neither a control message nor an algorithm message ({exc})") from None
+    header = {"t": t} if complete else {"t8": t}
+    return Envelope(DATA_KINDS[direction], header, list(frames), size(frames))

@@ -2,7 +2,10 @@
 rule, encode one downlink per worker, measure, and write the metrics line.
 
 The ZeroMQ server (``psserver.server``) and the in-process engine (``runtime.engine``) both call
-``ServerCore.round``, so the two give the same trajectory and the same byte counts.
+``ServerCore.round``, so the two give the same trajectory and the same byte counts. The core holds
+the server's end of every link (``common.wire.stream``: worker i's uplink decoder and downlink
+encoder), the telemetry the workers sent for the round (``stats``) and the round's control bytes
+(``control``: STATS, heartbeats), which the metrics report apart from the algorithm's bytes.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Any
 
 import torch
 
-from common.wire.message import decode_message, encode_message
+from common.wire.stream import DOWN, UP, LinkDecoder, LinkEncoder, encode_parts
 from runtime.setup import RunSetup
 from common.wire import WireError
 from runtime import protocol
@@ -31,8 +34,31 @@ class ServerCore:
         self.n = setup.config.workers
         self.last_round_end = time.perf_counter()
         self.last: dict[str, Any] = {}
-        self.control_bytes = 0  # bytes of this round that are not algorithm messages (checkpoint traffic)
+        self.reset_links()
+        self.control_bytes = 0
 
+    def reset_links(self) -> None:
+        """Forget what every link has said (a new run, or a rollback to a checkpoint: the worker
+        ends forget too, so the next message on each link is sent in full)."""
+        self.ups = [LinkDecoder(UP) for _ in range(self.n)]
+        self.downs = [LinkEncoder(DOWN) for _ in range(self.n)]
+        self.timing: list[tuple[float, float]] = [(0.0, 0.0)] * self.n  # (compute_s, compress_s) this round
+
+    def control(self, nbytes: int) -> None:
+        """Count a control message (heartbeat, telemetry, checkpoint traffic) sent or received
+        during the round."""
+        self.control_bytes += nbytes
+
+    def stats(self, rank: int, t: int, msg: protocol.Envelope) -> None:
+        """Worker ``rank``'s STATS for round ``t`` (its compute and compress time); ``RunFailed`` if
+        it is malformed."""
+        try:
+            if not msg.is_round(b"STATS", t):
+                raise protocol.ProtocolError(f"expected STATS for round {t}, got {msg.kind.decode()} for round {msg.round_text}")
+            self.timing[rank] = (msg.seconds("compute_s"), msg.seconds("compress_s"))
+        except protocol.ProtocolError as exc:
+            raise RunFailed(f"round {t}: malformed telemetry from worker {rank}: {exc}") from None
+        self.control(msg.nbytes)
     def begin(self, **extra: Any) -> None:
         initial = self.setup.problem.evaluate(self.rule.model)
         self.metrics.start(
@@ -46,16 +72,16 @@ class ServerCore:
         """``uplinks[i]``: worker i's UP message, parsed where it was received. Returns worker i's
         DOWN frames."""
         start = time.perf_counter()
-        msgs, compute, compress = [], [], []
+        msgs, bits_up = [], []
         for rank, up in enumerate(uplinks):
             try:
-                if up.round_of(b"UP") != t:
-                    raise protocol.ProtocolError(f"expected UP for round {t}, got round {up.header.get('t')!r}")
-                compute.append(up.seconds("compute_s"))
-                compress.append(up.seconds("compress_s"))
-                msgs.append(decode_message(up.body, device=self.rule.x.device, max_dim=self.setup.dim))
+                if not up.is_round(b"UP", t):
+                    raise protocol.ProtocolError(f"expected UP for round {t}, got {up.kind.decode()} for round {up.round_text}")
+                msg, bits = self.ups[rank].decode(up.body, t, device=self.rule.x.device, max_dim=self.setup.dim)
             except (WireError, protocol.ProtocolError) as exc:
                 raise RunFailed(f"round {t}: malformed uplink from worker {rank}: {exc}") from None
+            msgs.append(msg)
+            bits_up.append(bits)
         try:
             downs = self.rule.step(t, msgs)
         except (KeyError, ValueError, IndexError, RuntimeError) as exc:  # e.g. a payload the rule did not expect
@@ -64,24 +90,31 @@ class ServerCore:
             raise RunFailed(f"round {t}: the server rule returned {len(downs)} downlinks for {self.n} workers")
         if not bool(torch.isfinite(self.rule.model).all()):
             raise RunFailed(f"round {t}: the model is no longer finite (the run diverged; try a smaller --lr)")
-        encoded: dict[int, list[bytes]] = {}
-        out = []
-        for msg in downs:
-            if id(msg) not in encoded:  # a broadcast is encoded once and sent (and counted) n times
-                encoded[id(msg)] = protocol.pack(b"DOWN", {"t": t}, encode_message(msg))
-            out.append(encoded[id(msg)])
+        encoded: dict[int, Any] = {}
+        out, bits_down = [], []
+        for rank, msg in enumerate(downs):
+            if id(msg) not in encoded:  # a broadcast's payloads are encoded once, then wrapped per link
+                try:
+                    encoded[id(msg)] = encode_parts(msg)
+                except (WireError, ValueError) as exc:
+                    raise RunFailed(f"round {t}: cannot encode the downlink ({exc})") from None
+            out.append(self.downs[rank].encode(t, encoded[id(msg)]))
+            bits_down.append(encoded[id(msg)].bits)
         server_s = time.perf_counter() - start
         now = time.perf_counter()
         round_s = now - self.last_round_end
         self.last_round_end = now
-        compute_s, compress_s = max(compute), max(compress)
+        compute_s, compress_s = (max(times) for times in zip(*self.timing))
+        self.timing = [(0.0, 0.0)] * self.n
+        control, self.control_bytes = self.control_bytes, 0
         self.last = self.metrics.round(
             t, [up.nbytes for up in uplinks], [protocol.size(f) for f in out],
-            **self.setup.problem.evaluate(self.rule.model), **self.rule.round_metrics(),
+            payload_bits_up=bits_up, payload_bits_down=bits_down, control_bytes=control,
+            **(self.setup.problem.evaluate(self.rule.model) if self.setup.config.evaluated(t) else {}),
+            **self.rule.round_metrics(),
             round_s=round_s, compute_s=compute_s, compress_s=compress_s, server_s=server_s,
-            comm_s=max(0.0, round_s - compute_s - compress_s - server_s), control_bytes=self.control_bytes,
+            comm_s=max(0.0, round_s - compute_s - compress_s - server_s),
         )
-        self.control_bytes = 0
         return out
 
     def model_digest(self) -> str:

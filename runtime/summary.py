@@ -184,7 +184,7 @@ class RunSummary:
 class WorkerTally:
     """A worker's own account of its run: rounds, bytes sent and received, compute and compress time.
 
-    It wraps ``core.uplink`` (the UP frames and the oracle's time); the worker adds what it
+    It wraps ``core.uplink`` (the UP frames, not the STATS, and the oracle's time); the worker adds what it
     received with ``received(envelope)``."""
 
     def __init__(self, core) -> None:
@@ -200,15 +200,15 @@ class WorkerTally:
         self.t0 = time.perf_counter()
         uplink = core.uplink
 
-        def counted(t: int) -> list[bytes]:
+        def counted(t: int) -> tuple[list[bytes], list[bytes]]:
             start = time.perf_counter()
-            frames = uplink(t)
+            stats, frames = uplink(t)
             total = time.perf_counter() - start
             self.rounds += 1
             self.sent += protocol.size(frames)
             self.compute_s += core.compute_s
             self.compress_s += max(0.0, total - core.compute_s)
-            return frames
+            return stats, frames
 
         core.uplink = counted
 

@@ -1,5 +1,7 @@
 """A worker's side of a round, independent of transport: run the worker rule (which calls the
-gradient oracle on the worker's device), encode the uplink, and apply a decoded downlink.
+gradient oracle on the worker's device), encode the uplink, and apply a decoded downlink. The
+worker's two links (``common.wire.stream``) remember what was said on them, so the algorithm's
+messages carry only what changes.
 
 Timing: ``compute_s`` is the time inside the oracle, ``compress_s`` the rest of the rule plus
 encoding; on CUDA both synchronize the device so that they measure the GPU work.
@@ -10,10 +12,11 @@ import time
 
 import torch
 
-from common.wire.message import decode_message, encode_message
+from common.compressors.message import Message
+from common.wire.stream import DOWN, UP, LinkDecoder, LinkEncoder
 from runtime.setup import RunSetup
 from common.wire import WireError
-from runtime import protocol
+from runtime import checkpoint, protocol
 
 
 def resolve_device(spec: str, rank: int) -> torch.device:
@@ -40,6 +43,9 @@ class WorkerCore:
     def __init__(self, setup: RunSetup, rank: int, device: torch.device):
         self.setup, self.rank, self.device = setup, rank, device
         self.rule = setup.worker_rule(rank, device)
+        self.initial = self.rule.state_dict()  # what a rollback to round 0 goes back to
+        self.reset_links()
+        self.received: Message | None = None  # the last downlink, as decoded
         self.compute_s = 0.0
         inner = self.rule.oracle
 
@@ -53,28 +59,38 @@ class WorkerCore:
 
         self.rule.oracle = timed_oracle
 
+    def reset_links(self) -> None:
+        """Forget what this worker's two links have said (``common.wire.stream``); the server's ends
+        are reset at the same point of the run, so the next message each way is sent in full."""
+        self.up, self.down = LinkEncoder(UP), LinkDecoder(DOWN)
+
+    def restore(self, state: dict | None) -> None:
+        """Roll back to a checkpoint: the rule takes ``state`` (None: the rule's state as built,
+        kept from the start) and the links start again."""
+        checkpoint.restore_rule(self.rule, self.initial if state is None else state)
+        self.reset_links()
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def uplink(self, t: int) -> list[bytes]:
+    def uplink(self, t: int) -> tuple[list[bytes], list[bytes]]:
+        """Round ``t``'s STATS (control path: its timing) and UP (the lean algorithm message), to be
+        sent in this order."""
         self.compute_s = 0.0
         start = time.perf_counter()
         try:
-            frames = encode_message(self.rule.uplink(t))
+            frames = self.up.encode(t, self.rule.uplink(t))
         except (WireError, ValueError) as exc:
             raise RuntimeError(f"worker {self.rank}, round {t}: cannot send the uplink ({exc}); "
                                "if values are not finite the run diverged: try a smaller --lr") from None
         total = time.perf_counter() - start
-        return protocol.pack(b"UP", {"t": t, "compute_s": self.compute_s, "compress_s": max(0.0, total - self.compute_s)}, frames)
+        stats = protocol.pack(b"STATS", {"t": t, "compute_s": self.compute_s, "compress_s": max(0.0, total - self.compute_s)})
+        return stats, frames
 
-    def downlink(self, t: int, frames: list[bytes]) -> None:
-        """Apply worker-bound DOWN frames of round ``t`` (the whole protocol message)."""
-        down = protocol.parse(frames)
-        if down.round_of(b"DOWN") != t:
-            raise protocol.ProtocolError(f"expected DOWN for round {t}, got round {down.header.get('t')!r}")
-        self.apply(t, down.body)
-
-    def apply(self, t: int, body: list[bytes]) -> None:
-        """Apply the algorithm message frames of round ``t``'s downlink."""
-        self.rule.downlink(t, decode_message(body, device=self.device, max_dim=self.setup.dim))
+    def downlink(self, t: int, down: protocol.Envelope) -> None:
+        """Apply round ``t``'s DOWN message (parsed where it was received)."""
+        if not down.is_round(b"DOWN", t):
+            raise protocol.ProtocolError(f"expected DOWN for round {t}, got {down.kind.decode()} for round {down.round_text}")
+        self.received, _ = self.down.decode(down.body, t, device=self.device, max_dim=self.setup.dim)
+        self.rule.downlink(t, self.received)

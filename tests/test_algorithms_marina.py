@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from common.config import RunConfig
-from common.wire.message import decode_message
 from runtime.setup import RunSetup
 from runtime import protocol
 from tests.inproc import drive, xs
@@ -25,8 +24,7 @@ def test_marina_p_permk_keeps_mean_of_w_equal_to_x(d, n):
     for t, server, workers, downs in drive(config):
         w_mean = torch.stack([w.rule.x for w in workers]).mean(0)
         assert torch.allclose(w_mean, server.rule.x, rtol=0, atol=1e-12), f"round {t}"
-        body = protocol.parse(downs[0]).body
-        if decode_message(body).meta["sync"]:
+        if workers[0].received.meta["sync"]:
             synced += 1
         else:
             compressed += 1
@@ -56,8 +54,7 @@ def test_downlink_bytes_match_the_method():
         up = server.last["bytes_up"]
         down = server.last["bytes_down"]
         assert all(b >= 4 * d for b in up) and all(b < 4 * d + 120 for b in up)  # dense float32 gradient
-        body = protocol.parse(downs[0]).body
-        if decode_message(body).meta["sync"]:
+        if workers[0].received.meta["sync"]:
             assert all(4 * d <= b < 4 * d + 120 for b in down)
         else:
             assert all(4 * d // n <= b < 4 * d // n + 120 for b in down)  # d/n float32 values, no indices
@@ -77,9 +74,9 @@ def test_m3_with_identity_uplink_and_beta_1_is_marina_p():
     common = dict(workers=6, rounds=60, dtype="float64", problem=QUAD, lr="0.01", downlink="permk")
     mp = xs(RunConfig(algorithm="marina-p", **common))
     m3, compressed = [], 0
-    for _, server, _, downs in drive(RunConfig(algorithm="m3:beta=1", uplink="identity", **common)):
+    for _, server, workers, _ in drive(RunConfig(algorithm="m3:beta=1", uplink="identity", **common)):
         m3.append(server.rule.x.clone())
-        compressed += not decode_message(protocol.parse(downs[0]).body).meta["sync"]
+        compressed += not workers[0].received.meta["sync"]
     assert compressed > 0
     for t, (a, b) in enumerate(zip(mp, m3)):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), f"round {t}"
@@ -110,7 +107,7 @@ def core_sizes(m, d=50):
     sizes = []
     for t, server, workers, downs in drive(config):
         assert all(torch.equal(w.rule.x, server.rule.x) for w in workers)
-        assert decode_message(protocol.parse(downs[0]).body).payloads["p"].to_dense().numel() == m
+        assert workers[0].received.payloads["p"].to_dense().numel() == m
         sizes.append((server.last["bytes_up"], server.last["bytes_down"]))
     for up, down in sizes:
         assert all(4 * m <= b < 4 * m + 100 for b in up + down)

@@ -34,11 +34,12 @@ def test_same_key_same_output_and_fresh_steps(spec):
         assert len(outputs) > 1, "a fresh step must draw fresh randomness"
 
 
-def test_input_is_not_modified_and_float64_round_trips():
-    x = vec(100, dtype=torch.float64)
+@pytest.mark.parametrize("d", [100, 70_000])  # 70 000: the CPU paths' blocks of 2^15 and their last partial one
+def test_input_is_not_modified_and_float64_round_trips(d):
+    x = vec(d, dtype=torch.float64)
     before = x.clone()
     for spec in ALL_SPECS:
-        c = build(spec, 100, 4)
+        c = build(spec, d, 4)
         y = c.decompress(c.compress(x, worker=1, step=3))
         assert y.dtype == torch.float64
         assert torch.equal(x, before), spec

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_GPU = DEPLOY / "docker-compose.gpu.yml"
+COMPOSE_CURVE = DEPLOY / "docker-compose.curve.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DOCS = ROOT / "docs" / "deploy.md"
 
@@ -149,13 +150,21 @@ def interpolate(value, env: dict[str, str]):
     return VAR.sub(sub, value)
 
 
-def merge(base, over):
-    """Compose's merge of an override file, as far as these checks need it (mappings merge)."""
+def mount_target(v) -> str:
+    return v["target"] if isinstance(v, dict) else v.split(":")[1]
+
+
+def merge(base, over, key=None):
+    """Compose's merge of an override file, as far as these checks need it (mappings merge;
+    volumes merge by their target in the container)."""
     if isinstance(base, dict) and isinstance(over, dict):
         out = dict(base)
         for k, v in over.items():
-            out[k] = merge(base[k], v) if k in base else v
+            out[k] = merge(base[k], v, k) if k in base else v
         return out
+    if key == "volumes" and isinstance(base, list) and isinstance(over, list):
+        targets = {mount_target(v) for v in over}
+        return [v for v in base if mount_target(v) not in targets] + over
     return over
 
 
@@ -234,10 +243,13 @@ def parse_service(service: dict, name: str, monkeypatch) -> tuple[tuple[str, ...
 
 
 # -- tests -----------------------------------------------------------------------------------------
-@pytest.fixture(params=["cpu", "gpu"])
+COMPOSE_SETS = {"cpu": (COMPOSE,), "gpu": (COMPOSE, COMPOSE_GPU), "curve": (COMPOSE, COMPOSE_CURVE),
+                "gpu-curve": (COMPOSE, COMPOSE_GPU, COMPOSE_CURVE)}
+
+
+@pytest.fixture(params=list(COMPOSE_SETS))
 def compose(request):
-    files = (COMPOSE,) if request.param == "cpu" else (COMPOSE, COMPOSE_GPU)
-    return request.param, load_compose(*files)
+    return request.param, load_compose(*COMPOSE_SETS[request.param])
 
 
 def test_compose_commands_ports_and_environment_agree_with_the_cli(compose, monkeypatch):
@@ -275,7 +287,7 @@ def test_compose_commands_ports_and_environment_agree_with_the_cli(compose, monk
     assert worker["depends_on"]["server"]["condition"] == "service_healthy"
     assert wctx.params["join_timeout"] >= 60, "workers must wait long enough for the server"
 
-    if kind == "gpu":
+    if kind.startswith("gpu"):
         devices = worker["deploy"]["resources"]["reservations"]["devices"]
         assert any("gpu" in d.get("capabilities", []) for d in devices)
         assert wctx.params["device"] == "auto" or wctx.params["device"].startswith("cuda")
@@ -310,7 +322,7 @@ def test_dockerfile_builds_what_compose_asks_for():
         assert f"{pattern.rstrip('*')}/**" in allowed, f"deploy/Dockerfile.dockerignore does not let {pattern.rstrip('*')}/ through"
     assert {"pyproject.toml", "README.md", "deploy/entrypoint.py", "deploy/certs/**"} <= allowed
     assert (DEPLOY / "certs").is_dir()
-    for f in (COMPOSE, COMPOSE_GPU):
+    for f in (COMPOSE, COMPOSE_GPU, COMPOSE_CURVE):
         for name, service in load_compose(f).get("services", {}).items():
             build = service.get("build")
             if not build:
@@ -395,27 +407,48 @@ def compose_client() -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("files", [[COMPOSE], [COMPOSE, COMPOSE_GPU]], ids=["cpu", "gpu"])
-def test_docker_compose_config_validates(files):
+@pytest.mark.parametrize("files", list(COMPOSE_SETS.values()), ids=list(COMPOSE_SETS))
+def test_docker_compose_config_validates(files, tmp_path):
     client = compose_client()
     if client is None:
         pytest.skip("no docker client that runs `docker compose config` (or docker-compose)")
     args = [a for f in files for a in ("-f", str(f))]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PSC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PSC_") and not k.startswith("CURVE_")}
+    for side in ("server", "worker"):  # `config` may check that bind sources exist
+        (tmp_path / side).mkdir()
+    env["CURVE_KEYS"] = str(tmp_path)
     r = subprocess.run([*client, *args, "config", "-q"], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, f"{' '.join(client)} config: {r.stderr}"
+
+
+def host_keys(tmp_path: Path, n: int) -> tuple[Path, Path, Path]:
+    """A server pair, a worker host's --key-dir (n worker pairs and the server's public key) and the
+    server's allow folder (those n public keys)."""
+    from runtime.transport import keygen
+
+    keys, host, allowed = tmp_path / "keys", tmp_path / "host1", tmp_path / "allowed"
+    keygen(str(keys), "server")
+    allowed.mkdir()
+    for j in range(n):
+        keygen(str(host), f"host1-{j}")
+        shutil.copy(host / f"host1-{j}.key", allowed)
+    shutil.copy(keys / "server.key", host)
+    return keys / "server.key_secret", host, allowed
 
 
 @pytest.mark.procs
 def test_multi_gpu_launcher_joins_a_remote_server_and_the_healthcheck_sees_it(tmp_path):
     """deploy/launch_multi_gpu.sh --connect starts this host's workers against a server elsewhere
-    (here: on loopback); the compose file's server health check succeeds on a listening server."""
+    (here: on loopback), with CURVE and an allow list: --key-dir gives each worker its own key; the
+    compose file's server health check succeeds on a listening server."""
     if shutil.which("bash") is None:
         pytest.skip("no bash")
+    server_key, key_dir, allowed = host_keys(tmp_path, 2)
     port = free_port()
     metrics = tmp_path / "run.jsonl"
     server = start(["server", "--bind", f"tcp://127.0.0.1:{port}", "--workers", "2", "--rounds", "5",
-                    "--problem", "quadratic:d=20", "--metrics", str(metrics), "--timeout", "30", "--join-timeout", "90"])
+                    "--problem", "quadratic:d=20", "--metrics", str(metrics), "--timeout", "30", "--join-timeout", "90",
+                    "--server-key", str(server_key), "--allow", str(allowed)])
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("PSC_")}, "PYTHON": sys.executable}
     launcher = None
     try:
@@ -430,7 +463,7 @@ def test_multi_gpu_launcher_joins_a_remote_server_and_the_healthcheck_sees_it(tm
         else:
             raise AssertionError("the server health check never succeeded")
         launcher = subprocess.Popen(["bash", str(DEPLOY / "launch_multi_gpu.sh"), "--connect", f"tcp://127.0.0.1:{port}",
-                                     "--workers", "2", "--rank-offset", "0", "--", "--timeout", "30"],
+                                     "--workers", "2", "--rank-offset", "0", "--key-dir", str(key_dir), "--", "--timeout", "30"],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
         code, _, err = finish(server, 120)
         assert code == 0, err[-2000:]
@@ -444,6 +477,23 @@ def test_multi_gpu_launcher_joins_a_remote_server_and_the_healthcheck_sees_it(tm
     got = records(str(metrics))
     assert got[-1]["event"] == "end" and got[-1]["ok"] is True
     assert sum(r["event"] == "round" for r in got) == 5
+    assert "refused" not in err, err[-2000:]  # both keys were admitted: one identity per worker
+
+
+def test_multi_gpu_launcher_key_dir_needs_a_key_per_worker(tmp_path):
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    _, key_dir, _ = host_keys(tmp_path, 1)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PSC_")}, "PYTHON": sys.executable}
+    run = lambda *a: subprocess.run(["bash", str(DEPLOY / "launch_multi_gpu.sh"), *a], capture_output=True,  # noqa: E731
+                                    text=True, env=env, timeout=120)
+    r = run("--connect", "tcp://127.0.0.1:1", "--workers", "2", "--key-dir", str(key_dir))
+    assert r.returncode == 2 and "1 secret key file(s) (*.key_secret) for 2 workers" in r.stderr, r.stderr
+    (key_dir / "server.key").unlink()
+    r = run("--connect", "tcp://127.0.0.1:1", "--workers", "1", "--key-dir", str(key_dir))
+    assert r.returncode == 2 and "no server.key" in r.stderr, r.stderr
+    r = run("--workers", "1", "--key-dir", str(key_dir))
+    assert r.returncode == 2 and "--key-dir is for --connect" in r.stderr, r.stderr
 
 
 # -- deploy/entrypoint.py: the container's entrypoint ------------------------------------------------
@@ -571,6 +621,195 @@ def test_entrypoint_runs_psc_with_progress_lines_and_summary_and_passes_sigterm(
     finally:
         kill_all([server])
     assert code == 128 + signal.SIGTERM, err[-2000:]
+
+
+# -- CurveZMQ in compose: key files mounted from the host, or key material in variables ---------------
+def make_compose_keys(root: Path) -> Path:
+    """The layout of docs/deploy.md: CURVE_KEYS/server (the server's pair) and CURVE_KEYS/worker (the
+    workers' pair and the server's public key)."""
+    from runtime.transport import keygen
+
+    keygen(str(root / "server"), "server")
+    keygen(str(root / "worker"), "worker")
+    shutil.copy(root / "server" / "server.key", root / "worker" / "server.key")
+    return root
+
+
+def host_env(service: dict) -> dict[str, str]:
+    """The service's environment (set values only), with container paths rewritten to the host."""
+    return {k: to_host([v], service)[0] for k, v in environment(service).items() if v}
+
+
+def visible_files(service: dict) -> set[str]:
+    """The names of the files a service's bind mounts show it."""
+    names = set()
+    for src, _dst, _rw in volumes(service):
+        if src.is_dir():
+            names |= {p.name for p in src.rglob("*") if p.is_file()}
+        elif src.is_file():
+            names.add(src.name)
+    return names
+
+
+def test_curve_compose_gives_each_side_only_its_keys_and_they_load(tmp_path, monkeypatch):
+    from runtime.transport import ServerKeys, WorkerKeys
+
+    ep = load_entrypoint()
+    keys = make_compose_keys(tmp_path / "keys")
+    data = load_compose(COMPOSE, COMPOSE_CURVE, env={"CURVE_KEYS": str(keys)})
+    server, worker = data["services"]["server"], data["services"]["worker"]
+    # The base file's mounts survive the override's; the keys are mounted read-only.
+    assert {dst for _, dst, _ in volumes(server)} == {"/config/run.toml", "/runs", "/keys"}
+    for service in (server, worker):
+        assert [rw for src, _, rw in volumes(service) if str(src).startswith(str(keys))] == [False]
+    # Each side sees its own secret key only.
+    assert visible_files(server) >= {"server.key_secret"} and "worker.key_secret" not in visible_files(server)
+    assert {"worker.key_secret", "server.key"} <= visible_files(worker) and "server.key_secret" not in visible_files(worker)
+    # The paths the override names are the mounted files; the entrypoint accepts them and psc loads them.
+    senv, wenv = host_env(server), host_env(worker)
+    assert ep.curve_setup("server", [], senv) == ([], None)
+    assert ep.curve_setup("worker", [], wenv) == ([], None)
+    skeys = ServerKeys.load(senv["PSC_SERVER_SERVER_KEY"])
+    wkeys = WorkerKeys.load(wenv["PSC_WORKER_KEY"], wenv["PSC_WORKER_SERVER_PUBLIC"])
+    assert wkeys.server_public == skeys.public
+    # With the allow list of docs/deploy.md (CURVE_KEYS/server/allowed, PSC_SERVER_ALLOW_DIR=/keys/allowed).
+    (keys / "server" / "allowed").mkdir()
+    shutil.copy(keys / "worker" / "worker.key", keys / "server" / "allowed" / "worker.key")
+    allow = to_host(["/keys/allowed"], server)[0]
+    assert ep.curve_setup("server", [], {**senv, "PSC_SERVER_ALLOW_DIR": allow}) == ([], None)
+    assert ServerKeys.load(senv["PSC_SERVER_SERVER_KEY"], allow).allow_dir == allow
+    # The default folder, deploy/keys, is ignored by git and kept out of the image's build context.
+    default = load_compose(COMPOSE, COMPOSE_CURVE)["services"]["server"]
+    assert any(src == DEPLOY / "keys" / "server" for src, _, _ in volumes(default))
+    ignore = (DEPLOY / "keys" / ".gitignore").read_text().splitlines()
+    assert "*" in ignore
+    allowed = [line for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines() if line.startswith("!")]
+    assert not any(line.startswith(("!deploy/keys", "!deploy/**", "!**")) for line in allowed)
+
+
+def test_plain_compose_has_no_keys_and_the_entrypoint_adds_nothing():
+    ep = load_entrypoint()
+    for files in (COMPOSE_SETS["cpu"], COMPOSE_SETS["gpu"]):
+        data = load_compose(*files)
+        for name in ("server", "worker"):
+            env = {k: v for k, v in environment(data["services"][name]).items() if v is not None}
+            assert not any(env.get(k) for k in ("PSC_SERVER_SERVER_KEY", "PSC_WORKER_KEY", *ep.KEY_VARIABLES))
+            assert ep.curve_setup(name, data["services"][name]["command"][1:], env) == ([], None)
+    assert ep.curve_setup("list", ["algorithms"], {"CURVE_SECRET_KEY": "junk"}) == ([], None)
+
+
+def test_entrypoint_writes_keys_from_variables_to_private_files(tmp_path):
+    import stat
+    import zmq
+    import zmq.auth
+    from runtime.transport import ServerKeys, WorkerKeys, keygen
+
+    ep = load_entrypoint()
+    spub, ssec = zmq.curve_keypair()
+    w1, w2 = zmq.curve_keypair()[0], zmq.curve_keypair()[0]
+    env = {"CURVE_SECRET_KEY": ssec.decode(), "CURVE_ALLOW_KEYS": f" {w1.decode()},\n{w2.decode()} "}
+    extra, folder = ep.curve_setup("server", ["--bind", "tcp://0.0.0.0:5555"], env, tmpdir=str(tmp_path))
+    assert extra[0::2] == ["--server-key", "--allow"]
+    key, allow = extra[1], extra[3]
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    loaded = ServerKeys.load(key, allow)
+    assert (loaded.public, loaded.secret) == (spub, ssec)  # the public key derived from the secret
+    assert set(zmq.auth.load_certificates(allow)) == {w1, w2}
+
+    # A worker from the text of psc keygen's files (e.g. CURVE_WORKER_SECRET="$(cat worker.key_secret)").
+    pub_file, sec_file = keygen(str(tmp_path / "k"), "worker")
+    env = {"CURVE_SECRET_KEY": Path(sec_file).read_text(), "CURVE_SERVER_PUBLIC": spub.decode()}
+    extra, folder = ep.curve_setup("worker", ["--connect", "tcp://server:5555"], env, tmpdir=str(tmp_path))
+    assert extra[0::2] == ["--key", "--server-public"]
+    wkeys = WorkerKeys.load(extra[1], extra[3])
+    assert (wkeys.public, wkeys.server_public) == (zmq.auth.load_certificate(pub_file)[0], spub)
+    assert all(stat.S_IMODE(os.stat(os.path.join(folder, f)).st_mode) == 0o600 for f in os.listdir(folder))
+
+
+@pytest.fixture
+def key_files(tmp_path):
+    keys = make_compose_keys(tmp_path / "keys")
+    bad = tmp_path / "bad.key_secret"
+    bad.write_text("this is not a key file\n")
+    (tmp_path / "empty").mkdir()
+    return keys, bad, tmp_path
+
+
+SECRET = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7"  # a well-formed secret key that must never be printed
+
+
+@pytest.mark.parametrize("case", [
+    "missing", "folder", "public-as-secret", "garbage", "bad-variable", "short-variable", "both", "worker-half",
+    "worker-other-half", "empty-allow", "allow-alone", "public-on-server", "allow-on-worker"])
+def test_entrypoint_key_errors_are_one_line_and_never_show_a_key(case, key_files, capsys):
+    ep = load_entrypoint()
+    keys, bad, tmp = key_files
+    wsec, spub = str(keys / "worker" / "worker.key_secret"), str(keys / "worker" / "server.key")
+    command, args, env, expect = {
+        "missing": ("server", ["--server-key", "/keys/server.key_secret"], {}, "--server-key /keys/server.key_secret: no such file"),
+        "folder": ("worker", [], {"PSC_WORKER_KEY": str(tmp / "empty"), "PSC_WORKER_SERVER_PUBLIC": spub}, "a folder, not a key file"),
+        "public-as-secret": ("worker", ["--key", str(keys / "worker" / "worker.key"), "--server-public", spub], {},
+                             "holds no secret key: give the NAME.key_secret file"),
+        "garbage": ("server", ["--server-key", str(bad)], {}, "holds no secret key"),
+        "bad-variable": ("server", [], {"CURVE_SECRET_KEY": SECRET[:-1] + "~"}, "CURVE_SECRET_KEY: not a CurveZMQ secret key"),
+        "short-variable": ("worker", [], {"CURVE_SECRET_KEY": SECRET[:39], "CURVE_SERVER_PUBLIC": SECRET},
+                           "CURVE_SECRET_KEY: not a CurveZMQ secret key"),
+        "both": ("worker", ["--key", wsec, "--server-public", spub], {"CURVE_SECRET_KEY": SECRET}, "both --key"),
+        "worker-half": ("worker", [], {"CURVE_SECRET_KEY": SECRET}, "not the server's public key"),
+        "worker-other-half": ("worker", ["--server-public", spub], {}, "no secret key of its own"),
+        "empty-allow": ("server", ["--server-key", str(keys / "server" / "server.key_secret"), "--allow", str(tmp / "empty")], {},
+                        "holds no public key (*.key) files"),
+        "allow-alone": ("server", [], {"PSC_SERVER_ALLOW_DIR": str(keys / "worker")}, "needs the server's secret key"),
+        "public-on-server": ("server", [], {"CURVE_SECRET_KEY": SECRET, "CURVE_SERVER_PUBLIC": SECRET}, "is for workers"),
+        "allow-on-worker": ("worker", [], {"CURVE_ALLOW_KEYS": SECRET}, "is for the server"),
+    }[case]
+    with pytest.raises(ep.KeySetupError) as info:
+        ep.curve_setup(command, args, env, tmpdir=str(tmp))
+    msg = str(info.value)
+    assert expect in msg and "\n" not in msg, msg
+    assert SECRET[:20] not in msg and Path(wsec).read_text().split('secret-key = "')[1][:20] not in msg
+
+    # main() says it in one line, exit 2, before psc starts (no exec: this test process goes on).
+    saved = dict(os.environ)
+    try:
+        for k in [k for k in os.environ if k.startswith(("PSC_", "CURVE_", "SCALE_CHECK"))]:
+            del os.environ[k]
+        os.environ.update(env)
+        assert ep.main([command, *args]) == 2
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("psc entrypoint: error: ") and expect in err, err
+
+
+@pytest.mark.procs
+def test_entrypoint_runs_a_curve_run_from_keys_in_variables(tmp_path):
+    """Server and worker started by the entrypoint, keys only in CURVE_* variables (no files of the
+    user's): the run ends ok, so both sides had CURVE on (a CURVE worker cannot talk to a plain
+    server), the allow list admitted the worker, and no key reached the logs."""
+    import zmq
+
+    spub, ssec = zmq.curve_keypair()
+    wpub, wsec = zmq.curve_keypair()
+    port = free_port()
+    metrics = tmp_path / "run.jsonl"
+    server = entrypoint(["server", "--bind", f"tcp://127.0.0.1:{port}", "--workers", "1", "--rounds", "5",
+                         "--problem", "quadratic:d=20", "--metrics", str(metrics), "--timeout", "30", "--join-timeout", "90"],
+                        {"CURVE_SECRET_KEY": ssec.decode(), "CURVE_ALLOW_KEYS": wpub.decode(), "TMPDIR": str(tmp_path)})
+    worker = entrypoint(["worker", "--connect", f"tcp://127.0.0.1:{port}", "--timeout", "30", "--join-timeout", "90"],
+                        {"CURVE_SECRET_KEY": wsec.decode(), "CURVE_SERVER_PUBLIC": spub.decode(), "TMPDIR": str(tmp_path)})
+    try:
+        code, out, err = finish(server, 150)
+        assert code == 0, err[-2000:]
+        wcode, wout, werr = finish(worker, 60)
+        assert wcode == 0, werr[-2000:]
+    finally:
+        kill_all([server, worker])
+    assert records(str(metrics))[-1]["ok"] is True
+    for text in (out, err, wout, werr):
+        assert ssec.decode() not in text and wsec.decode() not in text
 
 
 def test_smoke_script_is_valid_bash_and_says_when_it_cannot_run(tmp_path):

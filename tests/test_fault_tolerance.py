@@ -68,9 +68,10 @@ def _check_run(tmp_path, code, err):
     got = records(str(tmp_path / "run.jsonl"))
     assert [r["round"] for r in got if r["event"] == "round"] == list(range(150))
     assert got[-1]["event"] == "end" and got[-1]["model_sha256"] == reference_sha(LAUNCH, 3, workers=2)
-    # The workers' states travel at each checkpoint: 2 workers x (x, g_i, g_down) x 40 float32 at least.
+    # The workers' states travel at each checkpoint: 2 workers x (x, g_i, g_down) x 40 float32 at least;
+    # other rounds carry only telemetry and heartbeats.
     control = {r["round"]: r["control_bytes"] for r in got if r["event"] == "round"}
-    assert control[20] >= 2 * 3 * 40 * 4 and control[25] == 0
+    assert control[25] < 2 * 3 * 40 * 4 <= control[20]
 
 
 def test_launch_restarts_a_worker_killed_with_minus_nine(tmp_path):

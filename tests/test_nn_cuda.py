@@ -8,12 +8,8 @@ import torch
 
 from common.algorithms import ALGORITHMS
 from common.config import RunConfig
-from runtime import protocol
-from runtime.setup import RunSetup
-from runtime.server_core import ServerCore
-from runtime.metrics import MetricsWriter
+from runtime.engine import Engine
 from tests.procs import finish, records, start
-from runtime.worker_core import WorkerCore
 
 pytestmark = pytest.mark.cuda
 
@@ -47,10 +43,8 @@ def test_compression_happens_on_the_gpu_inproc(name):
     needs(name)
     run = RUNS[name]
     config = RunConfig(problem=PROBLEM, workers=3, rounds=3, seed=0, **run)
-    setup = RunSetup.build(config)
-    server = ServerCore(setup, MetricsWriter(None))
-    cuda = torch.device("cuda", 0)
-    workers = [WorkerCore(setup, r, cuda) for r in range(3)]
+    engine = Engine(config, device="cuda:0")
+    server, workers, setup = engine.server, engine.workers, engine.setup
     server.begin()
     for t in range(3):
         rule = workers[0].rule
@@ -58,9 +52,7 @@ def test_compression_happens_on_the_gpu_inproc(name):
         assert g.device.type == "cuda"
         payload = setup.ctx.uplink.compress(g, worker=0, step=t)
         assert payload.to_dense().device.type == "cuda"
-        downs = server.round(t, [protocol.parse(w.uplink(t)) for w in workers])
-        for w, frames in zip(workers, downs):
-            w.downlink(t, frames)
+        engine.exchange(t)
         assert all(w.rule.x.device.type == "cuda" for w in workers)
     assert torch.allclose(workers[0].rule.x.cpu(), server.rule.model.cpu().to(workers[0].rule.x.dtype), atol=1e-5)
 

@@ -81,7 +81,7 @@ def test_divergence_is_reported_clearly():
 def test_malformed_uplink_names_the_worker():
     setup = RunSetup.build(RunConfig(algorithm="gd", workers=2, rounds=1, problem="quadratic:d=10"))
     server = ServerCore(setup, MetricsWriter(None))
-    good = WorkerCore(setup, 0, torch.device("cpu")).uplink(0)
+    _, good = WorkerCore(setup, 0, torch.device("cpu")).uplink(0)
     bad = list(good)
     bad[-1] = bad[-1][:-3]
     with pytest.raises(RunFailed, match="worker 1"):
@@ -95,7 +95,7 @@ def test_trailing_frames_after_an_up_or_a_down_are_rejected():
     setup = RunSetup.build(RunConfig(algorithm="gd", workers=2, rounds=1, problem="quadratic:d=10"))
     server = ServerCore(setup, MetricsWriter(None))
     workers = [WorkerCore(setup, r, torch.device("cpu")) for r in range(2)]
-    ups = [w.uplink(0) for w in workers]
+    ups = [w.uplink(0)[1] for w in workers]
     for extra in (b"", b"extra", ups[1][-1]):
         with pytest.raises(RunFailed, match="worker 1.*trailing"):
             server.round(0, [protocol.parse(ups[0]), protocol.parse(ups[1] + [extra])])
@@ -104,9 +104,9 @@ def test_trailing_frames_after_an_up_or_a_down_are_rejected():
     before = workers[0].rule.x.clone()
     for extra in (b"", b"extra", downs[0][-1]):
         with pytest.raises(WireError, match="trailing"):
-            workers[0].downlink(0, downs[0] + [extra])
+            workers[0].downlink(0, protocol.parse(downs[0] + [extra]))
         assert torch.equal(workers[0].rule.x, before)
-    workers[0].downlink(0, downs[0])  # the DOWN as sent applies
+    workers[0].downlink(0, protocol.parse(downs[0]))  # the DOWN as sent applies
     assert not torch.equal(workers[0].rule.x, before)
 
 
@@ -119,3 +119,18 @@ def test_bad_configs_are_rejected():
         RunConfig(lr="fast")
     with pytest.raises(ValueError, match="too large"):
         RunSetup.build(RunConfig(problem="quadratic:la2=1000,lb2=1", workers=5))
+
+
+def test_eval_every_skips_the_evaluation_but_not_the_run(tmp_path):
+    """--eval-every 4: loss and gradient norm after rounds 0, 4, 8 and the last; the same model."""
+    digests = []
+    for k in (1, 4):
+        path = str(tmp_path / f"k{k}.jsonl")
+        run_inproc(RunConfig(algorithm="ef21", workers=3, rounds=10, problem="quadratic:d=20", eval_every=k), path, progress=False)
+        rounds = [r for r in read_metrics(path) if r["event"] == "round"]
+        assert [r["round"] for r in rounds if "loss" in r] == ([*range(10)] if k == 1 else [0, 4, 8, 9])
+        assert all("bytes_up" in r and "payload_bits_up" in r for r in rounds)
+        digests.append(read_metrics(path)[-1]["model_sha256"])
+    assert digests[0] == digests[1]
+    with pytest.raises(ValueError, match="eval_every"):
+        RunConfig(eval_every=0)

@@ -3,14 +3,13 @@ without the right CURVE keys, and what an eavesdropper sees of an encrypted run.
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 
 import msgpack
 import pytest
 import zmq
 
+from benchmarks.relay import RateLimitedRelay
 from common.config import RunConfig
 from runtime import protocol
 from runtime.engine import run_inproc
@@ -78,7 +77,7 @@ def uplink_frames(config: RunConfig, rank: int) -> list[bytes]:
     """A well-formed round-0 UP of worker ``rank``, made the way a worker makes it."""
     import torch
 
-    return WorkerCore(RunSetup.build(config), rank, torch.device("cpu")).uplink(0)
+    return WorkerCore(RunSetup.build(config), rank, torch.device("cpu")).uplink(0)[1]
 
 
 def test_a_reused_routing_identity_is_not_taken_for_the_crashed_worker(tmp_path):
@@ -195,54 +194,10 @@ def test_curve_keeps_out_workers_without_the_right_keys_and_the_run_is_unchanged
     assert records(metrics)[-1]["model_sha256"] == reference.model_digest()
 
 
-class Recorder:
-    """A TCP relay on loopback that keeps every byte it forwards in both directions."""
-
-    def __init__(self, target_port: int):
-        self.target = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.seen = bytearray()
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:  # the server is not listening yet: the client will reconnect
-                client.close()
-                continue
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                with self.lock:
-                    self.seen += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def captured_run(tmp_path, curve: bool) -> bytes:
     keys = tmp_path / ("keys" if curve else "none")
     port = free_port()
-    relay = Recorder(port)
+    relay = RateLimitedRelay(port, mbit_per_s=1e6, record=True)  # no useful limit: it records
     server_args, worker_args = [], []
     if curve:
         server_public, server_secret = keygen(keys, "server")

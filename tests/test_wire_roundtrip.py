@@ -118,7 +118,7 @@ def test_hand_built_payloads():
         Scaled(torch.tensor(0.5), Scaled(torch.tensor(-3.0), Signs(torch.tensor([True, False]), torch.tensor(2.0), torch.float32))),
         Sparse(10, Sparse(3, Quantized(LevelTable("uniform", 1.0, 3), torch.tensor([True]), torch.tensor([3], dtype=torch.int16),
                                        torch.tensor(1.5), torch.float32), torch.tensor([1]), None, torch.float32),
-               None, IndexRule("randk", 10, 3, 0, 2**64 - 1), torch.float32),
+               None, IndexRule("randk", 10, 3, 0, 2**64 - 1, 2**64 - 1, 2**24 - 1, 2**64 - 1), torch.float32),
         Quantized(LevelTable("rounding", 2.0, 0, "float64"), torch.tensor([False, True, True]),
                   torch.tensor([0, 2000, 5], dtype=torch.int16), None, torch.float64),
         Dense(torch.tensor([-0.0, 0.0, 1e-45]), torch.float32),

@@ -2,7 +2,7 @@
 
 The worker sends HELLO, receives its rank and the run's configuration (WELCOME) or a refusal
 (REFUSE: exit 1 with the reason), builds the problem and its rule on its device, answers READY, then
-for each round sends UP and waits for its DOWN. A thread with its own socket sends HEARTBEATs so the
+for each round sends STATS (its timing) and UP and waits for its DOWN. A thread with its own socket sends HEARTBEATs so the
 server knows the worker is alive while it computes. If the server is silent for longer than
 ``timeout`` seconds, or sends STOP with a failure, the worker exits 1 with a one-line reason.
 ZeroMQ reconnects by itself, so a worker started before its server simply waits for it (up to
@@ -11,7 +11,8 @@ ZeroMQ reconnects by itself, so a worker started before its server simply waits 
 
 Checkpoints and restarts (``runtime.checkpoint``): a SAVE {t} makes the worker upload its rule state
 (STATE) once round t-1 is applied, before its next UP; a RESTORE {t} puts its rule back at round t
-(the state it carries, or the rule's initial state for ``fresh``) and the rounds go on from t. While
+(the state it carries, or the rule's initial state for ``fresh``), empties the memory of both its
+links, is answered RESTORED, and the rounds go on from t. While
 it waits for the server, a worker that has heard nothing for ``rehello`` seconds sends HELLO again
 (ignored by a server that knows it): a server restarted with ``--resume`` then answers WELCOME,
 the worker answers READY and waits for its RESTORE. The whole wait is bounded by ``timeout``.
@@ -99,7 +100,6 @@ class Worker:
     def _rounds(self, config: RunConfig, setup: RunSetup, core: WorkerCore, tally: WorkerTally, restore: bool) -> None:
         """The rounds until the server's final STOP, with the checkpoint messages on the way.
         ``t`` is the round to run next; None while waiting for a RESTORE."""
-        initial = core.rule.state_dict()  # what a RESTORE to round 0 (``fresh``) goes back to
         t: int | None = None if restore else 0
         save_at = None
         self.wanted_rank = self.rank  # a HELLO from now on asks for the rank this worker holds
@@ -107,7 +107,9 @@ class Worker:
             if t is not None and t < config.rounds:
                 if save_at == t:
                     self._send(b"STATE", {"rank": self.rank, "t": t}, checkpoint.pack_state(core.rule.state_dict()))
-                self.sock.send_multipart(core.uplink(t), copy=False)
+                stats, up = core.uplink(t)
+                self.sock.send_multipart(stats)  # telemetry first: the server has it when the UP completes the round
+                self.sock.send_multipart(up, copy=False)
             while True:
                 done = t is not None and t >= config.rounds
                 want = (b"RESTORE", b"WELCOME", b"SAVE") + ((b"STOP",) if done else (b"DOWN",) if t is not None else ())
@@ -122,13 +124,13 @@ class Worker:
                     self._send(b"READY", {"rank": self.rank, "dim": setup.dim})
                     t = None
                 elif msg.kind == b"RESTORE":
-                    t, save_at = self._restore(msg, core, initial, config.rounds), None
+                    t, save_at = self._restore(msg, core, config.rounds), None
                     break
                 elif t is not None and not done:  # DOWN
-                    if msg.header.get("t") != t:
-                        raise WorkerFailed(f"the server sent round {msg.header.get('t')!r} while this worker is at round {t}")
+                    if not msg.is_round(b"DOWN", t):
+                        raise WorkerFailed(f"the server sent round {msg.round_text} while this worker is at round {t}")
                     tally.received(msg)
-                    core.apply(t, msg.body)
+                    core.downlink(t, msg)
                     t += 1
                     break
 
@@ -140,15 +142,17 @@ class Worker:
             raise WorkerFailed("the server started the run again from the beginning without --resume; stopping")
         log.warning("worker %d: the server is back; waiting for the run's state", self.rank)
 
-    def _restore(self, msg, core: WorkerCore, initial: dict, rounds: int) -> int:
+    def _restore(self, msg, core: WorkerCore, rounds: int) -> int:
+        """Apply a RESTORE and answer RESTORED: what this worker sends from then on belongs to the
+        restored run (the server drops what it sent before), and its links start again."""
         t = msg.header.get("t")
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= rounds:
             raise WorkerFailed(f"the server asked to restore round {t!r} of a {rounds}-round run")
         try:
-            state = initial if msg.header.get("fresh") else checkpoint.unpack_state(msg.body, core.device)
-            checkpoint.restore_rule(core.rule, state)
+            core.restore(None if msg.header.get("fresh") else checkpoint.unpack_state(msg.body, core.device))
         except checkpoint.CheckpointError as exc:
             raise WorkerFailed(f"the server sent a state this worker cannot use: {exc}") from None
+        self._send(b"RESTORED", {"rank": self.rank, "t": t, "seq": msg.header.get("seq")})
         log.info("worker %d: rolled back to round %d", self.rank, t)
         return t
 

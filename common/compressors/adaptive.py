@@ -1,13 +1,17 @@
 """Adaptive random sparsification (Beznosikov et al. eq. 10): one coordinate x_i e_i, unscaled, drawn
 with probability |x_i| / ||x||_1. B1(1/d, 1), B2(1/d, 1), B3(d) (Lemma 10). The index travels.
 
-Sampling is by inverse CDF on a float64 cumulative sum (no limit on d, unlike ``torch.multinomial``).
+Sampling is by inverse CDF on float64 cumulative sums (no limit on d, unlike ``torch.multinomial``); on
+the CPU a vector of more than 2^15 coordinates is searched in two levels, first among the cumulative
+sums of blocks of 2^15, then inside the block found (the same distribution; float64 rounding of the
+sums differs from one long scan, so a draw near a boundary between two coordinates can pick the
+other one).
 """
 from __future__ import annotations
 
 import torch
 
-from common.compressors.base import Constants, Selection, Sparsifier, register
+from common.compressors.base import Constants, Selection, Sparsifier, float64_blocks, register
 
 
 @register
@@ -25,8 +29,24 @@ class Adaptive(Sparsifier):
     def select(self, x, key):
         if x.numel() == 0:
             return torch.empty(0, dtype=torch.int64, device=x.device), None, x[:0]
-        cdf = torch.cumsum(x.abs().to(torch.float64), 0)
         gen = key.torch_generator(x.device)
-        u = torch.rand(1, generator=gen, device=x.device, dtype=torch.float64) * cdf[-1]
-        idx = torch.searchsorted(cdf, u, right=True).clamp_(max=x.numel() - 1)
+        u = torch.rand(1, generator=gen, device=x.device, dtype=torch.float64)
+        if x.device.type != "cpu" or x.numel() <= _BLOCK:
+            cdf = torch.cumsum(x.abs().to(torch.float64), 0)
+            idx = torch.searchsorted(cdf, u * cdf[-1], right=True).clamp_(max=x.numel() - 1)
+            return idx, None, x[idx]
+        # two levels: the block of u among cumulative float64 block sums, then the coordinate among
+        # that block's cumulative sums (no float64 copy and no sequential scan of all of x)
+        starts = range(0, x.numel(), _BLOCK)
+        sums = torch.stack([block.abs_().sum() for block in float64_blocks(x, _BLOCK)])
+        bounds = torch.cumsum(sums, 0)
+        u = u * bounds[-1]
+        j = int(torch.searchsorted(bounds, u, right=True).clamp_(max=len(starts) - 1))
+        start = starts[j]
+        block = x[start:start + _BLOCK].to(torch.float64, copy=True).abs_()  # (x stays)
+        cdf = torch.cumsum(block, 0).add_(bounds[j] - sums[j])
+        idx = torch.searchsorted(cdf, u, right=True).clamp_(max=block.numel() - 1).add_(start)
         return idx, None, x[idx]
+
+
+_BLOCK = 1 << 15

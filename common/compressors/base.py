@@ -215,12 +215,34 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64, torch.float16):
         return bool(np.isfinite(t.detach().numpy()).all())
+    if t.device.type == "cpu" and t.dtype == torch.bfloat16:  # exponent field all ones: inf or NaN
+        return int(t.detach().view(torch.int16).bitwise_and(0x7F80).amax()) < 0x7F80
     return bool(torch.isfinite(t).all())
 
 
 def float32_scalar(value: torch.Tensor) -> torch.Tensor:
     """A 0-d float32 tensor: scales and norms travel in float32 and both sides use the rounded value."""
     return value.detach().reshape(()).to(torch.float32)
+
+
+def float64_norm(x: torch.Tensor, p: int) -> torch.Tensor:
+    """||x||_p for p = 1 or 2, accumulated in float64 (a float32 sum can overflow), as a 0-d float64
+    tensor. On the CPU a large vector is summed in float64 blocks instead of through a float64 copy
+    of all of it; that sum can differ from a one-piece sum in its last bits."""
+    if x.device.type != "cpu" or x.numel() <= 1 << 20:
+        return x.abs().sum(dtype=torch.float64) if p == 1 else torch.linalg.vector_norm(x, dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64)
+    for block in float64_blocks(x):
+        total += block.abs_().sum() if p == 1 else block.square_().sum()
+    return total if p == 1 else total.sqrt_()
+
+
+def float64_blocks(x: torch.Tensor, size: int = 1 << 15):
+    """The consecutive blocks of ``size`` coordinates of a CPU vector, each converted to float64 in
+    one reused buffer (valid until the next block; a fresh buffer for each would be fresh pages)."""
+    buf = torch.empty(min(x.numel(), size), dtype=torch.float64)
+    for i in range(0, x.numel(), size):
+        yield buf[: min(size, x.numel() - i)].copy_(x[i:i + size])
 
 
 def finite_positive(v: float) -> bool:

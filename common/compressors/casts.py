@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from common.compressors.base import Compressor, Constants, register
-from common.compressors.payloads import Dense
+from common.compressors.payloads import Dense, cpu_blocks
 
 
 class _Cast(Compressor):
@@ -22,7 +22,13 @@ class _Cast(Compressor):
 
     def _compress(self, x, key):
         limit = min(torch.finfo(self.target).max, torch.finfo(x.dtype).max)
-        return Dense(x.detach().clamp(-limit, limit).to(self.target), x.dtype)
+        x = x.detach()
+        if x.device.type != "cpu":
+            return Dense(x.clamp(-limit, limit).to(self.target), x.dtype)
+        out = torch.empty(x.shape, dtype=self.target)
+        for block in cpu_blocks(x.numel()):  # no clamped float copy of all of x
+            out[block] = x[block].clamp(-limit, limit)
+        return Dense(out, x.dtype)
 
 
 @register

@@ -17,17 +17,28 @@ import math
 
 import torch
 
-from common.compressors.base import Compressor, Constants, Param, register
-from common.compressors.payloads import LevelTable, Quantized
+from common.compressors.base import Compressor, Constants, Param, float64_norm, register
+from common.compressors.payloads import CPU_BLOCK, LevelTable, Quantized, cpu_blocks, negative_flags
 from common.compressors.rounding import compute_dtype, stochastic_codes, uniform_below
 
 
 def norm_float32_up(x: torch.Tensor, p: float) -> torch.Tensor:
-    """||x||_p as a 0-d float32 tensor, rounded up so that |x_i| <= norm for every i."""
+    """||x||_p as a 0-d float32 tensor, rounded up so that |x_i| <= norm for every i.
+
+    The maximum norm is exact in any precision (one min/max pass). The 2-norm is summed in float64
+    (a float32 sum of squares overflows), on the CPU in blocks that fit the cache instead of a float64
+    copy of x; the float64 sum then differs from a one-piece sum in its last bits at most, which
+    changes the rounded-up float32 norm only when the sum lies that close to a float32 number.
+    """
     if p == math.inf and x.dtype in (torch.float32, torch.float64):
-        norm = torch.linalg.vector_norm(x, ord=p).to(torch.float64)  # a maximum is exact in any precision
+        if x.numel() == 0:
+            return torch.zeros((), dtype=torch.float32, device=x.device)
+        lo, hi = torch.aminmax(x)
+        norm = torch.maximum(-lo, hi).abs_().to(torch.float64)  # (abs: +0 for a zero vector)
+    elif p == 2.0:
+        norm = float64_norm(x, 2)
     else:
-        norm = torch.linalg.vector_norm(x, ord=p, dtype=torch.float64)  # float64: a float32 sum of squares overflows
+        norm = torch.linalg.vector_norm(x, ord=p, dtype=torch.float64)
     n32 = norm.to(torch.float32)
     bump = n32.to(torch.float64) < norm
     return torch.where(bump, torch.nextafter(n32, torch.tensor(math.inf, device=x.device)), n32)
@@ -67,11 +78,27 @@ class _Dither(Compressor):
     p: float
 
     def _compress(self, x, key):
+        x = x.detach()
         work = compute_dtype(x.dtype)
-        norm = norm_float32_up(x.detach(), self.p)
-        t = x.detach().abs().to(work).div_(norm.to(work).clamp_min(torch.finfo(torch.float32).tiny))
-        codes = dither_codes(t, self.table, self.table.values(work, x.device), key.torch_generator(x.device))
-        return Quantized(self.table, x < 0, codes, norm, x.dtype)
+        norm = norm_float32_up(x, self.p)
+        divisor = norm.to(work).clamp_min(torch.finfo(torch.float32).tiny)
+        levels = self.table.values(work, x.device)
+        gen = key.torch_generator(x.device)
+        if x.device.type != "cpu":
+            codes = dither_codes(x.abs().to(work).div_(divisor), self.table, levels, gen)
+            return Quantized(self.table, x < 0, codes, norm, x.dtype)
+        # block by block (the same draws in the same order as one pass over x)
+        n = x.numel()
+        codes = torch.empty(n, dtype=torch.int16 if levels.numel() <= 2**15 else torch.int32)
+        buf = torch.empty(min(n, CPU_BLOCK), dtype=work)
+        for block in cpu_blocks(n):
+            xb, t = x[block], buf[: block.stop - block.start]
+            if x.dtype == work:
+                torch.abs(xb, out=t)
+            else:
+                t.copy_(xb).abs_()
+            codes[block] = dither_codes(t.div_(divisor), self.table, levels, gen)
+        return Quantized(self.table, negative_flags(x), codes, norm, x.dtype)
 
 
 P_PARAM = Param("p", float, 2.0, lambda v: v >= 1, "a number >= 1 or inf", "the norm the levels are relative to")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from common.compressors import indices as index_sets
+from common.keys import MASK64, StreamKey, mix, purpose_code
 
 
 @dataclass(frozen=True)
@@ -108,14 +109,34 @@ def _device_levels(table: LevelTable, dtype: torch.dtype, device: torch.device) 
 
 @dataclass(frozen=True)
 class IndexRule:
-    """How to regenerate a support that is not sent: ``kind`` is "randk" or "permk"; ``key`` the
-    64-bit stream code; ``count`` is k for Rand-K and the number of workers n for Perm-K."""
+    """How to regenerate a support that is not sent: ``kind`` is "randk" or "permk"; ``count`` is k
+    for Rand-K and the number of workers n for Perm-K; ``worker`` the block a Perm-K message holds.
+
+    The support's random stream is named by its parts, (``seed``, ``step``, ``key_worker``,
+    ``purpose`` code), not by their 64-bit mix ``key``: on a link, seed, key worker and purpose never
+    change and the step advances with the round, so the lean wire form (``common.wire.stream``)
+    predicts all four and sends none of them (MARINA-P's and EF21-P's supports are derived, not sent).
+    """
 
     kind: str
     dim: int
     count: int
     worker: int
-    key: int
+    seed: int
+    step: int
+    key_worker: int
+    purpose: int
+
+    @classmethod
+    def keyed(cls, kind: str, dim: int, count: int, worker: int, stream: StreamKey) -> "IndexRule":
+        """The rule whose support comes from ``stream`` (a ``common.keys.StreamKey``)."""
+        return cls(kind, dim, count, worker, stream.seed & MASK64, stream.step & MASK64, stream.worker,
+                   purpose_code(stream.purpose))
+
+    @property
+    def key(self) -> int:
+        """The 64-bit stream code, ``StreamKey(seed, step, key_worker, purpose).code``."""
+        return mix(self.seed, self.step, self.key_worker, self.purpose)
 
     def indices(self) -> np.ndarray:
         return index_sets.regenerate(self)
@@ -149,8 +170,17 @@ class Signs:
 
     def to_dense(self) -> torch.Tensor:
         scale = self.scale.to(self.dtype)
-        out = torch.empty(self.negative.shape, dtype=self.dtype, device=self.negative.device).fill_(scale)
-        return out.masked_fill_(self.negative, -scale)
+        out = torch.empty(self.negative.shape, dtype=self.dtype, device=self.negative.device)
+        bits = _SIGN_BIT.get(self.dtype)
+        if out.device.type != "cpu" or bits is None:
+            return out.fill_(scale).masked_fill_(self.negative, -scale)
+        # on the CPU: the scale's bit pattern with the sign bit flipped where negative, block by block
+        itype, shift = bits
+        pattern = int(scale.view(itype))
+        words = out.view(itype)
+        for block in cpu_blocks(out.numel()):
+            words[block].copy_(self.negative[block]).bitwise_left_shift_(shift).bitwise_xor_(pattern)
+        return out
 
     def nominal_bits(self) -> int:
         return self.dim + 32
@@ -175,12 +205,44 @@ class Quantized:
         if self.norm is not None:
             levels = levels * self.norm.to(self.dtype)
         signed = torch.cat([levels, -levels])
-        index = self.codes.to(torch.int32 if levels.numel() < 2**30 else torch.int64, copy=True)  # the payload stays
-        index.add_(self.negative, alpha=levels.numel())
-        return signed.index_select(0, index)
+        itype = torch.int32 if levels.numel() < 2**30 else torch.int64
+        if self.codes.device.type != "cpu":
+            index = self.codes.to(itype, copy=True)  # the payload stays
+            return signed.index_select(0, index.add_(self.negative, alpha=levels.numel()))
+        # on the CPU block by block: the index never exists for the whole vector
+        n = self.codes.numel()
+        out = torch.empty(n, dtype=self.dtype)
+        index = torch.empty(min(n, CPU_BLOCK), dtype=itype)
+        for block in cpu_blocks(n):
+            idx = index[: block.stop - block.start].copy_(self.codes[block])
+            torch.index_select(signed, 0, idx.add_(self.negative[block], alpha=levels.numel()), out=out[block])
+        return out
 
     def nominal_bits(self) -> int:
         return self.dim * (1 + self.table.code_bits) + (32 if self.norm is not None else 0)
+
+
+CPU_BLOCK = 1 << 15
+_SIGN_BIT = {torch.float32: (torch.int32, 31), torch.float64: (torch.int64, 63)}
+
+
+def cpu_blocks(n: int) -> list[slice]:
+    """Slices of 2^15 coordinates that cover range(n). The CPU paths of the quantizers work block by
+    block: every pass then runs on data in cache and no temporary exceeds a block (a vector-sized
+    temporary costs a memory pass, and above 32 MB glibc hands out fresh pages that fault in). 2^15
+    is torch's grain size: an op on one block runs in the calling thread without waking the other
+    threads of the pool for a few microseconds of work each (which cost more than they save)."""
+    return [slice(i, min(n, i + CPU_BLOCK)) for i in range(0, n, CPU_BLOCK)]
+
+
+def negative_flags(x: torch.Tensor) -> torch.Tensor:
+    """``x < 0``, on the CPU block by block."""
+    if x.device.type != "cpu":
+        return x < 0
+    out = torch.empty(x.shape, dtype=torch.bool)
+    for block in cpu_blocks(x.numel()):
+        torch.lt(x[block], 0, out=out[block])
+    return out
 
 
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}

@@ -33,6 +33,6 @@ class PermK(Sparsifier):
 
     def select(self, x, key):
         m = x.numel()
-        rule = IndexRule("permk", m, self.n_workers, key.worker, key.for_worker(0).child("permutation").code)
+        rule = IndexRule.keyed("permk", m, self.n_workers, key.worker, key.for_worker(0).child("permutation"))
         idx = support_on(rule, x.device)
         return None, rule, x.index_select(0, idx).mul_(permk_scale(m, self.n_workers))

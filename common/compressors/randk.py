@@ -45,7 +45,7 @@ class RandK(Sparsifier):
         k = min(self.k, m)
         if self.shared:
             key = key.for_worker(0)
-        rule = IndexRule("randk", m, k, 0, key.child("support").code)
+        rule = IndexRule.keyed("randk", m, k, 0, key.child("support"))
         idx = support_tensor(rule.indices(), x.device)
         values = x[idx]
         if self.scaled:

@@ -18,7 +18,7 @@ import functools
 import torch
 
 from common.compressors.base import Compressor, Constants, Param, register
-from common.compressors.payloads import LevelTable, Quantized, rounding_exponent_range
+from common.compressors.payloads import CPU_BLOCK, LevelTable, Quantized, cpu_blocks, negative_flags, rounding_exponent_range
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -99,19 +99,25 @@ def natural_codes_float32(x: torch.Tensor, gen: torch.Generator, top: int) -> to
     For a normal |x| = 2^(E - 127)(1 + m 2^-23) the probability of rounding up is m 2^-23 and the draw
     is u = k 2^-24 (``uniform_below``): up iff floor(k/2) < m iff m + (2^23 - 1 - floor(k/2)) carries
     into the exponent field. So code = table[exponent field of (x + noise)], with the noise added to
-    the bit pattern. Returns None (nothing drawn) when x holds subnormals, which this does not cover.
+    the bit pattern. Returns None (and restores the generator) when x holds subnormals, which this
+    does not cover. Works block by block (``cpu_blocks``): the draws are the same as one call's.
     """
     state = gen.get_state()
     bits = x.contiguous().view(torch.int32)
-    noise = torch.empty(x.shape, dtype=torch.int32).random_(generator=gen)
-    exponent = noise.bitwise_not_().bitwise_right_shift_(1).bitwise_and_(0x7FFFFF)
-    exponent.add_(bits).bitwise_right_shift_(23).bitwise_and_(0xFF)  # the sign bit never changes
-    if bool((exponent <= 1).any()):  # zeros, or possibly subnormals: look at the input
-        magnitude = bits & 0x7FFFFFFF
-        if bool(((magnitude - 1) >> 23 == 0).any()):  # 0 < |x| < 2^-126
-            gen.set_state(state)
-            return None
-    return _natural_code_table(top).index_select(0, exponent)
+    table = _natural_code_table(top)
+    codes = torch.empty(x.shape, dtype=torch.int16)
+    noise = torch.empty(min(bits.numel(), CPU_BLOCK), dtype=torch.int32)
+    for block in cpu_blocks(bits.numel()):
+        b = bits[block]
+        e = noise[: b.numel()].random_(generator=gen)
+        e.bitwise_not_().bitwise_right_shift_(1).bitwise_and_(0x7FFFFF)
+        e.add_(b).bitwise_right_shift_(23).bitwise_and_(0xFF)  # the sign bit never changes
+        if int(e.amin()) <= 1:  # zeros, or possibly subnormals: look at the input
+            if bool(((b & 0x7FFFFFFF) - 1 >> 23 == 0).any()):  # 0 < |x| < 2^-126
+                gen.set_state(state)
+                return None
+        torch.index_select(table, 0, e, out=codes[block])
+    return codes
 
 
 @register
@@ -142,9 +148,13 @@ class ExpRounding(Compressor):
         codes = None
         if gen is not None and self.base == 2.0 and x.dtype == torch.float32 and x.device.type == "cpu":
             codes = natural_codes_float32(x.detach(), gen, levels.numel() - 1)
+        if codes is None and x.device.type == "cpu":  # block by block: the same draws in the same order
+            codes = torch.empty(x.shape, dtype=torch.int16 if levels.numel() <= 2**15 else torch.int32)
+            for block in cpu_blocks(x.numel()):
+                codes[block] = stochastic_codes(x.detach()[block].abs().to(work), table, levels, gen)
         if codes is None:
             codes = stochastic_codes(x.detach().abs().to(work), table, levels, gen)
-        return Quantized(table, x < 0, codes, None, x.dtype)
+        return Quantized(table, negative_flags(x.detach()), codes, None, x.dtype)
 
 
 @register

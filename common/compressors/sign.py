@@ -16,8 +16,8 @@ import math
 
 import torch
 
-from common.compressors.base import Compressor, Constants, Param, float32_scalar, register
-from common.compressors.payloads import Signs
+from common.compressors.base import Compressor, Constants, Param, float32_scalar, float64_norm, register
+from common.compressors.payloads import Signs, negative_flags
 
 
 @register
@@ -41,7 +41,7 @@ class Sign(Compressor):
         m = max(1, x.numel())
         x = x.detach()
         if self.norm == "l1":  # accumulated in float64: a float32 sum can overflow while the mean fits
-            scale = x.abs().sum(dtype=torch.float64) / m
+            scale = float64_norm(x, 1) / m
         else:
-            scale = torch.linalg.vector_norm(x, dtype=torch.float64) / math.sqrt(m)
-        return Signs(x < 0, float32_scalar(scale), x.dtype)
+            scale = float64_norm(x, 2) / math.sqrt(m)
+        return Signs(negative_flags(x), float32_scalar(scale), x.dtype)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from common.compressors.base import K_PARAMS, Constants, Selection, Sparsifier, resolve_k, register
+from common.compressors.payloads import CPU_BLOCK, cpu_blocks
 
 
 def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -32,10 +33,24 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
         rank = min(sample.numel(), int(1.3 * k * sample.numel() / m) + 64)
         level = torch.topk(sample, rank, sorted=False).values.min()
         if bool(level > 0):
-            candidates = torch.nonzero((x >= level).logical_or_(x <= -level)).flatten()
+            candidates = _at_least(x, level)
             if candidates.numel() >= k:
                 return _lowest_index_topk(x.index_select(0, candidates).abs_(), candidates, k)
     return _lowest_index_topk(x.abs(), None, k)
+
+
+def _at_least(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """Sorted indices of |x_i| >= level; on the CPU block by block (the mask stays in cache)."""
+    if x.device.type != "cpu":
+        return torch.nonzero((x >= level).logical_or_(x <= -level)).flatten()
+    mag = torch.empty(min(x.numel(), CPU_BLOCK), dtype=x.dtype)
+    mask = torch.empty(mag.numel(), dtype=torch.bool)
+    parts = []
+    for block in cpu_blocks(x.numel()):
+        m = block.stop - block.start
+        torch.ge(torch.abs(x[block], out=mag[:m]), level, out=mask[:m])
+        parts.append(torch.nonzero(mask[:m]).flatten().add_(block.start))
+    return torch.cat(parts)
 
 
 def _lowest_index_topk(mag: torch.Tensor, where: torch.Tensor | None, k: int) -> torch.Tensor:

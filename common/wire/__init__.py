@@ -28,11 +28,16 @@ Layout per payload kind (n = number of coordinates, d = dimension, k = number of
 * ``Sparse`` with sent indices: node ``[3, dtype, d, coding, r, child]``; one frame with the
   support (``indexcode.py``: coding 0 = Golomb-Rice gaps with parameter r, 1 = d-bit bitmap,
   whichever is smaller), then the child payload's frames (k = child's length).
-* ``Sparse`` with a Rand-K rule: node ``[4, dtype, d, key, child]``; no index frame (k = child's
-  length, the receiver regenerates the support from (d, k, key)).
-* ``Sparse`` with a Perm-K rule: node ``[5, dtype, d, n_workers, worker, key, child]``; no index
-  frame.
+* ``Sparse`` with a Rand-K rule: node ``[4, dtype, d, seed, step, key_worker, purpose, child]``; no
+  index frame (k = child's length, the receiver regenerates the support from d, k and the stream key
+  ``mix(seed, step, key_worker, purpose)``, ``common.keys``).
+* ``Sparse`` with a Perm-K rule: node ``[5, dtype, d, n_workers, worker, seed, step, key_worker,
+  purpose, child]``; no index frame.
 * ``Scaled``: node ``[6, factor_bits, child]``; no frame of its own.
+
+Between the server and a worker the runtime does not send this self-describing form: each link
+sends lean messages (``stream.py``) that carry a header tree of these nodes once and then only the
+fields that change. ``codec.content_bits`` counts a node's content as the papers do.
 """
 from common.wire.codec import decode, encode, message_bytes
 from common.wire.header import FORMAT_VERSION, MAX_DIM, WireError

@@ -146,11 +146,19 @@ def _pack_small(values: torch.Tensor, n: int, width: int) -> torch.Tensor:
         buf = torch.zeros(groups * 8, dtype=torch.uint8, device=values.device)
         buf[:n] = values
     words = buf.view(torch.int64)
-    for lane, low, f in _lane_masks(width):
-        # the high field of each lane starts at lane/2 and moves down to f: shift by lane/2 - f
-        high = (words >> (lane // 2 - f)).bitwise_and_(low << f)
-        words.bitwise_and_(low).bitwise_or_(high)
+    masks = _lane_masks(width)
+    high = torch.empty(min(groups, _WORDS), dtype=torch.int64, device=values.device)
+    for start in range(0, groups, _WORDS):  # in blocks that stay in cache, in place
+        w = words[start:start + _WORDS]
+        h = high[: w.numel()]
+        for lane, low, f in masks:
+            # the high field of each lane starts at lane/2 and moves down to f: shift by lane/2 - f
+            torch.bitwise_right_shift(w, lane // 2 - f, out=h).bitwise_and_(low << f)
+            w.bitwise_and_(low).bitwise_or_(h)
     return buf.view(groups, 8)[:, :width].reshape(-1)[: packed_len(n, width)]
+
+
+_WORDS = 1 << 15  # int64 words ``_pack_small`` and ``unpack_small`` work on at a time
 
 
 def unpack_u8(data: torch.Tensor, n: int, width: int) -> torch.Tensor:
@@ -176,9 +184,14 @@ def unpack_small(data: torch.Tensor, n: int, width: int) -> torch.Tensor:
         tail[: data.numel() - full * width] = data[full * width:]
         flat[full] = tail
     words = buf.view(torch.int64).view(-1)
-    for lane, low, f in reversed(_lane_masks(width)):
-        high = (words >> f).bitwise_and_(low).bitwise_left_shift_(lane // 2)
-        words.bitwise_and_(low).bitwise_or_(high)
+    masks = list(reversed(_lane_masks(width)))
+    high = torch.empty(min(groups, _WORDS), dtype=torch.int64, device=data.device)
+    for start in range(0, groups, _WORDS):  # in blocks that stay in cache, in place
+        w = words[start:start + _WORDS]
+        h = high[: w.numel()]
+        for lane, low, f in masks:
+            torch.bitwise_right_shift(w, f, out=h).bitwise_and_(low).bitwise_left_shift_(lane // 2)
+            w.bitwise_and_(low).bitwise_or_(h)
     return buf.view(-1)[:n]
 
 

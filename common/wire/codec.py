@@ -23,10 +23,12 @@ import torch
 
 from common.compressors.base import all_finite
 from common.compressors.indices import permk_block_size
-from common.compressors.payloads import Dense, IndexRule, LevelTable, Quantized, Scaled, Signs, Sparse, rounding_exponent_range
+from common.compressors.payloads import (
+    CPU_BLOCK, Dense, IndexRule, LevelTable, Quantized, Scaled, Signs, Sparse, cpu_blocks, rounding_exponent_range,
+)
 from common.wire import bitpack, indexcode
 from common.wire.header import (
-    DENSE, DTYPE_CODE, DTYPE_NAMES, KIND_NAMES, MAX_DEPTH, MAX_DIM, MAX_LEVELS, MAX_WORKERS,
+    DENSE, DTYPE_CODE, DTYPE_NAMES, DTYPES as DTYPES_BY_CODE, KIND_NAMES, MAX_DEPTH, MAX_DIM, MAX_LEVELS, MAX_WORKERS,
     QUANTIZED, SCALED, SIGNS, SPARSE_PERMK, SPARSE_RANDK, SPARSE_SENT, TABLE_KINDS, Fields, WireError,
     f32_bits, pack_header, unpack_header,
 )
@@ -41,12 +43,44 @@ PLAIN, ZERO_ESCAPE = 0, 1  # how Quantized codes map to fields
 
 def encode(payload) -> list[bytes]:
     """Frames of ``payload``: a msgpack header, then the packed binary frames (see package doc)."""
+    node, data = encode_node(payload)
+    return [pack_header(node), *data]
+
+
+def encode_node(payload) -> tuple[list, list[bytes]]:
+    """``payload``'s header node and its packed binary frames (the self-describing ``encode`` puts
+    the node in frame 0; the lean link form, ``common.wire.stream``, sends only what changed)."""
     out: list[torch.Tensor] = []
     node = _enc(payload, out, 0)
-    frames = [pack_header(node)]
-    for t in out:
-        frames.append(t.cpu().numpy().tobytes())  # packed bytes only cross to the host
-    return frames
+    return node, [t.cpu().numpy().tobytes() for t in out]  # packed bytes only cross to the host
+
+
+def content_bits(node: list, lengths: Sequence[int]) -> int:
+    """The bits of ``node``'s content as the papers count them: values at their wire precision, one
+    bit a sign, 32 bits a float32 scale / norm / factor, the sent index frames (Golomb-Rice or
+    bitmap, as sent), a code field of the width on the wire; nothing for the node itself or for a
+    support regenerated from its key. ``lengths``: the byte lengths of the node's binary frames in
+    order. ``node`` must be one that ``encode_node`` made or that decoding accepted."""
+    frames = iter(lengths)
+
+    def walk(n) -> int:
+        kind = n[0]
+        if kind == DENSE:
+            next(frames)
+            return n[3] * 8 * torch.empty(0, dtype=DTYPES_BY_CODE[n[2]]).element_size()
+        if kind == SIGNS:
+            next(frames)
+            return n[2] + 32
+        if kind == QUANTIZED:
+            next(frames), next(frames)
+            return n[2] * (1 + n[10]) + (0 if n[7] is None else 32)
+        if kind == SCALED:
+            return 32 + walk(n[2])
+        if kind == SPARSE_SENT:
+            return 8 * next(frames) + walk(n[-1])
+        return walk(n[-1])  # a support regenerated from its key costs nothing
+
+    return walk(node)
 
 
 def message_bytes(frames: Sequence) -> int:
@@ -126,14 +160,14 @@ def _enc_quantized(p: Quantized, out: list) -> list:
             raise WireError(f"Quantized: codes span [{lo}, {hi}], outside the table's [0, {top}]")
         mode, offset, width = PLAIN, lo, bitpack.width_for(hi - lo + 1)
         if lo == 0 and width > 1:  # the zero escape needs at least 1 bit too
-            lo_nz = int(codes.masked_fill(codes == 0, hi).amin())
+            lo_nz = _smallest_nonzero(codes)
             if bitpack.width_for(hi - lo_nz + 2) < width:
                 mode, offset, width = ZERO_ESCAPE, lo_nz, bitpack.width_for(hi - lo_nz + 2)
     small = torch.uint8 if width <= 8 else torch.int64
     if mode == PLAIN:
-        fields = (codes - offset).to(small) if offset else codes.to(small)
+        fields = _fields(codes, offset, False, small)
     else:  # code 0 -> field 0, code c >= offset -> c - offset + 1 (c - (offset - 1) is <= 0 only for 0)
-        fields = (codes - (offset - 1)).clamp_(min=0).to(small)
+        fields = _fields(codes, offset - 1, True, small)
     out.append(bitpack.pack(neg, 1))
     out.append(bitpack.pack(fields, width))
     norm = None if p.norm is None else _scalar_bits(p.norm, "Quantized", "norm")
@@ -141,6 +175,32 @@ def _enc_quantized(p: Quantized, out: list) -> list:
         QUANTIZED, _dtype_code(p.dtype, "Quantized"), n, TABLE_KINDS.index(table.kind), _number(table.base),
         int(table.s), DTYPE_NAMES.index(table.dtype_name), norm, mode, offset, width,
     ]
+
+
+def _smallest_nonzero(codes: torch.Tensor) -> int:
+    """The smallest nonzero code (codes are >= 0 and not all 0): code - 1 with the sign bit cleared
+    turns 0 into the largest int32. On the CPU block by block."""
+    if codes.device.type != "cpu":
+        return int(codes.masked_fill(codes == 0, torch.iinfo(codes.dtype).max).amin())
+    buf = torch.empty(min(codes.numel(), CPU_BLOCK), dtype=torch.int32)
+    least = 2**31 - 1
+    for block in cpu_blocks(codes.numel()):
+        b = buf[: block.stop - block.start].copy_(codes[block])
+        least = min(least, int(b.sub_(1).bitwise_and_(2**31 - 1).amin()))
+    return least + 1
+
+
+def _fields(codes: torch.Tensor, minus: int, clamp: bool, small: torch.dtype) -> torch.Tensor:
+    """codes - minus (clamped at 0 when ``clamp``) as ``small``; on the CPU block by block."""
+    if codes.device.type != "cpu":
+        f = codes - minus if minus else codes
+        return (f.clamp(min=0) if clamp else f).to(small)
+    out = torch.empty(codes.numel(), dtype=small)
+    buf = torch.empty(min(codes.numel(), CPU_BLOCK), dtype=codes.dtype)
+    for block in cpu_blocks(codes.numel()):
+        f = torch.sub(codes[block], minus, out=buf[: block.stop - block.start])
+        out[block] = f.clamp_(min=0) if clamp else f
+    return out
 
 
 def _enc_sparse(p: Sparse, out: list, depth: int) -> list:
@@ -155,12 +215,13 @@ def _enc_sparse(p: Sparse, out: list, depth: int) -> list:
         rule = p.rule
         if rule.dim != p.dim:
             raise WireError(f"Sparse: rule dimension {rule.dim} differs from payload dimension {p.dim}")
+        stream = [rule.seed, rule.step, rule.key_worker, rule.purpose]
         if rule.kind == "randk":
             k = rule.count
-            node = [SPARSE_RANDK, dt, p.dim, int(rule.key)]
+            node = [SPARSE_RANDK, dt, p.dim, *stream]
         elif rule.kind == "permk":
             k = None
-            node = [SPARSE_PERMK, dt, p.dim, rule.count, rule.worker, int(rule.key)]
+            node = [SPARSE_PERMK, dt, p.dim, rule.count, rule.worker, *stream]
         else:
             raise WireError(f"Sparse: unknown index rule {rule.kind!r}")
     else:
@@ -218,12 +279,37 @@ def _decode(frames, device, max_dim):
     plan = _parse(unpack_header(bytes(views[0])), 0, True, max_dim)
     if len(plan.frames) != len(views) - 1:
         raise WireError(f"header describes {len(plan.frames)} data frames, message has {len(views) - 1}")
-    for i, (want, mv) in enumerate(zip(plan.frames, views[1:]), start=1):
+    return _build(plan, views[1:], device, first=1)
+
+
+def plan_node(node, max_dim: int = MAX_DIM) -> "_Plan":
+    """A checked header node (``WireError`` otherwise): ``.frames`` lists the (name, min, max) byte
+    lengths of the binary frames it reads; ``build_node`` makes the payload from them."""
+    plan = _parse(node, 0, True, min(max_dim, MAX_DIM))
+    plan.node = node
+    return plan
+
+
+def build_node(plan: "_Plan", views: Sequence[memoryview], device=None):
+    """The payload of a planned node from its binary frames (host memoryviews); ``WireError`` on
+    anything malformed."""
+    if len(views) != len(plan.frames):
+        raise WireError(f"header describes {len(plan.frames)} data frames, got {len(views)}")
+    try:
+        return _build(plan, views, device, first=1)
+    except WireError:
+        raise
+    except Exception as exc:  # decoding never raises anything but WireError
+        raise WireError(f"internal error while decoding: {type(exc).__name__}: {exc}") from None
+
+
+def _build(plan: "_Plan", views: Sequence[memoryview], device, first: int):
+    for i, (want, mv) in enumerate(zip(plan.frames, views), start=first):
         name, lo, hi = want
         if not lo <= mv.nbytes <= hi:
             expect = f"{lo}" if lo == hi else f"{lo} to {hi}"
             raise WireError(f"frame {i} ({name}) has {mv.nbytes} bytes, header implies {expect}")
-    payload = plan.build(iter(views[1:]))
+    payload = plan.build(iter(views))
     if device is not None:
         payload = _to_device(payload, torch.device(device))
     return payload
@@ -279,7 +365,7 @@ def _parse(node, depth: int, top: bool, max_dim: int) -> _Plan:
         inner = _parse(f.raw(), depth + 1, top, max_dim)
         return _Plan(inner.dim, inner.frames, lambda it: Scaled(factor, inner.build(it)))
     # sparse kinds
-    size = {SPARSE_SENT: 6, SPARSE_RANDK: 5, SPARSE_PERMK: 7}[kind]
+    size = {SPARSE_SENT: 6, SPARSE_RANDK: 8, SPARSE_PERMK: 10}[kind]
     f = Fields(node, what, size)
     dtype, dim = f.dtype("dtype"), f.int("dimension", 1, max_dim)
     if kind == SPARSE_SENT:
@@ -299,15 +385,15 @@ def _parse(node, depth: int, top: bool, max_dim: int) -> _Plan:
             return Sparse(dim, child.build(it), idx, None, dtype)
         return _Plan(dim, [("indices", lo, hi)] + child.frames, build)
     if kind == SPARSE_RANDK:
-        key = f.int("key", 0, 2**64 - 1)
+        stream = _stream_fields(f)
         child = _parse(f.raw(), depth + 1, False, max_dim)
         if child.dim > dim:
             raise WireError(f"{what}: {child.dim} values for dimension {dim}")
-        rule = IndexRule("randk", dim, child.dim, 0, key)
+        rule = IndexRule("randk", dim, child.dim, 0, *stream)
         return _Plan(dim, child.frames, lambda it: Sparse(dim, child.build(it), None, rule, dtype))
     n_workers = f.int("workers", 1, MAX_WORKERS)
     worker = f.int("worker", 0, n_workers - 1)
-    key = f.int("key", 0, 2**64 - 1)
+    stream = _stream_fields(f)
     child = _parse(f.raw(), depth + 1, False, max_dim)
     if dim >= n_workers:
         q, rr = divmod(dim, n_workers)
@@ -316,14 +402,20 @@ def _parse(node, depth: int, top: bool, max_dim: int) -> _Plan:
         allowed = (0, 1)
     if child.dim not in allowed:
         raise WireError(f"{what}: {child.dim} values, but a Perm-K block of d={dim}, n={n_workers} has {allowed}")
-    rule = IndexRule("permk", dim, n_workers, worker, key)
+    rule = IndexRule("permk", dim, n_workers, worker, *stream)
 
     def build_permk(it):
-        size = permk_block_size(dim, n_workers, worker, key)
+        size = permk_block_size(dim, n_workers, worker, rule.key)
         if size != child.dim:
             raise WireError(f"{what}: {child.dim} values for worker {worker}'s block of {size}")
         return Sparse(dim, child.build(it), None, rule, dtype)
     return _Plan(dim, child.frames, build_permk)
+
+
+def _stream_fields(f: Fields) -> tuple[int, int, int, int]:
+    """The (seed, step, key worker, purpose code) that name a regenerated support's stream."""
+    return (f.int("seed", 0, 2**64 - 1), f.int("step", 0, 2**64 - 1), f.int("key worker", 0, MAX_WORKERS - 1),
+            f.int("purpose", 0, 2**64 - 1))
 
 
 def _build_dense(mv, n, vdtype, dtype) -> Dense:
