@@ -294,10 +294,8 @@ class Server:
             self.ready.add(rank)
         elif kind in (b"UP", b"STATS", b"STATE", b"RESTORED") and identity in self.rank_of and restore:
             return  # from before the restore that is coming
-        elif kind == b"STATS" and identity in self.rank_of:
-            self.core.stats(self.rank_of[identity], 0, msg)
-        elif kind == b"UP" and identity in self.rank_of and msg.is_round(b"UP", 0):
-            self.early_ups[self.rank_of[identity]] = msg
+        elif kind in (b"UP", b"STATS") and identity in self.rank_of:
+            self._early(self.rank_of[identity], 0, msg)
         else:
             self._handle_common(identity, kind, header, frames)
 
@@ -411,7 +409,7 @@ class Server:
     def _await_restored(self, t: int) -> None:
         """Wait for every worker's RESTORED (of this rollback: its ``seq``). What a worker sent
         before it belongs to the abandoned rounds and was encoded on the links' old memory, so it
-        is dropped unread."""
+        is dropped unread; what it sends after it (round t's STATS and UP) is kept for round t."""
         waiting = set(range(self.config.workers))
         began, deadline = time.monotonic(), self._round_deadline()
         while waiting:
@@ -428,8 +426,21 @@ class Server:
                 self._count_control(frames)
                 if msg.header.get("seq") == self.restores:
                     waiting.discard(rank)
-            elif rank is None or msg.kind not in (b"UP", b"STATS", b"STATE"):
+            elif rank is not None and msg.kind in (b"UP", b"STATS", b"STATE"):
+                if rank not in waiting:
+                    self._early(rank, t, msg)
+            else:
                 self._handle_common(identity, msg.kind, msg.header, frames)
+
+    def _early(self, rank: int, t: int, msg: protocol.Envelope) -> None:
+        """Round ``t``'s STATS or UP from a worker that is ready before the others; an UP or STATS
+        of another round stops the run (a link cannot skip a message)."""
+        if msg.kind == b"STATE" or not msg.is_round(msg.kind, t) or rank in self.early_ups:
+            raise RunFailed(f"worker {rank} sent {msg.kind.decode()} for round {msg.round_text} before round {t} began; stopping the run")
+        if msg.kind == b"STATS":
+            self.core.stats(rank, t, msg)
+        else:
+            self.early_ups[rank] = msg
 
     def _recover(self, lost: WorkerLost) -> int:
         """A worker is gone: keep its rank open for ``rejoin_timeout`` s, then roll everyone back."""
