@@ -54,7 +54,7 @@ from common.config import RunConfig
 from runtime import checkpoint, protocol, transport
 from runtime.metrics import MetricsWriter
 from runtime.progress import progress_bar
-from runtime.server_core import RunFailed, ServerCore
+from runtime.server_core import BadUplink, RunFailed, ServerCore
 from runtime.setup import RunSetup
 from runtime.signals import Terminated
 
@@ -340,7 +340,7 @@ class Server:
                 rank = self.rank_of[identity]
                 if not msg.is_round(msg.kind, t) or (msg.kind == b"UP" and ups[rank] is not None):
                     # a link's two ends must see the same messages: one cannot be skipped
-                    raise RunFailed(f"worker {rank} sent {msg.kind.decode()} for round {msg.round_text} during round {t}; stopping the run")
+                    raise BadUplink(rank, f"worker {rank} sent {msg.kind.decode()} for round {msg.round_text} during round {t}")
                 if msg.kind == b"STATS":
                     self.core.stats(rank, t, msg)
                     continue
@@ -436,7 +436,7 @@ class Server:
         """Round ``t``'s STATS or UP from a worker that is ready before the others; an UP or STATS
         of another round stops the run (a link cannot skip a message)."""
         if msg.kind == b"STATE" or not msg.is_round(msg.kind, t) or rank in self.early_ups:
-            raise RunFailed(f"worker {rank} sent {msg.kind.decode()} for round {msg.round_text} before round {t} began; stopping the run")
+            raise BadUplink(rank, f"worker {rank} sent {msg.kind.decode()} for round {msg.round_text} before round {t} began")
         if msg.kind == b"STATS":
             self.core.stats(rank, t, msg)
         else:
@@ -472,15 +472,23 @@ class Server:
                 for rank, frames in enumerate(downs):
                     self._send(self.ident[rank], frames, must=True)
                 bar.update(self.core.last)
-            except WorkerLost as exc:
+            except (WorkerLost, BadUplink) as exc:
                 if not self.checkpoint_dir:
                     raise
                 while True:  # another worker may be lost during the recovery itself
                     try:
-                        t = self._recover(exc)
+                        t = self._recover(self._disconnect(exc) if isinstance(exc, BadUplink) else exc)
                         break
-                    except WorkerLost as again:
+                    except (WorkerLost, BadUplink) as again:
                         exc = again
+
+    def _disconnect(self, bad: BadUplink) -> WorkerLost:
+        """A worker that sent a malformed or impossible message is told why (STOP) and counted lost:
+        its rank is open to a replacement, and the run rolls back to the last checkpoint."""
+        identity = self.ident.get(bad.rank)
+        if identity is not None:
+            self.transport.send(identity, protocol.pack(b"STOP", {"ok": False, "reason": f"disconnected: {bad}"}))
+        return WorkerLost([bad.rank], f"{bad}; worker {bad.rank} is disconnected")
 
     def run(self) -> int:
         path = self.metrics_path.metrics if hasattr(self.metrics_path, "metrics") else self.metrics_path

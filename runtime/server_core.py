@@ -26,6 +26,16 @@ class RunFailed(RuntimeError):
     """The run cannot go on; the message says why in one line."""
 
 
+class BadUplink(RunFailed):
+    """Worker ``rank`` sent a malformed or impossible message (bad frames, another round, values
+    that are not finite, a payload its link or the rule did not agree to). It was rejected before
+    the server rule ran, so the run's state is untouched; the server treats the worker as lost."""
+
+    def __init__(self, rank: int, message: str):
+        super().__init__(message)
+        self.rank = rank
+
+
 class ServerCore:
     def __init__(self, setup: RunSetup, metrics: MetricsWriter):
         self.setup = setup
@@ -57,7 +67,7 @@ class ServerCore:
                 raise protocol.ProtocolError(f"expected STATS for round {t}, got {msg.kind.decode()} for round {msg.round_text}")
             self.timing[rank] = (msg.seconds("compute_s"), msg.seconds("compress_s"))
         except protocol.ProtocolError as exc:
-            raise RunFailed(f"round {t}: malformed telemetry from worker {rank}: {exc}") from None
+            raise BadUplink(rank, f"round {t}: malformed telemetry from worker {rank}: {exc}") from None
         self.control(msg.nbytes)
     def begin(self, **extra: Any) -> None:
         initial = self.setup.problem.evaluate(self.rule.model)
@@ -79,7 +89,7 @@ class ServerCore:
                     raise protocol.ProtocolError(f"expected UP for round {t}, got {up.kind.decode()} for round {up.round_text}")
                 msg, bits = self.ups[rank].decode(up.body, t, device=self.rule.x.device, max_dim=self.setup.dim)
             except (WireError, protocol.ProtocolError) as exc:
-                raise RunFailed(f"round {t}: malformed uplink from worker {rank}: {exc}") from None
+                raise BadUplink(rank, f"round {t}: malformed uplink from worker {rank}: {exc}") from None
             msgs.append(msg)
             bits_up.append(bits)
         try:

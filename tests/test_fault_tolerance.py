@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import pytest
 
@@ -109,3 +110,59 @@ def test_launch_resume_after_the_whole_launch_was_killed(tmp_path):
     finally:
         kill_all([launch])
     _check_run(tmp_path, code, err)
+
+
+def test_a_worker_that_sends_a_malformed_uplink_is_disconnected_and_replaced(tmp_path):
+    """A registered peer whose uplink cannot be decoded is told why (STOP), loses its rank, and the
+    run rolls back; an honest worker takes the rank and the model is that of an unattacked run."""
+    import zmq
+
+    from runtime import protocol
+    from runtime.setup import RunSetup
+    from runtime.worker_core import WorkerCore
+    from common.config import RunConfig
+    from tests.procs import finish, free_port, kill_all, records, start
+
+    import torch
+
+    run = ["--algorithm", "ef21", "--problem", "quadratic:d=40", "--lr", "0.01", "--rounds", "30"]
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    metrics = str(tmp_path / "run.jsonl")
+    server = start(["server", "--bind", endpoint, "--workers", "2", "--seed", "7", *run, "--metrics", metrics,
+                    "--checkpoint", str(tmp_path / "ck"), "--checkpoint-every", "5", "--timeout", "20",
+                    "--heartbeat", "0.2", "--rejoin-timeout", "60", "-q"])
+    honest = start(["worker", "--connect", endpoint, "--device", "cpu", "--rank", "1", "--timeout", "60", "--heartbeat", "0.2"])
+    procs = [server, honest]
+    rogue = zmq.Context.instance().socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(endpoint)
+    try:
+        rogue.send_multipart(protocol.pack(b"HELLO", {"version": protocol.VERSION, "rank": 0}))
+        assert rogue.poll(60_000)
+        welcome = protocol.parse(rogue.recv_multipart())
+        assert welcome.kind == b"WELCOME" and welcome.header["rank"] == 0
+        rogue.send_multipart(protocol.pack(b"READY", {"rank": 0, "dim": 40}))
+        config = RunConfig.from_dict(welcome.header["config"])
+        stats, up = WorkerCore(RunSetup.build(config), 0, torch.device("cpu")).uplink(0)
+        rogue.send_multipart(stats)
+        rogue.send_multipart([*up[:-1], up[-1][:-3]])  # its values cut short
+        stop = None
+        deadline = time.monotonic() + 60
+        while stop is None and time.monotonic() < deadline:
+            if rogue.poll(1000):
+                msg = protocol.parse(rogue.recv_multipart())
+                stop = msg if msg.kind == b"STOP" else None
+        assert stop is not None and not stop.header["ok"] and "malformed uplink from worker 0" in stop.header["reason"]
+        replacement = start(["worker", "--connect", endpoint, "--device", "cpu", "--rank", "0", "--timeout", "60",
+                             "--heartbeat", "0.2"])
+        procs.append(replacement)
+        code, _, err = finish(server, 120)
+        assert code == 0, err[-3000:]
+        assert "worker 0 is disconnected" in err
+        assert finish(honest, 30)[0] == 0 and finish(replacement, 30)[0] == 0
+    finally:
+        rogue.close()
+        kill_all(procs)
+    got = records(metrics)
+    assert [r["round"] for r in got if r["event"] == "round"] == list(range(30))
+    assert got[-1]["model_sha256"] == reference_sha(run, 7, workers=2)
