@@ -17,7 +17,7 @@ import sys
 
 import click
 
-from psc.runopts import build_config, run_options
+from psc.runopts import build_config, check_resume, fault_options, run_options
 from runtime.signals import Terminated, stop_signals
 
 log = logging.getLogger("psc")
@@ -332,16 +332,21 @@ def check_gpu(device: str) -> None:
 @click.option("--join-timeout", default=600.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds to wait for all workers to join.")
 @liveness
 @server_security
+@fault_options
 @run_options
-def server_cmd(bind, workers, join_timeout, timeout, heartbeat, server_key, allow_dir, round_timeout, **run):
+def server_cmd(bind, workers, join_timeout, timeout, heartbeat, server_key, allow_dir, round_timeout,
+               checkpoint_dir, checkpoint_every, resume_dir, rejoin_timeout, model_out, **run):
     """Start the server: wait for N workers, then run the rounds."""
     from psserver.server import Server
 
-    config, metrics = build_config(run, workers)
+    check_resume(resume_dir)
+    config, metrics = build_config({**run, "resume_dir": resume_dir}, workers)
     keys = load_server_keys(server_key, allow_dir)
     try:
         server = Server(config, bind, metrics, timeout=timeout, heartbeat=heartbeat, join_timeout=join_timeout,
-                        keys=keys, round_timeout=round_timeout)
+                        keys=keys, round_timeout=round_timeout, checkpoint_dir=checkpoint_dir,
+                        checkpoint_every=checkpoint_every, resume=resume_dir, rejoin_timeout=rejoin_timeout,
+                        model_out=model_out)
     except (ValueError, OSError) as exc:  # a bad spec or option, a missing data file: the user's to fix
         raise click.UsageError(str(exc)) from None
     log.info("psc server: %s on %s, %d workers, listening on %s", config.algorithm, config.problem, config.workers, server.endpoint)
@@ -390,9 +395,11 @@ def worker_cmd(connect, device, rank, join_timeout, protocol_version, key, serve
 @click.option("--device", default="auto", show_default=True, type=Device(), help="Workers' device: auto (GPU i mod G, else CPU), cpu, cuda, cuda:K.")
 @liveness
 @server_security
+@fault_options
 @run_options
 @click.pass_context
-def launch_cmd(ctx, workers, engine, device, timeout, heartbeat, server_key, allow_dir, round_timeout, **run):
+def launch_cmd(ctx, workers, engine, device, timeout, heartbeat, server_key, allow_dir, round_timeout,
+               checkpoint_dir, checkpoint_every, resume_dir, rejoin_timeout, model_out, **run):
     """One server and N workers on this host; with no options, the built-in demo."""
     from runtime.setup import RunSetup
     from psc.launch import launch
@@ -403,15 +410,22 @@ def launch_cmd(ctx, workers, engine, device, timeout, heartbeat, server_key, all
         from psc.demo import run_demo
 
         sys.exit(run_demo())
-    config, metrics = build_config(run, workers)
+    check_resume(resume_dir)
+    config, metrics = build_config({**run, "resume_dir": resume_dir}, workers)
     check_gpu(device)
     try:
-        RunSetup.build(config)  # a bad spec or option, a missing data file: a usage error, before any process starts
+        setup = RunSetup.build(config)  # a bad spec or option, a missing data file: a usage error, before any process starts
+        if resume_dir:
+            from runtime.checkpoint import latest
+
+            latest(resume_dir, config.to_dict(), setup.dim)  # a damaged or foreign checkpoint: refused now
     except (ValueError, OSError) as exc:
         raise click.UsageError(str(exc)) from None
     keys = load_server_keys(server_key, allow_dir)
     sys.exit(launch(config, metrics, engine=engine, device=device, timeout=timeout, heartbeat=heartbeat,
-                    keys=keys, round_timeout=round_timeout))
+                    keys=keys, round_timeout=round_timeout, checkpoint_dir=checkpoint_dir,
+                    checkpoint_every=checkpoint_every, resume=resume_dir, rejoin_timeout=rejoin_timeout,
+                    model_out=model_out))
 
 
 @main.command("plot")

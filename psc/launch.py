@@ -16,6 +16,11 @@ Supervision, as torchrun's agent does it:
   a worker's own ``--timeout`` (it never waits longer than that for the server's last word) plus a
   grace period for its interpreter to exit.
 
+Restarts (with ``--checkpoint`` or ``--resume``): a worker process that exits with an error is started
+again with the same command line, at most ``MAX_RESTARTS`` times per rank (as torchrun's
+``--max-restarts``); it takes its rank back and the run rolls back to the last checkpoint. Past
+that, the run stops as without checkpoints.
+
 Trust: the workers are started allowing exactly the factory and data folder of this run
 (``WorkerPolicy.for_run``). With server keys (CURVE), each worker gets a fresh key pair in a private
 temporary folder, and the server admits those keys (plus, with ``--allow DIR``, the keys in DIR).
@@ -44,6 +49,7 @@ log = logging.getLogger("psc.launch")
 
 STOP_GRACE_S = 4.0  # after SIGINT/SIGTERM, how long the children get before they are killed
 EXIT_GRACE_S = 15.0  # after a run, how long beyond its own timeout a worker gets to exit
+MAX_RESTARTS = 3  # with checkpoints: how often one rank's worker process is started again
 
 
 def worker_devices(n: int, device: str) -> list[str]:
@@ -59,8 +65,8 @@ class WorkerProcess:
     """One ``psc worker`` child: its stderr is passed through to ours, and its last line is kept for
     the report when the worker fails."""
 
-    def __init__(self, rank: int, argv: list[str], env: dict[str, str]):
-        self.rank = rank
+    def __init__(self, rank: int, argv: list[str], env: dict[str, str], restarts: int = 0):
+        self.rank, self.argv, self.env, self.restarts = rank, argv, env, restarts
         self.proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
         self.last_line = ""
         self._reader = threading.Thread(target=self._pass_through, daemon=True, name=f"psc-worker-{rank}-stderr")
@@ -126,34 +132,44 @@ def worker_key_options(keys: transport.ServerKeys, folder: str, n: int) -> tuple
 
 def launch(config: RunConfig, metrics: str | None, engine: str = "procs", device: str = "auto",
            timeout: float = 60.0, heartbeat: float = 1.0, progress: bool = True,
-           keys: transport.ServerKeys | None = None, round_timeout: float | None = None) -> int:
+           keys: transport.ServerKeys | None = None, round_timeout: float | None = None,
+           checkpoint_dir: str | None = None, checkpoint_every: int = 50, resume: str | None = None,
+           rejoin_timeout: float = 120.0, model_out: str | None = None) -> int:
+    faults = dict(checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume, model_out=model_out)
     if engine == "inproc":
         with stop_signals():
-            run_inproc(config, metrics, device="cpu" if device == "auto" else device, progress=progress)
+            run_inproc(config, metrics, device="cpu" if device == "auto" else device, progress=progress, **faults)
         return 0
+    faults["rejoin_timeout"] = rejoin_timeout
     with tempfile.TemporaryDirectory(prefix="psc-launch-") as folder:
         os.chmod(folder, 0o700)
         key_options: list[list[str]] = [[] for _ in range(config.workers)]
         if keys is not None:
             keys, key_options = worker_key_options(keys, folder, config.workers)
-        return _launch_procs(config, metrics, device, timeout, heartbeat, progress, keys, round_timeout, key_options)
+        return _launch_procs(config, metrics, device, timeout, heartbeat, progress, keys, round_timeout, key_options, faults)
 
 
-def _launch_procs(config, metrics, device, timeout, heartbeat, progress, keys, round_timeout, key_options) -> int:
+def _launch_procs(config, metrics, device, timeout, heartbeat, progress, keys, round_timeout, key_options, faults) -> int:
     from psserver.server import Server
 
     quiet = ["-q"] if logging.getLogger().getEffectiveLevel() > logging.INFO else []
     workers: list[WorkerProcess] = []
 
+    restartable = bool(faults["checkpoint_dir"] or faults["resume"])
+
     def supervise() -> None:
-        for w in workers:
+        for i, w in enumerate(workers):
             reason = w.failure()
-            if reason is not None:
-                raise RunFailed(reason)
+            if reason is None:
+                continue
+            if not restartable or w.restarts >= MAX_RESTARTS:
+                raise RunFailed(reason + (f" (restarted {w.restarts} times)" if w.restarts else ""))
+            log.warning("%s; starting it again (restart %d of %d)", reason, w.restarts + 1, MAX_RESTARTS)
+            workers[i] = WorkerProcess(w.rank, w.argv, w.env, w.restarts + 1)
 
     server = Server(config, "tcp://127.0.0.1:*", metrics, timeout=timeout, heartbeat=heartbeat,
                     join_timeout=max(120.0, timeout), progress=progress, supervise=supervise, keys=keys,
-                    round_timeout=round_timeout)
+                    round_timeout=round_timeout, **faults)
     allow = WorkerPolicy.for_run(config).argv()
     devices = worker_devices(config.workers, device)
     env = dict(os.environ)

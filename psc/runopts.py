@@ -49,6 +49,27 @@ def run_options(func):
     return func
 
 
+def fault_options(func):
+    """``--checkpoint``, ``--checkpoint-every``, ``--resume``, ``--rejoin-timeout``, ``--model-out``
+    (server and launch; ``runtime.checkpoint``)."""
+    options = [
+        click.option("--checkpoint", "checkpoint_dir", type=click.Path(file_okay=False), help="Write a checkpoint of the whole run (server, every worker, metrics counters) into this folder; a lost worker's rank then stays open for --rejoin-timeout and the run rolls back to the last checkpoint."),
+        click.option("--checkpoint-every", type=click.IntRange(min=1), default=50, show_default=True, help="Rounds between checkpoints."),
+        click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue from the newest complete checkpoint in this folder (same options as the run that wrote it); the metrics file is appended."),
+        click.option("--rejoin-timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True, help="Seconds a lost worker's rank stays open for its replacement (with --checkpoint or --resume)."),
+        click.option("--model-out", type=click.Path(dir_okay=False), help="Save the final model: a torch.save state dict for neural networks, the flat vector otherwise."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def check_resume(resume_dir: str | None) -> None:
+    """A usage error for a --resume folder that does not exist (its content is checked by the run)."""
+    if resume_dir is not None and not os.path.isdir(resume_dir):
+        raise click.UsageError(f"--resume {resume_dir}: no such folder")
+
+
 def read_toml(path: str | None) -> dict[str, Any]:
     if not path:
         return {}
@@ -79,7 +100,7 @@ def build_config(cli: dict[str, Any], workers: int | None = None) -> "tuple[RunC
     metrics, tensorboard = merged.pop("metrics"), merged.pop("tensorboard")
     if metrics and os.path.isdir(metrics):
         raise click.UsageError(f"--metrics {metrics}: is a folder; give a file name")
-    if metrics and os.path.exists(metrics) and not cli.get("force"):
+    if metrics and os.path.exists(metrics) and not cli.get("force") and not cli.get("resume_dir"):
         raise click.UsageError(f"--metrics {metrics}: the file exists; pass --force to overwrite it, or choose another file name")
     if tensorboard:
         from runtime.tensorboard import INSTALL_HINT, available

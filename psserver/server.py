@@ -15,6 +15,17 @@ log says which worker and why, and ``run`` returns 1. Messages from unknown peer
 are logged and refused; the run goes on. Sockets and liveness come from ``runtime.transport``; each
 message is parsed once, here, and reaches the round as a ``protocol.Envelope``.
 
+Fault tolerance (with ``checkpoint_dir``, ``runtime.checkpoint``): every ``checkpoint_every`` rounds
+the server sends SAVE before the round's DOWNs; each worker uploads its rule state (STATE, before its
+next UP) and the server writes one checkpoint of the whole run. A worker that is lost (silent,
+its connection closed, a BYE, no uplink in time) no longer stops the run: its rank stays open for
+``rejoin_timeout`` seconds, a restarted worker takes it back (HELLO; a HELLO for a rank whose
+holder's connection has closed is how a quick restart is noticed), and every worker and the
+server roll back to the last checkpoint (RESTORE; round 0 before the first one). ``resume``
+starts a new server from the newest complete checkpoint in a folder: the workers that are still
+alive re-register (they re-send HELLO while the server is silent), the others are restarted, and
+the metrics file is rewound to the checkpoint and appended.
+
 ``supervise`` (optional) is called between polls, at least every half second: ``psc launch`` uses
 it to raise ``RunFailed`` as soon as one of its worker processes has exited with an error.
 
@@ -33,31 +44,53 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Callable
 
 import zmq
 
 from common.config import RunConfig
-from runtime import protocol, transport
+from runtime import checkpoint, protocol, transport
 from runtime.metrics import MetricsWriter
 from runtime.progress import progress_bar
-from runtime.server_core import RunFailed, ServerCore
+from runtime.server_core import BadUplink, RunFailed, ServerCore
 from runtime.setup import RunSetup
 from runtime.signals import Terminated
 
 log = logging.getLogger("psc.server")
 
 
+class WorkerLost(RunFailed):
+    """Worker(s) ``ranks`` are gone; with checkpoints the run waits for a replacement and rolls back."""
+
+    def __init__(self, ranks, message: str):
+        super().__init__(message)
+        self.ranks = sorted(set(ranks))
+
+
 class Server:
     def __init__(self, config: RunConfig, bind: str, metrics_path: str | None = None, timeout: float = 60.0,
                  heartbeat: float = 1.0, join_timeout: float = 600.0, progress: bool = True,
                  supervise: Callable[[], None] | None = None, keys: transport.ServerKeys | None = None,
-                 round_timeout: float | None = None):
+                 round_timeout: float | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 50,
+                 resume: str | None = None, rejoin_timeout: float = 120.0, model_out: str | None = None):
         self.config, self.bind, self.metrics_path = config, bind, metrics_path
         self.timeout, self.heartbeat, self.join_timeout, self.progress = timeout, heartbeat, join_timeout, progress
         self.supervise, self.round_timeout = supervise, round_timeout
         self.setup = RunSetup.build(config)  # a bad configuration fails here, before any socket
+        # --resume DIR: the newest complete checkpoint, refused here (before any socket) if damaged
+        # or of another configuration; checkpoints go on into DIR unless --checkpoint names another.
+        self.resumed = checkpoint.latest(resume, config.to_dict(), self.setup.dim) if resume else None
+        self.checkpoint_dir, self.checkpoint_every = checkpoint_dir or resume, checkpoint_every
+        self.rejoin_timeout, self.model_out = rejoin_timeout, model_out
+        self.ckpt: checkpoint.Checkpoint | None = None  # the newest complete checkpoint (round 0: fresh rules)
+        self.pending: checkpoint.Checkpoint | None = None  # one waiting for the workers' states
+        self.restoring = False  # WELCOME tells a worker to wait for its state (RESTORE)
+        self.stashed: list = []  # HELLOs that revealed a lost worker, answered once the run recovers
+        # RESTORE and its answer RESTORED carry ``seq``, new for each rollback and random from the start,
+        # so that an answer queued for a server that died is not taken for one to this server.
+        self.restores = int.from_bytes(os.urandom(4), "little")
         # No honest frame is larger than d float64 values plus headers.
         self.transport = transport.ServerSocket(bind, keys, max_frame=8 * self.setup.dim + (1 << 16))
         self.sock, self.endpoint = self.transport.sock, self.transport.endpoint
@@ -79,7 +112,8 @@ class Server:
         """Send to a registered worker; a closed connection (or, for a message that ``must``
         arrive, a worker that stopped reading) makes it lost."""
         if not self.transport.send(identity, frames, must) and identity in self.rank_of:
-            raise RunFailed(f"worker {self.rank_of[identity]}'s connection closed (or it stopped reading); stopping the run")
+            rank = self.rank_of[identity]
+            raise WorkerLost([rank], f"worker {rank}'s connection closed (or it stopped reading)")
 
     def _stop_all(self, ok: bool, reason: str) -> None:
         for identity in self.ident.values():
@@ -173,49 +207,97 @@ class Server:
         self.conn_of[identity], self.key_of[rank] = peer, key
         self.liveness.heard(rank)
         log.info("worker %d joined (host %s, pid %s)", rank, header.get("host"), header.get("pid"))
-        self._send(identity, protocol.pack(b"WELCOME", {"rank": rank, "config": self.config.to_dict(), "dim": self.setup.dim}), must=True)
+        self._send(identity, protocol.pack(b"WELCOME", {"rank": rank, "config": self.config.to_dict(), "dim": self.setup.dim,
+                                                        "restore": self.restoring}), must=True)
 
     def _check_liveness(self) -> None:
         for rank, silent in self.liveness.silent():
-            raise RunFailed(f"worker {rank} has been silent for {silent:.1f} s (timeout {self.timeout:g} s); stopping the run")
+            raise WorkerLost([rank], f"worker {rank} has been silent for {silent:.1f} s (timeout {self.timeout:g} s)")
 
-    def _handle_common(self, identity: bytes, kind: bytes, header: dict) -> None:
+    def _gone_holders(self, wanted) -> list[int]:
+        """The ranks a HELLO for ``wanted`` (-1: any) could take whose holder's connection has closed
+        (a probe heartbeat to it fails)."""
+        ranks = [wanted] if wanted in self.ident else list(self.ident) if wanted == -1 else []
+        return [r for r in ranks if not self.transport.send(self.ident[r], protocol.pack(b"HEARTBEAT", {}))]
+
+    def _forget(self, rank: int) -> None:
+        """Drop everything that binds ``rank`` to its lost worker, so that a new one can take it."""
+        identity = self.ident.pop(rank, None)
+        if identity is not None:
+            self.rank_of.pop(identity, None)
+            self.beats_of.pop(identity + b"-hb", None)
+            self.conn_of.pop(identity, None)
+            self.conn_of.pop(identity + b"-hb", None)
+        self.key_of.pop(rank, None)
+        self.ready.discard(rank)
+        self.liveness.last_seen.pop(rank, None)
+
+    def _handle_common(self, identity: bytes, kind: bytes, header: dict, frames=()) -> None:
         """Messages that mean the same in every phase."""
         if kind == b"HELLO":
+            if identity not in self.rank_of and self.checkpoint_dir:
+                gone = self._gone_holders(header.get("rank", -1))
+                if gone:  # a restarted worker came back before its old connection was noticed closed
+                    self.stashed.append((identity, header, frames))
+                    raise WorkerLost(gone, f"worker(s) {', '.join(map(str, gone))}: connection closed, a replacement is here")
             if identity not in self.rank_of:
                 started = " and the run has started" if len(self.ready) == self.config.workers else ""
                 self._refuse(identity, f"server is full: all {self.config.workers} workers are registered{started}")
         elif kind == b"BYE" and identity in self.rank_of:
-            raise RunFailed(f"worker {self.rank_of[identity]} left: {header.get('reason', 'no reason given')}")
+            rank = self.rank_of[identity]
+            raise WorkerLost([rank], f"worker {rank} left: {header.get('reason', 'no reason given')}")
 
     # -- phases --------------------------------------------------------------------------------
-    def _register(self) -> None:
+    def _register(self, patience: float, restore: bool = False) -> None:
+        """Wait until all n ranks are registered and ready, at most ``patience`` seconds. With
+        ``restore`` (a resumed run, or the recovery from a lost worker) WELCOME tells each worker to
+        wait for its state, and early uplinks are dropped (the restore decides the round)."""
         n = self.config.workers
-        deadline = time.monotonic() + self.join_timeout
-        log.info("waiting for %d workers on %s", n, self.endpoint)
+        deadline = time.monotonic() + patience
+        self.restoring = restore
+        log.info("waiting for %d workers on %s", n - len(self.ready), self.endpoint)
         while len(self.ready) < n:
             if time.monotonic() > deadline:
-                raise RunFailed(f"only {len(self.ready)} of {n} workers joined within {self.join_timeout:g} s")
-            got = self._receive(min(self.heartbeat, 0.5))
-            if got is None or got[1] is None:
-                continue
-            identity, msg, frames = got
-            kind, header = msg.kind, msg.header
-            if kind == b"HELLO" and identity not in self.rank_of and len(self.ident) < n:
-                self._handle_hello(identity, header, frames)
-            elif kind == b"READY" and identity in self.rank_of:
-                rank = self.rank_of[identity]
-                if header.get("dim") != self.setup.dim:
-                    self._refuse(identity, f"dimension mismatch: worker has d={header.get('dim')}, server d={self.setup.dim}")
-                    raise RunFailed(f"worker {rank} reports dimension {header.get('dim')}, the server has {self.setup.dim}")
-                self.ready.add(rank)
-            elif kind == b"STATS" and identity in self.rank_of and self.core is not None:
-                self.core.stats(self.rank_of[identity], 0, msg)
-            elif kind == b"UP" and identity in self.rank_of and msg.is_round(b"UP", 0):
-                self.early_ups[self.rank_of[identity]] = msg
-            else:
-                self._handle_common(identity, kind, header)
+                missing = ", ".join(str(r) for r in range(n) if r not in self.ready)
+                if restore:
+                    raise RunFailed(f"worker(s) {missing} did not (re)join within {patience:g} s; stopping the run")
+                raise RunFailed(f"only {len(self.ready)} of {n} workers joined within {patience:g} s")
+            try:
+                self._register_one(n, restore)
+            except WorkerLost as exc:
+                if not self.checkpoint_dir:
+                    raise
+                log.warning("%s; its rank is open again", exc)
+                for rank in exc.ranks:
+                    self._forget(rank)
         log.info("all %d workers ready; running %d rounds", n, self.config.rounds)
+
+    def _register_one(self, n: int, restore: bool) -> None:
+        """Handle one message (or a stashed HELLO) of the registration phase."""
+        if self.stashed:
+            identity, header, frames = self.stashed.pop(0)
+            if identity not in self.rank_of and len(self.ident) < n:
+                self._handle_hello(identity, header, frames)
+            return
+        got = self._receive(min(self.heartbeat, 0.5))
+        if got is None or got[1] is None:
+            return
+        identity, msg, frames = got
+        kind, header = msg.kind, msg.header
+        if kind == b"HELLO" and identity not in self.rank_of and len(self.ident) < n:
+            self._handle_hello(identity, header, frames)
+        elif kind == b"READY" and identity in self.rank_of:
+            rank = self.rank_of[identity]
+            if header.get("dim") != self.setup.dim:
+                self._refuse(identity, f"dimension mismatch: worker has d={header.get('dim')}, server d={self.setup.dim}")
+                raise RunFailed(f"worker {rank} reports dimension {header.get('dim')}, the server has {self.setup.dim}")
+            self.ready.add(rank)
+        elif kind in (b"UP", b"STATS", b"STATE", b"RESTORED") and identity in self.rank_of and restore:
+            return  # from before the restore that is coming
+        elif kind in (b"UP", b"STATS") and identity in self.rank_of:
+            self._early(self.rank_of[identity], 0, msg)
+        else:
+            self._handle_common(identity, kind, header, frames)
 
     def _round_deadline(self) -> float:
         """``--round-timeout``, else ten times the liveness timeout or the slowest round so far,
@@ -233,29 +315,39 @@ class Server:
             ups[rank] = msg
         self.early_ups = {}
         missing = sum(u is None for u in ups)
+        states = self.pending.workers if self.pending is not None and self.pending.round == t else None
+        if states is not None:
+            missing += sum(s is None for s in states)
         began, deadline = time.monotonic(), self._round_deadline()
         while missing:
             waited = time.monotonic() - began
             if waited > deadline:
                 late = ", ".join(str(r) for r, u in enumerate(ups) if u is None)
-                raise RunFailed(f"worker(s) {late} sent no uplink for round {t} within {deadline:g} s "
-                                f"(round timeout); stopping the run")
+                raise WorkerLost([r for r, u in enumerate(ups) if u is None],
+                                 f"worker(s) {late} sent no uplink for round {t} within {deadline:g} s (round timeout)")
             got = self._receive(max(0.01, min(self.heartbeat, 0.5, deadline - waited)))
             if got is None or got[1] is None:
                 continue
-            identity, msg, _ = got
+            identity, msg, frames = got
+            if msg.kind == b"STATE" and identity in self.rank_of:
+                rank = self.rank_of[identity]
+                self.core.control(msg.nbytes)
+                if states is not None and msg.header.get("t") == t and states[rank] is None:
+                    states[rank] = msg.body
+                    missing -= 1
+                continue
             if msg.kind in (b"UP", b"STATS") and identity in self.rank_of:
                 rank = self.rank_of[identity]
                 if not msg.is_round(msg.kind, t) or (msg.kind == b"UP" and ups[rank] is not None):
                     # a link's two ends must see the same messages: one cannot be skipped
-                    raise RunFailed(f"worker {rank} sent {msg.kind.decode()} for round {msg.round_text} during round {t}; stopping the run")
+                    raise BadUplink(rank, f"worker {rank} sent {msg.kind.decode()} for round {msg.round_text} during round {t}")
                 if msg.kind == b"STATS":
                     self.core.stats(rank, t, msg)
                     continue
                 ups[rank] = msg
                 missing -= 1
             else:
-                self._handle_common(identity, msg.kind, msg.header)
+                self._handle_common(identity, msg.kind, msg.header, frames)
         self.slowest_round = max(self.slowest_round, time.monotonic() - began)
         return ups
 
@@ -280,18 +372,135 @@ class Server:
         if waiting:
             log.warning("worker(s) %s did not confirm the end of the run within %g s", ", ".join(map(str, sorted(waiting))), self.timeout)
 
+    # -- checkpoints and recovery ----------------------------------------------------------------
+    def _ask_states(self, t: int) -> None:
+        """Boundary ``t`` is a checkpoint: keep the server's side now, ask every worker for its state
+        (SAVE goes before the DOWNs, so each worker uploads it right after applying round t-1)."""
+        self.pending = checkpoint.server_snapshot(self.core, t)
+        self.pending.workers = [None] * self.config.workers
+        for rank in range(self.config.workers):
+            frames = protocol.pack(b"SAVE", {"t": t})
+            self._count_control(frames)
+            self._send(self.ident[rank], frames, must=True)
+
+    def _write_pending(self, t: int) -> None:
+        if self.pending is not None and self.pending.round == t:
+            path = checkpoint.write(self.checkpoint_dir, self.pending, self.config.to_dict(), self.setup.dim)
+            self.ckpt, self.pending = self.pending, None
+            log.info("checkpoint of round %d written to %s", t, path)
+
+    def _restore(self, ckpt: checkpoint.Checkpoint, old_records=None) -> int:
+        """Roll the server and every worker back to ``ckpt`` (RESTORE carries each worker's state;
+        ``fresh``: round 0, the worker rebuilds its rule) and wait until every worker has answered
+        RESTORED. Every link starts again from an empty memory on both ends. Returns the round to
+        run next."""
+        checkpoint.restore_server(self.core, ckpt, old_records)
+        self.pending, self.early_ups = None, {}
+        self.restores += 1
+        for rank in range(self.config.workers):
+            frames = protocol.pack(b"RESTORE", {"t": ckpt.round, "fresh": not ckpt.workers, "seq": self.restores},
+                                   ckpt.workers[rank] if ckpt.workers else [])
+            self._count_control(frames)
+            self._send(self.ident[rank], frames, must=True)
+        self._await_restored(ckpt.round)
+        log.info("rolled back to round %d", ckpt.round)
+        return ckpt.round
+
+    def _await_restored(self, t: int) -> None:
+        """Wait for every worker's RESTORED (of this rollback: its ``seq``). What a worker sent
+        before it belongs to the abandoned rounds and was encoded on the links' old memory, so it
+        is dropped unread; what it sends after it (round t's STATS and UP) is kept for round t."""
+        waiting = set(range(self.config.workers))
+        began, deadline = time.monotonic(), self._round_deadline()
+        while waiting:
+            if time.monotonic() - began > deadline:
+                late = sorted(waiting)
+                raise WorkerLost(late, f"worker(s) {', '.join(map(str, late))} did not confirm the rollback to round {t} "
+                                       f"within {deadline:g} s (round timeout)")
+            got = self._receive(min(self.heartbeat, 0.5))
+            if got is None or got[1] is None:
+                continue
+            identity, msg, frames = got
+            rank = self.rank_of.get(identity)
+            if rank is not None and msg.kind == b"RESTORED":
+                self._count_control(frames)
+                if msg.header.get("seq") == self.restores:
+                    waiting.discard(rank)
+            elif rank is not None and msg.kind in (b"UP", b"STATS", b"STATE"):
+                if rank not in waiting:
+                    self._early(rank, t, msg)
+            else:
+                self._handle_common(identity, msg.kind, msg.header, frames)
+
+    def _early(self, rank: int, t: int, msg: protocol.Envelope) -> None:
+        """Round ``t``'s STATS or UP from a worker that is ready before the others; an UP or STATS
+        of another round stops the run (a link cannot skip a message)."""
+        if msg.kind == b"STATE" or not msg.is_round(msg.kind, t) or rank in self.early_ups:
+            raise BadUplink(rank, f"worker {rank} sent {msg.kind.decode()} for round {msg.round_text} before round {t} began")
+        if msg.kind == b"STATS":
+            self.core.stats(rank, t, msg)
+        else:
+            self.early_ups[rank] = msg
+
+    def _recover(self, lost: WorkerLost) -> int:
+        """A worker is gone: keep its rank open for ``rejoin_timeout`` s, then roll everyone back."""
+        for rank in lost.ranks:
+            self._forget(rank)
+        log.warning("%s; waiting up to %g s for a replacement, then rolling back to round %d",
+                    lost, self.rejoin_timeout, self.ckpt.round)
+        self._register(self.rejoin_timeout, restore=True)
+        return self._restore(self.ckpt)
+
+    def _rounds(self, bar) -> None:
+        if self.resumed is not None:
+            self.ckpt = self.resumed
+            t = self._restore(self.resumed, self.old_records)
+        else:
+            self.core.begin(engine="procs", endpoint=self.endpoint)
+            t = 0
+            if self.checkpoint_dir:  # round 0: the workers' initial states need not travel
+                self.ckpt = checkpoint.server_snapshot(self.core, 0)
+                checkpoint.write(self.checkpoint_dir, self.ckpt, self.config.to_dict(), self.setup.dim)
+        while t < self.config.rounds:
+            try:
+                ups = self._collect(t)
+                self._write_pending(t)
+                downs = self.core.round(t, ups)
+                t += 1
+                if self.checkpoint_dir and t % self.checkpoint_every == 0 and t < self.config.rounds:
+                    self._ask_states(t)
+                for rank, frames in enumerate(downs):
+                    self._send(self.ident[rank], frames, must=True)
+                bar.update(self.core.last)
+            except (WorkerLost, BadUplink) as exc:
+                if not self.checkpoint_dir:
+                    raise
+                while True:  # another worker may be lost during the recovery itself
+                    try:
+                        t = self._recover(self._disconnect(exc) if isinstance(exc, BadUplink) else exc)
+                        break
+                    except (WorkerLost, BadUplink) as again:
+                        exc = again
+
+    def _disconnect(self, bad: BadUplink) -> WorkerLost:
+        """A worker that sent a malformed or impossible message is told why (STOP) and counted lost:
+        its rank is open to a replacement, and the run rolls back to the last checkpoint."""
+        identity = self.ident.get(bad.rank)
+        if identity is not None:
+            self.transport.send(identity, protocol.pack(b"STOP", {"ok": False, "reason": f"disconnected: {bad}"}))
+        return WorkerLost([bad.rank], f"{bad}; worker {bad.rank} is disconnected")
+
     def run(self) -> int:
+        path = self.metrics_path.metrics if hasattr(self.metrics_path, "metrics") else self.metrics_path
+        self.old_records = checkpoint.old_metrics(path) if self.resumed is not None else None
         metrics = MetricsWriter(self.metrics_path)
         core = self.core = ServerCore(self.setup, metrics)
         try:
-            self._register()
-            core.begin(engine="procs", endpoint=self.endpoint)
+            self._register(self.join_timeout, restore=self.resumed is not None)
             with progress_bar(self.config.rounds, self.progress) as bar:
-                for t in range(self.config.rounds):
-                    downs = core.round(t, self._collect(t))
-                    for rank, frames in enumerate(downs):
-                        self._send(self.ident[rank], frames, must=True)
-                    bar.update(core.last)
+                self._rounds(bar)
+            if self.model_out:
+                checkpoint.save_model(self.model_out, self.setup.problem, core.rule.model)
             core.end(engine="procs", ok=True)
             self._stop_all(True, "done")
             self._await_goodbyes()

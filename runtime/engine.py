@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 from common.config import RunConfig
-from runtime import protocol
+from runtime import checkpoint, protocol
 from runtime.metrics import MetricsWriter
 from runtime.progress import progress_bar
 from runtime.server_core import ServerCore
@@ -25,9 +25,17 @@ class Engine:
     so a test can look at both sides between rounds. ``run_inproc`` is this loop with a progress bar.
     """
 
-    def __init__(self, config: RunConfig, metrics_path: str | None = None, device: str = "cpu"):
+    def __init__(self, config: RunConfig, metrics_path: str | None = None, device: str = "cpu",
+                 checkpoint_dir: str | None = None, checkpoint_every: int = 50, resume: str | None = None):
         self.config = config
         self.setup = RunSetup.build(config)
+        # --resume DIR: the newest complete checkpoint (refused here if damaged or of another run);
+        # checkpoints then go on into DIR unless --checkpoint names another folder.
+        self.resume = checkpoint.latest(resume, config.to_dict(), self.setup.dim) if resume else None
+        self.checkpoint_dir = checkpoint_dir or resume
+        self.checkpoint_every = checkpoint_every
+        path = metrics_path.metrics if hasattr(metrics_path, "metrics") else metrics_path
+        self.old_records = checkpoint.old_metrics(path) if resume else []
         self.metrics = MetricsWriter(metrics_path)
         try:
             self.server = ServerCore(self.setup, self.metrics)
@@ -37,9 +45,20 @@ class Engine:
             raise
 
     def rounds(self) -> Iterator[tuple[int, list[list[bytes]]]]:
-        """Run the rounds; each UP and DOWN is encoded, parsed once and decoded, as over a socket."""
-        self.server.begin(engine="inproc")
-        for t in range(self.config.rounds):
+        """Run the rounds; each UP and DOWN is encoded, parsed once and decoded, as over a socket.
+        With a checkpoint folder, the whole run is saved at every ``checkpoint_every``-th round
+        boundary; with ``resume``, the rounds start at the checkpoint's."""
+        first = 0
+        if self.resume is not None:
+            self.restore(self.resume, self.old_records)
+            first = self.resume.round
+        else:
+            self.server.begin(engine="inproc")
+            if self.checkpoint_dir:
+                self.save(0)
+        for t in range(first, self.config.rounds):
+            if self.checkpoint_dir and t != first and t % self.checkpoint_every == 0:
+                self.save(t)
             yield t, self.exchange(t)
 
     def exchange(self, t: int) -> list[list[bytes]]:
@@ -54,21 +73,37 @@ class Engine:
             worker.downlink(t, protocol.parse(frames))
         return downs
 
+    def save(self, t: int) -> str:
+        """Write the checkpoint of boundary ``t`` (rounds 0..t-1 done)."""
+        ckpt = checkpoint.server_snapshot(self.server, t)
+        if t > 0:  # round 0's workers are new rules, as the configuration builds them
+            ckpt.workers = [checkpoint.pack_state(w.rule.state_dict()) for w in self.workers]
+        return checkpoint.write(self.checkpoint_dir, ckpt, self.config.to_dict(), self.setup.dim)
+
+    def restore(self, ckpt: checkpoint.Checkpoint, old_records=None) -> None:
+        """Put the server, every worker and the metrics back at ``ckpt``'s boundary."""
+        checkpoint.restore_server(self.server, ckpt, old_records)
+        for rank, worker in enumerate(self.workers):  # round 0's holds no worker states: the rules are new
+            worker.restore(checkpoint.unpack_state(ckpt.workers[rank], worker.device) if ckpt.workers else None)
+
     def close(self) -> None:
         self.metrics.close()
 
 
 def run_inproc(config: RunConfig, metrics_path: str | None = None, device: str = "cpu", progress: bool = True,
-               until: Callable[[dict], bool] | None = None) -> ServerCore:
+               until: Callable[[dict], bool] | None = None, model_out: str | None = None,
+               checkpoint_dir: str | None = None, checkpoint_every: int = 50, resume: str | None = None) -> ServerCore:
     """Run ``config.rounds`` rounds (fewer if ``until(round_record)`` becomes true) and return the
-    server side, whose ``last`` holds the last round's record."""
-    engine = Engine(config, metrics_path, device)
+    server side, whose ``last`` holds the last round's record; ``model_out``: save the final model."""
+    engine = Engine(config, metrics_path, device, checkpoint_dir, checkpoint_every, resume)
     try:
         with progress_bar(config.rounds, progress) as bar:
             for _ in engine.rounds():
                 bar.update(engine.server.last)
                 if until is not None and until(engine.server.last):
                     break
+        if model_out:
+            checkpoint.save_model(model_out, engine.setup.problem, engine.server.rule.model)
         engine.server.end(engine="inproc")
         return engine.server
     finally:

@@ -11,6 +11,11 @@ A control message is the multipart message
   {rank, reason} (also a worker's confirmation, after the final STOP, that the run's last messages
   arrived)
 * server -> worker: WELCOME {rank, config}, REFUSE {reason}, HEARTBEAT {}, STOP {reason, ok}
+* checkpoints (``runtime.checkpoint``): server -> worker SAVE {t} (upload your state once round t-1
+  is applied), RESTORE {t, fresh, seq} + state frames (roll back to round t; seq is new for each rollback); worker -> server STATE {t}
+  + state frames, RESTORED {rank, t, seq} (the worker's answer to RESTORE: everything it sends after it
+  belongs to the restored run, so the server drops what came before it, and both ends of each link
+  start again from an empty memory)
 
 The algorithm's messages, UP (worker -> server) and DOWN (server -> worker), are lean link messages
 (``common.wire.stream``): one frame (or a head frame and the data frames of a large message) that
@@ -36,7 +41,8 @@ from common.wire import stream
 
 VERSION = 2
 MAGIC = b"PSC%d" % VERSION
-KINDS = (b"HELLO", b"READY", b"STATS", b"HEARTBEAT", b"BYE", b"WELCOME", b"REFUSE", b"STOP")
+KINDS = (b"HELLO", b"READY", b"STATS", b"HEARTBEAT", b"BYE", b"WELCOME", b"REFUSE", b"STOP",
+         b"SAVE", b"STATE", b"RESTORE", b"RESTORED")
 DATA_KINDS = {stream.UP: b"UP", stream.DOWN: b"DOWN"}
 
 

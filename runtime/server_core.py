@@ -26,6 +26,16 @@ class RunFailed(RuntimeError):
     """The run cannot go on; the message says why in one line."""
 
 
+class BadUplink(RunFailed):
+    """Worker ``rank`` sent a malformed or impossible message (bad frames, another round, values
+    that are not finite, a payload its link or the rule did not agree to). It was rejected before
+    the server rule ran, so the run's state is untouched; the server treats the worker as lost."""
+
+    def __init__(self, rank: int, message: str):
+        super().__init__(message)
+        self.rank = rank
+
+
 class ServerCore:
     def __init__(self, setup: RunSetup, metrics: MetricsWriter):
         self.setup = setup
@@ -34,13 +44,19 @@ class ServerCore:
         self.n = setup.config.workers
         self.last_round_end = time.perf_counter()
         self.last: dict[str, Any] = {}
+        self.reset_links()
+        self.control_bytes = 0
+
+    def reset_links(self) -> None:
+        """Forget what every link has said (a new run, or a rollback to a checkpoint: the worker
+        ends forget too, so the next message on each link is sent in full)."""
         self.ups = [LinkDecoder(UP) for _ in range(self.n)]
         self.downs = [LinkEncoder(DOWN) for _ in range(self.n)]
         self.timing: list[tuple[float, float]] = [(0.0, 0.0)] * self.n  # (compute_s, compress_s) this round
-        self.control_bytes = 0
 
     def control(self, nbytes: int) -> None:
-        """Count a control message (heartbeat, telemetry) sent or received during the round."""
+        """Count a control message (heartbeat, telemetry, checkpoint traffic) sent or received
+        during the round."""
         self.control_bytes += nbytes
 
     def stats(self, rank: int, t: int, msg: protocol.Envelope) -> None:
@@ -51,9 +67,8 @@ class ServerCore:
                 raise protocol.ProtocolError(f"expected STATS for round {t}, got {msg.kind.decode()} for round {msg.round_text}")
             self.timing[rank] = (msg.seconds("compute_s"), msg.seconds("compress_s"))
         except protocol.ProtocolError as exc:
-            raise RunFailed(f"round {t}: malformed telemetry from worker {rank}: {exc}") from None
+            raise BadUplink(rank, f"round {t}: malformed telemetry from worker {rank}: {exc}") from None
         self.control(msg.nbytes)
-
     def begin(self, **extra: Any) -> None:
         initial = self.setup.problem.evaluate(self.rule.model)
         self.metrics.start(
@@ -74,7 +89,7 @@ class ServerCore:
                     raise protocol.ProtocolError(f"expected UP for round {t}, got {up.kind.decode()} for round {up.round_text}")
                 msg, bits = self.ups[rank].decode(up.body, t, device=self.rule.x.device, max_dim=self.setup.dim)
             except (WireError, protocol.ProtocolError) as exc:
-                raise RunFailed(f"round {t}: malformed uplink from worker {rank}: {exc}") from None
+                raise BadUplink(rank, f"round {t}: malformed uplink from worker {rank}: {exc}") from None
             msgs.append(msg)
             bits_up.append(bits)
         try:

@@ -16,7 +16,7 @@ from common.compressors.message import Message
 from common.wire.stream import DOWN, UP, LinkDecoder, LinkEncoder
 from runtime.setup import RunSetup
 from common.wire import WireError
-from runtime import protocol
+from runtime import checkpoint, protocol
 
 
 def resolve_device(spec: str, rank: int) -> torch.device:
@@ -43,7 +43,8 @@ class WorkerCore:
     def __init__(self, setup: RunSetup, rank: int, device: torch.device):
         self.setup, self.rank, self.device = setup, rank, device
         self.rule = setup.worker_rule(rank, device)
-        self.up, self.down = LinkEncoder(UP), LinkDecoder(DOWN)  # this worker's two links
+        self.initial = self.rule.state_dict()  # what a rollback to round 0 goes back to
+        self.reset_links()
         self.received: Message | None = None  # the last downlink, as decoded
         self.compute_s = 0.0
         inner = self.rule.oracle
@@ -57,6 +58,17 @@ class WorkerCore:
             return result
 
         self.rule.oracle = timed_oracle
+
+    def reset_links(self) -> None:
+        """Forget what this worker's two links have said (``common.wire.stream``); the server's ends
+        are reset at the same point of the run, so the next message each way is sent in full."""
+        self.up, self.down = LinkEncoder(UP), LinkDecoder(DOWN)
+
+    def restore(self, state: dict | None) -> None:
+        """Roll back to a checkpoint: the rule takes ``state`` (None: the rule's state as built,
+        kept from the start) and the links start again."""
+        checkpoint.restore_rule(self.rule, self.initial if state is None else state)
+        self.reset_links()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -10,7 +10,7 @@ from common.config import RunConfig
 from common.wire import WireError
 from runtime.setup import RunSetup
 from runtime import protocol
-from runtime.server_core import RunFailed, ServerCore
+from runtime.server_core import BadUplink, RunFailed, ServerCore
 from runtime.engine import run_inproc
 from runtime.metrics import MetricsWriter, read_metrics
 from runtime.worker_core import WorkerCore
@@ -84,8 +84,9 @@ def test_malformed_uplink_names_the_worker():
     _, good = WorkerCore(setup, 0, torch.device("cpu")).uplink(0)
     bad = list(good)
     bad[-1] = bad[-1][:-3]
-    with pytest.raises(RunFailed, match="worker 1"):
+    with pytest.raises(BadUplink, match="worker 1") as err:
         server.round(0, [protocol.parse(good), protocol.parse(bad)])
+    assert err.value.rank == 1 and isinstance(err.value, RunFailed)  # the server counts worker 1 lost
     assert torch.equal(server.rule.x, setup.x0.float())  # the state is untouched
 
 

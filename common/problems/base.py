@@ -43,6 +43,20 @@ class Problem:
         """Server-side metrics at x (loss, grad_norm_sq, ...); {} when the server cannot know them."""
         return {}
 
+    def export(self, x: torch.Tensor) -> Any:
+        """What ``--model-out`` saves with ``torch.save`` for the model x: the flat vector (float64 CPU
+        copy unless x is float32); neural networks return a state dict for their model class."""
+        return x.detach().to("cpu").clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The server-side counters ``evaluate`` keeps between calls (saved in a checkpoint so that a
+        resumed run measures on the same schedule); {} for a problem that keeps none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
 
 PROBLEMS: Registry[type[Problem]] = Registry("problem")
 register = PROBLEMS.register  # class decorator: ``@register`` makes a problem buildable by its name

@@ -177,6 +177,15 @@ class NNProblem(Problem):
             xt, yt = xt[keep], yt[keep]
         return self.metrics_on(model, xt, yt)
 
+    def export(self, x):
+        """The model's state dict at x (float32 CPU tensors; BatchNorm statistics recomputed as for the
+        metrics): ``model.load_state_dict(torch.load(path))`` into the model class gives the accuracy
+        the metrics reported."""
+        return {k: v.detach().clone() for k, v in self._server_model(x).state_dict().items()}
+
+    def state_dict(self):
+        return {"_evals": self._evals}
+
     # -- server side ------------------------------------------------------------------------------
     def _fixed_subset(self, n: int, k: int, purpose: str) -> np.ndarray:
         from common.keys import numpy_rng
