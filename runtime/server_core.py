@@ -13,8 +13,7 @@ import hashlib
 import time
 from typing import Any
 
-import torch
-
+from common.compressors.base import all_finite
 from common.wire.stream import DOWN, UP, LinkDecoder, LinkEncoder, encode_parts
 from runtime.setup import RunSetup
 from common.wire import WireError
@@ -98,7 +97,7 @@ class ServerCore:
             raise RunFailed(f"round {t}: the server rule could not use the uplinks ({exc.__class__.__name__}: {exc})") from None
         if len(downs) != self.n:
             raise RunFailed(f"round {t}: the server rule returned {len(downs)} downlinks for {self.n} workers")
-        if not bool(torch.isfinite(self.rule.model).all()):
+        if not all_finite(self.rule.model):
             raise RunFailed(f"round {t}: the model is no longer finite (the run diverged; try a smaller --lr)")
         encoded: dict[int, Any] = {}
         out, bits_down = [], []
