@@ -57,3 +57,16 @@ def wait_for_rounds(path: str, rounds: int, timeout: float) -> None:
 def records(path: str) -> list[dict]:
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def register_by_hand(sock, rank: int, dim: int):
+    """Register a raw DEALER ``sock`` as worker ``rank`` (HELLO, the server's WELCOME, READY) the
+    way a worker does, and return the WELCOME."""
+    from runtime import protocol
+
+    sock.send_multipart(protocol.pack(b"HELLO", {"version": protocol.VERSION, "rank": rank}))
+    assert sock.poll(60_000), "the server never answered HELLO"
+    welcome = protocol.parse(sock.recv_multipart())
+    assert welcome.kind == b"WELCOME" and welcome.header["rank"] == rank
+    sock.send_multipart(protocol.pack(b"READY", {"rank": rank, "dim": dim}))
+    return welcome

@@ -121,7 +121,7 @@ def test_a_worker_that_sends_a_malformed_uplink_is_disconnected_and_replaced(tmp
     from runtime.setup import RunSetup
     from runtime.worker_core import WorkerCore
     from common.config import RunConfig
-    from tests.procs import finish, free_port, kill_all, records, start
+    from tests.procs import finish, free_port, kill_all, records, register_by_hand, start
 
     import torch
 
@@ -137,11 +137,7 @@ def test_a_worker_that_sends_a_malformed_uplink_is_disconnected_and_replaced(tmp
     rogue.setsockopt(zmq.LINGER, 0)
     rogue.connect(endpoint)
     try:
-        rogue.send_multipart(protocol.pack(b"HELLO", {"version": protocol.VERSION, "rank": 0}))
-        assert rogue.poll(60_000)
-        welcome = protocol.parse(rogue.recv_multipart())
-        assert welcome.kind == b"WELCOME" and welcome.header["rank"] == 0
-        rogue.send_multipart(protocol.pack(b"READY", {"rank": 0, "dim": 40}))
+        welcome = register_by_hand(rogue, 0, 40)
         config = RunConfig.from_dict(welcome.header["config"])
         stats, up = WorkerCore(RunSetup.build(config), 0, torch.device("cpu")).uplink(0)
         rogue.send_multipart(stats)

@@ -16,7 +16,7 @@ from runtime.engine import run_inproc
 from runtime.setup import RunSetup
 from runtime.worker_core import WorkerCore
 from tests import slow_problem
-from tests.procs import finish, free_port, kill_all, records, start
+from tests.procs import finish, free_port, kill_all, records, register_by_hand, start
 
 pytestmark = pytest.mark.procs
 
@@ -93,11 +93,7 @@ def test_a_reused_routing_identity_is_not_taken_for_the_crashed_worker(tmp_path)
     victim.setsockopt(zmq.LINGER, 0)
     victim.connect(endpoint)
     try:
-        victim.send_multipart(protocol.pack(b"HELLO", {"version": protocol.VERSION, "rank": 0}))
-        assert victim.poll(60_000)
-        welcome = protocol.parse(victim.recv_multipart())
-        assert welcome.kind == b"WELCOME" and welcome.header["rank"] == 0
-        victim.send_multipart(protocol.pack(b"READY", {"rank": 0, "dim": 40}))
+        register_by_hand(victim, 0, 40)
         victim.close()  # the worker crashes ...
         thief = ctx.socket(zmq.DEALER)  # ... and another connection claims its routing identity at once
         thief.setsockopt(zmq.IDENTITY, b"the-victim")
