@@ -18,8 +18,8 @@ import math
 import torch
 
 from common.compressors.base import Compressor, Constants, Param, float64_norm, register
-from common.compressors.payloads import CPU_BLOCK, LevelTable, Quantized, cpu_blocks, negative_flags
-from common.compressors.rounding import compute_dtype, stochastic_codes, uniform_below
+from common.compressors.payloads import LevelTable, Quantized
+from common.compressors.rounding import compute_dtype, quantize
 
 
 def norm_float32_up(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -44,61 +44,17 @@ def norm_float32_up(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(bump, torch.nextafter(n32, torch.tensor(math.inf, device=x.device)), n32)
 
 
-def dither_codes(t: torch.Tensor, table: LevelTable, levels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """``stochastic_codes(t, ...)`` for t = |x_i| / ||x||_p in [0, 1]: the same codes from the same
-    draws, with int32 level indices and the level pair fetched from the small table (eq. 14's
-    xi(t) = l_k with probability (l_(k+1) - t)/(l_(k+1) - l_k), else l_(k+1)). ``t`` is consumed.
-
-    Uniform levels l_k = k/s (QSGD, ternary): k = floor(t s); base-2 levels 2^(k - s) (natural
-    dithering): k from t's exponent field. Other tables go through ``stochastic_codes``.
-    """
-    top = levels.numel() - 1
-    code_dtype = torch.int16 if top < 2**15 else torch.int32
-    gaps = levels[1:] - levels[:-1]
-    fast = t.dtype == torch.float32 and bool((gaps > 0).all()) and (
-        table.kind == "uniform" or (table.kind == "exp" and table.base == 2.0 and table.s < 127))
-    if not fast:
-        return stochastic_codes(t, table, levels, gen)
-    if top == 1 and table.kind == "uniform":  # ternary: levels {0, 1}, p_up = (t - 0)/(1 - 0) = t
-        return uniform_below(t, gen).to(code_dtype)
-    if table.kind == "uniform":  # floor(t s) (t >= 0: truncation is floor)
-        lo_idx = (t * float(table.s)).to(torch.int32)
-    else:  # t in [2^(E-127), 2^(E-126)) lies above level E - 127 + s; 0 and t < 2^-126 give <= 0
-        lo_idx = t.view(torch.int32).bitwise_right_shift(23).add_(table.s - 127)
-    lo_idx.clamp_(0, top - 1)
-    lo = levels.index_select(0, lo_idx)
-    gap = gaps.index_select(0, lo_idx)
-    # (t - lo) / (hi - lo); hi - lo is the same float difference as in ``stochastic_codes``
-    up = uniform_below(t.sub_(lo).div_(gap), gen)
-    return lo_idx.add_(up).to(code_dtype)
-
-
 class _Dither(Compressor):
     table: LevelTable
     p: float
 
     def _compress(self, x, key):
         x = x.detach()
-        work = compute_dtype(x.dtype)
         norm = norm_float32_up(x, self.p)
-        divisor = norm.to(work).clamp_min(torch.finfo(torch.float32).tiny)
-        levels = self.table.values(work, x.device)
-        gen = key.torch_generator(x.device)
-        if x.device.type != "cpu":
-            codes = dither_codes(x.abs().to(work).div_(divisor), self.table, levels, gen)
-            return Quantized(self.table, x < 0, codes, norm, x.dtype)
-        # block by block (the same draws in the same order as one pass over x)
-        n = x.numel()
-        codes = torch.empty(n, dtype=torch.int16 if levels.numel() <= 2**15 else torch.int32)
-        buf = torch.empty(min(n, CPU_BLOCK), dtype=work)
-        for block in cpu_blocks(n):
-            xb, t = x[block], buf[: block.stop - block.start]
-            if x.dtype == work:
-                torch.abs(xb, out=t)
-            else:
-                t.copy_(xb).abs_()
-            codes[block] = dither_codes(t.div_(divisor), self.table, levels, gen)
-        return Quantized(self.table, negative_flags(x), codes, norm, x.dtype)
+        levels = self.table.values(compute_dtype(x.dtype), x.device)
+        divisor = norm.to(levels.dtype).clamp_min(torch.finfo(torch.float32).tiny)
+        negative, codes = quantize(x, self.table, levels, key.code, divisor)
+        return Quantized(self.table, negative, codes, norm, x.dtype)
 
 
 P_PARAM = Param("p", float, 2.0, lambda v: v >= 1, "a number >= 1 or inf", "the norm the levels are relative to")

@@ -24,7 +24,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from common.compressors import indices as index_sets
+from common.compressors import cpu_kernels, indices as index_sets
 from common.keys import MASK64, StreamKey, mix, purpose_code
 
 
@@ -209,6 +209,9 @@ class Quantized:
         if self.codes.device.type != "cpu":
             index = self.codes.to(itype, copy=True)  # the payload stays
             return signed.index_select(0, index.add_(self.negative, alpha=levels.numel()))
+        fused = cpu_kernels.dequantize(self.codes, self.negative, signed)
+        if fused is not None:
+            return fused
         # on the CPU block by block: the index never exists for the whole vector
         n = self.codes.numel()
         out = torch.empty(n, dtype=self.dtype)

@@ -13,12 +13,12 @@ The payload keeps a sign and a code per coordinate (natural compression: sign + 
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from common.compressors import cpu_kernels
 from common.compressors.base import Compressor, Constants, Param, register
-from common.compressors.payloads import CPU_BLOCK, LevelTable, Quantized, cpu_blocks, negative_flags, rounding_exponent_range
+from common.compressors.draws import uniform_below
+from common.compressors.payloads import LevelTable, Quantized, rounding_exponent_range
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -49,75 +49,41 @@ def lower_level(t: torch.Tensor, table: LevelTable, levels: torch.Tensor) -> tor
     return idx.clamp_(0, top - 1)
 
 
-def stochastic_codes(t: torch.Tensor, table: LevelTable, levels: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+def stochastic_codes(t: torch.Tensor, table: LevelTable, levels: torch.Tensor, key: int | None) -> torch.Tensor:
     """Round each t (>= 0) between the two neighbouring levels.
 
-    With ``gen`` the rounding is unbiased: up with probability (t - lo)/(hi - lo) (linear in value,
-    spec pitfall 5). Without it, to the nearest level (ties down). Values at or above the top level map
-    to the top level.
+    With a stream ``key`` the rounding is unbiased: up with probability (t - lo)/(hi - lo) (linear in
+    value, spec pitfall 5), from the counter-based draws of ``common.compressors.draws``. Without it,
+    to the nearest level (ties down). Values at or above the top level map to the top level.
     """
     top = levels.numel() - 1
     lo_idx = lower_level(t, table, levels)
     lo = levels[lo_idx]
     hi = levels[lo_idx + 1]
-    if gen is None:
+    if key is None:
         up = (t - lo) > (hi - t)
     else:
         gap = hi - lo
         p_up = torch.where(gap > 0, (t - lo) / torch.where(gap > 0, gap, 1), torch.ones_like(t))
-        up = uniform_below(p_up, gen)
+        up = uniform_below(p_up, key)
     return (lo_idx + up).to(torch.int16 if top < 2 ** 15 else torch.int32)
 
 
-def uniform_below(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """``torch.rand(p.shape, generator=gen, dtype=p.dtype) < p``, bit for bit, with the same draws.
-
-    On the CPU torch.rand makes a float32 from the low 24 bits of one 32-bit Mersenne-Twister output,
-    u = k 2^-24 (a float64 from 53 bits of a 64-bit output), and ``random_`` on int32 (int64) hands
-    out those same outputs. So u < p iff k < p 2^24 (exact: scaling by a power of two), and the
-    integer draw skips torch.rand's float conversion pass. Elsewhere torch.rand itself is used.
-    """
-    if p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64):
-        bits, itype = (24, torch.int32) if p.dtype == torch.float32 else (53, torch.int64)
-        k = torch.empty(p.shape, dtype=itype).random_(generator=gen).bitwise_and_((1 << bits) - 1)
-        return k < p * float(2**bits)
-    return torch.rand(p.shape, generator=gen, device=p.device, dtype=p.dtype) < p
-
-
-@functools.lru_cache(maxsize=8)
-def _natural_code_table(top: int) -> torch.Tensor:
-    """Code of a float32 whose biased exponent after rounding is e (e = 0: zero): level k holds
-    2^(k - 150), so a normal 2^(e - 127) is code e + 23, clamped to the top level 2^127."""
-    e = torch.arange(256, dtype=torch.int32)
-    return torch.where(e == 0, 0, (e + 23).clamp(max=top)).to(torch.int16)
-
-
-def natural_codes_float32(x: torch.Tensor, gen: torch.Generator, top: int) -> torch.Tensor | None:
-    """Unbiased rounding of |x| to powers of two for a float32 CPU vector, on its bit pattern
-    (Horvath et al.'s C_nat, spec eq. 12 with b = 2): the same codes and draws as ``stochastic_codes``.
-
-    For a normal |x| = 2^(E - 127)(1 + m 2^-23) the probability of rounding up is m 2^-23 and the draw
-    is u = k 2^-24 (``uniform_below``): up iff floor(k/2) < m iff m + (2^23 - 1 - floor(k/2)) carries
-    into the exponent field. So code = table[exponent field of (x + noise)], with the noise added to
-    the bit pattern. Returns None (and restores the generator) when x holds subnormals, which this
-    does not cover. Works block by block (``cpu_blocks``): the draws are the same as one call's.
-    """
-    state = gen.get_state()
-    bits = x.contiguous().view(torch.int32)
-    table = _natural_code_table(top)
-    codes = torch.empty(x.shape, dtype=torch.int16)
-    noise = torch.empty(min(bits.numel(), CPU_BLOCK), dtype=torch.int32)
-    for block in cpu_blocks(bits.numel()):
-        b = bits[block]
-        e = noise[: b.numel()].random_(generator=gen)
-        e.bitwise_not_().bitwise_right_shift_(1).bitwise_and_(0x7FFFFF)
-        e.add_(b).bitwise_right_shift_(23).bitwise_and_(0xFF)  # the sign bit never changes
-        if int(e.amin()) <= 1:  # zeros, or possibly subnormals: look at the input
-            if bool(((b & 0x7FFFFFFF) - 1 >> 23 == 0).any()):  # 0 < |x| < 2^-126
-                gen.set_state(state)
-                return None
-        torch.index_select(table, 0, e, out=codes[block])
-    return codes
+def quantize(x: torch.Tensor, table: LevelTable, levels: torch.Tensor, key: int | None,
+             divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x < 0, codes) of t = |x| (/ ``divisor``) against ``levels`` (in the arithmetic dtype): one
+    compiled pass on the CPU (``cpu_kernels``), the vectorized torch version elsewhere; both give the
+    same codes from the same draws."""
+    x = x.detach()
+    uniform_s = table.s if table.kind == "uniform" else 0
+    if x.device.type == "cpu":
+        out = cpu_kernels.quantize(x, levels, uniform_s, 0 if key is None else key, key is not None, divisor)
+        if out is not None:
+            return out
+    t = x.abs().to(levels.dtype)
+    if divisor is not None:
+        t = t.div_(divisor)
+    return x < 0, stochastic_codes(t, table, levels, key)
 
 
 @register
@@ -144,17 +110,8 @@ class ExpRounding(Compressor):
         table = LevelTable("rounding", self.base, dtype_name=str(x.dtype).removeprefix("torch."))
         work = compute_dtype(x.dtype)
         levels = table.values(work, x.device)
-        gen = None if self.biased else key.torch_generator(x.device)
-        codes = None
-        if gen is not None and self.base == 2.0 and x.dtype == torch.float32 and x.device.type == "cpu":
-            codes = natural_codes_float32(x.detach(), gen, levels.numel() - 1)
-        if codes is None and x.device.type == "cpu":  # block by block: the same draws in the same order
-            codes = torch.empty(x.shape, dtype=torch.int16 if levels.numel() <= 2**15 else torch.int32)
-            for block in cpu_blocks(x.numel()):
-                codes[block] = stochastic_codes(x.detach()[block].abs().to(work), table, levels, gen)
-        if codes is None:
-            codes = stochastic_codes(x.detach().abs().to(work), table, levels, gen)
-        return Quantized(table, negative_flags(x.detach()), codes, None, x.dtype)
+        negative, codes = quantize(x, table, levels, None if self.biased else key.code)
+        return Quantized(table, negative, codes, None, x.dtype)
 
 
 @register

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from common.compressors import cpu_kernels
 from common.compressors.base import all_finite
 from common.compressors.indices import permk_block_size
 from common.compressors.payloads import (
@@ -155,21 +156,22 @@ def _enc_quantized(p: Quantized, out: list) -> list:
     top = len(table) - 1
     mode, offset, width = PLAIN, 0, 0
     if n:
-        lo, hi = (int(v) for v in torch.aminmax(codes))
+        span = cpu_kernels.code_range(codes)  # one pass on the CPU
+        lo, hi = span[:2] if span else (int(v) for v in torch.aminmax(codes))
         if lo < 0 or hi > top:
             raise WireError(f"Quantized: codes span [{lo}, {hi}], outside the table's [0, {top}]")
         mode, offset, width = PLAIN, lo, bitpack.width_for(hi - lo + 1)
         if lo == 0 and width > 1:  # the zero escape needs at least 1 bit too
-            lo_nz = _smallest_nonzero(codes)
+            lo_nz = span[2] if span else _smallest_nonzero(codes)
             if bitpack.width_for(hi - lo_nz + 2) < width:
                 mode, offset, width = ZERO_ESCAPE, lo_nz, bitpack.width_for(hi - lo_nz + 2)
-    small = torch.uint8 if width <= 8 else torch.int64
-    if mode == PLAIN:
-        fields = _fields(codes, offset, False, small)
-    else:  # code 0 -> field 0, code c >= offset -> c - offset + 1 (c - (offset - 1) is <= 0 only for 0)
-        fields = _fields(codes, offset - 1, True, small)
+    # code 0 -> field 0, code c >= offset -> c - offset + 1 (c - (offset - 1) is <= 0 only for 0)
+    minus, clamp = (offset, False) if mode == PLAIN else (offset - 1, True)
+    packed = cpu_kernels.pack_codes(codes, minus, clamp, width)
+    if packed is None:
+        packed = bitpack.pack(_fields(codes, minus, clamp, torch.uint8 if width <= 8 else torch.int64), width)
     out.append(bitpack.pack(neg, 1))
-    out.append(bitpack.pack(fields, width))
+    out.append(packed)
     norm = None if p.norm is None else _scalar_bits(p.norm, "Quantized", "norm")
     return [
         QUANTIZED, _dtype_code(p.dtype, "Quantized"), n, TABLE_KINDS.index(table.kind), _number(table.base),
@@ -472,6 +474,12 @@ def _parse_quantized(node, what, min_n, max_dim) -> _Plan:
         code_dtype = torch.int16 if top < 2**15 else torch.int32
         largest = offset + (1 << width) - (1 if mode == PLAIN else 2)  # the largest code the fields allow
         work = code_dtype if largest < 2**15 else torch.int64  # no overflow before the range check
+        fused = cpu_kernels.unpack_codes(data, n, width, offset, mode == ZERO_ESCAPE, code_dtype)
+        if fused is not None:
+            codes, got = fused
+            if n and got > top:
+                raise WireError(f"{what}: code {got} outside the table's [0, {top}]")
+            return Quantized(table, negative, codes, norm, dtype)
         if 1 <= width <= 8:
             fields = bitpack.unpack_u8(_tensor(data), n, width).to(work)
         else:

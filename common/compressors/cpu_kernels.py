@@ -1,0 +1,268 @@
+"""The quantizers' CPU hot path as compiled single passes (Numba): quantize, pack, unpack, dequantize.
+
+``quantize`` computes, for every coordinate, the sign flag and the level code of exponential
+rounding (natural compression included), exponential / natural dithering, QSGD and ternary
+quantization: t_i = |x_i| (divided by the norm for dithering), its lower level l_k <= t_i < l_(k+1),
+and the code k or k + 1 (stochastic: up with probability (t_i - l_k)/(l_(k+1) - l_k), Beznosikov et
+al. eqs. 12-14; biased: the nearer level, ties down). The torch version in ``rounding`` (used on
+other devices, and on the CPU where Numba is missing) does the same in about ten vectorized passes
+with temporaries; this kernel reads x once and writes one flag and one code per coordinate, with the
+same float arithmetic and the same counter-based draws (``common.compressors.draws``), so the two
+give identical codes (tests/test_cpu_kernels.py).
+
+The lower level is found without a search over the whole table: ``binade_starts`` gives, for each
+exponent field of the arithmetic dtype, the lower level of the smallest number with that field, and
+a forward step finishes (one step for base >= 2, a short scan for bases below 2). Uniform tables
+(QSGD, ternary) use floor(t s), as the torch version does.
+
+The wire codec uses the other kernels for a ``Quantized`` payload on the CPU: ``code_range`` (min,
+max and smallest nonzero code in one pass), ``pack_codes`` / ``unpack_codes`` (fields of 1..8 bits in
+the ``common.wire.bitpack`` layout, 8 fields per 64-bit word, with the code offset and zero escape
+applied on the way) and ``dequantize`` (one gather from the signed level table). Each returns None
+where it does not apply, and the caller falls back to the torch version.
+
+Kernels are compiled on first use (about a second) and cached on disk (Numba's ``cache=True``).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from common.compressors.draws import GOLDEN, MIX1, MIX2
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    try:
+        import numba
+    except ImportError:
+        return None
+    u64 = np.uint64
+    golden, mix1, mix2 = u64(GOLDEN), u64(MIX1), u64(MIX2)
+
+    def jit(**options):
+        """Compiled without the GIL and cached on disk; without the cache where no folder is writable
+        (a read-only install), since Numba refuses to decorate a cached function there."""
+        def decorate(fn):
+            try:
+                return numba.njit(cache=True, nogil=True, **options)(fn)
+            except RuntimeError:
+                return numba.njit(nogil=True, **options)(fn)
+        return decorate
+
+    # One flat loop per dtype: the coordinate's code is a few loads, one division and compares; the
+    # coin flip and the level step are arithmetic, not branches (a mispredicted branch per coordinate
+    # cost more than the rest), and error_model="numpy" drops the zero-division check of each division.
+
+    @jit(error_model="numpy")
+    def quantize32(x, divisor, uniform_s, starts, levels, top, key, stochastic, neg, codes):
+        scale = np.float32(16777216.0)  # 2^24
+        s = np.float32(uniform_s)
+        n = x.size
+        for j in range((n + 1) // 2):
+            z = key + u64(j + 1) * golden  # one SplitMix64 output for coordinates 2j and 2j + 1
+            z = (z ^ (z >> u64(30))) * mix1
+            z = (z ^ (z >> u64(27))) * mix2
+            z = z ^ (z >> u64(31))
+            for h in range(2):
+                i = 2 * j + h
+                if i == n:
+                    break
+                v = x[i]
+                neg[i] = v < 0
+                t = np.float32(abs(v) / divisor)  # divisor 1 (exact) when there is no norm
+                if uniform_s > 0:
+                    k = np.int64(np.float32(t * s))  # truncation is floor for t >= 0
+                else:
+                    k = np.int64(starts[(t.view(np.int32) >> 23) & 0xFF])
+                    k += np.int64(levels[k + 1] <= t)  # the one step of base >= 2
+                    while k < top - 1 and levels[k + 1] <= t:
+                        k += 1
+                k = min(max(k, 0), top - 1)
+                lo = levels[k]
+                hi = levels[k + 1]
+                if stochastic:
+                    draw = np.float32(np.int64((z >> u64(32 * h)) & u64(0xFFFFFF)))
+                    gap = np.float32(hi - lo)
+                    p = np.float32(np.float32(t - lo) / gap)
+                    up = np.int64(draw < np.float32(p * scale)) | np.int64(gap <= 0)  # p = 1 where the gap is 0
+                else:
+                    up = np.int64(np.float32(t - lo) > np.float32(hi - t))
+                codes[i] = k + up
+
+    @jit(error_model="numpy")
+    def quantize64(x, divisor, uniform_s, starts, levels, top, key, stochastic, neg, codes):
+        scale = 9007199254740992.0  # 2^53
+        s = np.float64(uniform_s)
+        for i in range(x.size):
+            v = x[i]
+            neg[i] = v < 0
+            t = np.float64(abs(v) / divisor)
+            if uniform_s > 0:
+                k = np.int64(t * s)
+            else:
+                k = np.int64(starts[(t.view(np.int64) >> 52) & 0x7FF])
+                k += np.int64(levels[k + 1] <= t)  # without a branch: the one step of base >= 2
+                while k < top - 1 and levels[k + 1] <= t:
+                    k += 1
+            k = min(max(k, 0), top - 1)
+            lo = levels[k]
+            hi = levels[k + 1]
+            if stochastic:
+                z = key + u64(i + 1) * golden
+                z = (z ^ (z >> u64(30))) * mix1
+                z = (z ^ (z >> u64(27))) * mix2
+                z = z ^ (z >> u64(31))
+                draw = np.float64(np.int64(z >> u64(11)))
+                gap = hi - lo
+                p = (t - lo) / gap
+                up = np.int64(draw < p * scale) | np.int64(gap <= 0)
+            else:
+                up = np.int64((t - lo) > (hi - t))
+            codes[i] = k + up
+
+    @jit()
+    def code_range(codes):
+        """(smallest code, largest code, smallest nonzero code or -1)."""
+        lo, hi, nz = np.int64(2**62), np.int64(-1), np.int64(2**62)
+        for i in range(codes.size):
+            c = np.int64(codes[i])
+            lo = min(lo, c)
+            hi = max(hi, c)
+            nz = min(nz, c if c != 0 else np.int64(2**62))
+        return lo, hi, (nz if nz < 2**62 else np.int64(-1))
+
+    @jit()
+    def pack_small(codes, minus, clamp, width, out):
+        """Fields codes - minus (clamped at 0 when ``clamp``) of ``width`` <= 8 bits, least significant
+        bit first: 8 fields make one 8 * width-bit word, written as ``width`` bytes."""
+        n = codes.size
+        groups = (n + 7) // 8
+        for g in range(groups):
+            word = u64(0)
+            for j in range(8):
+                i = 8 * g + j
+                f = np.int64(codes[i]) - minus if i < n else np.int64(0)
+                if clamp:
+                    f = max(f, np.int64(0))
+                word |= u64(f) << u64(j * width)
+            for b in range(width):
+                o = g * width + b
+                if o < out.size:
+                    out[o] = np.uint8((word >> u64(8 * b)) & u64(0xFF))
+
+    @jit()
+    def unpack_small(data, n, width, offset, escape, codes):
+        """Inverse of ``pack_small`` with the offset added back (``escape``: field 0 is code 0 and
+        field f > 0 is code f + offset - 1). Returns the largest code."""
+        mask = u64((1 << width) - 1)
+        largest = np.int64(0)
+        groups = (n + 7) // 8
+        for g in range(groups):
+            word = u64(0)
+            for b in range(width):
+                o = g * width + b
+                if o < data.size:
+                    word |= u64(data[o]) << u64(8 * b)
+            for j in range(8):
+                i = 8 * g + j
+                if i < n:
+                    f = np.int64((word >> u64(j * width)) & mask)
+                    c = (f + offset - 1 if f != 0 else np.int64(0)) if escape else f + offset
+                    largest = max(largest, c)
+                    codes[i] = c
+        return largest
+
+    @jit()
+    def dequantize(codes, negative, signed, out):
+        """out_i = signed[code_i + L negative_i] with ``signed`` = [levels, -levels] (L levels)."""
+        half = signed.size // 2
+        for i in range(codes.size):
+            out[i] = signed[np.int64(codes[i]) + half * np.int64(negative[i])]
+
+    return {np.float32: quantize32, np.float64: quantize64, "code_range": code_range,
+            "pack_small": pack_small, "unpack_small": unpack_small, "dequantize": dequantize}
+
+
+def available() -> bool:
+    return _kernels() is not None
+
+
+@functools.lru_cache(maxsize=64)
+def binade_starts(levels_bytes: bytes, np_dtype) -> np.ndarray:
+    """For each exponent field E of ``np_dtype``: the index of the largest level <= the smallest
+    non-negative number with field E (0 for E = 0), clamped to [0, top - 1]."""
+    levels = np.frombuffer(levels_bytes, dtype=np_dtype)
+    top = len(levels) - 1
+    fields, bias = (256, 127) if np_dtype == np.float32 else (2048, 1023)
+    lows = np.concatenate([[0.0], np.ldexp(1.0, np.arange(1, fields - 1) - bias), [np.inf]])  # exact in float64
+    starts = np.searchsorted(levels, lows, side="right") - 1
+    return np.clip(starts, 0, top - 1).astype(np.int32)
+
+
+def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, stochastic: bool,
+             divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x < 0, codes) for a CPU vector ``x`` against ``levels`` (float32 or float64: the arithmetic
+    dtype), or None when Numba is missing. ``uniform_s`` > 0 for the uniform tables l_k = k / s;
+    ``divisor`` (a 0-d tensor) divides |x| first (dithering); ``key`` names the draws."""
+    kernels = _kernels()
+    if kernels is None:
+        return None
+    work = levels.dtype
+    np_work = np.float32 if work == torch.float32 else np.float64
+    xs = x.detach().contiguous()
+    if xs.dtype != work:
+        xs = xs.to(work)
+    lv = levels.contiguous().numpy()
+    top = len(lv) - 1
+    starts = binade_starts(lv.tobytes(), np_work)
+    neg = np.empty(xs.numel(), dtype=np.bool_)
+    codes = np.empty(xs.numel(), dtype=np.int16 if top < 2**15 else np.int32)
+    div = np_work(1.0 if divisor is None else float(divisor))
+    kernels[np_work](xs.numpy().reshape(-1), div, int(uniform_s), starts, lv, top,
+                     np.uint64(key), bool(stochastic), neg, codes)
+    return torch.from_numpy(neg).view(x.shape), torch.from_numpy(codes).view(x.shape)
+
+
+def code_range(codes: torch.Tensor) -> tuple[int, int, int] | None:
+    """(min, max, smallest nonzero or -1) of a CPU code vector in one pass; None without Numba."""
+    kernels = _kernels()
+    if kernels is None or codes.device.type != "cpu" or codes.numel() == 0:
+        return None
+    lo, hi, nz = kernels["code_range"](codes.contiguous().numpy())
+    return int(lo), int(hi), int(nz)
+
+
+def pack_codes(codes: torch.Tensor, minus: int, clamp: bool, width: int) -> torch.Tensor | None:
+    """The packed fields codes - minus (clamped at 0) of ``width`` in 1..8 bits (``common.wire.bitpack``
+    layout) for a CPU code vector; None where this kernel does not apply."""
+    kernels = _kernels()
+    if kernels is None or codes.device.type != "cpu" or not 1 <= width <= 8:
+        return None
+    out = np.empty((codes.numel() * width + 7) // 8, dtype=np.uint8)
+    kernels["pack_small"](codes.contiguous().numpy(), int(minus), bool(clamp), int(width), out)
+    return torch.from_numpy(out)
+
+
+def unpack_codes(data: np.ndarray, n: int, width: int, offset: int, escape: bool,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, int] | None:
+    """(codes, largest code) from ``n`` packed fields of ``width`` in 1..8 bits; None where this kernel
+    does not apply."""
+    kernels = _kernels()
+    if kernels is None or not 1 <= width <= 8:
+        return None
+    codes = np.empty(n, dtype=np.int16 if dtype == torch.int16 else np.int32)
+    largest = kernels["unpack_small"](data, n, width, offset, escape, codes)
+    return torch.from_numpy(codes), int(largest)
+
+
+def dequantize(codes: torch.Tensor, negative: torch.Tensor, signed: torch.Tensor) -> torch.Tensor | None:
+    """signed[code + L negative] for CPU tensors (``signed`` = [levels, -levels]); None without Numba."""
+    kernels = _kernels()
+    if kernels is None or codes.device.type != "cpu" or signed.dtype not in (torch.float32, torch.float64):
+        return None
+    out = np.empty(codes.numel(), dtype=signed.numpy().dtype)
+    kernels["dequantize"](codes.contiguous().numpy(), negative.contiguous().numpy(), signed.contiguous().numpy(), out)
+    return torch.from_numpy(out)
