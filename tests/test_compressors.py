@@ -236,3 +236,17 @@ def test_cuda_constants_hold(spec, d, n):
         assert upper_ok(m.err(), cst["omega"] * sq, sq)[0]
     if cst["alpha"] is not None:
         assert upper_ok(m.err(), (1 - cst["alpha"]) * sq, sq)[0]
+
+
+def test_all_finite_is_exact_for_large_vectors_whose_sum_overflows():
+    """Large vectors are checked by their sum first; a sum that overflows must not count as a NaN."""
+    from common.compressors.base import all_finite
+
+    x = torch.randn(1 << 17, generator=torch.Generator().manual_seed(0))
+    assert all_finite(x)
+    x[:4] = 3e38  # finite values whose float32 sum is inf
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[77] = bad
+        assert not all_finite(y)

@@ -125,6 +125,28 @@ def test_draws_do_not_depend_on_block_boundaries():
     assert torch.equal(long.codes[:4_001], short.codes)
 
 
+@pytest.mark.parametrize("spec", ["natural", "natdither:s=8,p=2", "qsgd:s=16", "exprounding:base=3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_result_does_not_depend_on_how_many_threads_share_the_vector(spec, dtype, monkeypatch):
+    """Codes, frames and decoded vectors are the same whether one thread or three handle pieces of
+    the vector (pieces of at least 1000 coordinates here instead of 2^18, so that a small vector splits)."""
+    x = _awkward(dtype, 10_007)
+    c = build(spec, x.numel(), 4, seed=6)
+
+    def run(threads):
+        monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
+        p = c.compress(x, worker=3, step=11)
+        frames = encode(p)
+        return p, [bytes(f) for f in frames], c.decompress(decode(frames))
+
+    monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1000)
+    one, many = run(1), run(3)
+    assert len(cpu_kernels._chunks(x.numel(), 8)) == 3
+    assert torch.equal(one[0].codes, many[0].codes) and torch.equal(one[0].negative, many[0].negative)
+    assert one[1] == many[1]
+    assert torch.equal(one[2], many[2])
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("spec", ["natural", "natdither:s=2,p=inf", "qsgd:s=16", "ternary"])
 def test_cuda_and_cpu_compress_to_the_same_codes(spec):

@@ -26,6 +26,7 @@ Kernels are compiled on first use (about a second) and cached on disk (Numba's `
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -52,48 +53,65 @@ def _kernels():
                 return numba.njit(nogil=True, **options)(fn)
         return decorate
 
-    # One flat loop per dtype: the coordinate's code is a few loads, one division and compares; the
-    # coin flip and the level step are arithmetic, not branches (a mispredicted branch per coordinate
-    # cost more than the rest), and error_model="numpy" drops the zero-division check of each division.
+    # float32 works on blocks of 4096 coordinates in four loops, so that the divisions run as vector
+    # instructions: |x| / norm (vectorized), the level lookup (scalar: table loads), the draws (two per
+    # SplitMix64 output), then (t - lo) / gap and the coin flip (vectorized). The coin flip and the
+    # level step are arithmetic, not branches (a mispredicted branch per coordinate cost more than
+    # the rest), and error_model="numpy" drops the zero-division check of each division. ``first``
+    # is the index of x[0] in the whole vector (even), which names the draws.
 
     @jit(error_model="numpy")
-    def quantize32(x, divisor, uniform_s, starts, levels, top, key, stochastic, neg, codes):
+    def quantize32(x, first, divisor, uniform_s, starts, crowded, levels, top, key, stochastic, neg, codes):
         scale = np.float32(16777216.0)  # 2^24
         s = np.float32(uniform_s)
         n = x.size
-        for j in range((n + 1) // 2):
-            z = key + u64(j + 1) * golden  # one SplitMix64 output for coordinates 2j and 2j + 1
-            z = (z ^ (z >> u64(30))) * mix1
-            z = (z ^ (z >> u64(27))) * mix2
-            z = z ^ (z >> u64(31))
-            for h in range(2):
-                i = 2 * j + h
-                if i == n:
-                    break
-                v = x[i]
-                neg[i] = v < 0
-                t = np.float32(abs(v) / divisor)  # divisor 1 (exact) when there is no norm
+        t = np.empty(BLOCK, np.float32)
+        num = np.empty(BLOCK, np.float32)
+        den = np.empty(BLOCK, np.float32)
+        low = np.empty(BLOCK, np.int64)
+        draw = np.empty(BLOCK, np.float32)
+        for b0 in range(0, n, BLOCK):
+            m = min(BLOCK, n - b0)
+            for j in range(m):
+                v = x[b0 + j]
+                neg[b0 + j] = v < 0
+                t[j] = np.float32(abs(v) / divisor)  # divisor 1 (exact) when there is no norm
+            fields = t.view(np.int32)
+            for j in range(m):
+                tj = t[j]
                 if uniform_s > 0:
-                    k = np.int64(np.float32(t * s))  # truncation is floor for t >= 0
+                    k = np.int64(np.float32(tj * s))  # truncation is floor for t >= 0
                 else:
-                    k = np.int64(starts[(t.view(np.int32) >> 23) & 0xFF])
-                    k += np.int64(levels[k + 1] <= t)  # the one step of base >= 2
-                    while k < top - 1 and levels[k + 1] <= t:
-                        k += 1
+                    field = (fields[j] >> 23) & 0xFF
+                    k = np.int64(starts[field])
+                    k += np.int64(levels[k + 1] <= tj)  # the one step of base >= 2
+                    if crowded[field]:  # a binade with more levels (bases below 2, subnormals)
+                        while k < top - 1 and levels[k + 1] <= tj:
+                            k += 1
                 k = min(max(k, 0), top - 1)
-                lo = levels[k]
-                hi = levels[k + 1]
-                if stochastic:
-                    draw = np.float32(np.int64((z >> u64(32 * h)) & u64(0xFFFFFF)))
-                    gap = np.float32(hi - lo)
-                    p = np.float32(np.float32(t - lo) / gap)
-                    up = np.int64(draw < np.float32(p * scale)) | np.int64(gap <= 0)  # p = 1 where the gap is 0
-                else:
-                    up = np.int64(np.float32(t - lo) > np.float32(hi - t))
-                codes[i] = k + up
+                low[j] = k
+                num[j] = np.float32(tj - levels[k])
+                # stochastic: the gap hi - lo; nearest level: hi - t, compared with t - lo (ties down)
+                den[j] = np.float32(levels[k + 1] - levels[k]) if stochastic else np.float32(levels[k + 1] - tj)
+            if stochastic:
+                for p in range((m + 1) // 2):  # one SplitMix64 output for coordinates 2p and 2p + 1
+                    z = key + u64((first + b0) // 2 + p + 1) * golden
+                    z = (z ^ (z >> u64(30))) * mix1
+                    z = (z ^ (z >> u64(27))) * mix2
+                    z = z ^ (z >> u64(31))
+                    draw[2 * p] = np.float32(np.int64(z & u64(0xFFFFFF)))
+                    draw[2 * p + 1] = np.float32(np.int64((z >> u64(32)) & u64(0xFFFFFF)))
+                for j in range(m):  # up with probability (t - lo) / gap; p = 1 where the gap is 0
+                    gap = den[j]
+                    up = np.int64(draw[j] < np.float32(np.float32(num[j] / gap) * scale)) | np.int64(gap <= 0)
+                    codes[b0 + j] = low[j] + up
+            else:
+                for j in range(m):
+                    codes[b0 + j] = low[j] + np.int64(num[j] > den[j])
 
     @jit(error_model="numpy")
-    def quantize64(x, divisor, uniform_s, starts, levels, top, key, stochastic, neg, codes):
+    def quantize64(x, first, divisor, uniform_s, starts, crowded, levels, top, key, stochastic, neg, codes):
+        """float64, one coordinate at a time; a 53-bit draw per coordinate."""
         scale = 9007199254740992.0  # 2^53
         s = np.float64(uniform_s)
         for i in range(x.size):
@@ -103,22 +121,22 @@ def _kernels():
             if uniform_s > 0:
                 k = np.int64(t * s)
             else:
-                k = np.int64(starts[(t.view(np.int64) >> 52) & 0x7FF])
-                k += np.int64(levels[k + 1] <= t)  # without a branch: the one step of base >= 2
-                while k < top - 1 and levels[k + 1] <= t:
-                    k += 1
+                field = (t.view(np.int64) >> 52) & 0x7FF
+                k = np.int64(starts[field])
+                k += np.int64(levels[k + 1] <= t)
+                if crowded[field]:
+                    while k < top - 1 and levels[k + 1] <= t:
+                        k += 1
             k = min(max(k, 0), top - 1)
             lo = levels[k]
             hi = levels[k + 1]
             if stochastic:
-                z = key + u64(i + 1) * golden
+                z = key + u64(first + i + 1) * golden
                 z = (z ^ (z >> u64(30))) * mix1
                 z = (z ^ (z >> u64(27))) * mix2
                 z = z ^ (z >> u64(31))
-                draw = np.float64(np.int64(z >> u64(11)))
                 gap = hi - lo
-                p = (t - lo) / gap
-                up = np.int64(draw < p * scale) | np.int64(gap <= 0)
+                up = np.int64(np.float64(np.int64(z >> u64(11))) < (t - lo) / gap * scale) | np.int64(gap <= 0)
             else:
                 up = np.int64((t - lo) > (hi - t))
             codes[i] = k + up
@@ -186,20 +204,54 @@ def _kernels():
             "pack_small": pack_small, "unpack_small": unpack_small, "dequantize": dequantize}
 
 
+BLOCK = 4096  # coordinates a kernel handles per inner loop (its temporaries stay in the L1/L2 cache)
+MIN_CHUNK = 1 << 18  # coordinates below which a second thread costs more than it saves
+
+
 def available() -> bool:
     return _kernels() is not None
 
 
 @functools.lru_cache(maxsize=64)
-def binade_starts(levels_bytes: bytes, np_dtype) -> np.ndarray:
+def binade_starts(levels_bytes: bytes, np_dtype) -> tuple[np.ndarray, np.ndarray]:
     """For each exponent field E of ``np_dtype``: the index of the largest level <= the smallest
-    non-negative number with field E (0 for E = 0), clamped to [0, top - 1]."""
+    non-negative number with field E (0 for E = 0), clamped to [0, top - 1]; and whether the binade
+    of E holds more than one level above that one (then one step up may not reach t's level)."""
     levels = np.frombuffer(levels_bytes, dtype=np_dtype)
     top = len(levels) - 1
     fields, bias = (256, 127) if np_dtype == np.float32 else (2048, 1023)
     lows = np.concatenate([[0.0], np.ldexp(1.0, np.arange(1, fields - 1) - bias), [np.inf]])  # exact in float64
-    starts = np.searchsorted(levels, lows, side="right") - 1
-    return np.clip(starts, 0, top - 1).astype(np.int32)
+    starts = np.clip(np.searchsorted(levels, lows, side="right") - 1, 0, top - 1)
+    ends = np.append(starts[1:], top - 1)  # the lower level of the next binade's smallest number
+    return starts.astype(np.int32), (ends - starts > 1)
+
+
+def _chunks(n: int, align: int) -> list[tuple[int, int]]:
+    """Contiguous pieces of range(n), one per torch CPU thread, each at least ``MIN_CHUNK`` long and
+    starting at a multiple of ``align``."""
+    parts = max(1, min(_threads(), n // MIN_CHUNK))
+    step = -(-n // parts // align) * align if parts > 1 else n
+    return [(a, min(n, a + step)) for a in range(0, n, max(step, 1))] or [(0, 0)]
+
+
+def _run(n: int, align: int, fn) -> list:
+    """``fn(start, stop)`` over the pieces of ``_chunks``, in parallel threads (the kernels release the
+    GIL); the results in order. Every piece computes what one call over range(n) would, so the
+    result does not depend on the number of threads."""
+    pieces = _chunks(n, align)
+    if len(pieces) == 1:
+        return [fn(*pieces[0])]
+    return list(_pool().map(lambda piece: fn(*piece), pieces))
+
+
+def _threads() -> int:
+    """As many as torch uses for its CPU ops (``torch.set_num_threads`` limits both)."""
+    return torch.get_num_threads()
+
+
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(2, _threads()), thread_name_prefix="psc-codec")
 
 
 def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, stochastic: bool,
@@ -215,24 +267,31 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
     xs = x.detach().contiguous()
     if xs.dtype != work:
         xs = xs.to(work)
+    flat = xs.numpy().reshape(-1)
     lv = levels.contiguous().numpy()
     top = len(lv) - 1
-    starts = binade_starts(lv.tobytes(), np_work)
-    neg = np.empty(xs.numel(), dtype=np.bool_)
-    codes = np.empty(xs.numel(), dtype=np.int16 if top < 2**15 else np.int32)
+    starts, crowded = binade_starts(lv.tobytes(), np_work)
+    neg = np.empty(flat.size, dtype=np.bool_)
+    codes = np.empty(flat.size, dtype=np.int16 if top < 2**15 else np.int32)
     div = np_work(1.0 if divisor is None else float(divisor))
-    kernels[np_work](xs.numpy().reshape(-1), div, int(uniform_s), starts, lv, top,
-                     np.uint64(key), bool(stochastic), neg, codes)
+    kernel = kernels[np_work]
+
+    def piece(a, b):
+        kernel(flat[a:b], a, div, int(uniform_s), starts, crowded, lv, top, np.uint64(key), bool(stochastic), neg[a:b], codes[a:b])
+
+    _run(flat.size, 2, piece)
     return torch.from_numpy(neg).view(x.shape), torch.from_numpy(codes).view(x.shape)
 
 
 def code_range(codes: torch.Tensor) -> tuple[int, int, int] | None:
-    """(min, max, smallest nonzero or -1) of a CPU code vector in one pass; None without Numba."""
+    """(min, max, smallest nonzero or -1) of a CPU code vector; None without Numba."""
     kernels = _kernels()
     if kernels is None or codes.device.type != "cpu" or codes.numel() == 0:
         return None
-    lo, hi, nz = kernels["code_range"](codes.contiguous().numpy())
-    return int(lo), int(hi), int(nz)
+    flat = codes.contiguous().numpy()
+    spans = _run(flat.size, 1, lambda a, b: kernels["code_range"](flat[a:b]))
+    nonzero = [int(nz) for _, _, nz in spans if nz >= 0]
+    return min(int(lo) for lo, _, _ in spans), max(int(hi) for _, hi, _ in spans), min(nonzero, default=-1)
 
 
 def pack_codes(codes: torch.Tensor, minus: int, clamp: bool, width: int) -> torch.Tensor | None:
@@ -241,8 +300,13 @@ def pack_codes(codes: torch.Tensor, minus: int, clamp: bool, width: int) -> torc
     kernels = _kernels()
     if kernels is None or codes.device.type != "cpu" or not 1 <= width <= 8:
         return None
-    out = np.empty((codes.numel() * width + 7) // 8, dtype=np.uint8)
-    kernels["pack_small"](codes.contiguous().numpy(), int(minus), bool(clamp), int(width), out)
+    flat = codes.contiguous().numpy()
+    out = np.empty((flat.size * width + 7) // 8, dtype=np.uint8)
+
+    def piece(a, b):  # a is a multiple of 8 fields: byte a * width / 8 starts its group
+        kernels["pack_small"](flat[a:b], int(minus), bool(clamp), int(width), out[a * width // 8:(b * width + 7) // 8])
+
+    _run(flat.size, 8, piece)
     return torch.from_numpy(out)
 
 
@@ -254,8 +318,11 @@ def unpack_codes(data: np.ndarray, n: int, width: int, offset: int, escape: bool
     if kernels is None or not 1 <= width <= 8:
         return None
     codes = np.empty(n, dtype=np.int16 if dtype == torch.int16 else np.int32)
-    largest = kernels["unpack_small"](data, n, width, offset, escape, codes)
-    return torch.from_numpy(codes), int(largest)
+
+    def piece(a, b):
+        return kernels["unpack_small"](data[a * width // 8:(b * width + 7) // 8], b - a, width, offset, escape, codes[a:b])
+
+    return torch.from_numpy(codes), max(int(v) for v in _run(n, 8, piece))
 
 
 def dequantize(codes: torch.Tensor, negative: torch.Tensor, signed: torch.Tensor) -> torch.Tensor | None:
@@ -263,6 +330,7 @@ def dequantize(codes: torch.Tensor, negative: torch.Tensor, signed: torch.Tensor
     kernels = _kernels()
     if kernels is None or codes.device.type != "cpu" or signed.dtype not in (torch.float32, torch.float64):
         return None
-    out = np.empty(codes.numel(), dtype=signed.numpy().dtype)
-    kernels["dequantize"](codes.contiguous().numpy(), negative.contiguous().numpy(), signed.contiguous().numpy(), out)
+    c, neg, table = codes.contiguous().numpy(), negative.contiguous().numpy(), signed.contiguous().numpy()
+    out = np.empty(c.size, dtype=table.dtype)
+    _run(c.size, 1, lambda a, b: kernels["dequantize"](c[a:b], neg[a:b], table, out[a:b]))
     return torch.from_numpy(out)
