@@ -78,7 +78,7 @@ class Worker:
             if not self.sock.poll(int(min(left, self.heartbeat) * 1000)):
                 continue
             heard = time.monotonic()
-            frames = self.sock.recv_multipart()
+            frames = self.sock.recv_multipart(copy=False)  # zmq.Frames: writable, so decoding needs no copy
             reason = protocol.refusal_reason(frames)
             if reason is not None:
                 raise WorkerFailed(f"the server refused this worker: {reason}")
