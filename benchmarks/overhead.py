@@ -4,7 +4,10 @@
 
 ``psc``: ``psc launch`` (real processes, loopback) of GD with dense float32 messages both ways on the
 identity quadratic of dimension d, the server's evaluation switched off (``--eval-every`` beyond the
-run). A figure is the median over rounds 1.. of the metrics' ``round_s``.
+run). A figure is the median over rounds 1.. of the metrics' ``round_s``; beside it the medians of its
+parts: the slowest worker's gradient (``compute_s``, the problem's own work, which the plain script
+does not do) and encode (``compress_s``), the server's decode + rule + encode (``server_s``), and the
+rest (``comm_s``: transfer, the worker's decode, Python and ZeroMQ overhead).
 
 ``plain``: the same topology without psc: a ROUTER bound on loopback and n DEALER processes; each
 round every worker sends one frame of 4 d bytes, the server receives all n, then sends each worker a
@@ -66,15 +69,19 @@ def plain_round_s(d: int, workers: int, rounds: int) -> float:
     return statistics.median(times[1:])
 
 
-def psc_round_s(d: int, workers: int, rounds: int, folder: str) -> float:
+PARTS = ("round_s", "compute_s", "compress_s", "server_s", "comm_s")
+
+
+def psc_round_s(d: int, workers: int, rounds: int, folder: str) -> dict[str, float]:
+    """Medians of the round's time and of its parts (metrics fields; INTERFACE.md)."""
     metrics = os.path.join(folder, "run.jsonl")
     cmd = [*PSC, "launch", "--workers", str(workers), "--device", "cpu", "--algorithm", "gd", "--lr", "0.1",
            "--problem", f"identity-quadratic:d={d}", "--rounds", str(rounds + 1), "--eval-every", str(rounds + 10),
            "--metrics", metrics, "--force"]
     subprocess.run(cmd, check=True)
     with open(metrics) as fh:
-        lines = [json.loads(line) for line in fh if '"event": "round"' in line]
-    return statistics.median(r["round_s"] for r in lines[1:])
+        lines = [json.loads(line) for line in fh if '"event": "round"' in line][1:]
+    return {k: statistics.median(r[k] for r in lines) for k in PARTS}
 
 
 def main() -> None:
@@ -84,8 +91,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print("| d | n | MB per round | plain pyzmq round (s) | psc round (s) | psc / plain |")
-    print("|---|---|---|---|---|---|")
+    print("| d | n | MB per round | plain pyzmq round (s) | psc round (s) | psc / plain | worker gradient (s) "
+          "| worker encode (s) | server (s) | rest: transfer, decode, Python (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         for d in map(int, args.dims):
             for n in args.workers:
@@ -93,9 +101,11 @@ def main() -> None:
                 for _ in range(args.repeats):
                     plain.append(plain_round_s(d, n, args.rounds))
                     ours.append(psc_round_s(d, n, args.rounds, folder))
-                p, o = statistics.median(plain), statistics.median(ours)
-                print(f"| {d:.0e} | {n} | {2 * n * 4 * d / 1e6:.0f} | {p:.4f} | {o:.4f} | {o / p:.1f} |", flush=True)
-
+                p = statistics.median(plain)
+                o = {k: statistics.median(r[k] for r in ours) for k in PARTS}
+                print(f"| {d:.0e} | {n} | {2 * n * 4 * d / 1e6:.0f} | {p:.4f} | {o['round_s']:.4f} | "
+                      f"{o['round_s'] / p:.1f} | {o['compute_s']:.4f} | {o['compress_s']:.4f} | {o['server_s']:.4f} | "
+                      f"{o['comm_s']:.4f} |", flush=True)
 
 if __name__ == "__main__":
     main()
