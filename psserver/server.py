@@ -52,7 +52,7 @@ import zmq
 
 from common.config import RunConfig
 from runtime import checkpoint, protocol, transport
-from runtime.metrics import MetricsWriter
+from runtime.metrics import MetricsWriter, Outputs
 from runtime.progress import progress_bar
 from runtime.server_core import BadUplink, RunFailed, ServerCore
 from runtime.setup import RunSetup
@@ -491,8 +491,7 @@ class Server:
         return WorkerLost([bad.rank], f"{bad}; worker {bad.rank} is disconnected")
 
     def run(self) -> int:
-        path = self.metrics_path.metrics if hasattr(self.metrics_path, "metrics") else self.metrics_path
-        self.old_records = checkpoint.old_metrics(path) if self.resumed is not None else None
+        self.old_records = checkpoint.old_metrics(Outputs.metrics_file(self.metrics_path)) if self.resumed is not None else None
         metrics = MetricsWriter(self.metrics_path)
         core = self.core = ServerCore(self.setup, metrics)
         try:

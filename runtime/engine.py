@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 from common.config import RunConfig
 from runtime import checkpoint, protocol
-from runtime.metrics import MetricsWriter
+from runtime.metrics import MetricsWriter, Outputs
 from runtime.progress import progress_bar
 from runtime.server_core import ServerCore
 from runtime.setup import RunSetup
@@ -34,8 +34,7 @@ class Engine:
         self.resume = checkpoint.latest(resume, config.to_dict(), self.setup.dim) if resume else None
         self.checkpoint_dir = checkpoint_dir or resume
         self.checkpoint_every = checkpoint_every
-        path = metrics_path.metrics if hasattr(metrics_path, "metrics") else metrics_path
-        self.old_records = checkpoint.old_metrics(path) if resume else []
+        self.old_records = checkpoint.old_metrics(Outputs.metrics_file(metrics_path)) if resume else []
         self.metrics = MetricsWriter(metrics_path)
         try:
             self.server = ServerCore(self.setup, self.metrics)

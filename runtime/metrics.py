@@ -30,6 +30,11 @@ class Outputs:
     def __bool__(self) -> bool:
         return bool(self.metrics or self.tensorboard)
 
+    @staticmethod
+    def metrics_file(path: "str | Outputs | None") -> str | None:
+        """The metrics file of ``path``: an ``Outputs``' ``metrics``, or the path itself."""
+        return path.metrics if isinstance(path, Outputs) else path
+
 
 def config_line(config: dict[str, Any], dim: int, workers: int, lr: Any = None) -> str:
     """The run's configuration in one line, e.g. ``algorithm=gd problem=quadratic ... d=300``."""
@@ -55,7 +60,7 @@ class MetricsWriter:
 
     def __init__(self, path: "str | Outputs | None", report: bool = True):
         outputs = path if isinstance(path, Outputs) else Outputs(metrics=path)
-        self.path = path = outputs.metrics
+        self.path = path = Outputs.metrics_file(outputs)
         self.report = report
         self.summary = RunSummary()
         self.file: TextIO | None = None
