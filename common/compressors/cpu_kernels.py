@@ -61,7 +61,7 @@ def _kernels():
     # is the index of x[0] in the whole vector (even), which names the draws.
 
     @jit(error_model="numpy")
-    def quantize32(x, first, divisor, uniform_s, starts, crowded, levels, top, key, stochastic, neg, codes):
+    def quantize32(x, first, divisor, uniform_s, starts, crowded, scan, levels, top, key, stochastic, neg, codes):
         scale = np.float32(16777216.0)  # 2^24
         s = np.float32(uniform_s)
         n = x.size
@@ -85,7 +85,7 @@ def _kernels():
                     field = (fields[j] >> 23) & 0xFF
                     k = np.int64(starts[field])
                     k += np.int64(levels[k + 1] <= tj)  # the one step of base >= 2
-                    if crowded[field]:  # a binade with more levels (bases below 2, subnormals)
+                    if (scan == 1 and field == 0) or (scan == 2 and crowded[field]):  # more levels in the binade
                         while k < top - 1 and levels[k + 1] <= tj:
                             k += 1
                 k = min(max(k, 0), top - 1)
@@ -110,7 +110,7 @@ def _kernels():
                     codes[b0 + j] = low[j] + np.int64(num[j] > den[j])
 
     @jit(error_model="numpy")
-    def quantize64(x, first, divisor, uniform_s, starts, crowded, levels, top, key, stochastic, neg, codes):
+    def quantize64(x, first, divisor, uniform_s, starts, crowded, scan, levels, top, key, stochastic, neg, codes):
         """float64, one coordinate at a time; a 53-bit draw per coordinate."""
         scale = 9007199254740992.0  # 2^53
         s = np.float64(uniform_s)
@@ -124,7 +124,7 @@ def _kernels():
                 field = (t.view(np.int64) >> 52) & 0x7FF
                 k = np.int64(starts[field])
                 k += np.int64(levels[k + 1] <= t)
-                if crowded[field]:
+                if (scan == 1 and field == 0) or (scan == 2 and crowded[field]):
                     while k < top - 1 and levels[k + 1] <= t:
                         k += 1
             k = min(max(k, 0), top - 1)
@@ -155,21 +155,19 @@ def _kernels():
     @jit()
     def pack_small(codes, minus, clamp, width, out):
         """Fields codes - minus (clamped at 0 when ``clamp``) of ``width`` <= 8 bits, least significant
-        bit first: 8 fields make one 8 * width-bit word, written as ``width`` bytes."""
+        bit first: 8 fields make one 8 * width-bit word, written as ``width`` bytes (the last group
+        zero-padded and cut to the bytes that exist)."""
         n = codes.size
-        groups = (n + 7) // 8
-        for g in range(groups):
+        for g in range((n + 7) // 8):
             word = u64(0)
-            for j in range(8):
-                i = 8 * g + j
-                f = np.int64(codes[i]) - minus if i < n else np.int64(0)
+            full = 8 * g + 8 <= n
+            for j in range(8 if full else n - 8 * g):
+                f = np.int64(codes[8 * g + j]) - minus
                 if clamp:
                     f = max(f, np.int64(0))
                 word |= u64(f) << u64(j * width)
-            for b in range(width):
-                o = g * width + b
-                if o < out.size:
-                    out[o] = np.uint8((word >> u64(8 * b)) & u64(0xFF))
+            for b in range(width if full else out.size - g * width):
+                out[g * width + b] = np.uint8((word >> u64(8 * b)) & u64(0xFF))
 
     @jit()
     def unpack_small(data, n, width, offset, escape, codes):
@@ -177,20 +175,16 @@ def _kernels():
         field f > 0 is code f + offset - 1). Returns the largest code."""
         mask = u64((1 << width) - 1)
         largest = np.int64(0)
-        groups = (n + 7) // 8
-        for g in range(groups):
+        for g in range((n + 7) // 8):
+            full = 8 * g + 8 <= n
             word = u64(0)
-            for b in range(width):
-                o = g * width + b
-                if o < data.size:
-                    word |= u64(data[o]) << u64(8 * b)
-            for j in range(8):
-                i = 8 * g + j
-                if i < n:
-                    f = np.int64((word >> u64(j * width)) & mask)
-                    c = (f + offset - 1 if f != 0 else np.int64(0)) if escape else f + offset
-                    largest = max(largest, c)
-                    codes[i] = c
+            for b in range(width if full else data.size - g * width):
+                word |= u64(data[g * width + b]) << u64(8 * b)
+            for j in range(8 if full else n - 8 * g):
+                f = np.int64((word >> u64(j * width)) & mask)
+                c = (f + offset - 1 if f != 0 else np.int64(0)) if escape else f + offset
+                largest = max(largest, c)
+                codes[8 * g + j] = c
         return largest
 
     @jit()
@@ -213,17 +207,22 @@ def available() -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def binade_starts(levels_bytes: bytes, np_dtype) -> tuple[np.ndarray, np.ndarray]:
+def binade_starts(levels_bytes: bytes, np_dtype) -> tuple[np.ndarray, np.ndarray, int]:
     """For each exponent field E of ``np_dtype``: the index of the largest level <= the smallest
     non-negative number with field E (0 for E = 0), clamped to [0, top - 1]; and whether the binade
-    of E holds more than one level above that one (then one step up may not reach t's level)."""
+    of E holds more than one level above that one (then one step up may not reach t's level); and
+    which of the two the kernel must test."""
     levels = np.frombuffer(levels_bytes, dtype=np_dtype)
     top = len(levels) - 1
     fields, bias = (256, 127) if np_dtype == np.float32 else (2048, 1023)
     lows = np.concatenate([[0.0], np.ldexp(1.0, np.arange(1, fields - 1) - bias), [np.inf]])  # exact in float64
     starts = np.clip(np.searchsorted(levels, lows, side="right") - 1, 0, top - 1)
     ends = np.append(starts[1:], top - 1)  # the lower level of the next binade's smallest number
-    return starts.astype(np.int32), (ends - starts > 1)
+    crowded = ends - starts > 1
+    # which binades need the scan: none (0), only the subnormal one (1: rounding tables), any (2: bases
+    # below 2); the kernel tests the cheap condition that applies
+    scan = 0 if not crowded.any() else 1 if not crowded[1:].any() else 2
+    return starts.astype(np.int32), crowded, scan
 
 
 def _chunks(n: int, align: int) -> list[tuple[int, int]]:
@@ -270,14 +269,14 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
     flat = xs.numpy().reshape(-1)
     lv = levels.contiguous().numpy()
     top = len(lv) - 1
-    starts, crowded = binade_starts(lv.tobytes(), np_work)
+    starts, crowded, scan = binade_starts(lv.tobytes(), np_work)
     neg = np.empty(flat.size, dtype=np.bool_)
     codes = np.empty(flat.size, dtype=np.int16 if top < 2**15 else np.int32)
     div = np_work(1.0 if divisor is None else float(divisor))
     kernel = kernels[np_work]
 
     def piece(a, b):
-        kernel(flat[a:b], a, div, int(uniform_s), starts, crowded, lv, top, np.uint64(key), bool(stochastic), neg[a:b], codes[a:b])
+        kernel(flat[a:b], a, div, int(uniform_s), starts, crowded, scan, lv, top, np.uint64(key), bool(stochastic), neg[a:b], codes[a:b])
 
     _run(flat.size, 2, piece)
     return torch.from_numpy(neg).view(x.shape), torch.from_numpy(codes).view(x.shape)
