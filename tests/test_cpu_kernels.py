@@ -2,6 +2,8 @@
 the same packed bytes, the same decoded vectors; and the counter-based draws themselves."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -77,9 +79,11 @@ def test_packed_codes_and_decoded_vector_match_the_torch_codec(spec, monkeypatch
     p = c.compress(x, worker=0, step=3)
     fast_frames = encode(p)
     fast_dense = c.decompress(decode(fast_frames))
+    codes = p.codes.long()
+    assert p.span == (int(codes.min()), int(codes.max()), int(codes[codes > 0].min()) if bool((codes > 0).any()) else -1)
     for name in ("code_range", "pack_codes", "unpack_codes", "dequantize"):
         monkeypatch.setattr(cpu_kernels, name, lambda *a, **k: None)
-    slow_frames = encode(p)
+    slow_frames = encode(dataclasses.replace(p, span=None))  # the width chosen from the codes themselves
     assert [bytes(f) for f in fast_frames] == [bytes(f) for f in slow_frames]
     assert torch.equal(fast_dense, c.decompress(decode(slow_frames)))
 

@@ -42,6 +42,7 @@ def _kernels():
         return None
     u64 = np.uint64
     golden, mix1, mix2 = u64(GOLDEN), u64(MIX1), u64(MIX2)
+    BIG = np.int64(2**62)  # no code (an empty piece's minimum)
 
     def jit(**options):
         """Compiled without the GIL and cached on disk; without the cache where no folder is writable
@@ -70,6 +71,7 @@ def _kernels():
         den = np.empty(BLOCK, np.float32)
         low = np.empty(BLOCK, np.int64)
         draw = np.empty(BLOCK, np.float32)
+        least, most, nonzero = BIG, np.int64(-1), BIG
         for b0 in range(0, n, BLOCK):
             m = min(BLOCK, n - b0)
             for j in range(m):
@@ -104,16 +106,24 @@ def _kernels():
                 for j in range(m):  # up with probability (t - lo) / gap; p = 1 where the gap is 0
                     gap = den[j]
                     up = np.int64(draw[j] < np.float32(np.float32(num[j] / gap) * scale)) | np.int64(gap <= 0)
-                    codes[b0 + j] = low[j] + up
+                    c = low[j] + up
+                    codes[b0 + j] = c
+                    least, most = min(least, c), max(most, c)
+                    nonzero = min(nonzero, c if c != 0 else BIG)
             else:
                 for j in range(m):
-                    codes[b0 + j] = low[j] + np.int64(num[j] > den[j])
+                    c = low[j] + np.int64(num[j] > den[j])
+                    codes[b0 + j] = c
+                    least, most = min(least, c), max(most, c)
+                    nonzero = min(nonzero, c if c != 0 else BIG)
+        return least, most, nonzero
 
     @jit(error_model="numpy")
     def quantize64(x, first, divisor, uniform_s, starts, crowded, scan, levels, top, key, stochastic, neg, codes):
         """float64, one coordinate at a time; a 53-bit draw per coordinate."""
         scale = 9007199254740992.0  # 2^53
         s = np.float64(uniform_s)
+        least, most, nonzero = BIG, np.int64(-1), BIG
         for i in range(x.size):
             v = x[i]
             neg[i] = v < 0
@@ -139,18 +149,21 @@ def _kernels():
                 up = np.int64(np.float64(np.int64(z >> u64(11))) < (t - lo) / gap * scale) | np.int64(gap <= 0)
             else:
                 up = np.int64((t - lo) > (hi - t))
-            codes[i] = k + up
+            c = k + up
+            codes[i] = c
+            least, most = min(least, c), max(most, c)
+            nonzero = min(nonzero, c if c != 0 else BIG)
+        return least, most, nonzero
 
     @jit()
     def code_range(codes):
-        """(smallest code, largest code, smallest nonzero code or -1)."""
-        lo, hi, nz = np.int64(2**62), np.int64(-1), np.int64(2**62)
+        """(smallest code, largest code, smallest nonzero code), ``BIG`` where there is none."""
+        least, most, nonzero = BIG, np.int64(-1), BIG
         for i in range(codes.size):
             c = np.int64(codes[i])
-            lo = min(lo, c)
-            hi = max(hi, c)
-            nz = min(nz, c if c != 0 else np.int64(2**62))
-        return lo, hi, (nz if nz < 2**62 else np.int64(-1))
+            least, most = min(least, c), max(most, c)
+            nonzero = min(nonzero, c if c != 0 else BIG)
+        return least, most, nonzero
 
     @jit()
     def pack_small(codes, minus, clamp, width, out):
@@ -254,9 +267,10 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, stochastic: bool,
-             divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(x < 0, codes) for a CPU vector ``x`` against ``levels`` (float32 or float64: the arithmetic
-    dtype), or None when Numba is missing. ``uniform_s`` > 0 for the uniform tables l_k = k / s;
+             divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]] | None:
+    """(x < 0, codes, (min, max, smallest nonzero code or -1)) for a CPU vector ``x`` against ``levels``
+    (float32 or float64: the arithmetic dtype), or None when Numba is missing. The encoder uses the
+    code range to choose the field width (no second pass over the codes). ``uniform_s`` > 0 for the uniform tables l_k = k / s;
     ``divisor`` (a 0-d tensor) divides |x| first (dithering); ``key`` names the draws."""
     kernels = _kernels()
     if kernels is None:
@@ -276,10 +290,18 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
     kernel = kernels[np_work]
 
     def piece(a, b):
-        kernel(flat[a:b], a, div, int(uniform_s), starts, crowded, scan, lv, top, np.uint64(key), bool(stochastic), neg[a:b], codes[a:b])
+        return kernel(flat[a:b], a, div, int(uniform_s), starts, crowded, scan, lv, top, np.uint64(key),
+                      bool(stochastic), neg[a:b], codes[a:b])
 
-    _run(flat.size, 2, piece)
-    return torch.from_numpy(neg).view(x.shape), torch.from_numpy(codes).view(x.shape)
+    return torch.from_numpy(neg).view(x.shape), torch.from_numpy(codes).view(x.shape), _span(_run(flat.size, 2, piece))
+
+
+def _span(pieces) -> tuple[int, int, int]:
+    """(min, max, smallest nonzero or -1) over the pieces' (min, max, smallest nonzero) triples."""
+    least = min(int(p[0]) for p in pieces)
+    most = max(int(p[1]) for p in pieces)
+    nonzero = min(int(p[2]) for p in pieces)
+    return least, most, (nonzero if nonzero < 2**62 else -1)
 
 
 def code_range(codes: torch.Tensor) -> tuple[int, int, int] | None:
@@ -288,9 +310,7 @@ def code_range(codes: torch.Tensor) -> tuple[int, int, int] | None:
     if kernels is None or codes.device.type != "cpu" or codes.numel() == 0:
         return None
     flat = codes.contiguous().numpy()
-    spans = _run(flat.size, 1, lambda a, b: kernels["code_range"](flat[a:b]))
-    nonzero = [int(nz) for _, _, nz in spans if nz >= 0]
-    return min(int(lo) for lo, _, _ in spans), max(int(hi) for _, hi, _ in spans), min(nonzero, default=-1)
+    return _span(_run(flat.size, 1, lambda a, b: kernels["code_range"](flat[a:b])))
 
 
 def pack_codes(codes: torch.Tensor, minus: int, clamp: bool, width: int) -> torch.Tensor | None:

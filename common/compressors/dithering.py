@@ -53,8 +53,8 @@ class _Dither(Compressor):
         norm = norm_float32_up(x, self.p)
         levels = self.table.values(compute_dtype(x.dtype), x.device)
         divisor = norm.to(levels.dtype).clamp_min(torch.finfo(torch.float32).tiny)
-        negative, codes = quantize(x, self.table, levels, key.code, divisor)
-        return Quantized(self.table, negative, codes, norm, x.dtype)
+        negative, codes, span = quantize(x, self.table, levels, key.code, divisor)
+        return Quantized(self.table, negative, codes, norm, x.dtype, span)
 
 
 P_PARAM = Param("p", float, 2.0, lambda v: v >= 1, "a number >= 1 or inf", "the norm the levels are relative to")

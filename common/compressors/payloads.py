@@ -193,6 +193,7 @@ class Quantized:
     codes: torch.Tensor  # integer codes into table
     norm: torch.Tensor | None  # 0-d float32, or None when the levels are absolute
     dtype: torch.dtype
+    span: tuple[int, int, int] | None = None  # (min, max, smallest nonzero or -1) of codes, if known
 
     @property
     def dim(self) -> int:

@@ -70,10 +70,11 @@ def stochastic_codes(t: torch.Tensor, table: LevelTable, levels: torch.Tensor, k
 
 
 def quantize(x: torch.Tensor, table: LevelTable, levels: torch.Tensor, key: int | None,
-             divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x < 0, codes) of t = |x| (/ ``divisor``) against ``levels`` (in the arithmetic dtype): one
-    compiled pass on the CPU (``cpu_kernels``), the vectorized torch version elsewhere; both give the
-    same codes from the same draws."""
+             divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    """(x < 0, codes, code span or None) of t = |x| (/ ``divisor``) against ``levels`` (in the
+    arithmetic dtype): one compiled pass on the CPU (``cpu_kernels``, which also returns the codes'
+    (min, max, smallest nonzero) for the encoder), the vectorized torch version elsewhere; both give
+    the same codes from the same draws."""
     x = x.detach()
     uniform_s = table.s if table.kind == "uniform" else 0
     if x.device.type == "cpu":
@@ -83,7 +84,7 @@ def quantize(x: torch.Tensor, table: LevelTable, levels: torch.Tensor, key: int 
     t = x.abs().to(levels.dtype)
     if divisor is not None:
         t = t.div_(divisor)
-    return x < 0, stochastic_codes(t, table, levels, key)
+    return x < 0, stochastic_codes(t, table, levels, key), None
 
 
 @register
@@ -110,8 +111,8 @@ class ExpRounding(Compressor):
         table = LevelTable("rounding", self.base, dtype_name=str(x.dtype).removeprefix("torch."))
         work = compute_dtype(x.dtype)
         levels = table.values(work, x.device)
-        negative, codes = quantize(x, table, levels, None if self.biased else key.code)
-        return Quantized(table, negative, codes, None, x.dtype)
+        negative, codes, span = quantize(x, table, levels, None if self.biased else key.code)
+        return Quantized(table, negative, codes, None, x.dtype, span)
 
 
 @register

@@ -156,7 +156,7 @@ def _enc_quantized(p: Quantized, out: list) -> list:
     top = len(table) - 1
     mode, offset, width = PLAIN, 0, 0
     if n:
-        span = cpu_kernels.code_range(codes)  # one pass on the CPU
+        span = p.span or cpu_kernels.code_range(codes)  # the quantizer's, or one pass on the CPU
         lo, hi = span[:2] if span else (int(v) for v in torch.aminmax(codes))
         if lo < 0 or hi > top:
             raise WireError(f"Quantized: codes span [{lo}, {hi}], outside the table's [0, {top}]")
