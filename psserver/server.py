@@ -471,7 +471,7 @@ class Server:
                     self._ask_states(t)
                 for rank, frames in enumerate(downs):
                     self._send(self.ident[rank], frames, must=True)
-                bar.update(self.core.last)
+                bar.update(self.core.record())  # evaluates while the workers compute
             except (WorkerLost, BadUplink) as exc:
                 if not self.checkpoint_dir:
                     raise

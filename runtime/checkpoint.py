@@ -321,7 +321,7 @@ def restore_server(core, ckpt: Checkpoint, old_records: list[dict[str, Any]] | N
     core.reset_links()
     core.setup.problem.load_state_dict(ckpt.problem)
     rewind_metrics(core.metrics, ckpt.round, ckpt.metrics, old_records)
-    core.last = {}
+    core.last, core.pending = {}, None
     core.last_round_end = time.perf_counter()
 
 

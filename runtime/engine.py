@@ -70,6 +70,7 @@ class Engine:
         downs = self.server.round(t, ups)
         for worker, frames in zip(self.workers, downs):
             worker.downlink(t, protocol.parse(frames))
+        self.server.record()
         return downs
 
     def save(self, t: int) -> str:

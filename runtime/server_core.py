@@ -43,6 +43,7 @@ class ServerCore:
         self.n = setup.config.workers
         self.last_round_end = time.perf_counter()
         self.last: dict[str, Any] = {}
+        self.pending: dict[str, Any] | None = None  # the last round's metrics, until ``record``
         self.reset_links()
         self.control_bytes = 0
 
@@ -79,7 +80,10 @@ class ServerCore:
 
     def round(self, t: int, uplinks: list[protocol.Envelope]) -> list[list[bytes]]:
         """``uplinks[i]``: worker i's UP message, parsed where it was received. Returns worker i's
-        DOWN frames."""
+        DOWN frames. The round's metrics line waits for ``record``, which the caller runs once the
+        downlinks are on their way: the evaluation of loss and gradient norm (a pass over the data
+        for a neural network) then overlaps the workers' next gradient instead of delaying it. It
+        measures the same model: the rule does not move until the next round's uplinks."""
         start = time.perf_counter()
         msgs, bits_up = [], []
         for rank, up in enumerate(uplinks):
@@ -116,15 +120,25 @@ class ServerCore:
         compute_s, compress_s = (max(times) for times in zip(*self.timing))
         self.timing = [(0.0, 0.0)] * self.n
         control, self.control_bytes = self.control_bytes, 0
-        self.last = self.metrics.round(
-            t, [up.nbytes for up in uplinks], [protocol.size(f) for f in out],
+        self.pending = dict(
+            t=t, bytes_up=[up.nbytes for up in uplinks], bytes_down=[protocol.size(f) for f in out],
             payload_bits_up=bits_up, payload_bits_down=bits_down, control_bytes=control,
-            **(self.setup.problem.evaluate(self.rule.model) if self.setup.config.evaluated(t) else {}),
             **self.rule.round_metrics(),
             round_s=round_s, compute_s=compute_s, compress_s=compress_s, server_s=server_s,
             comm_s=max(0.0, round_s - compute_s - compress_s - server_s),
         )
         return out
+
+    def record(self) -> dict[str, Any]:
+        """Evaluate the model if this round is due (``--eval-every``) and write the round's metrics
+        line (once; nothing if no round is pending). Returns the line."""
+        if self.pending is not None:
+            fields, self.pending = self.pending, None
+            t = fields["t"]
+            if self.setup.config.evaluated(t):
+                fields.update(self.setup.problem.evaluate(self.rule.model))
+            self.last = self.metrics.round(**fields)
+        return self.last
 
     def model_digest(self) -> str:
         """SHA-256 of the model's bytes: two runs with the same digest have bit-identical models."""
