@@ -99,7 +99,11 @@ def main() -> None:
     for key in SCRIPTS:
         out = os.path.join(args.runs, ("quick" if args.quick else "full"), key)
         if args.only and key not in args.only:
-            with open(os.path.join(out, "result.json")) as fh:
+            kept = os.path.join(out, "result.json")
+            if not os.path.isfile(kept):
+                sys.exit(f"report.py: --only reads the other figures from --runs, but {kept} does not exist; "
+                         f"run the whole report into {args.runs} once first")
+            with open(kept) as fh:
                 results.append(figlib.Result(**json.load(fh)))
             continue
         print(f"== {key}", flush=True)

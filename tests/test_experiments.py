@@ -45,3 +45,15 @@ def test_curves_count_payload_bits_beside_wire_bytes_and_reuse_skips_an_unchange
     assert "s wall (2 seeds)" in ax.get_lines()[0].get_label() and len(ax.get_lines()) == 2
     assert np.isfinite(figlib.median_first(curves, "down", 1.0, relative=True))
     plt.close(fig)
+
+
+def test_report_only_without_the_other_figures_says_what_is_missing(tmp_path):
+    """--only KEY reads every other figure from --runs; an empty folder is a clear error, not a traceback."""
+    import subprocess
+
+    script = os.path.join(os.path.dirname(figlib.__file__), "report.py")
+    got = subprocess.run([sys.executable, script, "--quick", "--only", "biased_fig3", "--runs", str(tmp_path), "--docs", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert got.returncode != 0
+    assert "marina_p_fig1" in got.stderr and "run the whole report" in got.stderr and "Traceback" not in got.stderr
+    assert not (tmp_path / "results.md").exists()
