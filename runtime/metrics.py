@@ -60,7 +60,7 @@ class MetricsWriter:
 
     def __init__(self, path: "str | Outputs | None", report: bool = True):
         outputs = path if isinstance(path, Outputs) else Outputs(metrics=path)
-        self.path = path = Outputs.metrics_file(outputs)
+        self.path = path = outputs.metrics
         self.report = report
         self.summary = RunSummary()
         self.file: TextIO | None = None

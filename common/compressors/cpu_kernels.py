@@ -270,8 +270,9 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
              divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]] | None:
     """(x < 0, codes, (min, max, smallest nonzero code or -1)) for a CPU vector ``x`` against ``levels``
     (float32 or float64: the arithmetic dtype), or None when Numba is missing. The encoder uses the
-    code range to choose the field width (no second pass over the codes). ``uniform_s`` > 0 for the uniform tables l_k = k / s;
-    ``divisor`` (a 0-d tensor) divides |x| first (dithering); ``key`` names the draws."""
+    code range to choose the field width (no second pass over the codes). ``uniform_s`` > 0 for the
+    uniform tables l_k = k / s; ``divisor`` (a 0-d tensor) divides |x| first (dithering); ``key``
+    names the draws."""
     kernels = _kernels()
     if kernels is None:
         return None

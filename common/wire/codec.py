@@ -477,21 +477,19 @@ def _parse_quantized(node, what, min_n, max_dim) -> _Plan:
         fused = cpu_kernels.unpack_codes(data, n, width, offset, mode == ZERO_ESCAPE, code_dtype)
         if fused is not None:
             codes, got = fused
-            if n and got > top:
-                raise WireError(f"{what}: code {got} outside the table's [0, {top}]")
-            return Quantized(table, negative, codes, norm, dtype)
-        if 1 <= width <= 8:
-            fields = bitpack.unpack_u8(_tensor(data), n, width).to(work)
         else:
-            fields = bitpack.unpack(_tensor(data), n, width).to(work)
-        if mode == PLAIN:
-            codes = fields.add_(offset) if offset else fields
-        else:
-            codes = fields.add_((fields != 0).to(work).mul_(offset - 1))
-        if n and largest > top and int(codes.max()) > top:
-            raise WireError(f"{what}: code {int(codes.max())} outside the table's [0, {top}]")
-        codes = codes.to(code_dtype)
-        return Quantized(table, negative, codes, norm, dtype)
+            if 1 <= width <= 8:
+                fields = bitpack.unpack_u8(_tensor(data), n, width).to(work)
+            else:
+                fields = bitpack.unpack(_tensor(data), n, width).to(work)
+            if mode == PLAIN:
+                codes = fields.add_(offset) if offset else fields
+            else:
+                codes = fields.add_((fields != 0).to(work).mul_(offset - 1))
+            got = int(codes.max()) if n and largest > top else 0  # fields that cannot pass the top need no look
+        if n and got > top:
+            raise WireError(f"{what}: code {got} outside the table's [0, {top}]")
+        return Quantized(table, negative, codes.to(code_dtype), norm, dtype)
     return _Plan(n, sizes, build)
 
 
