@@ -131,16 +131,14 @@ class NNProblem(Problem):
     def initial_point(self):
         return torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().to(torch.float64)
 
-    def oracle(self, worker, device, dtype):
+    def batches(self, worker: int, device) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+        """``batch_of(step)``: worker's minibatch (inputs, targets) at a step, on ``device``: its shard
+        in the order of ``BatchOrder`` (the whole shard with batch=0). Also what a baseline outside
+        psc trains on (``benchmarks/ddp_train.py``), so both see the same samples in the same order."""
         device = torch.device(device)
         shard = torch.from_numpy(self.shards[worker])
         inputs = self.data.x_train[shard].to(device)
         targets = self.data.y_train[shard].to(device)
-        model = copy.deepcopy(self.model).to(device=device, dtype=dtype).train()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        state = {name: b for name, b in model.named_buffers()}  # worker-local BatchNorm statistics
-        transform, wd = self.transform(), self.options["wd"]
         order = ds.BatchOrder(len(shard), max(1, self.batch), self.steps_per_epoch, self.seed, worker)
         cache: dict[str, Any] = {"epoch": None, "positions": None}
 
@@ -153,6 +151,17 @@ class NNProblem(Problem):
                 cache["epoch"] = epoch
             pos = cache["positions"][window]
             return inputs[pos], targets[pos]
+
+        return batch_of
+
+    def oracle(self, worker, device, dtype):
+        device = torch.device(device)
+        batch_of = self.batches(worker, device)
+        model = copy.deepcopy(self.model).to(device=device, dtype=dtype).train()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        state = {name: b for name, b in model.named_buffers()}  # worker-local BatchNorm statistics
+        transform, wd = self.transform(), self.options["wd"]
 
         def grad(x: torch.Tensor, step: int = 0):
             xb, yb = batch_of(step)

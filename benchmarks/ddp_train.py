@@ -1,0 +1,125 @@
+"""One rank of the baseline users would pick instead of psc: PyTorch DistributedDataParallel over gloo,
+optionally with the PowerSGD communication hook, on the same problem as a psc run.
+
+    python benchmarks/ddp_train.py --rank R --world N --master HOST:PORT --problem 'cnn:dataset=digits' \
+        --lr 0.1 --steps 600 --eval-every 10 --target 0.9 [--powersgd 2] --out ddp.json
+
+Every rank builds the psc problem (``common.problems``): the same model with the same initial weights,
+the same shard of the training set and the same minibatch at each step as psc's worker of that rank
+(``NNProblem.batches``). Plain SGD on the averaged gradient, which is psc's ``gd`` rule; weight decay
+``wd`` as SGD's. BatchNorm statistics stay on each rank (``broadcast_buffers=False``), as in psc.
+
+Rank 0 evaluates the model on the test set with the problem's own ``evaluate`` after steps 0, E, 2E,
+... (the numbering of psc's rounds) and tells the others whether the target accuracy is reached; the
+clock stops while it evaluates, so ``time_s`` is training time only: forward, backward, DDP's bucketed
+all-reduce overlapped with the backward pass, the optimizer step. Rank 0 writes the evaluations as
+JSON to ``--out``. ``benchmarks/slow_link.py`` runs the ranks in network namespaces behind a slow link.
+
+PowerSGD (Vogels et al. 2019, ``torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook``): rank
+``--powersgd`` approximations with error feedback and warm start, compressing from step 2 on (torch's
+default waits 1,000 steps with plain all-reduce), and with the whole gradient in one bucket (see
+``main``: several buckets make gloo's ranks disagree on the order of the hook's collectives).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import faulthandler
+import json
+import os
+import signal
+import sys
+import time
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common.problems import build_problem  # noqa: E402
+
+
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--master", required=True, help="HOST:PORT of rank 0's rendezvous store")
+    parser.add_argument("--problem", default="cnn:dataset=digits")
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--target", type=float, default=None, help="stop at this test accuracy")
+    parser.add_argument("--powersgd", type=int, default=0, help="PowerSGD rank (0: plain all-reduce)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds any collective may take")
+    parser.add_argument("--out", help="rank 0: write the evaluations here (JSON)")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse()
+    faulthandler.register(signal.SIGUSR1)  # kill -USR1 PID prints where every thread is (a hung collective)
+    torch.set_num_threads(args.threads)
+    problem = build_problem(args.problem, args.world, args.seed)
+    if not getattr(problem, "classifier", False) or not hasattr(problem, "batches"):
+        raise SystemExit(f"ddp_train: {args.problem}: a classifier neural network problem is needed (cnn, mlp, resnet20, ...)")
+    dist.init_process_group("gloo", init_method=f"tcp://{args.master}", rank=args.rank, world_size=args.world,
+                            timeout=timedelta(seconds=args.timeout))
+    model = copy.deepcopy(problem.model).float().train()
+    # PowerSGD: one bucket. Its hook chains each bucket's collectives through futures that gloo runs on
+    # its own threads, so with several buckets the ranks issue them in different orders (seen here: a
+    # hang, or "Received data size doesn't match expected size" from gloo).
+    one_bucket_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 + 1
+    with warnings.catch_warnings():  # its successor still syncs buffers at start; these must stay rank-local
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")
+        ddp = DistributedDataParallel(model, broadcast_buffers=False,
+                                      bucket_cap_mb=one_bucket_mb if args.powersgd else None)
+    if args.powersgd:
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+
+        state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=args.powersgd,
+                                       start_powerSGD_iter=2, use_error_feedback=True, warm_start=True,
+                                       random_seed=args.seed)
+        ddp.register_comm_hook(state, powersgd.powerSGD_hook)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr, weight_decay=problem.options["wd"])
+    batch_of, transform = problem.batches(args.rank, "cpu"), problem.transform()
+
+    dist.barrier()  # every rank built its model: the clock starts together
+    evaluations, train_s = [], 0.0
+    for t in range(args.steps):
+        began = time.perf_counter()
+        inputs, targets = batch_of(t)
+        loss = F.cross_entropy(ddp(transform.apply(inputs, torch.float32)), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # DDP all-reduces the gradient buckets as backward produces them
+        optimizer.step()
+        if not torch.isfinite(loss):
+            raise SystemExit(f"ddp_train: the loss is {float(loss)} at step {t}: the run diverged (try a smaller --lr)")
+        train_s += time.perf_counter() - began
+        if t % args.eval_every == 0 or t == args.steps - 1:
+            reached = torch.zeros(1)
+            if args.rank == 0:
+                vector = torch.nn.utils.parameters_to_vector(model.parameters()).detach().double()
+                metrics = problem.evaluate(vector)
+                evaluations.append({"round": t, "time_s": train_s, "train_loss": float(loss.detach()), **metrics})
+                reached[0] = args.target is not None and metrics.get("test_accuracy", 0.0) >= args.target
+            began = time.perf_counter()
+            dist.broadcast(reached, 0)  # the others wait here while rank 0 evaluates
+            if args.rank == 0:
+                train_s += time.perf_counter() - began
+            if reached[0]:
+                break
+    if args.rank == 0 and args.out:
+        with open(args.out, "w") as f:
+            json.dump({"problem": args.problem, "lr": args.lr, "powersgd": args.powersgd, "world": args.world,
+                       "dim": sum(p.numel() for p in model.parameters()), "evaluations": evaluations}, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The emulated star network of ``benchmarks/star.py`` and the DDP baseline of ``benchmarks/slow_link.py``.
+
+The namespace tests need root, iproute2 and iptables and are skipped with the reason elsewhere; the
+break-even model and the relay's argument checks run anywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from benchmarks.relay import RateLimitedRelay
+from benchmarks.slow_link import break_even, fit
+from benchmarks.star import Star, missing
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SINK = ("import socket,sys;s=socket.create_server(('0.0.0.0',6000));c,_=s.accept();n=0\n"
+        "while (b:=c.recv(1<<16)): n+=len(b)\nprint(n)")
+
+needs_star = pytest.mark.skipif(missing() is not None, reason=f"star network: {missing()}")
+
+
+def send(net: Star, nbytes: int) -> tuple[int, float]:
+    """Bytes host 0 received from host 1, and the seconds it took."""
+    sink = net.popen(0, [sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # the sink listens
+    began = time.monotonic()
+    source = net.popen(1, [sys.executable, "-c", "import socket;c=socket.create_connection(('%s',6000));"
+                                                 "c.sendall(bytes(%d));c.close()" % (net.address(0), nbytes)])
+    assert source.wait(60) == 0
+    got = int(sink.communicate(timeout=60)[0])
+    return got, time.monotonic() - began
+
+
+@pytest.mark.procs
+@needs_star
+def test_the_relay_paces_tcp_between_namespaces_and_counts_it():
+    with Star(2, mbit=40) as net:
+        got, seconds = send(net, 4_000_000)  # 0.8 s at 40 Mbit/s
+    assert got == 4_000_000
+    assert seconds > 0.75, seconds
+    flows = [f for f in net.relay_stats["flows"] if f["bytes"]]
+    assert len(flows) == 1 and flows[0]["bytes"] == 4_000_000
+    assert flows[0]["from"].startswith(net.address(1) + ":") and flows[0]["to"] == f"{net.address(0)}:6000"
+    assert 30 < net.relay_stats["achieved_mbit"] <= 40.5, net.relay_stats
+    assert not any(name in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+                   for name in net.names + [net.router])  # nothing is left behind
+
+
+@pytest.mark.procs
+@needs_star
+def test_an_unthrottled_star_forwards_in_the_kernel():
+    with Star(2, mbit=None) as net:
+        got, _ = send(net, 4_000_000)
+    assert got == 4_000_000 and net.relay_stats is None
+
+
+@pytest.mark.procs
+@needs_star
+def test_ddp_over_gloo_runs_across_namespaces_through_the_relay(tmp_path):
+    """gloo's peers connect to ports chosen at run time: the transparent relay carries them, and the
+    baseline trains (same problem as psc) and writes its evaluations."""
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "eth0"}
+    with Star(3, mbit=200) as net:
+        ranks = [net.popen(k, [sys.executable, os.path.join(ROOT, "benchmarks", "ddp_train.py"), "--rank", str(k - 1),
+                               "--world", "2", "--master", f"{net.address(1)}:29500", "--problem", "cnn:dataset=digits",
+                               "--steps", "6", "--eval-every", "5", "--powersgd", "1", "--out", str(out)],
+                           env=env, stderr=subprocess.PIPE, text=True) for k in (1, 2)]
+        codes = [p.wait(120) for p in ranks]
+    assert codes == [0, 0], [p.stderr.read()[-800:] for p in ranks]
+    evaluations = json.loads(out.read_text())["evaluations"]
+    assert [e["round"] for e in evaluations] == [0, 5]
+    assert all(0 <= e["test_accuracy"] <= 1 and e["time_s"] > 0 for e in evaluations)
+    assert sum(f["bytes"] for f in net.relay_stats["flows"]) > 0  # the gradients crossed the relay
+
+
+def test_ddp_rejects_a_problem_that_is_not_a_classifier_network(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "ddp_train.py"), "--rank", "0", "--world", "1",
+                           "--master", "127.0.0.1:0", "--problem", "quadratic:d=10"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "classifier neural network" in done.stderr
+
+
+def test_break_even_from_the_fitted_model():
+    ref = {0: 1.0, 100: 3.0, 1000: 1.2}  # a = 1 s, b = 200 s*Mbit/s exactly
+    assert fit(ref) == pytest.approx((1.0, 200.0))
+    assert break_even({0: 2.0, 100: 2.5}, ref) == "below 150 Mbit/s"  # 2 + 50/r = 1 + 200/r at r = 150
+    assert break_even({0: 0.5, 100: 1.0}, ref) == "at every rate"
+    assert break_even({0: 2.0, 100: 5.0}, ref) == "at no rate"
+    assert break_even({0: 0.5, 100: 4.0}, ref) == "above 300 Mbit/s"  # 0.5 + 350/r = 1 + 200/r at r = 300
+    assert break_even({0: 2.0}, ref) == "n/a"
+
+
+def test_the_relay_wants_a_target_or_transparency_not_both():
+    with pytest.raises(ValueError, match="not both"):
+        RateLimitedRelay(5555, 10, transparent=True)
+    with pytest.raises(ValueError, match="not both"):
+        RateLimitedRelay(None, 10)
