@@ -21,6 +21,11 @@ the ``common.wire.bitpack`` layout, 8 fields per 64-bit word, with the code offs
 applied on the way) and ``dequantize`` (one gather from the signed level table). Each returns None
 where it does not apply, and the caller falls back to the torch version.
 
+``float64_sum`` serves the float64 norms of ``base.float64_norm`` (dithering's 2-norm, sign's
+scale): it adds |x_i| or x_i^2 in float64 in exactly the order of torch's sum over the same blocks,
+so the norm, and with it every code, stays as it was; it reads x once instead of converting each
+block to a float64 copy first, and its blocks run in parallel.
+
 Kernels are compiled on first use (about a second) and cached on disk (Numba's ``cache=True``).
 """
 from __future__ import annotations
@@ -207,8 +212,66 @@ def _kernels():
         for i in range(codes.size):
             out[i] = signed[np.int64(codes[i]) + half * np.int64(negative[i])]
 
+    @jit(inline="always")
+    def term(v, square):
+        """x_i^2 or |x_i| in float64 (the conversion is exact)."""
+        v = np.float64(v)
+        return v * v if square else abs(v)
+
+    @jit(error_model="numpy")
+    def block_sums(x, size, lanes, square, sums):
+        """sums[b] = the float64 sum of x_i^2 (``square``) or |x_i| over block b of ``size`` coordinates,
+        added in the order of torch's sum of a contiguous float64 vector (``cascade_sum`` in ATen's
+        SumKernel.cpp): rows of 4 vectors of ``lanes`` add into 4 x lanes partial sums, which move up
+        a cascade of 4 levels every 2^power rows; then come the rows left over, the levels, the vectors
+        left over, the 4 vectors of a row, the coordinates left over and the lanes, in this order. The
+        same additions in the same order give the same bits."""
+        width = 4 * lanes
+        acc = np.empty((4, width))
+        for b in range(sums.size):
+            start = b * size
+            n = min(size, x.size - start)
+            vectors = n // lanes
+            rows = vectors // 4
+            power = 0
+            while (np.int64(1) << power) < rows:
+                power += 1
+            power = max(4, power // 4)
+            step = np.int64(1) << power
+            acc[:] = 0.0
+            i = 0
+            while i + step <= rows:
+                for r in range(i, i + step):
+                    for k in range(width):
+                        acc[0, k] += term(x[start + r * width + k], square)
+                i += step
+                for level in range(1, 4):
+                    for k in range(width):
+                        acc[level, k] += acc[level - 1, k]
+                        acc[level - 1, k] = 0.0
+                    if i & ((step - 1) << (level * power)) != 0:
+                        break
+            for r in range(i, rows):
+                for k in range(width):
+                    acc[0, k] += term(x[start + r * width + k], square)
+            for level in range(1, 4):
+                for k in range(width):
+                    acc[0, k] += acc[level, k]
+            for e in range(rows * width, vectors * lanes):
+                acc[0, e % lanes] += term(x[start + e], square)
+            for r in range(1, 4):
+                for k in range(lanes):
+                    acc[0, k] += acc[0, r * lanes + k]
+            total = 0.0
+            for e in range(vectors * lanes, n):
+                total += term(x[start + e], square)
+            for k in range(lanes):
+                total += acc[0, k]
+            sums[b] = total
+
     return {np.float32: quantize32, np.float64: quantize64, "code_range": code_range,
-            "pack_small": pack_small, "unpack_small": unpack_small, "dequantize": dequantize}
+            "pack_small": pack_small, "unpack_small": unpack_small, "dequantize": dequantize,
+            "block_sums": block_sums}
 
 
 BLOCK = 4096  # coordinates a kernel handles per inner loop (its temporaries stay in the L1/L2 cache)
@@ -354,3 +417,48 @@ def dequantize(codes: torch.Tensor, negative: torch.Tensor, signed: torch.Tensor
     out = np.empty(c.size, dtype=table.dtype)
     _run(c.size, 1, lambda a, b: kernels["dequantize"](c[a:b], neg[a:b], table, out[a:b]))
     return torch.from_numpy(out)
+
+
+def float64_sum(x: torch.Tensor, p: int, size: int) -> float | None:
+    """The sum of |x_i|^p (p = 1 or 2) of a CPU float32 or float64 vector as ``base.float64_norm``
+    adds it: torch's float64 sum of each block of ``size`` coordinates, the blocks one after another;
+    the same bits, in one pass over x without float64 copies, and the blocks in parallel threads.
+    None without Numba, for other vectors, or where torch's sum adds in another order than this
+    kernel (checked once on a probe vector)."""
+    kernels = _kernels()
+    if (kernels is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+            or not _sums_like_torch()):
+        return None
+    flat = x.detach().contiguous().numpy().reshape(-1)
+    sums = np.empty(-(-flat.size // size))
+
+    def piece(a, b):  # a is a multiple of size: block a / size starts the piece
+        kernels["block_sums"](flat[a:b], size, _lanes(), p == 2, sums[a // size:-(-b // size)])
+
+    _run(flat.size, size, piece)
+    total = 0.0
+    for s in sums.tolist():
+        total += s
+    return total
+
+
+def _lanes() -> int:
+    """float64 lanes of torch's CPU vector type: 8 in its AVX-512 kernels, 4 in the others."""
+    return 8 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sums_like_torch(lengths: tuple[int, ...] = (1 << 15, 4099, 1031, 523, 263, 61, 37, 19)) -> bool:
+    """Whether ``block_sums`` gives torch's float64 sum bit for bit on vectors of these lengths (every
+    kind of remainder). float64 values of full precision round at almost every addition, so another
+    order of the additions shows in the last bits (float32 squares and a few binades add exactly
+    too often); a float32 input only adds its exact conversion."""
+    gen = torch.Generator().manual_seed(0)
+    for n in lengths:
+        x = torch.randn(n, generator=gen, dtype=torch.float64) * torch.exp2(torch.randint(-8, 9, (n,), generator=gen))
+        for square in (True, False):
+            got = np.empty(1)
+            _kernels()["block_sums"](x.numpy(), n, _lanes(), square, got)
+            if got[0] != float((x.square() if square else x.abs()).sum()):
+                return False
+    return True
