@@ -87,15 +87,15 @@ def _kernels():
                 v = x[b0 + j]
                 neg[b0 + j] = v < 0
                 t[j] = np.float32(abs(v) / divisor)  # divisor 1 (exact) when there is no norm
-            fields = t.view(np.uint32)  # t >= 0: the exponent field is fields >> 23
+            fields = t.view(np.uint32)  # exponent fields (the mask keeps a NaN of either sign in the table)
             if uniform_s == 0 and scan == 0:
                 for j in range(m):
-                    k = np.uint64(starts[fields[j] >> np.uint32(23)])
+                    k = np.uint64(starts[(fields[j] >> np.uint32(23)) & np.uint32(0xFF)])
                     low[j] = k + np.uint64(levels[k + one] <= t[j])  # the one step of base >= 2
             elif uniform_s == 0:
                 for j in range(m):
                     tj = t[j]
-                    field = fields[j] >> np.uint32(23)
+                    field = (fields[j] >> np.uint32(23)) & np.uint32(0xFF)
                     k = np.int64(starts[field])
                     k += np.int64(levels[k + 1] <= tj)
                     if (scan == 1 and field == 0) or (scan == 2 and crowded[field]):  # more levels in the binade
