@@ -9,6 +9,7 @@ import torch
 
 from common.compressors import build, cpu_kernels, draws
 from common.compressors.base import FLOAT64_BLOCK, float64_norm
+from common.compressors.payloads import LevelTable
 from common.compressors import rounding
 from common.keys import MASK64
 from common.wire import bitpack, decode, encode
@@ -208,3 +209,16 @@ def test_block_sums_follow_torchs_order_on_short_blocks():
     """Every kind of remainder of the cascade (rows, vectors, coordinates) on blocks shorter than one
     cascade step and a few steps long."""
     assert cpu_kernels._sums_like_torch((1, 3, 4, 15, 16, 17, 63, 255, 256, 257, 4_095, 4_097, 32_767))
+
+
+def test_a_nan_of_either_sign_looks_up_the_same_level():
+    """t = |x| / divisor is a NaN with the sign bit set for such a divisor (x86's default NaN); its
+    exponent field must still index the 256-entry binade table."""
+    x = _awkward(torch.float32, 999)
+    table = LevelTable("exp", 3.0, 4)
+    levels = table.values(torch.float32, "cpu")
+    plus, minus = (torch.tensor(v, dtype=torch.int32).view(torch.float32) for v in (0x7FC00000, -0x400000))
+    assert minus.isnan() and minus.view(torch.int32) < 0
+    a = cpu_kernels.quantize(x, levels, 0, 5, True, plus)
+    b = cpu_kernels.quantize(x, levels, 0, 5, True, minus)
+    assert torch.equal(a[1], b[1]) and a[2] == b[2]
