@@ -451,7 +451,7 @@ def float64_sum(x: torch.Tensor, p: int, size: int) -> float | None:
     adds it: torch's float64 sum of each block of ``size`` coordinates, the blocks one after another;
     the same bits, in one pass over x without float64 copies, and the blocks in parallel threads.
     None without Numba, for other vectors, or where torch's sum adds in another order than this
-    kernel (checked once on a probe vector)."""
+    kernel (checked once, by ``_sums_like_torch``)."""
     kernels = _kernels()
     if (kernels is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
             or not _sums_like_torch()):
