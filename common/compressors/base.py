@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.compressors import cpu_kernels
 from common.keys import StreamKey
 from common.options import Param, Registry, parse_options  # noqa: F401  (Param: the compressors' option type)
 
@@ -234,16 +235,24 @@ def float32_scalar(value: torch.Tensor) -> torch.Tensor:
 def float64_norm(x: torch.Tensor, p: int) -> torch.Tensor:
     """||x||_p for p = 1 or 2, accumulated in float64 (a float32 sum can overflow), as a 0-d float64
     tensor. On the CPU a large vector is summed in float64 blocks instead of through a float64 copy
-    of all of it; that sum can differ from a one-piece sum in its last bits."""
+    of all of it; that sum can differ from a one-piece sum in its last bits. Where Numba is present,
+    ``cpu_kernels.float64_sum`` adds the same blocks in the same order in one pass (the same bits)."""
     if x.device.type != "cpu" or x.numel() <= 1 << 20:
         return x.abs().sum(dtype=torch.float64) if p == 1 else torch.linalg.vector_norm(x, dtype=torch.float64)
-    total = torch.zeros((), dtype=torch.float64)
-    for block in float64_blocks(x):
-        total += block.abs_().sum() if p == 1 else block.square_().sum()
-    return total if p == 1 else total.sqrt_()
+    total = cpu_kernels.float64_sum(x, p, FLOAT64_BLOCK)  # the same sum in one compiled pass
+    if total is not None:
+        total = torch.tensor(total, dtype=torch.float64)
+    else:
+        total = torch.zeros((), dtype=torch.float64)
+        for block in float64_blocks(x):
+            total += block.abs_().sum() if p == 1 else block.square_().sum()
+    return total if p == 1 else total.sqrt_()  # torch's square root (not always the nearest float64)
 
 
-def float64_blocks(x: torch.Tensor, size: int = 1 << 15):
+FLOAT64_BLOCK = 1 << 15  # coordinates per float64 block
+
+
+def float64_blocks(x: torch.Tensor, size: int = FLOAT64_BLOCK):
     """The consecutive blocks of ``size`` coordinates of a CPU vector, each converted to float64 in
     one reused buffer (valid until the next block; a fresh buffer for each would be fresh pages)."""
     buf = torch.empty(min(x.numel(), size), dtype=torch.float64)
