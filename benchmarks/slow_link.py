@@ -212,7 +212,8 @@ def break_even(times: dict[float, float], ref: dict[float, float]) -> str:
 
 
 def summary(runs: list[dict]) -> dict | None:
-    """The median run of the repeats that reached the target (by time), or None."""
+    """The median run (by time) of the repeats that reached the target, the faster of the middle two
+    for an even count; None if none reached it."""
     reached = sorted((r for r in runs if r["reached"]), key=lambda r: r["time_s"])
     return reached[(len(reached) - 1) // 2] if reached else None
 
