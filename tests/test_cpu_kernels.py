@@ -233,3 +233,29 @@ def test_a_long_vector_splits_into_several_pieces_per_thread(monkeypatch):
     assert len(pieces) == 2 * cpu_kernels.PIECES_PER_THREAD
     assert pieces[0][0] == 0 and pieces[-1][1] == n
     assert all(a % 8 == 0 and b == c for (a, b), (c, _) in zip(pieces, pieces[1:]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_topk_candidates_in_one_compiled_pass_are_the_torch_ones(dtype, threads, monkeypatch):
+    """Ties at the level, both zeros, NaN and inf, a level in x's own precision, and an ``expect`` far
+    too small (the pieces run again with room for all)."""
+    from common.compressors import topk
+
+    monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
+    monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1000)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(50_001, generator=gen, dtype=dtype)
+    x[::97] = 0.5
+    x[1::97] = -0.5
+    x[5] = float("nan")
+    x[6] = float("-inf")
+    x[7], x[8] = 0.0, -0.0
+    level = torch.tensor(0.5, dtype=dtype)
+    for expect in (1, 20_000):
+        got = cpu_kernels.indices_at_least(x, float(level), expect)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, torch.nonzero((x >= level).logical_or_(x <= -level)).flatten())
+    assert torch.equal(topk._at_least(x, level, 10), got)  # the compressor's path takes the compiled pass
+    monkeypatch.setattr(cpu_kernels, "indices_at_least", lambda *a: None)
+    assert torch.equal(topk._at_least(x, level, 10), got)  # and the block-wise torch pass agrees

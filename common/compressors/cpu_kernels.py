@@ -291,9 +291,23 @@ def _kernels():
                 total += acc[0, k]
             sums[b] = total
 
+    @jit()
+    def at_least(x, level, first, out):
+        """Writes first + i for each |x_i| >= level (ascending) into ``out`` while it has room; returns
+        how many there are (more than out.size: call again with a larger ``out``). Candidates are
+        rare, so the branch is predicted right almost always; a NaN is never a candidate."""
+        count = 0
+        room = out.size
+        for i in range(x.size):
+            if abs(x[i]) >= level:
+                if count < room:
+                    out[count] = first + i
+                count += 1
+        return count
+
     return {np.float32: quantize32, np.float64: quantize64, "code_range": code_range,
             "pack_small": pack_small, "unpack_small": unpack_small, "dequantize": dequantize,
-            "block_sums": block_sums}
+            "block_sums": block_sums, "at_least": at_least}
 
 
 BLOCK = 4096  # coordinates a kernel handles per inner loop (its temporaries stay in the L1/L2 cache)
@@ -489,3 +503,25 @@ def _sums_like_torch(lengths: tuple[int, ...] = (1 << 15, 4099, 1031, 523, 263, 
             if got[0] != float((x.square() if square else x.abs()).sum()):
                 return False
     return True
+
+
+def indices_at_least(x: torch.Tensor, level: float, expect: int) -> torch.Tensor | None:
+    """Ascending int64 indices of the |x_i| >= ``level`` of a CPU float vector, in one pass (the pieces
+    in parallel threads); ``expect``: about how many there are, to size the output (a piece that
+    finds more runs again with room for all). None without Numba or for other vectors."""
+    kernels = _kernels()
+    if kernels is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    flat = x.detach().contiguous().numpy().reshape(-1)
+    level = flat.dtype.type(level)  # compared in x's precision, as torch compares with a 0-d tensor of x's dtype
+
+    def piece(a, b):
+        out = np.empty(min(b - a, 2 * expect * (b - a) // max(flat.size, 1) + 1024), dtype=np.int64)
+        count = kernels["at_least"](flat[a:b], level, a, out)
+        if count > out.size:
+            out = np.empty(count, dtype=np.int64)
+            kernels["at_least"](flat[a:b], level, a, out)
+        return out[:count]
+
+    parts = _run(flat.size, 1, piece)
+    return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from common.compressors import cpu_kernels
 from common.compressors.base import K_PARAMS, Constants, Selection, Sparsifier, resolve_k, register
 from common.compressors.payloads import CPU_BLOCK, cpu_blocks
 
@@ -33,16 +34,21 @@ def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
         rank = min(sample.numel(), int(1.3 * k * sample.numel() / m) + 64)
         level = torch.topk(sample, rank, sorted=False).values.min()
         if bool(level > 0):
-            candidates = _at_least(x, level)
+            candidates = _at_least(x, level, rank * m // sample.numel())
             if candidates.numel() >= k:
                 return _lowest_index_topk(x.index_select(0, candidates).abs_(), candidates, k)
     return _lowest_index_topk(x.abs(), None, k)
 
 
-def _at_least(x: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-    """Sorted indices of |x_i| >= level; on the CPU block by block (the mask stays in cache)."""
+def _at_least(x: torch.Tensor, level: torch.Tensor, expect: int) -> torch.Tensor:
+    """Sorted indices of |x_i| >= level (about ``expect`` of them): on a GPU in one masked pass; on
+    the CPU in one compiled pass (``cpu_kernels.indices_at_least``), else block by block (the mask
+    stays in cache)."""
     if x.device.type != "cpu":
         return torch.nonzero((x >= level).logical_or_(x <= -level)).flatten()
+    compiled = cpu_kernels.indices_at_least(x, float(level), expect)
+    if compiled is not None:
+        return compiled
     mag = torch.empty(min(x.numel(), CPU_BLOCK), dtype=x.dtype)
     mask = torch.empty(mag.numel(), dtype=torch.bool)
     parts = []
