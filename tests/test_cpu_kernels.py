@@ -259,3 +259,33 @@ def test_topk_candidates_in_one_compiled_pass_are_the_torch_ones(dtype, threads,
     assert torch.equal(topk._at_least(x, level, 10), got)  # the compressor's path takes the compiled pass
     monkeypatch.setattr(cpu_kernels, "indices_at_least", lambda *a: None)
     assert torch.equal(topk._at_least(x, level, 10), got)  # and the block-wise torch pass agrees
+
+
+def test_a_second_process_loads_every_kernel_from_the_disk_cache(tmp_path):
+    """A kernel that Numba cannot find in its cache compiles again in every worker process (seconds
+    at start-up): after one process has used every kernel, a second one must add no cache file."""
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    cache = os.path.join(os.path.dirname(cpu_kernels.__file__), "__pycache__")
+    script = (
+        "import torch\n"
+        "from common.compressors import build\n"
+        "from common.wire import decode, encode\n"
+        "x = torch.randn((1 << 20) + 5, generator=torch.Generator().manual_seed(0))\n"
+        "for spec in ['natural', 'exprounding:base=3', 'natdither:s=2,p=inf', 'expdither:base=3,s=4,p=2',\n"
+        "             'qsgd:s=16', 'ternary', 'sign:scale=l2', 'topk:ratio=0.01']:\n"
+        "    for v in (x, x.double()):\n"
+        "        c = build(spec, dim=v.numel(), n_workers=1, seed=0)\n"
+        "        c.decompress(decode(encode(c.compress(v, worker=0, step=0))))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=600)
+    if not os.access(cache, os.W_OK):
+        pytest.skip("the kernels' cache folder is not writable here")
+    before = set(glob.glob(os.path.join(cache, "cpu_kernels.*.nbc")))
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=600)
+    assert set(glob.glob(os.path.join(cache, "cpu_kernels.*.nbc"))) == before

@@ -181,31 +181,28 @@ def _kernels():
             nonzero = min(nonzero, c if c != 0 else BIG)
         return least, most, nonzero
 
-    @jit(inline="always")
-    def field_word(codes, first, count, minus, clamp, width):
-        """The ``count`` <= 8 fields from codes[first] in one word, the first least significant."""
-        word = u64(0)
-        for j in range(count):
-            f = np.int64(codes[first + j]) - minus
-            if clamp:
-                f = max(f, np.int64(0))
-            word |= u64(f) << u64(j * width)
-        return word
-
     @jit()
     def pack_small(codes, minus, clamp, width, out):
         """Fields codes - minus (clamped at 0 when ``clamp``) of ``width`` <= 8 bits, least significant
         bit first: 8 fields make one 8 * width-bit word, written as ``width`` bytes (the last group
         zero-padded and cut to the bytes that exist). The whole groups come first, with a constant
-        count of fields that the compiler unrolls (a third faster than one loop for all groups)."""
+        count of fields that the compiler unrolls (a third faster than one loop for all groups); the
+        word's loop is written out twice because a kernel that calls another compiled function from
+        this closure is not found in Numba's disk cache and compiles again in every process."""
         n = codes.size
         whole = n // 8
         for g in range(whole):
-            word = field_word(codes, 8 * g, 8, minus, clamp, width)
+            word = u64(0)
+            for j in range(8):
+                f = np.int64(codes[8 * g + j]) - minus
+                word |= u64(max(f, np.int64(0)) if clamp else f) << u64(j * width)
             for b in range(width):
                 out[g * width + b] = np.uint8((word >> u64(8 * b)) & u64(0xFF))
         if whole < (n + 7) // 8:
-            word = field_word(codes, 8 * whole, n - 8 * whole, minus, clamp, width)
+            word = u64(0)
+            for j in range(n - 8 * whole):
+                f = np.int64(codes[8 * whole + j]) - minus
+                word |= u64(max(f, np.int64(0)) if clamp else f) << u64(j * width)
             for b in range(out.size - whole * width):
                 out[whole * width + b] = np.uint8((word >> u64(8 * b)) & u64(0xFF))
 
@@ -234,12 +231,6 @@ def _kernels():
         for i in range(codes.size):
             out[i] = signed[np.int64(codes[i]) + half * np.int64(negative[i])]
 
-    @jit(inline="always")
-    def term(v, square):
-        """x_i^2 or |x_i| in float64 (the conversion is exact)."""
-        v = np.float64(v)
-        return v * v if square else abs(v)
-
     @jit(error_model="numpy")
     def block_sums(x, size, lanes, square, sums):
         """sums[b] = the float64 sum of x_i^2 (``square``) or |x_i| over block b of ``size`` coordinates,
@@ -265,7 +256,8 @@ def _kernels():
             while i + step <= rows:
                 for r in range(i, i + step):
                     for k in range(width):
-                        acc[0, k] += term(x[start + r * width + k], square)
+                        v = np.float64(x[start + r * width + k])  # exact; x_i^2 or |x_i|
+                        acc[0, k] += v * v if square else abs(v)
                 i += step
                 for level in range(1, 4):
                     for k in range(width):
@@ -275,18 +267,21 @@ def _kernels():
                         break
             for r in range(i, rows):
                 for k in range(width):
-                    acc[0, k] += term(x[start + r * width + k], square)
+                    v = np.float64(x[start + r * width + k])
+                    acc[0, k] += v * v if square else abs(v)
             for level in range(1, 4):
                 for k in range(width):
                     acc[0, k] += acc[level, k]
             for e in range(rows * width, vectors * lanes):
-                acc[0, e % lanes] += term(x[start + e], square)
+                v = np.float64(x[start + e])
+                acc[0, e % lanes] += v * v if square else abs(v)
             for r in range(1, 4):
                 for k in range(lanes):
                     acc[0, k] += acc[0, r * lanes + k]
             total = 0.0
             for e in range(vectors * lanes, n):
-                total += term(x[start + e], square)
+                v = np.float64(x[start + e])
+                total += v * v if square else abs(v)
             for k in range(lanes):
                 total += acc[0, k]
             sums[b] = total
