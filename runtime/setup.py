@@ -7,8 +7,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from common.algorithms import Algorithm, RuleContext, ServerRule, WorkerRule, build_algorithm  # noqa: F401
+from common.compressors import build as build_compressor, cpu_kernels, uses_compiled_kernels
 from common.config import RunConfig
 from common.problems import Problem, build_problem
+from common.wire import decode, encode
 
 
 @dataclass
@@ -24,7 +26,22 @@ class RunSetup:
         algorithm = build_algorithm(config.algorithm)
         problem = build_problem(config.problem, config.workers, config.seed)
         ctx = algorithm.context(config, problem.dim, problem.constants)
-        return cls(config, algorithm, problem, ctx, problem.initial_point())
+        setup = cls(config, algorithm, problem, ctx, problem.initial_point())
+        setup.warm_kernels()
+        return setup
+
+    def warm_kernels(self) -> None:
+        """Load the compiled CPU kernels this run's compressors use (Numba's disk cache, or a compile)
+        now, before the server's clock starts: at first use they cost 0.5-2 s in each process, which
+        fell into round 0. One throwaway compress, encode, decode and decompress of a vector of the
+        run's size on the CPU loads exactly the kernels and signatures the run will call."""
+        if not cpu_kernels.available():
+            return
+        x = torch.randn(self.dim, generator=torch.Generator().manual_seed(0), dtype=self.config.torch_dtype)
+        for spec in dict.fromkeys((self.ctx.uplink_spec, self.ctx.downlink_spec)):
+            if uses_compiled_kernels(spec):
+                c = build_compressor(spec, self.dim, self.config.workers, self.config.seed, purpose="warm-up")
+                c.decompress(decode(encode(c.compress(x, worker=0, step=0))))
 
     @property
     def dim(self) -> int:

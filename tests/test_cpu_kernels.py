@@ -289,3 +289,19 @@ def test_a_second_process_loads_every_kernel_from_the_disk_cache(tmp_path):
     before = set(glob.glob(os.path.join(cache, "cpu_kernels.*.nbc")))
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=600)
     assert set(glob.glob(os.path.join(cache, "cpu_kernels.*.nbc"))) == before
+
+
+@pytest.mark.parametrize("uplink, calls", [("topk:ratio=0.01", 1), ("identity", 0)])
+def test_a_run_loads_its_compressors_kernels_before_the_clock_starts(uplink, calls, monkeypatch):
+    """RunSetup.build runs the run's compressor once on the CPU (kernels load there, not in round 0),
+    and only for compressors that use the kernels."""
+    from common.config import RunConfig
+    from runtime.setup import RunSetup
+
+    seen = []
+    real = cpu_kernels.indices_at_least
+    monkeypatch.setattr(cpu_kernels, "indices_at_least", lambda *a: seen.append(a) or real(*a))
+    config = RunConfig(algorithm="ef21", uplink=uplink, downlink=uplink, workers=2, rounds=1, lr="0.1",
+                       problem="quadratic:d=70000")
+    RunSetup.build(config)
+    assert len(seen) == calls

@@ -41,7 +41,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = [
     "build", "REGISTRY", "register", "Compressor", "Constants", "Payload", "Dense", "Sparse", "Signs", "Quantized",
-    "Scaled", "IndexRule", "LevelTable", "describe",
+    "Scaled", "IndexRule", "LevelTable", "describe", "uses_compiled_kernels",
 ]
 
 
@@ -65,6 +65,11 @@ def build(spec: str, dim: int, n_workers: int = 1, seed: int = 0, *, purpose: st
         lam = REGISTRY.build(item, dim, n_workers, seed, purpose=purpose).factor
         compressor = ScaledCompressor(compressor, lam)
     return compressor
+
+
+def uses_compiled_kernels(spec: str) -> bool:
+    """Whether a compressor of ``spec`` (any stage of a ``+`` chain) runs ``cpu_kernels`` on the CPU."""
+    return any(REGISTRY.lookup(stage.name).compiled for stage in specs.parse_chain(spec))
 
 
 def _build_chain(stages, dim, n_workers, seed, purpose, text) -> Compressor:

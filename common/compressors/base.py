@@ -106,6 +106,7 @@ class Compressor:
     params: tuple[Param, ...] = ()
     shared: bool = False  # one draw for all workers at a step (same-Rand-K, Perm-K's permutation)
     is_sparsifier: bool = False
+    compiled: bool = False  # its CPU path runs ``cpu_kernels`` (warmed before a run's clock starts)
 
     def __init__(self, dim: int, n_workers: int, seed: int, options: dict[str, Any], purpose: str = "compress"):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:

@@ -45,6 +45,7 @@ def norm_float32_up(x: torch.Tensor, p: float) -> torch.Tensor:
 
 
 class _Dither(Compressor):
+    compiled = True
     table: LevelTable
     p: float
 

@@ -90,6 +90,7 @@ def quantize(x: torch.Tensor, table: LevelTable, levels: torch.Tensor, key: int 
 @register
 class ExpRounding(Compressor):
     name = "exprounding"
+    compiled = True
     summary = "round each |x_i| to a power of b (stochastic and unbiased, or nearest when biased=true)"
     example = "exprounding:base=2"
     params = (

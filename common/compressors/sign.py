@@ -23,6 +23,7 @@ from common.compressors.payloads import Signs, negative_flags
 @register
 class Sign(Compressor):
     name = "sign"
+    compiled = True
     summary = "scaled sign: one bit a coordinate and one scale (l1: ||x||_1/d, l2: ||x||_2/sqrt(d))"
     example = "sign:scale=l1"
     params = (Param("scale", str, "l1", lambda v: v in ("l1", "l2"), "l1 or l2"),)

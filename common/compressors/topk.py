@@ -73,6 +73,7 @@ def _lowest_index_topk(mag: torch.Tensor, where: torch.Tensor | None, k: int) ->
 @register
 class TopK(Sparsifier):
     name = "topk"
+    compiled = True
     summary = "keep the k largest magnitudes (indices sent)"
     example = "topk:ratio=0.01"
     params = K_PARAMS
