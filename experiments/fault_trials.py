@@ -122,7 +122,10 @@ def trial(kind: str, run_args: list[str], seed: int, want_sha: str, rng: random.
         worker_args = ["worker", "--connect", endpoint, "--device", "cpu", "--timeout", "60", "--heartbeat", "0.2"]
         server = psc(server_args, log_path)
         workers = [psc(worker_args, log_path) for _ in range(n)]
-        kill_round = rng.randrange(1, rounds - 1)
+        # a kill must land while the run still goes: polling every 20 ms, a fast run (4 ms a round)
+        # is several rounds further when the signal arrives, and a worker restarted after the last
+        # round has no run to rejoin (it waits out its --timeout, as it should)
+        kill_round = rng.randrange(1, max(2, rounds - 10))
         procs = [server, *workers]
 
         def failed(why: str) -> Trial:
