@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from common.algorithms import Algorithm, RuleContext, ServerRule, WorkerRule, build_algorithm  # noqa: F401
-from common.compressors import build as build_compressor, cpu_kernels, uses_compiled_kernels
+from common.compressors import build as build_compressor, uses_compiled_kernels
 from common.config import RunConfig
 from common.problems import Problem, build_problem
 from common.wire import decode, encode
@@ -34,9 +34,8 @@ class RunSetup:
         """Load the compiled CPU kernels this run's compressors use (Numba's disk cache, or a compile)
         now, before the server's clock starts: at first use they cost 0.5-2 s in each process, which
         fell into round 0. One throwaway compress, encode, decode and decompress of a vector of the
-        run's size on the CPU loads exactly the kernels and signatures the run will call."""
-        if not cpu_kernels.available():
-            return
+        run's size on the CPU loads exactly the kernels and signatures the run will call, and none
+        where the run calls none (small vectors take the torch paths: Numba is not even imported)."""
         x = torch.randn(self.dim, generator=torch.Generator().manual_seed(0), dtype=self.config.torch_dtype)
         for spec in dict.fromkeys((self.ctx.uplink_spec, self.ctx.downlink_spec)):
             if uses_compiled_kernels(spec):
