@@ -36,11 +36,13 @@ class RunSetup:
         fell into round 0. One throwaway compress, encode, decode and decompress of a vector of the
         run's size on the CPU loads exactly the kernels and signatures the run will call, and none
         where the run calls none (small vectors take the torch paths: Numba is not even imported)."""
+        specs = [s for s in dict.fromkeys((self.ctx.uplink_spec, self.ctx.downlink_spec)) if uses_compiled_kernels(s)]
+        if not specs:  # a dense run: no throwaway vector of the run's size either
+            return
         x = torch.randn(self.dim, generator=torch.Generator().manual_seed(0), dtype=self.config.torch_dtype)
-        for spec in dict.fromkeys((self.ctx.uplink_spec, self.ctx.downlink_spec)):
-            if uses_compiled_kernels(spec):
-                c = build_compressor(spec, self.dim, self.config.workers, self.config.seed, purpose="warm-up")
-                c.decompress(decode(encode(c.compress(x, worker=0, step=0))))
+        for spec in specs:
+            c = build_compressor(spec, self.dim, self.config.workers, self.config.seed, purpose="warm-up")
+            c.decompress(decode(encode(c.compress(x, worker=0, step=0))))
 
     @property
     def dim(self) -> int:
