@@ -18,6 +18,7 @@ import sys
 import click
 
 from psc.runopts import build_config, check_resume, fault_options, run_options
+from runtime.allocator import keep_freed_memory
 from runtime.signals import Terminated, stop_signals
 
 log = logging.getLogger("psc")
@@ -97,6 +98,7 @@ def main(ctx, debug, quiet):
     PSC_SERVER_ROUNDS=100 or PSC_WORKER_CONNECT=tcp://server:5555.
     """
     ctx.ensure_object(dict)["debug"] = debug
+    keep_freed_memory()  # large vectors reuse the last round's pages (runtime.allocator)
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATEFMT, stream=sys.stderr)
     logging.getLogger().setLevel(level)
