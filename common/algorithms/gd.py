@@ -14,13 +14,13 @@ class GDServer(ServerRule):
     def step(self, t, uplinks):
         g = mean_of(uplinks, "g")
         self.x = self.x - self.ctx.lr * g
-        down = Message({"x": full(self.x)})
+        down = Message({"x": full(self.x, copy=False)})  # x is replaced, never updated in place
         return [down] * self.ctx.n
 
 
 class GDWorker(WorkerRule):
     def uplink(self, t):
-        return Message({"g": full(self.grad(self.x, t))})
+        return Message({"g": full(self.grad(self.x, t), copy=False)})  # a fresh gradient
 
     def downlink(self, t, msg):
         self.x = dense(msg.payloads["x"])

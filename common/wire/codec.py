@@ -43,17 +43,24 @@ PLAIN, ZERO_ESCAPE = 0, 1  # how Quantized codes map to fields
 
 
 def encode(payload) -> list[bytes]:
-    """Frames of ``payload``: a msgpack header, then the packed binary frames (see package doc)."""
+    """Frames of ``payload``: a msgpack header, then the packed binary frames (see package doc), as
+    bytes objects that own their memory (the link form, ``common.wire.stream``, sends views)."""
     node, data = encode_node(payload)
-    return [pack_header(node), *data]
+    return [pack_header(node), *map(bytes, data)]
 
 
-def encode_node(payload) -> tuple[list, list[bytes]]:
+def encode_node(payload) -> tuple[list, list[memoryview]]:
     """``payload``'s header node and its packed binary frames (the self-describing ``encode`` puts
-    the node in frame 0; the lean link form, ``common.wire.stream``, sends only what changed)."""
+    the node in frame 0; the lean link form, ``common.wire.stream``, sends only what changed).
+
+    Only packed bytes cross to the host, and on the CPU they are not copied again: a frame is a
+    read-only view of the packed tensor (a dense payload's own values), which ZeroMQ sends without a
+    copy and keeps alive until it is sent. So a payload must not be changed in place once encoded
+    (compressors return fresh tensors; ``full`` copies what a rule keeps). Read-only also means that
+    a receiver in the same process (the in-process engine) copies the values instead of sharing them."""
     out: list[torch.Tensor] = []
     node = _enc(payload, out, 0)
-    return node, [t.cpu().numpy().tobytes() for t in out]  # packed bytes only cross to the host
+    return node, [memoryview(t.cpu().numpy()).toreadonly() for t in out]
 
 
 def content_bits(node: list, lengths: Sequence[int]) -> int:

@@ -174,7 +174,7 @@ class Encoded:
     frames, and its content bits (``codec.content_bits``)."""
 
     tree: list
-    data: list[bytes]
+    data: list[memoryview]  # read-only views of the packed tensors (``codec.encode_node``)
     bits: int
 
 
