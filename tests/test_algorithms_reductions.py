@@ -31,6 +31,33 @@ def gd_iterates(**common) -> list[torch.Tensor]:
     return [server.rule.x.clone() for _, server, _ in run(RunConfig(algorithm="gd", **common))]
 
 
+# --- the mean of the uplinks ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dim", [1, 7, 1000, 65537, 300_001])
+def test_mean_of_the_uplinks_is_bit_identical_to_stacking_them(dtype, dim):
+    """The running sum that mean_of uses for up to 4 vectors gives torch.stack(...).mean(0)'s bits,
+    with values of very different magnitudes (where the order of additions shows), for every n."""
+    from common.algorithms.base import full, mean_of
+    from common.compressors.message import Message
+
+    g = torch.Generator().manual_seed(dim)
+    for n in range(1, 9):
+        vectors = [(torch.randn(dim, generator=g) * 10.0 ** torch.randint(-3, 4, (dim,), generator=g)).to(dtype)
+                   for _ in range(n)]
+        got = mean_of([Message({"g": full(v)}) for v in vectors], "g")
+        assert torch.equal(got, torch.stack(vectors).mean(0)), (n, dtype, dim)
+
+
+def test_mean_of_refuses_uplinks_of_different_lengths_instead_of_broadcasting():
+    from common.algorithms.base import full, mean_of
+    from common.compressors.message import Message
+
+    with pytest.raises(RuntimeError, match="equal size"):
+        mean_of([Message({"g": full(torch.ones(5))}), Message({"g": full(torch.ones(1))})], "g")
+
+
 # --- MARINA with an identity uplink is GD ----------------------------------------------------------
 
 def test_marina_with_identity_uplink_is_gd_round_for_round():
