@@ -310,10 +310,13 @@ class Server:
         return 10.0 * max(self.timeout, self.slowest_round)
 
     def _collect(self, t: int) -> list[protocol.Envelope]:
+        """Wait for round ``t``'s uplinks (and the states a checkpoint asked for); each UP goes to
+        ``ServerCore.accept`` the moment it arrives. Returns the UP envelopes by rank."""
         ups: list[protocol.Envelope | None] = [None] * self.config.workers
-        for rank, msg in self.early_ups.items():
+        early, self.early_ups = self.early_ups, {}
+        for rank, msg in early.items():
+            self.core.accept(rank, t, msg)
             ups[rank] = msg
-        self.early_ups = {}
         missing = sum(u is None for u in ups)
         states = self.pending.workers if self.pending is not None and self.pending.round == t else None
         if states is not None:
@@ -344,6 +347,7 @@ class Server:
                 if msg.kind == b"STATS":
                     self.core.stats(rank, t, msg)
                     continue
+                self.core.accept(rank, t, msg)  # decoded now, while the others are still on their way
                 ups[rank] = msg
                 missing -= 1
             else:
@@ -463,9 +467,9 @@ class Server:
                 checkpoint.write(self.checkpoint_dir, self.ckpt, self.config.to_dict(), self.setup.dim)
         while t < self.config.rounds:
             try:
-                ups = self._collect(t)
+                self._collect(t)  # the uplinks are decoded as they arrive (ServerCore.accept)
                 self._write_pending(t)
-                downs = self.core.round(t, ups)
+                downs = self.core.round(t)
                 t += 1
                 if self.checkpoint_dir and t % self.checkpoint_every == 0 and t < self.config.rounds:
                     self._ask_states(t)

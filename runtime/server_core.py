@@ -52,6 +52,8 @@ class ServerCore:
         ends forget too, so the next message on each link is sent in full)."""
         self.ups = [LinkDecoder(UP) for _ in range(self.n)]
         self.downs = [LinkEncoder(DOWN) for _ in range(self.n)]
+        self.arrived: list[tuple[int, Any, int, int] | None] = [None] * self.n  # (round, message, bits, bytes) by ``accept``
+        self.last_accept = 0.0  # when the last ``accept`` began (perf_counter)
         self.timing: list[tuple[float, float]] = [(0.0, 0.0)] * self.n  # (compute_s, compress_s) this round
 
     def control(self, nbytes: int) -> None:
@@ -78,23 +80,37 @@ class ServerCore:
         )
         self.last_round_end = time.perf_counter()
 
-    def round(self, t: int, uplinks: list[protocol.Envelope]) -> list[list[bytes]]:
-        """``uplinks[i]``: worker i's UP message, parsed where it was received. Returns worker i's
-        DOWN frames. The round's metrics line waits for ``record``, which the caller runs once the
-        downlinks are on their way: the evaluation of loss and gradient norm (a pass over the data
-        for a neural network) then overlaps the workers' next gradient instead of delaying it. It
-        measures the same model: the rule does not move until the next round's uplinks."""
-        start = time.perf_counter()
-        msgs, bits_up = [], []
-        for rank, up in enumerate(uplinks):
-            try:
-                if not up.is_round(b"UP", t):
-                    raise protocol.ProtocolError(f"expected UP for round {t}, got {up.kind.decode()} for round {up.round_text}")
-                msg, bits = self.ups[rank].decode(up.body, t, device=self.rule.x.device, max_dim=self.setup.dim)
-            except (WireError, protocol.ProtocolError) as exc:
-                raise BadUplink(rank, f"round {t}: malformed uplink from worker {rank}: {exc}") from None
-            msgs.append(msg)
-            bits_up.append(bits)
+    def accept(self, rank: int, t: int, up: protocol.Envelope) -> None:
+        """Decode worker ``rank``'s UP for round ``t`` as soon as it arrives, while the server waits
+        for the others: only the last uplink's decode is left on the round's critical path. A
+        malformed one raises ``BadUplink`` and is not kept (nothing else changes)."""
+        self.last_accept = time.perf_counter()
+        try:
+            if not up.is_round(b"UP", t):
+                raise protocol.ProtocolError(f"expected UP for round {t}, got {up.kind.decode()} for round {up.round_text}")
+            msg, bits = self.ups[rank].decode(up.body, t, device=self.rule.x.device, max_dim=self.setup.dim)
+        except (WireError, protocol.ProtocolError) as exc:
+            raise BadUplink(rank, f"round {t}: malformed uplink from worker {rank}: {exc}") from None
+        self.arrived[rank] = (t, msg, bits, up.nbytes)
+
+    def round(self, t: int, uplinks: list[protocol.Envelope] | None = None) -> list[list[bytes]]:
+        """Run round ``t`` on the uplinks that ``accept`` decoded (or, given ``uplinks[i]``, worker
+        i's UP parsed where it was received, on those). Returns worker i's DOWN frames. The round's
+        metrics line waits for ``record``, which the caller runs once the downlinks are on their
+        way: the evaluation of loss and gradient norm (a pass over the data for a neural network)
+        then overlaps the workers' next gradient instead of delaying it. It measures the same model:
+        the rule does not move until the next round's uplinks. ``server_s`` is the server's time on
+        the critical path: from the last uplink's arrival (its decode included) to the encoded
+        downlinks."""
+        start = time.perf_counter() if uplinks is not None else self.last_accept
+        for rank, up in enumerate(uplinks or ()):
+            self.arrived[rank] = None
+            self.accept(rank, t, up)
+        arrived, self.arrived = self.arrived, [None] * self.n
+        missing = [rank for rank, a in enumerate(arrived) if a is None or a[0] != t]
+        if missing:
+            raise RunFailed(f"round {t}: no uplink from worker(s) {missing}")
+        _, msgs, bits_up, nbytes_up = (list(column) for column in zip(*arrived))
         try:
             downs = self.rule.step(t, msgs)
         except (KeyError, ValueError, IndexError, RuntimeError) as exc:  # e.g. a payload the rule did not expect
@@ -121,7 +137,7 @@ class ServerCore:
         self.timing = [(0.0, 0.0)] * self.n
         control, self.control_bytes = self.control_bytes, 0
         self.pending = dict(
-            t=t, bytes_up=[up.nbytes for up in uplinks], bytes_down=[protocol.size(f) for f in out],
+            t=t, bytes_up=nbytes_up, bytes_down=[protocol.size(f) for f in out],
             payload_bits_up=bits_up, payload_bits_down=bits_down, control_bytes=control,
             **self.rule.round_metrics(),
             round_s=round_s, compute_s=compute_s, compress_s=compress_s, server_s=server_s,
