@@ -90,6 +90,31 @@ def test_malformed_uplink_names_the_worker():
     assert torch.equal(server.rule.x, setup.x0.float())  # the state is untouched
 
 
+def test_the_server_decodes_each_uplink_as_it_arrives():
+    """``accept`` decodes one worker's UP at once (a malformed one is refused there, naming the
+    worker, and not kept); ``round`` then runs on what was accepted, and refuses to run without
+    every worker's uplink of that round."""
+    setup = RunSetup.build(RunConfig(algorithm="gd", workers=2, rounds=2, problem="quadratic:d=10"))
+    server = ServerCore(setup, MetricsWriter(None))
+    workers = [WorkerCore(setup, r, torch.device("cpu")) for r in range(2)]
+    ups = [protocol.parse(w.uplink(0)[1]) for w in workers]
+    server.accept(1, 0, ups[1])
+    with pytest.raises(RunFailed, match=r"no uplink from worker\(s\) \[0\]"):
+        server.round(0)
+    server.accept(1, 0, ups[1])
+    frames = list(workers[0].uplink(0)[1])
+    bad = protocol.parse(frames[:-1] + [frames[-1][:-3]])  # its values cut short
+    with pytest.raises(BadUplink, match="worker 0"):
+        server.accept(0, 0, bad)
+    with pytest.raises(BadUplink, match="expected UP for round 1"):
+        server.accept(0, 1, ups[0])
+    server.accept(0, 0, ups[0])
+    downs = server.round(0)
+    reference = ServerCore(setup, MetricsWriter(None)).round(0, ups)  # all at once: the same downlinks
+    assert [[bytes(f) for f in d] for d in downs] == [[bytes(f) for f in d] for d in reference]
+    assert server.pending["bytes_up"] == [u.nbytes for u in ups]
+
+
 def test_trailing_frames_after_an_up_or_a_down_are_rejected():
     """An UP or a DOWN with a frame after the algorithm's message is malformed: the server names the
     worker and keeps its state; a worker refuses the DOWN and keeps its own."""

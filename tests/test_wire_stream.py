@@ -112,6 +112,23 @@ def test_large_messages_send_their_data_in_separate_frames():
         assert torch.equal(got.payloads["x"].to_dense(), x) and bits == 32 * d
 
 
+def test_a_large_dense_frame_is_a_read_only_view_of_the_payload_not_a_copy():
+    """The link sends a dense payload's own memory (ZeroMQ keeps the view alive until it is sent);
+    read-only, so a decoder in the same process copies instead of sharing the sender's memory."""
+    x = vector(SPLIT_BYTES, 0)
+    frames = LinkEncoder(DOWN).encode(0, Message({"x": Dense(x, torch.float32)}))
+    view = frames[1]
+    assert isinstance(view, memoryview) and view.readonly and len(view) == 4 * x.numel()
+    assert torch.frombuffer(bytearray(view), dtype=torch.float32).equal(x)
+    x[0] = 12345.0  # the frame is x's memory: what a rule must not do before the frame is sent
+    assert torch.frombuffer(bytearray(view), dtype=torch.float32)[0] == 12345.0
+    got, _ = LinkDecoder(DOWN).decode(frames, 0)
+    got = got.payloads["x"].to_dense()
+    got[1] = -1.0  # the decoded copy is the receiver's own
+    assert x[1] != -1.0
+    assert all(isinstance(f, bytes) for f in encode(Dense(x, torch.float32)))  # the public form owns its bytes
+
+
 def steady(spec="topk:k=4", d=100, rounds=6):
     """An encoder and a decoder that have exchanged ``rounds`` messages, and the next message."""
     c = build(spec, dim=d, n_workers=4, seed=0)
