@@ -24,7 +24,6 @@ C library without ``mallopt`` (musl, macOS) it does nothing and says so (returns
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 
@@ -39,8 +38,7 @@ def keep_freed_memory() -> bool:
     if os.environ.get("PSC_MALLOC", "").lower() == "system":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on (no lookup, no subprocess)
     except (OSError, AttributeError):
         log.debug("no mallopt in this C library: the allocator is left as it is")
         return False
