@@ -305,3 +305,83 @@ def test_a_run_loads_its_compressors_kernels_before_the_clock_starts(uplink, cal
                        problem="quadratic:d=70000")
     RunSetup.build(config)
     assert len(seen) == calls
+
+
+# --- the scaled-sign expansion and the AMSGrad step --------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("scale", [0.0, 1.5, 1e-40, 3.0e38, float("inf")])
+def test_signs_expand_to_the_bits_of_the_torch_path(dtype, scale):
+    from common.compressors.payloads import Signs
+
+    n = cpu_kernels.MIN_CHUNK + 12345
+    negative = torch.rand(n, generator=torch.Generator().manual_seed(1)) < 0.5
+    payload = Signs(negative, torch.tensor(scale, dtype=torch.float32), dtype)
+    fused = cpu_kernels.signs_to_dense(negative, payload.scale, dtype)
+    reference = torch.where(negative, -payload.scale.to(dtype), payload.scale.to(dtype))
+    assert fused.dtype == dtype and torch.equal(fused.view(torch.uint8), reference.view(torch.uint8))
+    assert torch.equal(payload.to_dense().view(torch.uint8), reference.view(torch.uint8))
+
+
+def _torch_amsgrad(x, m, v, v_hat, g, b1, b2, lr, nu):
+    """amsgrad_state's torch expressions, verbatim."""
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    v_hat = torch.maximum(v_hat, v)
+    return x - lr * m / torch.sqrt(v_hat + nu), m, v, v_hat
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_compiled_amsgrad_step_gives_the_bits_of_torch_over_many_steps(dtype):
+    """Values over many magnitudes (where a fused multiply-add or another order would show), zeros,
+    and 8 steps in a row, against the torch expressions it replaces; also through a rule."""
+    n = cpu_kernels.MIN_CHUNK * 2 + 77
+    gen = torch.Generator().manual_seed(3)
+
+    def draw():
+        return (torch.randn(n, generator=gen, dtype=torch.float64)
+                * 10.0 ** torch.randint(-20, 6, (n,), generator=gen)).to(dtype)
+
+    ours = theirs = (draw(), torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype), torch.zeros(n, dtype=dtype))
+    for step in range(8):
+        g = draw()
+        g[::1000] = 0.0
+        ours = cpu_kernels.amsgrad_step(*ours, g, 0.9, 0.99, 0.003, 1e-8)
+        theirs = _torch_amsgrad(*theirs, g, 0.9, 0.99, 0.003, 1e-8)
+        for a, b in zip(ours, theirs):
+            assert a.dtype == dtype and torch.equal(a, b), step
+
+
+def test_the_compiled_amsgrad_step_leaves_nan_and_small_vectors_as_torch_does():
+    n = cpu_kernels.MIN_CHUNK
+    x, m, v, v_hat = (torch.ones(n) for _ in range(4))
+    g = torch.ones(n)
+    g[5] = float("nan")
+    ours = cpu_kernels.amsgrad_step(x, m, v, v_hat, g, 0.9, 0.99, 0.1, 1e-8)
+    theirs = _torch_amsgrad(x, m, v, v_hat, g, 0.9, 0.99, 0.1, 1e-8)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) and a.isnan().equal(b.isnan())
+    assert cpu_kernels.amsgrad_step(*(torch.ones(n - 1) for _ in range(5)), 0.9, 0.99, 0.1, 1e-8) is None
+    assert cpu_kernels.amsgrad_step(x, m, v, v_hat, g.double(), 0.9, 0.99, 0.1, 1e-8) is None  # mixed dtypes
+
+
+def test_cd_adam_runs_to_the_same_model_with_the_compiled_passes(monkeypatch):
+    """A CD-Adam run long enough for the compiled sign expansion and AMSGrad step gives the model
+    that the torch paths give, bit for bit."""
+    from common.config import RunConfig
+    from runtime.engine import run_inproc
+
+    config = RunConfig(algorithm="cd-adam", workers=2, rounds=4, problem=f"identity-quadratic:d={cpu_kernels.MIN_CHUNK + 3}",
+                       lr="0.01", eval_every=100)
+    fused = run_inproc(config, None, progress=False).model_digest()
+    monkeypatch.setattr(cpu_kernels, "amsgrad_step", lambda *args: None)
+    monkeypatch.setattr(cpu_kernels, "signs_to_dense", lambda *args: None)
+    assert run_inproc(config, None, progress=False).model_digest() == fused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_negative_flags_match_torch_lt_with_zeros_of_both_signs_nan_and_inf(dtype):
+    x = torch.randn(cpu_kernels.MIN_CHUNK + 5, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    x[:6] = torch.tensor([0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    assert torch.equal(cpu_kernels.negative_flags(x), x < 0)

