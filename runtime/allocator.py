@@ -14,9 +14,9 @@ n = 2, 250 rounds, 2 cores: 0.21 s a round instead of 0.36, a quarter of the pag
 a freed block is not always reusable by the next aligned request, and ZeroMQ's receive buffers are
 allocated in its own thread), and each process's resident memory 0.8-1.1 GB instead of 0.7, steady
 over the run. So the cost is memory: a process keeps up to 1 GiB it no longer uses (plus what
-fragmentation holds) instead of returning it at once. Threads other
-than the main one still get ``mmap`` for blocks larger than their arena's heap; CUDA and pinned memory
-are not malloc's and are not affected.
+fragmentation holds) instead of returning it at once. Threads other than the main one still get
+``mmap`` for blocks larger than their arena's heap; CUDA and pinned memory are not malloc's and are
+not affected.
 
 Every ``psc`` command calls it at start-up; ``PSC_MALLOC=system`` leaves the allocator as it is. On a
 C library without ``mallopt`` (musl, macOS) it does nothing and says so (returns False).

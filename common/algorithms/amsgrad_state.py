@@ -29,9 +29,9 @@ def init_amsgrad(rule) -> None:
     rule.m = torch.zeros_like(rule.x)
     rule.v = torch.zeros_like(rule.x)
     rule.v_hat = torch.zeros_like(rule.x)
-    if rule.x.device.type == "cpu" and rule.x.numel() >= cpu_kernels.MIN_CHUNK:
-        # the compiled step will run: load it now (the rules are built before the run's clock starts)
-        _fused(rule, rule.x.new_zeros(rule.x.shape))
+    # where the compiled step will run, load it now (the rules are built before the run's clock
+    # starts); for other vectors the call returns at once, without loading anything
+    _fused(rule, torch.zeros_like(rule.x))
 
 
 def _fused(rule, g: torch.Tensor):

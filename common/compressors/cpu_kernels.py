@@ -525,12 +525,12 @@ def amsgrad_step(x, m, v, v_hat, g, beta1: float, beta2: float, lr: float, nu: f
     sqrt is not always the correctly rounded one: 9 in 524,288 float32 values differ, so only
     torch.sqrt on the same vector gives its bits), one compiled pass for line 16."""
     tensors = (x, m, v, v_hat, g)
-    if x.numel() < MIN_CHUNK:  # small vectors: torch's ops, and no compiled code to load
+    if (x.numel() < MIN_CHUNK or x.dtype not in (torch.float32, torch.float64)  # small vectors: torch's ops,
+            or any(t.device.type != "cpu" or t.dtype != x.dtype or t.shape != x.shape or not t.is_contiguous()
+                   for t in tensors)):  # and, like other tensors, no compiled code to load
         return None
     kernels = _kernels()
-    if (kernels is None or x.dtype not in (torch.float32, torch.float64)
-            or any(t.device.type != "cpu" or t.dtype != x.dtype or t.shape != x.shape or not t.is_contiguous()
-                   for t in tensors)):
+    if kernels is None:
         return None
     xa, ma, va, ha, ga = (t.detach().numpy().reshape(-1) for t in tensors)
     kind = xa.dtype.type  # the scalars rounded to the vectors' precision, as torch does

@@ -169,13 +169,13 @@ class Signs:
         return self.negative.numel()
 
     def to_dense(self) -> torch.Tensor:
-        scale = self.scale.to(self.dtype)
-        out = torch.empty(self.negative.shape, dtype=self.dtype, device=self.negative.device)
-        bits = _SIGN_BIT.get(self.dtype)
-        if out.device.type == "cpu" and bits is not None and self.negative.numel() >= cpu_kernels.MIN_CHUNK:
+        if self.negative.numel() >= cpu_kernels.MIN_CHUNK:  # one compiled pass (CPU, float32/float64)
             fused = cpu_kernels.signs_to_dense(self.negative, self.scale, self.dtype)
             if fused is not None:
                 return fused
+        scale = self.scale.to(self.dtype)
+        out = torch.empty(self.negative.shape, dtype=self.dtype, device=self.negative.device)
+        bits = _SIGN_BIT.get(self.dtype)
         if out.device.type != "cpu" or bits is None:
             return out.fill_(scale).masked_fill_(self.negative, -scale)
         # on the CPU: the scale's bit pattern with the sign bit flipped where negative, block by block
