@@ -13,6 +13,7 @@ import time
 import torch
 
 from common.compressors.message import Message
+from common.oracle import with_gradient
 from common.wire.stream import DOWN, UP, LinkDecoder, LinkEncoder
 from runtime.setup import RunSetup
 from common.wire import WireError
@@ -48,16 +49,22 @@ class WorkerCore:
         self.received: Message | None = None  # the last downlink, as decoded
         self.compute_s = 0.0
         inner = self.rule.oracle
+        self.rule.oracle = self._timed(inner)
+        gradient = getattr(inner, "gradient", None)
+        if gradient is not None:  # the oracle's gradient-only entry point (common.oracle), timed too
+            with_gradient(self.rule.oracle, self._timed(gradient))
 
-        def timed_oracle(x, step):
+    def _timed(self, call):
+        """``call`` (an oracle entry point), adding the time inside it to ``compute_s``."""
+        def timed(x, step):
             self._sync()
             start = time.perf_counter()
-            result = inner(x, step)
+            result = call(x, step)
             self._sync()
             self.compute_s += time.perf_counter() - start
             return result
 
-        self.rule.oracle = timed_oracle
+        return timed
 
     def reset_links(self) -> None:
         """Forget what this worker's two links have said (``common.wire.stream``); the server's ends

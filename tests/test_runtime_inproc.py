@@ -78,6 +78,22 @@ def test_divergence_is_reported_clearly():
         run_inproc(RunConfig(algorithm="gd", workers=2, rounds=400, problem="quadratic:d=10", lr="100"), None, progress=False)
 
 
+def test_rules_use_the_gradient_only_entry_point_and_the_worker_times_it():
+    """A rule's ``grad`` calls the oracle's ``gradient`` where it has one (no loss computed), and the
+    worker's ``compute_s`` times that call; an oracle without one is called whole."""
+    setup = RunSetup.build(RunConfig(algorithm="gd", workers=2, rounds=1, problem="quadratic:d=10"))
+    worker = WorkerCore(setup, 0, torch.device("cpu"))
+    calls = []
+    whole, gradient = worker.rule.oracle, worker.rule.oracle.gradient
+    worker.rule.oracle = lambda x, step: (calls.append("whole"), whole(x, step))[1]
+    worker.rule.oracle.gradient = lambda x, step: (calls.append("gradient"), gradient(x, step))[1]
+    worker.uplink(0)
+    assert calls == ["gradient"] and worker.compute_s > 0
+    del worker.rule.oracle.gradient
+    worker.uplink(1)
+    assert calls == ["gradient", "whole"]
+
+
 def test_malformed_uplink_names_the_worker():
     setup = RunSetup.build(RunConfig(algorithm="gd", workers=2, rounds=1, problem="quadratic:d=10"))
     server = ServerCore(setup, MetricsWriter(None))

@@ -32,7 +32,7 @@ from common.config import RunConfig, parse_lr
 from common.keys import StreamKey
 from common.compressors.message import Message
 from common.options import Param, Registry, parse_options
-from common.oracle import Oracle
+from common.oracle import Oracle, gradient_of
 
 
 @dataclass
@@ -144,7 +144,7 @@ class WorkerRule:
         """The worker's gradient at ``point``; ``step`` names the sample draw (the same step gives the
         same minibatch for a stochastic oracle), so a rule that needs R draws per round passes
         t * R + r."""
-        return self.oracle(point, step)[1]
+        return gradient_of(self.oracle, point, step)
 
     def uplink(self, t: int) -> Message:
         raise NotImplementedError

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from common.options import Param
+from common.oracle import with_gradient
 from common.problems.base import Problem, register
 from common.problems.quadratic import quadratic_constants
 
@@ -51,10 +52,13 @@ class IdentityQuadratic(Problem):
         a = float(self.a[worker])
         b = torch.from_numpy(self.b[worker]).to(device=device, dtype=dtype)
 
-        def grad(x, step=0):
-            return 0.5 * a * torch.dot(x, x) + torch.dot(b, x), a * x + b
+        def gradient(x, step=0):
+            return (a * x).add_(b)  # a * x + b without a second temporary
 
-        return grad
+        def grad(x, step=0):
+            return 0.5 * a * torch.dot(x, x) + torch.dot(b, x), gradient(x)
+
+        return with_gradient(grad, gradient)
 
     def evaluate(self, x):
         x = x.detach().to("cpu", torch.float64)

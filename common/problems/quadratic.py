@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from common.options import Param
+from common.oracle import with_gradient
 from common.problems.base import Problem, register
 
 
@@ -92,11 +93,14 @@ class Quadratic(Problem):
         c = float(self.c[worker])
         b = torch.from_numpy(self.b[worker]).to(device=device, dtype=dtype)
 
+        def gradient(x: torch.Tensor, step: int = 0):
+            return c * apply_x(x) + b
+
         def grad(x: torch.Tensor, step: int = 0):
             ax = c * apply_x(x)
             return 0.5 * torch.dot(x, ax) + torch.dot(b, x), ax + b
 
-        return grad
+        return with_gradient(grad, gradient)
 
     def evaluate(self, x):
         x = x.detach().to("cpu", torch.float64)
