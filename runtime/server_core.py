@@ -17,6 +17,7 @@ from common.compressors.base import all_finite
 from common.wire.stream import DOWN, UP, LinkDecoder, LinkEncoder, encode_parts
 from runtime.setup import RunSetup
 from common.wire import WireError
+from common.wire.codec import checked_finite
 from runtime import protocol
 from runtime.metrics import MetricsWriter
 
@@ -121,14 +122,15 @@ class ServerCore:
             raise RunFailed(f"round {t}: the model is no longer finite (the run diverged; try a smaller --lr)")
         encoded: dict[int, Any] = {}
         out, bits_down = [], []
-        for rank, msg in enumerate(downs):
-            if id(msg) not in encoded:  # a broadcast's payloads are encoded once, then wrapped per link
-                try:
-                    encoded[id(msg)] = encode_parts(msg)
-                except (WireError, ValueError) as exc:
-                    raise RunFailed(f"round {t}: cannot encode the downlink ({exc})") from None
-            out.append(self.downs[rank].encode(t, encoded[id(msg)]))
-            bits_down.append(encoded[id(msg)].bits)
+        with checked_finite(self.rule.model):  # a downlink that is the model is not checked twice
+            for rank, msg in enumerate(downs):
+                if id(msg) not in encoded:  # a broadcast's payloads are encoded once, then wrapped per link
+                    try:
+                        encoded[id(msg)] = encode_parts(msg)
+                    except (WireError, ValueError) as exc:
+                        raise RunFailed(f"round {t}: cannot encode the downlink ({exc})") from None
+                out.append(self.downs[rank].encode(t, encoded[id(msg)]))
+                bits_down.append(encoded[id(msg)].bits)
         server_s = time.perf_counter() - start
         now = time.perf_counter()
         round_s = now - self.last_round_end

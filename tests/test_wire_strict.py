@@ -165,3 +165,28 @@ def test_decompress_leaves_the_payload_unchanged(spec):
     first = c.decompress(q)
     assert torch.equal(c.decompress(q), first)
     assert encode(q) == frames
+
+
+def test_checked_finite_skips_only_the_checked_memory(monkeypatch):
+    """Inside ``checked_finite(m)`` a Dense of exactly m's memory is encoded without a second
+    finiteness pass; any other vector (a slice of m, another dtype, a copy) is still checked, and a
+    non-finite one is still refused. Outside the block m is checked again."""
+    from common.compressors.payloads import Dense
+    from common.wire import codec
+
+    checked = []
+    monkeypatch.setattr(codec, "_all_finite", lambda v: checked.append(v.numel()) or bool(torch.isfinite(v).all()))
+    m = torch.arange(10, dtype=torch.float32)
+    bad = m.clone()
+    bad[3] = math.nan
+    with codec.checked_finite(m):
+        encode(Dense(m, m.dtype))
+        assert checked == []
+        encode(Dense(m[:5], m.dtype))
+        encode(Dense(m.double(), m.dtype))
+        assert checked == [5, 10]
+        with pytest.raises(WireError, match="not all finite"):
+            encode(Dense(bad, m.dtype))
+    checked.clear()
+    encode(Dense(m, m.dtype))
+    assert checked == [10]

@@ -14,6 +14,8 @@ to ``device``.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import warnings
 from typing import Callable, Sequence
@@ -97,6 +99,25 @@ def message_bytes(frames: Sequence) -> int:
 
 
 _all_finite = all_finite
+_checked: contextvars.ContextVar[tuple[torch.Tensor, ...]] = contextvars.ContextVar("checked", default=())
+
+
+@contextlib.contextmanager
+def checked_finite(*tensors: torch.Tensor):
+    """Within the block, a Dense whose values are exactly one of ``tensors`` (the same memory,
+    length and dtype) is encoded without its finiteness pass: the caller has just checked them and
+    nothing changes them before the encoding. The server checks its model every round, and GD's
+    downlink is that model (one pass of 4 ms at d = 1e7 saved)."""
+    token = _checked.set(tuple(t.detach() for t in tensors))
+    try:
+        yield
+    finally:
+        _checked.reset(token)
+
+
+def _known_finite(v: torch.Tensor) -> bool:
+    return any(t.data_ptr() == v.data_ptr() and t.numel() == v.numel() and t.dtype == v.dtype
+               and t.device == v.device and t.is_contiguous() for t in _checked.get())
 
 
 def _dtype_code(dt, what: str) -> int:
@@ -127,7 +148,7 @@ def _enc(p, out: list, depth: int) -> list:
     if isinstance(p, Dense):
         v = _flat(p.values.detach(), "Dense", "values")
         code = _dtype_code(v.dtype, "Dense values")
-        if not _all_finite(v):
+        if not (_known_finite(v) or _all_finite(v)):
             raise WireError("Dense: values are not all finite")
         out.append(v.view(torch.uint8) if v.numel() else torch.empty(0, dtype=torch.uint8, device=v.device))
         return [DENSE, _dtype_code(p.dtype, "Dense"), code, v.numel()]
