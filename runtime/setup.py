@@ -8,6 +8,7 @@ import torch
 
 from common.algorithms import Algorithm, RuleContext, ServerRule, WorkerRule, build_algorithm  # noqa: F401
 from common.compressors import build as build_compressor, uses_compiled_kernels
+from common.compressors.payloads import add_dense
 from common.config import RunConfig
 from common.problems import Problem, build_problem
 from common.wire import decode, encode
@@ -42,7 +43,9 @@ class RunSetup:
         x = torch.randn(self.dim, generator=torch.Generator().manual_seed(0), dtype=self.config.torch_dtype)
         for spec in specs:
             c = build_compressor(spec, self.dim, self.config.workers, self.config.seed, purpose="warm-up")
-            c.decompress(decode(encode(c.compress(x, worker=0, step=0))))
+            payload = decode(encode(c.compress(x, worker=0, step=0)))
+            c.decompress(payload)
+            add_dense(add_dense(x, payload), payload, inplace=True)  # a Markov shift, a running mean
 
     @property
     def dim(self) -> int:

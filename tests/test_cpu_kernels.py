@@ -273,13 +273,16 @@ def test_a_second_process_loads_every_kernel_from_the_disk_cache(tmp_path):
     script = (
         "import torch\n"
         "from common.compressors import build\n"
+        "from common.compressors.payloads import add_dense\n"
         "from common.wire import decode, encode\n"
         "x = torch.randn((1 << 20) + 5, generator=torch.Generator().manual_seed(0))\n"
         "for spec in ['natural', 'exprounding:base=3', 'natdither:s=2,p=inf', 'expdither:base=3,s=4,p=2',\n"
         "             'qsgd:s=16', 'ternary', 'sign:scale=l2', 'topk:ratio=0.01']:\n"
         "    for v in (x, x.double()):\n"
         "        c = build(spec, dim=v.numel(), n_workers=1, seed=0)\n"
-        "        c.decompress(decode(encode(c.compress(v, worker=0, step=0))))\n"
+        "        p = decode(encode(c.compress(v, worker=0, step=0)))\n"
+        "        c.decompress(p)\n"
+        "        add_dense(add_dense(v, p), p, inplace=True)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root}
@@ -307,6 +310,19 @@ def test_a_run_loads_its_compressors_kernels_before_the_clock_starts(uplink, cal
     assert len(seen) == calls
 
 
+def test_a_sign_run_loads_the_shift_kernels_before_the_clock_starts(monkeypatch):
+    """The Markov shift and the running mean of sign payloads (``add_dense``) are loaded by the
+    warm-up too, both the kernel that writes a new vector and the one that adds in place."""
+    from common.config import RunConfig
+    from runtime.setup import RunSetup
+
+    seen = []
+    real = cpu_kernels.signs_added
+    monkeypatch.setattr(cpu_kernels, "signs_added", lambda *a: seen.append(a[-1]) or real(*a))
+    RunSetup.build(RunConfig(algorithm="cd-adam", workers=2, rounds=1, lr="0.01", problem=f"quadratic:d={cpu_kernels.MIN_CHUNK}"))
+    assert sorted(seen) == [False, True]
+
+
 # --- the scaled-sign expansion and the AMSGrad step --------------------------------------------------
 
 
@@ -322,6 +338,45 @@ def test_signs_expand_to_the_bits_of_the_torch_path(dtype, scale):
     reference = torch.where(negative, -payload.scale.to(dtype), payload.scale.to(dtype))
     assert fused.dtype == dtype and torch.equal(fused.view(torch.uint8), reference.view(torch.uint8))
     assert torch.equal(payload.to_dense().view(torch.uint8), reference.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_sign_payload_adds_to_a_vector_and_into_a_mean_with_the_torch_bits(dtype):
+    """``add_dense`` (the Markov shift) and ``mean_of`` add a scaled-sign payload without its dense
+    form; the result must be h + to_dense() and torch.stack(...).mean(0) bit for bit, with zeros of
+    both signs, values over many magnitudes, an overflow to inf, in place or not, for n = 2..5."""
+    from common.algorithms.base import mean_of
+    from common.compressors.message import Message
+    from common.compressors.payloads import add_dense
+
+    n = cpu_kernels.MIN_CHUNK + 4097
+    gen = torch.Generator().manual_seed(4)
+    sign = build("sign", n, n_workers=5)
+    h = (torch.randn(n, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-30, 30, (n,), generator=gen)).to(dtype)
+    h[:4] = torch.tensor([0.0, -0.0, torch.finfo(dtype).max, -torch.finfo(dtype).max], dtype=dtype)
+    payloads = []
+    for worker in range(5):
+        x = torch.randn(n, generator=gen, dtype=dtype)
+        x[worker::9] = -0.0
+        payloads.append(sign.compress(x, worker=worker, step=1))
+    for p in payloads:
+        expected = (h + p.to_dense()).view(torch.uint8)
+        assert torch.equal(add_dense(h, p).view(torch.uint8), expected)
+        inplace = h.clone()
+        assert add_dense(inplace, p, inplace=True) is inplace and torch.equal(inplace.view(torch.uint8), expected)
+    for k in range(2, 6):
+        expected = torch.stack([p.to_dense() for p in payloads[:k]]).mean(0)
+        got = mean_of([Message({"c": p}) for p in payloads[:k]], "c")
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), k
+
+
+def test_a_sign_payload_of_another_length_is_not_added_silently():
+    from common.compressors.payloads import add_dense
+
+    n = cpu_kernels.MIN_CHUNK + 1
+    p = build("sign", n).compress(torch.randn(n), worker=0, step=0)
+    with pytest.raises(RuntimeError):
+        add_dense(torch.zeros(n + 1), p)
 
 
 def _torch_amsgrad(x, m, v, v_hat, g, b1, b2, lr, nu):
@@ -372,11 +427,12 @@ def test_cd_adam_runs_to_the_same_model_with_the_compiled_passes(monkeypatch):
     from common.config import RunConfig
     from runtime.engine import run_inproc
 
-    config = RunConfig(algorithm="cd-adam", workers=2, rounds=4, problem=f"identity-quadratic:d={cpu_kernels.MIN_CHUNK + 3}",
+    config = RunConfig(algorithm="cd-adam", workers=3, rounds=4, problem=f"identity-quadratic:d={cpu_kernels.MIN_CHUNK + 3}",
                        lr="0.01", eval_every=100)
     fused = run_inproc(config, None, progress=False).model_digest()
     monkeypatch.setattr(cpu_kernels, "amsgrad_step", lambda *args: None)
     monkeypatch.setattr(cpu_kernels, "signs_to_dense", lambda *args: None)
+    monkeypatch.setattr(cpu_kernels, "signs_added", lambda *args: None)
     assert run_inproc(config, None, progress=False).model_digest() == fused
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.base import dense
+from common.compressors.payloads import add_dense
 
 
 def error_feedback(compressor, v: torch.Tensor, worker: int, step: int):
@@ -39,5 +40,6 @@ def markov_compress(compressor, target: torch.Tensor, h: torch.Tensor, worker: i
 
 
 def shift(h: torch.Tensor, c) -> torch.Tensor:
-    """h + c, where c is a received payload (decoded here) or an already dense tensor (an average)."""
-    return h + (c if isinstance(c, torch.Tensor) else dense(c))
+    """h + c, where c is a received payload (added as its dense form, ``add_dense``) or an already
+    dense tensor (an average)."""
+    return h + c if isinstance(c, torch.Tensor) else add_dense(h, c)

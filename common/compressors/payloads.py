@@ -190,6 +190,17 @@ class Signs:
         return self.dim + 32
 
 
+def add_dense(h: torch.Tensor, payload, inplace: bool = False) -> torch.Tensor:
+    """h + payload.to_dense(), bit for bit: a new tensor, or h itself with ``inplace``. A large CPU
+    ``Signs`` payload of h's dtype and length is added in one compiled pass, without its dense form
+    (``cpu_kernels.signs_added``): 2 passes over the vector instead of 4."""
+    if isinstance(payload, Signs) and payload.dtype == h.dtype and payload.dim >= cpu_kernels.MIN_CHUNK:
+        fused = cpu_kernels.signs_added(h, payload.negative, payload.scale, inplace)
+        if fused is not None:
+            return fused
+    return h.add_(payload.to_dense()) if inplace else h + payload.to_dense()
+
+
 @dataclass(frozen=True, eq=False)
 class Quantized:
     table: LevelTable
