@@ -38,7 +38,8 @@ def gd_iterates(**common) -> list[torch.Tensor]:
 @pytest.mark.parametrize("dim", [1, 7, 1000, 65537, 300_001])
 def test_mean_of_the_uplinks_is_bit_identical_to_stacking_them(dtype, dim):
     """The running sum that mean_of uses for up to 4 vectors gives torch.stack(...).mean(0)'s bits,
-    with values of very different magnitudes (where the order of additions shows), for every n."""
+    with values of very different magnitudes (where the order of additions shows) and zeros of both
+    signs (torch's sum is +0 where every row is -0), for every n."""
     from common.algorithms.base import full, mean_of
     from common.compressors.message import Message
 
@@ -46,8 +47,35 @@ def test_mean_of_the_uplinks_is_bit_identical_to_stacking_them(dtype, dim):
     for n in range(1, 9):
         vectors = [(torch.randn(dim, generator=g) * 10.0 ** torch.randint(-3, 4, (dim,), generator=g)).to(dtype)
                    for _ in range(n)]
+        for i, v in enumerate(vectors):
+            v[::5] = -0.0  # -0 in every row
+            v[1::5] = -0.0 if i % 2 else 0.0  # zeros of both signs
         got = mean_of([Message({"g": full(v)}) for v in vectors], "g")
-        assert torch.equal(got, torch.stack(vectors).mean(0)), (n, dtype, dim)
+        assert torch.equal(got.view(torch.uint8), torch.stack(vectors).mean(0).view(torch.uint8)), (n, dtype, dim)
+
+
+@pytest.mark.parametrize("spec", ["topk:ratio=0.05", "randk:ratio=0.1", "permk", "topk:ratio=0.05+natural", "sign"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mean_of_sparse_and_sign_uplinks_is_bit_identical_to_stacking_their_dense_forms(spec, dtype):
+    """Sparse and sign payloads are summed without their dense forms (``add_dense``): the same bits
+    as stacking the dense forms, with zeros of both signs among the kept values, for n = 2..5."""
+    from common.algorithms.base import mean_of
+    from common.compressors import build
+    from common.compressors.message import Message
+    from common.wire import decode, encode
+
+    dim = 3001
+    g = torch.Generator().manual_seed(8)
+    compressor = build(spec, dim, n_workers=5)
+    payloads = []
+    for worker in range(5):
+        x = torch.randn(dim, generator=g, dtype=dtype)
+        x[::3] = -0.0
+        payloads.append(decode(encode(compressor.compress(x, worker=worker, step=2))))
+    for n in range(2, 6):
+        got = mean_of([Message({"c": p}) for p in payloads[:n]], "c")
+        expected = torch.stack([p.to_dense() for p in payloads[:n]]).mean(0)
+        assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), n
 
 
 def test_mean_of_refuses_uplinks_of_different_lengths_instead_of_broadcasting():
@@ -210,3 +238,26 @@ def test_the_layers_import_downwards_only():
     for path in (ROOT / "common" / "problems").glob("*.py"):
         assert not any(m == "common.compressors" or m.startswith("common.compressors.") for m in _imports(path)), path
     assert not any(m.startswith("common.") and m not in ("common.spec",) for m in _imports(ROOT / "common" / "options.py"))
+
+
+@pytest.mark.parametrize("spec", ["topk:ratio=0.05", "randk:ratio=0.1", "permk", "topk:ratio=0.05+natural"])
+def test_a_sparse_payload_shifts_a_vector_to_the_bits_of_adding_its_dense_form(spec):
+    """The Markov shift h + c of a sparse c without c's dense form (``add_dense``): h + 0 off the
+    support (-0 becomes +0, as adding the dense form's zeros does), h_i + c_i on it; in place too."""
+    from common.compressors import build
+    from common.compressors.payloads import add_dense
+    from common.wire import decode, encode
+
+    dim = 4001
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(dim, generator=g)
+    h[::4] = -0.0
+    x = torch.randn(dim, generator=g)
+    x[::3] = -0.0
+    c = decode(encode(build(spec, dim, n_workers=3).compress(x, worker=1, step=5)))
+    expected = (h + c.to_dense()).view(torch.uint8)
+    assert torch.equal(add_dense(h, c).view(torch.uint8), expected)
+    inplace = h.clone()
+    assert add_dense(inplace, c, inplace=True) is inplace and torch.equal(inplace.view(torch.uint8), expected)
+    with pytest.raises(RuntimeError):
+        add_dense(torch.zeros(dim + 1), c)  # another length is refused, not broadcast

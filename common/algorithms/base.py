@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from common.compressors import Compressor, build
-from common.compressors.payloads import Dense, Signs, add_dense
+from common.compressors.payloads import Dense, Signs, Sparse, add_dense
 from common.config import RunConfig, parse_lr
 from common.keys import StreamKey
 from common.compressors.message import Message
@@ -91,15 +91,18 @@ def mean_of(uplinks: list[Message], name: str) -> torch.Tensor:
     """(1/n) sum_i of the decoded payload ``name`` of every worker's uplink, bit-identical to
     ``torch.stack(...).mean(0)``. For up to 4 float32/float64 vectors it is a running sum in one
     buffer, then one division: 2.5x faster than stacking (at d = 1e7, n = 2: 9 ms against 22).
-    Scaled-sign payloads are added to the sum without their dense forms (``add_dense``)."""
+    Scaled-sign and sparse payloads are added to the sum without their dense forms (``add_dense``).
+    torch's reduction starts from +0, so its sum is never -0; the running sum is -0 exactly where
+    every row is -0, and adding +0 before the division gives torch's +0 there (and changes nothing
+    else)."""
     payloads = [m.payloads[name] for m in uplinks]
     first = payloads[0]
-    if (all(isinstance(p, Signs) and p.dtype == first.dtype and p.dim == first.dim for p in payloads)
+    if (all(isinstance(p, (Signs, Sparse)) and p.dtype == first.dtype and p.dim == first.dim for p in payloads)
             and 1 < len(payloads) <= RUNNING_SUM_ROWS.get(first.dtype, 0)):
-        total = add_dense(dense(first), payloads[1])  # the same additions, without the signs' dense forms
-        for p in payloads[2:]:
-            add_dense(total, p, inplace=True)
-        return total.div_(len(payloads))
+        total = dense(first)  # a new vector for these kinds: the sum can go into it
+        for p in payloads[1:]:
+            add_dense(total, p, inplace=True)  # the same additions, without the other dense forms
+        return total.add_(0.0).div_(len(payloads))
     vectors = [dense(p) for p in payloads]
     first = vectors[0]
     alike = all(v.shape == first.shape and v.dtype == first.dtype for v in vectors)  # add would broadcast
@@ -108,7 +111,7 @@ def mean_of(uplinks: list[Message], name: str) -> torch.Tensor:
     total = torch.add(vectors[0], vectors[1])
     for v in vectors[2:]:
         total.add_(v)
-    return total.div_(len(vectors))
+    return total.add_(0.0).div_(len(vectors))
 
 
 def full(x: torch.Tensor, copy: bool = True) -> Dense:
