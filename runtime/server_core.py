@@ -118,11 +118,12 @@ class ServerCore:
             raise RunFailed(f"round {t}: the server rule could not use the uplinks ({exc.__class__.__name__}: {exc})") from None
         if len(downs) != self.n:
             raise RunFailed(f"round {t}: the server rule returned {len(downs)} downlinks for {self.n} workers")
-        if not all_finite(self.rule.model):
+        model = self.rule.model
+        if not all_finite(model):
             raise RunFailed(f"round {t}: the model is no longer finite (the run diverged; try a smaller --lr)")
         encoded: dict[int, Any] = {}
         out, bits_down = [], []
-        with checked_finite(self.rule.model):  # a downlink that is the model is not checked twice
+        with checked_finite(model):  # a downlink that is the model is not checked twice
             for rank, msg in enumerate(downs):
                 if id(msg) not in encoded:  # a broadcast's payloads are encoded once, then wrapped per link
                     try:

@@ -35,8 +35,11 @@ class RunSetup:
         """Load the compiled CPU kernels this run's compressors use (Numba's disk cache, or a compile)
         now, before the server's clock starts: at first use they cost 0.5-2 s in each process, which
         fell into round 0. One throwaway compress, encode, decode and decompress of a vector of the
-        run's size on the CPU loads exactly the kernels and signatures the run will call, and none
-        where the run calls none (small vectors take the torch paths: Numba is not even imported)."""
+        run's size on the CPU, and that payload added to a vector twice (a Markov shift and a running
+        mean, ``add_dense``), loads the kernels and signatures the run will call, and none where the
+        run calls none (small vectors take the torch paths: Numba is not even imported). A rule
+        without a shift loads the addition's kernel for nothing (from Numba's disk cache after the
+        first run)."""
         specs = [s for s in dict.fromkeys((self.ctx.uplink_spec, self.ctx.downlink_spec)) if uses_compiled_kernels(s)]
         if not specs:  # a dense run: no throwaway vector of the run's size either
             return

@@ -13,7 +13,7 @@ import time
 import torch
 
 from common.compressors.message import Message
-from common.oracle import with_gradient
+from common.oracle import gradient_entry, with_gradient
 from common.wire.stream import DOWN, UP, LinkDecoder, LinkEncoder
 from runtime.setup import RunSetup
 from common.wire import WireError
@@ -50,7 +50,7 @@ class WorkerCore:
         self.compute_s = 0.0
         inner = self.rule.oracle
         self.rule.oracle = self._timed(inner)
-        gradient = getattr(inner, "gradient", None)
+        gradient = gradient_entry(inner)
         if gradient is not None:  # the oracle's gradient-only entry point (common.oracle), timed too
             with_gradient(self.rule.oracle, self._timed(gradient))
 

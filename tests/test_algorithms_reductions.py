@@ -64,7 +64,9 @@ def test_mean_of_sparse_and_sign_uplinks_is_bit_identical_to_stacking_their_dens
     from common.compressors.message import Message
     from common.wire import decode, encode
 
-    dim = 3001
+    from common.compressors import cpu_kernels
+
+    dim = cpu_kernels.MIN_CHUNK + 3001  # where the sign payloads take the compiled pass
     g = torch.Generator().manual_seed(8)
     compressor = build(spec, dim, n_workers=5)
     payloads = []
@@ -72,6 +74,8 @@ def test_mean_of_sparse_and_sign_uplinks_is_bit_identical_to_stacking_their_dens
         x = torch.randn(dim, generator=g, dtype=dtype)
         x[::3] = -0.0
         payloads.append(decode(encode(compressor.compress(x, worker=worker, step=2))))
+    other = build("sign" if spec != "sign" else "topk:ratio=0.05", dim, n_workers=5)
+    payloads.insert(1, other.compress(torch.randn(dim, generator=g, dtype=dtype), worker=1, step=2))  # kinds mixed
     for n in range(2, 6):
         got = mean_of([Message({"c": p}) for p in payloads[:n]], "c")
         expected = torch.stack([p.to_dense() for p in payloads[:n]]).mean(0)
@@ -261,3 +265,15 @@ def test_a_sparse_payload_shifts_a_vector_to_the_bits_of_adding_its_dense_form(s
     assert add_dense(inplace, c, inplace=True) is inplace and torch.equal(inplace.view(torch.uint8), expected)
     with pytest.raises(RuntimeError):
         add_dense(torch.zeros(dim + 1), c)  # another length is refused, not broadcast
+
+
+def test_a_sparse_payload_whose_values_and_support_disagree_is_refused_as_before():
+    """A payload with more support indices than values (a faulty compressor; the decoder refuses
+    such frames) raises in add_dense as in to_dense, instead of spreading a value over the support."""
+    from common.compressors.payloads import Dense, Sparse, add_dense
+
+    bad = Sparse(10, Dense(torch.ones(1), torch.float32), torch.tensor([1, 4, 7]), None, torch.float32)
+    with pytest.raises((RuntimeError, IndexError)):
+        bad.to_dense()
+    with pytest.raises((RuntimeError, IndexError)):
+        add_dense(torch.zeros(10), bad)

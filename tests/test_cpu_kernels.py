@@ -318,9 +318,15 @@ def test_a_sign_run_loads_the_shift_kernels_before_the_clock_starts(monkeypatch)
 
     seen = []
     real = cpu_kernels.signs_added
-    monkeypatch.setattr(cpu_kernels, "signs_added", lambda *a: seen.append(a[-1]) or real(*a))
+
+    def spy(*args):
+        result = real(*args)
+        seen.append((args[-1], result is not None))  # (in place, the compiled pass ran)
+        return result
+
+    monkeypatch.setattr(cpu_kernels, "signs_added", spy)
     RunSetup.build(RunConfig(algorithm="cd-adam", workers=2, rounds=1, lr="0.01", problem=f"quadratic:d={cpu_kernels.MIN_CHUNK}"))
-    assert sorted(seen) == [False, True]
+    assert sorted(seen) == [(False, True), (True, True)]
 
 
 # --- the scaled-sign expansion and the AMSGrad step --------------------------------------------------
@@ -344,7 +350,8 @@ def test_signs_expand_to_the_bits_of_the_torch_path(dtype, scale):
 def test_a_sign_payload_adds_to_a_vector_and_into_a_mean_with_the_torch_bits(dtype):
     """``add_dense`` (the Markov shift) and ``mean_of`` add a scaled-sign payload without its dense
     form; the result must be h + to_dense() and torch.stack(...).mean(0) bit for bit, with zeros of
-    both signs, values over many magnitudes, an overflow to inf, in place or not, for n = 2..5."""
+    both signs, values over many magnitudes, infinities in h and sums that overflow to inf (a payload
+    of scale near the dtype's largest value), in place or not, for n = 2..5."""
     from common.algorithms.base import mean_of
     from common.compressors.message import Message
     from common.compressors.payloads import add_dense
@@ -353,13 +360,16 @@ def test_a_sign_payload_adds_to_a_vector_and_into_a_mean_with_the_torch_bits(dty
     gen = torch.Generator().manual_seed(4)
     sign = build("sign", n, n_workers=5)
     h = (torch.randn(n, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-30, 30, (n,), generator=gen)).to(dtype)
-    h[:4] = torch.tensor([0.0, -0.0, torch.finfo(dtype).max, -torch.finfo(dtype).max], dtype=dtype)
+    big = torch.finfo(dtype).max
+    h[:6] = torch.tensor([0.0, -0.0, big, -big, float("inf"), -float("inf")], dtype=dtype)
     payloads = []
     for worker in range(5):
         x = torch.randn(n, generator=gen, dtype=dtype)
         x[worker::9] = -0.0
         payloads.append(sign.compress(x, worker=worker, step=1))
-    for p in payloads:
+    huge = sign.compress(torch.full((n,), big / 2, dtype=dtype), worker=0, step=1)
+    assert torch.isinf(h + huge.to_dense()).sum() > 2  # big + big / 2 overflows
+    for p in payloads + [huge]:
         expected = (h + p.to_dense()).view(torch.uint8)
         assert torch.equal(add_dense(h, p).view(torch.uint8), expected)
         inplace = h.clone()

@@ -92,3 +92,44 @@ def test_problem_constants():
     assert q.constants["L_A"] == pytest.approx(math.sqrt(2) * abs(q.a - q.a.mean()).max())
     with pytest.raises(ValueError, match="3 workers"):
         build_problem("biased-example3", 4)
+
+
+@pytest.mark.parametrize("spec", ["identity-quadratic:d=300", "quadratic:d=300"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gradient_only_entry_point_gives_the_oracles_gradient_bit_for_bit(spec, dtype):
+    """The quadratics' gradient-only entry point skips the loss (common.oracle); a rule calling it
+    must see exactly the bits of the oracle's second result, so no trajectory changes, and it must
+    refuse what the whole oracle refuses."""
+    from common.oracle import gradient_entry
+
+    p = build_problem(spec, 3, seed=5)
+    x = torch.randn(p.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    for i in range(3):
+        f = p.oracle(i, torch.device("cpu"), dtype)
+        loss, g = f(x, 2)
+        assert loss.dtype == dtype and torch.equal(gradient_entry(f)(x, 2).view(torch.uint8), g.view(torch.uint8))
+    other = torch.float32 if dtype == torch.float64 else torch.float64
+    for bad in (x[:1], x.to(other), x.reshape(1, -1)):
+        with pytest.raises((RuntimeError, ValueError)):
+            f(bad, 0)
+        with pytest.raises(ValueError, match="expected"):
+            gradient_entry(f)(bad, 0)
+
+
+def test_a_wrapper_that_copies_an_oracles_attributes_is_still_called_whole():
+    """functools.wraps copies the oracle's attributes: the wrapper must not inherit the gradient-only
+    entry point (which would skip the wrapper), so rules call it whole."""
+    import functools
+
+    from common.oracle import gradient_entry, gradient_of
+
+    f = build_problem("quadratic:d=10", 2, seed=1).oracle(0, torch.device("cpu"), torch.float64)
+
+    @functools.wraps(f)
+    def shifted(x, step=0):
+        loss, g = f(x, step)
+        return loss, g + 100.0
+
+    x = torch.zeros(10, dtype=torch.float64)
+    assert gradient_entry(f) is not None and gradient_entry(shifted) is None
+    assert torch.equal(gradient_of(shifted, x, 0), f(x, 0)[1] + 100.0)

@@ -534,11 +534,12 @@ def signs_to_dense(negative: torch.Tensor, scale: torch.Tensor, dtype: torch.dty
 
 def signs_added(h: torch.Tensor, negative: torch.Tensor, scale: torch.Tensor, inplace: bool = False) -> torch.Tensor | None:
     """h + (a ``Signs`` payload's dense form) in one pass, without that dense form: a new vector, or
-    h itself with ``inplace``; the bits of torch's addition. None without Numba, for other devices,
-    dtypes or shapes."""
+    h itself with ``inplace``; the bits of torch's addition. None without Numba, for other devices or
+    dtypes, and unless h and the flags are 1-D of one length and h is contiguous."""
     kernels = _kernels()
     if (kernels is None or h.dtype not in (torch.float32, torch.float64) or h.device.type != "cpu"
-            or negative.device.type != "cpu" or h.dim() != 1 or h.numel() != negative.numel() or not h.is_contiguous()):
+            or negative.device.type != "cpu" or h.dim() != 1 or negative.dim() != 1 or h.numel() != negative.numel()
+            or not h.is_contiguous()):
         return None
     neg = negative.contiguous().numpy()
     ha = h.detach().numpy()

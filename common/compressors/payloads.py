@@ -311,8 +311,8 @@ def add_dense(h: torch.Tensor, payload, inplace: bool = False) -> torch.Tensor:
             return fused
     if isinstance(payload, Sparse) and payload.dtype == h.dtype and h.dim() == 1 and payload.dim == h.numel():
         kept = payload.values.to_dense().to(h.dtype)
-        if kept.device == h.device:
-            support = payload.support(h.device)
+        support = payload.support(h.device) if kept.device == h.device else None
+        if support is not None and support.numel() == kept.numel():  # else the reference path raises as before
             on_support = h.index_select(0, support).add_(kept)
             return (h.add_(0.0) if inplace else h + 0.0).index_copy_(0, support, on_support)
     return h.add_(payload.to_dense()) if inplace else h + payload.to_dense()

@@ -53,6 +53,8 @@ class IdentityQuadratic(Problem):
         b = torch.from_numpy(self.b[worker]).to(device=device, dtype=dtype)
 
         def gradient(x, step=0):
+            if x.shape != b.shape or x.dtype != b.dtype:  # what the dot products of the loss refuse
+                raise ValueError(f"identity-quadratic: x of shape {tuple(x.shape)} and {x.dtype}; expected ({b.numel()},) and {b.dtype}")
             return (a * x).add_(b)  # a * x + b without a second temporary
 
         def grad(x, step=0):

@@ -94,6 +94,8 @@ class Quadratic(Problem):
         b = torch.from_numpy(self.b[worker]).to(device=device, dtype=dtype)
 
         def gradient(x: torch.Tensor, step: int = 0):
+            if x.shape != b.shape or x.dtype != b.dtype:  # what the dot products of the loss refuse
+                raise ValueError(f"quadratic: x of shape {tuple(x.shape)} and {x.dtype}; expected ({b.numel()},) and {b.dtype}")
             return c * apply_x(x) + b
 
         def grad(x: torch.Tensor, step: int = 0):
