@@ -309,9 +309,9 @@ class Server:
             return math.inf
         return 10.0 * max(self.timeout, self.slowest_round)
 
-    def _collect(self, t: int) -> list[protocol.Envelope]:
+    def _collect(self, t: int) -> None:
         """Wait for round ``t``'s uplinks (and the states a checkpoint asked for); each UP goes to
-        ``ServerCore.accept`` the moment it arrives. Returns the UP envelopes by rank."""
+        ``ServerCore.accept`` the moment it arrives, which keeps it for ``ServerCore.round``."""
         ups: list[protocol.Envelope | None] = [None] * self.config.workers
         early, self.early_ups = self.early_ups, {}
         for rank, msg in early.items():
@@ -353,7 +353,6 @@ class Server:
             else:
                 self._handle_common(identity, msg.kind, msg.header, frames)
         self.slowest_round = max(self.slowest_round, time.monotonic() - began)
-        return ups
 
     def _await_goodbyes(self) -> None:
         """After the last round: wait until every worker confirms the end (its BYE), at most
@@ -467,7 +466,7 @@ class Server:
                 checkpoint.write(self.checkpoint_dir, self.ckpt, self.config.to_dict(), self.setup.dim)
         while t < self.config.rounds:
             try:
-                self._collect(t)  # the uplinks are decoded as they arrive (ServerCore.accept)
+                self._collect(t)
                 self._write_pending(t)
                 downs = self.core.round(t)
                 t += 1
