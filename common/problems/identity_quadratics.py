@@ -19,7 +19,7 @@ import torch
 from common.options import Param
 from common.oracle import with_gradient
 from common.problems.base import Problem, register
-from common.problems.quadratic import quadratic_constants
+from common.problems.quadratic import check_point, quadratic_constants
 
 
 @register
@@ -53,8 +53,7 @@ class IdentityQuadratic(Problem):
         b = torch.from_numpy(self.b[worker]).to(device=device, dtype=dtype)
 
         def gradient(x, step=0):
-            if x.shape != b.shape or x.dtype != b.dtype:  # what the dot products of the loss refuse
-                raise ValueError(f"identity-quadratic: x of shape {tuple(x.shape)} and {x.dtype}; expected ({b.numel()},) and {b.dtype}")
+            check_point("identity-quadratic", x, b)
             return (a * x).add_(b)  # a * x + b without a second temporary
 
         def grad(x, step=0):

@@ -30,6 +30,13 @@ def apply_x(x: torch.Tensor) -> torch.Tensor:
     return out * 0.25
 
 
+def check_point(problem: str, x: torch.Tensor, b: torch.Tensor) -> None:
+    """Refuse an x that the loss's dot products with b would refuse (another shape or dtype): a
+    gradient-only entry point (``common.oracle``) must refuse what the whole oracle refuses."""
+    if x.shape != b.shape or x.dtype != b.dtype:
+        raise ValueError(f"{problem}: x of shape {tuple(x.shape)} and {x.dtype}; expected ({b.numel()},) and {b.dtype}")
+
+
 def x_norm(d: int) -> float:
     """||X||: the largest eigenvalue of 1/4 tridiag(-1, 2, -1), (2 - 2 cos(d pi/(d+1)))/4."""
     return (2.0 - 2.0 * math.cos(d * math.pi / (d + 1))) / 4.0
@@ -94,8 +101,7 @@ class Quadratic(Problem):
         b = torch.from_numpy(self.b[worker]).to(device=device, dtype=dtype)
 
         def gradient(x: torch.Tensor, step: int = 0):
-            if x.shape != b.shape or x.dtype != b.dtype:  # what the dot products of the loss refuse
-                raise ValueError(f"quadratic: x of shape {tuple(x.shape)} and {x.dtype}; expected ({b.numel()},) and {b.dtype}")
+            check_point("quadratic", x, b)
             return c * apply_x(x) + b
 
         def grad(x: torch.Tensor, step: int = 0):
