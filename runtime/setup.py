@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from common.algorithms import Algorithm, RuleContext, ServerRule, WorkerRule, build_algorithm  # noqa: F401
-from common.compressors import build as build_compressor, uses_compiled_kernels
+from common.compressors import build as build_compressor, cpu_kernels, uses_compiled_kernels
 from common.compressors.payloads import add_dense
 from common.config import RunConfig
 from common.problems import Problem, build_problem
@@ -39,7 +39,10 @@ class RunSetup:
         mean, ``add_dense``), loads the kernels and signatures the run will call, and none where the
         run calls none (small vectors take the torch paths: Numba is not even imported). A rule
         without a shift loads the addition's kernel for nothing (from Numba's disk cache after the
-        first run)."""
+        first run). At ``MIN_CHUNK`` coordinates and more, the step's kernels (``cpu_kernels.descend``,
+        ``mean_descend``) load on a few coordinates, whatever the compressors."""
+        if self.dim >= cpu_kernels.MIN_CHUNK:  # the step x - lr g (and mean) runs compiled at this size
+            cpu_kernels.warm_descent(self.config.torch_dtype, self.config.workers)
         specs = [s for s in dict.fromkeys((self.ctx.uplink_spec, self.ctx.downlink_spec)) if uses_compiled_kernels(s)]
         if not specs:  # a dense run: no throwaway vector of the run's size either
             return

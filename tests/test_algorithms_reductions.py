@@ -90,6 +90,48 @@ def test_mean_of_refuses_uplinks_of_different_lengths_instead_of_broadcasting():
         mean_of([Message({"g": full(torch.ones(5))}), Message({"g": full(torch.ones(1))})], "g")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_step_by_the_mean_of_dense_uplinks_is_the_step_by_the_stacked_mean(dtype):
+    """descend_by_mean (one compiled pass for long dense uplinks) gives x - lr * stack(...).mean(0)'s
+    bits for n = 1..6, short and long vectors, and refuses different lengths as before."""
+    from common.algorithms.base import descend_by_mean, full
+    from common.compressors import cpu_kernels
+    from common.compressors.message import Message
+
+    g = torch.Generator().manual_seed(9)
+    for dim in (1000, cpu_kernels.MIN_CHUNK + 11):
+        x = torch.randn(dim, generator=g, dtype=dtype)
+        vectors = [(torch.randn(dim, generator=g) * 10.0 ** torch.randint(-6, 7, (dim,), generator=g)).to(dtype)
+                   for _ in range(6)]
+        for v in vectors:
+            v[::5] = -0.0
+        for n in range(1, 7):
+            got = descend_by_mean(x, 0.3, [Message({"g": full(v)}) for v in vectors[:n]], "g")
+            expected = x - 0.3 * torch.stack(vectors[:n]).mean(0)
+            assert got.numpy().tobytes() == expected.numpy().tobytes(), (dim, n)
+        with pytest.raises(RuntimeError, match="equal size"):
+            descend_by_mean(x, 0.3, [Message({"g": full(v)}) for v in (vectors[0], vectors[1][:-1])], "g")
+
+
+@pytest.mark.parametrize("algorithm", ["gd", "marina-p", "m3", "ef21", "marina", "ef21-p"])
+def test_the_compiled_step_leaves_every_trajectory_as_it_was(algorithm, monkeypatch):
+    """Runs long enough for the compiled step (and mean) end at the model torch's ops give, bit for bit."""
+    from common.compressors import cpu_kernels
+    from runtime.engine import run_inproc
+
+    config = RunConfig(algorithm=algorithm, workers=3, rounds=4, lr="0.01", eval_every=100,
+                       problem=f"identity-quadratic:d={cpu_kernels.MIN_CHUNK + 3}")
+    ran = []
+    for name in ("descend", "mean_descend"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *args, real=real: ran.append(real(*args)) or ran[-1])
+    compiled = run_inproc(config, None, progress=False).model_digest()
+    assert any(out is not None for out in ran)  # the compiled pass did run
+    monkeypatch.setattr(cpu_kernels, "descend", lambda *args: None)
+    monkeypatch.setattr(cpu_kernels, "mean_descend", lambda *args: None)
+    assert run_inproc(config, None, progress=False).model_digest() == compiled
+
+
 # --- MARINA with an identity uplink is GD ----------------------------------------------------------
 
 def test_marina_with_identity_uplink_is_gd_round_for_round():

@@ -283,6 +283,13 @@ def test_a_second_process_loads_every_kernel_from_the_disk_cache(tmp_path):
         "        p = decode(encode(c.compress(v, worker=0, step=0)))\n"
         "        c.decompress(p)\n"
         "        add_dense(add_dense(v, p), p, inplace=True)\n"
+        "from common.compressors import cpu_kernels\n"
+        "for dtype in (torch.float32, torch.float64):\n"
+        "    for rows in (2, 3, 4):\n"
+        "        cpu_kernels.warm_descent(dtype, rows)\n"
+        "        v = x.to(dtype)\n"
+        "        cpu_kernels.mean_descend(v, 0.5, [v] * rows)\n"
+        "        cpu_kernels.descend(v, 0.5, v)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root}
@@ -451,3 +458,74 @@ def test_negative_flags_match_torch_lt_with_zeros_of_both_signs_nan_and_inf(dtyp
     x = torch.randn(cpu_kernels.MIN_CHUNK + 5, generator=torch.Generator().manual_seed(2), dtype=dtype)
     x[:6] = torch.tensor([0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf")], dtype=dtype)
     assert torch.equal(cpu_kernels.negative_flags(x), x < 0)
+
+
+# --- the step x - lr g and the mean of dense uplinks ------------------------------------------------
+
+
+def _wide(n, gen, dtype):
+    """Values over many magnitudes (where another rounding order would show), zeros of both signs, and
+    a band large enough for x - lr * mean to overflow to -inf."""
+    v = (torch.randn(n, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-20, 20, (n,), generator=gen)).to(dtype)
+    v[::7] = -0.0
+    v[1::7] = 0.0
+    v[2::97] = torch.finfo(dtype).max / 2
+    return v
+
+
+def _torch_mean_descend(x, lr, rows):
+    total = torch.add(rows[0], rows[1])
+    for r in rows[2:]:
+        total.add_(r)
+    return x - lr * total.add_(0.0).div_(len(rows))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_compiled_step_and_mean_give_the_bits_of_torch(dtype):
+    """descend is x - lr * g and mean_descend is the running mean then x - lr * mean, bit for bit (the
+    sign of zero included, inf where the step overflows), for 2..4 rows and several step sizes."""
+    n = cpu_kernels.MIN_CHUNK * 2 + 77
+    gen = torch.Generator().manual_seed(5)
+    x = _wide(n, gen, dtype)
+    x[2::97] = -torch.finfo(dtype).max  # x - lr * (large) overflows to -inf there
+    rows = [_wide(n, gen, dtype) for _ in range(4)]
+    for lr in (0.1, 3.0, 1e-30, 2):
+        got = cpu_kernels.descend(x, lr, rows[0])
+        assert got.dtype == dtype and got.numpy().tobytes() == (x - lr * rows[0]).numpy().tobytes(), lr
+        for k in (2, 3, 4):
+            want = _torch_mean_descend(x, lr, rows[:k])
+            assert torch.isinf(want).any() or lr < 0.1  # the step (or, for 3 rows, the sum) overflows
+            got = cpu_kernels.mean_descend(x, lr, rows[:k])
+            assert got.dtype == dtype and got.numpy().tobytes() == want.numpy().tobytes(), (lr, k)
+
+
+def test_the_compiled_step_leaves_what_it_cannot_do_to_torch():
+    n = cpu_kernels.MIN_CHUNK
+    x, g = torch.ones(n), torch.full((n,), float("nan"))
+    assert torch.equal(cpu_kernels.descend(x, 0.5, g).isnan(), torch.ones(n, dtype=torch.bool))  # NaN goes through
+    short = torch.ones(n - 1)
+    assert cpu_kernels.descend(short, 0.5, short) is None  # small vectors: torch's ops
+    assert cpu_kernels.descend(x, 0.5, g.double()) is None  # mixed dtypes
+    assert cpu_kernels.descend(x.half(), 0.5, g.half()) is None
+    assert cpu_kernels.descend(x, torch.tensor(0.5), g) is None  # a tensor step size
+    assert cpu_kernels.descend(x, 0.5, torch.ones(2 * n)[::2]) is None  # not contiguous
+    assert cpu_kernels.mean_descend(x, 0.5, [x]) is None
+    assert cpu_kernels.mean_descend(x, 0.5, [x] * 5) is None  # where the running sum is not torch's mean
+    assert cpu_kernels.mean_descend(x, 0.5, [x, torch.ones(n + 1)]) is None  # different lengths
+
+
+def test_a_long_run_loads_the_step_kernels_before_the_clock_starts(monkeypatch):
+    """RunSetup.build loads descend and mean_descend for the run's dtype and number of workers, for a
+    dense run too, and not for vectors that take torch's ops."""
+    from common.config import RunConfig
+    from runtime.setup import RunSetup
+
+    seen = []
+    monkeypatch.setattr(cpu_kernels, "warm_descent", lambda *args: seen.append(args))
+    for d in (cpu_kernels.MIN_CHUNK, cpu_kernels.MIN_CHUNK - 1):
+        RunSetup.build(RunConfig(algorithm="gd", workers=3, rounds=1, lr="0.1", problem=f"identity-quadratic:d={d}"))
+    assert seen == [(torch.float32, 3)]
+    monkeypatch.undo()
+    cpu_kernels.warm_descent(torch.float64, 3)
+    kernel = cpu_kernels._kernels()["mean_descend"]
+    assert any(len(sig[1]) == 3 and "float64" in str(sig[0]) for sig in kernel.signatures)

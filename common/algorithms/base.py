@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from common.compressors import Compressor, build
+from common.compressors import Compressor, build, cpu_kernels
 from common.compressors.payloads import Dense, Signs, Sparse, add_dense
 from common.config import RunConfig, parse_lr
 from common.keys import StreamKey
@@ -112,6 +112,28 @@ def mean_of(uplinks: list[Message], name: str) -> torch.Tensor:
     for v in vectors[2:]:
         total.add_(v)
     return total.add_(0.0).div_(len(vectors))
+
+
+def descend(x: torch.Tensor, lr: float, g: torch.Tensor) -> torch.Tensor:
+    """x - lr g, the step of every gradient method here, as a new vector: torch's ``x - lr * g``, or,
+    for long CPU vectors, one compiled pass with the same bits (``cpu_kernels.descend``; at d = 1e7
+    about 5 ms against 20-30)."""
+    out = cpu_kernels.descend(x, lr, g)
+    return x - lr * g if out is None else out
+
+
+def descend_by_mean(x: torch.Tensor, lr: float, uplinks: list[Message], name: str) -> torch.Tensor:
+    """x - lr (1/n) sum_i (payload ``name`` of uplink i): ``descend(x, lr, mean_of(uplinks, name))``,
+    bit for bit. Where every payload is uncompressed (GD's gradients, MARINA-P's and M3's uplinks)
+    and long, the mean and the step are one compiled pass over the received vectors
+    (``cpu_kernels.mean_descend``): at d = 1e7 and n = 2 one pass instead of five."""
+    payloads = [m.payloads[name] for m in uplinks]
+    if (all(isinstance(p, Dense) and p.values.dtype == p.dtype == x.dtype for p in payloads)
+            and 1 < len(payloads) <= RUNNING_SUM_ROWS.get(x.dtype, 0)):
+        out = cpu_kernels.mean_descend(x, lr, [p.values for p in payloads])
+        if out is not None:
+            return out
+    return descend(x, lr, mean_of(uplinks, name))
 
 
 def full(x: torch.Tensor, copy: bool = True) -> Dense:

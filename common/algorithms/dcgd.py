@@ -11,14 +11,13 @@ DCGD bound, Khaled & Richtarik 2020 / Gorbunov et al. 2020); None for a biased C
 from __future__ import annotations
 
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, descend_by_mean
 from common.compressors.message import Message
 
 
 class DCGDServer(ServerRule):
     def step(self, t, uplinks):
-        g = mean_of(uplinks, "g")
-        self.x = self.x - self.ctx.lr * g
+        self.x = descend_by_mean(self.x, self.ctx.lr, uplinks, "g")
         down = Message({"x": full(self.x)})
         return [down] * self.ctx.n
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, full, need_constants, mean_of
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, full, need_constants, mean_of, descend
 from common.algorithms.ef21_p import ef21_factor
 from common.algorithms.memory import markov_compress, shift
 from common.options import Param
@@ -36,7 +36,7 @@ class EF21Server(ServerRule):
     def step(self, t, uplinks):
         self.g = shift(self.g, mean_of(uplinks, "c"))                                # g^{t+1} = g^t + (1/n) sum_i c_i
         c, self.g_down = markov_compress(self.ctx.downlink, self.g, self.g_down, 0, t)   # c = C_down(g - g~);  g~ += c
-        self.x = self.x - self.ctx.lr * self.g_down
+        self.x = descend(self.x, self.ctx.lr, self.g_down)
         down = Message({"c": c})
         return [down] * self.ctx.n
 
@@ -60,7 +60,7 @@ class EF21Worker(WorkerRule):
 
     def downlink(self, t, msg):
         self.g_down = shift(self.g_down, msg.payloads["c"])                              # g~ += c
-        self.x = self.x - self.ctx.lr * self.g_down
+        self.x = descend(self.x, self.ctx.lr, self.g_down)
 
 
 @register

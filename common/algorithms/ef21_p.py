@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, full, need_constants, mean_of
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, full, need_constants, descend_by_mean
 from common.algorithms.memory import markov_compress, shift
 from common.compressors.message import Message
 
@@ -39,8 +39,7 @@ class EF21PServer(ServerRule):
         self.w = self.x.clone()
 
     def step(self, t, uplinks):
-        g = mean_of(uplinks, "g")
-        self.x = self.x - self.ctx.lr * g                                  # x^{t+1}
+        self.x = descend_by_mean(self.x, self.ctx.lr, uplinks, "g")        # x^{t+1}
         c, self.w = markov_compress(self.ctx.downlink, self.x, self.w, 0, t)  # c^t = C(x^{t+1} - w^t);  w^{t+1} = w^t + c^t
         down = Message({"c": c})
         return [down] * self.ctx.n

@@ -6,14 +6,13 @@ sends x^{t+1} to every worker (one broadcast, counted once per worker). Theory s
 from __future__ import annotations
 
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, descend_by_mean
 from common.compressors.message import Message
 
 
 class GDServer(ServerRule):
     def step(self, t, uplinks):
-        g = mean_of(uplinks, "g")
-        self.x = self.x - self.ctx.lr * g
+        self.x = descend_by_mean(self.x, self.ctx.lr, uplinks, "g")
         down = Message({"x": full(self.x, copy=False)})  # x is replaced, never updated in place
         return [down] * self.ctx.n
 

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, need_constants, mean_of
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, need_constants, mean_of, descend
 from common.algorithms.marina import difference_message
 from common.algorithms.marina_p_downlink import model_messages, shifted_model
 from common.algorithms.sync import sync_probability, unbiased_omega
@@ -60,7 +60,7 @@ class M3Server(ServerRule):
     def step(self, t, uplinks):
         parts = mean_of(uplinks, "g")
         self.g = parts if self.sync_d else self.g + parts              # line 4 (of the previous iteration)
-        x_next = self.x - self.ctx.lr * self.g                          # line 1
+        x_next = descend(self.x, self.ctx.lr, self.g)                   # line 1
         sync_p = self.ctx.coin(t, self.p_p)                             # c_P^t
         self.sync_d = self.ctx.coin(t, self.p_d, "coin_d")              # c_D^t
         out = model_messages(self.ctx, self.compressor, self.x, x_next, t, sync_p, sync_d=self.sync_d)   # line 2

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of, descend
 from common.algorithms.sync import sync_probability, unbiased_omega
 from common.options import Param
 from common.compressors.message import Message
@@ -40,7 +40,7 @@ class MarinaServer(ServerRule):
     def step(self, t, uplinks):
         parts = mean_of(uplinks, "g")
         self.g = parts if self.sync else self.g + parts       # g^t (eq. 5)
-        self.x = self.x - self.ctx.lr * self.g                # x^{t+1} = x^t - gamma g^t
+        self.x = descend(self.x, self.ctx.lr, self.g)         # x^{t+1} = x^t - gamma g^t
         self.sync = self.ctx.coin(t, self.p)                  # c^t ~ Bern(p)
         down = Message({"x": full(self.x)}, {"sync": self.sync})
         return [down] * self.ctx.n

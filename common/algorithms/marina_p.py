@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, full, need_constants, mean_of
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, full, need_constants, descend_by_mean
 from common.algorithms.marina_p_downlink import model_messages, shifted_model
 from common.algorithms.sync import sync_probability
 from common.options import Param
@@ -36,8 +36,7 @@ class MarinaPServer(ServerRule):
         self.p = marina_p_probability(ctx)
 
     def step(self, t, uplinks):
-        g = mean_of(uplinks, "g")                                                    # line 2
-        x_next = self.x - self.ctx.lr * g                                            # line 2
+        x_next = descend_by_mean(self.x, self.ctx.lr, uplinks, "g")                  # line 2
         out = model_messages(self.ctx, self.compressor, self.x, x_next, t, self.ctx.coin(t, self.p))   # line 3
         self.x = x_next
         return out

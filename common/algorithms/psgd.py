@@ -8,7 +8,7 @@ With identity compressors NEOLITHIC with R rounds equals P-SGD with batch=R (sam
 from __future__ import annotations
 
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, descend_by_mean
 from common.algorithms.schedule import SCHEDULE_PARAMS, staircase
 from common.options import Param
 from common.compressors.message import Message
@@ -16,8 +16,7 @@ from common.compressors.message import Message
 
 class PSGDServer(ServerRule):
     def step(self, t, uplinks):
-        g = mean_of(uplinks, "g")
-        self.x = self.x - staircase(self.ctx, t) * g
+        self.x = descend_by_mean(self.x, staircase(self.ctx, t), uplinks, "g")
         return [Message({"x": full(self.x)})] * self.ctx.n
 
     def round_metrics(self):

@@ -352,10 +352,29 @@ def _kernels():
         for i in range(x.size):
             x_out[i] = x[i] - lr * m[i] / root[i]
 
+    @jit(error_model="numpy")
+    def descend(x, g, lr, out):
+        """out_i = x_i - lr g_i: torch's x - lr * g (the product rounded first: no fused multiply-add)."""
+        for i in range(x.size):
+            out[i] = x[i] - lr * g[i]
+
+    @jit(error_model="numpy")
+    def mean_descend(x, rows, zero, n, lr, out):
+        """out_i = x_i - lr ((rows_0i + rows_1i + ...) + 0) / n: the running mean of ``base.mean_of``
+        (rows added one after the other, +0 so that a sum of -0s is +0, then one division) and the
+        step x - lr * mean, each operation rounded as torch rounds it, in one pass."""
+        first, second = rows[0], rows[1]
+        for i in range(x.size):
+            total = first[i] + second[i]
+            for k in range(2, len(rows)):
+                total += rows[k][i]
+            out[i] = x[i] - lr * ((total + zero) / n)
+
     return {np.float32: quantize32, np.float64: quantize64, "code_range": code_range,
             "pack_small": pack_small, "unpack_small": unpack_small, "dequantize": dequantize,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
-            "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply}
+            "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
+            "descend": descend, "mean_descend": mean_descend}
 
 
 BLOCK = 4096  # coordinates a kernel handles per inner loop (its temporaries stay in the L1/L2 cache)
@@ -552,6 +571,69 @@ def signs_added(h: torch.Tensor, negative: torch.Tensor, scale: torch.Tensor, in
     return torch.from_numpy(out)
 
 
+def _long_cpu_floats(tensors):
+    """The kernels, where every tensor is a contiguous CPU float32/float64 tensor of the first one's
+    dtype and shape with at least ``MIN_CHUNK`` coordinates; else None. Small vectors take torch's
+    ops, and then, like other tensors, load no compiled code (Numba is not even imported)."""
+    x = tensors[0]
+    if (x.numel() < MIN_CHUNK or x.dtype not in (torch.float32, torch.float64)
+            or any(t.device.type != "cpu" or t.dtype != x.dtype or t.shape != x.shape or not t.is_contiguous()
+                   for t in tensors)):
+        return None
+    return _kernels()
+
+
+def descend(x: torch.Tensor, lr: float, g: torch.Tensor) -> torch.Tensor | None:
+    """x - lr * g as a new tensor in one pass instead of two (and one new vector instead of two), the
+    same bits; None without Numba, for a step size that is not a Python number, and where
+    ``_long_cpu_floats`` refuses the tensors."""
+    kernels = _long_cpu_floats((x, g)) if _is_number(lr) else None
+    if kernels is None:
+        return None
+    xa, ga = (t.detach().numpy().reshape(-1) for t in (x, g))
+    out = np.empty_like(xa)
+    rate = xa.dtype.type(lr)  # rounded to the vectors' precision, as torch does
+    _run(xa.size, 1, lambda a, b: kernels["descend"](xa[a:b], ga[a:b], rate, out[a:b]))
+    return torch.from_numpy(out).view(x.shape)
+
+
+def mean_descend(x: torch.Tensor, lr: float, rows: list[torch.Tensor]) -> torch.Tensor | None:
+    """x - lr * mean(rows) in one pass, with the bits of ``base.mean_of``'s running sum followed by
+    x - lr * mean: at d = 1e7 and n = 2 one pass and one new vector instead of five passes and two.
+    For 2..4 rows (``base.RUNNING_SUM_ROWS``: where the running sum is torch's mean); None otherwise,
+    and as ``descend``."""
+    if not 2 <= len(rows) <= 4:
+        return None
+    kernels = _long_cpu_floats((x, *rows)) if _is_number(lr) else None
+    if kernels is None:
+        return None
+    xa = x.detach().numpy().reshape(-1)
+    arrays = tuple(r.detach().numpy().reshape(-1) for r in rows)
+    kind = xa.dtype.type
+    zero, n, rate = kind(0.0), kind(len(rows)), kind(lr)
+    out = np.empty_like(xa)
+    _run(xa.size, 1, lambda a, b: kernels["mean_descend"](xa[a:b], tuple(r[a:b] for r in arrays), zero, n, rate, out[a:b]))
+    return torch.from_numpy(out).view(x.shape)
+
+
+def warm_descent(dtype: torch.dtype, rows: int) -> None:
+    """Load ``descend`` and ``mean_descend`` (for ``rows`` rows, where that applies) for ``dtype`` from
+    Numba's disk cache, or compile them, on a few coordinates: the signature does not depend on the
+    length, so a run's first step pays nothing."""
+    kernels = _kernels() if dtype in (torch.float32, torch.float64) else None
+    if kernels is None:
+        return
+    a = np.zeros(4, dtype=np.float32 if dtype == torch.float32 else np.float64)
+    kind = a.dtype.type
+    kernels["descend"](a, a, kind(0.0), np.empty_like(a))
+    if 2 <= rows <= 4:
+        kernels["mean_descend"](a, (a,) * rows, kind(0.0), kind(rows), kind(0.0), np.empty_like(a))
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def amsgrad_step(x, m, v, v_hat, g, beta1: float, beta2: float, lr: float, nu: float):
     """(x, m, v, v_hat) after AMSGrad's lines 13-16 for CPU vectors of one float dtype, as new tensors
     with the bits of the torch expressions in ``amsgrad_state``; None without Numba, for other
@@ -560,11 +642,7 @@ def amsgrad_step(x, m, v, v_hat, g, beta1: float, beta2: float, lr: float, nu: f
     sqrt is not always the correctly rounded one: 9 in 524,288 float32 values differ, so only
     torch.sqrt on the same vector gives its bits), one compiled pass for line 16."""
     tensors = (x, m, v, v_hat, g)
-    if (x.numel() < MIN_CHUNK or x.dtype not in (torch.float32, torch.float64)  # small vectors: torch's ops,
-            or any(t.device.type != "cpu" or t.dtype != x.dtype or t.shape != x.shape or not t.is_contiguous()
-                   for t in tensors)):  # and, like other tensors, no compiled code to load
-        return None
-    kernels = _kernels()
+    kernels = _long_cpu_floats(tensors)
     if kernels is None:
         return None
     xa, ma, va, ha, ga = (t.detach().numpy().reshape(-1) for t in tensors)
