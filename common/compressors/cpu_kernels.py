@@ -661,10 +661,10 @@ def float64_sum(x: torch.Tensor, p: int, size: int) -> float | None:
     adds it: torch's float64 sum of each block of ``size`` coordinates, the blocks one after another;
     the same bits, in one pass over x without float64 copies, and the blocks in parallel threads.
     None without Numba, for other vectors, or where torch's sum adds in another order than this
-    kernel (checked once, by ``_sums_like_torch``)."""
+    kernel (checked once, by ``_lanes``)."""
     kernels = _kernels()
     if (kernels is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
-            or not _sums_like_torch()):
+            or _lanes() is None):
         return None
     flat = x.detach().contiguous().numpy().reshape(-1)
     sums = np.empty(-(-flat.size // size))
@@ -679,23 +679,31 @@ def float64_sum(x: torch.Tensor, p: int, size: int) -> float | None:
     return total
 
 
-def _lanes() -> int:
-    """float64 lanes of torch's CPU vector type: 8 in its AVX-512 kernels, 4 in the others."""
-    return 8 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 4
-
-
 @functools.lru_cache(maxsize=None)
-def _sums_like_torch(lengths: tuple[int, ...] = (1 << 15, 4099, 1031, 523, 263, 61, 37, 19)) -> bool:
-    """Whether ``block_sums`` gives torch's float64 sum bit for bit on vectors of these lengths (every
-    kind of remainder). float64 values of full precision round at almost every addition, so another
-    order of the additions shows in the last bits (float32 squares and a few binades add exactly
-    too often); a float32 input only adds its exact conversion."""
+def _lanes() -> int | None:
+    """The float64 lanes of torch's CPU sum: 4 (AVX2's vector of doubles) or 8 (AVX-512's), whichever
+    makes ``block_sums`` give torch's sum bit for bit (``_sums_like_torch``), the CPU capability's
+    own width tried first; None where neither does (then ``float64_sum`` leaves the norm to torch).
+    Found by trying, not from the capability alone: torch 2.13 reports "AVX512" on a CPU with
+    AVX-512 and still adds a float64 sum in the 4-lane order."""
+    widths = (8, 4) if torch.backends.cpu.get_cpu_capability() == "AVX512" else (4, 8)
+    return next((lanes for lanes in widths if _sums_like_torch(lanes=lanes)), None)
+
+
+def _sums_like_torch(lengths: tuple[int, ...] = (1 << 15, 4099, 1031, 523, 263, 61, 37, 19), lanes: int | None = None) -> bool:
+    """Whether ``block_sums`` with ``lanes`` (default: ``_lanes()``) gives torch's float64 sum bit for
+    bit on vectors of these lengths (every kind of remainder). float64 values of full precision round
+    at almost every addition, so another order of the additions shows in the last bits (float32
+    squares and a few binades add exactly too often); a float32 input only adds its exact conversion."""
+    lanes = _lanes() if lanes is None else lanes
+    if lanes is None:
+        return False
     gen = torch.Generator().manual_seed(0)
     for n in lengths:
         x = torch.randn(n, generator=gen, dtype=torch.float64) * torch.exp2(torch.randint(-8, 9, (n,), generator=gen))
         for square in (True, False):
             got = np.empty(1)
-            _kernels()["block_sums"](x.numpy(), n, _lanes(), square, got)
+            _kernels()["block_sums"](x.numpy(), n, lanes, square, got)
             if got[0] != float((x.square() if square else x.abs()).sum()):
                 return False
     return True
