@@ -15,6 +15,14 @@ clock stops while it evaluates, so ``time_s`` is training time only: forward, ba
 all-reduce overlapped with the backward pass, the optimizer step. Rank 0 writes the evaluations as
 JSON to ``--out``. ``benchmarks/slow_link.py`` runs the ranks in network namespaces behind a slow link.
 
+A problem that is not a neural network (``quadratic``, ``logistic``, ...: any psc problem with a
+gradient oracle) trains its vector x as one parameter, shaped as a matrix of r rows (r the largest
+divisor of d up to sqrt(d)) so that PowerSGD compresses it as it would a layer's weights: each step
+computes rank R's gradient with the problem's own oracle at x, and a backward pass through
+sum(x * gradient) hands it to DDP, which averages it over the ranks as it averages a network's.
+Such a problem has no test accuracy: ``--target-metric grad_norm_sq`` stops the run where the
+problem's ||grad f(x)||^2 (``evaluate``) falls to ``--target`` or below.
+
 PowerSGD (Vogels et al. 2019, ``torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook``): rank
 ``--powersgd`` approximations with error feedback and warm start, compressing from step 2 on (torch's
 default waits 1,000 steps with plain all-reduce), and with the whole gradient in one bucket (see
@@ -40,7 +48,32 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common.oracle import gradient_of  # noqa: E402
 from common.problems import build_problem  # noqa: E402
+
+TARGETS = {"test_accuracy": 1, "grad_norm_sq": -1}  # a metric a run can stop at: 1 rises to it, -1 falls to it
+
+
+def reached_target(metrics: dict, metric: str, target: float | None) -> bool:
+    """Whether an evaluation's ``metric`` reached ``target`` (at least it for an accuracy, at most it
+    for a gradient norm); shared with ``slow_link.py``, which reads psc's metrics the same way."""
+    value = metrics.get(metric)
+    if target is None or value is None:
+        return False
+    return value >= target if TARGETS[metric] > 0 else value <= target
+
+
+class VectorModel(torch.nn.Module):
+    """A problem's vector x as one parameter of shape (r, d / r) (``module docstring``)."""
+
+    def __init__(self, x0: torch.Tensor):
+        super().__init__()
+        d = x0.numel()
+        rows = max(r for r in range(1, int(d**0.5) + 1) if d % r == 0)
+        self.x = torch.nn.Parameter(x0.detach().to(torch.float32).reshape(rows, d // rows).clone())
+
+    def forward(self) -> torch.Tensor:
+        return self.x.reshape(-1)
 
 
 def parse() -> argparse.Namespace:
@@ -53,7 +86,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--target", type=float, default=None, help="stop at this test accuracy")
+    parser.add_argument("--target", type=float, default=None, help="stop where --target-metric reaches this")
+    parser.add_argument("--target-metric", choices=sorted(TARGETS), default="test_accuracy",
+                        help="test_accuracy (at least --target) or grad_norm_sq (at most --target)")
     parser.add_argument("--powersgd", type=int, default=0, help="PowerSGD rank (0: plain all-reduce)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds any collective may take")
@@ -66,11 +101,12 @@ def main() -> None:
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 PID prints where every thread is (a hung collective)
     torch.set_num_threads(args.threads)
     problem = build_problem(args.problem, args.world, args.seed)
-    if not getattr(problem, "classifier", False) or not hasattr(problem, "batches"):
-        raise SystemExit(f"ddp_train: {args.problem}: a classifier neural network problem is needed (cnn, mlp, resnet20, ...)")
+    network = hasattr(problem, "model")
+    if network and (not getattr(problem, "classifier", False) or not hasattr(problem, "batches")):
+        raise SystemExit(f"ddp_train: {args.problem}: a neural network must be a classifier (cnn, mlp, resnet20, ...)")
     dist.init_process_group("gloo", init_method=f"tcp://{args.master}", rank=args.rank, world_size=args.world,
                             timeout=timedelta(seconds=args.timeout))
-    model = copy.deepcopy(problem.model).float().train()
+    model = copy.deepcopy(problem.model).float().train() if network else VectorModel(problem.initial_point())
     # PowerSGD: one bucket. Its hook chains each bucket's collectives through futures that gloo runs on
     # its own threads, so with several buckets the ranks issue them in different orders (seen here: a
     # hang, or "Received data size doesn't match expected size" from gloo).
@@ -86,15 +122,25 @@ def main() -> None:
                                        start_powerSGD_iter=2, use_error_feedback=True, warm_start=True,
                                        random_seed=args.seed)
         ddp.register_comm_hook(state, powersgd.powerSGD_hook)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr, weight_decay=problem.options["wd"])
-    batch_of, transform = problem.batches(args.rank, "cpu"), problem.transform()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr, weight_decay=problem.options.get("wd", 0.0))
+    if network:
+        batch_of, transform = problem.batches(args.rank, "cpu"), problem.transform()
+
+        def step_loss(t: int) -> torch.Tensor:
+            inputs, targets = batch_of(t)
+            return F.cross_entropy(ddp(transform.apply(inputs, torch.float32)), targets)
+    else:
+        oracle = problem.oracle(args.rank, "cpu", torch.float32)
+
+        def step_loss(t: int) -> torch.Tensor:
+            x = ddp()
+            return (x * gradient_of(oracle, x.detach(), t)).sum()  # its gradient in x: the oracle's
 
     dist.barrier()  # every rank built its model: the clock starts together
     evaluations, train_s = [], 0.0
     for t in range(args.steps):
         began = time.perf_counter()
-        inputs, targets = batch_of(t)
-        loss = F.cross_entropy(ddp(transform.apply(inputs, torch.float32)), targets)
+        loss = step_loss(t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP all-reduces the gradient buckets as backward produces them
         optimizer.step()
@@ -106,8 +152,9 @@ def main() -> None:
             if args.rank == 0:
                 vector = torch.nn.utils.parameters_to_vector(model.parameters()).detach().double()
                 metrics = problem.evaluate(vector)
-                evaluations.append({"round": t, "time_s": train_s, "train_loss": float(loss.detach()), **metrics})
-                reached[0] = args.target is not None and metrics.get("test_accuracy", 0.0) >= args.target
+                train = {"train_loss": float(loss.detach())} if network else {}  # not sum(x * g)
+                evaluations.append({"round": t, "time_s": train_s, **train, **metrics})
+                reached[0] = reached_target(metrics, args.target_metric, args.target)
             began = time.perf_counter()
             dist.broadcast(reached, 0)  # the others wait here while rank 0 evaluates
             if args.rank == 0:

@@ -2,7 +2,8 @@
 with the PowerSGD hook), every process on its own emulated host.
 
     sudo python benchmarks/slow_link.py [--problem 'cnn:dataset=digits,width=64'] [--workers 2]
-        [--target 0.9] [--links 100 1000 0] [--mode per-connection|shared] [--only NAME ...] [--json OUT]
+        [--target 0.9] [--target-metric test_accuracy|grad_norm_sq] [--links 100 1000 0]
+        [--mode per-connection|shared] [--only NAME ...] [--json OUT]
 
 Needs root, iproute2 and iptables (``benchmarks/star.py``): every process runs in a network namespace
 of its own, joined to the others only through a router namespace, where a user-space relay forwards
@@ -18,7 +19,9 @@ Methods (step sizes fixed, the same model, initial weights, shards and minibatch
   ddp          DDP over gloo, dense all-reduce (SGD; the same trajectory as psc-dense)
   ddp-powersgd DDP over gloo with the PowerSGD hook (rank 2, error feedback)
 Each run stops at the first evaluation (every ``--eval-every`` rounds) whose test accuracy reaches
-``--target``. Its time is training time: psc's summed ``round_s`` (the server's clock from the start
+``--target``; for a problem without one (``quadratic:d=1000000``, any psc problem that is not a
+network) ``--target-metric grad_norm_sq`` stops it where ||grad f(x)||^2 falls to ``--target`` times
+its value at x^0 (``ddp_train.py`` trains such a problem's vector as one DDP parameter). Its time is training time: psc's summed ``round_s`` (the server's clock from the start
 of round 1 to the end of the round that reached the target; the evaluation runs after the downlinks
 are sent), DDP's rank-0 clock with evaluations excluded. Bytes per round and worker: psc's metrics
 (the frames handed to the socket); DDP's from the relay's counts.
@@ -44,6 +47,7 @@ from dataclasses import dataclass, replace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.ddp_train import reached_target  # noqa: E402
 from benchmarks.star import Star, missing  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -122,7 +126,7 @@ def run_psc(net: Star, m: Method, args, folder: str) -> dict:
     try:
         while reached is None and time.monotonic() < deadline and server.poll() is None:
             time.sleep(0.2)
-            reached = next((r for r in read_rounds(metrics) if r.get("test_accuracy", -1) >= args.target), None)
+            reached = next((r for r in read_rounds(metrics) if reached_target(r, args.target_metric, args.threshold)), None)
     finally:
         stop(procs)
     rounds = read_rounds(metrics)
@@ -132,7 +136,7 @@ def run_psc(net: Star, m: Method, args, folder: str) -> dict:
     upto = [r for r in rounds if r["round"] <= reached["round"]]
     per_round = (reached["cum_bytes_up"] + reached["cum_bytes_down"]) / len(upto) / args.workers
     return {"reached": True, "round": reached["round"], "time_s": sum(r["round_s"] for r in upto),
-            "bytes_per_round": per_round, "accuracy": reached["test_accuracy"],
+            "bytes_per_round": per_round, "value": reached[args.target_metric],
             **{part: statistics.median(r[part] for r in upto) for part in PARTS}}
 
 
@@ -142,7 +146,8 @@ def run_ddp(net: Star, m: Method, args, folder: str) -> dict:
     ranks = [net.popen(k, [sys.executable, os.path.join(HERE, "ddp_train.py"), "--rank", str(k - 1), "--world",
                            str(args.workers), "--master", master, "--problem", args.problem, "--lr", str(m.lr),
                            "--seed", str(args.seed), "--steps", str(args.rounds), "--eval-every",
-                           str(args.eval_every), "--target", str(args.target), "--powersgd", str(m.powersgd),
+                           str(args.eval_every), "--target", repr(args.threshold), "--target-metric",
+                           args.target_metric, "--powersgd", str(m.powersgd),
                            "--timeout", "120", "--out", out],
                        env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for k in range(1, args.workers + 1)]
@@ -157,11 +162,11 @@ def run_ddp(net: Star, m: Method, args, folder: str) -> dict:
         return {"reached": False, "why": err or [f"exit {codes}"]}
     with open(out) as f:
         evaluations = json.load(f)["evaluations"]
-    reached = next((e for e in evaluations if e.get("test_accuracy", -1) >= args.target), None)
+    reached = next((e for e in evaluations if reached_target(e, args.target_metric, args.threshold)), None)
     if reached is None:
         return {"reached": False, "rounds": evaluations[-1]["round"] + 1, "why": ["the target was not reached"]}
     return {"reached": True, "round": reached["round"], "time_s": reached["time_s"],
-            "accuracy": reached["test_accuracy"], "round_s": reached["time_s"] / (reached["round"] + 1)}
+            "value": reached[args.target_metric], "round_s": reached["time_s"] / (reached["round"] + 1)}
 
 
 def run(m: Method, mbit: float, args) -> dict:
@@ -218,11 +223,25 @@ def summary(runs: list[dict]) -> dict | None:
     return reached[(len(reached) - 1) // 2] if reached else None
 
 
+def target_of(args) -> tuple[float, str]:
+    """The threshold that a run's ``--target-metric`` must reach, and how to say it: the accuracy
+    itself, or ``--target`` times ||grad f(x^0)||^2 (the problem built here, as every process builds it)."""
+    if args.target_metric == "test_accuracy":
+        return args.target, f"{args.target} test accuracy"
+    from common.problems import build_problem
+
+    problem = build_problem(args.problem, args.workers, args.seed)
+    start = problem.evaluate(problem.initial_point())["grad_norm_sq"]
+    return args.target * start, f"||grad f||^2 <= {args.target:g} x {start:.4g} (its value at x^0)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problem", default="cnn:dataset=digits,width=64")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--target", type=float, default=0.9, help="test accuracy to reach")
+    parser.add_argument("--target", type=float, default=0.9,
+                        help="test accuracy to reach; with --target-metric grad_norm_sq, the fraction of its value at x^0")
+    parser.add_argument("--target-metric", choices=("test_accuracy", "grad_norm_sq"), default="test_accuracy")
     parser.add_argument("--links", type=float, nargs="+", default=[100, 1000, 0], help="Mbit/s (0: unthrottled)")
     parser.add_argument("--mode", choices=("per-connection", "shared"), default="per-connection")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each cell, interleaved; the median is reported")
@@ -244,8 +263,9 @@ def main() -> None:
     if why:
         raise SystemExit(f"slow_link: {why}")
     methods = [replace(m, lr=steps[m.name]) for m in METHODS if not args.only or m.name in args.only]
+    args.threshold, goal = target_of(args)
     runs: dict[str, dict[float, list[dict]]] = {m.name: {x: [] for x in args.links} for m in methods}
-    print(f"{args.problem}, n = {args.workers}, target test accuracy {args.target}, links {args.mode}; step sizes "
+    print(f"{args.problem}, n = {args.workers}, target {goal}, links {args.mode}; step sizes "
           + ", ".join(f"{m.name} {m.lr:g}" for m in methods), flush=True)
     for _ in range(args.repeats):
         for mbit in args.links:
@@ -262,7 +282,7 @@ def main() -> None:
     times = {name: {x: r["time_s"] for x, r in by_rate.items() if r} for name, by_rate in best.items()}
     slow = min((x for x in args.links if x), default=None)
     ddp, dense = times.get("ddp", {}), times.get("psc-dense", {})
-    print(f"\nTime to {args.target} test accuracy (training seconds, median of {args.repeats}; the round that reached it)")
+    print(f"\nTime to {goal} (training seconds, median of {args.repeats}; the round that reached it)")
     print(f"| method | {' | '.join(fmt_rate(x) for x in args.links)} | vs DDP dense at {fmt_rate(slow or 0)} "
           "| sooner than DDP dense | sooner than psc dense |")
     print("|---" * (len(args.links) + 4) + "|")

@@ -79,11 +79,58 @@ def test_ddp_over_gloo_runs_across_namespaces_through_the_relay(tmp_path):
     assert sum(f["bytes"] for f in net.relay_stats["flows"]) > 0  # the gradients crossed the relay
 
 
-def test_ddp_rejects_a_problem_that_is_not_a_classifier_network(tmp_path):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.procs
+def test_ddp_trains_a_vector_problem_to_a_gradient_norm_like_psc_gd(tmp_path):
+    """A problem that is not a network trains its vector as one DDP parameter with the problem's own
+    gradient: with one rank it is psc's GD, round for round (to float32 rounding of the step), and it
+    stops at the first evaluation whose ||grad f||^2 is at most the target."""
+    from common.config import RunConfig
+    from runtime.engine import run_inproc
+
+    problem, lr = "quadratic:d=1000", 0.1
+    out = tmp_path / "ddp.json"
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "ddp_train.py"), "--rank", "0", "--world", "1",
-                           "--master", "127.0.0.1:0", "--problem", "quadratic:d=10"],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "classifier neural network" in done.stderr
+                           "--master", f"127.0.0.1:{_free_port()}", "--problem", problem, "--lr", str(lr), "--steps", "60",
+                           "--eval-every", "10", "--target-metric", "grad_norm_sq", "--target", "200", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-800:]
+    evaluations = json.loads(out.read_text())["evaluations"]
+    assert evaluations[-1]["grad_norm_sq"] <= 200 < evaluations[-2]["grad_norm_sq"]  # stopped at the first one below
+    metrics = tmp_path / "psc.jsonl"
+    run_inproc(RunConfig(algorithm="gd", problem=problem, workers=1, rounds=evaluations[-1]["round"] + 1,
+                         lr=str(lr), eval_every=10), str(metrics), progress=False)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    theirs = {r["round"]: r["grad_norm_sq"] for r in records if r.get("event") == "round" and "grad_norm_sq" in r}
+    for e in evaluations:
+        assert e["grad_norm_sq"] == pytest.approx(theirs[e["round"]], rel=1e-4), e["round"]
+
+
+def test_a_target_is_an_accuracy_to_reach_or_a_fraction_of_the_gradient_norm_at_x0():
+    import argparse
+
+    from benchmarks.ddp_train import reached_target
+    from benchmarks.slow_link import target_of
+
+    assert reached_target({"test_accuracy": 0.91}, "test_accuracy", 0.9)
+    assert not reached_target({"test_accuracy": 0.89, "grad_norm_sq": 0.0}, "test_accuracy", 0.9)
+    assert reached_target({"grad_norm_sq": 1.0}, "grad_norm_sq", 1.0)
+    assert not reached_target({"grad_norm_sq": 1.5}, "grad_norm_sq", 1.0)
+    assert not reached_target({"loss": 0.0}, "grad_norm_sq", 1.0)  # a round without an evaluation
+    args = argparse.Namespace(target=0.25, target_metric="grad_norm_sq", problem="quadratic:d=50", workers=2, seed=0)
+    threshold, said = target_of(args)
+    from common.problems import build_problem
+
+    problem = build_problem("quadratic:d=50", 2, 0)
+    assert threshold == 0.25 * problem.evaluate(problem.initial_point())["grad_norm_sq"] and "x^0" in said
+    assert target_of(argparse.Namespace(target=0.9, target_metric="test_accuracy"))[0] == 0.9
 
 
 def test_break_even_from_the_fitted_model():
