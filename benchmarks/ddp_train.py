@@ -17,9 +17,12 @@ JSON to ``--out``. ``benchmarks/slow_link.py`` runs the ranks in network namespa
 
 A problem that is not a neural network (``quadratic``, ``logistic``, ...: any psc problem with a
 gradient oracle) trains its vector x as one parameter, shaped as a matrix of r rows (r the largest
-divisor of d up to sqrt(d)) so that PowerSGD compresses it as it would a layer's weights: each step
-computes rank R's gradient with the problem's own oracle at x, and a backward pass through
-sum(x * gradient) hands it to DDP, which averages it over the ranks as it averages a network's.
+divisor of d up to sqrt(d)) so that PowerSGD compresses it as it would a layer's weights (where d
+has no divisor near sqrt(d), a prime d say, the matrix is thin and PowerSGD's hook sends it
+uncompressed, as it does any matrix whose rank-R factors are not smaller): each step computes rank
+R's gradient with the problem's own oracle at x and hands it to DDP as x's gradient (``x.backward(g)``,
+no extra pass), which averages it over the ranks as it averages a network's. Divergence shows as a
+non-finite x at an evaluation, checked on every rank.
 Such a problem has no test accuracy: ``--target-metric grad_norm_sq`` stops the run where the
 problem's ||grad f(x)||^2 (``evaluate``) falls to ``--target`` or below.
 
@@ -126,33 +129,40 @@ def main() -> None:
     if network:
         batch_of, transform = problem.batches(args.rank, "cpu"), problem.transform()
 
-        def step_loss(t: int) -> torch.Tensor:
+        def backward(t: int) -> torch.Tensor | None:
+            """Step t's forward and backward (DDP all-reduces the gradient buckets as backward produces
+            them); the minibatch loss."""
             inputs, targets = batch_of(t)
-            return F.cross_entropy(ddp(transform.apply(inputs, torch.float32)), targets)
+            loss = F.cross_entropy(ddp(transform.apply(inputs, torch.float32)), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            return loss
     else:
         oracle = problem.oracle(args.rank, "cpu", torch.float32)
 
-        def step_loss(t: int) -> torch.Tensor:
+        def backward(t: int) -> torch.Tensor | None:
             x = ddp()
-            return (x * gradient_of(oracle, x.detach(), t)).sum()  # its gradient in x: the oracle's
+            optimizer.zero_grad(set_to_none=True)
+            x.backward(gradient_of(oracle, x.detach(), t))  # x's gradient: the oracle's, which DDP averages
+            return None
 
     dist.barrier()  # every rank built its model: the clock starts together
     evaluations, train_s = [], 0.0
     for t in range(args.steps):
         began = time.perf_counter()
-        loss = step_loss(t)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP all-reduces the gradient buckets as backward produces them
+        loss = backward(t)
         optimizer.step()
-        if not torch.isfinite(loss):
+        if loss is not None and not torch.isfinite(loss):
             raise SystemExit(f"ddp_train: the loss is {float(loss)} at step {t}: the run diverged (try a smaller --lr)")
         train_s += time.perf_counter() - began
         if t % args.eval_every == 0 or t == args.steps - 1:
+            if not network and not bool(torch.isfinite(model.x).all()):  # the same x on every rank
+                raise SystemExit(f"ddp_train: x is not finite at step {t}: the run diverged (try a smaller --lr)")
             reached = torch.zeros(1)
             if args.rank == 0:
                 vector = torch.nn.utils.parameters_to_vector(model.parameters()).detach().double()
                 metrics = problem.evaluate(vector)
-                train = {"train_loss": float(loss.detach())} if network else {}  # not sum(x * g)
+                train = {"train_loss": float(loss.detach())} if network else {}
                 evaluations.append({"round": t, "time_s": train_s, **train, **metrics})
                 reached[0] = reached_target(metrics, args.target_metric, args.target)
             began = time.perf_counter()

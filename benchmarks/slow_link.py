@@ -231,7 +231,9 @@ def target_of(args) -> tuple[float, str]:
     from common.problems import build_problem
 
     problem = build_problem(args.problem, args.workers, args.seed)
-    start = problem.evaluate(problem.initial_point())["grad_norm_sq"]
+    start = problem.evaluate(problem.initial_point()).get("grad_norm_sq")
+    if start is None:
+        raise SystemExit(f"slow_link: {args.problem} does not report grad_norm_sq; use --target-metric test_accuracy")
     return args.target * start, f"||grad f||^2 <= {args.target:g} x {start:.4g} (its value at x^0)"
 
 

@@ -113,6 +113,21 @@ def test_a_step_by_the_mean_of_dense_uplinks_is_the_step_by_the_stacked_mean(dty
             descend_by_mean(x, 0.3, [Message({"g": full(v)}) for v in (vectors[0], vectors[1][:-1])], "g")
 
 
+def test_a_step_by_the_mean_of_long_dense_uplinks_takes_the_one_pass(monkeypatch):
+    from common.algorithms.base import descend_by_mean, full
+    from common.compressors import cpu_kernels
+    from common.compressors.message import Message
+
+    fused = []
+    real = cpu_kernels.mean_descend
+    monkeypatch.setattr(cpu_kernels, "mean_descend", lambda *args: fused.append(real(*args)) or fused[-1])
+    x = torch.ones(cpu_kernels.MIN_CHUNK)
+    descend_by_mean(x, 0.1, [Message({"g": full(x)})] * 3, "g")
+    assert len(fused) == 1 and fused[0] is not None
+    descend_by_mean(x, 0.1, [Message({"g": full(x.double())})] * 3, "g")  # another dtype than x: torch's ops
+    assert len(fused) == 1
+
+
 @pytest.mark.parametrize("algorithm", ["gd", "marina-p", "m3", "ef21", "marina", "ef21-p"])
 def test_the_compiled_step_leaves_every_trajectory_as_it_was(algorithm, monkeypatch):
     """Runs long enough for the compiled step (and mean) end at the model torch's ops give, bit for bit."""

@@ -526,6 +526,10 @@ def test_a_long_run_loads_the_step_kernels_before_the_clock_starts(monkeypatch):
         RunSetup.build(RunConfig(algorithm="gd", workers=3, rounds=1, lr="0.1", problem=f"identity-quadratic:d={d}"))
     assert seen == [(torch.float32, 3)]
     monkeypatch.undo()
+    kernels = cpu_kernels._kernels()
     cpu_kernels.warm_descent(torch.float64, 3)
-    kernel = cpu_kernels._kernels()["mean_descend"]
-    assert any(len(sig[1]) == 3 and "float64" in str(sig[0]) for sig in kernel.signatures)
+    loaded = {name: set(kernels[name].signatures) for name in ("descend", "mean_descend")}
+    x = torch.ones(cpu_kernels.MIN_CHUNK, dtype=torch.float64)
+    assert cpu_kernels.mean_descend(x, 0.5, [x] * 3) is not None and cpu_kernels.descend(x, 0.5, x) is not None
+    # the real calls needed nothing the warm-up had not loaded
+    assert {name: set(kernels[name].signatures) for name in loaded} == loaded

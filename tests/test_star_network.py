@@ -113,6 +113,13 @@ def test_ddp_trains_a_vector_problem_to_a_gradient_norm_like_psc_gd(tmp_path):
         assert e["grad_norm_sq"] == pytest.approx(theirs[e["round"]], rel=1e-4), e["round"]
 
 
+def test_ddp_rejects_a_network_that_is_not_a_classifier():
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "ddp_train.py"), "--rank", "0", "--world", "1",
+                           "--master", "127.0.0.1:0", "--problem", "autoencoder"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "must be a classifier" in done.stderr
+
+
 def test_a_target_is_an_accuracy_to_reach_or_a_fraction_of_the_gradient_norm_at_x0():
     import argparse
 

@@ -29,6 +29,8 @@ block to a float64 copy first, and its blocks run in parallel.
 ``signs_to_dense`` expands a scaled-sign payload in one pass, and ``amsgrad_step`` runs the AMSGrad
 family's optimizer update (CD-Adam's lines 13-16) in two compiled passes around torch's square
 root, with the same bits as its torch expressions: at d = 1e7 they were about a quarter of a CD-Adam round on each side.
+``descend`` (x - lr g) and ``mean_descend`` (the running mean of dense uplinks, then the step) do a
+gradient method's step in one pass each, with the bits of torch's separate operations.
 
 Kernels are compiled on first use (about a second) and cached on disk (Numba's ``cache=True``).
 """
@@ -599,7 +601,7 @@ def descend(x: torch.Tensor, lr: float, g: torch.Tensor) -> torch.Tensor | None:
 
 def mean_descend(x: torch.Tensor, lr: float, rows: list[torch.Tensor]) -> torch.Tensor | None:
     """x - lr * mean(rows) in one pass, with the bits of ``base.mean_of``'s running sum followed by
-    x - lr * mean: at d = 1e7 and n = 2 one pass and one new vector instead of five passes and two.
+    x - lr * mean: at d = 1e7 and n = 2 one pass and one new vector instead of five passes and three.
     For 2..4 rows (``base.RUNNING_SUM_ROWS``: where the running sum is torch's mean); None otherwise,
     and as ``descend``."""
     if not 2 <= len(rows) <= 4:
