@@ -67,7 +67,7 @@ def reached_target(metrics: dict, metric: str, target: float | None) -> bool:
 
 
 class VectorModel(torch.nn.Module):
-    """A problem's vector x as one parameter of shape (r, d / r) (``module docstring``)."""
+    """A problem's vector x as one parameter of shape (r, d / r) (r: see the module docstring)."""
 
     def __init__(self, x0: torch.Tensor):
         super().__init__()

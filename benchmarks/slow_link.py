@@ -21,9 +21,10 @@ Methods (step sizes fixed, the same model, initial weights, shards and minibatch
 Each run stops at the first evaluation (every ``--eval-every`` rounds) whose test accuracy reaches
 ``--target``; for a problem without one (``quadratic:d=1000000``, any psc problem that is not a
 network) ``--target-metric grad_norm_sq`` stops it where ||grad f(x)||^2 falls to ``--target`` times
-its value at x^0 (``ddp_train.py`` trains such a problem's vector as one DDP parameter). Its time is training time: psc's summed ``round_s`` (the server's clock from the start
-of round 1 to the end of the round that reached the target; the evaluation runs after the downlinks
-are sent), DDP's rank-0 clock with evaluations excluded. Bytes per round and worker: psc's metrics
+its value at x^0 (``ddp_train.py`` trains such a problem's vector as one DDP parameter). Its time is
+training time: psc's summed ``round_s`` (the server's clock from the start of round 1 to the end of
+the round that reached the target; the evaluation runs after the downlinks are sent), DDP's rank-0
+clock with evaluations excluded. Bytes per round and worker: psc's metrics
 (the frames handed to the socket); DDP's from the relay's counts.
 
 Break-even: each method's time to the target is modelled as a + b / rate (a: what does not depend on

@@ -125,6 +125,7 @@ def test_a_target_is_an_accuracy_to_reach_or_a_fraction_of_the_gradient_norm_at_
 
     from benchmarks.ddp_train import reached_target
     from benchmarks.slow_link import target_of
+    from common.problems import build_problem
 
     assert reached_target({"test_accuracy": 0.91}, "test_accuracy", 0.9)
     assert not reached_target({"test_accuracy": 0.89, "grad_norm_sq": 0.0}, "test_accuracy", 0.9)
@@ -133,8 +134,6 @@ def test_a_target_is_an_accuracy_to_reach_or_a_fraction_of_the_gradient_norm_at_
     assert not reached_target({"loss": 0.0}, "grad_norm_sq", 1.0)  # a round without an evaluation
     args = argparse.Namespace(target=0.25, target_metric="grad_norm_sq", problem="quadratic:d=50", workers=2, seed=0)
     threshold, said = target_of(args)
-    from common.problems import build_problem
-
     problem = build_problem("quadratic:d=50", 2, 0)
     assert threshold == 0.25 * problem.evaluate(problem.initial_point())["grad_norm_sq"] and "x^0" in said
     assert target_of(argparse.Namespace(target=0.9, target_metric="test_accuracy"))[0] == 0.9

@@ -382,6 +382,7 @@ def _kernels():
 BLOCK = 4096  # coordinates a kernel handles per inner loop (its temporaries stay in the L1/L2 cache)
 MIN_CHUNK = 1 << 18  # coordinates below which a second thread costs more than it saves
 PIECES_PER_THREAD = 4  # pieces of a long vector per thread (see ``_chunks``)
+MEAN_ROWS = range(2, 5)  # rows that ``mean_descend`` averages (where the running sum is torch's mean)
 
 
 def available() -> bool:
@@ -602,9 +603,9 @@ def descend(x: torch.Tensor, lr: float, g: torch.Tensor) -> torch.Tensor | None:
 def mean_descend(x: torch.Tensor, lr: float, rows: list[torch.Tensor]) -> torch.Tensor | None:
     """x - lr * mean(rows) in one pass, with the bits of ``base.mean_of``'s running sum followed by
     x - lr * mean: at d = 1e7 and n = 2 one pass and one new vector instead of five passes and three.
-    For 2..4 rows (``base.RUNNING_SUM_ROWS``: where the running sum is torch's mean); None otherwise,
-    and as ``descend``."""
-    if not 2 <= len(rows) <= 4:
+    For 2..4 rows (``MEAN_ROWS``, as ``base.RUNNING_SUM_ROWS``: where the running sum is torch's mean);
+    None otherwise, and as ``descend``."""
+    if len(rows) not in MEAN_ROWS:
         return None
     kernels = _long_cpu_floats((x, *rows)) if _is_number(lr) else None
     if kernels is None:
@@ -628,7 +629,7 @@ def warm_descent(dtype: torch.dtype, rows: int) -> None:
     a = np.zeros(4, dtype=np.float32 if dtype == torch.float32 else np.float64)
     kind = a.dtype.type
     kernels["descend"](a, a, kind(0.0), np.empty_like(a))
-    if 2 <= rows <= 4:
+    if rows in MEAN_ROWS:
         kernels["mean_descend"](a, (a,) * rows, kind(0.0), kind(rows), kind(0.0), np.empty_like(a))
 
 
