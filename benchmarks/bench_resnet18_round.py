@@ -89,7 +89,9 @@ def main() -> int:
         if len(results) > 1 and not args.json:
             base = results[0]["round_s_median"]
             for r in results[1:]:
-                print(f"{r['device']} is {base / r['round_s_median']:.1f}x faster per round than {results[0]['device']}")
+                fast, slow = (r, results[0]) if r["round_s_median"] <= base else (results[0], r)
+                print(f"{fast['device']} is {slow['round_s_median'] / fast['round_s_median']:.1f}x faster per round "
+                      f"than {slow['device']}")
     return 0
 
 
