@@ -147,9 +147,10 @@ def _pack_small(values: torch.Tensor, n: int, width: int) -> torch.Tensor:
         buf[:n] = values
     words = buf.view(torch.int64)
     masks = _lane_masks(width)
-    high = torch.empty(min(groups, _WORDS), dtype=torch.int64, device=values.device)
-    for start in range(0, groups, _WORDS):  # in blocks that stay in cache, in place
-        w = words[start:start + _WORDS]
+    block = _block(groups, values.device)
+    high = torch.empty(block, dtype=torch.int64, device=values.device)
+    for start in range(0, groups, block):  # in place, in blocks that stay in a CPU's cache
+        w = words[start:start + block]
         h = high[: w.numel()]
         for lane, low, f in masks:
             # the high field of each lane starts at lane/2 and moves down to f: shift by lane/2 - f
@@ -158,7 +159,13 @@ def _pack_small(values: torch.Tensor, n: int, width: int) -> torch.Tensor:
     return buf.view(groups, 8)[:, :width].reshape(-1)[: packed_len(n, width)]
 
 
-_WORDS = 1 << 15  # int64 words ``_pack_small`` and ``unpack_small`` work on at a time
+_WORDS = 1 << 15  # int64 words ``_pack_small`` and ``unpack_small`` work on at a time on a CPU
+
+
+def _block(groups: int, device: torch.device) -> int:
+    """Words per step: cache-sized blocks on a CPU; on a GPU all of them (each step is a kernel
+    launch of some microseconds, so blocks would make d = 1e7 cost hundreds of launches)."""
+    return max(1, min(groups, _WORDS) if device.type == "cpu" else groups)
 
 
 def unpack_u8(data: torch.Tensor, n: int, width: int) -> torch.Tensor:
@@ -185,9 +192,10 @@ def unpack_small(data: torch.Tensor, n: int, width: int) -> torch.Tensor:
         flat[full] = tail
     words = buf.view(torch.int64).view(-1)
     masks = list(reversed(_lane_masks(width)))
-    high = torch.empty(min(groups, _WORDS), dtype=torch.int64, device=data.device)
-    for start in range(0, groups, _WORDS):  # in blocks that stay in cache, in place
-        w = words[start:start + _WORDS]
+    block = _block(groups, data.device)
+    high = torch.empty(block, dtype=torch.int64, device=data.device)
+    for start in range(0, groups, block):  # in place, in blocks that stay in a CPU's cache
+        w = words[start:start + block]
         h = high[: w.numel()]
         for lane, low, f in masks:
             torch.bitwise_right_shift(w, f, out=h).bitwise_and_(low).bitwise_left_shift_(lane // 2)
