@@ -1,6 +1,8 @@
 """Exact round trip: decompress(decode(encode(p))) equals decompress(p) bit for bit, dtype included."""
 from __future__ import annotations
 
+import struct
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -161,3 +163,44 @@ def test_cuda_round_trip(spec):
     assert b.device.type == "cuda" and a.dtype == b.dtype and torch.equal(a, b)
     from common.wire.codec import _to_device
     assert encode(_to_device(p, torch.device("cpu"))) == frames
+
+
+@pytest.mark.parametrize("spec", ["identity", "bf16", "fp16", "natural", "natdither:s=3,p=inf", "qsgd:s=300", "ternary",
+                                  "sign", "topk:ratio=0.01+natural", "permk+natural", "exprounding:base=2,biased=true"])
+def test_the_gpu_decode_path_builds_the_same_payload(spec):
+    """A decode for a GPU moves frames as they came and unpacks them there (``codec._upload``); run
+    with the CPU standing in for the GPU, that path gives the host path's payload exactly."""
+    from common.wire import codec
+
+    d = 10_007
+    c = build(spec, d, 4, 0)
+    x = torch.randn(d, generator=torch.Generator().manual_seed(5))
+    frames = encode(c.compress(x, worker=1, step=3))
+    host = decode(frames)
+    token = codec._gpu.set(torch.device("cpu"))
+    try:
+        moved = codec._decode(frames, None, codec.MAX_DIM)
+    finally:
+        codec._gpu.reset(token)
+    a, b = c.decompress(host), c.decompress(moved)
+    assert a.dtype == b.dtype and torch.equal(a, b)
+    if hasattr(host, "codes"):
+        assert torch.equal(host.codes, moved.codes) and torch.equal(host.negative, moved.negative)
+
+
+def test_the_gpu_decode_path_refuses_what_the_host_path_refuses():
+    from common.wire import codec
+
+    frames = encode(build("natural", 1001, 1, 0).compress(torch.randn(1001), 0, 0))
+    bad = [frames[0], frames[1][:-1] + bytes([frames[1][-1] | 0x80]), frames[2]]  # a padding bit set in the signs
+    dense = encode(build("identity", 1000, 1, 0).compress(torch.randn(1000), 0, 0))
+    nan = [dense[0], dense[1][:4] + struct.pack("<f", float("nan")) + dense[1][8:]]
+    for broken, why in ((bad, "padding"), (nan, "non-finite")):
+        with pytest.raises(WireError, match=why):
+            decode(broken)
+        token = codec._gpu.set(torch.device("cpu"))
+        try:
+            with pytest.raises(WireError, match=why):
+                codec._decode(broken, None, codec.MAX_DIM)
+        finally:
+            codec._gpu.reset(token)

@@ -10,7 +10,10 @@ consistent: (1) parse and check the header tree (types, ranges, dims, depth) and
 length of every frame it implies (a range for Rice-coded indices); check the number of frames and
 every length; (2) read each frame (numpy / torch views of the frame memory), check its content
 (index order and range, code range, finiteness) and build the payload, on the host, then move it
-to ``device``.
+to ``device``. For a GPU ``device`` the large frames cross as they came (packed) and are unpacked
+and checked there: a dense frame's values, sign bitmaps and quantized code fields (a Quantized
+message at d = 1e7 moves 7.5 MB to the GPU instead of 30 MB of unpacked signs and codes); indices
+and everything small are still read on the host.
 """
 from __future__ import annotations
 
@@ -62,7 +65,31 @@ def encode_node(payload) -> tuple[list, list[memoryview]]:
     a receiver in the same process (the in-process engine) copies the values instead of sharing them."""
     out: list[torch.Tensor] = []
     node = _enc(payload, out, 0)
-    return node, [memoryview(t.cpu().numpy()).toreadonly() for t in out]
+    return node, [memoryview(a).toreadonly() for a in _on_host(out)]
+
+
+def _on_host(packed: list[torch.Tensor]) -> list[np.ndarray]:
+    """The packed frames as host arrays. CPU tensors are viewed, not copied. GPU tensors are copied
+    together into one page-locked buffer (from torch's caching host allocator, so a run's rounds reuse
+    it): the copies are queued without waiting and the host waits once, where ``t.cpu()`` per frame
+    would wait per frame and copy into pageable memory, several times slower (24 ms instead of about
+    2 ms for 40 MB on an H200 host). The arrays keep the buffer alive until ZeroMQ has sent them."""
+    on_device = [t for t in packed if t.device.type != "cpu"]
+    if not on_device:
+        return [t.numpy() for t in packed]
+    staging = torch.empty(sum(t.numel() * t.element_size() for t in on_device), dtype=torch.uint8,
+                          pin_memory=torch.cuda.is_available())
+    spans, start = [], 0
+    for t in on_device:
+        size = t.numel() * t.element_size()
+        staging[start:start + size].copy_(t.contiguous().view(-1).view(torch.uint8), non_blocking=True)
+        spans.append((start, start + size))
+        start += size
+    for device in {t.device for t in on_device}:
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+    host, spans = staging.numpy(), iter(spans)
+    return [t.numpy() if t.device.type == "cpu" else host[slice(*next(spans))] for t in packed]
 
 
 def content_bits(node: list, lengths: Sequence[int]) -> int:
@@ -339,10 +366,29 @@ def _build(plan: "_Plan", views: Sequence[memoryview], device, first: int):
         if not lo <= mv.nbytes <= hi:
             expect = f"{lo}" if lo == hi else f"{lo} to {hi}"
             raise WireError(f"frame {i} ({name}) has {mv.nbytes} bytes, header implies {expect}")
-    payload = plan.build(iter(views))
+    device = None if device is None else torch.device(device)
+    token = _gpu.set(device if device is not None and device.type == "cuda" else None)
+    try:
+        payload = plan.build(iter(views))
+    finally:
+        _gpu.reset(token)
     if device is not None:
-        payload = _to_device(payload, torch.device(device))
+        payload = _to_device(payload, device)
     return payload
+
+
+# the GPU a payload is being built for, if any: its large frames are unpacked there (``_upload``)
+_gpu: contextvars.ContextVar[torch.device | None] = contextvars.ContextVar("gpu", default=None)
+
+
+def _upload(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``arr`` (frame memory) copied to ``device``. A read-only frame is not copied on the host
+    first: the tensor over it is only read, by the copy, which has finished when ``to`` returns."""
+    if not arr.flags.aligned:
+        arr = arr.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about tensors over read-only memory
+        return torch.from_numpy(arr).to(device)
 
 
 def _u8(mv: memoryview) -> np.ndarray:
@@ -363,6 +409,9 @@ def _flags(mv: memoryview, n: int, what: str) -> torch.Tensor:
     data = _u8(mv)
     if n % 8 and data.size and int(data[-1]) >> (n % 8):
         raise WireError(f"{what}: nonzero padding bits after the last sign")
+    gpu = _gpu.get()
+    if gpu is not None:
+        return bitpack.unpack_u8(_upload(data, gpu), n, 1).view(torch.bool)
     bits = np.unpackbits(data, count=n, bitorder="little")
     return torch.from_numpy(bits.view(np.bool_))
 
@@ -449,10 +498,11 @@ def _stream_fields(f: Fields) -> tuple[int, int, int, int]:
 
 
 def _build_dense(mv, n, vdtype, dtype) -> Dense:
+    arr = np.frombuffer(mv, dtype=np.int16 if vdtype == torch.bfloat16 else str(vdtype).removeprefix("torch."))
+    gpu = _gpu.get()
+    v = _tensor(arr) if gpu is None else _upload(arr, gpu)
     if vdtype == torch.bfloat16:
-        v = _tensor(np.frombuffer(mv, dtype=np.int16)).view(torch.bfloat16)
-    else:
-        v = _tensor(np.frombuffer(mv, dtype=str(vdtype).removeprefix("torch.")))
+        v = v.view(torch.bfloat16)
     if not _all_finite(v):
         raise WireError(f"Dense: {int((~torch.isfinite(v)).sum())} non-finite value(s)")
     return Dense(v, dtype)
@@ -502,14 +552,16 @@ def _parse_quantized(node, what, min_n, max_dim) -> _Plan:
         code_dtype = torch.int16 if top < 2**15 else torch.int32
         largest = offset + (1 << width) - (1 if mode == PLAIN else 2)  # the largest code the fields allow
         work = code_dtype if largest < 2**15 else torch.int64  # no overflow before the range check
-        fused = cpu_kernels.unpack_codes(data, n, width, offset, mode == ZERO_ESCAPE, code_dtype)
+        gpu = _gpu.get()
+        fused = None if gpu is not None else cpu_kernels.unpack_codes(data, n, width, offset, mode == ZERO_ESCAPE, code_dtype)
         if fused is not None:
             codes, got = fused
         else:
+            packed = _tensor(data) if gpu is None else _upload(data, gpu)
             if 1 <= width <= 8:
-                fields = bitpack.unpack_u8(_tensor(data), n, width).to(work)
+                fields = bitpack.unpack_u8(packed, n, width).to(work)
             else:
-                fields = bitpack.unpack(_tensor(data), n, width).to(work)
+                fields = bitpack.unpack(packed, n, width).to(work)
             if mode == PLAIN:
                 codes = fields.add_(offset) if offset else fields
             else:
