@@ -11,8 +11,16 @@ For each compressor it times, on a float32 N(0,1) vector of d coordinates:
   memory bandwidth alone; a clone also pays for fresh pages, and whether it gets them depends on what
   the allocator holds, so its time varies between 1x and 5x a copy into).
 
-The three are interleaved (copy, compress + encode, decode + decompress, repeated) after one warm-up
-call each, so that a machine whose load changes during the run affects all three alike; each figure
+On a GPU only packed bytes cross to the host, and the bus, not the GPU's memory, bounds what a codec
+can do: the least a compress + encode can cost is one pass over the vector and one copy of the
+message's bytes to the host, and the least a decode + decompress can cost is one copy of the
+received bytes to the GPU and one pass. So CUDA rows also time those two transfers of the message's
+size (``to host``: into page-locked memory, as ``encode`` copies; ``to GPU``: from ordinary memory,
+where ZeroMQ puts received frames) and give each codec pass as a multiple of that least cost
+(``x floor``: copy + transfer). On the CPU the floor is the copy alone.
+
+The timed calls are interleaved (copy, compress + encode, decode + decompress, the transfers,
+repeated) after one warm-up call each, so that a machine whose load changes during the run affects all three alike; each figure
 is the median over ``--repeats`` rounds and the "x copy" columns divide by the median copy time of
 the same compressor's rounds. CUDA timings synchronize the device around each call. ``--clock cpu``
 times this process's CPU time instead of wall time, which other work on the machine disturbs less.
@@ -26,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout this file is in, not an installed copy
@@ -69,6 +78,28 @@ def interleaved_medians(fns, device: torch.device, repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def codec_calls(spec: str, x: torch.Tensor, workers: int):
+    """(compress + encode, the frames of one call, decode + decompress of those frames) for ``spec``
+    on ``x``, as worker 1 of ``workers`` (worker 0 if alone); each compress + encode is a fresh step."""
+    c = build(spec, x.numel(), workers, seed=0)
+    worker, step = min(1, workers - 1), [0]
+
+    def compress_encode():
+        step[0] += 1
+        return encode(c.compress(x, worker=worker, step=step[0]))
+
+    frames = compress_encode()
+    return compress_encode, frames, lambda: c.decompress(decode(frames, x.device))
+
+
+def _transfers(size: int, device: torch.device) -> list:
+    """A message's bytes to the host (into page-locked memory) and to the GPU (from ordinary memory)."""
+    on_gpu = torch.empty(size, dtype=torch.uint8, device=device)
+    pinned = torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    received = torch.from_numpy(np.frombuffer(bytearray(size), dtype=np.uint8))
+    return [lambda: pinned.copy_(on_gpu), lambda: on_gpu.copy_(received)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", nargs="+", type=float, default=[1e6, 1e7])
@@ -90,8 +121,9 @@ def main() -> None:
           f"median of {args.repeats} interleaved rounds, {args.clock} clock, copy = {args.copy}")
     print()
     print("| device | d | compressor | bytes | copy ms | compress+encode ms | decode+decompress ms "
-          "| compress+encode x copy | decode+decompress x copy |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| compress+encode x copy | decode+decompress x copy | to host ms | to GPU ms "
+          "| compress+encode x floor | decode+decompress x floor |")
+    print("|---" * 13 + "|")
     for dev_name in devices:
         device = torch.device(dev_name)
         for d in (int(v) for v in args.dims):
@@ -99,23 +131,18 @@ def main() -> None:
             target = torch.empty_like(x)
             copy = (lambda: x.clone()) if args.copy == "clone" else (lambda: target.copy_(x))
             for spec in args.specs:
-                c = build(spec, d, args.workers, seed=0)
-                worker = min(1, args.workers - 1)
-                step = [0]
-
-                def compress_encode():
-                    step[0] += 1
-                    return encode(c.compress(x, worker=worker, step=step[0]))
-
-                frames = compress_encode()
+                compress_encode, frames, decode_decompress = codec_calls(spec, x, args.workers)
                 size = sum(len(f) for f in frames)
-                t_copy, t_ce, t_dd = interleaved_medians(
-                    [copy, compress_encode, lambda: c.decompress(decode(frames, device))],
-                    device, args.repeats,
-                )
+                fns = [copy, compress_encode, decode_decompress]
+                if device.type == "cuda":
+                    fns += _transfers(size, device)
+                t_copy, t_ce, t_dd, *moves = interleaved_medians(fns, device, args.repeats)
+                t_host, t_gpu = moves or (0.0, 0.0)
+                shown = (lambda t: f"{t * 1e3:.2f}") if moves else (lambda t: "-")
                 print(
                     f"| {dev_name} | {d:.0e} | {spec} | {size} | {t_copy * 1e3:.2f} | {t_ce * 1e3:.2f} | "
-                    f"{t_dd * 1e3:.2f} | {t_ce / t_copy:.1f} | {t_dd / t_copy:.1f} |",
+                    f"{t_dd * 1e3:.2f} | {t_ce / t_copy:.1f} | {t_dd / t_copy:.1f} | {shown(t_host)} | {shown(t_gpu)} | "
+                    f"{t_ce / (t_copy + t_host):.1f} | {t_dd / (t_copy + t_gpu):.1f} |",
                     flush=True,
                 )
 

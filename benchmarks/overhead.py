@@ -1,10 +1,12 @@
 """What the runtime costs on top of the bytes: a psc round against a plain pyzmq script moving the same bytes.
 
     python benchmarks/overhead.py [--dims 1e6 1e7] [--workers 2 4] [--methods dense sign topk]
-                                  [--rounds 10] [--repeats 3]
+                                  [--rounds 10] [--repeats 3] [--device cpu|cuda]
 
 ``psc``: ``psc launch`` (real processes, loopback) of a method on the identity quadratic of dimension
-d, the server's evaluation switched off (``--eval-every`` beyond the run):
+d, the server's evaluation switched off (``--eval-every`` beyond the run), the workers on ``--device``
+(the server's vectors stay on the CPU; with ``cuda`` every worker computes, compresses and packs on
+the GPU and only packed bytes cross to the host):
 
   dense   GD, dense float32 both ways
   sign    CD-Adam, scaled sign both ways (1 bit a coordinate)
@@ -92,11 +94,11 @@ def plain_round_s(up_bytes: int, down_bytes: int, workers: int, rounds: int) -> 
 PARTS = ("round_s", "compute_s", "compress_s", "server_s", "comm_s")
 
 
-def psc_round(method: str, d: int, workers: int, rounds: int, folder: str) -> dict[str, float]:
+def psc_round(method: str, d: int, workers: int, rounds: int, folder: str, device: str = "cpu") -> dict[str, float]:
     """Medians of the round's time and of its parts, and the bytes of one uplink and one downlink
     (metrics fields; INTERFACE.md)."""
     metrics = os.path.join(folder, "run.jsonl")
-    cmd = [*PSC, "launch", "--workers", str(workers), "--device", "cpu", *METHODS[method],
+    cmd = [*PSC, "launch", "--workers", str(workers), "--device", device, *METHODS[method],
            "--problem", f"identity-quadratic:d={d}", "--rounds", str(rounds + 1), "--eval-every", str(rounds + 10),
            "--metrics", metrics, "--force"]
     subprocess.run(cmd, check=True)
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=["dense"])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="the workers' device: cpu, cuda or cuda:K")
     args = parser.parse_args()
     keep_freed_memory()  # the plain script's server is this process; its workers are forked from it
     print("| method | d | n | bytes up / down per worker | plain pyzmq round (s) | psc round (s) | psc / plain "
@@ -127,7 +130,7 @@ def main() -> None:
                 for n in args.workers:
                     plain, ours = [], []
                     for _ in range(args.repeats):
-                        ours.append(psc_round(method, d, n, args.rounds, folder))
+                        ours.append(psc_round(method, d, n, args.rounds, folder, args.device))
                         plain.append(plain_round_s(ours[-1]["up"], ours[-1]["down"], n, args.rounds))
                     p = statistics.median(plain)
                     o = {k: statistics.median(r[k] for r in ours) for k in (*PARTS, "up", "down")}
