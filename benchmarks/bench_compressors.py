@@ -4,9 +4,14 @@
 
 For each compressor it times, on a float32 N(0,1) vector of d coordinates:
 
-* compress + encode: ``encode(c.compress(x, worker, step))`` with a fresh step each call (so fresh
-  random draws and, for Perm-K / Rand-K, a fresh support), packed bytes on the host;
-* decode + decompress: ``c.decompress(decode(frames))`` of one such message, onto the device;
+* compress + encode: ``c.compress(x, worker, step)`` with a fresh step each call (so fresh random
+  draws and, for Perm-K / Rand-K, a fresh support), then the frames a link sends (``encode_node``: a
+  msgpack header and views of the packed bytes on the host, which ZeroMQ sends without a copy).
+  ``encode``, the self-describing form, also copies every frame into a ``bytes`` object; the runtime
+  does not, and that copy alone is 25 ms of a 40 MB message on an H200 host;
+* decode + decompress: ``c.decompress(decode(frames))`` of one such message, onto the device, from
+  copies of its frames in ordinary memory (where a receiver has them; on a GPU the sender's views
+  point into page-locked memory, which would make the upload look several times faster than it is);
 * one memory copy, ``x.clone()`` (``--copy into``: ``y.copy_(x)`` into a vector allocated once, the
   memory bandwidth alone; a clone also pays for fresh pages, and whether it gets them depends on what
   the allocator holds, so its time varies between 1x and 5x a copy into).
@@ -20,8 +25,8 @@ where ZeroMQ puts received frames) and give each codec pass as a multiple of tha
 (``x floor``: copy + transfer). On the CPU the floor is the copy alone.
 
 The timed calls are interleaved (copy, compress + encode, decode + decompress, the transfers,
-repeated) after one warm-up call each, so that a machine whose load changes during the run affects all three alike; each figure
-is the median over ``--repeats`` rounds and the "x copy" columns divide by the median copy time of
+repeated) after one warm-up call each, so that a machine whose load changes during the run affects
+them alike; each figure is the median over ``--repeats`` rounds and the "x copy" columns divide by the median copy time of
 the same compressor's rounds. CUDA timings synchronize the device around each call. ``--clock cpu``
 times this process's CPU time instead of wall time, which other work on the machine disturbs less.
 Prints a markdown table.
@@ -40,7 +45,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout this file is in, not an installed copy
 
 from common.compressors import build
-from common.wire import decode, encode
+from common.wire import decode
+from common.wire.codec import encode_node
+from common.wire.header import pack_header
 
 SPECS = [
     "identity", "fp16", "bf16", "topk:ratio=0.01", "randk:ratio=0.01", "samerandk:ratio=0.01", "permk",
@@ -86,10 +93,12 @@ def codec_calls(spec: str, x: torch.Tensor, workers: int):
 
     def compress_encode():
         step[0] += 1
-        return encode(c.compress(x, worker=worker, step=step[0]))
+        node, views = encode_node(c.compress(x, worker=worker, step=step[0]))
+        return [pack_header(node), *views]
 
     frames = compress_encode()
-    return compress_encode, frames, lambda: c.decompress(decode(frames, x.device))
+    received = [bytes(f) for f in frames]  # in ordinary memory, as ZeroMQ hands a receiver its frames
+    return compress_encode, frames, lambda: c.decompress(decode(received, x.device))
 
 
 def _transfers(size: int, device: torch.device) -> list:
