@@ -27,6 +27,7 @@ temporary folder, and the server admits those keys (plus, with ``--allow DIR``, 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -50,6 +51,23 @@ log = logging.getLogger("psc.launch")
 STOP_GRACE_S = 4.0  # after SIGINT/SIGTERM, how long the children get before they are killed
 EXIT_GRACE_S = 15.0  # after a run, how long beyond its own timeout a worker gets to exit
 MAX_RESTARTS = 3  # with checkpoints: how often one rank's worker process is started again
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None):
+    """torch's CPU threads (and so the server's compiled kernels') set to ``count`` within the block,
+    then put back: ``launch`` may run inside a caller's process. ``None`` leaves them alone."""
+    if count is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def worker_devices(n: int, device: str) -> list[str]:
@@ -167,41 +185,49 @@ def _launch_procs(config, metrics, device, timeout, heartbeat, progress, keys, r
             log.warning("%s; starting it again (restart %d of %d)", reason, w.restarts + 1, MAX_RESTARTS)
             workers[i] = WorkerProcess(w.rank, w.argv, w.env, w.restarts + 1)
 
-    server = Server(config, "tcp://127.0.0.1:*", metrics, timeout=timeout, heartbeat=heartbeat,
-                    join_timeout=max(120.0, timeout), progress=progress, supervise=supervise, keys=keys,
-                    round_timeout=round_timeout, **faults)
-    allow = WorkerPolicy.for_run(config).argv()
     devices = worker_devices(config.workers, device)
     env = dict(os.environ)
+    server_threads = None
     if "OMP_NUM_THREADS" not in env and all(d == "cpu" for d in devices):
-        # N CPU workers on one host share its cores: more threads each only oversubscribe them.
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // config.workers))
+        # N CPU workers and the server on one host share its cores: more threads each only
+        # oversubscribe them. A worker gets cores / N; the server, whose work alternates with the
+        # workers' but whose idle threads still spin while their uplinks arrive, cores / (N + 1)
+        # (2 cores, d = 1e6: a dense round took 12-13 ms instead of 20-21 at N = 2, 22 instead of
+        # 27-31 at N = 4; at d = 1e7 no change beyond the noise: docs/overhead.md).
+        cores = os.cpu_count() or 1
+        env["OMP_NUM_THREADS"] = str(max(1, cores // config.workers))
+        server_threads = max(1, cores // (config.workers + 1))
+    with torch_threads(server_threads):
+        server = Server(config, "tcp://127.0.0.1:*", metrics, timeout=timeout, heartbeat=heartbeat,
+                        join_timeout=max(120.0, timeout), progress=progress, supervise=supervise, keys=keys,
+                        round_timeout=round_timeout, **faults)
+        allow = WorkerPolicy.for_run(config).argv()
 
-    def forward(signum: int) -> None:
-        for w in workers:
-            w.signal(signum)
+        def forward(signum: int) -> None:
+            for w in workers:
+                w.signal(signum)
 
-    try:
-        with stop_signals(forward):
-            for rank in range(config.workers):
-                workers.append(WorkerProcess(rank, [
-                    sys.executable, "-m", "psc", *quiet, "worker", "--connect", server.endpoint, "--rank", str(rank),
-                    "--device", devices[rank], "--timeout", str(timeout), "--heartbeat", str(heartbeat),
-                    *allow, *key_options[rank],
-                ], env))
-            code = server.run()
-    except BaseException:
-        late = wait_all(workers, STOP_GRACE_S)
+        try:
+            with stop_signals(forward):
+                for rank in range(config.workers):
+                    workers.append(WorkerProcess(rank, [
+                        sys.executable, "-m", "psc", *quiet, "worker", "--connect", server.endpoint, "--rank", str(rank),
+                        "--device", devices[rank], "--timeout", str(timeout), "--heartbeat", str(heartbeat),
+                        *allow, *key_options[rank],
+                    ], env))
+                code = server.run()
+        except BaseException:
+            late = wait_all(workers, STOP_GRACE_S)
+            if late:
+                log.warning("killed worker(s) %s, still running %g s after the run stopped", ", ".join(str(w.rank) for w in late), STOP_GRACE_S)
+            raise
+        late = wait_all(workers, timeout + EXIT_GRACE_S)
         if late:
-            log.warning("killed worker(s) %s, still running %g s after the run stopped", ", ".join(str(w.rank) for w in late), STOP_GRACE_S)
-        raise
-    late = wait_all(workers, timeout + EXIT_GRACE_S)
-    if late:
-        log.error("worker(s) %s had not exited %g s after the run ended; killed", ", ".join(str(w.rank) for w in late), timeout + EXIT_GRACE_S)
-    if code != 0:
-        return code
-    failures = [w.failure() for w in workers if w not in late]
-    failures = [f for f in failures if f]
-    for reason in failures:
-        log.error("%s", reason)
-    return 1 if failures or late else 0
+            log.error("worker(s) %s had not exited %g s after the run ended; killed", ", ".join(str(w.rank) for w in late), timeout + EXIT_GRACE_S)
+        if code != 0:
+            return code
+        failures = [w.failure() for w in workers if w not in late]
+        failures = [f for f in failures if f]
+        for reason in failures:
+            log.error("%s", reason)
+        return 1 if failures or late else 0

@@ -79,3 +79,46 @@ def test_a_worker_that_dies_is_named_with_its_exit_status_at_once(tmp_path):
         kill_all([launcher])
     end = records(metrics)[-1]
     assert end["ok"] is False and "SIGKILL" in end["error"]
+
+
+@pytest.mark.parametrize("device,server_threads,worker_threads", [("cpu", 3, "4"), ("cuda:0", None, None)])
+def test_cpu_workers_and_the_server_share_the_cores(monkeypatch, device, server_threads, worker_threads):
+    """With CPU workers each worker gets cores // N threads (OMP_NUM_THREADS) and the server, in the
+    launching process, cores // (N + 1) torch threads, put back after the run; GPU workers leave
+    both alone. Server and workers are stand-ins: only the launcher's decisions are looked at."""
+    import torch
+
+    import psserver.server
+    from common.config import RunConfig
+    from psc import launch as launcher
+
+    seen: dict = {"omp": []}
+
+    class Server:
+        endpoint = "tcp://127.0.0.1:1"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self):
+            seen["server_threads"] = torch.get_num_threads()
+            return 0
+
+    class Worker:
+        def __init__(self, rank, argv, env, restarts=0):
+            seen["omp"].append(env.get("OMP_NUM_THREADS"))
+
+        def failure(self):
+            return None
+
+    monkeypatch.setattr(psserver.server, "Server", Server)
+    monkeypatch.setattr(launcher, "WorkerProcess", Worker)
+    monkeypatch.setattr(launcher, "wait_all", lambda workers, deadline_s: [])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 12)
+    before = torch.get_num_threads()
+    config = RunConfig(problem="identity-quadratic:d=10", workers=3, rounds=1, algorithm="gd", lr="0.1")
+    assert launcher.launch(config, None, device=device, progress=False) == 0
+    assert seen["omp"] == [worker_threads] * 3
+    assert seen["server_threads"] == (before if server_threads is None else server_threads)
+    assert torch.get_num_threads() == before
