@@ -60,7 +60,7 @@ def _summary(name: str, walls, averages, device: torch.device, calls: int, top: 
             f"{launches:.0f} kernel launches, {copies:.0f} memcpys, {syncs:.0f} stream syncs, {scalars:.0f} scalar reads to the host")
     out = [line]
     if device.type == "cuda":
-        ops = [e for e in averages if e.self_device_time_total > 0 and e.key.startswith("aten::") is False]
+        ops = [e for e in averages if e.self_device_time_total > 0 and not e.key.startswith("aten::")]
         ops.sort(key=lambda e: -e.self_device_time_total)
         for e in ops[:top]:
             out.append(f"    {e.self_device_time_total / calls / 1e3:8.3f} ms dev  x{e.count // calls:<3} {e.key[:110]}")

@@ -196,7 +196,9 @@ def _launch_procs(config, metrics, device, timeout, heartbeat, progress, keys, r
         # 27-31 at N = 4; at d = 1e7 no change beyond the noise: docs/overhead.md).
         cores = os.cpu_count() or 1
         env["OMP_NUM_THREADS"] = str(max(1, cores // config.workers))
-        server_threads = max(1, cores // (config.workers + 1))
+        import torch
+
+        server_threads = min(torch.get_num_threads(), max(1, cores // (config.workers + 1)))
     with torch_threads(server_threads):
         server = Server(config, "tcp://127.0.0.1:*", metrics, timeout=timeout, heartbeat=heartbeat,
                         join_timeout=max(120.0, timeout), progress=progress, supervise=supervise, keys=keys,

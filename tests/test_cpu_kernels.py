@@ -533,3 +533,18 @@ def test_a_long_run_loads_the_step_kernels_before_the_clock_starts(monkeypatch):
     assert cpu_kernels.mean_descend(x, 0.5, [x] * 3) is not None and cpu_kernels.descend(x, 0.5, x) is not None
     # the real calls needed nothing the warm-up had not loaded
     assert {name: set(kernels[name].signatures) for name in loaded} == loaded
+
+
+def test_the_kernels_pool_follows_torchs_thread_count():
+    """``psc launch`` sets the server's torch threads for a run and puts them back: the kernels' pool
+    follows the count at each call instead of keeping the one it was first made with."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert cpu_kernels._pool()._max_workers == 3
+        torch.set_num_threads(5)
+        assert cpu_kernels._pool()._max_workers == 5
+        torch.set_num_threads(1)
+        assert cpu_kernels._pool()._max_workers == 2  # never fewer than two
+    finally:
+        torch.set_num_threads(before)

@@ -81,11 +81,13 @@ def test_a_worker_that_dies_is_named_with_its_exit_status_at_once(tmp_path):
     assert end["ok"] is False and "SIGKILL" in end["error"]
 
 
-@pytest.mark.parametrize("device,server_threads,worker_threads", [("cpu", 3, "4"), ("cuda:0", None, None)])
-def test_cpu_workers_and_the_server_share_the_cores(monkeypatch, device, server_threads, worker_threads):
+@pytest.mark.parametrize("device,caller_threads,server_threads,worker_threads",
+                         [("cpu", 6, 3, "4"), ("cpu", 2, 2, "4"), ("cuda:0", 6, 6, None)])
+def test_cpu_workers_and_the_server_share_the_cores(monkeypatch, device, caller_threads, server_threads, worker_threads):
     """With CPU workers each worker gets cores // N threads (OMP_NUM_THREADS) and the server, in the
-    launching process, cores // (N + 1) torch threads, put back after the run; GPU workers leave
-    both alone. Server and workers are stand-ins: only the launcher's decisions are looked at."""
+    launching process, cores // (N + 1) torch threads (never more than the caller had), put back
+    after the run; GPU workers leave both alone. Server and workers are stand-ins: only the
+    launcher's decisions are looked at."""
     import torch
 
     import psserver.server
@@ -117,8 +119,12 @@ def test_cpu_workers_and_the_server_share_the_cores(monkeypatch, device, server_
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 12)
     before = torch.get_num_threads()
-    config = RunConfig(problem="identity-quadratic:d=10", workers=3, rounds=1, algorithm="gd", lr="0.1")
-    assert launcher.launch(config, None, device=device, progress=False) == 0
-    assert seen["omp"] == [worker_threads] * 3
-    assert seen["server_threads"] == (before if server_threads is None else server_threads)
-    assert torch.get_num_threads() == before
+    torch.set_num_threads(caller_threads)
+    try:
+        config = RunConfig(problem="identity-quadratic:d=10", workers=3, rounds=1, algorithm="gd", lr="0.1")
+        assert launcher.launch(config, None, device=device, progress=False) == 0
+        assert seen["omp"] == [worker_threads] * 3
+        assert seen["server_threads"] == server_threads
+        assert torch.get_num_threads() == caller_threads
+    finally:
+        torch.set_num_threads(before)

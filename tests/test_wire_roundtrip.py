@@ -167,10 +167,13 @@ def test_cuda_round_trip(spec):
 
 @pytest.mark.parametrize("spec", ["identity", "bf16", "fp16", "natural", "natdither:s=3,p=inf", "qsgd:s=300", "ternary",
                                   "sign", "topk:ratio=0.01+natural", "permk+natural", "exprounding:base=2,biased=true"])
-def test_the_gpu_decode_path_builds_the_same_payload(spec):
+def test_the_gpu_decode_path_builds_the_same_payload(spec, monkeypatch):
     """A decode for a GPU moves frames as they came and unpacks them there (``codec._upload``); run
-    with the CPU standing in for the GPU, that path gives the host path's payload exactly."""
-    from common.wire import codec
+    with the CPU standing in for the GPU (and bit unpacking working on all words at once, as it does
+    on a GPU), that path gives the host path's payload exactly."""
+    from common.wire import bitpack, codec
+
+    monkeypatch.setattr(bitpack, "_block", lambda groups, device: max(1, groups))
 
     d = 10_007
     c = build(spec, d, 4, 0)
@@ -204,3 +207,24 @@ def test_the_gpu_decode_path_refuses_what_the_host_path_refuses():
                 codec._decode(broken, None, codec.MAX_DIM)
         finally:
             codec._gpu.reset(token)
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 5, 7])
+def test_bit_packing_is_the_same_in_cache_blocks_and_all_at_once(width, monkeypatch):
+    """The CPU packs 2..7-bit fields in cache-sized blocks, a GPU all at once (``bitpack._block``);
+    both give the same bytes and fields, and the one-bit fields unpacked in torch (``unpack_flags``,
+    the GPU's way) are NumPy's."""
+    import numpy as np
+
+    from common.wire import bitpack
+
+    n = 8 * bitpack._WORDS + 13  # more than one block, and a partial group
+    fields = torch.randint(0, 1 << width, (n,), generator=torch.Generator().manual_seed(width)).to(torch.uint8)
+    blocked = bitpack.pack(fields, width)
+    monkeypatch.setattr(bitpack, "_block", lambda groups, device: max(1, groups))
+    at_once = bitpack.pack(fields, width)
+    assert torch.equal(blocked, at_once)
+    assert torch.equal(bitpack.unpack_u8(at_once, n, width), fields)
+    if width == 1:
+        want = np.unpackbits(at_once.numpy(), count=n, bitorder="little").astype(bool)
+        assert torch.equal(bitpack.unpack_flags(at_once, n), torch.from_numpy(want))

@@ -435,9 +435,14 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-@functools.lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(2, _threads()), thread_name_prefix="psc-codec")
+    """A pool as large as torch's thread count now (``psc launch`` sets the server's for a run)."""
+    return _pool_of(max(2, _threads()))
+
+
+@functools.lru_cache(maxsize=2)
+def _pool_of(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="psc-codec")
 
 
 def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, stochastic: bool,

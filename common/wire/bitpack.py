@@ -8,8 +8,8 @@ exactly ``ceil(n*w/8)`` bytes, and ``w = 1`` is a plain little-endian bitmap (nu
 ``packbits(bitorder="little")``).
 
 ``pack`` runs on whatever device its input is on (a CUDA tensor is packed on the GPU) and returns a
-uint8 tensor on that device. ``unpack`` is used by the decoder on host tensors (it works on any
-device). Widths 1..32 are supported; odd widths work on 32-bit words, 8 fields at a time.
+uint8 tensor on that device; ``unpack``, ``unpack_u8`` and ``unpack_flags`` likewise (the decoder
+unpacks on the host, or on the GPU a payload is decoded for). Widths 1..32 are supported; odd widths work on 32-bit words, 8 fields at a time.
 """
 from __future__ import annotations
 
@@ -175,8 +175,17 @@ def unpack_u8(data: torch.Tensor, n: int, width: int) -> torch.Tensor:
     if width == 1 and data.device.type == "cpu":
         return torch.from_numpy(np.unpackbits(data.numpy(), count=n, bitorder="little"))
     if width == 1:
-        return unpack(data, n, 1).to(torch.uint8)
+        return unpack_flags(data, n).view(torch.uint8)
     return unpack_small(data, n, width)
+
+
+def unpack_flags(data: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` one-bit fields of ``data`` as a bool tensor, in torch on ``data``'s device: each byte
+    spread over the 8 bytes of an int64 word (a temporary of n bytes, not the 8 n of ``unpack``)."""
+    if not _LITTLE:
+        raise NotImplementedError("bit unpacking needs a little-endian host")
+    words = data.to(torch.int64, copy=True).mul_(_REPLICATE).bitwise_and_(_SPREAD_MASK)
+    return (words.view(torch.uint8) != 0)[:n]
 
 
 def unpack_small(data: torch.Tensor, n: int, width: int) -> torch.Tensor:

@@ -300,7 +300,8 @@ def decode(frames, device=None, *, max_dim: int = MAX_DIM):
 
     ``max_dim`` caps every dimension the header may claim (pass the run's dimension where it is
     known: a payload whose support is regenerated costs the receiver O(d) memory). Tensors are built
-    on the host and moved to ``device`` when given.
+    on the host and moved to ``device`` when given; for a GPU the large frames are moved packed and
+    unpacked and checked there (module doc).
     """
     try:
         return _decode(frames, device, max_dim)
@@ -412,7 +413,7 @@ def _flags(mv: memoryview, n: int, what: str) -> torch.Tensor:
         raise WireError(f"{what}: nonzero padding bits after the last sign")
     gpu = _gpu.get()
     if gpu is not None:
-        return bitpack.unpack_u8(_upload(data, gpu), n, 1).view(torch.bool)
+        return bitpack.unpack_flags(_upload(data, gpu), n)
     bits = np.unpackbits(data, count=n, bitorder="little")
     return torch.from_numpy(bits.view(np.bool_))
 
