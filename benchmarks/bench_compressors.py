@@ -12,9 +12,14 @@ For each compressor it times, on a float32 N(0,1) vector of d coordinates:
 * decode + decompress: ``c.decompress(decode(frames))`` of one such message, onto the device, from
   copies of its frames in ordinary memory (where a receiver has them; on a GPU the sender's views
   point into page-locked memory, which would make the upload look several times faster than it is);
-* one memory copy, ``x.clone()`` (``--copy into``: ``y.copy_(x)`` into a vector allocated once, the
-  memory bandwidth alone; a clone also pays for fresh pages, and whether it gets them depends on what
-  the allocator holds, so its time varies between 1x and 5x a copy into).
+* one memory copy, ``x.clone()`` (``--copy into``: ``y.copy_(x)`` into a vector allocated once).
+
+The process keeps freed memory for reuse as every ``psc`` process does (``runtime.allocator``), so
+a 40 MB vector allocated in a call reuses pages that an earlier call freed, as in a run's rounds.
+Without it (``PSC_MALLOC=system``) every such vector faults in fresh pages: at d = 1e7 on a 2-core
+host that made a clone 9-10 ms instead of about 2 ms and a Top-K decode + decompress 50 ms instead of
+6 ms, costs the runtime does not pay, and the "x copy" columns then compare codecs with a copy that is
+mostly page faults.
 
 On a GPU only packed bytes cross to the host, and the bus, not the GPU's memory, bounds what a codec
 can do: the least a compress + encode can cost is one pass over the vector and one copy of the
@@ -45,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout this file is in, not an installed copy
 
 from common.compressors import build
+from runtime.allocator import keep_freed_memory
 from common.wire import decode
 from common.wire.codec import encode_node
 from common.wire.header import pack_header
@@ -124,10 +130,12 @@ def main() -> None:
     args = parser.parse_args()
     global _clock
     _clock = CLOCKS[args.clock]
+    kept = keep_freed_memory()
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "all" else [args.device]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, n = {args.workers}, "
-          f"median of {args.repeats} interleaved rounds, {args.clock} clock, copy = {args.copy}")
+          f"median of {args.repeats} interleaved rounds, {args.clock} clock, copy = {args.copy}, "
+          f"freed memory {'kept for reuse' if kept else 'returned (the C library allocator as it is)'}")
     print()
     print("| device | d | compressor | bytes | copy ms | compress+encode ms | decode+decompress ms "
           "| compress+encode x copy | decode+decompress x copy | to host ms | to GPU ms "
