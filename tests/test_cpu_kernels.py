@@ -235,6 +235,47 @@ def test_a_long_vector_splits_into_several_pieces_per_thread(monkeypatch):
     assert all(a % 8 == 0 and b == c for (a, b), (c, _) in zip(pieces, pieces[1:]))
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_keyed_permutation_in_one_compiled_pass_is_the_torch_one(threads, monkeypatch):
+    """Perm-K's keyed bijection, position by position: the same values and dtype as the torch
+    version's passes for domains that need cycle walking or not, keys above 2^63, blocks that start
+    anywhere, and pieces in several threads."""
+    from common.compressors import indices
+
+    monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
+    monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1000)
+    cpu = torch.device("cpu")
+    for dim in (65_537, 100_003, 1 << 18, 3_000_017):
+        low, a_size, dtype, tables, rotation = indices._feistel_tables(dim, 5, cpu)
+        assert (a_size << low != dim) == (dim != 1 << 18)  # cycle walking everywhere but the power of two
+        for key in (5, 2**63 + 12_345):
+            low, a_size, dtype, tables, rotation = indices._feistel_tables(dim, key, cpu)
+            for start, size in ((0, dim), (dim // 3, dim // 7 + 1), (dim - 1, 1)):
+                want = indices.keyed_permutation(torch.arange(start, start + size, dtype=torch.int32), dim, key)
+                got = cpu_kernels.keyed_range(start, size, dim, low, a_size, tables, rotation, dtype)
+                assert got.dtype == want.dtype and torch.equal(got, want), (dim, key, start)
+                assert torch.equal(indices.keyed_block(start, size, dim, key, cpu), want)
+
+
+def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(monkeypatch):
+    """At a d where the compressor's path takes the compiled pass, every worker's message of a step
+    has the same bytes as with the torch version, and the blocks still partition [d]."""
+    from common.compressors import indices
+
+    dim, n = cpu_kernels.MIN_CHUNK + 1001, 3
+    x = torch.randn(dim, generator=torch.Generator().manual_seed(2))
+    c = build("permk", dim, n, seed=4)
+    calls = []
+    real = cpu_kernels.keyed_range
+    monkeypatch.setattr(cpu_kernels, "keyed_range", lambda *a: calls.append(a) or real(*a))
+    compiled = [encode(c.compress(x, worker=w, step=9)) for w in range(n)]
+    assert len(calls) == n
+    monkeypatch.setattr(cpu_kernels, "keyed_range", lambda *a: None)
+    assert [encode(c.compress(x, worker=w, step=9)) for w in range(n)] == compiled
+    supports = [decode(f).support(torch.device("cpu")) for f in compiled]
+    assert torch.equal(torch.sort(torch.cat(supports)).values, torch.arange(dim))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_topk_candidates_in_one_compiled_pass_are_the_torch_ones(dtype, threads, monkeypatch):
@@ -290,6 +331,7 @@ def test_a_second_process_loads_every_kernel_from_the_disk_cache(tmp_path):
         "        v = x.to(dtype)\n"
         "        cpu_kernels.mean_descend(v, 0.5, [v] * rows)\n"
         "        cpu_kernels.descend(v, 0.5, v)\n"
+        "build('permk', dim=x.numel(), n_workers=4, seed=0).compress(x, worker=1, step=0)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root}

@@ -31,6 +31,8 @@ family's optimizer update (CD-Adam's lines 13-16) in two compiled passes around 
 root, with the same bits as its torch expressions: at d = 1e7 they were about a quarter of a CD-Adam round on each side.
 ``descend`` (x - lr g) and ``mean_descend`` (the running mean of dense uplinks, then the step) do a
 gradient method's step in one pass each, with the bits of torch's separate operations.
+``keyed_range`` evaluates Perm-K's keyed bijection (``indices.keyed_permutation``) on a block of
+positions in one pass, with the integer arithmetic of the torch version's twenty-odd passes.
 
 Kernels are compiled on first use (about a second) and cached on disk (Numba's ``cache=True``).
 """
@@ -372,11 +374,35 @@ def _kernels():
                 total += rows[k][i]
             out[i] = x[i] - lr * ((total + zero) / n)
 
+    @jit()
+    def feistel(start, low, a_size, t0, t1, t2, t3, dim, rotation, out):
+        """out_j = pi(start + j), ``indices.keyed_permutation`` of consecutive positions, one position at
+        a time: the four Feistel rounds (right ^= T0[left]; left = (left + T1[right]) mod A; the same
+        with T2, T3; T1 and T3 stored minus A, so one sign test reduces mod A), again while the value
+        is >= dim (cycle walking), then the rotation (v + s) mod dim. Integer arithmetic without
+        overflow, as the torch version, so the values are the same."""
+        mask = (np.int64(1) << low) - 1
+        for j in range(out.size):
+            v = np.int64(start + j)
+            while True:
+                left = v >> low
+                right = (v & mask) ^ t0[left]
+                left = left + t1[right]
+                left += (left >> 63) & a_size
+                right = right ^ t2[left]
+                left = left + t3[right]
+                left += (left >> 63) & a_size
+                v = (left << low) | right
+                if v < dim:
+                    break
+            v += rotation - dim
+            out[j] = v + ((v >> 63) & dim)
+
     return {np.float32: quantize32, np.float64: quantize64, "code_range": code_range,
             "pack_small": pack_small, "unpack_small": unpack_small, "dequantize": dequantize,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
-            "descend": descend, "mean_descend": mean_descend}
+            "descend": descend, "mean_descend": mean_descend, "feistel": feistel}
 
 
 BLOCK = 4096  # coordinates a kernel handles per inner loop (its temporaries stay in the L1/L2 cache)
@@ -715,6 +741,26 @@ def _sums_like_torch(lengths: tuple[int, ...] = (1 << 15, 4099, 1031, 523, 263, 
             if got[0] != float((x.square() if square else x.abs()).sum()):
                 return False
     return True
+
+
+def keyed_range(start: int, size: int, dim: int, low: int, a_size: int, tables, rotation: int,
+                dtype: torch.dtype) -> torch.Tensor | None:
+    """``indices.keyed_permutation`` of the positions start, ..., start + size - 1 as a CPU tensor of
+    ``dtype``, computed position by position in one compiled pass (the pieces in parallel threads)
+    from the network's round tables; None without Numba or for another number of rounds. The torch
+    version makes about twenty passes over the positions, four of them gathers."""
+    kernels = _kernels()
+    if kernels is None or len(tables) != 4:
+        return None
+    out = torch.empty(size, dtype=dtype)
+    flat = out.numpy()
+    arrays = [t.contiguous().numpy() for t in tables]
+
+    def piece(a, b):
+        kernels["feistel"](start + a, low, a_size, *arrays, dim, rotation, flat[a:b])
+
+    _run(size, 1, piece)
+    return out
 
 
 def indices_at_least(x: torch.Tensor, level: float, expect: int) -> torch.Tensor | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-
 from common.compressors.base import Constants, Selection, Sparsifier, register
 from common.compressors.indices import permk_scale, support_on
 from common.compressors.payloads import IndexRule
@@ -22,6 +21,7 @@ class PermK(Sparsifier):
     name = "permk"
     summary = "worker i gets block i of a shared random permutation, scaled by n; the n messages average to x"
     example = "permk"
+    compiled = True  # a large d's keyed bijection runs as one compiled pass on the CPU (indices.keyed_block)
 
     def __init__(self, dim, n_workers, seed, options, purpose="compress"):
         super().__init__(dim, n_workers, seed, options, purpose)
