@@ -246,9 +246,12 @@ def _kernels():
         SumKernel.cpp): rows of 4 vectors of ``lanes`` add into 4 x lanes partial sums, which move up
         a cascade of 4 levels every 2^power rows; then come the rows left over, the levels, the vectors
         left over, the 4 vectors of a row, the coordinates left over and the lanes, in this order. The
-        same additions in the same order give the same bits."""
+        same additions in the same order give the same bits. The rows add into a 1-D array of their
+        own over a slice of x, which the compiler turns into vector instructions (into a row of the
+        2-D cascade it did not: 5x slower)."""
         width = 4 * lanes
         acc = np.empty((4, width))
+        row = np.empty(width)  # level 0 of the cascade while rows are added
         for b in range(sums.size):
             start = b * size
             n = min(size, x.size - start)
@@ -260,23 +263,31 @@ def _kernels():
             power = max(4, power // 4)
             step = np.int64(1) << power
             acc[:] = 0.0
+            row[:] = 0.0
             i = 0
             while i + step <= rows:
-                for r in range(i, i + step):
+                seg = x[start + i * width:start + (i + step) * width]
+                for r in range(step):
                     for k in range(width):
-                        v = np.float64(x[start + r * width + k])  # exact; x_i^2 or |x_i|
-                        acc[0, k] += v * v if square else abs(v)
+                        v = np.float64(seg[r * width + k])  # exact; x_i^2 or |x_i|
+                        row[k] += v * v if square else abs(v)
                 i += step
+                for k in range(width):
+                    acc[0, k] = row[k]
                 for level in range(1, 4):
                     for k in range(width):
                         acc[level, k] += acc[level - 1, k]
                         acc[level - 1, k] = 0.0
                     if i & ((step - 1) << (level * power)) != 0:
                         break
+                for k in range(width):
+                    row[k] = acc[0, k]
             for r in range(i, rows):
                 for k in range(width):
                     v = np.float64(x[start + r * width + k])
-                    acc[0, k] += v * v if square else abs(v)
+                    row[k] += v * v if square else abs(v)
+            for k in range(width):
+                acc[0, k] = row[k]
             for level in range(1, 4):
                 for k in range(width):
                     acc[0, k] += acc[level, k]
