@@ -91,22 +91,31 @@ def _kernels():
         least, most, nonzero = BIG, np.int64(-1), BIG
         for b0 in range(0, n, BLOCK):
             m = min(BLOCK, n - b0)
+            xb, nb, cb = x[b0:b0 + m], neg[b0:b0 + m], codes[b0:b0 + m]  # (x[b0 + j] was not vectorized)
             for j in range(m):
-                v = x[b0 + j]
-                neg[b0 + j] = v < 0
+                v = xb[j]
+                nb[j] = v < 0
                 t[j] = np.float32(abs(v) / divisor)  # divisor 1 (exact) when there is no norm
             fields = t.view(np.uint32)  # exponent fields (the mask keeps a NaN of either sign in the table)
-            if uniform_s == 0 and scan == 0:
+            if uniform_s == 0 and scan < 2:
                 for j in range(m):
                     k = np.uint64(starts[(fields[j] >> np.uint32(23)) & np.uint32(0xFF)])
                     low[j] = k + np.uint64(levels[k + one] <= t[j])  # the one step of base >= 2
+                if scan == 1:  # only the subnormal binade (field 0) holds more levels: finish there
+                    for j in range(m):
+                        if fields[j] & np.uint32(0x7F800000) == 0:
+                            tj = t[j]
+                            k = np.int64(low[j])
+                            while k < top - 1 and levels[k + 1] <= tj:
+                                k += 1
+                            low[j] = k
             elif uniform_s == 0:
                 for j in range(m):
                     tj = t[j]
                     field = (fields[j] >> np.uint32(23)) & np.uint32(0xFF)
                     k = np.int64(starts[field])
                     k += np.int64(levels[k + 1] <= tj)
-                    if (scan == 1 and field == 0) or (scan == 2 and crowded[field]):  # more levels in the binade
+                    if crowded[field]:  # more levels in the binade
                         while k < top - 1 and levels[k + 1] <= tj:
                             k += 1
                     low[j] = k
@@ -131,13 +140,13 @@ def _kernels():
                     gap = den[j]
                     up = np.int64(draw[j] < np.float32(np.float32(num[j] / gap) * scale)) | np.int64(gap <= 0)
                     c = low[j] + up
-                    codes[b0 + j] = c
+                    cb[j] = c
                     least, most = min(least, c), max(most, c)
                     nonzero = min(nonzero, c if c != 0 else BIG)
             else:
                 for j in range(m):
                     c = low[j] + np.int64(num[j] > den[j])
-                    codes[b0 + j] = c
+                    cb[j] = c
                     least, most = min(least, c), max(most, c)
                     nonzero = min(nonzero, c if c != 0 else BIG)
         return least, most, nonzero
