@@ -92,21 +92,25 @@ def test_packed_codes_and_decoded_vector_match_the_torch_codec(spec, monkeypatch
 
 @pytest.mark.parametrize("width", range(1, 9))
 @pytest.mark.parametrize("escape", [False, True])
-def test_pack_and_unpack_kernels_follow_the_bitpack_layout(width, escape):
+def test_pack_and_unpack_kernels_follow_the_bitpack_layout(width, escape, monkeypatch):
+    """Lengths with every kind of last group, and a long one cut into pieces in several threads (a
+    group's 8-byte load must stay inside its piece's bytes)."""
     gen = torch.Generator().manual_seed(width)
-    n = 1003
     offset = 5
-    fields = torch.randint(0, 1 << width, (n,), generator=gen)
-    if escape:  # field 0 is code 0, field f > 0 is code f + offset - 1
-        codes = torch.where(fields == 0, 0, fields + offset - 1).to(torch.int16)
-        minus, clamp = offset - 1, True
-    else:
-        codes = (fields + offset).to(torch.int16)
-        minus, clamp = offset, False
-    packed = cpu_kernels.pack_codes(codes, minus, clamp, width)
-    assert torch.equal(packed, bitpack.pack(fields, width))
-    back, largest = cpu_kernels.unpack_codes(packed.numpy(), n, width, offset, escape, torch.int16)
-    assert torch.equal(back, codes) and largest == int(codes.max())
+    for n, threads in ((1, 1), (7, 1), (8, 1), (9, 1), (17, 1), (1003, 1), (1003, 3)):
+        monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
+        monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 100)
+        fields = torch.randint(0, 1 << width, (n,), generator=gen)
+        if escape:  # field 0 is code 0, field f > 0 is code f + offset - 1
+            codes = torch.where(fields == 0, 0, fields + offset - 1).to(torch.int16)
+            minus, clamp = offset - 1, True
+        else:
+            codes = (fields + offset).to(torch.int16)
+            minus, clamp = offset, False
+        packed = cpu_kernels.pack_codes(codes, minus, clamp, width)
+        assert torch.equal(packed, bitpack.pack(fields, width)), n
+        back, largest = cpu_kernels.unpack_codes(packed.numpy(), n, width, offset, escape, torch.int16)
+        assert torch.equal(back, codes) and largest == int(codes.max()), n
 
 
 def test_a_code_beyond_the_table_is_still_refused():
