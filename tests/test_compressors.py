@@ -250,3 +250,20 @@ def test_all_finite_is_exact_for_large_vectors_whose_sum_overflows():
         y = x.clone()
         y[77] = bad
         assert not all_finite(y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_all_finite_of_16_bit_floats_reads_the_exponent_field(dtype):
+    """The largest finite values (either sign), subnormals and zeros pass; an inf of either sign and
+    a NaN of either sign, anywhere, do not."""
+    from common.compressors.base import all_finite
+
+    x = torch.randn(1 << 17, generator=torch.Generator().manual_seed(0)).to(dtype)
+    top = torch.finfo(dtype).max
+    x[:6] = torch.tensor([top, -top, torch.finfo(dtype).smallest_normal / 4, -0.0, 0.0, -1.0]).to(dtype)
+    assert all_finite(x) and all_finite(x[:6])
+    for bad in (float("nan"), -float("nan"), float("inf"), float("-inf")):
+        for where in (0, 12_345, x.numel() - 1):
+            y = x.clone()
+            y[where] = bad
+            assert not all_finite(y), (bad, where)

@@ -210,6 +210,9 @@ class Sparsifier(Compressor):
         return Sparse(x.numel(), Dense(values, x.dtype), indices, rule, x.dtype)
 
 
+_EXPONENT_MASK = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}  # a 16-bit float's exponent field
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every value is finite. On the CPU NumPy answers without torch's per-op overhead
     (which dominates for the small vectors of runs with many workers)."""
@@ -221,10 +224,11 @@ def all_finite(t: torch.Tensor) -> bool:
         # overflows (or a true inf/NaN) takes the exact pass below.
         if bool(torch.isfinite(t.detach().sum())):
             return True
-    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64, torch.float16):
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
         return bool(np.isfinite(t.detach().numpy()).all())
-    if t.device.type == "cpu" and t.dtype == torch.bfloat16:  # exponent field all ones: inf or NaN
-        return int(t.detach().view(torch.int16).bitwise_and(0x7F80).amax()) < 0x7F80
+    if t.device.type == "cpu" and t.dtype in _EXPONENT_MASK:  # exponent field all ones: inf or NaN
+        mask = _EXPONENT_MASK[t.dtype]  # (NumPy's isfinite on float16 was 2-8x slower)
+        return int(t.detach().view(torch.int16).bitwise_and(mask).amax()) < mask
     return bool(torch.isfinite(t).all())
 
 
