@@ -74,6 +74,42 @@ def test_compiled_pass_gives_the_torch_codes(spec, dtype, monkeypatch):
     assert torch.equal(fast.codes, slow.codes)
 
 
+def test_power_of_two_binades_are_found_in_the_tables_that_have_them():
+    tables = {("rounding", 2.0, 0): (1, 253, 23), ("exp", 2.0, 8): (120, 126, -119), ("rounding", 3.0, 0): None,
+              ("exp", 3.0, 4): None}
+    for (kind, base, s), want in tables.items():
+        levels = LevelTable(kind, base, s).values(torch.float32, "cpu").numpy()
+        f_lo, f_hi, shift = (int(v) for v in cpu_kernels.power_binades(levels.tobytes()))
+        if want is None:
+            assert f_lo > f_hi
+            continue
+        assert (f_lo, f_hi, shift) == want
+        for f in (f_lo, f_hi):  # the levels the kernel takes from t's bits are the table's
+            assert levels[f + shift] == 2.0 ** (f - 127) and levels[f + shift + 1] == 2.0 ** (f - 126)
+
+
+@pytest.mark.parametrize("spec", ["natural", "exprounding:base=2,biased=true", "natdither:s=8,p=inf", "natdither:s=2,p=2"])
+def test_blocks_of_powers_of_two_and_blocks_of_others_give_the_torch_codes(spec, monkeypatch):
+    """A block whose coordinates lie in binades of powers of two takes lo and hi from t's bits; one
+    with more than a quarter elsewhere (zeros, subnormals, the lowest levels) reads the table; one
+    with a few elsewhere does both. Each gives the torch version's codes."""
+    gen = torch.Generator().manual_seed(3)
+    block = cpu_kernels.BLOCK
+    normal = torch.randn(block, generator=gen)
+    crowded = torch.randn(block, generator=gen) * 1e-39  # subnormal, and far below every dithering level
+    crowded[::10] = torch.randn(block, generator=gen)[::10]
+    mixed = torch.randn(block, generator=gen)
+    mixed[::6] = torch.randn(block, generator=gen)[::6] * 1e-39
+    mixed[1::6] = 0.0
+    x = torch.cat([normal, crowded, mixed, normal[: block // 3]])
+    x[5] = 40.0  # the largest |x| (dithering's norm) in the first block
+    c = build(spec, x.numel(), 4, seed=9)
+    fast = c.compress(x, worker=1, step=5)
+    monkeypatch.setattr(rounding.cpu_kernels, "quantize", lambda *a, **k: None)
+    slow = c.compress(x, worker=1, step=5)
+    assert torch.equal(fast.negative, slow.negative) and torch.equal(fast.codes, slow.codes)
+
+
 @pytest.mark.parametrize("spec", ["natural", "natdither:s=2,p=inf", "qsgd:s=16", "ternary", "exprounding:base=3"])
 def test_packed_codes_and_decoded_vector_match_the_torch_codec(spec, monkeypatch):
     x = _awkward(torch.float32, 30_011)
