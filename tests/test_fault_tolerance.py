@@ -52,7 +52,11 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-LAUNCH = CASES["ef21-topk-both"][:-1] + ["150"]
+# Kills come at a random round below 140; the run goes on well past that (a round takes about 3 ms
+# here, and the test sees the rounds every 0.1 s), so that the kill lands in a running launch: with
+# 150 rounds a kill drawn near 140 could arrive after the run had ended, and nothing was restarted.
+LAUNCH_ROUNDS = 400
+LAUNCH = CASES["ef21-topk-both"][:-1] + [str(LAUNCH_ROUNDS)]
 
 
 def _launch(tmp_path, *extra):
@@ -67,7 +71,7 @@ def _check_run(tmp_path, code, err):
 
     assert code == 0, err[-3000:]
     got = records(str(tmp_path / "run.jsonl"))
-    assert [r["round"] for r in got if r["event"] == "round"] == list(range(150))
+    assert [r["round"] for r in got if r["event"] == "round"] == list(range(LAUNCH_ROUNDS))
     assert got[-1]["event"] == "end" and got[-1]["model_sha256"] == reference_sha(LAUNCH, 3, workers=2)
     # The workers' states travel at each checkpoint: 2 workers x (x, g_i, g_down) x 40 float32 at least;
     # other rounds carry only telemetry and heartbeats.
