@@ -115,6 +115,23 @@ def test_fp16_saturates_instead_of_overflowing():
     assert torch.isfinite(y).all() and y[0] == 65504.0 and y[2] == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_casts_are_clamped_casts_bit_for_bit(dtype):
+    """The CPU casts once and clamps only where a value left the format's range: the same bits as
+    clamping every value first, for values inside the range, at its edge (rounding to the largest
+    finite value or beyond it), far beyond it, subnormal in the format, and zeros of both signs."""
+    name = "fp16" if dtype == torch.float16 else "bf16"
+    top = float(torch.finfo(dtype).max)
+    edge = [top, -top, top * 1.0001, -top * 1.0001, 3e38, -3.4e38, 65519.0, 65520.0, 1e-7, -6e-8, 0.0, -0.0]
+    x = torch.randn(1 << 16, generator=torch.Generator().manual_seed(1)) * 100
+    for values in ([], edge):
+        y = x.clone()
+        y[: len(values)] = torch.tensor(values)
+        got = build(name, y.numel()).compress(y).values
+        want = y.clamp(-top, top).to(dtype)
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), values
+
+
 def test_zero_vector_is_compressed_to_zero():
     for spec in ALL_SPECS:
         c = build(spec, 50, 3)

