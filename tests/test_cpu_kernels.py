@@ -630,3 +630,19 @@ def test_the_kernels_pool_follows_torchs_thread_count():
         assert cpu_kernels._pool()._max_workers == 2  # never fewer than two
     finally:
         torch.set_num_threads(before)
+
+
+def test_adaptive_draws_from_the_compiled_block_sums_what_it_drew_from_torchs(monkeypatch):
+    """Adaptive sparsification's block sums (float64, torch's order) in one compiled pass: the same
+    sums bit for bit, so the same coordinate and the same message at every step."""
+    from common.compressors import adaptive
+    from common.compressors.base import float64_blocks
+
+    n = 3 * adaptive._BLOCK + 1001
+    x = torch.randn(n, generator=torch.Generator().manual_seed(5)) * torch.logspace(-12, 12, n)
+    want = torch.stack([block.abs_().sum() for block in float64_blocks(x, adaptive._BLOCK)])
+    assert torch.equal(torch.from_numpy(cpu_kernels.float64_block_sums(x, 1, adaptive._BLOCK)), want)
+    c = build("adaptive", n, 1, seed=3)
+    compiled = [encode(c.compress(x, worker=0, step=s)) for s in range(12)]
+    monkeypatch.setattr(cpu_kernels, "float64_block_sums", lambda *a: None)
+    assert [encode(c.compress(x, worker=0, step=s)) for s in range(12)] == compiled

@@ -5,12 +5,14 @@ Sampling is by inverse CDF on float64 cumulative sums (no limit on d, unlike ``t
 the CPU a vector of more than 2^15 coordinates is searched in two levels, first among the cumulative
 sums of blocks of 2^15, then inside the block found (the same distribution; float64 rounding of the
 sums differs from one long scan, so a draw near a boundary between two coordinates can pick the
-other one).
+other one). The block sums are torch's float64 sums of the blocks, added in one compiled pass where
+Numba is present (``cpu_kernels.float64_block_sums``, the same bits).
 """
 from __future__ import annotations
 
 import torch
 
+from common.compressors import cpu_kernels
 from common.compressors.base import Constants, Selection, Sparsifier, float64_blocks, register
 
 
@@ -19,6 +21,7 @@ class Adaptive(Sparsifier):
     name = "adaptive"
     summary = "one coordinate drawn with probability |x_i|/||x||_1, unscaled (index sent)"
     example = "adaptive"
+    compiled = True  # a long CPU vector's block sums run in one compiled pass (loaded before a run's clock)
 
     def __init__(self, dim, n_workers, seed, options, purpose="compress"):
         super().__init__(dim, n_workers, seed, options, purpose)
@@ -38,7 +41,11 @@ class Adaptive(Sparsifier):
         # two levels: the block of u among cumulative float64 block sums, then the coordinate among
         # that block's cumulative sums (no float64 copy and no sequential scan of all of x)
         starts = range(0, x.numel(), _BLOCK)
-        sums = torch.stack([block.abs_().sum() for block in float64_blocks(x, _BLOCK)])
+        sums = cpu_kernels.float64_block_sums(x, 1, _BLOCK)  # the same sums in one compiled pass
+        if sums is not None:
+            sums = torch.from_numpy(sums)
+        else:
+            sums = torch.stack([block.abs_().sum() for block in float64_blocks(x, _BLOCK)])
         bounds = torch.cumsum(sums, 0)
         u = u * bounds[-1]
         j = int(torch.searchsorted(bounds, u, right=True).clamp_(max=len(starts) - 1))

@@ -813,6 +813,19 @@ def float64_sum(x: torch.Tensor, p: int, size: int) -> float | None:
     the same bits, in one pass over x without float64 copies, and the blocks in parallel threads.
     None without Numba, for other vectors, or where torch's sum adds in another order than this
     kernel (checked once, by ``_lanes``)."""
+    sums = float64_block_sums(x, p, size)
+    if sums is None:
+        return None
+    total = 0.0
+    for s in sums.tolist():
+        total += s
+    return total
+
+
+def float64_block_sums(x: torch.Tensor, p: int, size: int) -> np.ndarray | None:
+    """The float64 sums of |x_i|^p (p = 1 or 2) over the consecutive blocks of ``size`` coordinates,
+    each the bits of torch's float64 sum of that block (``block_sums``); None where ``float64_sum``
+    is."""
     kernels = _kernels()
     if (kernels is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
             or _lanes() is None):
@@ -824,10 +837,7 @@ def float64_sum(x: torch.Tensor, p: int, size: int) -> float | None:
         kernels["block_sums"](flat[a:b], size, _lanes(), p == 2, sums[a // size:-(-b // size)])
 
     _run(flat.size, size, piece)
-    total = 0.0
-    for s in sums.tolist():
-        total += s
-    return total
+    return sums
 
 
 @functools.lru_cache(maxsize=None)
