@@ -524,26 +524,20 @@ def binade_starts(levels_bytes: bytes, np_dtype) -> tuple[np.ndarray, np.ndarray
 
 
 @functools.lru_cache(maxsize=64)
-def power_binades(levels_bytes: bytes) -> np.ndarray:
-    """(f_lo, f_hi, shift) for a float32 level table: the longest run of exponent fields f_lo..f_hi
-    whose binade [2^e, 2^(e+1)) (e = f - 127) has the levels 2^e and 2^(e+1) at indices f + shift and
-    f + shift + 1, as natural compression's and natural dithering's do. There the kernel takes
-    lo = 2^e from t's bits and hi = lo + lo, the values the table holds, without reading it.
-    f_lo > f_hi where no binade qualifies. Fields 0 (subnormals) and 254, 255 never do."""
+def power_binades(levels_bytes: bytes) -> np.ndarray | None:
+    """(1, 253, shift) for a float32 level table that has, for every normal exponent field f in
+    1..253 (binade [2^e, 2^(e+1)), e = f - 127), the levels 2^e and 2^(e+1) at indices f + shift and
+    f + shift + 1, as base-2 rounding (natural compression) does; None for any other table. There
+    the kernel takes lo = 2^e from t's bits and hi = lo + lo, the values the table holds, without
+    reading it; fields 0 (zeros, subnormals), 254 and 255 are looked up in the table."""
     levels = np.frombuffer(levels_bytes, dtype=np.float32).astype(np.float64)
     starts, _, _ = binade_starts(levels_bytes, np.float32)
-    top = len(levels) - 1
-    ok = np.zeros(256, dtype=bool)
+    shift = int(starts[1]) - 1
     for f in range(1, 254):
-        k = int(starts[f])
-        ok[f] = k + 1 <= top and levels[k] == 2.0 ** (f - 127) and levels[k + 1] == 2.0 ** (f - 126)
-    best, first = (1, 0), None  # the longest run; within one, starts[f] = starts[f - 1] + 1
-    for f in range(1, 254):
-        first = (first if first is not None and starts[f] == starts[f - 1] + 1 else f) if ok[f] else None
-        if first is not None and f - first > best[1] - best[0]:
-            best = (first, f)
-    f_lo, f_hi = best
-    return np.array([f_lo, f_hi, int(starts[f_lo]) - f_lo if f_lo <= f_hi else 0], dtype=np.int64)
+        k = f + shift
+        if int(starts[f]) != k or k + 1 >= len(levels) or levels[k] != 2.0 ** (f - 127) or levels[k + 1] != 2.0 ** (f - 126):
+            return None
+    return np.array([1, 253, shift], dtype=np.int64)
 
 
 def _chunks(n: int, align: int) -> list[tuple[int, int]]:
@@ -609,8 +603,7 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
 
     extra = ()
     if np_work == np.float32:  # lo and hi from t's bits where every normal t's binade has 2^e and 2^(e+1)
-        binades = power_binades(lv.tobytes()) if uniform_s == 0 else None
-        extra = (binades if binades is not None and (binades[0], binades[1]) == (1, 253) else None,)
+        extra = (power_binades(lv.tobytes()) if uniform_s == 0 else None,)
 
     def piece(a, b):
         return kernel(flat[a:b], a, div, int(uniform_s), starts, crowded, scan, lv, top, np.uint64(key),
