@@ -12,12 +12,14 @@ full speed). psc's server is host 0 and its workers hosts 1..n; DDP's ranks are 
 connection (default) every direction of every TCP connection has a link of its own at that rate: each
 worker's link to the server, each gloo pair; ``--mode shared`` puts all traffic through one link.
 
-Methods (step sizes fixed, the same model, initial weights, shards and minibatches for all):
+Methods (the same model, initial weights, shards and minibatches for all; each one's default step size,
+changed with ``--lr METHOD=LR``: docs/slow-link.md gives the ones tuned for each model):
   psc-dense    psc gd, dense float32 both ways (SGD on the averaged gradient)
   psc-cdadam   psc CD-Adam, scaled sign both ways (AMSGrad-type steps)
   psc-ef21     psc EF21, Top-K both ways (error feedback), SGD steps
+  psc-ef21-sign psc EF21, scaled sign both ways from round 0 (d bits + 32 a message), SGD steps
   ddp          DDP over gloo, dense all-reduce (SGD; the same trajectory as psc-dense)
-  ddp-powersgd DDP over gloo with the PowerSGD hook (rank 2, error feedback)
+  ddp-powersgd DDP over gloo with the PowerSGD hook (rank 2 or ``--powersgd-rank``, error feedback)
 Each run stops at the first evaluation (every ``--eval-every`` rounds) whose test accuracy reaches
 ``--target``; for a problem without one (``quadratic:d=1000000``, any psc problem that is not a
 network) ``--target-metric grad_norm_sq`` stops it where ||grad f(x)||^2 falls to ``--target`` times
@@ -71,6 +73,7 @@ METHODS = [
     Method("psc-dense", "psc", 0.1),
     Method("psc-cdadam", "psc", 0.003, "cd-adam", "sign", "sign"),
     Method("psc-ef21", "psc", 0.1, "ef21", "topk:ratio=0.05", "topk:ratio=0.05"),
+    Method("psc-ef21-sign", "psc", 0.1, "ef21:init=compressed", "sign", "sign"),
     Method("ddp", "ddp", 0.1),
     Method("ddp-powersgd", "ddp", 0.1, powersgd=2),
 ]
@@ -159,8 +162,11 @@ def run_ddp(net: Star, m: Method, args, folder: str) -> dict:
     finally:
         stop(ranks)
     if codes is None or any(codes) or not os.path.exists(out):
-        err = ranks[0].stderr.read().strip().splitlines()[-1:]
-        return {"reached": False, "why": err or [f"exit {codes}"]}
+        why = [f"exit codes {codes}" if codes else f"not done in {args.max_seconds:g} s"]
+        for k, p in enumerate(ranks):
+            last = p.stderr.read().strip().splitlines()[-2:]
+            why += [f"rank {k}: {line}" for line in last]
+        return {"reached": False, "why": why}
     with open(out) as f:
         evaluations = json.load(f)["evaluations"]
     reached = next((e for e in evaluations if reached_target(e, args.target_metric, args.threshold)), None)
@@ -254,6 +260,7 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=600, help="give up on a run after this long")
     parser.add_argument("--only", nargs="+", choices=[m.name for m in METHODS], help="run these methods only")
     parser.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR", help="another step size for a method")
+    parser.add_argument("--powersgd-rank", type=int, default=2, help="ddp-powersgd's rank (its messages grow with it)")
     parser.add_argument("--json", help="also write every run's result here")
     args = parser.parse_args()
     steps = {m.name: m.lr for m in METHODS}
@@ -265,11 +272,14 @@ def main() -> None:
     why = missing()
     if why:
         raise SystemExit(f"slow_link: {why}")
-    methods = [replace(m, lr=steps[m.name]) for m in METHODS if not args.only or m.name in args.only]
+    if args.powersgd_rank < 1:
+        parser.error("--powersgd-rank must be at least 1")
+    methods = [replace(m, lr=steps[m.name], powersgd=m.powersgd and args.powersgd_rank)
+               for m in METHODS if not args.only or m.name in args.only]
     args.threshold, goal = target_of(args)
     runs: dict[str, dict[float, list[dict]]] = {m.name: {x: [] for x in args.links} for m in methods}
     print(f"{args.problem}, n = {args.workers}, target {goal}, links {args.mode}; step sizes "
-          + ", ".join(f"{m.name} {m.lr:g}" for m in methods), flush=True)
+          + ", ".join(f"{m.name} {m.lr:g}" for m in methods) + f"; PowerSGD rank {args.powersgd_rank}", flush=True)
     for _ in range(args.repeats):
         for mbit in args.links:
             for m in methods:

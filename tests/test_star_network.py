@@ -12,10 +12,13 @@ import sys
 import time
 
 import pytest
+import torch
 
 from benchmarks.relay import RateLimitedRelay
-from benchmarks.slow_link import break_even, fit
+from benchmarks.slow_link import METHODS, break_even, fit
 from benchmarks.star import Star, missing
+from common.config import RunConfig
+from runtime.engine import run_inproc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SINK = ("import socket,sys;s=socket.create_server(('0.0.0.0',6000));c,_=s.accept();n=0\n"
@@ -154,3 +157,23 @@ def test_the_relay_wants_a_target_or_transparency_not_both():
         RateLimitedRelay(5555, 10, transparent=True)
     with pytest.raises(ValueError, match="not both"):
         RateLimitedRelay(None, 10)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m.system == "psc"], ids=lambda m: m.name)
+def test_every_psc_method_of_the_slow_link_benchmark_runs_with_the_bytes_it_promises(method, tmp_path):
+    """The benchmark's algorithm and compressor specs are ones psc accepts, and a method that compresses
+    a direction sends far below d floats there; psc-ef21-sign does so from round 0 on (EF21 started
+    from g_i = 0, no full gradient first)."""
+    d = 4096
+    config = RunConfig(algorithm=method.algorithm, uplink=method.uplink, downlink=method.downlink,
+                       problem=f"quadratic:d={d}", workers=2, rounds=3, lr=str(method.lr))
+    server = run_inproc(config, str(tmp_path / "m.jsonl"), progress=False)
+    assert torch.isfinite(server.rule.x).all()
+    with open(tmp_path / "m.jsonl") as f:
+        rounds = [r for r in map(json.loads, f) if r.get("event") == "round"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for link, spec in (("bytes_up", method.uplink), ("bytes_down", method.downlink)):
+        sizes = [b for r in rounds[1:] for b in r[link]]
+        assert all(b < d for b in sizes) if spec != "identity" else all(b >= 4 * d for b in sizes), (link, sizes)
+    if method.name == "psc-ef21-sign":
+        assert max(rounds[0]["bytes_up"] + rounds[0]["bytes_down"]) < d / 8 + 64
