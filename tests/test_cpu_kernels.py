@@ -538,11 +538,42 @@ def test_cd_adam_runs_to_the_same_model_with_the_compiled_passes(monkeypatch):
     assert run_inproc(config, None, progress=False).model_digest() == fused
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_negative_flags_match_torch_lt_with_zeros_of_both_signs_nan_and_inf(dtype):
-    x = torch.randn(cpu_kernels.MIN_CHUNK + 5, generator=torch.Generator().manual_seed(2), dtype=dtype)
-    x[:6] = torch.tensor([0.0, -0.0, float("nan"), -float("nan"), float("inf"), -float("inf")], dtype=dtype)
-    assert torch.equal(cpu_kernels.negative_flags(x), x < 0)
+@pytest.mark.parametrize("n", [(1 << 20) + 4_099, 9 * FLOAT64_BLOCK * cpu_kernels.FLAG_GROUP + 61])
+def test_the_norm_writes_negative_flags_in_its_pass_as_torch_lt_and_keeps_its_bits(n, dtype, threads, monkeypatch):
+    """Sign's flags come from the norm's compiled pass, a group of blocks at a time: x < 0 exactly
+    (False for NaN and -0), in every group, last piece and thread's share, and the norm unchanged."""
+    monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
+    x = _norm_inputs(n, dtype)["wide"]
+    x[:4] = torch.tensor([0.0, -0.0, 1.0, -1.0], dtype=dtype)
+    x[n // 3] = -0.0
+    x[-2:] = torch.tensor([-3.0, 0.0], dtype=dtype)
+    for p in (1, 2):
+        negative = torch.ones(n, dtype=torch.bool)
+        got = float64_norm(x, p, negative)
+        assert torch.equal(negative, x < 0)
+        assert torch.equal(got, float64_norm(x, p))
+    for bad in (float("nan"), -float("nan"), float("inf"), -float("inf")):  # flags of non-finite values too
+        y = x.clone()
+        y[n // 2] = bad
+        negative = torch.zeros(n, dtype=torch.bool)
+        float64_norm(y, 1, negative)
+        assert torch.equal(negative, y < 0)
+
+
+def test_the_norm_writes_negative_flags_where_it_is_not_compiled(monkeypatch):
+    """Short vectors, and long ones without the kernel, get their flags from torch.lt."""
+    gen = torch.Generator().manual_seed(5)
+    for n in (1000, (1 << 20) + 7):
+        x = torch.randn(n, generator=gen)
+        x[:2] = torch.tensor([-0.0, float("nan")])
+        for kernel in (True, False):
+            if not kernel:
+                monkeypatch.setattr(cpu_kernels, "float64_sum", lambda *a: None)
+            negative = torch.zeros(n, dtype=torch.bool)
+            float64_norm(x, 1, negative)
+            assert torch.equal(negative, x < 0), (n, kernel)
 
 
 # --- the step x - lr g and the mean of dense uplinks ------------------------------------------------

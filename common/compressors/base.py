@@ -152,6 +152,10 @@ class Compressor:
         raise NotImplementedError
 
     def _check_input(self, x: torch.Tensor) -> None:
+        self._check_shape(x)
+        self._check_finite(x)
+
+    def _check_shape(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{self.name}: input must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 1:
@@ -160,6 +164,8 @@ class Compressor:
             raise ValueError(f"{self.name}: input must be a float tensor, got {x.dtype}")
         if x.numel() != self.dim:
             raise ValueError(f"{self.name}: input has {x.numel()} coordinates, compressor was built for d={self.dim}")
+
+    def _check_finite(self, x: torch.Tensor) -> None:
         if not all_finite(x):
             bad = int((~torch.isfinite(x)).sum())
             raise ValueError(f"{self.name}: input has {bad} non-finite value(s) (NaN or inf)")
@@ -237,14 +243,21 @@ def float32_scalar(value: torch.Tensor) -> torch.Tensor:
     return value.detach().reshape(()).to(torch.float32)
 
 
-def float64_norm(x: torch.Tensor, p: int) -> torch.Tensor:
+def float64_norm(x: torch.Tensor, p: int, negative: torch.Tensor | None = None) -> torch.Tensor:
     """||x||_p for p = 1 or 2, accumulated in float64 (a float32 sum can overflow), as a 0-d float64
     tensor. On the CPU a large vector is summed in float64 blocks instead of through a float64 copy
     of all of it; that sum can differ from a one-piece sum in its last bits. Where Numba is present,
-    ``cpu_kernels.float64_sum`` adds the same blocks in the same order in one pass (the same bits)."""
+    ``cpu_kernels.float64_sum`` adds the same blocks in the same order in one pass (the same bits).
+    ``negative``: a bool tensor of x's shape on x's device, into which x < 0 is written too; in the
+    compiled pass while each piece of x is in the cache, else by ``torch.lt``."""
     if x.device.type != "cpu" or x.numel() <= 1 << 20:
+        if negative is not None:
+            torch.lt(x, 0, out=negative)
         return x.abs().sum(dtype=torch.float64) if p == 1 else torch.linalg.vector_norm(x, dtype=torch.float64)
-    total = cpu_kernels.float64_sum(x, p, FLOAT64_BLOCK)  # the same sum in one compiled pass
+    flags = negative.numpy().reshape(-1) if negative is not None else None
+    total = cpu_kernels.float64_sum(x, p, FLOAT64_BLOCK, flags)  # the same sum in one compiled pass
+    if total is None and negative is not None:
+        torch.lt(x, 0, out=negative)
     if total is not None:
         total = torch.tensor(total, dtype=torch.float64)
     else:

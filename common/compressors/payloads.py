@@ -243,20 +243,6 @@ def cpu_blocks(n: int) -> list[slice]:
     return [slice(i, min(n, i + CPU_BLOCK)) for i in range(0, n, CPU_BLOCK)]
 
 
-def negative_flags(x: torch.Tensor) -> torch.Tensor:
-    """``x < 0``; on the CPU one compiled pass for long vectors, else block by block."""
-    if x.device.type != "cpu":
-        return x < 0
-    if x.numel() >= cpu_kernels.MIN_CHUNK:
-        fused = cpu_kernels.negative_flags(x)  # one compiled pass
-        if fused is not None:
-            return fused
-    out = torch.empty(x.shape, dtype=torch.bool)
-    for block in cpu_blocks(x.numel()):
-        torch.lt(x[block], 0, out=out[block])
-    return out
-
-
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
 

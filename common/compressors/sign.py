@@ -17,7 +17,7 @@ import math
 import torch
 
 from common.compressors.base import Compressor, Constants, Param, float32_scalar, float64_norm, register
-from common.compressors.payloads import Signs, negative_flags
+from common.compressors.payloads import Signs
 
 
 @register
@@ -38,11 +38,21 @@ class Sign(Compressor):
             r = math.sqrt(d)
             self._set_constants(Constants(unbiased=False, b1=(1.0, r), b2=(1.0 / r, r)))
 
+    def _check_input(self, x):
+        """Shape and type only: ``_compress`` reads finiteness off the norm it computes anyway."""
+        self._check_shape(x)
+
     def _compress(self, x, key):
         m = max(1, x.numel())
         x = x.detach()
+        negative = torch.empty(x.shape, dtype=torch.bool, device=x.device)  # x < 0, written by the norm's pass
         if self.norm == "l1":  # accumulated in float64: a float32 sum can overflow while the mean fits
-            scale = float64_norm(x, 1) / m
+            scale = float64_norm(x, 1, negative) / m
         else:
-            scale = float64_norm(x, 2) / math.sqrt(m)
-        return Signs(negative_flags(x), float32_scalar(scale), x.dtype)
+            scale = float64_norm(x, 2, negative) / math.sqrt(m)
+        if not math.isfinite(scale):
+            # A NaN or inf in x makes the float64 norm NaN or inf, so a finite norm saves the separate
+            # pass of the input check. The converse fails only for float64 inputs near its largest
+            # values, whose sum can overflow: the check below tells the two apart.
+            self._check_finite(x)
+        return Signs(negative, float32_scalar(scale), x.dtype)
