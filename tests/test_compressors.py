@@ -219,6 +219,14 @@ def test_sign_tells_a_non_finite_input_from_its_norm_on_long_and_short_vectors(d
     assert build("sign", 10, 2).compress(huge).scale.isinf()  # as before: the scale overflows to inf
 
 
+def test_a_chain_whose_scaled_values_overflow_before_sign_is_refused_at_compress():
+    """Perm-K scales its values by n before sign sees them; in float16 that can overflow. Sign's
+    input is then not finite and it says so (this reached the wire as a non-finite scale before)."""
+    x = torch.full((8,), 20000.0, dtype=torch.float16)
+    with pytest.raises(ValueError, match="sign: input has .* non-finite"):
+        build("permk+sign", 8, 4, 0).compress(x)
+
+
 def test_bad_worker_and_step():
     c = build("permk", 10, 2)
     with pytest.raises(ValueError, match="worker"):

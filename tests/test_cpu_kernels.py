@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -680,3 +681,9 @@ def test_adaptive_draws_from_the_compiled_block_sums_what_it_drew_from_torchs(mo
     compiled = [encode(c.compress(x, worker=0, step=s)) for s in range(12)]
     monkeypatch.setattr(cpu_kernels, "float64_block_sums", lambda *a: None)
     assert [encode(c.compress(x, worker=0, step=s)) for s in range(12)] == compiled
+
+
+def test_block_sums_of_an_empty_vector_are_empty_with_and_without_flags():
+    for negative in (None, np.zeros(0, dtype=np.bool_)):
+        sums = cpu_kernels.float64_block_sums(torch.empty(0), 1, FLOAT64_BLOCK, negative)
+        assert sums is not None and sums.size == 0

@@ -816,7 +816,7 @@ def float64_block_sums(x: torch.Tensor, p: int, size: int, negative: np.ndarray 
         return None
     flat = x.detach().contiguous().numpy().reshape(-1)
     sums = np.empty(-(-flat.size // size))
-    group = size * (FLAG_GROUP if negative is not None else -(-flat.size // size))
+    group = size * (FLAG_GROUP if negative is not None else max(1, -(-flat.size // size)))  # never 0
 
     def piece(a, b):  # a is a multiple of size: block a / size starts the piece
         for g in range(a, b, group):
