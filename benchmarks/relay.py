@@ -36,6 +36,7 @@ import threading
 import time
 
 CHUNK = 64 * 1024
+MEASURED_S = 0.1  # a direction busy this long tells the link's rate (100 Mbit/s: 1.25 MB, 19 chunks)
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h: the destination a connection had before a REDIRECT
 
 
@@ -136,10 +137,12 @@ class RateLimitedRelay:
 
     def achieved_mbit_per_s(self) -> float | None:
         """Megabits per second of the busiest direction while it was moving data (the time between
-        chunks, when the sender had nothing to send, is not counted); None if nothing was moved
-        for long enough to tell."""
+        chunks, when the sender had nothing to send, is not counted); None if no direction was busy
+        for ``MEASURED_S``. The bucket lets no burst through (every chunk waits its own bytes' time),
+        so a short flow measures the link as well as a long one; the floor only leaves out flows
+        of a few chunks, where the time of a send says more about the machine than about the link."""
         with self.lock:
-            busy = [f for f in self.flows if f["busy_s"] > 0.5]
+            busy = [f for f in self.flows if f["busy_s"] > MEASURED_S]
         if not busy:
             return None
         best = max(busy, key=lambda f: f["bytes"])
