@@ -809,7 +809,8 @@ def float64_block_sums(x: torch.Tensor, p: int, size: int, negative: np.ndarray 
     each the bits of torch's float64 sum of that block (``block_sums``); None where ``float64_sum``
     is. With ``negative`` (a bool array of x's length), x < 0 is written into it in the same sweep:
     each group of ``FLAG_GROUP`` blocks is summed and then flagged while it is still in the cache,
-    instead of a second pass over all of x from memory (1.5 ms less at d = 1e7 on 2 cores)."""
+    instead of a second pass over all of x from memory. At d = 1e7 on 2 cores with a cold cache that
+    took 0.4 ms off sign's compress + encode (9.5 ms), in medians of 25 interleaved calls."""
     kernels = _kernels()
     if (kernels is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
             or _lanes() is None):
