@@ -161,19 +161,30 @@ def run_ddp(net: Star, m: Method, args, folder: str) -> dict:
         codes = None
     finally:
         stop(ranks)
-    if codes is None or any(codes) or not os.path.exists(out):
-        why = [f"exit codes {codes}" if codes else f"not done in {args.max_seconds:g} s"]
-        for k, p in enumerate(ranks):
-            last = p.stderr.read().strip().splitlines()[-2:]
-            why += [f"rank {k}: {line}" for line in last]
-        return {"reached": False, "why": why}
+    tails = [p.stderr.read().strip().splitlines()[-2:] for p in ranks]
+    return ddp_outcome(codes, out, tails, args)
+
+
+def ddp_outcome(codes: list[int] | None, out: str, tails: list[list[str]], args) -> dict:
+    """A DDP run's result from its ranks' exit codes (None: not done in time), rank 0's evaluations
+    file and each rank's last lines of error output. Rank 0 writes the file after the last step and
+    the last collective every rank took part in, and before the process group's teardown; so a
+    rank that fails after the file exists failed in the teardown (gloo has ended a process there
+    with "terminate called without an active exception"), and the training time stands. Such a
+    result keeps the exit codes and lines under ``teardown``."""
+    why = [f"rank {k}: {line}" for k, tail in enumerate(tails) for line in tail]
+    if codes is None or not os.path.exists(out):
+        return {"reached": False, "why": [f"exit codes {codes}" if codes else f"not done in {args.max_seconds:g} s", *why]}
     with open(out) as f:
         evaluations = json.load(f)["evaluations"]
     reached = next((e for e in evaluations if reached_target(e, args.target_metric, args.threshold)), None)
     if reached is None:
         return {"reached": False, "rounds": evaluations[-1]["round"] + 1, "why": ["the target was not reached"]}
-    return {"reached": True, "round": reached["round"], "time_s": reached["time_s"],
-            "value": reached[args.target_metric], "round_s": reached["time_s"] / (reached["round"] + 1)}
+    result = {"reached": True, "round": reached["round"], "time_s": reached["time_s"],
+              "value": reached[args.target_metric], "round_s": reached["time_s"] / (reached["round"] + 1)}
+    if any(codes):
+        result["teardown"] = [f"exit codes {codes}", *why]
+    return result
 
 
 def run(m: Method, mbit: float, args) -> dict:
@@ -290,6 +301,7 @@ def main() -> None:
                     f"round {r['round']:>4}  {r['time_s']:7.2f} s  {r['round_s'] * 1e3:7.1f} ms/round  "
                     f"{r.get('bytes_per_round', float('nan')) / 1e3:8.1f} kB/round/worker  relay "
                     f"{r.get('relay_mbit') or float('nan'):.0f} Mbit/s" if r["reached"] else f"not reached: {r['why']}")
+                    + (f"  (then failed in teardown: {r['teardown']})" if r.get("teardown") else "")
                     + f"  [{time.time() - began:.0f} s]", flush=True)
     best = {name: {x: summary(rs) for x, rs in by_rate.items()} for name, by_rate in runs.items()}
     times = {name: {x: r["time_s"] for x, r in by_rate.items() if r} for name, by_rate in best.items()}

@@ -5,6 +5,7 @@ break-even model and the relay's argument checks run anywhere.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from benchmarks.relay import RateLimitedRelay
-from benchmarks.slow_link import METHODS, break_even, fit
+from benchmarks.slow_link import METHODS, break_even, ddp_outcome, fit
 from benchmarks.star import Star, missing
 from common.config import RunConfig
 from runtime.engine import run_inproc
@@ -204,3 +205,23 @@ def test_the_relay_measures_a_short_flow_at_the_configured_rate():
     sink.close()
     assert got == [2_000_000]
     assert 50 < relay.achieved_mbit_per_s() <= 100.5  # below the link only on a busy machine
+
+
+def test_a_ddp_run_that_fails_in_teardown_keeps_its_time_and_says_so(tmp_path):
+    """Rank 0 writes its evaluations after the last collective: a rank that fails after that failed in
+    the teardown, and the time stands; without the file, or not done in time, the run failed."""
+    args = argparse.Namespace(target_metric="test_accuracy", threshold=0.9, max_seconds=60.0)
+    out = tmp_path / "ddp.json"
+    evaluations = [{"round": 0, "time_s": 0.1, "test_accuracy": 0.5}, {"round": 5, "time_s": 0.7, "test_accuracy": 0.93}]
+    tails = [[], ["terminate called without an active exception"]]
+    missing_file = ddp_outcome([0, -6], str(out), tails, args)
+    assert not missing_file["reached"] and "exit codes [0, -6]" in missing_file["why"][0]
+    assert "rank 1: terminate called without an active exception" in missing_file["why"]
+    assert ddp_outcome(None, str(out), [[], []], args)["why"] == ["not done in 60 s"]
+    out.write_text(json.dumps({"evaluations": evaluations}))
+    done = ddp_outcome([0, -6], str(out), tails, args)
+    assert done["reached"] and done["round"] == 5 and done["time_s"] == 0.7
+    assert done["teardown"][0] == "exit codes [0, -6]"
+    assert "teardown" not in ddp_outcome([0, 0], str(out), [[], []], args)
+    out.write_text(json.dumps({"evaluations": evaluations[:1]}))
+    assert ddp_outcome([0, 0], str(out), [[], []], args)["why"] == ["the target was not reached"]
