@@ -256,11 +256,11 @@ def float64_norm(x: torch.Tensor, p: int, negative: torch.Tensor | None = None) 
         return x.abs().sum(dtype=torch.float64) if p == 1 else torch.linalg.vector_norm(x, dtype=torch.float64)
     flags = negative.numpy().reshape(-1) if negative is not None else None
     total = cpu_kernels.float64_sum(x, p, FLOAT64_BLOCK, flags)  # the same sum in one compiled pass
-    if total is None and negative is not None:
-        torch.lt(x, 0, out=negative)
     if total is not None:
         total = torch.tensor(total, dtype=torch.float64)
     else:
+        if negative is not None:
+            torch.lt(x, 0, out=negative)
         total = torch.zeros((), dtype=torch.float64)
         for block in float64_blocks(x):
             total += block.abs_().sum() if p == 1 else block.square_().sum()
