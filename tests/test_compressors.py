@@ -198,17 +198,18 @@ def test_bad_specs_raise_clear_value_errors(spec, kwargs, message):
     ],
 )
 def test_bad_inputs_raise_clear_value_errors(x, message):
-    for spec in ("topk:k=2", "natural", "permk", "sign", "sign:scale=l2"):
+    for spec in ("topk:k=2", "natural", "permk", "sign", "sign:scale=l2", "qsgd:s=16", "ternary", "natdither:s=4,p=inf"):
         with pytest.raises(ValueError, match=message):
             build(spec, 10, 2).compress(x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_sign_tells_a_non_finite_input_from_its_norm_on_long_and_short_vectors(dtype):
-    """Sign skips the separate finiteness pass and reads it off the float64 norm: a NaN or inf still
-    gets the input check's error, and a finite float64 vector whose norm overflows gets none."""
+def test_sign_and_dithering_tell_a_non_finite_input_from_their_norm_on_long_and_short_vectors(dtype):
+    """Sign and the dithering quantizers skip the separate finiteness pass and read it off the norm
+    they compute anyway: a NaN or inf still gets the input check's error, and a finite float64 vector
+    whose norm overflows gets none."""
     for d in (10, (1 << 20) + 3):
-        for spec in ("sign", "sign:scale=l2"):
+        for spec in ("sign", "sign:scale=l2", "qsgd:s=16", "ternary", "natdither:s=4,p=inf", "expdither:base=3,s=4,p=3"):
             c = build(spec, d, 2)
             for bad in (float("nan"), float("inf"), -float("inf")):
                 x = torch.ones(d, dtype=dtype)
@@ -217,6 +218,8 @@ def test_sign_tells_a_non_finite_input_from_its_norm_on_long_and_short_vectors(d
                     c.compress(x)
     huge = torch.full((10,), torch.finfo(torch.float64).max, dtype=torch.float64)
     assert build("sign", 10, 2).compress(huge).scale.isinf()  # as before: the scale overflows to inf
+    for spec in ("qsgd:s=16", "ternary:p=2"):  # as before: the norm overflows and every code is 0
+        assert not build(spec, 10, 2).compress(huge).codes.any()
 
 
 def test_a_chain_whose_scaled_values_overflow_before_sign_is_refused_at_compress():

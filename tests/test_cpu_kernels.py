@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="numba is no
 SPECS = [
     "natural", "exprounding:base=3", "exprounding:base=1.5", "exprounding:base=2,biased=true",
     "exprounding:base=3,biased=true", "natdither:s=2,p=inf", "natdither:s=8,p=2", "expdither:base=3,s=4,p=2",
-    "expdither:base=1.1,s=300,p=inf", "qsgd:s=16", "qsgd:s=65535", "ternary", "ternary:p=2",
+    "expdither:base=1.1,s=300,p=inf", "natdither:s=140,p=2", "qsgd:s=16", "qsgd:s=7", "qsgd:s=1000", "qsgd:s=65535", "ternary", "ternary:p=2",
 ]
 
 
@@ -75,21 +75,56 @@ def test_compiled_pass_gives_the_torch_codes(spec, dtype, monkeypatch):
     assert torch.equal(fast.codes, slow.codes)
 
 
-def test_power_of_two_binades_are_found_in_the_tables_that_have_them():
-    """Only a table with 2^e and 2^(e+1) around every normal t qualifies: base-2 rounding, not base 3,
-    not natural dithering (whose levels stop at 2^(1-s) and 1)."""
-    tables = {("rounding", 2.0, 0): (1, 253, 23), ("exp", 2.0, 8): None, ("rounding", 3.0, 0): None,
-              ("exp", 3.0, 4): None, ("uniform", 1.0, 16): None}
-    for (kind, base, s), want in tables.items():
-        levels = LevelTable(kind, base, s).values(torch.float32, "cpu").numpy()
-        got = cpu_kernels.power_binades(levels.tobytes())
-        if want is None:
-            assert got is None, kind
-            continue
-        f_lo, f_hi, shift = (int(v) for v in got)
-        assert (f_lo, f_hi, shift) == want
-        for f in range(f_lo, f_hi + 1):  # the levels the kernel takes from t's bits are the table's
-            assert levels[f + shift] == 2.0 ** (f - 127) and levels[f + shift + 1] == 2.0 ** (f - 126)
+@pytest.mark.parametrize("s", [1, 2, 3, 7, 16, 1000, 4096, 65535])
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_uniform_levels_from_arithmetic_give_the_torch_codes(s, stochastic):
+    """The uniform kernel computes l_k = k / s instead of reading the table: on values spread over
+    [0, 1], the levels themselves, their neighbours and 1, it gives the torch version's codes, both
+    stochastic and to the nearest level, and the same (min, max, smallest nonzero)."""
+    table = LevelTable("uniform", 1.0, s)
+    levels = table.values(torch.float32, "cpu")
+    assert cpu_kernels.uniform_levels_are_quotients(levels.numpy().tobytes(), s)
+    gen = torch.Generator().manual_seed(s)
+    exact = levels[torch.randint(0, s + 1, (3000,), generator=gen)]
+    t = torch.cat([torch.rand(20_000, generator=gen), exact, torch.nextafter(exact, torch.tensor(2.0)),
+                   torch.nextafter(exact, torch.tensor(-1.0)).clamp_min(0), torch.tensor([0.0, 1.0, 1e-40])])
+    x = torch.where(torch.rand(t.numel(), generator=gen) < 0.5, -t, t)
+    key = 0x1234_5678_9ABC_DEF1
+    negative, codes, span = cpu_kernels.quantize(x, levels, s, key, stochastic)
+    want = rounding.stochastic_codes(x.abs(), table, levels, key if stochastic else None)
+    assert torch.equal(negative, x < 0) and torch.equal(codes, want)
+    wide = want.long()
+    assert span == (int(wide.min()), int(wide.max()), int(wide[wide > 0].min()))
+
+
+def test_a_uniform_table_that_is_not_the_quotients_is_read_as_a_table():
+    levels = LevelTable("uniform", 1.0, 7).values(torch.float32, "cpu").numpy().copy()
+    assert cpu_kernels.uniform_levels_are_quotients(levels.tobytes(), 7)
+    levels[3] = np.nextafter(levels[3], np.float32(1))
+    assert not cpu_kernels.uniform_levels_are_quotients(levels.tobytes(), 7)
+    assert not cpu_kernels.uniform_levels_are_quotients(levels[:-1].tobytes(), 7)
+    x = torch.rand(5000, generator=torch.Generator().manual_seed(7))
+    table = LevelTable("uniform", 1.0, 7)
+    _, codes, _ = cpu_kernels.quantize(x, torch.from_numpy(levels), 7, 3, True)
+    assert torch.equal(codes, rounding.stochastic_codes(x, table, torch.from_numpy(levels), 3))
+
+
+def test_tables_of_powers_of_two_are_found_and_their_levels_are_the_exponent_fields():
+    """Only [0, 2^(1 + c), ..., 2^(top + c)] qualifies: base-2 rounding (natural compression, for
+    float32 with subnormal lowest levels and for float16 without) and natural dithering, not base 3
+    and not uniform tables; natural dithering with s = 200 has levels that float32 rounds to 0."""
+    tables = {("rounding", 2.0, 0, "float32"): (-150, True), ("rounding", 2.0, 0, "float16"): (-25, False),
+              ("exp", 2.0, 8, None): (-8, False), ("exp", 2.0, 140, None): (-140, True),
+              ("exp", 2.0, 200, None): None, ("rounding", 3.0, 0, "float32"): None, ("exp", 3.0, 4, None): None,
+              ("uniform", 1.0, 16, None): None}
+    for (kind, base, s, dtype_name), want in tables.items():
+        table = LevelTable(kind, base, s, dtype_name=dtype_name) if dtype_name else LevelTable(kind, base, s)
+        levels = table.values(torch.float32, "cpu").numpy()
+        got = cpu_kernels.power_levels(levels.tobytes())
+        assert got == want, (kind, base, s, dtype_name)
+        if want is not None:
+            c = want[0]
+            assert levels[0] == 0 and all(levels[k] == 2.0 ** (k + c) for k in range(1, len(levels)))
 
 
 @pytest.mark.parametrize("spec", ["natural", "exprounding:base=2,biased=true", "natdither:s=8,p=inf", "natdither:s=2,p=2"])
@@ -175,7 +210,7 @@ def test_draws_do_not_depend_on_block_boundaries():
     assert torch.equal(long.codes[:4_001], short.codes)
 
 
-@pytest.mark.parametrize("spec", ["natural", "natdither:s=8,p=2", "qsgd:s=16", "exprounding:base=3"])
+@pytest.mark.parametrize("spec", ["natural", "natdither:s=8,p=2", "qsgd:s=16", "qsgd:s=7", "exprounding:base=3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_result_does_not_depend_on_how_many_threads_share_the_vector(spec, dtype, monkeypatch):
     """Codes, frames and decoded vectors are the same whether one thread or three handle pieces of

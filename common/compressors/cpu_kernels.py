@@ -12,8 +12,11 @@ give identical codes (tests/test_cpu_kernels.py).
 
 The lower level is found without a search over the whole table: ``binade_starts`` gives, for each
 exponent field of the arithmetic dtype, the lower level of the smallest number with that field, and
-a forward step finishes (one step for base >= 2, a short scan for bases below 2). Uniform tables
-(QSGD, ternary) use floor(t s), as the torch version does.
+a forward step finishes (one step for base >= 2, a short scan for bases below 2). In float32, two
+tables need no lookup at all: uniform tables (QSGD, ternary) take k = floor(t s), as the torch version
+does, and l_k = k / s by arithmetic (``quantize_uniform32``); tables of powers of two (natural
+compression, base-2 rounding, natural dithering) take k and the levels from t's exponent field
+(``quantize_powers32``). Both run as vectorized loops; a table read kept the general kernel scalar.
 
 The wire codec uses the other kernels for a ``Quantized`` payload on the CPU: ``code_range`` (min,
 max and smallest nonzero code in one pass), ``pack_codes`` / ``unpack_codes`` (fields of 1..8 bits in
@@ -76,16 +79,11 @@ def _kernels():
     # for each kind of table, so that the usual one (no scan) holds no inner loop, and reads lo and hi
     # once before its stores (the compiler cannot tell that a store leaves ``levels`` alone); unsigned
     # indices skip the wraparound of negative ones. Together about a fifth of the kernel's time.
-    # A base-2 rounding table (natural compression) holds 2^e and 2^(e+1) around every normal t
-    # (``power_binades``, passed as ``pow2``): there lo is t's bits with the mantissa cleared and hi
-    # = lo + lo, exactly the table's values, so the lookup reads no table; the few coordinates
-    # elsewhere (zeros, subnormals, the top binade, NaN) are found in runs of 64 and looked up as
-    # before. One thread's pass over 1e7 coordinates: 20-21 ms instead of 32-33. Other tables pass
-    # ``pow2=None``, and Numba compiles that version without the branch (it prunes ``is None`` on an
-    # argument): with the branch compiled in, their pass was 5-8% slower.
+    # Tables of powers of two and uniform tables in float32 have their own kernels below, which
+    # compute the levels instead of reading them; this one serves the others (bases other than 2).
 
     @jit(error_model="numpy")
-    def quantize32(x, first, divisor, uniform_s, starts, crowded, scan, levels, top, key, stochastic, neg, codes, pow2):
+    def quantize32(x, first, divisor, uniform_s, starts, crowded, scan, levels, top, key, stochastic, neg, codes):
         scale = np.float32(16777216.0)  # 2^24
         s = np.float32(uniform_s)
         one = u64(1)
@@ -95,8 +93,6 @@ def _kernels():
         den = np.empty(BLOCK, np.float32)
         low = np.empty(BLOCK, np.int64)
         draw = np.empty(BLOCK, np.float32)
-        bits = np.empty(BLOCK, np.uint32)
-        exact = bits.view(np.float32)
         least, most, nonzero = BIG, np.int64(-1), BIG
         for b0 in range(0, n, BLOCK):
             m = min(BLOCK, n - b0)
@@ -106,38 +102,7 @@ def _kernels():
                 nb[j] = v < 0
                 t[j] = np.float32(abs(v) / divisor)  # divisor 1 (exact) when there is no norm
             fields = t.view(np.uint32)  # exponent fields (the mask keeps a NaN of either sign in the table)
-            if pow2 is not None:  # (pruned where pow2 is None: a separate compiled version)
-                f_lo, f_hi, shift = pow2[0], pow2[1], pow2[2]
-                span = np.uint32(f_hi - f_lo)
-                for j in range(m):
-                    bits[j] = fields[j] & np.uint32(0x7F800000)  # 2^e for t in [2^e, 2^(e+1))
-                for j in range(m):  # lo = 2^e and hi = 2^(e+1) = lo + lo (exact): no table read
-                    lo = exact[j]
-                    tj = t[j]
-                    low[j] = np.int64(fields[j] >> np.uint32(23)) + shift
-                    num[j] = np.float32(tj - lo)
-                    den[j] = lo if stochastic else np.float32(np.float32(lo + lo) - tj)
-                for r0 in range(0, m, 64):  # the few others from the table; a run without any is skipped
-                    run = fields[r0:min(m, r0 + 64)]
-                    other = False
-                    for j in range(run.size):
-                        other |= (((run[j] >> np.uint32(23)) & np.uint32(0xFF)) - np.uint32(f_lo)) > span
-                    if other:
-                        for j in range(r0, r0 + run.size):
-                            f = np.int64((fields[j] >> np.uint32(23)) & np.uint32(0xFF))
-                            if f < f_lo or f > f_hi:
-                                tj = t[j]
-                                k = np.int64(starts[f])
-                                k += np.int64(levels[k + 1] <= tj)
-                                if scan == 1 and f == 0:
-                                    while k < top - 1 and levels[k + 1] <= tj:
-                                        k += 1
-                                k = min(k, top - 1)
-                                lo, hi = levels[k], levels[k + 1]
-                                low[j] = k
-                                num[j] = np.float32(tj - lo)
-                                den[j] = np.float32(hi - lo) if stochastic else np.float32(hi - tj)
-            elif uniform_s == 0 and scan < 2:
+            if uniform_s == 0 and scan < 2:
                 for j in range(m):
                     k = np.uint64(starts[(fields[j] >> np.uint32(23)) & np.uint32(0xFF)])
                     low[j] = k + np.uint64(levels[k + one] <= t[j])  # the one step of base >= 2
@@ -159,16 +124,15 @@ def _kernels():
                         while k < top - 1 and levels[k + 1] <= tj:
                             k += 1
                     low[j] = k
-            if pow2 is None:
-                for j in range(m):
-                    tj = t[j]
-                    k = np.int64(np.float32(tj * s)) if uniform_s > 0 else low[j]  # truncation is floor for t >= 0
-                    k = np.uint64(min(max(k, 0), top - 1))
-                    low[j] = k
-                    lo, hi = levels[k], levels[k + one]
-                    num[j] = np.float32(tj - lo)
-                    # stochastic: the gap hi - lo; nearest level: hi - t, compared with t - lo (ties down)
-                    den[j] = np.float32(hi - lo) if stochastic else np.float32(hi - tj)
+            for j in range(m):
+                tj = t[j]
+                k = np.int64(np.float32(tj * s)) if uniform_s > 0 else low[j]  # truncation is floor for t >= 0
+                k = np.uint64(min(max(k, 0), top - 1))
+                low[j] = k
+                lo, hi = levels[k], levels[k + one]
+                num[j] = np.float32(tj - lo)
+                # stochastic: the gap hi - lo; nearest level: hi - t, compared with t - lo (ties down)
+                den[j] = np.float32(hi - lo) if stochastic else np.float32(hi - tj)
             if stochastic:
                 for p in range((m + 1) // 2):  # one SplitMix64 output for coordinates 2p and 2p + 1
                     z = key + u64((first + b0) // 2 + p + 1) * golden
@@ -191,6 +155,160 @@ def _kernels():
                     least, most = min(least, c), max(most, c)
                     nonzero = min(nonzero, c if c != 0 else BIG)
         return least, most, nonzero
+
+    # Uniform tables (QSGD, ternary) in float32: l_k = k / s, so the levels come from arithmetic
+    # instead of table reads, and each block is one loop that the compiler vectorizes (a gather from
+    # the table kept the loops above scalar). For s a power of two, k / s = k * (1 / s) and the gap is
+    # 1 / s exactly, so (t - lo) / gap is the product (t - lo) * s: no division but |x| / norm. For
+    # other s, k / s is one float32 division, which equals the table's float32 of the float64 quotient
+    # (``uniform_levels_are_quotients`` checks each table before the kernel is used). The draws are
+    # written to a separate array first (a view of the 64-bit outputs kept the main loop scalar), and
+    # the stochastic and nearest-level tests are both computed and selected, without a branch. One
+    # thread over 1e7 coordinates: 8.8-9 ms for s = 16 and 12.6 ms for s = 7, against 25 ms before.
+    # The draws' loop is written out again in ``quantize_powers32``: a compiled helper, even inlined,
+    # is not found in Numba's disk cache, and every process would compile both kernels again (1 s).
+
+    @jit(error_model="numpy")
+    def quantize_uniform32(x, first, divisor, uniform_s, power_of_two, key, stochastic, neg, codes):
+        scale = np.float32(16777216.0)  # 2^24
+        s = np.float32(uniform_s)
+        step = np.float32(1.0) / s  # exact where s is a power of two
+        last = np.float32(uniform_s - 1)  # the largest lower level's index
+        n = x.size
+        halves = np.zeros(BLOCK, np.uint32)  # the draws' 32-bit halves, coordinate by coordinate
+        none = np.int32(2**30)
+        least, most, nonzero = none, np.int32(-1), none
+        for b0 in range(0, n, BLOCK):
+            m = min(BLOCK, n - b0)
+            xb, nb, cb = x[b0:b0 + m], neg[b0:b0 + m], codes[b0:b0 + m]
+            if stochastic:
+                base = u64((first + b0) // 2 + 1)
+                for p in range((m + 1) // 2):
+                    z = key + (base + u64(p)) * golden
+                    z = (z ^ (z >> u64(30))) * mix1
+                    z = (z ^ (z >> u64(27))) * mix2
+                    z = z ^ (z >> u64(31))
+                    halves[2 * p] = np.uint32(z & u64(0xFFFFFFFF))
+                    halves[2 * p + 1] = np.uint32(z >> u64(32))
+            if power_of_two:
+                for j in range(m):
+                    v = xb[j]
+                    nb[j] = v < 0
+                    t = np.float32(abs(v) / divisor)
+                    k = np.int32(min(np.float32(t * s), last))  # truncation is floor for t >= 0
+                    lo = np.float32(k) * step
+                    num = np.float32(t - lo)
+                    drawn = np.float32(halves[j] & np.uint32(0xFFFFFF)) < np.float32(np.float32(num * s) * scale)
+                    nearer = num > np.float32(np.float32(lo + step) - t)  # ties down
+                    c = np.int32(k + np.int32((stochastic & drawn) | (nearer & (not stochastic))))
+                    cb[j] = c
+                    least, most = min(least, c), max(most, c)
+                    nonzero = min(nonzero, c if c != 0 else none)
+            else:
+                for j in range(m):
+                    v = xb[j]
+                    nb[j] = v < 0
+                    t = np.float32(abs(v) / divisor)
+                    k = np.int32(min(np.float32(t * s), last))
+                    lo = np.float32(np.float32(k) / s)
+                    hi = np.float32(np.float32(k + 1) / s)
+                    num = np.float32(t - lo)
+                    gap = np.float32(hi - lo)
+                    drawn = (np.float32(halves[j] & np.uint32(0xFFFFFF)) < np.float32(np.float32(num / gap) * scale)) | (gap <= np.float32(0))
+                    nearer = num > np.float32(hi - t)
+                    c = np.int32(k + np.int32((stochastic & drawn) | (nearer & (not stochastic))))
+                    cb[j] = c
+                    least, most = min(least, c), max(most, c)
+                    nonzero = min(nonzero, c if c != 0 else none)
+        return (np.int64(least) if most >= 0 else BIG), np.int64(most), (np.int64(nonzero) if nonzero != none else BIG)
+
+    # Tables of 0 and powers of two, l_k = 2^(k + c) for k >= 1 (natural compression and base-2
+    # exponential rounding: c = emin - 1; natural dithering: c = -s), in float32. For t in the binade
+    # [2^e, 2^(e+1)) the lower level is k = e - c (clamped to [0, top - 1]; zeros and t below l_1 take
+    # k = 0), lo = 2^(k + c) and hi = 2^(k + 1 + c) are exponent fields, and the gap is a power of two,
+    # so (t - lo) / gap is the product (t - lo) * 2^-g: the same codes as the table without a read or
+    # a second division, in one loop per block that the compiler vectorizes. Where l_1 is subnormal
+    # (natural compression of float32), a nonzero subnormal t falls between subnormal levels that
+    # have no exponent field: such coordinates (``fixups`` counts them) are redone from the table,
+    # with the same draw, after the loop; the block's code range is then taken again.
+
+    @jit(error_model="numpy")
+    def quantize_powers32(x, first, divisor, c, top, fixups, levels, starts, scan, key, stochastic, neg, codes):
+        scale = np.float32(16777216.0)  # 2^24
+        c32 = np.int32(c)
+        last = np.int32(top - 1)
+        n = x.size
+        halves = np.zeros(BLOCK, np.uint32)  # the draws' 32-bit halves, coordinate by coordinate
+        t = np.empty(BLOCK, np.float32)
+        fields = t.view(np.uint32)
+        low = np.empty(BLOCK, np.int32)
+        lo_bits, inverse_bits = np.empty(BLOCK, np.uint32), np.empty(BLOCK, np.uint32)
+        lo, inverse = lo_bits.view(np.float32), inverse_bits.view(np.float32)
+        first_level = levels[1]  # hi where k = 0
+        none = np.int32(2**30)
+        least, most, nonzero = none, np.int32(-1), none
+        for b0 in range(0, n, BLOCK):
+            m = min(BLOCK, n - b0)
+            xb, nb, cb = x[b0:b0 + m], neg[b0:b0 + m], codes[b0:b0 + m]
+            if stochastic:
+                base = u64((first + b0) // 2 + 1)
+                for p in range((m + 1) // 2):
+                    z = key + (base + u64(p)) * golden
+                    z = (z ^ (z >> u64(30))) * mix1
+                    z = (z ^ (z >> u64(27))) * mix2
+                    z = z ^ (z >> u64(31))
+                    halves[2 * p] = np.uint32(z & u64(0xFFFFFFFF))
+                    halves[2 * p + 1] = np.uint32(z >> u64(32))
+            for j in range(m):
+                v = xb[j]
+                nb[j] = v < 0
+                t[j] = np.float32(abs(v) / divisor)
+            redo = np.int32(0)  # (a max of int32 flags: other forms of this count kept the loop scalar)
+            for j in range(m):  # integers only: the level index and the exponent fields of lo, hi and 1 / gap
+                f = np.int32(fields[j] >> np.uint32(23))
+                k = np.int32(min(max(np.int32(f - np.int32(127) - c32), np.int32(0)), last))
+                k = np.int32(0) if f == 0 else k
+                g = np.int32(k + c32)  # lo = 2^g where k >= 1 (else 0), hi = 2^(g + 1), the gap 2^max(g, c + 1)
+                low[j] = k
+                lo_bits[j] = np.uint32(np.int32(g + np.int32(127)) << np.int32(23)) if k > 0 else np.uint32(0)
+                gap = np.int32(max(np.int32(max(k, np.int32(1)) + c32), np.int32(-126)))  # (clamps: zeros, fixups)
+                inverse_bits[j] = np.uint32(np.int32(np.int32(127) - gap) << np.int32(23))
+                redo = max(redo, np.int32((f == 0) & (fields[j] != np.uint32(0))))
+            lmin, lmax, lnz = none, np.int32(-1), none
+            for j in range(m):
+                tj = t[j]
+                num = np.float32(tj - lo[j])
+                drawn = np.float32(halves[j] & np.uint32(0xFFFFFF)) < np.float32(np.float32(num * inverse[j]) * scale)
+                above = np.float32(lo[j] + lo[j]) if low[j] > 0 else first_level
+                nearer = num > np.float32(above - tj)
+                code = np.int32(low[j] + np.int32((stochastic & drawn) | (nearer & (not stochastic))))
+                cb[j] = code
+                lmin, lmax = min(lmin, code), max(lmax, code)
+                lnz = min(lnz, code if code != 0 else none)
+            if fixups and redo > 0:
+                lmin, lmax, lnz = none, np.int32(-1), none
+                for j in range(m):
+                    if fields[j] >> np.uint32(23) == 0 and t[j] != np.float32(0):
+                        tj = t[j]
+                        k = np.int64(starts[0])
+                        k += np.int64(levels[k + 1] <= tj)
+                        if scan == 1:
+                            while k < top - 1 and levels[k + 1] <= tj:
+                                k += 1
+                        k = min(k, top - 1)
+                        below, above = levels[k], levels[k + 1]
+                        num = np.float32(tj - below)
+                        gap = np.float32(above - below)
+                        if stochastic:
+                            up = np.float32(halves[j] & np.uint32(0xFFFFFF)) < np.float32(np.float32(num / gap) * scale)
+                        else:
+                            up = num > np.float32(above - tj)
+                        cb[j] = np.int32(k + np.int64(up))
+                    code = np.int32(cb[j])
+                    lmin, lmax = min(lmin, code), max(lmax, code)
+                    lnz = min(lnz, code if code != 0 else none)
+            least, most, nonzero = min(least, lmin), max(most, lmax), min(nonzero, lnz)
+        return (np.int64(least) if most >= 0 else BIG), np.int64(most), (np.int64(nonzero) if nonzero != none else BIG)
 
     @jit(error_model="numpy")
     def quantize64(x, first, divisor, uniform_s, starts, crowded, scan, levels, top, key, stochastic, neg, codes):
@@ -487,7 +605,7 @@ def _kernels():
             v += rotation - dim
             out[j] = v + ((v >> 63) & dim)
 
-    return {np.float32: quantize32, np.float64: quantize64, "code_range": code_range,
+    return {np.float32: quantize32, np.float64: quantize64, "uniform32": quantize_uniform32, "powers32": quantize_powers32, "code_range": code_range,
             "pack_small": pack_small, "unpack_small": unpack_small, "dequantize": dequantize,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
@@ -524,20 +642,36 @@ def binade_starts(levels_bytes: bytes, np_dtype) -> tuple[np.ndarray, np.ndarray
 
 
 @functools.lru_cache(maxsize=64)
-def power_binades(levels_bytes: bytes) -> np.ndarray | None:
-    """(1, 253, shift) for a float32 level table that has, for every normal exponent field f in
-    1..253 (binade [2^e, 2^(e+1)), e = f - 127), the levels 2^e and 2^(e+1) at indices f + shift and
-    f + shift + 1, as base-2 rounding (natural compression) does; None for any other table. There
-    the kernel takes lo = 2^e from t's bits and hi = lo + lo, the values the table holds, without
-    reading it; fields 0 (zeros, subnormals), 254 and 255 are looked up in the table."""
+def uniform_levels_are_quotients(levels_bytes: bytes, s: int) -> bool:
+    """Whether a float32 table holds exactly the float32 quotients k / s, k = 0..s, that the uniform
+    kernel computes (and, for s a power of two, the products k * (1 / s)), so that it gives the
+    codes that the table would. The tables of ``LevelTable`` round the float64 k / s to float32,
+    which is the same number: k / s is either exact in float32, or its binary expansion, with a
+    period that divides the order of 2 modulo an odd factor of s < 2^16, has no run of 28 equal bits
+    that the float64 rounding would need to land on a float32 midpoint. Checked, not assumed."""
+    levels = np.frombuffer(levels_bytes, dtype=np.float32)
+    if len(levels) != s + 1:
+        return False
+    k = np.arange(s + 1, dtype=np.float32)
+    if not np.array_equal(k / np.float32(s), levels):
+        return False
+    return s & (s - 1) != 0 or np.array_equal(k * (np.float32(1.0) / np.float32(s)), levels)
+
+
+@functools.lru_cache(maxsize=64)
+def power_levels(levels_bytes: bytes) -> tuple[int, bool] | None:
+    """(c, fixups) for a float32 table [0, 2^(1 + c), 2^(2 + c), ..., 2^(top + c)] (natural compression,
+    base-2 exponential rounding, natural dithering), None for any other: the levels that
+    ``quantize_powers32`` computes from exponent fields. ``fixups``: whether the lowest levels are
+    subnormal, so that a subnormal t must be looked up in the table."""
     levels = np.frombuffer(levels_bytes, dtype=np.float32).astype(np.float64)
-    starts, _, _ = binade_starts(levels_bytes, np.float32)
-    shift = int(starts[1]) - 1
-    for f in range(1, 254):
-        k = f + shift
-        if int(starts[f]) != k or k + 1 >= len(levels) or levels[k] != 2.0 ** (f - 127) or levels[k + 1] != 2.0 ** (f - 126):
-            return None
-    return np.array([1, 253, shift], dtype=np.int64)
+    if len(levels) < 2 or levels[0] != 0.0 or not levels[1] > 0.0:
+        return None
+    mantissa, exponent = np.frexp(levels[1])  # levels[1] = 2^(exponent - 1) when it is a power of two
+    c = int(exponent) - 2
+    if mantissa != 0.5 or not np.array_equal(levels[1:], np.ldexp(1.0, np.arange(1, len(levels)) + c)):
+        return None
+    return c, bool(levels[1] < 2.0 ** -126)
 
 
 def _chunks(n: int, align: int) -> list[tuple[int, int]]:
@@ -601,13 +735,30 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
     div = np_work(1.0 if divisor is None else float(divisor))
     kernel = kernels[np_work]
 
-    extra = ()
-    if np_work == np.float32:  # lo and hi from t's bits where every normal t's binade has 2^e and 2^(e+1)
-        extra = (power_binades(lv.tobytes()) if uniform_s == 0 else None,)
+    if np_work == np.float32 and uniform_s > 0 and uniform_levels_are_quotients(lv.tobytes(), int(uniform_s)):
+        power_of_two = uniform_s & (uniform_s - 1) == 0
+        uniform = kernels["uniform32"]
+
+        def arithmetic(a, b):
+            return uniform(flat[a:b], a, div, int(uniform_s), power_of_two, np.uint64(key), bool(stochastic),
+                           neg[a:b], codes[a:b])
+
+        return torch.from_numpy(neg).view(x.shape), torch.from_numpy(codes).view(x.shape), _span(_run(flat.size, 2, arithmetic))
+
+    powers = power_levels(lv.tobytes()) if np_work == np.float32 and uniform_s == 0 else None
+    if powers is not None:
+        c, fixups = powers
+        kernel = kernels["powers32"]
+
+        def binary(a, b):
+            return kernel(flat[a:b], a, div, c, top, fixups, lv, starts, scan, np.uint64(key), bool(stochastic),
+                          neg[a:b], codes[a:b])
+
+        return torch.from_numpy(neg).view(x.shape), torch.from_numpy(codes).view(x.shape), _span(_run(flat.size, 2, binary))
 
     def piece(a, b):
         return kernel(flat[a:b], a, div, int(uniform_s), starts, crowded, scan, lv, top, np.uint64(key),
-                      bool(stochastic), neg[a:b], codes[a:b], *extra)
+                      bool(stochastic), neg[a:b], codes[a:b])
 
     return torch.from_numpy(neg).view(x.shape), torch.from_numpy(codes).view(x.shape), _span(_run(flat.size, 2, piece))
 

@@ -49,9 +49,18 @@ class _Dither(Compressor):
     table: LevelTable
     p: float
 
+    def _check_input(self, x):
+        """Shape and type only: ``_compress`` reads finiteness off the norm it computes anyway."""
+        self._check_shape(x)
+
     def _compress(self, x, key):
         x = x.detach()
         norm = norm_float32_up(x, self.p)
+        if not math.isfinite(float(norm)):
+            # A NaN or inf in x makes every p-norm NaN or inf, so a finite norm saves the input
+            # check's separate pass over x. A norm beyond float32 (or a float64 sum that overflows)
+            # with finite x also lands here; the check tells the two apart, and such x goes on as before.
+            self._check_finite(x)
         levels = self.table.values(compute_dtype(x.dtype), x.device)
         divisor = norm.to(levels.dtype).clamp_min(torch.finfo(torch.float32).tiny)
         negative, codes, span = quantize(x, self.table, levels, key.code, divisor)
