@@ -242,6 +242,28 @@ def test_cuda_and_cpu_compress_to_the_same_codes(spec):
     assert torch.equal(gpu.codes.cpu(), cpu.codes) and torch.equal(gpu.negative.cpu(), cpu.negative)
 
 
+@pytest.mark.parametrize("spec", ["natural", "exprounding:base=2,biased=true", "natdither:s=2,p=inf",
+                                  "natdither:s=140,p=2", "qsgd:s=16", "qsgd:s=7", "qsgd:s=65535", "ternary"])
+def test_levels_computed_in_the_decoder_give_the_table_s_bits(spec, monkeypatch):
+    """Uniform and power-of-two tables are decoded without reading the table: bit for bit the scaled
+    table's values (subnormal levels and -0.0 included), also split over threads."""
+    x = _awkward(torch.float32, 30_011)
+    x[100:110] = torch.tensor([1e-45, -1e-45, 3e-44, -2e-39, 1.5e-38, 0.0, -0.0, 5e-41, 7e-46, -8e-40])
+    c = build(spec, x.numel(), 4, seed=2)
+    p = c.compress(x, worker=0, step=3)
+    monkeypatch.setattr(cpu_kernels, "_threads", lambda: 3)
+    monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1000)
+    uniform_s = p.table.s if p.table.kind == "uniform" else 0
+    assert cpu_kernels.dequantize_computed(p.codes, p.negative, p.table.values(torch.float32, "cpu"), uniform_s, p.norm) is not None
+    fast = p.to_dense()
+    monkeypatch.setattr(cpu_kernels, "dequantize_computed", lambda *a: None)
+    table = p.to_dense()
+    monkeypatch.setattr(cpu_kernels, "dequantize", lambda *a: None)
+    torch_path = p.to_dense()
+    assert torch.equal(table.view(torch.int32), torch_path.view(torch.int32))
+    assert torch.equal(fast.view(torch.int32), table.view(torch.int32))
+
+
 def test_dequantize_kernel_matches_the_gather():
     gen = torch.Generator().manual_seed(0)
     levels = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)

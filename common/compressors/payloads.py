@@ -207,6 +207,11 @@ class Quantized:
         """sign_i * level[code_i] (* norm): one gather from the 2L signed values
         [l_0 norm, .., l_(L-1) norm, -l_0 norm, ..] (the same float products as coordinate-wise)."""
         levels = self.table.values(self.dtype, self.codes.device)
+        if self.codes.device.type == "cpu":
+            uniform_s = self.table.s if self.table.kind == "uniform" else 0
+            computed = cpu_kernels.dequantize_computed(self.codes, self.negative, levels, uniform_s, self.norm)
+            if computed is not None:
+                return computed.view(self.codes.shape)
         if self.norm is not None:
             levels = levels * self.norm.to(self.dtype)
         signed = torch.cat([levels, -levels])
