@@ -550,9 +550,9 @@ def _kernels():
         """Writes first + i for each |x_i| >= level (ascending) into ``out`` while it has room; returns
         how many there are (more than out.size: call again with a larger ``out``). A block's flags are
         computed in a loop the compiler vectorizes, then read 8 at a time as a 64-bit word, and only a
-        word with a flag is looked into: candidates are rare. One thread at d = 1e7 with 1.2% of the
-        coordinates kept: 3.6 ms, against 8.3 ms for a loop with a branch on each |x_i|. A NaN is
-        never a candidate."""
+        word with a flag is looked into, without a branch on each flag. One thread at d = 1e7 with 1.2%
+        of the coordinates kept: 3.0 ms, against 8.3 ms for a loop with a branch on each |x_i|; with
+        32% kept, 7 ms against 23. A NaN is never a candidate."""
         count = 0
         room = out.size
         flags = np.zeros(BLOCK, np.uint8)
@@ -567,11 +567,17 @@ def _kernels():
             for w in range((m + 7) // 8):
                 word = words[w]
                 if word != 0:
-                    for b in range(8):
-                        if (word >> u64(8 * b)) & u64(0xFF):
-                            if count < room:
-                                out[count] = first + b0 + 8 * w + b
-                            count += 1
+                    at = first + b0 + 8 * w
+                    if count + 8 <= room:  # all 8 positions written, the count moved by each flag: no branch
+                        for b in range(8):
+                            out[count] = at + b
+                            count += np.int64((word >> u64(8 * b)) & u64(1))
+                    else:
+                        for b in range(8):
+                            if (word >> u64(8 * b)) & u64(1):
+                                if count < room:
+                                    out[count] = at + b
+                                count += 1
         return count
 
     @jit()
