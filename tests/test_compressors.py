@@ -97,6 +97,20 @@ def test_topk_breaks_ties_towards_lower_indices():
     assert build("topk:ratio=0.5", 6).compress(x).indices.tolist() == [1, 2, 4]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("ratio", [0.01, 0.1, 0.25])
+def test_topk_of_a_long_vector_with_many_ties_is_the_lowest_index_rule(ratio, dtype):
+    """Through the candidate pass (a vector of 2^17 + 3, k up to a quarter of it) and the selection of
+    the k-th largest: the indices of a stable sort by decreasing magnitude, cut at k and sorted."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn((1 << 17) + 3, generator=gen)
+    for values in (x.to(dtype), (x * 4).round().to(dtype)):  # distinct where the dtype allows; a few dozen
+        c = build(f"topk:ratio={ratio}", values.numel())
+        order = torch.sort(values.abs().double(), descending=True, stable=True).indices
+        want = torch.sort(order[: c.k]).values
+        assert torch.equal(c.compress(values).indices, want)
+
+
 def test_natural_handles_zero_subnormals_and_the_top_binade():
     c = build("natural", 5)
     tiny = torch.finfo(torch.float32).smallest_normal * torch.finfo(torch.float32).eps
@@ -204,12 +218,13 @@ def test_bad_inputs_raise_clear_value_errors(x, message):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_sign_and_dithering_tell_a_non_finite_input_from_their_norm_on_long_and_short_vectors(dtype):
+def test_sign_dithering_and_topk_tell_a_non_finite_input_from_their_own_pass_on_long_and_short_vectors(dtype):
     """Sign and the dithering quantizers skip the separate finiteness pass and read it off the norm
-    they compute anyway: a NaN or inf still gets the input check's error, and a finite float64 vector
-    whose norm overflows gets none."""
+    they compute anyway, Top-K off its candidate pass: a NaN or inf still gets the input check's
+    error, and a finite float64 vector whose norm overflows gets none."""
     for d in (10, (1 << 20) + 3):
-        for spec in ("sign", "sign:scale=l2", "qsgd:s=16", "ternary", "natdither:s=4,p=inf", "expdither:base=3,s=4,p=3"):
+        for spec in ("sign", "sign:scale=l2", "qsgd:s=16", "ternary", "natdither:s=4,p=inf", "expdither:base=3,s=4,p=3",
+                     "topk:ratio=0.01"):
             c = build(spec, d, 2)
             for bad in (float("nan"), float("inf"), -float("inf")):
                 x = torch.ones(d, dtype=dtype)
