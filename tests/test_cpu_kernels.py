@@ -109,6 +109,21 @@ def test_a_uniform_table_that_is_not_the_quotients_is_read_as_a_table():
     assert torch.equal(codes, rounding.stochastic_codes(x, table, torch.from_numpy(levels), 3))
 
 
+@pytest.mark.parametrize("spec, dtype", [("qsgd:s=16", torch.uint8), ("natdither:s=8,p=2", torch.uint8),
+                                         ("qsgd:s=255", torch.uint8), ("qsgd:s=256", torch.int16),
+                                         ("natural", torch.int16), ("qsgd:s=65535", torch.int32)])
+def test_codes_take_the_smallest_integer_dtype_of_their_table_on_both_sides(spec, dtype, monkeypatch):
+    """A byte a code up to 255 levels: the compiled pass, the torch version and the decoder agree."""
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(1))
+    c = build(spec, x.numel(), 2)
+    p = c.compress(x)
+    assert p.codes.dtype == dtype and decode(encode(p)).codes.dtype == dtype
+    monkeypatch.setattr(rounding.cpu_kernels, "quantize", lambda *a, **k: None)
+    monkeypatch.setattr(cpu_kernels, "unpack_codes", lambda *a, **k: None)
+    p = c.compress(x)
+    assert p.codes.dtype == dtype and decode(encode(p)).codes.dtype == dtype
+
+
 def test_tables_of_powers_of_two_are_found_and_their_levels_are_the_exponent_fields():
     """Only [0, 2^(1 + c), ..., 2^(top + c)] qualifies: base-2 rounding (natural compression, for
     float32 with subnormal lowest levels and for float16 without) and natural dithering, not base 3

@@ -800,7 +800,9 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
     top = len(lv) - 1
     starts, crowded, scan = binade_starts(lv.tobytes(), np_work)
     neg = np.empty(flat.size, dtype=np.bool_)
-    codes = np.empty(flat.size, dtype=np.int16 if top < 2**15 else np.int32)
+    from common.compressors.payloads import code_dtype  # (payloads imports this module)
+
+    codes = torch.empty(flat.size, dtype=code_dtype(top)).numpy()
     div = np_work(1.0 if divisor is None else float(divisor))
     kernel = kernels[np_work]
 
@@ -872,7 +874,7 @@ def unpack_codes(data: np.ndarray, n: int, width: int, offset: int, escape: bool
     kernels = _kernels()
     if kernels is None or not 1 <= width <= 8:
         return None
-    codes = np.empty(n, dtype=np.int16 if dtype == torch.int16 else np.int32)
+    codes = torch.empty(n, dtype=dtype).numpy()
 
     def piece(a, b):
         return kernels["unpack_small"](data[a * width // 8:(b * width + 7) // 8], b - a, width, offset, escape, codes[a:b])

@@ -190,6 +190,13 @@ class Signs:
         return self.dim + 32
 
 
+def code_dtype(top: int) -> torch.dtype:
+    """The integer dtype of a ``Quantized`` payload's codes for a table whose largest code is ``top``:
+    uint8 up to 255 (every dithering table of up to 255 levels: half the bytes that the quantizer
+    writes and the packer reads, against int16), then int16, then int32."""
+    return torch.uint8 if top < 256 else torch.int16 if top < 2**15 else torch.int32
+
+
 @dataclass(frozen=True, eq=False)
 class Quantized:
     table: LevelTable

@@ -18,7 +18,7 @@ import torch
 from common.compressors import cpu_kernels
 from common.compressors.base import Compressor, Constants, Param, register
 from common.compressors.draws import uniform_below
-from common.compressors.payloads import LevelTable, Quantized, rounding_exponent_range
+from common.compressors.payloads import LevelTable, Quantized, code_dtype, rounding_exponent_range
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -66,7 +66,7 @@ def stochastic_codes(t: torch.Tensor, table: LevelTable, levels: torch.Tensor, k
         gap = hi - lo
         p_up = torch.where(gap > 0, (t - lo) / torch.where(gap > 0, gap, 1), torch.ones_like(t))
         up = uniform_below(p_up, key)
-    return (lo_idx + up).to(torch.int16 if top < 2 ** 15 else torch.int32)
+    return (lo_idx + up).to(code_dtype(top))
 
 
 def quantize(x: torch.Tensor, table: LevelTable, levels: torch.Tensor, key: int | None,

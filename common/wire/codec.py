@@ -30,7 +30,8 @@ from common.compressors import cpu_kernels
 from common.compressors.base import all_finite
 from common.compressors.indices import permk_block_size
 from common.compressors.payloads import (
-    CPU_BLOCK, Dense, IndexRule, LevelTable, Quantized, Scaled, Signs, Sparse, cpu_blocks, rounding_exponent_range,
+    CPU_BLOCK, Dense, IndexRule, LevelTable, Quantized, Scaled, Signs, Sparse, code_dtype, cpu_blocks,
+    rounding_exponent_range,
 )
 from common.wire import bitpack, indexcode
 from common.wire.header import (
@@ -251,12 +252,12 @@ def _smallest_nonzero(codes: torch.Tensor) -> int:
 def _fields(codes: torch.Tensor, minus: int, clamp: bool, small: torch.dtype) -> torch.Tensor:
     """codes - minus (clamped at 0 when ``clamp``) as ``small``; on the CPU block by block."""
     if codes.device.type != "cpu":
-        f = codes - minus if minus else codes
+        f = codes.to(torch.int32) - minus if minus else codes  # (uint8 codes would wrap below 0)
         return (f.clamp(min=0) if clamp else f).to(small)
     out = torch.empty(codes.numel(), dtype=small)
-    buf = torch.empty(min(codes.numel(), CPU_BLOCK), dtype=codes.dtype)
+    buf = torch.empty(min(codes.numel(), CPU_BLOCK), dtype=torch.int32)
     for block in cpu_blocks(codes.numel()):
-        f = torch.sub(codes[block], minus, out=buf[: block.stop - block.start])
+        f = buf[: block.stop - block.start].copy_(codes[block]).sub_(minus)
         out[block] = f.clamp_(min=0) if clamp else f
     return out
 
@@ -551,11 +552,11 @@ def _parse_quantized(node, what, min_n, max_dim) -> _Plan:
         nbits = n * width
         if nbits % 8 and data.size and int(data[-1]) >> (nbits % 8):
             raise WireError(f"{what}: nonzero padding bits after the last code")
-        code_dtype = torch.int16 if top < 2**15 else torch.int32
+        codes_as = code_dtype(top)
         largest = offset + (1 << width) - (1 if mode == PLAIN else 2)  # the largest code the fields allow
-        work = code_dtype if largest < 2**15 else torch.int64  # no overflow before the range check
+        work = torch.int32 if largest < 2**31 else torch.int64  # no overflow before the range check
         gpu = _gpu.get()
-        fused = None if gpu is not None else cpu_kernels.unpack_codes(data, n, width, offset, mode == ZERO_ESCAPE, code_dtype)
+        fused = None if gpu is not None else cpu_kernels.unpack_codes(data, n, width, offset, mode == ZERO_ESCAPE, codes_as)
         if fused is not None:
             codes, got = fused
         else:
@@ -571,7 +572,7 @@ def _parse_quantized(node, what, min_n, max_dim) -> _Plan:
             got = int(codes.max()) if n and largest > top else 0  # fields that cannot pass the top need no look
         if n and got > top:
             raise WireError(f"{what}: code {got} outside the table's [0, {top}]")
-        return Quantized(table, negative, codes.to(code_dtype), norm, dtype)
+        return Quantized(table, negative, codes.to(codes_as), norm, dtype)
     return _Plan(n, sizes, build)
 
 
