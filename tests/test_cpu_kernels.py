@@ -373,6 +373,20 @@ def test_keyed_permutation_in_one_compiled_pass_is_the_torch_one(threads, monkey
                 assert torch.equal(indices.keyed_block(start, size, dim, key, cpu), want)
 
 
+def test_distinct_values_come_out_of_the_bitmap_in_numpy_s_order():
+    """Any dim (a partial last word too), both ends of the range, int32 and int64 values; two equal
+    values are refused (None), so the caller sorts instead."""
+    gen = torch.Generator().manual_seed(5)
+    for dim in (1, 63, 64, 65, 1000, 100_003):
+        for size in (0, 1, dim // 3, dim):
+            values = torch.randperm(dim, generator=gen)[:size]  # size = dim holds both ends
+            for dtype in (torch.int32, torch.int64):
+                got = cpu_kernels.sorted_distinct(values.to(dtype), dim)
+                assert got.dtype == torch.int64
+                assert torch.equal(got, torch.from_numpy(np.sort(values.numpy())))
+    assert cpu_kernels.sorted_distinct(torch.tensor([3, 5, 3], dtype=torch.int32), 10) is None
+
+
 def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(monkeypatch):
     """At a d where the compressor's path takes the compiled pass, every worker's message of a step
     has the same bytes as with the torch version, and the blocks still partition [d]."""
@@ -387,6 +401,8 @@ def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(mon
     compiled = [encode(c.compress(x, worker=w, step=9)) for w in range(n)]
     assert len(calls) == n
     monkeypatch.setattr(cpu_kernels, "keyed_range", lambda *a: None)
+    assert [encode(c.compress(x, worker=w, step=9)) for w in range(n)] == compiled
+    monkeypatch.setattr(cpu_kernels, "sorted_distinct", lambda *a: None)  # NumPy's sort of the block
     assert [encode(c.compress(x, worker=w, step=9)) for w in range(n)] == compiled
     supports = [decode(f).support(torch.device("cpu")) for f in compiled]
     assert torch.equal(torch.sort(torch.cat(supports)).values, torch.arange(dim))

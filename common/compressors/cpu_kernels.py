@@ -674,11 +674,33 @@ def _kernels():
             v += rotation - dim
             out[j] = v + ((v >> 63) & dim)
 
+    @jit()
+    def ascending(values, words, out, lowest_bit):
+        """The distinct ``values`` (in [0, 64 words.size)) in increasing order: each sets its bit in the
+        zeroed bitmap ``words``, then the set bits are read word by word, lowest first (the lowest set
+        bit's position from a de Bruijn multiply and ``lowest_bit``, a table of 64: Numba's
+        count-trailing-zeros intrinsic is not found in its disk cache). Returns how many bits were
+        set (fewer than values.size where two values are equal). Perm-K's block of 1e6 positions at
+        d = 1e7: 3.0 ms against 3.9 for NumPy's sort and the int64 copy."""
+        for i in range(values.size):
+            v = np.int64(values[i])
+            words[v >> 6] |= u64(1) << u64(v & 63)
+        count = 0
+        for w in range(words.size):
+            word = words[w]
+            while word != u64(0):
+                low = word & (~word + u64(1))
+                if count < out.size:
+                    out[count] = (np.int64(w) << 6) + lowest_bit[(low * u64(DE_BRUIJN)) >> u64(58)]
+                count += 1
+                word ^= low
+        return count
+
     return {np.float32: quantize32, np.float64: quantize64, "uniform32": quantize_uniform32, "powers32": quantize_powers32, "code_range": code_range,
             "pack_small": pack_small, "unpack_small": unpack_small, "dequantize": dequantize, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
-            "descend": descend, "mean_descend": mean_descend, "feistel": feistel}
+            "descend": descend, "mean_descend": mean_descend, "feistel": feistel, "ascending": ascending}
 
 
 BLOCK = 4096  # coordinates a kernel handles per inner loop (its temporaries stay in the L1/L2 cache)
@@ -1128,6 +1150,23 @@ def keyed_range(start: int, size: int, dim: int, low: int, a_size: int, tables, 
 
     _run(size, 1, piece)
     return out
+
+
+DE_BRUIJN = 0x03F79D71B4CB0A89  # a de Bruijn sequence B(2, 6): the top 6 bits of DE_BRUIJN << i are distinct
+LOWEST_BIT = np.zeros(64, dtype=np.int64)
+LOWEST_BIT[[((DE_BRUIJN << i) & 0xFFFFFFFFFFFFFFFF) >> 58 for i in range(64)]] = np.arange(64)
+
+
+def sorted_distinct(values: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """Distinct CPU integers in [0, dim) in increasing order as int64 through a bitmap of dim bits
+    (``ascending``); None without Numba, on another device, or where two values are equal."""
+    kernels = _kernels()
+    if kernels is None or values.device.type != "cpu":
+        return None
+    out = np.empty(values.numel(), dtype=np.int64)
+    words = np.zeros((dim + 63) // 64, dtype=np.uint64)
+    count = kernels["ascending"](values.contiguous().numpy().reshape(-1), words, out, LOWEST_BIT)
+    return torch.from_numpy(out) if count == out.size else None
 
 
 def indices_at_least(x: torch.Tensor, level: float, expect: int) -> tuple[torch.Tensor, bool] | None:
