@@ -237,12 +237,14 @@ def test_sign_dithering_and_topk_tell_a_non_finite_input_from_their_own_pass_on_
         assert not build(spec, 10, 2).compress(huge).codes.any()
 
 
-def test_a_chain_whose_scaled_values_overflow_before_sign_is_refused_at_compress():
-    """Perm-K scales its values by n before sign sees them; in float16 that can overflow. Sign's
-    input is then not finite and it says so (this reached the wire as a non-finite scale before)."""
+@pytest.mark.parametrize("tail", ["sign", "qsgd", "natdither"])
+def test_a_chain_whose_scaled_values_overflow_before_the_tail_is_refused_at_compress(tail):
+    """Perm-K scales its values by n before the tail sees them; in float16 that can overflow. The
+    tail's input is then not finite and it says so (this reached the wire as a non-finite scale or
+    norm before, a WireError at encode)."""
     x = torch.full((8,), 20000.0, dtype=torch.float16)
-    with pytest.raises(ValueError, match="sign: input has .* non-finite"):
-        build("permk+sign", 8, 4, 0).compress(x)
+    with pytest.raises(ValueError, match=f"{tail}: input has .* non-finite"):
+        build(f"permk+{tail}", 8, 4, 0).compress(x)
 
 
 def test_bad_worker_and_step():
