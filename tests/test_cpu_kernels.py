@@ -785,3 +785,26 @@ def test_block_sums_of_an_empty_vector_are_empty_with_and_without_flags():
     for negative in (None, np.zeros(0, dtype=np.bool_)):
         sums = cpu_kernels.float64_block_sums(torch.empty(0), 1, FLOAT64_BLOCK, negative)
         assert sums is not None and sums.size == 0
+
+
+def test_index_frames_from_the_compiled_passes_are_the_torch_ones(monkeypatch):
+    """Rice frames for every parameter the candidates reach (r = 0 for a dense support, large
+    quotients for a sparse one) and bitmaps, k = 1 at either end, and a support that is not strictly
+    increasing (left to the torch version): the same method, parameter and bytes either way."""
+    from common.wire import indexcode
+
+    gen = torch.Generator().manual_seed(8)
+    dim = 100_003
+    cases = [torch.tensor([0]), torch.tensor([dim - 1]), torch.tensor([5, 5, 9])]
+    for k in (2, 17, 300, 5_000, 40_000, 90_000, dim):
+        cases.append(torch.sort(torch.randperm(dim, generator=gen)[:k]).values)
+    cases.append(torch.tensor([3, 70_000, 70_001, dim - 1]))  # a quotient of thousands of zero bits
+    seen = set()
+    for idx in cases:
+        fast = indexcode.encode_indices(idx, dim)
+        with monkeypatch.context() as m:
+            m.setattr(cpu_kernels, "gap_quotient_sums", lambda *a: None)
+            slow = indexcode.encode_indices(idx, dim)
+        assert fast[:2] == slow[:2] and torch.equal(fast[2], slow[2]), idx[:5]
+        seen.add(fast[:2])
+    assert (indexcode.BITMAP, 0) in seen and (indexcode.RICE, 0) in seen and len(seen) >= 5

@@ -696,11 +696,63 @@ def _kernels():
                 word ^= low
         return count
 
+    @jit()
+    def gap_quotient_sums(idx, shifts, sums):
+        """sums[c] = the sum of g_j >> shifts[c] over the gaps g_0 = idx_0, g_j = idx_j - idx_(j-1) - 1
+        of sorted indices; returns False where a gap is negative (indices not strictly increasing)."""
+        prev = np.int64(-1)
+        for c in range(shifts.size):
+            sums[c] = 0
+        for j in range(idx.size):
+            g = np.int64(idx[j]) - prev - 1
+            if g < 0:
+                return False
+            prev = np.int64(idx[j])
+            for c in range(shifts.size):
+                sums[c] += g >> shifts[c]
+        return True
+
+    @jit()
+    def rice_write(idx, r, out, unary_at):
+        """The Rice frame of ``common.wire.indexcode``: the gaps' r-bit remainders from byte 0, then
+        their quotients in unary (q zero bits and a one bit each) from byte ``unary_at``, least
+        significant bit first, each section zero-padded to a byte (``out`` starts zeroed)."""
+        mask = (np.int64(1) << r) - 1
+        acc, nbits, at, prev = u64(0), np.int64(0), np.int64(0), np.int64(-1)
+        if r > 0:
+            for j in range(idx.size):
+                g = np.int64(idx[j]) - prev - 1
+                prev = np.int64(idx[j])
+                acc |= u64(g & mask) << u64(nbits)
+                nbits += r
+                while nbits >= 8:
+                    out[at] = np.uint8(acc & u64(0xFF))
+                    acc >>= u64(8)
+                    nbits -= 8
+                    at += 1
+            if nbits > 0:
+                out[at] = np.uint8(acc & u64(0xFF))
+        bit, prev = unary_at * 8, np.int64(-1)
+        for j in range(idx.size):
+            g = np.int64(idx[j]) - prev - 1
+            prev = np.int64(idx[j])
+            bit += g >> r  # the zeros of the quotient, then its one bit
+            out[bit >> 3] |= np.uint8(1 << (bit & 7))
+            bit += 1
+
+    @jit()
+    def bitmap_write(idx, out):
+        """Bit i of ``out`` (zeroed, least significant bit first) set for each index i."""
+        for j in range(idx.size):
+            i = np.int64(idx[j])
+            out[i >> 3] |= np.uint8(1 << (i & 7))
+
     return {np.float32: quantize32, np.float64: quantize64, "uniform32": quantize_uniform32, "powers32": quantize_powers32, "code_range": code_range,
             "pack_small": pack_small, "unpack_small": unpack_small, "dequantize": dequantize, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
-            "descend": descend, "mean_descend": mean_descend, "feistel": feistel, "ascending": ascending}
+            "descend": descend, "mean_descend": mean_descend, "feistel": feistel, "ascending": ascending,
+            "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write}
 
 
 BLOCK = 4096  # coordinates a kernel handles per inner loop (its temporaries stay in the L1/L2 cache)
@@ -1167,6 +1219,40 @@ def sorted_distinct(values: torch.Tensor, dim: int) -> torch.Tensor | None:
     words = np.zeros((dim + 63) // 64, dtype=np.uint64)
     count = kernels["ascending"](values.contiguous().numpy().reshape(-1), words, out, LOWEST_BIT)
     return torch.from_numpy(out) if count == out.size else None
+
+
+def gap_quotient_sums(idx: torch.Tensor, shifts: list[int]) -> list[int] | None:
+    """For sorted CPU int64 indices: the sums of their gaps >> r for each r in ``shifts`` (the unary
+    lengths of ``common.wire.indexcode``'s Rice candidates) in one pass; None without Numba, on
+    another device, or where the indices are not strictly increasing."""
+    kernels = _kernels()
+    if kernels is None or idx.device.type != "cpu":
+        return None
+    sums = np.zeros(len(shifts), dtype=np.int64)
+    if not kernels["gap_quotient_sums"](idx.contiguous().numpy(), np.array(shifts, dtype=np.int64), sums):
+        return None
+    return [int(v) for v in sums]
+
+
+def rice_frame(idx: torch.Tensor, r: int, remainder_bytes: int, unary_bytes: int) -> torch.Tensor | None:
+    """The Rice frame of strictly increasing CPU int64 indices with parameter ``r`` (the remainders'
+    section of ``remainder_bytes``, then the unary section of ``unary_bytes``); None without Numba."""
+    kernels = _kernels()
+    if kernels is None or idx.device.type != "cpu":
+        return None
+    out = np.zeros(remainder_bytes + unary_bytes, dtype=np.uint8)
+    kernels["rice_write"](idx.contiguous().numpy(), int(r), out, remainder_bytes)
+    return torch.from_numpy(out)
+
+
+def bitmap_frame(idx: torch.Tensor, dim: int) -> torch.Tensor | None:
+    """d bits, bit i set for each of the CPU int64 indices in [0, dim); None without Numba."""
+    kernels = _kernels()
+    if kernels is None or idx.device.type != "cpu":
+        return None
+    out = np.zeros((dim + 7) // 8, dtype=np.uint8)
+    kernels["bitmap_write"](idx.contiguous().numpy(), out)
+    return torch.from_numpy(out)
 
 
 def indices_at_least(x: torch.Tensor, level: float, expect: int) -> tuple[torch.Tensor, bool] | None:

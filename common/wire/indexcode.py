@@ -11,7 +11,9 @@ parameter r.
   (2) the k quotients in unary, each as q zero bits followed by a one bit, in order, zero-padded to a
   byte. The one bits then sit at positions cumsum(q + 1) - 1, so both coding and decoding are a
   cumsum and a scatter / nonzero, with no loop over entries. r is chosen around log2(ln 2 * mean gap)
-  (the mean gap is (i_last + 1 - k) / k) by computing the exact size of four candidates.
+  (the mean gap is (i_last + 1 - k) / k) by computing the exact size of four candidates. On the CPU
+  the sizes and the frame come from two compiled passes over the indices (``cpu_kernels``:
+  ``gap_quotient_sums``, ``rice_write``, ``bitmap_write``), with the same bytes.
 
 A random support of k = d/100 costs about log2(d/k) + 1.1 bits an index (8.1 bits), within half a
 percent of log2(C(d, k)) / k.
@@ -23,6 +25,7 @@ import math
 import numpy as np
 import torch
 
+from common.compressors import cpu_kernels
 from common.wire import bitpack
 from common.wire.header import WireError
 
@@ -52,16 +55,23 @@ def encode_indices(idx: torch.Tensor, dim: int) -> tuple[int, int, torch.Tensor]
     if k == 0:
         return RICE, 0, torch.empty(0, dtype=torch.uint8, device=idx.device)
     idx = idx.to(torch.int64)
-    gaps = torch.diff(idx, prepend=idx.new_full((1,), -1)) - 1
     last = int(idx[-1])
     cands = rice_candidates(k, last)
-    shifts = torch.tensor(cands, dtype=torch.int64, device=idx.device)
-    qsum = (gaps.unsqueeze(0) >> shifts.unsqueeze(1)).sum(dim=1).tolist()  # one device sync
+    # on the CPU the sizes and the frame come from compiled passes over the indices (the same bytes)
+    qsum = cpu_kernels.gap_quotient_sums(idx, cands)
+    compiled = qsum is not None
+    if not compiled:
+        gaps = torch.diff(idx, prepend=idx.new_full((1,), -1)) - 1
+        shifts = torch.tensor(cands, dtype=torch.int64, device=idx.device)
+        qsum = (gaps.unsqueeze(0) >> shifts.unsqueeze(1)).sum(dim=1).tolist()  # one device sync
     sizes = [(k * r + 7) // 8 + (q + k + 7) // 8 for r, q in zip(cands, qsum)]
     best = min(range(len(cands)), key=lambda j: (sizes[j], cands[j]))
     if bitmap_bytes <= sizes[best]:
-        return BITMAP, 0, _ones_to_bytes(idx, dim)
+        frame = cpu_kernels.bitmap_frame(idx, dim) if compiled else None
+        return BITMAP, 0, frame if frame is not None else _ones_to_bytes(idx, dim)
     r = cands[best]
+    if compiled:
+        return RICE, r, cpu_kernels.rice_frame(idx, r, (k * r + 7) // 8, (int(qsum[best]) + k + 7) // 8)
     rem = bitpack.pack(gaps & ((1 << r) - 1), r) if r else torch.empty(0, dtype=torch.uint8, device=idx.device)
     ones = torch.cumsum((gaps >> r) + 1, dim=0) - 1
     unary = _ones_to_bytes(ones, int(qsum[best]) + k)
