@@ -808,3 +808,49 @@ def test_index_frames_from_the_compiled_passes_are_the_torch_ones(monkeypatch):
         assert fast[:2] == slow[:2] and torch.equal(fast[2], slow[2]), idx[:5]
         seen.add(fast[:2])
     assert (indexcode.BITMAP, 0) in seen and (indexcode.RICE, 0) in seen and len(seen) >= 5
+
+
+def test_rice_frames_decode_and_fail_alike_compiled_and_in_numpy(monkeypatch):
+    """Valid frames give the same indices; frames with flipped bytes, cut or lengthened give the same
+    indices or the same WireError (message included) either way."""
+    from common.wire import indexcode
+
+    gen = torch.Generator().manual_seed(9)
+    rng = np.random.default_rng(9)
+    dim = 50_021
+
+    def both(data, k, r):
+        out = []
+        for compiled in (True, False):
+            with monkeypatch.context() as m:
+                if not compiled:
+                    m.setattr(cpu_kernels, "rice_indices", lambda *a: None)
+                try:
+                    out.append(indexcode.decode_indices(data, dim, k, indexcode.RICE, r, "x").tolist())
+                except WireError as e:
+                    out.append(str(e))
+        return out
+
+    outcomes = set()
+    for k in (1, 7, 300, 2_000, 10_000):
+        idx = torch.sort(torch.randperm(dim, generator=gen)[:k]).values
+        method, r, frame = indexcode.encode_indices(idx, dim)
+        assert method == indexcode.RICE, k
+        data = frame.numpy()
+        fast, slow = both(data, k, r)
+        assert fast == slow == idx.tolist()
+        fast, slow = both(np.concatenate([data, np.zeros(1, np.uint8)]), k, r)
+        assert fast == slow == "x: Rice stream has trailing bytes after its last code"
+        for trial in range(60):
+            bad = data.copy()
+            if trial % 3 == 0:
+                bad = bad[: rng.integers(0, bad.size)] if bad.size > 1 else bad
+            elif trial % 3 == 1:
+                bad = np.concatenate([bad, rng.integers(0, 256, rng.integers(1, 4), dtype=np.uint8)])
+            for at in rng.integers(0, max(bad.size, 1), 2):
+                if bad.size:
+                    bad[at] ^= np.uint8(1 << rng.integers(0, 8))
+            fast, slow = both(bad, k, r)
+            assert fast == slow, (k, trial)
+            outcomes.add(fast if isinstance(fast, str) else "decoded")
+    assert len(outcomes) >= 4  # several kinds of refusal were reached, not one

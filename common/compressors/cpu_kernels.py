@@ -747,12 +747,65 @@ def _kernels():
             i = np.int64(idx[j])
             out[i >> 3] |= np.uint8(1 << (i & 7))
 
+    @jit()
+    def rice_read(data, rem_bytes, k, r, dim, out, bit_of):
+        """Decodes the Rice frame of ``common.wire.indexcode`` (``data``: remainders, then the unary
+        section) into ``out`` (k int64 indices), checking it as the NumPy version does and in its
+        order. Returns (status, value): 0 decoded; 1 the unary section holds ``value`` one bits, not
+        k; 2 bytes after the last one bit; 3 a gap exceeds d; 4 the last index ``value`` is >= d.
+        ``bit_of[1 << i] = i``."""
+        n = data.size
+        ones, last = np.int64(0), np.int64(-1)
+        for b in range(rem_bytes, n):
+            v = np.int64(data[b])
+            if v != 0:
+                last = b
+                while v != 0:
+                    v &= v - 1
+                    ones += 1
+        if ones != k:
+            return 1, ones
+        if last != n - 1:
+            return 2, np.int64(0)
+        mask = (np.int64(1) << r) - 1
+        acc, nbits, at = u64(0), np.int64(0), np.int64(0)
+        bad, prev_one, index, j = False, np.int64(-1), np.int64(-1), 0
+        for b in range(rem_bytes, n):
+            v = np.int64(data[b])
+            while v != 0:
+                low = v & -v
+                one = np.int64(8 * (b - rem_bytes)) + bit_of[low]
+                v ^= low
+                q = one - prev_one - 1
+                prev_one = one
+                rem = np.int64(0)
+                if r > 0:
+                    while nbits < r:
+                        acc |= u64(data[at]) << u64(nbits)
+                        at += 1
+                        nbits += 8
+                    rem = np.int64(acc & u64(mask))
+                    acc >>= u64(r)
+                    nbits -= r
+                bad |= q > (dim >> r)
+                gap = (q << r) | rem
+                bad |= gap >= dim
+                index += gap + 1
+                out[j] = index
+                j += 1
+        if bad:
+            return 3, np.int64(0)
+        if index >= dim:
+            return 4, index
+        return 0, np.int64(0)
+
     return {np.float32: quantize32, np.float64: quantize64, "uniform32": quantize_uniform32, "powers32": quantize_powers32, "code_range": code_range,
             "pack_small": pack_small, "unpack_small": unpack_small, "dequantize": dequantize, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
             "descend": descend, "mean_descend": mean_descend, "feistel": feistel, "ascending": ascending,
-            "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write}
+            "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write,
+            "rice_read": rice_read}
 
 
 BLOCK = 4096  # coordinates a kernel handles per inner loop (its temporaries stay in the L1/L2 cache)
@@ -1253,6 +1306,21 @@ def bitmap_frame(idx: torch.Tensor, dim: int) -> torch.Tensor | None:
     out = np.zeros((dim + 7) // 8, dtype=np.uint8)
     kernels["bitmap_write"](idx.contiguous().numpy(), out)
     return torch.from_numpy(out)
+
+
+BIT_OF_BYTE = np.zeros(256, dtype=np.int64)
+BIT_OF_BYTE[[1 << i for i in range(8)]] = np.arange(8)
+
+
+def rice_indices(data: np.ndarray, rem_bytes: int, k: int, r: int, dim: int) -> tuple[int, int, torch.Tensor] | None:
+    """(status, value, indices) of ``rice_read`` for a Rice frame whose sizes and padding the caller
+    has checked; None without Numba."""
+    kernels = _kernels()
+    if kernels is None:
+        return None
+    out = np.empty(k, dtype=np.int64)
+    status, value = kernels["rice_read"](data, int(rem_bytes), int(k), int(r), int(dim), out, BIT_OF_BYTE)
+    return int(status), int(value), torch.from_numpy(out)
 
 
 def indices_at_least(x: torch.Tensor, level: float, expect: int) -> tuple[torch.Tensor, bool] | None:

@@ -112,6 +112,16 @@ def decode_indices(data: np.ndarray, dim: int, k: int, method: int, r: int, what
     rem_part = data[:rem_bytes]
     if k * r % 8 and int(rem_part[-1]) >> (k * r % 8):
         raise WireError(f"{what}: nonzero padding after the Rice remainders")
+    compiled = cpu_kernels.rice_indices(data, rem_bytes, k, r, dim)  # one pass, the same checks in the same order
+    if compiled is not None:
+        status, value, idx = compiled
+        if status == 0:
+            return idx
+        raise WireError(f"{what}: " + {
+            1: f"Rice stream holds {value} codes, header says {k}",
+            2: "Rice stream has trailing bytes after its last code",
+            3: f"a Rice gap exceeds the dimension d={dim}",
+            4: f"index {value} out of range for d={dim}"}[status])
     ones = np.flatnonzero(_bits(data[rem_bytes:]))
     if ones.size != k:
         raise WireError(f"{what}: Rice stream holds {ones.size} codes, header says {k}")
