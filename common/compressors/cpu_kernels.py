@@ -799,13 +799,31 @@ def _kernels():
             return 4, index
         return 0, np.int64(0)
 
+    @jit()
+    def pick_top(mag, threshold, k, where, use_where, out):
+        """Positions (where[i] if ``use_where``, else i) of the values > threshold and of the first
+        k - (their count) values == threshold, in order; ``out`` holds mag.size entries (each
+        position is written, and the count moves by whether it is kept: no branch). Returns the count."""
+        above = np.int64(0)
+        for i in range(mag.size):
+            above += np.int64(mag[i] > threshold)
+        ties = k - above
+        c = 0
+        for i in range(mag.size):
+            v = mag[i]
+            tie = np.int64(v == threshold) & np.int64(ties > 0)
+            ties -= tie
+            out[c] = where[i] if use_where else i
+            c += np.int64(v > threshold) | tie
+        return c
+
     return {np.float32: quantize32, np.float64: quantize64, "uniform32": quantize_uniform32, "powers32": quantize_powers32, "code_range": code_range,
             "pack_small": pack_small, "unpack_small": unpack_small, "dequantize": dequantize, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
             "descend": descend, "mean_descend": mean_descend, "feistel": feistel, "ascending": ascending,
             "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write,
-            "rice_read": rice_read}
+            "rice_read": rice_read, "pick_top": pick_top}
 
 
 BLOCK = 4096  # coordinates a kernel handles per inner loop (its temporaries stay in the L1/L2 cache)
@@ -1321,6 +1339,20 @@ def rice_indices(data: np.ndarray, rem_bytes: int, k: int, r: int, dim: int) -> 
     out = np.empty(k, dtype=np.int64)
     status, value = kernels["rice_read"](data, int(rem_bytes), int(k), int(r), int(dim), out, BIT_OF_BYTE)
     return int(status), int(value), torch.from_numpy(out)
+
+
+def pick_top(mag: torch.Tensor, threshold: torch.Tensor, k: int, where: torch.Tensor | None) -> torch.Tensor | None:
+    """Top-K's rule given the k-th largest value ``threshold`` of a CPU float32/float64 ``mag``: the
+    positions (in ``where``, or in ``mag``) of the values above it and of the first ties, in order, in
+    two compiled passes; None without Numba or for other tensors."""
+    kernels = _kernels()
+    if kernels is None or mag.device.type != "cpu" or mag.dtype not in (torch.float32, torch.float64):
+        return None
+    values = mag.contiguous().numpy()
+    out = np.empty(values.size, dtype=np.int64)
+    spots = where.contiguous().numpy() if where is not None else out[:0]
+    count = kernels["pick_top"](values, values.dtype.type(threshold), int(k), spots, where is not None, out)
+    return torch.from_numpy(out[:count])
 
 
 def indices_at_least(x: torch.Tensor, level: float, expect: int) -> tuple[torch.Tensor, bool] | None:

@@ -78,6 +78,9 @@ def _lowest_index_topk(mag: torch.Tensor, where: torch.Tensor | None, k: int) ->
     """Positions (in ``where``, sorted, or in ``mag`` itself) of the k largest of ``mag``, ties to the
     lower position."""
     threshold = _kth_largest(mag, k)
+    compiled = cpu_kernels.pick_top(mag, threshold, k, where)
+    if compiled is not None:
+        return compiled
     above = mag > threshold
     at = mag == threshold
     keep = above.logical_or_(at.logical_and_(torch.cumsum(at, 0) <= k - int(above.sum())))
