@@ -175,6 +175,10 @@ def main() -> None:
         with open(args.out, "w") as f:
             json.dump({"problem": args.problem, "lr": args.lr, "powersgd": args.powersgd, "world": args.world,
                        "dim": sum(p.numel() for p in model.parameters()), "evaluations": evaluations}, f)
+    # every rank waits for rank 0's file before any tears the group down: a rank that destroyed its
+    # group while rank 0 still wrote has ended in gloo's teardown ("terminate called without an
+    # active exception", SIGABRT) in some runs
+    dist.barrier()
     dist.destroy_process_group()
 
 
