@@ -748,12 +748,12 @@ def _kernels():
             out[i >> 3] |= np.uint8(1 << (i & 7))
 
     @jit()
-    def rice_read(data, rem_bytes, k, r, dim, out, bit_of):
+    def rice_read(data, rem_bytes, k, r, dim, out, lowest_bit):
         """Decodes the Rice frame of ``common.wire.indexcode`` (``data``: remainders, then the unary
         section) into ``out`` (k int64 indices), checking it as the NumPy version does and in its
         order. Returns (status, value): 0 decoded; 1 the unary section holds ``value`` one bits, not
         k; 2 bytes after the last one bit; 3 a gap exceeds d; 4 the last index ``value`` is >= d.
-        ``bit_of[1 << i] = i``."""
+        A one bit's place in its byte comes from the de Bruijn table of ``ascending``."""
         n = data.size
         ones, last = np.int64(0), np.int64(-1)
         for b in range(rem_bytes, n):
@@ -774,7 +774,7 @@ def _kernels():
             v = np.int64(data[b])
             while v != 0:
                 low = v & -v
-                one = np.int64(8 * (b - rem_bytes)) + bit_of[low]
+                one = np.int64(8 * (b - rem_bytes)) + lowest_bit[(u64(low) * u64(DE_BRUIJN)) >> u64(58)]
                 v ^= low
                 q = one - prev_one - 1
                 prev_one = one
@@ -949,32 +949,27 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
 
     codes = torch.empty(flat.size, dtype=code_dtype(top)).numpy()
     div = np_work(1.0 if divisor is None else float(divisor))
-    kernel = kernels[np_work]
+    draws_key, rounding = np.uint64(key), bool(stochastic)
+    powers = power_levels(lv.tobytes()) if np_work == np.float32 and uniform_s == 0 else None
 
     if np_work == np.float32 and uniform_s > 0 and uniform_levels_are_quotients(lv.tobytes(), int(uniform_s)):
-        power_of_two = uniform_s & (uniform_s - 1) == 0
-        uniform = kernels["uniform32"]
+        uniform, s = kernels["uniform32"], int(uniform_s)
+        power_of_two = s & (s - 1) == 0
 
-        def arithmetic(a, b):
-            return uniform(flat[a:b], a, div, int(uniform_s), power_of_two, np.uint64(key), bool(stochastic),
-                           neg[a:b], codes[a:b])
+        def piece(a, b):  # levels computed as k / s
+            return uniform(flat[a:b], a, div, s, power_of_two, draws_key, rounding, neg[a:b], codes[a:b])
+    elif powers is not None:
+        binary, (c, fixups) = kernels["powers32"], powers
 
-        return torch.from_numpy(neg).view(x.shape), torch.from_numpy(codes).view(x.shape), _span(_run(flat.size, 2, arithmetic))
-
-    powers = power_levels(lv.tobytes()) if np_work == np.float32 and uniform_s == 0 else None
-    if powers is not None:
-        c, fixups = powers
-        kernel = kernels["powers32"]
-
-        def binary(a, b):
-            return kernel(flat[a:b], a, div, c, top, fixups, lv, starts, scan, np.uint64(key), bool(stochastic),
+        def piece(a, b):  # levels 0 and powers of two, read off the exponent
+            return binary(flat[a:b], a, div, c, top, fixups, lv, starts, scan, draws_key, rounding,
                           neg[a:b], codes[a:b])
+    else:
+        table = kernels[np_work]
 
-        return torch.from_numpy(neg).view(x.shape), torch.from_numpy(codes).view(x.shape), _span(_run(flat.size, 2, binary))
-
-    def piece(a, b):
-        return kernel(flat[a:b], a, div, int(uniform_s), starts, crowded, scan, lv, top, np.uint64(key),
-                      bool(stochastic), neg[a:b], codes[a:b])
+        def piece(a, b):  # any table, looked up
+            return table(flat[a:b], a, div, int(uniform_s), starts, crowded, scan, lv, top, draws_key,
+                         rounding, neg[a:b], codes[a:b])
 
     return torch.from_numpy(neg).view(x.shape), torch.from_numpy(codes).view(x.shape), _span(_run(flat.size, 2, piece))
 
@@ -1326,10 +1321,6 @@ def bitmap_frame(idx: torch.Tensor, dim: int) -> torch.Tensor | None:
     return torch.from_numpy(out)
 
 
-BIT_OF_BYTE = np.zeros(256, dtype=np.int64)
-BIT_OF_BYTE[[1 << i for i in range(8)]] = np.arange(8)
-
-
 def rice_indices(data: np.ndarray, rem_bytes: int, k: int, r: int, dim: int) -> tuple[int, int, torch.Tensor] | None:
     """(status, value, indices) of ``rice_read`` for a Rice frame whose sizes and padding the caller
     has checked; None without Numba."""
@@ -1337,7 +1328,7 @@ def rice_indices(data: np.ndarray, rem_bytes: int, k: int, r: int, dim: int) -> 
     if kernels is None:
         return None
     out = np.empty(k, dtype=np.int64)
-    status, value = kernels["rice_read"](data, int(rem_bytes), int(k), int(r), int(dim), out, BIT_OF_BYTE)
+    status, value = kernels["rice_read"](data, int(rem_bytes), int(k), int(r), int(dim), out, LOWEST_BIT)
     return int(status), int(value), torch.from_numpy(out)
 
 
