@@ -298,7 +298,7 @@ def _norm_inputs(n: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n", [(1 << 20) + 1, (1 << 20) + 4_099, 3 * (1 << 20) + 61, 1 << 21])
+@pytest.mark.parametrize("n", [1 << 18, (1 << 18) + 4_099, (1 << 20) + 1, 3 * (1 << 20) + 61, 1 << 21])
 def test_compiled_norm_is_the_torch_norm_bit_for_bit(n, dtype, monkeypatch):
     """float64_norm's compiled sum and its torch block loop give the same bits (the dithering norm
     and sign's scale, hence the codes, depend on them), on lengths with every kind of remainder."""
