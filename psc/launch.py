@@ -175,7 +175,10 @@ def _launch_procs(config, metrics, device, timeout, heartbeat, progress, keys, r
 
     restartable = bool(faults["checkpoint_dir"] or faults["resume"])
 
-    def supervise() -> None:
+    def supervise() -> bool:
+        """Raise ``RunFailed`` for a worker that exited with an error, or start it again where the
+        run can be restored; True if one was restarted."""
+        restarted = False
         for i, w in enumerate(workers):
             reason = w.failure()
             if reason is None:
@@ -184,6 +187,8 @@ def _launch_procs(config, metrics, device, timeout, heartbeat, progress, keys, r
                 raise RunFailed(reason + (f" (restarted {w.restarts} times)" if w.restarts else ""))
             log.warning("%s; starting it again (restart %d of %d)", reason, w.restarts + 1, MAX_RESTARTS)
             workers[i] = WorkerProcess(w.rank, w.argv, w.env, w.restarts + 1)
+            restarted = True
+        return restarted
 
     devices = worker_devices(config.workers, device)
     env = dict(os.environ)

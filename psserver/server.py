@@ -27,7 +27,10 @@ alive re-register (they re-send HELLO while the server is silent), the others ar
 the metrics file is rewound to the checkpoint and appended.
 
 ``supervise`` (optional) is called between polls, at least every half second: ``psc launch`` uses
-it to raise ``RunFailed`` as soon as one of its worker processes has exited with an error.
+it to raise ``RunFailed`` as soon as one of its worker processes has exited with an error (or, where
+workers are restarted, to start it again and return True). A send that finds a connection closed
+first gives it up to ``EXIT_REPORT_S`` to see the process's end, so that the error names how the
+worker ended (killed by SIGKILL) and not only its closed socket, whichever of the two is seen first.
 
 Who a rank belongs to: the connection that registered it (its main socket; its heartbeat socket,
 ``identity + b"-hb"``, is bound at its first heartbeat) and, with CURVE, the public key it
@@ -58,6 +61,8 @@ from runtime.server_core import BadUplink, RunFailed, ServerCore
 from runtime.setup import RunSetup
 from runtime.signals import Terminated
 
+EXIT_REPORT_S = 1.0  # how long a closed connection waits for the supervisor to see its process end
+
 log = logging.getLogger("psc.server")
 
 
@@ -72,7 +77,7 @@ class WorkerLost(RunFailed):
 class Server:
     def __init__(self, config: RunConfig, bind: str, metrics_path: str | None = None, timeout: float = 60.0,
                  heartbeat: float = 1.0, join_timeout: float = 600.0, progress: bool = True,
-                 supervise: Callable[[], None] | None = None, keys: transport.ServerKeys | None = None,
+                 supervise: Callable[[], bool | None] | None = None, keys: transport.ServerKeys | None = None,
                  round_timeout: float | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 50,
                  resume: str | None = None, rejoin_timeout: float = 120.0, model_out: str | None = None):
         self.config, self.bind, self.metrics_path = config, bind, metrics_path
@@ -113,7 +118,19 @@ class Server:
         arrive, a worker that stopped reading) makes it lost."""
         if not self.transport.send(identity, frames, must) and identity in self.rank_of:
             rank = self.rank_of[identity]
+            self._await_exit_report()
             raise WorkerLost([rank], f"worker {rank}'s connection closed (or it stopped reading)")
+
+    def _await_exit_report(self) -> None:
+        """A connection closed: where a supervisor watches the worker processes, let it see the one
+        that died (the kernel closes a dying process's sockets just before its exit status can be
+        read), for at most ``EXIT_REPORT_S`` seconds. It raises ``RunFailed`` naming the exit, or
+        returns True once it has restarted the process."""
+        if self.supervise is None:
+            return
+        deadline = time.monotonic() + EXIT_REPORT_S
+        while not self.supervise() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _stop_all(self, ok: bool, reason: str) -> None:
         for identity in self.ident.values():

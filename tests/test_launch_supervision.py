@@ -128,3 +128,44 @@ def test_cpu_workers_and_the_server_share_the_cores(monkeypatch, device, caller_
         assert torch.get_num_threads() == caller_threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_closed_connection_waits_for_the_supervisor_to_name_the_dead_process():
+    """The kernel closes a dying worker's socket just before its exit status can be read: a send that
+    finds the connection closed lets the supervisor look again (its RunFailed names the exit), and
+    goes on to the plain "connection closed" loss once the supervisor has restarted the process, or
+    after ``EXIT_REPORT_S`` when it finds nothing."""
+    import psserver.server as server_module
+    from psserver.server import Server, WorkerLost
+    from runtime.server_core import RunFailed
+
+    class Closed:
+        def send(self, identity, frames, must=False):
+            return False
+
+    def bare(supervise):
+        server = Server.__new__(Server)
+        server.transport, server.rank_of, server.supervise = Closed(), {b"w1": 1}, supervise
+        return server
+
+    calls = []
+
+    def dies_on_third_look():
+        calls.append(time.monotonic())
+        if len(calls) == 3:
+            raise RunFailed("worker 1 was killed by SIGKILL")
+        return False
+
+    with pytest.raises(RunFailed, match="killed by SIGKILL"):
+        bare(dies_on_third_look)._send(b"w1", [b""])
+    assert len(calls) == 3
+
+    restarted = []
+    with pytest.raises(WorkerLost, match="connection closed"):
+        bare(lambda: restarted.append(1) or True)._send(b"w1", [b""])
+    assert restarted == [1]  # no waiting once the process was started again
+
+    began = time.monotonic()
+    with pytest.raises(WorkerLost, match="connection closed"):
+        bare(lambda: False)._send(b"w1", [b""])
+    assert server_module.EXIT_REPORT_S <= time.monotonic() - began < server_module.EXIT_REPORT_S + 2
