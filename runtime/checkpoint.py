@@ -309,7 +309,8 @@ def save_model(path: str, problem, x: torch.Tensor) -> None:
 
 def server_snapshot(core, t: int) -> Checkpoint:
     """The server's side of boundary ``t`` (its rule, the problem's counters, the metrics totals);
-    the workers' states are added as they arrive."""
+    the workers' states are added as they arrive. The rule is settled first (``ServerCore.settle``)."""
+    core.settle()
     return Checkpoint(t, pack_state(core.rule.state_dict()), [], dict(core.setup.problem.state_dict()),
                       metrics_counters(core.metrics))
 
@@ -318,6 +319,7 @@ def restore_server(core, ckpt: Checkpoint, old_records: list[dict[str, Any]] | N
     """Put the server's side back at ``ckpt``'s boundary, metrics file included; the server's ends of
     the links forget what was said (the workers' ends do the same when they get their RESTORE)."""
     restore_rule(core.rule, unpack_state(ckpt.server, core.rule.x.device))
+    core.unsettled = None  # an abandoned round's rest is not applied to the restored state
     core.reset_links()
     core.setup.problem.load_state_dict(ckpt.problem)
     rewind_metrics(core.metrics, ckpt.round, ckpt.metrics, old_records)

@@ -13,6 +13,7 @@ import hashlib
 import time
 from typing import Any
 
+from common.algorithms.base import ServerRule
 from common.compressors.base import all_finite
 from common.wire.stream import DOWN, UP, LinkDecoder, LinkEncoder, encode_parts
 from runtime.setup import RunSetup
@@ -47,6 +48,8 @@ class ServerCore:
         self.pending: dict[str, Any] | None = None  # the last round's metrics, until ``record``
         self.reset_links()
         self.control_bytes = 0
+        self.unsettled: int | None = None  # the round whose ``settle`` has not run yet
+        self.defers = type(self.rule).settle is not ServerRule.settle  # the rule leaves work for after sending
 
     def reset_links(self) -> None:
         """Forget what every link has said (a new run, or a rollback to a checkpoint: the worker
@@ -102,7 +105,9 @@ class ServerCore:
         then overlaps the workers' next gradient instead of delaying it. It measures the same model:
         the rule does not move until the next round's uplinks. ``server_s`` is the server's time on
         the critical path: from the last uplink's arrival (its decode included) to the encoded
-        downlinks."""
+        downlinks; the work a rule leaves to ``settle`` (CD-Adam's mirrored AMSGrad step, EF21's
+        x step) is not in it, since ``record`` runs it after the downlinks are sent."""
+        self.settle()  # the last round's rest, where nothing ran it yet
         start = time.perf_counter() if uplinks is not None else self.last_accept
         for rank, up in enumerate(uplinks or ()):
             self.arrived[rank] = None
@@ -118,9 +123,10 @@ class ServerCore:
             raise RunFailed(f"round {t}: the server rule could not use the uplinks ({exc.__class__.__name__}: {exc})") from None
         if len(downs) != self.n:
             raise RunFailed(f"round {t}: the server rule returned {len(downs)} downlinks for {self.n} workers")
+        self.unsettled = t
+        if not self.defers:
+            self.settle()  # checks the model before it is sent
         model = self.rule.model
-        if not all_finite(model):
-            raise RunFailed(f"round {t}: the model is no longer finite (the run diverged; try a smaller --lr)")
         encoded: dict[int, Any] = {}
         out, bits_down = [], []
         with checked_finite(model):  # a downlink that is the model is not checked twice
@@ -148,9 +154,22 @@ class ServerCore:
         )
         return out
 
+    def settle(self) -> None:
+        """Run the rule's ``settle`` for the round just stepped (once; nothing if it ran), then check
+        that the model is still finite (``RunFailed`` if not). ``record``, the checkpoint's snapshot,
+        the digest and the next round call it first; a rule that defers work runs it here, after the
+        caller has sent the downlinks, so that it overlaps the workers' next computation."""
+        if self.unsettled is None:
+            return
+        t, self.unsettled = self.unsettled, None
+        self.rule.settle(t)
+        if not all_finite(self.rule.model):
+            raise RunFailed(f"round {t}: the model is no longer finite (the run diverged; try a smaller --lr)")
+
     def record(self) -> dict[str, Any]:
-        """Evaluate the model if this round is due (``--eval-every``) and write the round's metrics
-        line (once; nothing if no round is pending). Returns the line."""
+        """Settle the round (``settle``), evaluate the model if this round is due (``--eval-every``)
+        and write the round's metrics line (once; nothing if no round is pending). Returns the line."""
+        self.settle()
         if self.pending is not None:
             fields, self.pending = self.pending, None
             t = fields["t"]
@@ -161,6 +180,7 @@ class ServerCore:
 
     def model_digest(self) -> str:
         """SHA-256 of the model's bytes: two runs with the same digest have bit-identical models."""
+        self.settle()
         return hashlib.sha256(self.rule.model.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
     def end(self, **summary: Any) -> None:

@@ -178,3 +178,49 @@ def test_eval_every_skips_the_evaluation_but_not_the_run(tmp_path):
     assert digests[0] == digests[1]
     with pytest.raises(ValueError, match="eval_every"):
         RunConfig(eval_every=0)
+
+
+@pytest.mark.parametrize("algorithm, uplink", [("cd-adam", "sign"), ("ef21", "topk:ratio=0.1")])
+def test_a_rule_that_settles_after_sending_steps_its_model_once_before_anything_reads_it(algorithm, uplink):
+    """CD-Adam's mirrored AMSGrad step and EF21's server step wait until the downlinks are sent
+    (``ServerRule.settle``): ``round`` leaves the model where it was, and ``record``, the checkpoint's
+    snapshot or the next round runs the step exactly once; a rollback drops a pending one. The
+    trajectory is the engine's, which settles in ``record``."""
+    from runtime import checkpoint
+
+    config = RunConfig(algorithm=algorithm, uplink=uplink, workers=2, rounds=3, problem="quadratic:d=40", lr="0.01")
+    reference = [s.rule.model.clone() for _, s, _, _ in drive(config)]
+    setup = RunSetup.build(config)
+    server = ServerCore(setup, MetricsWriter(None))
+    workers = [WorkerCore(setup, rank, torch.device("cpu")) for rank in range(2)]
+
+    def exchange(t):
+        downs = server.round(t, [protocol.parse(w.uplink(t)[1]) for w in workers])
+        for w, frames in zip(workers, downs):
+            w.downlink(t, protocol.parse(frames))
+
+    start = server.rule.model.clone()
+    exchange(0)
+    assert server.defers and server.unsettled == 0 and torch.equal(server.rule.model, start)
+    server.record()
+    assert server.unsettled is None and torch.equal(server.rule.model, reference[0])
+    server.record()  # once only
+    assert torch.equal(server.rule.model, reference[0])
+    assert all(torch.equal(w.rule.x, server.rule.model) for w in workers)  # the mirror is the workers' x
+    exchange(1)
+    snapshot = checkpoint.server_snapshot(server, 2)  # settles before it copies the state
+    assert server.unsettled is None and torch.equal(server.rule.model, reference[1])
+    exchange(2)  # the next round would settle it; a rollback drops it instead
+    checkpoint.restore_server(server, snapshot)
+    assert server.unsettled is None and torch.equal(server.rule.model, reference[1])
+    server.record()
+    assert torch.equal(server.rule.model, reference[1])
+
+
+def test_a_rule_without_settle_checks_its_model_before_the_downlinks_are_encoded():
+    setup = RunSetup.build(RunConfig(algorithm="gd", workers=2, rounds=1, problem="quadratic:d=10", lr="1e300"))
+    server = ServerCore(setup, MetricsWriter(None))
+    assert not server.defers
+    ups = [protocol.parse(WorkerCore(setup, r, torch.device("cpu")).uplink(0)[1]) for r in range(2)]
+    with pytest.raises(RunFailed, match="no longer finite"):
+        server.round(0, ups)

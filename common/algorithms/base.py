@@ -4,6 +4,7 @@ One round t, as the runtime drives it:
 
     worker i:  msg_up_i = worker_rule.uplink(t)            (calls its gradient oracle as it needs)
     server:    msgs_down = server_rule.step(t, [msg_up_1..msg_up_n])   (one message per worker)
+               server_rule.settle(t)                       (what no downlink depends on; after sending)
     worker i:  worker_rule.downlink(t, msgs_down[i])
 
 Rules never touch sockets, clocks or files: the in-process engine and the real processes drive the
@@ -156,6 +157,12 @@ class ServerRule:
 
     def step(self, t: int, uplinks: list[Message]) -> list[Message]:
         raise NotImplementedError
+
+    def settle(self, t: int) -> None:
+        """The rest of round ``t``'s update, which no downlink of the round depends on: the server's
+        own copy of a model that the workers step themselves. The runtime runs it after the
+        downlinks are on their way, while the workers compute (``runtime.server_core``), and always
+        before anything reads the rule's state and before the next ``step``. Nothing by default."""
 
     def round_metrics(self) -> dict[str, Any]:
         """Extra fields for this round's metrics line (e.g. communication rounds per iteration)."""

@@ -13,7 +13,8 @@ AMSGrad state on the workers, nu inside the square root, no bias correction.
 
 Both sides update their Markov state with what the receiver decodes (the float32-rounded scale and
 the packed signs, sign(0) = +1). The server holds g_hat and g~ and mirrors lines 13-16 so that its
-``model`` is the workers' x. Default compressor: scaled sign, scale = ||x||_1/d (``sign``), both ways.
+``model`` is the workers' x; the broadcast c_t does not depend on that copy, so the mirror runs in
+``settle``, after c_t is sent, while the workers run the same lines. Default compressor: scaled sign, scale = ||x||_1/d (``sign``), both ways.
 """
 from __future__ import annotations
 
@@ -34,8 +35,10 @@ class CDAdamServer(MirrorServer):
     def step(self, t, uplinks):
         self.g_hat = shift(self.g_hat, mean_of(uplinks, "c"))                                       # line 8
         c, self.g_tilde = markov_compress(self.ctx.downlink, self.g_hat, self.g_tilde, 0, t)        # lines 9-10
-        amsgrad_step(self, self.g_tilde)                                                           # lines 13-16, mirrored
         return [Message({"c": c})] * self.ctx.n
+
+    def settle(self, t):
+        amsgrad_step(self, self.g_tilde)                                                           # lines 13-16, mirrored
 
 
 class CDAdamWorker(MirrorWorker):

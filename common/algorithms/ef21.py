@@ -10,7 +10,7 @@ Markov compression of the gradients, optionally of the downlink too.
 Downlink (the CD-Adam paper's "EF21 with bidirectional Top-K and SGD", its Algorithm 1 lines 5-7
 with SGD in place of Adam): the server keeps g~, a copy of what the workers hold, and broadcasts
 c = C_down(g^t - g~); everyone does g~ += c and x^{t+1} = x^t - gamma g~ (the server too: its x is
-the model). With ``--downlink identity`` (the default) c = g^t - g~, so g~ = g^t up to rounding and this
+the model, stepped in ``settle`` once c is sent, since no downlink depends on it). With ``--downlink identity`` (the default) c = g^t - g~, so g~ = g^t up to rounding and this
 is plain EF21. Every shared vector is updated from the decoded payloads.
 Theory step (Richtarik et al. 2021, Thm 1), identity downlink only:
 gamma = 1 / (L + L_tilde sqrt(beta/theta)), theta = 1 - sqrt(1 - alpha), beta = (1 - alpha)/theta,
@@ -36,9 +36,11 @@ class EF21Server(ServerRule):
     def step(self, t, uplinks):
         self.g = shift(self.g, mean_of(uplinks, "c"))                                # g^{t+1} = g^t + (1/n) sum_i c_i
         c, self.g_down = markov_compress(self.ctx.downlink, self.g, self.g_down, 0, t)   # c = C_down(g - g~);  g~ += c
-        self.x = descend(self.x, self.ctx.lr, self.g_down)
         down = Message({"c": c})
         return [down] * self.ctx.n
+
+    def settle(self, t):
+        self.x = descend(self.x, self.ctx.lr, self.g_down)  # the server's copy of x^{t+1}; no downlink needs it
 
 
 class EF21Worker(WorkerRule):
