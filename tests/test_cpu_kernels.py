@@ -387,10 +387,51 @@ def test_distinct_values_come_out_of_the_bitmap_in_numpy_s_order():
     assert cpu_kernels.sorted_distinct(torch.tensor([3, 5, 3], dtype=torch.int32), 10) is None
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_support_marked_in_a_bitmap_gathers_and_scatters_as_index_select_and_index_copy(monkeypatch, threads):
+    """``gather_marked`` gives x.index_select(0, support) * scale and says whether all of x is finite;
+    ``scatter_marked`` gives zeros with index_copy_, or h + that (in place too): the same bytes,
+    -0.0 included, for float32 and float64, lengths with a partial last word, one piece or several."""
+    monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
+    monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1000)
+    gen = torch.Generator().manual_seed(8)
+    for dim in (1, 65, 4099, 100_003):
+        for size in sorted({0, 1, dim // 3, dim}):
+            support = torch.randperm(dim, generator=gen)[:size]
+            words = cpu_kernels.marked(support.to(torch.int32), dim)
+            ordered = torch.sort(support).values
+            for dtype in (torch.float32, torch.float64):
+                x = torch.randn(dim, generator=gen, dtype=dtype)
+                x[::7] = -0.0
+                h = torch.randn(dim, generator=gen, dtype=dtype)
+                h[::5] = -0.0
+                for scale in (3.0, 0.1):
+                    got, finite = cpu_kernels.gather_marked(x, words, size, scale)
+                    want = x.index_select(0, ordered).mul_(scale)
+                    assert finite and got.dtype == dtype and got.numpy().tobytes() == want.numpy().tobytes()
+                dense = torch.zeros(dim, dtype=dtype).index_copy_(0, ordered, want)
+                assert cpu_kernels.scatter_marked(words, want, dim).numpy().tobytes() == dense.numpy().tobytes()
+                added = (h + dense).numpy().tobytes()
+                assert cpu_kernels.scatter_marked(words, want, dim, h).numpy().tobytes() == added
+                inplace = h.clone()
+                assert cpu_kernels.scatter_marked(words, want, dim, inplace, inplace=True) is inplace
+                assert inplace.numpy().tobytes() == added
+            for bad in (float("nan"), float("inf"), -float("inf")):  # anywhere in x, on the support or not
+                for spot in {0, dim // 2, dim - 1}:
+                    x = torch.ones(dim)
+                    x[spot] = bad
+                    assert not cpu_kernels.gather_marked(x, words, size, 1.0)[1]
+    assert cpu_kernels.marked(torch.tensor([3, 5, 3], dtype=torch.int32), 10) is None  # equal values: refused
+    assert cpu_kernels.gather_marked(torch.ones(65), np.zeros(1, dtype=np.uint64), 0, 1.0) is None  # x beyond the bitmap
+    assert cpu_kernels.scatter_marked(np.zeros(2, dtype=np.uint64), torch.ones(0), 100, torch.ones(99)) is None
+
+
 def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(monkeypatch):
     """At a d where the compressor's path takes the compiled pass, every worker's message of a step
-    has the same bytes as with the torch version, and the blocks still partition [d]."""
+    has the same bytes as with the torch version, and the blocks still partition [d]; the bitmap's
+    gather and scatter give the bytes of the sorted support's index_select and index_copy_."""
     from common.compressors import indices
+    from common.compressors.payloads import add_dense
 
     dim, n = cpu_kernels.MIN_CHUNK + 1001, 3
     x = torch.randn(dim, generator=torch.Generator().manual_seed(2))
@@ -406,6 +447,13 @@ def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(mon
     assert [encode(c.compress(x, worker=w, step=9)) for w in range(n)] == compiled
     supports = [decode(f).support(torch.device("cpu")) for f in compiled]
     assert torch.equal(torch.sort(torch.cat(supports)).values, torch.arange(dim))
+    h = torch.randn(dim, generator=torch.Generator().manual_seed(3))
+    fused = [(decode(f).to_dense(), add_dense(h, decode(f))) for f in compiled]
+    monkeypatch.setattr(indices, "marked_support", lambda rule: None)  # the sorted support, index_select and index_copy_
+    assert [encode(c.compress(x, worker=w, step=9)) for w in range(n)] == compiled
+    for f, (dense, added) in zip(compiled, fused):
+        assert decode(f).to_dense().numpy().tobytes() == dense.numpy().tobytes()
+        assert add_dense(h, decode(f)).numpy().tobytes() == added.numpy().tobytes()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -53,6 +53,10 @@ class Chain(Compressor):
     def spec(self):
         return f"{self.head.spec}+{self.tail.spec}"
 
+    def _check_input(self, x):
+        """The head's check: a head that checks finiteness in ``select`` (Top-K, Perm-K) is not checked twice."""
+        self.head._check_input(x)
+
     def _compress(self, x, key):
         indices, rule, values = self.head.select(x, key)
         tail_key = key.child("stage")

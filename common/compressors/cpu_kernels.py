@@ -36,6 +36,9 @@ root, with the same bits as its torch expressions: at d = 1e7 they were about a 
 gradient method's step in one pass each, with the bits of torch's separate operations.
 ``keyed_range`` evaluates Perm-K's keyed bijection (``indices.keyed_permutation``) on a block of
 positions in one pass, with the integer arithmetic of the torch version's twenty-odd passes.
+``marked`` sets the block's positions in a bitmap of d bits, which ``gather_marked`` (the message's
+values, and whether x is finite) and ``scatter_marked`` (the dense form, or h + it) read in
+increasing order: the block is never sorted, and no index array is written or read.
 
 Kernels are compiled on first use (about a second) and cached on disk (Numba's ``cache=True``).
 """
@@ -697,6 +700,89 @@ def _kernels():
         return count
 
     @jit()
+    def mark(values, words):
+        """Set bit v of the zeroed bitmap ``words`` for each v in ``values`` (in [0, 64 words.size)).
+        One thread: pieces of the values in parallel would race on a shared word."""
+        for i in range(values.size):
+            v = np.int64(values[i])
+            words[v >> 6] |= u64(1) << u64(v & 63)
+
+    @jit()
+    def count_marked(words):
+        """The number of set bits (a SWAR population count of each word)."""
+        c = np.int64(0)
+        for w in range(words.size):
+            b = words[w]
+            b = b - ((b >> u64(1)) & u64(0x5555555555555555))
+            b = (b & u64(0x3333333333333333)) + ((b >> u64(2)) & u64(0x3333333333333333))
+            b = (b + (b >> u64(4))) & u64(0x0F0F0F0F0F0F0F0F)
+            c += np.int64((b * u64(0x0101010101010101)) >> u64(56))
+        return c
+
+    @jit()
+    def gather_marked(words, first, x, scale, lowest_bit, out):
+        """out_c = x[p] * scale for the set bits p of ``words`` in increasing order, where bit j of
+        words[w] stands for p = 64 (first + w) + j: x.index_select(0, support) * scale, with the
+        product rounded in x's precision as torch rounds it. Returns 1 if a coordinate of x that the
+        words cover (64 first .. 64 (first + words.size), within x) is NaN or inf, else 0: the gather
+        reads nearly every cache line of x anyway, so each block of 4096 is checked (v - v is 0 only
+        for a finite v; a max of int32 flags keeps the loop vectorized) just before it is gathered."""
+        c = 0
+        bad = np.int32(0)
+        for w0 in range(0, words.size, 64):
+            w1 = min(words.size, w0 + 64)
+            lo = (np.int64(first) + w0) << 6
+            xb = x[lo:min(x.size, (np.int64(first) + w1) << 6)]  # (x[lo + i] was not vectorized)
+            for i in range(xb.size):
+                v = xb[i]
+                bad = max(bad, np.int32(v - v != 0))
+            for w in range(w0, w1):
+                word = words[w]
+                base = np.int64(first + w) << 6
+                while word != u64(0):
+                    low = word & (~word + u64(1))
+                    out[c] = x[base + lowest_bit[(low * u64(DE_BRUIJN)) >> u64(58)]] * scale
+                    c += 1
+                    word ^= low
+        return bad
+
+    @jit()
+    def scatter_marked(words, values, h, use_h, lowest_bit, out):
+        """The dense form of ``values`` on the set bits of ``words`` (bit j of words[w] is out[64 w + j]),
+        written over all of ``out``: 0 off the support and values_c on it, or with ``use_h``
+        h_i + 0 off it and h_i + values_c on it (h + the dense form, as torch adds them: -0 + 0 is +0,
+        -0 + -0 is -0). Block by block of 64 words: the sums on the support are taken first, from h
+        as it was (``out`` may be h itself), then the block is filled, then the sums written."""
+        zero = out.dtype.type(0.0)
+        sums = np.empty(4096, dtype=out.dtype)
+        spots = np.empty(4096, dtype=np.int64)
+        c = 0
+        for w0 in range(0, words.size, 64):
+            w1 = min(words.size, w0 + 64)
+            k = 0
+            for w in range(w0, w1):
+                word = words[w]
+                while word != u64(0):
+                    low = word & (~word + u64(1))
+                    p = (np.int64(w) << 6) + lowest_bit[(low * u64(DE_BRUIJN)) >> u64(58)]
+                    sums[k] = h[p] + values[c] if use_h else values[c]
+                    spots[k] = p
+                    k += 1
+                    c += 1
+                    word ^= low
+            lo, hi = np.int64(w0) << 6, min(out.size, np.int64(w1) << 6)
+            ob = out[lo:hi]  # (out[lo + i] was not vectorized)
+            if use_h:
+                hb = h[lo:hi]
+                for i in range(ob.size):
+                    ob[i] = hb[i] + zero
+            else:
+                for i in range(ob.size):
+                    ob[i] = zero
+            for i in range(k):
+                out[spots[i]] = sums[i]
+
+    @jit()
     def gap_quotient_sums(idx, shifts, sums):
         """sums[c] = the sum of g_j >> shifts[c] over the gaps g_0 = idx_0, g_j = idx_j - idx_(j-1) - 1
         of sorted indices; returns False where a gap is negative (indices not strictly increasing)."""
@@ -822,6 +908,7 @@ def _kernels():
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
             "descend": descend, "mean_descend": mean_descend, "feistel": feistel, "ascending": ascending,
+            "mark": mark, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
             "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write,
             "rice_read": rice_read, "pick_top": pick_top}
 
@@ -1285,6 +1372,73 @@ def sorted_distinct(values: torch.Tensor, dim: int) -> torch.Tensor | None:
     words = np.zeros((dim + 63) // 64, dtype=np.uint64)
     count = kernels["ascending"](values.contiguous().numpy().reshape(-1), words, out, LOWEST_BIT)
     return torch.from_numpy(out) if count == out.size else None
+
+
+def marked(values: torch.Tensor, dim: int) -> np.ndarray | None:
+    """A bitmap of ``dim`` bits (uint64 words, bit v of word v >> 6) with the bits of the distinct CPU
+    integers ``values`` in [0, dim) set: a support in increasing order without sorting it, for
+    ``gather_marked`` and ``scatter_marked``. None without Numba, on another device, or where two
+    values are equal (fewer bits are set than there are values)."""
+    kernels = _kernels()
+    if kernels is None or values.device.type != "cpu":
+        return None
+    words = np.zeros((dim + 63) // 64, dtype=np.uint64)
+    kernels["mark"](values.contiguous().numpy().reshape(-1), words)
+    return words if kernels["count_marked"](words) == values.numel() else None
+
+
+def _marked_pieces(words: np.ndarray, dim: int):
+    """The pieces of ``_chunks(dim, 64)`` as (first word, last word + 1, set bits before the piece)."""
+    kernels = _kernels()
+    pieces = [(a // 64, -(-b // 64)) for a, b in _chunks(dim, 64)]
+    counts = [int(kernels["count_marked"](words[a:b])) for a, b in pieces]
+    return [(a, b, int(c)) for (a, b), c in zip(pieces, np.cumsum([0] + counts[:-1]))]
+
+
+def gather_marked(x: torch.Tensor, words: np.ndarray, count: int, scale: float) -> tuple[torch.Tensor, bool] | None:
+    """(x.index_select(0, support) * scale, whether every x_i is finite) for the support of the bitmap
+    ``words`` (``marked``, ``count`` bits set), in one pass over x and the bitmap (the pieces in
+    parallel threads), the values with the same bits; None without Numba or for other than a CPU
+    float32/float64 vector of 64 ``words.size`` coordinates or fewer."""
+    kernels = _kernels()
+    if (kernels is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+            or x.dim() != 1 or x.numel() > 64 * words.size):
+        return None
+    flat = x.detach().contiguous().numpy()
+    out = np.empty(count, dtype=flat.dtype)
+    factor = flat.dtype.type(scale)  # rounded to x's precision, as torch does with a Python scalar
+    bad = _run_pieces(_marked_pieces(words, flat.size),
+                      lambda a, b, c: kernels["gather_marked"](words[a:b], a, flat, factor, LOWEST_BIT, out[c:]))
+    return torch.from_numpy(out), not any(bad)
+
+
+def scatter_marked(words: np.ndarray, values: torch.Tensor, dim: int, h: torch.Tensor | None = None,
+                   inplace: bool = False) -> torch.Tensor | None:
+    """The dense vector of ``dim`` coordinates holding ``values`` on the support of the bitmap ``words``
+    (in increasing order) and 0 elsewhere, or with ``h``, h + that dense vector (h_i + 0 off the
+    support; into h itself with ``inplace``), written in one pass (the pieces in parallel threads) with
+    the bits of torch's zeros, ``index_copy_`` and addition; None without Numba or for other than CPU
+    float32/float64 vectors of one dtype (h contiguous)."""
+    kernels = _kernels()
+    tensors = (values,) if h is None else (values, h)
+    if (kernels is None or values.dtype not in (torch.float32, torch.float64)
+            or any(t.device.type != "cpu" or t.dtype != values.dtype or t.dim() != 1 for t in tensors)
+            or (h is not None and (h.numel() != dim or not h.is_contiguous()))):
+        return None
+    kept = values.detach().contiguous().numpy()
+    base = h.detach().numpy() if h is not None else None
+    out = base if inplace and base is not None else np.empty(dim, dtype=kept.dtype)
+    base = out if base is None else base
+    _run_pieces(_marked_pieces(words, dim), lambda a, b, c: kernels["scatter_marked"](
+        words[a:b], kept[c:], base[64 * a:64 * b], h is not None, LOWEST_BIT, out[64 * a:64 * b]))
+    return h if inplace and h is not None else torch.from_numpy(out)
+
+
+def _run_pieces(pieces, fn) -> list:
+    """``fn(*piece)`` for each piece, in parallel threads where there are several; the results in order."""
+    if len(pieces) == 1:
+        return [fn(*pieces[0])]
+    return list(_pool().map(lambda piece: fn(*piece), pieces))
 
 
 def gap_quotient_sums(idx: torch.Tensor, shifts: list[int]) -> list[int] | None:

@@ -163,6 +163,20 @@ def permk_support_tensor(dim: int, n: int, worker: int, key: int, device: torch.
     return _sorted_distinct(keyed_block(start, size, dim, key, device), dim).to(torch.int64)
 
 
+def marked_support(rule) -> tuple[np.ndarray, int] | None:
+    """A keyed Perm-K rule's support on the CPU as a bitmap of d bits (``cpu_kernels.marked``) and its
+    size, for the compiled gather and scatter (``cpu_kernels.gather_marked``, ``scatter_marked``), which
+    read it in increasing order without sorting the block. None where those do not apply: another
+    rule, d below ``cpu_kernels.MIN_CHUNK``, the host construction, a block of all of [d], no Numba."""
+    if rule.kind != "permk" or not _permk_on_device(rule.dim, rule.count) or rule.dim < cpu_kernels.MIN_CHUNK:
+        return None
+    start, size = _block(rule.dim, rule.count, _slot(rule.dim, rule.count, rule.worker, rule.key))
+    if size == rule.dim:
+        return None
+    words = cpu_kernels.marked(keyed_block(start, size, rule.dim, rule.key, torch.device("cpu")), rule.dim)
+    return None if words is None else (words, size)
+
+
 def keyed_block(start: int, size: int, dim: int, key: int, device: torch.device) -> torch.Tensor:
     """``keyed_permutation`` of the positions start, ..., start + size - 1 on ``device`` (int32 where
     the domain fits): on the CPU for d of at least ``cpu_kernels.MIN_CHUNK`` in one compiled pass

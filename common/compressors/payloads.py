@@ -281,10 +281,24 @@ class Sparse:
 
     def to_dense(self) -> torch.Tensor:
         kept = self.values.to_dense().to(self.dtype)
+        fused = self.marked_dense(kept)
+        if fused is not None:
+            return fused
         out = zeros(self.dim, self.dtype, kept.device)
         if kept.numel():
             out.index_copy_(0, self.support(kept.device), kept)
         return out
+
+    def marked_dense(self, kept: torch.Tensor, h: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor | None:
+        """The dense form of ``kept`` on a regenerated support (or h + it) in one compiled pass on the
+        CPU, where the support comes as a bitmap (``indices.marked_support``: large keyed Perm-K): the
+        same bits as zeros and ``index_copy_``, without sorting the block. Else None."""
+        if self.indices is not None or self.rule is None or kept.device.type != "cpu":
+            return None
+        marked = index_sets.marked_support(self.rule)
+        if marked is None or marked[1] != kept.numel():  # (a wrong length takes the reference path, which raises)
+            return None
+        return cpu_kernels.scatter_marked(marked[0], kept, self.dim, h, inplace)
 
     def nominal_bits(self) -> int:
         k = self.values.dim
@@ -309,6 +323,9 @@ def add_dense(h: torch.Tensor, payload, inplace: bool = False) -> torch.Tensor:
             return fused
     if isinstance(payload, Sparse) and payload.dtype == h.dtype and h.dim() == 1 and payload.dim == h.numel():
         kept = payload.values.to_dense().to(h.dtype)
+        fused = payload.marked_dense(kept, h, inplace) if kept.device == h.device else None
+        if fused is not None:
+            return fused
         support = payload.support(h.device) if kept.device == h.device else None
         if support is not None and support.numel() == kept.numel():  # else the reference path raises as before
             on_support = h.index_select(0, support).add_(kept)

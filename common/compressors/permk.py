@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 
 from common.compressors.base import Constants, Selection, Sparsifier, register
-from common.compressors.indices import permk_scale, support_on
+from common.compressors import cpu_kernels
+from common.compressors.indices import marked_support, permk_scale, support_on
 from common.compressors.payloads import IndexRule
 
 
@@ -31,8 +32,21 @@ class PermK(Sparsifier):
         self.selection = Selection(scale=scale, gamma=1.0, max_out=math.ceil(d / n) if d >= n else 1)
         self._set_constants(Constants(unbiased=True, omega=zeta - 1.0, b1=(zeta, zeta), b2=(1.0, zeta), theta=0.0))
 
+    def _check_input(self, x):
+        """Shape and type only: ``select`` checks finiteness, in the compiled gather where it runs."""
+        self._check_shape(x)
+
     def select(self, x, key):
         m = x.numel()
         rule = IndexRule.keyed("permk", m, self.n_workers, key.worker, key.for_worker(0).child("permutation"))
-        idx = support_on(rule, x.device)
-        return None, rule, x.index_select(0, idx).mul_(permk_scale(m, self.n_workers))
+        scale = permk_scale(m, self.n_workers)
+        if x.device.type == "cpu":  # the block read in increasing order from a bitmap, without sorting it
+            marked = marked_support(rule)
+            gathered = cpu_kernels.gather_marked(x, *marked, scale) if marked is not None else None
+            if gathered is not None:
+                values, finite = gathered
+                if not finite:
+                    self._check_finite(x)  # raises for a NaN or inf
+                return None, rule, values
+        self._check_finite(x)
+        return None, rule, x.index_select(0, support_on(rule, x.device)).mul_(scale)
