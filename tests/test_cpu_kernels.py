@@ -422,6 +422,9 @@ def test_a_support_marked_in_a_bitmap_gathers_and_scatters_as_index_select_and_i
                     x[spot] = bad
                     assert not cpu_kernels.gather_marked(x, words, size, 1.0)[1]
     assert cpu_kernels.marked(torch.tensor([3, 5, 3], dtype=torch.int32), 10) is None  # equal values: refused
+    repeated = torch.randperm(5000, generator=gen)[:3000]
+    repeated[2999] = repeated[0]  # in another thread's share of the values where there are two
+    assert cpu_kernels.marked(repeated, 5000) is None
     assert cpu_kernels.gather_marked(torch.ones(65), np.zeros(1, dtype=np.uint64), 0, 1.0) is None  # x beyond the bitmap
     assert cpu_kernels.scatter_marked(np.zeros(2, dtype=np.uint64), torch.ones(0), 100, torch.ones(99)) is None
 

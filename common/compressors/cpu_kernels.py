@@ -702,7 +702,7 @@ def _kernels():
     @jit()
     def mark(values, words):
         """Set bit v of the zeroed bitmap ``words`` for each v in ``values`` (in [0, 64 words.size)).
-        One thread: pieces of the values in parallel would race on a shared word."""
+        Threads must not share ``words`` (they would race on a word): see ``marked``."""
         for i in range(values.size):
             v = np.int64(values[i])
             words[v >> 6] |= u64(1) << u64(v & 63)
@@ -1382,8 +1382,16 @@ def marked(values: torch.Tensor, dim: int) -> np.ndarray | None:
     kernels = _kernels()
     if kernels is None or values.device.type != "cpu":
         return None
-    words = np.zeros((dim + 63) // 64, dtype=np.uint64)
-    kernels["mark"](values.contiguous().numpy().reshape(-1), words)
+    flat = values.contiguous().numpy().reshape(-1)
+    # threads that set bits in one bitmap would race on its words: each marks a share of the values
+    # in a bitmap of its own, and the bitmaps are merged by OR (a collision there is a repeated value)
+    parts = max(1, min(_threads(), flat.size // MIN_CHUNK))
+    bounds = [(flat.size * i // parts, flat.size * (i + 1) // parts) for i in range(parts)]
+    maps = [np.zeros((dim + 63) // 64, dtype=np.uint64) for _ in bounds]
+    _run_pieces([(a, b, m) for (a, b), m in zip(bounds, maps)], lambda a, b, m: kernels["mark"](flat[a:b], m))
+    words = maps[0]
+    for other in maps[1:]:
+        np.bitwise_or(words, other, out=words)
     return words if kernels["count_marked"](words) == values.numel() else None
 
 
