@@ -65,6 +65,7 @@ class Engine:
         ups = []
         for rank, worker in enumerate(self.workers):
             stats, up = worker.uplink(t)
+            worker.settle()  # where a worker process runs it: once its UP is sent
             self.server.stats(rank, t, protocol.parse(stats))
             ups.append(protocol.parse(up))
         downs = self.server.round(t, ups)
@@ -77,7 +78,7 @@ class Engine:
         """Write the checkpoint of boundary ``t`` (rounds 0..t-1 done)."""
         ckpt = checkpoint.server_snapshot(self.server, t)
         if t > 0:  # round 0's workers are new rules, as the configuration builds them
-            ckpt.workers = [checkpoint.pack_state(w.rule.state_dict()) for w in self.workers]
+            ckpt.workers = [checkpoint.pack_state(w.state_dict()) for w in self.workers]
         return checkpoint.write(self.checkpoint_dir, ckpt, self.config.to_dict(), self.setup.dim)
 
     def restore(self, ckpt: checkpoint.Checkpoint, old_records=None) -> None:

@@ -4,7 +4,9 @@ worker's two links (``common.wire.stream``) remember what was said on them, so t
 messages carry only what changes.
 
 Timing: ``compute_s`` is the time inside the oracle, ``compress_s`` the rest of the rule plus
-encoding; on CUDA both synchronize the device so that they measure the GPU work.
+encoding; on CUDA both synchronize the device so that they measure the GPU work. The rule's
+``settle`` (work the uplink does not need, such as a Markov state h += c) runs after the uplink is
+sent (``settle``), so it is in neither: it overlaps the transfer and the server's work.
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class WorkerCore:
         self.initial = self.rule.state_dict()  # what a rollback to round 0 goes back to
         self.reset_links()
         self.received: Message | None = None  # the last downlink, as decoded
+        self.unsettled: tuple[int, Message] | None = None  # the round and uplink whose ``settle`` has not run
         self.compute_s = 0.0
         inner = self.rule.oracle
         self.rule.oracle = self._timed(inner)
@@ -75,7 +78,20 @@ class WorkerCore:
         """Roll back to a checkpoint: the rule takes ``state`` (None: the rule's state as built,
         kept from the start) and the links start again."""
         checkpoint.restore_rule(self.rule, self.initial if state is None else state)
+        self.unsettled = None  # an abandoned round's rest is not applied to the restored state
         self.reset_links()
+
+    def settle(self) -> None:
+        """Run the rule's ``settle`` for the uplink just made (once; nothing if it ran). The worker
+        calls it once the UP is sent; the downlink, the next uplink and ``state_dict`` call it first."""
+        if self.unsettled is not None:
+            (t, sent), self.unsettled = self.unsettled, None
+            self.rule.settle(t, sent)
+
+    def state_dict(self) -> dict:
+        """The rule's state for a checkpoint, settled first."""
+        self.settle()
+        return self.rule.state_dict()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -84,10 +100,13 @@ class WorkerCore:
     def uplink(self, t: int) -> tuple[list[bytes], list[bytes]]:
         """Round ``t``'s STATS (control path: its timing) and UP (the lean algorithm message), to be
         sent in this order."""
+        self.settle()
         self.compute_s = 0.0
         start = time.perf_counter()
         try:
-            frames = self.up.encode(t, self.rule.uplink(t))
+            sent = self.rule.uplink(t)
+            frames = self.up.encode(t, sent)
+            self.unsettled = (t, sent)
         except (WireError, ValueError) as exc:
             raise RuntimeError(f"worker {self.rank}, round {t}: cannot send the uplink ({exc}); "
                                "if values are not finite the run diverged: try a smaller --lr") from None
@@ -99,5 +118,6 @@ class WorkerCore:
         """Apply round ``t``'s DOWN message (parsed where it was received)."""
         if not down.is_round(b"DOWN", t):
             raise protocol.ProtocolError(f"expected DOWN for round {t}, got {down.kind.decode()} for round {down.round_text}")
+        self.settle()
         self.received, _ = self.down.decode(down.body, t, device=self.device, max_dim=self.setup.dim)
         self.rule.downlink(t, self.received)

@@ -217,6 +217,45 @@ def test_a_rule_that_settles_after_sending_steps_its_model_once_before_anything_
     assert torch.equal(server.rule.model, reference[1])
 
 
+@pytest.mark.parametrize("algorithm,uplink,state", [("cd-adam", "sign", "g_hat"), ("ef21", "topk:ratio=0.1", "g_i"),
+                                                     ("ef21-sgd", "natural", "g_i")])
+def test_a_worker_s_markov_state_moves_after_its_uplink_is_sent_and_before_anything_reads_it(algorithm, uplink, state):
+    """h += c waits until the UP is sent (``WorkerRule.settle``): ``uplink`` leaves the state where it
+    was, ``settle`` moves it exactly once without touching the message on its way, and the downlink,
+    the next uplink or a checkpoint's ``state_dict`` settle first; a rollback drops a pending one.
+    The trajectory (server and workers) is the engine's, whichever runs the settle."""
+    from runtime import checkpoint
+
+    config = RunConfig(algorithm=algorithm, uplink=uplink, workers=2, rounds=3, problem="quadratic:d=40", lr="0.01")
+    reference = [([w.rule.state_dict()[state] for w in ws], s.model_digest()) for _, s, ws, _ in drive(config)]
+    setup = RunSetup.build(config)
+    server = ServerCore(setup, MetricsWriter(None))
+    workers = [WorkerCore(setup, rank, torch.device("cpu")) for rank in range(2)]
+    before = [getattr(w.rule, state).clone() for w in workers]
+    sent = [w.uplink(0)[1] for w in workers]
+    copies = [[bytes(f) for f in frames] for frames in sent]
+    assert all(w.unsettled is not None and torch.equal(getattr(w.rule, state), b) for w, b in zip(workers, before))
+    workers[0].settle()
+    workers[0].settle()  # once only
+    assert workers[0].unsettled is None and torch.equal(getattr(workers[0].rule, state), reference[0][0][0])
+    assert [bytes(f) for f in sent[0]] == copies[0]  # the frames ZeroMQ may still be sending are untouched
+    downs = server.round(0, [protocol.parse(frames) for frames in sent])
+    for w, frames in zip(workers, downs):
+        w.downlink(0, protocol.parse(frames))  # worker 1 settles here
+    server.record()
+    assert all(torch.equal(getattr(w.rule, state), r) for w, r in zip(workers, reference[0][0]))
+    assert server.model_digest() == reference[0][1]
+    for w in workers:
+        w.uplink(1)
+    saved = [checkpoint.pack_state(w.state_dict()) for w in workers]  # settles before it copies the state
+    assert all(w.unsettled is None for w in workers)
+    assert all(torch.equal(getattr(w.rule, state), r) for w, r in zip(workers, reference[1][0]))
+    workers[0].restore(checkpoint.unpack_state(saved[0], torch.device("cpu")))
+    workers[0].uplink(1)
+    workers[0].restore(checkpoint.unpack_state(saved[0], torch.device("cpu")))  # drops the pending step
+    assert workers[0].unsettled is None and torch.equal(getattr(workers[0].rule, state), reference[1][0][0])
+
+
 def test_a_rule_without_settle_checks_its_model_before_the_downlinks_are_encoded():
     setup = RunSetup.build(RunConfig(algorithm="gd", workers=2, rounds=1, problem="quadratic:d=10", lr="1e300"))
     server = ServerCore(setup, MetricsWriter(None))

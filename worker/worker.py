@@ -106,10 +106,11 @@ class Worker:
         while True:
             if t is not None and t < config.rounds:
                 if save_at == t:
-                    self._send(b"STATE", {"rank": self.rank, "t": t}, checkpoint.pack_state(core.rule.state_dict()))
+                    self._send(b"STATE", {"rank": self.rank, "t": t}, checkpoint.pack_state(core.state_dict()))
                 stats, up = core.uplink(t)
                 self.sock.send_multipart(stats)  # telemetry first: the server has it when the UP completes the round
                 self.sock.send_multipart(up, copy=False)
+                core.settle()  # the rule's work that the uplink does not need, while it crosses the link
             while True:
                 done = t is not None and t >= config.rounds
                 want = (b"RESTORE", b"WELCOME", b"SAVE") + ((b"STOP",) if done else (b"DOWN",) if t is not None else ())

@@ -3,6 +3,7 @@
 One round t, as the runtime drives it:
 
     worker i:  msg_up_i = worker_rule.uplink(t)            (calls its gradient oracle as it needs)
+               worker_rule.settle(t, msg_up_i)             (what the uplink does not depend on; after sending)
     server:    msgs_down = server_rule.step(t, [msg_up_1..msg_up_n])   (one message per worker)
                server_rule.settle(t)                       (what no downlink depends on; after sending)
     worker i:  worker_rule.downlink(t, msgs_down[i])
@@ -189,6 +190,13 @@ class WorkerRule:
 
     def uplink(self, t: int) -> Message:
         raise NotImplementedError
+
+    def settle(self, t: int, sent: Message) -> None:
+        """The rest of round ``t``'s uplink step, which the message ``sent`` (what ``uplink`` returned)
+        does not depend on: a Markov state h += c. The runtime runs it after the uplink is on its way,
+        while it crosses the link and the server works (``runtime.worker_core``), and always before
+        the downlink, the next uplink, or anything that reads the rule's state. It must not change
+        ``sent``'s tensors, which the link may still be sending. Nothing by default."""
 
     def downlink(self, t: int, msg: Message) -> None:
         raise NotImplementedError

@@ -4,7 +4,7 @@ AMSGrad state on the workers, nu inside the square root, no bias correction.
     line 1:  g_hat_0^(i) = 0, g_hat_0 = 0, g~_0 = 0, m_0 = v_0 = v_hat_0 = 0
     worker i:  g_t^(i) = grad f_i(x_t; xi_t^(i))                      (line 4; batch via the problem's option)
                c_t^(i) = C(g_t^(i) - g_hat_{t-1}^(i))                  (line 5)
-               send c_t^(i);  g_hat_t^(i) = g_hat_{t-1}^(i) + c_t^(i)  (line 6)
+               send c_t^(i);  g_hat_t^(i) = g_hat_{t-1}^(i) + c_t^(i)  (line 6; in ``settle``, once c_t^(i) is sent)
     server:    g_hat_t = g_hat_{t-1} + (1/n) sum_i c_t^(i)             (line 8)
                c_t = C(g_hat_t - g~_{t-1})                             (line 9)
                broadcast c_t;  g~_t = g~_{t-1} + c_t                   (line 10)
@@ -49,8 +49,11 @@ class CDAdamWorker(MirrorWorker):
 
     def uplink(self, t):
         g = self.grad(self.x, t)                                                                    # line 4
-        c, self.g_hat = markov_compress(self.ctx.uplink, g, self.g_hat, self.rank, t)              # lines 5-6
+        c = self.ctx.uplink.compress(g - self.g_hat, worker=self.rank, step=t)                     # line 5
         return Message({"c": c})
+
+    def settle(self, t, sent):
+        self.g_hat = shift(self.g_hat, sent.payloads["c"])                                          # line 6, once c is sent
 
     def downlink(self, t, msg):
         self.g_tilde = shift(self.g_tilde, msg.payloads["c"])                                       # line 12

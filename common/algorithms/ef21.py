@@ -2,7 +2,7 @@
 Markov compression of the gradients, optionally of the downlink too.
 
     x^{t+1} = x^t - gamma g^t
-    worker i:  c_i = C(grad f_i(x^{t+1}) - g_i^t);  g_i^{t+1} = g_i^t + c_i;  send c_i
+    worker i:  c_i = C(grad f_i(x^{t+1}) - g_i^t);  send c_i;  g_i^{t+1} = g_i^t + c_i (``settle``, once c_i is sent)
     server:    g^{t+1} = g^t + (1/n) sum_i c_i
     init:      g_i^0 = grad f_i(x^0) sent in full (``init=full``), or c_i = C(grad f_i(x^0)) from
                g_i = 0 (``init=compressed``, CD-Adam's Markov sequence started at 0)
@@ -55,10 +55,12 @@ class EF21Worker(WorkerRule):
         grad = self.grad(self.x, t)
         if t == 0 and self.ctx.options["init"] == "full":
             c = full(grad)                                                               # g_i^0 = grad f_i(x^0)
-            self.g_i = shift(self.g_i, c)
         else:
-            c, self.g_i = markov_compress(self.ctx.uplink, grad, self.g_i, self.rank, t)  # c_i = C(grad - g_i);  g_i += c_i
+            c = self.ctx.uplink.compress(grad - self.g_i, worker=self.rank, step=t)      # c_i = C(grad - g_i)
         return Message({"c": c})
+
+    def settle(self, t, sent):
+        self.g_i = shift(self.g_i, sent.payloads["c"])                                   # g_i += c_i, once c_i is sent
 
     def downlink(self, t, msg):
         self.g_down = shift(self.g_down, msg.payloads["c"])                              # g~ += c
