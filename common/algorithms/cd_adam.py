@@ -22,7 +22,7 @@ import torch
 
 from common.algorithms.amsgrad_state import AMS_PARAMS, MirrorServer, MirrorWorker, amsgrad_step
 from common.algorithms.base import Algorithm, register, mean_of
-from common.algorithms.memory import markov_compress, shift
+from common.algorithms.memory import markov_compress, markov_message, shift
 from common.compressors.message import Message
 
 
@@ -49,7 +49,7 @@ class CDAdamWorker(MirrorWorker):
 
     def uplink(self, t):
         g = self.grad(self.x, t)                                                                    # line 4
-        c = self.ctx.uplink.compress(g - self.g_hat, worker=self.rank, step=t)                     # line 5
+        c = markov_message(self.ctx.uplink, g, self.g_hat, self.rank, t)                           # line 5
         return Message({"c": c})
 
     def settle(self, t, sent):

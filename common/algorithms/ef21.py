@@ -22,7 +22,7 @@ import torch
 
 from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, full, need_constants, mean_of, descend
 from common.algorithms.ef21_p import ef21_factor
-from common.algorithms.memory import markov_compress, shift
+from common.algorithms.memory import markov_compress, markov_message, shift
 from common.options import Param
 from common.compressors.message import Message
 
@@ -56,7 +56,7 @@ class EF21Worker(WorkerRule):
         if t == 0 and self.ctx.options["init"] == "full":
             c = full(grad)                                                               # g_i^0 = grad f_i(x^0)
         else:
-            c = self.ctx.uplink.compress(grad - self.g_i, worker=self.rank, step=t)      # c_i = C(grad - g_i)
+            c = markov_message(self.ctx.uplink, grad, self.g_i, self.rank, t)            # c_i = C(grad - g_i)
         return Message({"c": c})
 
     def settle(self, t, sent):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
-from common.algorithms.memory import shift
+from common.algorithms.memory import markov_message, shift
 from common.algorithms.schedule import SCHEDULE_PARAMS, staircase
 from common.compressors.message import Message
 
@@ -38,7 +38,7 @@ class EF21SGDWorker(WorkerRule):
         self.g_i = torch.zeros_like(self.x)
 
     def uplink(self, t):
-        c = self.ctx.uplink.compress(self.grad(self.x, t) - self.g_i, worker=self.rank, step=t)      # c_i = C(g_i(x^t) - g_i^t)
+        c = markov_message(self.ctx.uplink, self.grad(self.x, t), self.g_i, self.rank, t)           # c_i = C(g_i(x^t) - g_i^t)
         return Message({"c": c})
 
     def settle(self, t, sent):

@@ -33,9 +33,15 @@ def error_feedback(compressor, v: torch.Tensor, worker: int, step: int):
     return c, v - dense(c)
 
 
+def markov_message(compressor, target: torch.Tensor, h: torch.Tensor, worker: int, step: int):
+    """The message of the sender's Markov step, c = C(target - h); the state moves by ``shift(h, c)``
+    (a worker does that after sending, in its rule's ``settle``)."""
+    return compressor.compress(target - h, worker=worker, step=step)
+
+
 def markov_compress(compressor, target: torch.Tensor, h: torch.Tensor, worker: int, step: int):
     """The sender's Markov step: returns (c, h + c) with c = C(target - h)."""
-    c = compressor.compress(target - h, worker=worker, step=step)
+    c = markov_message(compressor, target, h, worker, step)
     return c, shift(h, c)
 
 
