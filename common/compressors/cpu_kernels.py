@@ -991,10 +991,7 @@ def _run(n: int, align: int, fn) -> list:
     """``fn(start, stop)`` over the pieces of ``_chunks``, in parallel threads (the kernels release the
     GIL); the results in order. Every piece computes what one call over range(n) would, so the
     result does not depend on the number of threads."""
-    pieces = _chunks(n, align)
-    if len(pieces) == 1:
-        return [fn(*pieces[0])]
-    return list(_pool().map(lambda piece: fn(*piece), pieces))
+    return _run_pieces(_chunks(n, align), fn)
 
 
 def _threads() -> int:
@@ -1374,6 +1371,9 @@ def sorted_distinct(values: torch.Tensor, dim: int) -> torch.Tensor | None:
     return torch.from_numpy(out) if count == out.size else None
 
 
+MARKED_DTYPES = (torch.float32, torch.float64)  # what ``gather_marked`` and ``scatter_marked`` read and write
+
+
 def marked(values: torch.Tensor, dim: int) -> np.ndarray | None:
     """A bitmap of ``dim`` bits (uint64 words, bit v of word v >> 6) with the bits of the distinct CPU
     integers ``values`` in [0, dim) set: a support in increasing order without sorting it, for
@@ -1409,7 +1409,7 @@ def gather_marked(x: torch.Tensor, words: np.ndarray, count: int, scale: float) 
     parallel threads), the values with the same bits; None without Numba or for other than a CPU
     float32/float64 vector of 64 ``words.size`` coordinates or fewer."""
     kernels = _kernels()
-    if (kernels is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+    if (kernels is None or x.device.type != "cpu" or x.dtype not in MARKED_DTYPES
             or x.dim() != 1 or x.numel() > 64 * words.size):
         return None
     flat = x.detach().contiguous().numpy()
@@ -1429,7 +1429,7 @@ def scatter_marked(words: np.ndarray, values: torch.Tensor, dim: int, h: torch.T
     float32/float64 vectors of one dtype (h contiguous)."""
     kernels = _kernels()
     tensors = (values,) if h is None else (values, h)
-    if (kernels is None or values.dtype not in (torch.float32, torch.float64)
+    if (kernels is None or values.dtype not in MARKED_DTYPES
             or any(t.device.type != "cpu" or t.dtype != values.dtype or t.dim() != 1 for t in tensors)
             or (h is not None and (h.numel() != dim or not h.is_contiguous()))):
         return None

@@ -293,7 +293,8 @@ class Sparse:
         """The dense form of ``kept`` on a regenerated support (or h + it) in one compiled pass on the
         CPU, where the support comes as a bitmap (``indices.marked_support``: large keyed Perm-K): the
         same bits as zeros and ``index_copy_``, without sorting the block. Else None."""
-        if self.indices is not None or self.rule is None or kept.device.type != "cpu":
+        if (self.indices is not None or self.rule is None or kept.device.type != "cpu"
+                or kept.dtype not in cpu_kernels.MARKED_DTYPES):  # (no bitmap built for nothing)
             return None
         marked = index_sets.marked_support(self.rule)
         if marked is None or marked[1] != kept.numel():  # (a wrong length takes the reference path, which raises)

@@ -40,7 +40,7 @@ class PermK(Sparsifier):
         m = x.numel()
         rule = IndexRule.keyed("permk", m, self.n_workers, key.worker, key.for_worker(0).child("permutation"))
         scale = permk_scale(m, self.n_workers)
-        if x.device.type == "cpu":  # the block read in increasing order from a bitmap, without sorting it
+        if x.device.type == "cpu" and x.dtype in cpu_kernels.MARKED_DTYPES:  # the block read from a bitmap, unsorted
             marked = marked_support(rule)
             gathered = cpu_kernels.gather_marked(x, *marked, scale) if marked is not None else None
             if gathered is not None:
