@@ -161,6 +161,26 @@ def test_malformed_lean_messages_raise_wire_error_and_keep_the_link():
     assert torch.equal(got.payloads["g"].to_dense(), msg.payloads["g"].to_dense())
 
 
+def test_a_header_that_stays_the_same_is_planned_once_and_still_checked():
+    """The decoder reuses the plan of a header it has just checked; a tighter ``max_dim`` is checked
+    again, the data's length always, and each message gets its own meta."""
+    d = 50
+    enc, dec = LinkEncoder(UP), LinkDecoder(UP)
+    for t in range(4):
+        dec.decode(enc.encode(t, Message({"g": Dense(vector(d, t), torch.float32)}, {"sync": True})), t)
+    frames = enc.encode(4, Message({"g": Dense(vector(d, 4), torch.float32)}, {"sync": True}))
+    assert frames[0][0] >> 6 == 2  # SAME: every header leaf as predicted
+    with pytest.raises(WireError, match="length"):
+        dec.decode(frames, 4, max_dim=d - 1)
+    with pytest.raises(WireError):
+        dec.decode([frames[0][:-4]], 4)
+    got, _ = dec.decode(frames, 4)
+    assert torch.equal(got.payloads["g"].values, vector(d, 4))
+    got.meta["changed"] = 1
+    again, _ = dec.decode(enc.encode(5, Message({"g": Dense(vector(d, 5), torch.float32)}, {"sync": True})), 5)
+    assert again.meta == {"sync": True} and torch.equal(again.payloads["g"].values, vector(d, 5))
+
+
 def test_a_delta_that_makes_a_header_invalid_is_refused():
     """A well-formed DELTA whose changed field breaks the payload's header (a dimension beyond the
     run's, a string, nil, a negative number) is refused, and the link goes on."""

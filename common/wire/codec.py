@@ -106,7 +106,7 @@ def content_bits(node: list, lengths: Sequence[int]) -> int:
         kind = n[0]
         if kind == DENSE:
             next(frames)
-            return n[3] * 8 * torch.empty(0, dtype=DTYPES_BY_CODE[n[2]]).element_size()
+            return n[3] * 8 * DTYPES_BY_CODE[n[2]].itemsize
         if kind == SIGNS:
             next(frames)
             return n[2] + 32
@@ -432,7 +432,7 @@ def _parse(node, depth: int, top: bool, max_dim: int) -> _Plan:
     if kind == DENSE:
         f = Fields(node, what, 4)
         dtype, vdtype, n = f.dtype("dtype"), f.dtype("value dtype"), f.int("length", min_n, max_dim)
-        size = n * torch.empty(0, dtype=vdtype).element_size()
+        size = n * vdtype.itemsize
         return _Plan(n, [("values", size, size)], lambda it: _build_dense(next(it), n, vdtype, dtype))
     if kind == SIGNS:
         f = Fields(node, what, 4)

@@ -117,6 +117,7 @@ class _Slot:
         self.shape = shape
         self.history: list[tuple[int, list]] = [(t, leaves)]  # newest first, at most three
         self.volatile = [False] * len(leaves)
+        self.planned: tuple[list, int, _Planned] | None = None  # the decoder's last checked plan: leaves, max_dim, plan
 
     def predict(self, t: int) -> list:
         """Each integer leaf whose last three values lie on a line in the round (a Perm-K ``step``)
@@ -313,13 +314,18 @@ class LinkDecoder:
             leaves, pos, changed = slot.predict(t), 2, []
             if form == DELTA:
                 pos, changed = _apply_changes(head, pos, leaves, slot)
-            tree = _unflatten(slot.shape, iter(leaves))
             shape = slot.shape
-        msg, bits = _payloads(tree, head[pos:], views[1:], device, max_dim)
+        cached = slot.planned if slot is not None else None
+        if cached is not None and cached[1] == max_dim and len(cached[0]) == len(leaves) and all(map(_same, cached[0], leaves)):
+            planned = cached[2]  # the same header as last time: its checks gave this plan then
+        else:
+            planned = _plan(tree if slot is None else _unflatten(shape, iter(leaves)), max_dim)
+        msg, bits = _payloads(planned, head[pos:], views[1:], device)
         if slot is None:
-            self.slots[index] = _Slot(shape, leaves, t)
+            slot = self.slots[index] = _Slot(shape, leaves, t)
         else:
             slot.advance(leaves, t, changed)
+        slot.planned = (leaves, max_dim, planned)
         return msg, bits
 
 
@@ -367,7 +373,19 @@ def _apply_changes(head: memoryview, pos: int, leaves: list, slot: _Slot) -> tup
     return pos + unpacker.tell(), changed
 
 
-def _payloads(tree, rest: memoryview, data: list[memoryview], device, max_dim) -> tuple[Message, int]:
+@dataclass(frozen=True)
+class _Planned:
+    """A header tree, checked: its meta, each payload's name and plan, and its binary frames' lengths."""
+
+    meta: dict
+    plans: list
+    lengths: list[int]
+
+
+def _plan(tree, max_dim) -> _Planned:
+    """Check a message's header tree (``WireError`` if it is not one) and plan its payloads. Pure:
+    the same tree and ``max_dim`` give the same plan, which is why a link reuses it while the
+    header does not change."""
     if not isinstance(tree, list) or len(tree) != 3:
         raise WireError("lean message: the header tree is not [meta, payloads, lengths]")
     meta, listing, varying = tree
@@ -386,6 +404,11 @@ def _payloads(tree, rest: memoryview, data: list[memoryview], device, max_dim) -
         lengths += [lo if lo == hi else next(varying, -1) for _, lo, hi in plan.frames]
     if next(varying, None) is not None or -1 in lengths:
         raise WireError("lean message: the frame lengths do not match the payloads")
+    return _Planned(meta, plans, lengths)
+
+
+def _payloads(planned: _Planned, rest: memoryview, data: list[memoryview], device) -> tuple[Message, int]:
+    lengths = planned.lengths
     if data:
         if rest.nbytes or len(data) != len(lengths):
             raise WireError(f"lean message: trailing frame(s) or bytes: {len(data)} data frame(s) and {rest.nbytes} "
@@ -399,9 +422,9 @@ def _payloads(tree, rest: memoryview, data: list[memoryview], device, max_dim) -
             views.append(rest[pos:pos + n])
             pos += n
     payloads, bits, used = {}, 0, 0
-    for name, plan in plans:
+    for name, plan in planned.plans:
         mine = views[used:used + len(plan.frames)]
         payloads[name] = build_node(plan, mine, device)  # checks each frame's length against the plan
         bits += content_bits(plan.node, [v.nbytes for v in mine])
         used += len(plan.frames)
-    return Message(payloads, meta), bits
+    return Message(payloads, dict(planned.meta)), bits
