@@ -62,6 +62,7 @@ from runtime.setup import RunSetup
 from runtime.signals import Terminated
 
 EXIT_REPORT_S = 1.0  # how long a closed connection waits for the supervisor to see its process end
+HOUSEKEEPING_S = 0.01  # between two runs of the supervisor's check, the heartbeats and the liveness check
 
 log = logging.getLogger("psc.server")
 
@@ -109,6 +110,7 @@ class Server:
         self.ready: set[int] = set()
         self.liveness = transport.Liveness(timeout)
         self.last_beat = 0.0
+        self.housekeeping_due = 0.0  # when ``_receive`` next runs the supervisor, heartbeats and liveness
         self.early_ups: dict[int, protocol.Envelope] = {}  # round-0 uplinks of workers ready before the others
         self.core: ServerCore | None = None
 
@@ -168,11 +170,15 @@ class Server:
     def _receive(self, wait_s: float):
         """One message as (identity, Envelope or None if it was not for the run, its frames), or None after
         ``wait_s`` seconds. Also runs the supervisor's check, sends due heartbeats and checks
-        liveness."""
-        if self.supervise is not None:
-            self.supervise()
-        self._beat()
-        self._check_liveness()
+        liveness, at most every ``HOUSEKEEPING_S`` (not for each of a round's 2n messages: the
+        supervisor's check alone is a system call per worker)."""
+        now = time.monotonic()
+        if now >= self.housekeeping_due:
+            self.housekeeping_due = now + HOUSEKEEPING_S
+            if self.supervise is not None:
+                self.supervise()
+            self._beat()
+            self._check_liveness()
         if not self.sock.poll(int(wait_s * 1000)):
             return None
         identity, *frames = self.sock.recv_multipart(copy=False)
