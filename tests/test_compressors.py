@@ -101,10 +101,14 @@ def test_topk_breaks_ties_towards_lower_indices():
 @pytest.mark.parametrize("ratio", [0.01, 0.1, 0.25])
 def test_topk_of_a_long_vector_with_many_ties_is_the_lowest_index_rule(ratio, dtype):
     """Through the candidate pass (a vector of 2^17 + 3, k up to a quarter of it) and the selection of
-    the k-th largest: the indices of a stable sort by decreasing magnitude, cut at k and sorted."""
+    the k-th largest: the indices of a stable sort by decreasing magnitude, cut at k and sorted. The
+    third vector is large exactly where the strided sample looks (1 in 16 here), so its level lets
+    fewer than k candidates through, and the whole vector is searched instead."""
     gen = torch.Generator().manual_seed(11)
     x = torch.randn((1 << 17) + 3, generator=gen)
-    for values in (x.to(dtype), (x * 4).round().to(dtype)):  # distinct where the dtype allows; a few dozen
+    sampled_large = x.clone()
+    sampled_large[::16] *= 100
+    for values in (x.to(dtype), (x * 4).round().to(dtype), sampled_large.to(dtype)):  # distinct where the dtype allows; a few dozen
         c = build(f"topk:ratio={ratio}", values.numel())
         order = torch.sort(values.abs().double(), descending=True, stable=True).indices
         want = torch.sort(order[: c.k]).values

@@ -16,14 +16,17 @@ from common.compressors.base import K_PARAMS, Constants, Selection, Sparsifier, 
 from common.compressors.payloads import CPU_BLOCK, cpu_blocks
 
 
+MIN_STRIDE = 16  # a sample of at most 1 in 16: below 2^20 coordinates, 1 in m/65536 was most of the vector
+
+
 def topk_indices(x: torch.Tensor, k: int, check_finite: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Sorted indices of the k largest |x_i|; among equal magnitudes the lowest indices win.
 
     For a large vector and a small k the k-th largest magnitude is looked for among candidates only:
-    a strided sample gives a level t that about 1.3 k + 64 magnitudes reach, one pass keeps the
-    indices with |x_i| >= t, and when at least k are kept they contain every index the rule selects
-    (the k-th largest magnitude is then >= t), so the result is the same as over the whole vector.
-    Otherwise the whole vector is searched.
+    a strided sample (1 in ``MIN_STRIDE`` or fewer) gives a level t that about 1.3 k + 64 stride
+    magnitudes reach, one pass keeps the indices with |x_i| >= t, and when at least k are kept they
+    contain every index the rule selects (the k-th largest magnitude is then >= t), so the result is
+    the same as over the whole vector. Otherwise the whole vector is searched.
 
     ``check_finite`` (the compressor's input check, which raises for a NaN or inf) is called with x
     unless the compiled candidate pass, which reads every x_i anyway, found them all finite: that
@@ -44,7 +47,7 @@ def _search(x: torch.Tensor, k: int) -> tuple[bool, torch.Tensor]:
     if k == m:
         return False, torch.arange(m, device=x.device)
     if m >= 1 << 16 and k <= m // 4:
-        stride = max(1, m // (1 << 16))
+        stride = max(MIN_STRIDE, m // (1 << 16))
         sample = x[::stride].abs()
         rank = min(sample.numel(), int(1.3 * k * sample.numel() / m) + 64)
         level = _kth_largest(sample, rank)  # a NaN among the largest sorts last: the check below raises
