@@ -39,9 +39,9 @@ class RunSetup:
         mean, ``add_dense``), loads the kernels and signatures the run will call, and none where the
         run calls none (small vectors take the torch paths: Numba is not even imported). A rule
         without a shift loads the addition's kernel for nothing (from Numba's disk cache after the
-        first run). At ``MIN_CHUNK`` coordinates and more, the step's kernels (``cpu_kernels.descend``,
+        first run). At ``MIN_COMPILED`` coordinates and more, the step's kernels (``cpu_kernels.descend``,
         ``mean_descend``) load on a few coordinates, whatever the compressors."""
-        if self.dim >= cpu_kernels.MIN_CHUNK:  # the step x - lr g (and mean) runs compiled at this size
+        if self.dim >= cpu_kernels.MIN_COMPILED:  # the mean and step (x - lr g from MIN_CHUNK) run compiled
             cpu_kernels.warm_descent(self.config.torch_dtype, self.config.workers)
         specs = [s for s in dict.fromkeys((self.ctx.uplink_spec, self.ctx.downlink_spec)) if uses_compiled_kernels(s)]
         if not specs:  # a dense run: no throwaway vector of the run's size either

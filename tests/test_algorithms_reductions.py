@@ -99,7 +99,7 @@ def test_a_step_by_the_mean_of_dense_uplinks_is_the_step_by_the_stacked_mean(dty
     from common.compressors.message import Message
 
     g = torch.Generator().manual_seed(9)
-    for dim in (1000, cpu_kernels.MIN_CHUNK + 11):
+    for dim in (1000, cpu_kernels.MIN_COMPILED + 7, cpu_kernels.MIN_CHUNK + 11):
         x = torch.randn(dim, generator=g, dtype=dtype)
         vectors = [(torch.randn(dim, generator=g) * 10.0 ** torch.randint(-6, 7, (dim,), generator=g)).to(dtype)
                    for _ in range(6)]
@@ -121,21 +121,24 @@ def test_a_step_by_the_mean_of_long_dense_uplinks_takes_the_one_pass(monkeypatch
     fused = []
     real = cpu_kernels.mean_descend
     monkeypatch.setattr(cpu_kernels, "mean_descend", lambda *args: fused.append(real(*args)) or fused[-1])
-    x = torch.ones(cpu_kernels.MIN_CHUNK)
+    x = torch.ones(cpu_kernels.MIN_COMPILED)
     descend_by_mean(x, 0.1, [Message({"g": full(x)})] * 3, "g")
     assert len(fused) == 1 and fused[0] is not None
     descend_by_mean(x, 0.1, [Message({"g": full(x.double())})] * 3, "g")  # another dtype than x: torch's ops
     assert len(fused) == 1
 
 
-@pytest.mark.parametrize("algorithm", ["gd", "marina-p", "m3", "ef21", "marina", "ef21-p"])
-def test_the_compiled_step_leaves_every_trajectory_as_it_was(algorithm, monkeypatch):
-    """Runs long enough for the compiled step (and mean) end at the model torch's ops give, bit for bit."""
+@pytest.mark.parametrize("algorithm, dim", [(a, "MIN_CHUNK") for a in ("gd", "marina-p", "m3", "ef21", "marina", "ef21-p")]
+                         + [(a, "MIN_COMPILED") for a in ("gd", "marina-p", "ef21-p")])
+def test_the_compiled_step_leaves_every_trajectory_as_it_was(algorithm, dim, monkeypatch):
+    """Runs long enough for the compiled step (and mean) end at the model torch's ops give, bit for
+    bit: from ``MIN_COMPILED`` the mean and step of dense uplinks run compiled on one thread (GD,
+    MARINA-P, EF21-P), from ``MIN_CHUNK`` the step alone too (M3, EF21, MARINA), in pieces."""
     from common.compressors import cpu_kernels
     from runtime.engine import run_inproc
 
     config = RunConfig(algorithm=algorithm, workers=3, rounds=4, lr="0.01", eval_every=100,
-                       problem=f"identity-quadratic:d={cpu_kernels.MIN_CHUNK + 3}")
+                       problem=f"identity-quadratic:d={getattr(cpu_kernels, dim) + 3}")
     ran = []
     for name in ("descend", "mean_descend"):
         real = getattr(cpu_kernels, name)

@@ -661,7 +661,7 @@ def test_the_compiled_amsgrad_step_gives_the_bits_of_torch_over_many_steps(dtype
 
 
 def test_the_compiled_amsgrad_step_leaves_nan_and_small_vectors_as_torch_does():
-    n = cpu_kernels.MIN_CHUNK
+    n = cpu_kernels.MIN_COMPILED
     x, m, v, v_hat = (torch.ones(n) for _ in range(4))
     g = torch.ones(n)
     g[5] = float("nan")
@@ -673,13 +673,14 @@ def test_the_compiled_amsgrad_step_leaves_nan_and_small_vectors_as_torch_does():
     assert cpu_kernels.amsgrad_step(x, m, v, v_hat, g.double(), 0.9, 0.99, 0.1, 1e-8) is None  # mixed dtypes
 
 
-def test_cd_adam_runs_to_the_same_model_with_the_compiled_passes(monkeypatch):
-    """A CD-Adam run long enough for the compiled sign expansion and AMSGrad step gives the model
-    that the torch paths give, bit for bit."""
+@pytest.mark.parametrize("dim", [cpu_kernels.MIN_COMPILED + 3, cpu_kernels.MIN_CHUNK + 3])
+def test_cd_adam_runs_to_the_same_model_with_the_compiled_passes(dim, monkeypatch):
+    """A CD-Adam run long enough for the compiled sign expansion and AMSGrad step (on one thread below
+    ``MIN_CHUNK``) gives the model that the torch paths give, bit for bit."""
     from common.config import RunConfig
     from runtime.engine import run_inproc
 
-    config = RunConfig(algorithm="cd-adam", workers=3, rounds=4, problem=f"identity-quadratic:d={cpu_kernels.MIN_CHUNK + 3}",
+    config = RunConfig(algorithm="cd-adam", workers=3, rounds=4, problem=f"identity-quadratic:d={dim}",
                        lr="0.01", eval_every=100)
     fused = run_inproc(config, None, progress=False).model_digest()
     monkeypatch.setattr(cpu_kernels, "amsgrad_step", lambda *args: None)
@@ -788,7 +789,7 @@ def test_a_long_run_loads_the_step_kernels_before_the_clock_starts(monkeypatch):
 
     seen = []
     monkeypatch.setattr(cpu_kernels, "warm_descent", lambda *args: seen.append(args))
-    for d in (cpu_kernels.MIN_CHUNK, cpu_kernels.MIN_CHUNK - 1):
+    for d in (cpu_kernels.MIN_COMPILED, cpu_kernels.MIN_COMPILED - 1):
         RunSetup.build(RunConfig(algorithm="gd", workers=3, rounds=1, lr="0.1", problem=f"identity-quadratic:d={d}"))
     assert seen == [(torch.float32, 3)]
     monkeypatch.undo()

@@ -915,6 +915,13 @@ def _kernels():
 
 BLOCK = 4096  # coordinates a kernel handles per inner loop (its temporaries stay in the L1/L2 cache)
 MIN_CHUNK = 1 << 18  # coordinates below which a second thread costs more than it saves
+# Coordinates from which the one-pass elementwise kernels (the mean and step, AMSGrad's step, a scaled
+# sign's dense form and sum) replace torch's separate operations, on one thread below MIN_CHUNK: one
+# thread at 2^15..2^17 coordinates, float32, 1.4-4x faster than torch (the mean and step of 2 rows 35
+# -> 23 us at 2^16, a sign's dense form 25 -> 6 us, AMSGrad's step 111 -> 81 us); below, the call's
+# fixed cost (about 8 us) is most of it. ``descend`` alone (x - lr g: two torch operations) gains
+# nothing below MIN_CHUNK and starts there.
+MIN_COMPILED = 1 << 15
 PIECES_PER_THREAD = 4  # pieces of a long vector per thread (see ``_chunks``)
 MEAN_ROWS = range(2, 5)  # rows that ``mean_descend`` averages (where the running sum is torch's mean)
 
@@ -1175,12 +1182,12 @@ def signs_added(h: torch.Tensor, negative: torch.Tensor, scale: torch.Tensor, in
     return torch.from_numpy(out)
 
 
-def _long_cpu_floats(tensors):
+def _long_cpu_floats(tensors, least: int = MIN_COMPILED):
     """The kernels, where every tensor is a contiguous CPU float32/float64 tensor of the first one's
-    dtype and shape with at least ``MIN_CHUNK`` coordinates; else None. Small vectors take torch's
+    dtype and shape with at least ``least`` coordinates; else None. Small vectors take torch's
     ops, and then, like other tensors, load no compiled code (Numba is not even imported)."""
     x = tensors[0]
-    if (x.numel() < MIN_CHUNK or x.dtype not in (torch.float32, torch.float64)
+    if (x.numel() < least or x.dtype not in (torch.float32, torch.float64)
             or any(t.device.type != "cpu" or t.dtype != x.dtype or t.shape != x.shape or not t.is_contiguous()
                    for t in tensors)):
         return None
@@ -1191,7 +1198,7 @@ def descend(x: torch.Tensor, lr: float, g: torch.Tensor) -> torch.Tensor | None:
     """x - lr * g as a new tensor in one pass instead of two (and one new vector instead of two), the
     same bits; None without Numba, for a step size that is not a Python number, and where
     ``_long_cpu_floats`` refuses the tensors."""
-    kernels = _long_cpu_floats((x, g)) if _is_number(lr) else None
+    kernels = _long_cpu_floats((x, g), MIN_CHUNK) if _is_number(lr) else None
     if kernels is None:
         return None
     xa, ga = (t.detach().numpy().reshape(-1) for t in (x, g))
@@ -1241,7 +1248,7 @@ def _is_number(value) -> bool:
 def amsgrad_step(x, m, v, v_hat, g, beta1: float, beta2: float, lr: float, nu: float):
     """(x, m, v, v_hat) after AMSGrad's lines 13-16 for CPU vectors of one float dtype, as new tensors
     with the bits of the torch expressions in ``amsgrad_state``; None without Numba, for other
-    tensors, or below ``MIN_CHUNK`` coordinates. Three passes instead of about 14: one compiled pass
+    tensors, or below ``MIN_COMPILED`` coordinates. Three passes instead of about 14: one compiled pass
     for lines 13-15 and v_hat + nu, torch's own square root over the whole vector (its vectorized
     sqrt is not always the correctly rounded one: 9 in 524,288 float32 values differ, so only
     torch.sqrt on the same vector gives its bits), one compiled pass for line 16."""

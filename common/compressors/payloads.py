@@ -169,7 +169,7 @@ class Signs:
         return self.negative.numel()
 
     def to_dense(self) -> torch.Tensor:
-        if self.negative.numel() >= cpu_kernels.MIN_CHUNK:  # one compiled pass (CPU, float32/float64)
+        if self.negative.numel() >= cpu_kernels.MIN_COMPILED:  # one compiled pass (CPU, float32/float64)
             fused = cpu_kernels.signs_to_dense(self.negative, self.scale, self.dtype)
             if fused is not None:
                 return fused
@@ -318,7 +318,7 @@ def add_dense(h: torch.Tensor, payload, inplace: bool = False) -> torch.Tensor:
     * a ``Sparse`` of h's dtype, length and device: h + 0 everywhere (which turns -0 into +0, as
       adding the dense form's zeros does), then h_i + c_i written on the support.
     """
-    if isinstance(payload, Signs) and payload.dtype == h.dtype and payload.dim >= cpu_kernels.MIN_CHUNK:
+    if isinstance(payload, Signs) and payload.dtype == h.dtype and payload.dim >= cpu_kernels.MIN_COMPILED:
         fused = cpu_kernels.signs_added(h, payload.negative, payload.scale, inplace)
         if fused is not None:
             return fused
