@@ -94,14 +94,18 @@ def plain_round_s(up_bytes: int, down_bytes: int, workers: int, rounds: int) -> 
 PARTS = ("round_s", "compute_s", "compress_s", "server_s", "comm_s")
 
 
+def launch_command(method: str, d: int, workers: int, rounds: int, metrics: str, device: str = "cpu") -> list[str]:
+    """``psc launch`` of ``method`` on the identity quadratic of dimension d, without evaluations."""
+    return [*PSC, "launch", "--workers", str(workers), "--device", device, *METHODS[method],
+            "--problem", f"identity-quadratic:d={d}", "--rounds", str(rounds), "--eval-every", str(rounds + 10),
+            "--metrics", metrics, "--force"]
+
+
 def psc_round(method: str, d: int, workers: int, rounds: int, folder: str, device: str = "cpu") -> dict[str, float]:
     """Medians of the round's time and of its parts, and the bytes of one uplink and one downlink
     (metrics fields; INTERFACE.md)."""
     metrics = os.path.join(folder, "run.jsonl")
-    cmd = [*PSC, "launch", "--workers", str(workers), "--device", device, *METHODS[method],
-           "--problem", f"identity-quadratic:d={d}", "--rounds", str(rounds + 1), "--eval-every", str(rounds + 10),
-           "--metrics", metrics, "--force"]
-    subprocess.run(cmd, check=True)
+    subprocess.run(launch_command(method, d, workers, rounds + 1, metrics, device), check=True)
     with open(metrics) as fh:
         lines = [json.loads(line) for line in fh if '"event": "round"' in line][1:]
     out = {k: statistics.median(r[k] for r in lines) for k in PARTS}

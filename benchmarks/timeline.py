@@ -43,18 +43,12 @@ import sys
 import tempfile
 from collections import defaultdict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from overhead import plain_round_s  # noqa: E402
+from overhead import METHODS, launch_command, plain_round_s  # noqa: E402
 from runtime.allocator import keep_freed_memory  # noqa: E402
 from runtime.metrics import read_metrics  # noqa: E402
-
-PSC = [sys.executable, "-m", "psc", "-q"]
-METHODS = {
-    "dense": ["--algorithm", "gd", "--lr", "0.1"],
-    "sign": ["--algorithm", "cd-adam", "--lr", "0.001", "--uplink", "sign", "--downlink", "sign"],
-    "topk": ["--algorithm", "ef21", "--lr", "0.1", "--uplink", "topk:ratio=0.01", "--downlink", "topk:ratio=0.01"],
-}
 
 # Written as sitecustomize.py into the folder first on the run's PYTHONPATH. A lean UP/DOWN head frame
 # starts with a flags byte: form (bits 7-6, nonzero), direction (bit 5: 0 up, 1 down), bit 4 zero
@@ -107,33 +101,30 @@ def message_sizes(records: list[dict]) -> tuple[int, int]:
             int(statistics.median(b for r in rounds for b in r["bytes_down"])))
 
 
-def traced_run(method: str, d: int, workers: int, rounds: int, device: str, folder: str) -> dict[str, list]:
-    """Run ``psc launch`` with every process traced; the events of each process, by pid."""
+def traced_run(method: str, d: int, workers: int, rounds: int, device: str, folder: str) -> tuple[list[dict], dict[str, list]]:
+    """Run ``psc launch`` with every process traced: the run's metrics records, and the events of
+    each process, by pid."""
     tracer_dir = os.path.join(folder, "tracer")
     events_dir = os.path.join(folder, "events")
     os.makedirs(tracer_dir)
     os.makedirs(events_dir)
     with open(os.path.join(tracer_dir, "sitecustomize.py"), "w") as fh:
         fh.write(TRACER)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PSC_TIMELINE_DIR=events_dir,
-               PYTHONPATH=os.pathsep.join([tracer_dir, root, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    cmd = [*PSC, "launch", "--workers", str(workers), "--device", device, *METHODS[method],
-           "--problem", f"identity-quadratic:d={d}", "--rounds", str(rounds), "--eval-every", str(rounds + 10),
-           "--metrics", os.path.join(folder, "run.jsonl"), "--force"]
-    subprocess.run(cmd, check=True, env=env, cwd=root)
-    out = {"metrics": read_metrics(os.path.join(folder, "run.jsonl"))}
+               PYTHONPATH=os.pathsep.join([tracer_dir, ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    metrics = os.path.join(folder, "run.jsonl")
+    subprocess.run(launch_command(method, d, workers, rounds, metrics, device), check=True, env=env, cwd=ROOT)
+    traces = {}
     for path in glob.glob(os.path.join(events_dir, "*.json")):
         with open(path) as fh:
-            out[os.path.basename(path)[:-5]] = json.load(fh)
-    return out
+            traces[os.path.basename(path)[:-5]] = json.load(fh)
+    return read_metrics(metrics), traces
 
 
 def rounds_of(traces: dict[str, list], workers: int):
     """Per worker identity, the times of its messages by round: the server's DOWN send begins and
     UP receive returns, the worker's DOWN receive returns and UP send begins (the k-th message of
     a kind on a link is round k: no run here restarts)."""
-    traces = {pid: ev for pid, ev in traces.items() if pid != "metrics"}
     server = [pid for pid, ev in traces.items() if any(e[2] == "send" and e[3] == DOWN for e in ev)]
     if len(server) != 1:
         raise SystemExit(f"expected one process sending DOWNs, found {len(server)}")
@@ -205,11 +196,11 @@ def main() -> None:
             d = int(float(dim))
             for n in args.workers:
                 with tempfile.TemporaryDirectory() as folder:
-                    traces = traced_run(method, d, n, args.rounds, args.device, folder)
+                    records, traces = traced_run(method, d, n, args.rounds, args.device, folder)
                 s, w = rounds_of(traces, n)
                 parts = breakdown(s, w, args.rounds)
                 med = {k: statistics.median(v) for k, v in parts.items()}
-                plain = 1e3 * plain_round_s(*message_sizes(traces["metrics"]), n, args.rounds)
+                plain = 1e3 * plain_round_s(*message_sizes(records), n, args.rounds)
                 print(f"| {method} | {d:.0e} | {n} | " + " | ".join(f"{med[k]:.3f}" for k in PARTS) + f" | {plain:.3f} |", flush=True)
                 if args.show_round is not None and 2 <= args.show_round < args.rounds - 1:
                     show_round(s, w, args.show_round)

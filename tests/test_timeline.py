@@ -10,8 +10,8 @@ pytestmark = pytest.mark.procs
 
 def test_a_traced_run_splits_each_round_into_parts_that_add_up(tmp_path):
     rounds = 8
-    traces = traced_run("dense", 300, 2, rounds, "cpu", str(tmp_path))
-    assert message_sizes(traces["metrics"]) == (1202, 1202)  # 300 float32 and a 2-byte lean head
+    records, traces = traced_run("dense", 300, 2, rounds, "cpu", str(tmp_path))
+    assert message_sizes(records) == (1202, 1202)  # 300 float32 and a 2-byte lean head
     s, w = rounds_of(traces, 2)
     assert len(w) == 2 and all(len(w[i]["up_sent"]) == rounds and len(s[i]["down_sent"]) == rounds for i in w)
     parts = breakdown(s, w, rounds)
