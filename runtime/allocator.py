@@ -23,8 +23,9 @@ threshold), so every received frame at d = 1e7 was fresh memory again, faulted i
 over it, and its release cost a ``munmap``. In the main arena the frames reuse the heap like any
 other vector. ``psc launch`` of GD at d = 1e7, n = 2, 40 rounds, 2 cores: 51-52 ms a round instead
 of 74-76 (the worker's replacement of its model, which frees the last DOWN's frame, took 2.5 ms in
-every other round and now 0.02 ms). The threads then share one arena's lock; the ones that allocate
-often (ZeroMQ's, and the codec's pool, whose kernels allocate nothing) are few.
+every other round and now 0.02 ms). The threads then share one arena's lock; besides the main
+thread few allocate often (ZeroMQ's I/O thread, and the codec pool's threads, one output array a
+piece), and three interleaved pairs of ``bench_compressors.py`` (Top-K, Perm-K) saw no slowdown.
 
 Every ``psc`` command calls it at start-up; ``PSC_MALLOC=system`` leaves the allocator as it is. On a
 C library without ``mallopt`` (musl, macOS) it does nothing and says so (returns False).
