@@ -180,27 +180,40 @@ def test_packed_codes_and_decoded_vector_match_the_torch_codec(spec, monkeypatch
     assert torch.equal(fast_dense, c.decompress(decode(slow_frames)))
 
 
+@pytest.mark.parametrize("dtype", [torch.int16, torch.uint8])
 @pytest.mark.parametrize("width", range(1, 9))
 @pytest.mark.parametrize("escape", [False, True])
-def test_pack_and_unpack_kernels_follow_the_bitpack_layout(width, escape, monkeypatch):
-    """Lengths with every kind of last group, and a long one cut into pieces in several threads (a
-    group's 8-byte load must stay inside its piece's bytes)."""
+def test_pack_and_unpack_kernels_follow_the_bitpack_layout(width, escape, dtype, monkeypatch):
+    """Lengths with every kind of last group, and long ones cut into pieces in several threads (a
+    group's 8-byte load must stay inside its piece's bytes; a piece's whole 64-field groups go
+    through the word kernel, its last fields through the byte kernel), also from codes that do not
+    start on an 8-byte boundary (the byte kernel only)."""
     gen = torch.Generator().manual_seed(width)
-    offset = 5
-    for n, threads in ((1, 1), (7, 1), (8, 1), (9, 1), (17, 1), (1003, 1), (1003, 3)):
+    offset = 5 if dtype == torch.int16 or width < 8 else int(escape)  # the largest code fits a uint8
+    for n, threads, skew in ((1, 1, 0), (7, 1, 0), (8, 1, 0), (9, 1, 0), (17, 1, 0), (64, 1, 0), (65, 1, 0),
+                             (1003, 1, 0), (1003, 3, 0), (5000, 3, 0), (5000, 3, 1)):
         monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
         monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 100)
         fields = torch.randint(0, 1 << width, (n,), generator=gen)
         if escape:  # field 0 is code 0, field f > 0 is code f + offset - 1
-            codes = torch.where(fields == 0, 0, fields + offset - 1).to(torch.int16)
+            codes = torch.where(fields == 0, 0, fields + offset - 1).to(dtype)
             minus, clamp = offset - 1, True
         else:
-            codes = (fields + offset).to(torch.int16)
+            codes = (fields + offset).to(dtype)
             minus, clamp = offset, False
+        if skew:
+            codes = torch.cat([codes.new_zeros(skew), codes])[skew:]
         packed = cpu_kernels.pack_codes(codes, minus, clamp, width)
         assert torch.equal(packed, bitpack.pack(fields, width)), n
         back, largest = cpu_kernels.unpack_codes(packed.numpy(), n, width, offset, escape, torch.int16)
-        assert torch.equal(back, codes) and largest == int(codes.max()), n
+        assert torch.equal(back, codes.to(torch.int16)) and largest == int(codes.max()), n
+
+
+def test_one_bit_fields_of_codes_zero_and_one_are_the_codes_packed():
+    """QSGD and ternary at large d have codes 0 and 1 only: the uint8 codes are packed as they are."""
+    codes = torch.randint(0, 2, (10_001,), generator=torch.Generator().manual_seed(3)).to(torch.uint8)
+    assert torch.equal(cpu_kernels.pack_codes(codes, 0, False, 1), bitpack.pack(codes, 1))
+    assert torch.equal(cpu_kernels.pack_codes(codes + 7, 7, False, 1), bitpack.pack(codes, 1))
 
 
 def test_a_code_beyond_the_table_is_still_refused():

@@ -45,6 +45,7 @@ Kernels are compiled on first use (about a second) and cached on disk (Numba's `
 from __future__ import annotations
 
 import functools
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -398,6 +399,47 @@ def _kernels():
                 word |= u64(max(f, np.int64(0)) if clamp else f) << u64(j * width)
             for b in range(out.size - whole * width):
                 out[whole * width + b] = np.uint8((word >> u64(8 * b)) & u64(0xFF))
+
+    @jit()
+    def pack_words(words, lane_bits, minus, clamp, width, out):
+        """``pack_small`` for codes read as 64-bit words of 8 uint8 or 4 uint16 lanes (``lane_bits``):
+        each word's fields are made at once (SWAR), the offset subtracted from every lane (no lane
+        borrows: a code is >= ``minus``, or, with ``clamp``, 0, which a mask of the nonzero lanes
+        keeps at 0), then moved together in two or three shift-and-mask steps (8 fields of ``width``
+        bits become the word's low 8 * width bits), and appended to a 64-bit accumulator that is
+        stored into ``out`` (uint64) whenever it is full. ``words`` holds a multiple of 64 fields,
+        so ``out`` ends on a whole word. One thread at d = 1e7, uint8 codes: 3.5-4.7 ms against
+        7-10 ms for ``pack_small``, which stores each group's bytes one by one."""
+        w = u64(width)
+        byte_lanes = lane_bits == 8
+        ones = u64(0x0101010101010101) if byte_lanes else u64(0x0001000100010001)
+        low = u64(0x7F7F7F7F7F7F7F7F) if byte_lanes else u64(0x7FFF7FFF7FFF7FFF)
+        top = u64(0x8080808080808080) if byte_lanes else u64(0x8000800080008000)
+        lane = u64(lane_bits)
+        sub = u64(minus) * ones
+        step = (u64(64) // lane) * w  # the bits of one word's fields
+        acc, bits, k = u64(0), u64(0), 0
+        for g in range(words.size):
+            x = words[g]
+            if clamp:  # only the nonzero lanes, which hold codes > minus
+                nonzero = ((x | ((x & low) + low)) & top) >> (lane - u64(1))
+                x = x - (sub & (nonzero * ((u64(1) << lane) - u64(1))))
+            else:
+                x = x - sub
+            if byte_lanes:
+                x = (x & u64(0x00FF00FF00FF00FF)) | ((x & u64(0xFF00FF00FF00FF00)) >> (u64(8) - w))
+                x = (x & u64(0x0000FFFF0000FFFF)) | ((x & u64(0xFFFF0000FFFF0000)) >> (u64(16) - u64(2) * w))
+                x = (x & u64(0xFFFFFFFF)) | ((x >> u64(32)) << (u64(4) * w))
+            else:
+                x = (x & u64(0x0000FFFF0000FFFF)) | ((x & u64(0xFFFF0000FFFF0000)) >> (u64(16) - w))
+                x = (x & u64(0xFFFFFFFF)) | ((x >> u64(32)) << (u64(2) * w))
+            acc |= x << bits
+            bits += step
+            if bits >= u64(64):
+                out[k] = acc
+                k += 1
+                bits -= u64(64)
+                acc = (x >> (step - bits)) if bits != u64(0) else u64(0)
 
     @jit()
     def unpack_small(data, n, width, offset, escape, codes):
@@ -904,7 +946,7 @@ def _kernels():
         return c
 
     return {np.float32: quantize32, np.float64: quantize64, "uniform32": quantize_uniform32, "powers32": quantize_powers32, "code_range": code_range,
-            "pack_small": pack_small, "unpack_small": unpack_small, "dequantize": dequantize, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
+            "pack_small": pack_small, "pack_words": pack_words, "unpack_small": unpack_small, "dequantize": dequantize, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
             "descend": descend, "mean_descend": mean_descend, "feistel": feistel, "ascending": ascending,
@@ -913,6 +955,7 @@ def _kernels():
             "rice_read": rice_read, "pick_top": pick_top}
 
 
+_LITTLE_ENDIAN = sys.byteorder == "little"  # ``pack_words`` reads codes as native 64-bit words
 BLOCK = 4096  # coordinates a kernel handles per inner loop (its temporaries stay in the L1/L2 cache)
 MIN_CHUNK = 1 << 18  # coordinates below which a second thread costs more than it saves
 # Coordinates from which the one-pass elementwise kernels (the mean and step, AMSGrad's step, a scaled
@@ -1084,17 +1127,31 @@ def code_range(codes: torch.Tensor) -> tuple[int, int, int] | None:
 
 def pack_codes(codes: torch.Tensor, minus: int, clamp: bool, width: int) -> torch.Tensor | None:
     """The packed fields codes - minus (clamped at 0) of ``width`` in 1..8 bits (``common.wire.bitpack``
-    layout) for a CPU code vector; None where this kernel does not apply."""
+    layout) for a CPU code vector; None where this kernel does not apply. One-bit fields are
+    NumPy's ``packbits`` of the codes (a field is 1 where the code is not ``minus``, or not 0 with
+    ``clamp``); wider fields of uint8 or 16-bit codes go through ``pack_words`` 64 fields at a time
+    and ``pack_small`` for each piece's last few, other codes through ``pack_small``."""
     kernels = _kernels()
     if kernels is None or codes.device.type != "cpu" or not 1 <= width <= 8:
         return None
     flat = codes.contiguous().numpy()
+    if width == 1:
+        if flat.dtype == np.uint8 and not clamp and minus == 0:
+            return torch.from_numpy(np.packbits(flat, bitorder="little"))  # the codes are the fields
+        return torch.from_numpy(np.packbits(flat != (0 if clamp else minus), bitorder="little"))
     out = np.empty((flat.size * width + 7) // 8, dtype=np.uint8)
+    lane_bits = 8 * flat.itemsize
+    as_words = (lane_bits in (8, 16) and _LITTLE_ENDIAN and flat.ctypes.data % 8 == 0 and out.ctypes.data % 8 == 0)
 
-    def piece(a, b):  # a is a multiple of 8 fields: byte a * width / 8 starts its group
-        kernels["pack_small"](flat[a:b], int(minus), bool(clamp), int(width), out[a * width // 8:(b * width + 7) // 8])
+    def piece(a, b):  # a is a multiple of 64 fields: byte a * width / 8 starts a whole word
+        m = a + (b - a) // 64 * 64 if as_words else a
+        if m > a:
+            kernels["pack_words"](flat[a:m].view(np.uint64), lane_bits, int(minus), bool(clamp), int(width),
+                                  out[a * width // 8:m * width // 8].view(np.uint64))
+        if b > m:
+            kernels["pack_small"](flat[m:b], int(minus), bool(clamp), int(width), out[m * width // 8:(b * width + 7) // 8])
 
-    _run(flat.size, 8, piece)
+    _run(flat.size, 64, piece)
     return torch.from_numpy(out)
 
 
