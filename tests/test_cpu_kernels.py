@@ -205,8 +205,12 @@ def test_pack_and_unpack_kernels_follow_the_bitpack_layout(width, escape, dtype,
             codes = torch.cat([codes.new_zeros(skew), codes])[skew:]
         packed = cpu_kernels.pack_codes(codes, minus, clamp, width)
         assert torch.equal(packed, bitpack.pack(fields, width)), n
-        back, largest = cpu_kernels.unpack_codes(packed.numpy(), n, width, offset, escape, torch.int16)
-        assert torch.equal(back, codes.to(torch.int16)) and largest == int(codes.max()), n
+        for into in (torch.int16, dtype):
+            back, largest = cpu_kernels.unpack_codes(packed.numpy(), n, width, offset, escape, into)
+            assert torch.equal(back, codes.to(into)) and largest == int(codes.max()), (n, into)
+        if skew:  # packed bytes that do not start on an 8-byte boundary
+            moved = torch.cat([packed.new_zeros(skew), packed])[skew:]
+            assert torch.equal(cpu_kernels.unpack_codes(moved.numpy(), n, width, offset, escape, dtype)[0], codes)
 
 
 def test_one_bit_fields_of_codes_zero_and_one_are_the_codes_packed():
@@ -214,6 +218,11 @@ def test_one_bit_fields_of_codes_zero_and_one_are_the_codes_packed():
     codes = torch.randint(0, 2, (10_001,), generator=torch.Generator().manual_seed(3)).to(torch.uint8)
     assert torch.equal(cpu_kernels.pack_codes(codes, 0, False, 1), bitpack.pack(codes, 1))
     assert torch.equal(cpu_kernels.pack_codes(codes + 7, 7, False, 1), bitpack.pack(codes, 1))
+    packed = bitpack.pack(codes, 1).numpy()
+    back, largest = cpu_kernels.unpack_codes(packed, codes.numel(), 1, 7, False, torch.uint8)
+    assert torch.equal(back, codes + 7) and largest == 8
+    back, largest = cpu_kernels.unpack_codes(np.zeros_like(packed), codes.numel(), 1, 7, True, torch.int16)
+    assert not back.any() and largest == 0
 
 
 def test_a_code_beyond_the_table_is_still_refused():

@@ -400,6 +400,11 @@ def _kernels():
             for b in range(out.size - whole * width):
                 out[whole * width + b] = np.uint8((word >> u64(8 * b)) & u64(0xFF))
 
+    # A 64-bit word of 8 uint8 or 4 uint16 lanes: each lane's 1, each lane's bits below its top bit,
+    # and each lane's top bit (the masks of ``pack_words`` and ``unpack_words``).
+    LANES8 = (u64(0x0101010101010101), u64(0x7F7F7F7F7F7F7F7F), u64(0x8080808080808080))
+    LANES16 = (u64(0x0001000100010001), u64(0x7FFF7FFF7FFF7FFF), u64(0x8000800080008000))
+
     @jit()
     def pack_words(words, lane_bits, minus, clamp, width, out):
         """``pack_small`` for codes read as 64-bit words of 8 uint8 or 4 uint16 lanes (``lane_bits``):
@@ -412,9 +417,7 @@ def _kernels():
         7-10 ms for ``pack_small``, which stores each group's bytes one by one."""
         w = u64(width)
         byte_lanes = lane_bits == 8
-        ones = u64(0x0101010101010101) if byte_lanes else u64(0x0001000100010001)
-        low = u64(0x7F7F7F7F7F7F7F7F) if byte_lanes else u64(0x7FFF7FFF7FFF7FFF)
-        top = u64(0x8080808080808080) if byte_lanes else u64(0x8000800080008000)
+        ones, low, top = LANES8 if byte_lanes else LANES16
         lane = u64(lane_bits)
         sub = u64(minus) * ones
         step = (u64(64) // lane) * w  # the bits of one word's fields
@@ -472,6 +475,47 @@ def _kernels():
                 largest = max(largest, c)
                 codes[8 * g + j] = c
         return largest
+
+    @jit()
+    def unpack_words(data, lane_bits, width, offset, escape, out):
+        """Inverse of ``pack_words``: ``out`` (uint64) takes the codes as words of 8 uint8 or 4 uint16
+        lanes. Word g's fields are the stream's bits [g * step, g * step + step) (one or two loads,
+        no state carried from word to word), spread back to one field per lane in two or three
+        shift-and-mask steps, and the offset is added to every lane (``escape``: to the nonzero
+        lanes only, with offset - 1). ``data`` (uint64) holds whole 64-field groups."""
+        w = u64(width)
+        byte_lanes = lane_bits == 8
+        ones, low, top = LANES8 if byte_lanes else LANES16
+        lane = u64(lane_bits)
+        add = u64(offset - 1 if escape else offset) * ones
+        step = (u64(64) // lane) * w
+        keep = (u64(1) << step) - u64(1) if step < u64(64) else ~u64(0)
+        field = (u64(1) << w) - u64(1)
+        for g in range(out.size):
+            at = u64(g) * step
+            q, r = at >> u64(6), at & u64(63)
+            v = data[q] >> r
+            if r + step > u64(64):
+                v |= data[q + u64(1)] << (u64(64) - r)
+            v &= keep
+            if byte_lanes:
+                half = (u64(1) << (u64(4) * w)) - u64(1)
+                v = (v & half) | ((v << (u64(32) - u64(4) * w)) & (half << u64(32)))
+                pair = ((u64(1) << (u64(2) * w)) - u64(1)) * u64(0x0000000100000001)
+                v = (v & pair) | ((v << (u64(16) - u64(2) * w)) & (pair << u64(16)))
+                one = field * u64(0x0001000100010001)
+                v = (v & one) | ((v << (u64(8) - w)) & (one << u64(8)))
+            else:
+                half = (u64(1) << (u64(2) * w)) - u64(1)
+                v = (v & half) | ((v << (u64(32) - u64(2) * w)) & (half << u64(32)))
+                one = field * u64(0x0000000100000001)
+                v = (v & one) | ((v << (u64(16) - w)) & (one << u64(16)))
+            if escape:
+                nonzero = ((v | ((v & low) + low)) & top) >> (lane - u64(1))
+                v = v + (add & (nonzero * ((u64(1) << lane) - u64(1))))
+            else:
+                v = v + add
+            out[g] = v
 
     @jit()
     def dequantize(codes, negative, signed, out):
@@ -946,7 +990,7 @@ def _kernels():
         return c
 
     return {np.float32: quantize32, np.float64: quantize64, "uniform32": quantize_uniform32, "powers32": quantize_powers32, "code_range": code_range,
-            "pack_small": pack_small, "pack_words": pack_words, "unpack_small": unpack_small, "dequantize": dequantize, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
+            "pack_small": pack_small, "pack_words": pack_words, "unpack_small": unpack_small, "unpack_words": unpack_words, "dequantize": dequantize, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
             "descend": descend, "mean_descend": mean_descend, "feistel": feistel, "ascending": ascending,
@@ -1157,17 +1201,38 @@ def pack_codes(codes: torch.Tensor, minus: int, clamp: bool, width: int) -> torc
 
 def unpack_codes(data: np.ndarray, n: int, width: int, offset: int, escape: bool,
                  dtype: torch.dtype) -> tuple[torch.Tensor, int] | None:
-    """(codes, largest code) from ``n`` packed fields of ``width`` in 1..8 bits; None where this kernel
-    does not apply."""
+    """(codes, largest code) from ``n`` packed fields of ``width`` in 1..8 bits, whose padding bits are
+    zero (the decoder checks them first); None where this kernel does not apply. One-bit fields are
+    NumPy's ``unpackbits``; wider fields into uint8 or 16-bit codes go through ``unpack_words`` 64
+    fields at a time (then NumPy's maximum), other codes and each piece's last few fields through
+    ``unpack_small``."""
     kernels = _kernels()
     if kernels is None or not 1 <= width <= 8:
         return None
+    if width == 1 and n and dtype in (torch.uint8, torch.int16, torch.int32, torch.int64):
+        bits = np.unpackbits(data, count=n, bitorder="little")
+        codes = torch.from_numpy(bits).to(dtype)
+        if escape:  # field 1 is code ``offset``
+            return (codes.mul_(offset) if offset != 1 else codes), (offset if data.any() else 0)
+        return (codes.add_(offset) if offset else codes), offset + int(data.any())
     codes = torch.empty(n, dtype=dtype).numpy()
+    lane_bits = 8 * codes.itemsize
+    as_words = lane_bits in (8, 16) and _LITTLE_ENDIAN and data.ctypes.data % 8 == 0 and codes.ctypes.data % 8 == 0
 
-    def piece(a, b):
-        return kernels["unpack_small"](data[a * width // 8:(b * width + 7) // 8], b - a, width, offset, escape, codes[a:b])
+    def piece(a, b):  # a is a multiple of 64 fields: byte a * width / 8 starts a whole word
+        m = a + (b - a) // 64 * 64 if as_words else a
+        largest = 0
+        if m > a:
+            words = codes[a:m].view(np.uint64)
+            kernels["unpack_words"](data[a * width // 8:m * width // 8].view(np.uint64), lane_bits, int(width),
+                                    int(offset), bool(escape), words)
+            largest = int(codes[a:m].max())
+        if b > m:
+            largest = max(largest, int(kernels["unpack_small"](data[m * width // 8:(b * width + 7) // 8], b - m, width,
+                                                                offset, escape, codes[m:b])))
+        return largest
 
-    return torch.from_numpy(codes), max(int(v) for v in _run(n, 8, piece))
+    return torch.from_numpy(codes), max(_run(n, 64, piece))
 
 
 def dequantize(codes: torch.Tensor, negative: torch.Tensor, signed: torch.Tensor) -> torch.Tensor | None:
