@@ -20,8 +20,9 @@ compression, base-2 rounding, natural dithering) take k and the levels from t's 
 
 The wire codec uses the other kernels for a ``Quantized`` payload on the CPU: ``code_range`` (min,
 max and smallest nonzero code in one pass), ``pack_codes`` / ``unpack_codes`` (fields of 1..8 bits in
-the ``common.wire.bitpack`` layout, 8 fields per 64-bit word, with the code offset and zero escape
-applied on the way) and ``dequantize`` (one gather from the signed level table). Each returns None
+the ``common.wire.bitpack`` layout, with the code offset and zero escape applied on the way: one-bit
+fields through NumPy's ``packbits``, wider ones from 64-bit words of 8 uint8 or 4 int16 codes at a
+time, ``pack_words`` / ``unpack_words``, and 8 fields at a time elsewhere) and ``dequantize`` (one gather from the signed level table). Each returns None
 where it does not apply, and the caller falls back to the torch version.
 
 ``float64_sum`` serves the float64 norms of ``base.float64_norm`` (dithering's 2-norm, sign's
