@@ -225,6 +225,17 @@ def test_one_bit_fields_of_codes_zero_and_one_are_the_codes_packed():
     assert not back.any() and largest == 0
 
 
+def test_fields_that_overflow_the_code_dtype_are_reported_not_wrapped():
+    """A malformed frame's field plus the offset can pass the codes' dtype (8-bit fields of 255 with an
+    offset of 200 into uint8 codes): the largest code reported is the true one, so the decoder refuses
+    it, whichever kernel unpacks it."""
+    n = 1024  # whole 64-field groups only: no last fields for the byte kernel
+    data = np.full(n, 0xFF, dtype=np.uint8)  # n 8-bit fields of 255
+    for escape in (False, True):
+        codes, largest = cpu_kernels.unpack_codes(data, n, 8, 200, escape, torch.uint8)
+        assert largest == 255 + 200 - int(escape)
+
+
 def test_a_code_beyond_the_table_is_still_refused():
     """A frame whose fields decode past the top level is a WireError, also through the compiled path:
     natural dithering with s = 2 has codes 0..2 in 2-bit fields, and a field of 3 is no level."""

@@ -1221,7 +1221,11 @@ def unpack_codes(data: np.ndarray, n: int, width: int, offset: int, escape: bool
         return (codes.add_(offset) if offset else codes), offset + int(data.any())
     codes = torch.empty(n, dtype=dtype).numpy()
     lane_bits = 8 * codes.itemsize
-    as_words = lane_bits in (8, 16) and _LITTLE_ENDIAN and data.ctypes.data % 8 == 0 and codes.ctypes.data % 8 == 0
+    # a lane must hold every code the fields allow: one that wrapped would hide a code beyond the table
+    # (a malformed frame) from the maximum, where ``unpack_small`` reports it before it is stored
+    fits = codes.dtype.kind in "iu" and offset + (1 << width) - 1 <= np.iinfo(codes.dtype).max
+    as_words = (fits and lane_bits in (8, 16) and _LITTLE_ENDIAN and data.ctypes.data % 8 == 0
+                and codes.ctypes.data % 8 == 0)
 
     def piece(a, b):  # a is a multiple of 64 fields: byte a * width / 8 starts a whole word
         m = a + (b - a) // 64 * 64 if as_words else a
