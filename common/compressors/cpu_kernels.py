@@ -1173,6 +1173,15 @@ def code_range(codes: torch.Tensor) -> tuple[int, int, int] | None:
     return _span(_run(flat.size, 1, lambda a, b: kernels["code_range"](flat[a:b])))
 
 
+def _word_lanes(codes: np.ndarray, packed: np.ndarray) -> int:
+    """The lanes (8 or 16 bits) in which ``pack_words`` / ``unpack_words`` read ``codes`` as 64-bit
+    words beside the ``packed`` bytes, or 0 where they cannot: other codes, a big-endian host, or an
+    array that does not start on an 8-byte boundary."""
+    lane_bits = 8 * codes.itemsize
+    aligned = codes.ctypes.data % 8 == 0 and packed.ctypes.data % 8 == 0
+    return lane_bits if lane_bits in (8, 16) and _LITTLE_ENDIAN and aligned else 0
+
+
 def pack_codes(codes: torch.Tensor, minus: int, clamp: bool, width: int) -> torch.Tensor | None:
     """The packed fields codes - minus (clamped at 0) of ``width`` in 1..8 bits (``common.wire.bitpack``
     layout) for a CPU code vector; None where this kernel does not apply. One-bit fields are
@@ -1188,11 +1197,10 @@ def pack_codes(codes: torch.Tensor, minus: int, clamp: bool, width: int) -> torc
             return torch.from_numpy(np.packbits(flat, bitorder="little"))  # the codes are the fields
         return torch.from_numpy(np.packbits(flat != (0 if clamp else minus), bitorder="little"))
     out = np.empty((flat.size * width + 7) // 8, dtype=np.uint8)
-    lane_bits = 8 * flat.itemsize
-    as_words = (lane_bits in (8, 16) and _LITTLE_ENDIAN and flat.ctypes.data % 8 == 0 and out.ctypes.data % 8 == 0)
+    lane_bits = _word_lanes(flat, out)
 
     def piece(a, b):  # a is a multiple of 64 fields: byte a * width / 8 starts a whole word
-        m = a + (b - a) // 64 * 64 if as_words else a
+        m = a + (b - a) // 64 * 64 if lane_bits else a
         if m > a:
             kernels["pack_words"](flat[a:m].view(np.uint64), lane_bits, int(minus), bool(clamp), int(width),
                                   out[a * width // 8:m * width // 8].view(np.uint64))
@@ -1220,15 +1228,13 @@ def unpack_codes(data: np.ndarray, n: int, width: int, offset: int, escape: bool
             return (codes.mul_(offset) if offset != 1 else codes), (offset if data.any() else 0)
         return (codes.add_(offset) if offset else codes), offset + int(data.any())
     codes = torch.empty(n, dtype=dtype).numpy()
-    lane_bits = 8 * codes.itemsize
     # a lane must hold every code the fields allow: one that wrapped would hide a code beyond the table
     # (a malformed frame) from the maximum, where ``unpack_small`` reports it before it is stored
     fits = codes.dtype.kind in "iu" and offset + (1 << width) - 1 <= np.iinfo(codes.dtype).max
-    as_words = (fits and lane_bits in (8, 16) and _LITTLE_ENDIAN and data.ctypes.data % 8 == 0
-                and codes.ctypes.data % 8 == 0)
+    lane_bits = _word_lanes(codes, data) if fits else 0
 
     def piece(a, b):  # a is a multiple of 64 fields: byte a * width / 8 starts a whole word
-        m = a + (b - a) // 64 * 64 if as_words else a
+        m = a + (b - a) // 64 * 64 if lane_bits else a
         largest = 0
         if m > a:
             words = codes[a:m].view(np.uint64)
