@@ -510,9 +510,10 @@ def test_topk_candidates_in_one_compiled_pass_are_the_torch_ones(dtype, threads,
     x[7], x[8] = 0.0, -0.0
     level = torch.tensor(0.5, dtype=dtype)
     for expect in (1, 20_000):
-        got, finite = cpu_kernels.indices_at_least(x, float(level), expect)
+        got, values, finite = cpu_kernels.indices_at_least(x, float(level), expect)
         assert got.dtype == torch.int64 and not finite
         assert torch.equal(got, torch.nonzero((x >= level).logical_or_(x <= -level)).flatten())
+        assert values.dtype == dtype and torch.equal(values, x[got])
     assert torch.equal(topk._at_least(x, level, 10)[0], got)  # the compressor's path takes the compiled pass
     for bad in (5, 6):  # each of the NaN and the inf alone is seen, in whichever piece it lies
         y = x.clone()
@@ -520,10 +521,10 @@ def test_topk_candidates_in_one_compiled_pass_are_the_torch_ones(dtype, threads,
         for at in (bad, 49_000):
             z = y.clone()
             z[[bad, at]] = z[[at, bad]]
-            assert not cpu_kernels.indices_at_least(z, float(level), 10)[1]
+            assert not cpu_kernels.indices_at_least(z, float(level), 10)[2]
     y = x.clone()
     y[5], y[6] = 1.0, -torch.finfo(dtype).max
-    assert cpu_kernels.indices_at_least(y, float(level), 10)[1]  # the largest finite value is finite
+    assert cpu_kernels.indices_at_least(y, float(level), 10)[2]  # the largest finite value is finite
     monkeypatch.setattr(cpu_kernels, "indices_at_least", lambda *a: None)
     assert torch.equal(topk._at_least(x, level, 10)[0], got)  # and the block-wise torch pass agrees
 

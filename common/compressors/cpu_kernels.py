@@ -636,14 +636,15 @@ def _kernels():
             sums[b] = total
 
     @jit()
-    def at_least(x, level, largest, first, out):
-        """Writes first + i for each |x_i| >= level (ascending) into ``out`` while it has room; returns
-        how many there are (more than out.size: call again with a larger ``out``). A block's flags are
-        computed in a loop the compiler vectorizes, then read 8 at a time as a 64-bit word, and only a
-        word with a flag is looked into, without a branch on each flag. One thread at d = 1e7 with 1.2%
-        of the coordinates kept: 3.0 ms, against 8.3 ms for a loop with a branch on each |x_i|; with
-        32% kept, 7 ms against 23. A NaN is never a candidate. Also returns whether some |x_i| is
-        not <= ``largest`` (the dtype's largest finite value): a NaN or inf, at no extra cost."""
+    def at_least(x, level, largest, first, out, values):
+        """Writes first + i for each |x_i| >= level (ascending) into ``out``, and x_i into ``values``,
+        while they have room; returns how many there are (more than out.size: call again with larger
+        arrays). A block's flags are computed in a loop the compiler vectorizes, then read 8 at a time
+        as a 64-bit word, and only a word with a flag is looked into, without a branch on each flag.
+        One thread at d = 1e7 with 1.2% of the coordinates kept: 3.0 ms, against 8.3 ms for a loop
+        with a branch on each |x_i|; with 32% kept, 7 ms against 23. A NaN is never a candidate. Also
+        returns whether some |x_i| is not <= ``largest`` (the dtype's largest finite value): a NaN or
+        inf, at no extra cost."""
         count = 0
         room = out.size
         flags = np.zeros(BLOCK, np.uint8)
@@ -662,15 +663,18 @@ def _kernels():
                 word = words[w]
                 if word != 0:
                     at = first + b0 + 8 * w
-                    if count + 8 <= room:  # all 8 positions written, the count moved by each flag: no branch
+                    if count + 8 <= room and 8 * w + 8 <= m:
+                        # all 8 positions and values written, the count moved by each flag: no branch
                         for b in range(8):
                             out[count] = at + b
+                            values[count] = xb[8 * w + b]
                             count += np.int64((word >> u64(8 * b)) & u64(1))
                     else:
                         for b in range(8):
                             if (word >> u64(8 * b)) & u64(1):
                                 if count < room:
                                     out[count] = at + b
+                                    values[count] = xb[8 * w + b]
                                 count += 1
         return count, bad
 
@@ -976,10 +980,10 @@ def _kernels():
         return 0, np.int64(0)
 
     @jit()
-    def pick_top(mag, threshold, k, where, use_where, out):
-        """Positions (where[i] if ``use_where``, else i) of the values > threshold and of the first
-        k - (their count) values == threshold, in order; ``out`` holds mag.size entries (each
-        position is written, and the count moves by whether it is kept: no branch). Returns the count."""
+    def pick_top(mag, threshold, k, out):
+        """Positions of the values > threshold and of the first k - (their count) values ==
+        threshold, in order; ``out`` holds mag.size entries (each position is written, and the count
+        moves by whether it is kept: no branch). Returns the count."""
         above = np.int64(0)
         for i in range(mag.size):
             above += np.int64(mag[i] > threshold)
@@ -989,7 +993,7 @@ def _kernels():
             v = mag[i]
             tie = np.int64(v == threshold) & np.int64(ties > 0)
             ties -= tie
-            out[c] = where[i] if use_where else i
+            out[c] = i
             c += np.int64(v > threshold) | tie
         return c
 
@@ -1637,25 +1641,24 @@ def rice_indices(data: np.ndarray, rem_bytes: int, k: int, r: int, dim: int) -> 
     return int(status), int(value), torch.from_numpy(out)
 
 
-def pick_top(mag: torch.Tensor, threshold: torch.Tensor, k: int, where: torch.Tensor | None) -> torch.Tensor | None:
+def pick_top(mag: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor | None:
     """Top-K's rule given the k-th largest value ``threshold`` of a CPU float32/float64 ``mag``: the
-    positions (in ``where``, or in ``mag``) of the values above it and of the first ties, in order, in
-    two compiled passes; None without Numba or for other tensors."""
+    positions of the values above it and of the first ties, in order, in two compiled passes; None
+    without Numba or for other tensors."""
     kernels = _kernels()
     if kernels is None or mag.device.type != "cpu" or mag.dtype not in (torch.float32, torch.float64):
         return None
     values = mag.contiguous().numpy()
     out = np.empty(values.size, dtype=np.int64)
-    spots = where.contiguous().numpy() if where is not None else out[:0]
-    count = kernels["pick_top"](values, values.dtype.type(threshold), int(k), spots, where is not None, out)
+    count = kernels["pick_top"](values, values.dtype.type(threshold), int(k), out)
     return torch.from_numpy(out[:count])
 
 
-def indices_at_least(x: torch.Tensor, level: float, expect: int) -> tuple[torch.Tensor, bool] | None:
-    """(ascending int64 indices of the |x_i| >= ``level``, whether every x_i is finite) for a CPU
-    float vector, in one pass (the pieces in parallel threads); ``expect``: about how many there are,
-    to size the output (a piece that finds more runs again with room for all). None without Numba
-    or for other vectors."""
+def indices_at_least(x: torch.Tensor, level: float, expect: int) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+    """(ascending int64 indices of the |x_i| >= ``level``, those x_i, whether every x_i is finite) for
+    a CPU float vector, in one pass (the pieces in parallel threads); ``expect``: about how many there
+    are, to size the output (a piece that finds more runs again with room for all). None without
+    Numba or for other vectors."""
     kernels = _kernels()
     if kernels is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
@@ -1664,13 +1667,17 @@ def indices_at_least(x: torch.Tensor, level: float, expect: int) -> tuple[torch.
     largest = np.finfo(flat.dtype).max
 
     def piece(a, b):
-        out = np.empty(min(b - a, 2 * expect * (b - a) // max(flat.size, 1) + 1024), dtype=np.int64)
-        count, bad = kernels["at_least"](flat[a:b], level, largest, a, out)
+        room = min(b - a, 2 * expect * (b - a) // max(flat.size, 1) + 1024)
+        out, values = np.empty(room, dtype=np.int64), np.empty(room, dtype=flat.dtype)
+        count, bad = kernels["at_least"](flat[a:b], level, largest, a, out, values)
         if count > out.size:
-            out = np.empty(count, dtype=np.int64)
-            kernels["at_least"](flat[a:b], level, largest, a, out)
-        return out[:count], not bad
+            out, values = np.empty(count, dtype=np.int64), np.empty(count, dtype=flat.dtype)
+            kernels["at_least"](flat[a:b], level, largest, a, out, values)
+        return out[:count], values[:count], not bad
 
     parts = _run(flat.size, 1, piece)
-    indices = parts[0][0] if len(parts) == 1 else np.concatenate([p[0] for p in parts])
-    return torch.from_numpy(indices), all(p[1] for p in parts)
+    if len(parts) == 1:
+        indices, values = parts[0][0], parts[0][1]
+    else:
+        indices, values = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return torch.from_numpy(indices), torch.from_numpy(values), all(p[2] for p in parts)

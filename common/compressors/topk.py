@@ -19,51 +19,75 @@ from common.compressors.payloads import CPU_BLOCK, cpu_blocks
 MIN_STRIDE = 16  # a sample of at most 1 in 16: below 2^20 coordinates, 1 in m/65536 was most of the vector
 
 
-def topk_indices(x: torch.Tensor, k: int, check_finite: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Sorted indices of the k largest |x_i|; among equal magnitudes the lowest indices win.
+def top_k(x: torch.Tensor, k: int, check_finite: Callable[[torch.Tensor], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted indices of the k largest |x_i|, x at them); among equal magnitudes the lowest indices
+    win.
 
     For a large vector and a small k the k-th largest magnitude is looked for among candidates only:
     a strided sample (1 in ``MIN_STRIDE`` or fewer) gives a level t that about 1.3 k + 64 stride
-    magnitudes reach, one pass keeps the indices with |x_i| >= t, and when at least k are kept they
-    contain every index the rule selects (the k-th largest magnitude is then >= t), so the result is
-    the same as over the whole vector. Otherwise the whole vector is searched.
+    magnitudes reach, one pass keeps the indices (and values) with |x_i| >= t, and when at least k
+    are kept they contain every index the rule selects (the k-th largest magnitude is then >= t), so
+    the result is the same as over the whole vector. Otherwise the whole vector is searched.
 
     ``check_finite`` (the compressor's input check, which raises for a NaN or inf) is called with x
     unless the compiled candidate pass, which reads every x_i anyway, found them all finite: that
     saves the check's own pass over x.
     """
-    finite, indices = _search(x, k)
+    finite, indices, values = _search(x, k)
     if not finite and check_finite is not None:
         check_finite(x)
-    return indices
+    return indices, (values if values is not None else x[indices])
 
 
-def _search(x: torch.Tensor, k: int) -> tuple[bool, torch.Tensor]:
-    """(whether x is known to be finite, ``topk_indices``)."""
+def _search(x: torch.Tensor, k: int) -> tuple[bool, torch.Tensor, torch.Tensor | None]:
+    """(whether x is known to be finite, the indices of ``top_k``, x at them or None).
+
+    On the CPU every step but the compiled candidate pass runs in NumPy (the sample's magnitudes, the
+    selections, the gathers from the candidates): a torch operation between them woke torch's
+    OpenMP threads, which then spun on the cores that the candidate pass's threads needed (that
+    pass took 5.5 ms instead of 4.1 at d = 1e7 on 2 cores)."""
     m = x.numel()
     k = min(k, m)
     if k == 0:
-        return False, torch.empty(0, dtype=torch.int64, device=x.device)
+        return False, torch.empty(0, dtype=torch.int64, device=x.device), None
     if k == m:
-        return False, torch.arange(m, device=x.device)
+        return False, torch.arange(m, device=x.device), None
     if m >= 1 << 16 and k <= m // 4:
         stride = max(MIN_STRIDE, m // (1 << 16))
-        sample = x[::stride].abs()
+        sample = _magnitudes(x[::stride])
         rank = min(sample.numel(), int(1.3 * k * sample.numel() / m) + 64)
         level = _kth_largest(sample, rank)  # a NaN among the largest sorts last: the check below raises
         if bool(level > 0):
-            candidates, finite = _at_least(x, level, rank * m // sample.numel())
+            candidates, values, finite = _at_least(x, level, rank * m // sample.numel())
             if candidates.numel() >= k:
-                return finite, _lowest_index_topk(x.index_select(0, candidates).abs_(), candidates, k)
-    return False, _lowest_index_topk(x.abs(), None, k)
+                if values is None:
+                    values = x.index_select(0, candidates)
+                picked = _lowest_index_topk(_magnitudes(values), k)
+                return finite, _take(candidates, picked), _take(values, picked)
+    return False, _lowest_index_topk(x.abs(), k), None
 
 
-def _at_least(x: torch.Tensor, level: torch.Tensor, expect: int) -> tuple[torch.Tensor, bool]:
-    """(sorted indices of |x_i| >= level (about ``expect`` of them), whether x is known to be finite):
-    on a GPU in one masked pass; on the CPU in one compiled pass (``cpu_kernels.indices_at_least``),
-    which also tells whether every x_i is finite, else block by block (the mask stays in cache)."""
+def _magnitudes(t: torch.Tensor) -> torch.Tensor:
+    """|t| (a new tensor); through NumPy for a CPU float vector (see ``_search``)."""
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(np.abs(t.detach().numpy()))
+    return t.abs()
+
+
+def _take(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """t[positions]; through NumPy for the CPU tensors it holds (see ``_search``)."""
+    if t.device.type == "cpu" and t.dtype in (torch.int64, torch.float16, torch.float32, torch.float64):
+        return torch.from_numpy(t.numpy()[positions.numpy()])
+    return t[positions]
+
+
+def _at_least(x: torch.Tensor, level: torch.Tensor, expect: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """(sorted indices of |x_i| >= level (about ``expect`` of them), x at them or None, whether x is
+    known to be finite): on a GPU in one masked pass; on the CPU in one compiled pass
+    (``cpu_kernels.indices_at_least``), which also copies the values and tells whether every x_i is
+    finite, else block by block (the mask stays in cache)."""
     if x.device.type != "cpu":
-        return torch.nonzero((x >= level).logical_or_(x <= -level)).flatten(), False
+        return torch.nonzero((x >= level).logical_or_(x <= -level)).flatten(), None, False
     compiled = cpu_kernels.indices_at_least(x, float(level), expect)
     if compiled is not None:
         return compiled
@@ -74,21 +98,19 @@ def _at_least(x: torch.Tensor, level: torch.Tensor, expect: int) -> tuple[torch.
         m = block.stop - block.start
         torch.ge(torch.abs(x[block], out=mag[:m]), level, out=mask[:m])
         parts.append(torch.nonzero(mask[:m]).flatten().add_(block.start))
-    return torch.cat(parts), False
+    return torch.cat(parts), None, False
 
 
-def _lowest_index_topk(mag: torch.Tensor, where: torch.Tensor | None, k: int) -> torch.Tensor:
-    """Positions (in ``where``, sorted, or in ``mag`` itself) of the k largest of ``mag``, ties to the
-    lower position."""
+def _lowest_index_topk(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions in ``mag`` of its k largest values, ascending, ties to the lower position."""
     threshold = _kth_largest(mag, k)
-    compiled = cpu_kernels.pick_top(mag, threshold, k, where)
+    compiled = cpu_kernels.pick_top(mag, threshold, k)
     if compiled is not None:
         return compiled
     above = mag > threshold
     at = mag == threshold
     keep = above.logical_or_(at.logical_and_(torch.cumsum(at, 0) <= k - int(above.sum())))
-    picked = torch.nonzero(keep).flatten()
-    return picked if where is None else where[picked]
+    return torch.nonzero(keep).flatten()
 
 
 def _kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
@@ -123,5 +145,5 @@ class TopK(Sparsifier):
         self._check_shape(x)
 
     def select(self, x, key):
-        idx = topk_indices(x, self.k, self._check_finite)
-        return idx, None, x[idx]
+        idx, values = top_k(x, self.k, self._check_finite)
+        return idx, None, values
