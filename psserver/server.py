@@ -59,7 +59,7 @@ from runtime.metrics import MetricsWriter, Outputs
 from runtime.progress import progress_bar
 from runtime.server_core import BadUplink, RunFailed, ServerCore
 from runtime.setup import RunSetup
-from runtime.signals import Terminated
+from runtime.signals import Terminated, raise_pending
 
 EXIT_REPORT_S = 1.0  # how long a closed connection waits for the supervisor to see its process end
 HOUSEKEEPING_S = 0.01  # between two runs of the supervisor's check, the heartbeats and the liveness check
@@ -171,7 +171,9 @@ class Server:
         """One message as (identity, Envelope or None if it was not for the run, its frames), or None after
         ``wait_s`` seconds. Also runs the supervisor's check, sends due heartbeats and checks
         liveness, at most every ``HOUSEKEEPING_S`` (not for each of a round's 2n messages: the
-        supervisor's check alone is a system call per worker)."""
+        supervisor's check alone is a system call per worker). A stop signal whose exception was lost
+        is raised first, before the supervisor reports the workers it stopped as failed."""
+        raise_pending()
         now = time.monotonic()
         if now >= self.housekeeping_due:
             self.housekeeping_due = now + HOUSEKEEPING_S

@@ -4,15 +4,27 @@
 either one raises ``Terminated`` in the main thread: the server writes its metrics ``end`` line and
 tells the workers to stop, a worker says BYE, ``psc launch`` forwards the signal to its children
 first. The command line then exits with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM).
+
+A handler's exception is lost when the signal is handled inside a destructor: pyzmq checks for
+signals while it frees a zero-copy frame, and Python only prints ("Exception ignored in
+Frame.__dealloc__") what a ``__dealloc__`` raises. The run would then go on as if no signal had come
+(seen: the launcher forwarded SIGTERM, then reported its workers' exit 143 as a failure and exited
+1). So the receive loops call ``raise_pending()``, which raises ``Terminated`` once more for a signal
+whose exception has not been seen.
 """
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from typing import Callable, Iterator
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+# The signal received inside the active ``stop_signals`` block whose Terminated may have been lost,
+# until ``raise_pending`` has raised it once more.
+_pending: list[int] = []
 
 
 class Terminated(BaseException):
@@ -46,11 +58,22 @@ def stop_signals(on_signal: Callable[[int], None] | None = None) -> Iterator[Non
         if on_signal is not None:
             on_signal(signum)
         if first:
+            _pending[:] = [signum]
             raise Terminated(signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
+        _pending.clear()
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def raise_pending() -> None:
+    """Raise ``Terminated`` again for a signal whose exception was lost (see the module's docstring):
+    at most once per signal, and not while a ``Terminated`` is being handled (the cleanup after a
+    signal may run the same loops). Receive loops call it before they wait; it costs a list test."""
+    if _pending and not isinstance(sys.exc_info()[1], Terminated):
+        signum = _pending.pop()
+        raise Terminated(signum)

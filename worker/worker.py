@@ -30,6 +30,7 @@ import zmq
 from common.config import RunConfig
 from runtime import checkpoint, protocol, transport
 from runtime.setup import RunSetup
+from runtime.signals import raise_pending
 from runtime.summary import WorkerTally
 from runtime.trust import WorkerPolicy
 from runtime.worker_core import WorkerCore, resolve_device
@@ -68,6 +69,7 @@ class Worker:
         deadline = time.monotonic() + patience
         heard = time.monotonic()
         while True:
+            raise_pending()  # a stop signal whose exception was lost in a frame's destructor
             now = time.monotonic()
             left = deadline - now
             if left <= 0:
