@@ -406,6 +406,31 @@ def test_keyed_permutation_in_one_compiled_pass_is_the_torch_one(threads, monkey
                 assert torch.equal(indices.keyed_block(start, size, dim, key, cpu), want)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_keyed_block_s_bitmap_is_the_same_from_the_image(threads, monkeypatch):
+    """Perm-K's support bitmap built without the block's values, by mapping every coordinate back
+    (``marked_from_the_image``, with the partial rows and the positions that need a cycle walk mapped
+    forward), is the bitmap of the block's values: domains with and without cycle walking, blocks that start and end inside a
+    row or on a row's edge, with no full row, every Perm-K block for several n, one thread or more."""
+    from common.compressors import indices
+
+    monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
+    monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1000)
+    cpu = torch.device("cpu")
+    for dim in (100_003, 1 << 18, 3_000_017):
+        for key in (5, 2**63 + 12_345):
+            low, a_size, _, tables, rotation = indices._feistel_tables(dim, key, cpu)
+            width = 1 << low
+            blocks = [(0, dim), (dim // 3, dim // 7 + 1), (dim - 1, 1), (width, 3 * width), (width + 1, width - 2),
+                      (5, dim // 2)]
+            for n in (2, 3, 4):
+                blocks += zip(np.cumsum([0] + indices.permk_blocks(dim, n)[:-1]).tolist(), indices.permk_blocks(dim, n))
+            for start, size in blocks:
+                want = cpu_kernels.marked(indices.keyed_block(start, size, dim, key, cpu), dim)
+                if size >= 2 * width:
+                    assert np.array_equal(indices.marked_from_the_image(start, size, dim, key), want), (dim, key, start, size)
+
+
 def test_distinct_values_come_out_of_the_bitmap_in_numpy_s_order():
     """Any dim (a partial last word too), both ends of the range, int32 and int64 values; two equal
     values are refused (None), so the caller sorts instead."""
@@ -462,21 +487,25 @@ def test_a_support_marked_in_a_bitmap_gathers_and_scatters_as_index_select_and_i
     assert cpu_kernels.scatter_marked(np.zeros(2, dtype=np.uint64), torch.ones(0), 100, torch.ones(99)) is None
 
 
-def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(monkeypatch):
+@pytest.mark.parametrize("n", [3, 5])
+def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(monkeypatch, n):
     """At a d where the compressor's path takes the compiled pass, every worker's message of a step
     has the same bytes as with the torch version, and the blocks still partition [d]; the bitmap's
-    gather and scatter give the bytes of the sorted support's index_select and index_copy_."""
+    gather and scatter give the bytes of the sorted support's index_select and index_copy_. Blocks
+    of d / 3 are marked from the image side, blocks of d / 5 from their values."""
     from common.compressors import indices
     from common.compressors.payloads import add_dense
 
-    dim, n = cpu_kernels.MIN_CHUNK + 1001, 3
+    dim = cpu_kernels.MIN_CHUNK + 1001
     x = torch.randn(dim, generator=torch.Generator().manual_seed(2))
     c = build("permk", dim, n, seed=4)
     calls = []
-    real = cpu_kernels.keyed_range
-    monkeypatch.setattr(cpu_kernels, "keyed_range", lambda *a: calls.append(a) or real(*a))
+    name = "marked_rows" if n * 1.0 <= indices.INVERSE_SHARE else "keyed_range"
+    real = getattr(cpu_kernels, name)
+    monkeypatch.setattr(cpu_kernels, name, lambda *a: calls.append(a) or real(*a))
     compiled = [encode(c.compress(x, worker=w, step=9)) for w in range(n)]
     assert len(calls) == n
+    monkeypatch.setattr(cpu_kernels, "marked_rows", lambda *a: None)
     monkeypatch.setattr(cpu_kernels, "keyed_range", lambda *a: None)
     assert [encode(c.compress(x, worker=w, step=9)) for w in range(n)] == compiled
     monkeypatch.setattr(cpu_kernels, "sorted_distinct", lambda *a: None)  # NumPy's sort of the block

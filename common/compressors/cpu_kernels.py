@@ -788,6 +788,32 @@ def _kernels():
             out[j] = v + ((v >> 63) & dim)
 
     @jit()
+    def mark_rows_inverse(word_a, word_b, first_row, end_row, low, a_size, t1, t2, t3, dim, rotation, words):
+        """words[w] for w in [word_a, word_b): bit j is set where u = 64 w + j < dim and the Feistel
+        network's last three rounds, undone on v = (u - rotation) mod dim (left = (left - T3[right])
+        mod A; right ^= T2[left]; left = (left - T1[right]) mod A), leave a left in [first_row,
+        end_row): the images of those full rows, except the positions whose image needed a cycle walk
+        (see ``marked_rows``). No branch: three table reads and a comparison a coordinate, the words
+        written in order."""
+        mask = (np.int64(1) << low) - 1
+        rows = u64(end_row - first_row)
+        for w in range(word_a, word_b):
+            word = u64(0)
+            base = np.int64(w) << 6
+            for j in range(64):
+                u = base + j
+                v = u - rotation
+                v += (v >> 63) & dim
+                right = v & mask
+                left = (v >> low) - t3[u64(right)] - a_size
+                left += (left >> 63) & a_size
+                right = right ^ t2[u64(left)]
+                left = left - t1[u64(right)] - a_size
+                left += (left >> 63) & a_size
+                word |= u64((u64(left - first_row) < rows) & (u < dim)) << u64(j)
+            words[w] = word
+
+    @jit()
     def ascending(values, words, out, lowest_bit):
         """The distinct ``values`` (in [0, 64 words.size)) in increasing order: each sets its bit in the
         zeroed bitmap ``words``, then the set bits are read word by word, lowest first (the lowest set
@@ -1018,7 +1044,7 @@ def _kernels():
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
             "descend": descend, "mean_descend": mean_descend, "feistel": feistel, "ascending": ascending,
-            "mark": mark, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
+            "mark": mark, "mark_rows_inverse": mark_rows_inverse, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
             "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write,
             "rice_read": rice_read, "pick_top": pick_top}
 
@@ -1575,6 +1601,35 @@ def marked(values: torch.Tensor, dim: int) -> np.ndarray | None:
     for other in maps[1:]:
         np.bitwise_or(words, other, out=words)
     return words if kernels["count_marked"](words) == values.numel() else None
+
+
+def marked_rows(first_row: int, end_row: int, dim: int, low: int, a_size: int, tables, rotation: int) -> np.ndarray | None:
+    """The bitmap of ``indices.keyed_permutation``'s image of the full rows first_row, ...,
+    end_row - 1 of its Feistel domain (positions row 2^low + r), found from the other side: each of
+    the d coordinates is mapped back through the network once (``mark_rows_inverse``, the words
+    shared among the threads) and kept if it lands in those rows. A coordinate whose preimage
+    needed a cycle walk maps back to a value of at least d, in no full row, so the images of the
+    positions whose first pass through the network left [0, d) are missing: the caller marks them
+    (``indices.marked_support``). Work in d, not in the rows' positions: for blocks of a quarter of
+    [0, d) and more. None without Numba or for another number of rounds."""
+    kernels = _kernels()
+    if kernels is None or len(tables) != 4:
+        return None
+    words = np.empty((dim + 63) // 64, dtype=np.uint64)
+    arrays = [t.contiguous().numpy() for t in tables[1:]]
+    _run(dim, 64, lambda a, b: kernels["mark_rows_inverse"](a // 64, -(-b // 64), first_row, end_row, low, a_size,
+                                                            *arrays, dim, rotation, words))
+    return words
+
+
+def mark(words: np.ndarray, values: torch.Tensor) -> None:
+    """Set the bits of the CPU integers ``values`` in the bitmap ``words`` (one thread)."""
+    _kernels()["mark"](values.contiguous().numpy().reshape(-1), words)
+
+
+def count_marked(words: np.ndarray) -> int:
+    """The number of set bits of a bitmap."""
+    return int(_kernels()["count_marked"](words))
 
 
 def _marked_pieces(words: np.ndarray, dim: int):

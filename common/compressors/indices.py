@@ -30,6 +30,7 @@ from common.keys import mix, numpy_rng
 
 PERMK_HOST_MAX_DIM = 1 << 16  # Perm-K of larger d uses the keyed bijection (``keyed_permutation``)
 FEISTEL_ROUNDS = 4
+INVERSE_SHARE = 4  # Perm-K blocks of at least d / INVERSE_SHARE are marked from the image side (``marked_from_the_image``)
 _MASK32 = (1 << 32) - 1
 
 
@@ -164,17 +165,44 @@ def permk_support_tensor(dim: int, n: int, worker: int, key: int, device: torch.
 
 
 def marked_support(rule) -> tuple[np.ndarray, int] | None:
-    """A keyed Perm-K rule's support on the CPU as a bitmap of d bits (``cpu_kernels.marked``) and its
-    size, for the compiled gather and scatter (``cpu_kernels.gather_marked``, ``scatter_marked``), which
-    read it in increasing order without sorting the block. None where those do not apply: another
+    """A keyed Perm-K rule's support on the CPU as a bitmap of d bits (``cpu_kernels.marked`` of the
+    block's values, or for a large block ``marked_from_the_image``) and its size, for the compiled
+    gather and scatter (``cpu_kernels.gather_marked``, ``scatter_marked``), which read it in increasing order without sorting the block. None where those do not apply: another
     rule, d below ``cpu_kernels.MIN_CHUNK``, the host construction, a block of all of [d], no Numba."""
     if rule.kind != "permk" or not _permk_on_device(rule.dim, rule.count) or rule.dim < cpu_kernels.MIN_CHUNK:
         return None
     start, size = _block(rule.dim, rule.count, _slot(rule.dim, rule.count, rule.worker, rule.key))
     if size == rule.dim:
         return None
-    words = cpu_kernels.marked(keyed_block(start, size, rule.dim, rule.key, torch.device("cpu")), rule.dim)
+    if size * INVERSE_SHARE >= rule.dim:
+        words = marked_from_the_image(start, size, rule.dim, rule.key)
+    else:
+        words = cpu_kernels.marked(keyed_block(start, size, rule.dim, rule.key, torch.device("cpu")), rule.dim)
     return None if words is None else (words, size)
+
+
+def marked_from_the_image(start: int, size: int, dim: int, key: int) -> np.ndarray | None:
+    """``marked_support``'s bitmap for a block of ``INVERSE_SHARE``-th of [0, dim) or more, found by
+    mapping every coordinate back (``cpu_kernels.marked_rows``) instead of every position forward:
+    three table reads in order and no scattered bit a coordinate, against four dependent reads and a
+    bit set at a random word a position (d = 1e7, n = 2: see docs/overhead.md). The positions that
+    ``marked_rows`` leaves out are few and mapped forward: those of the block's partial rows at its
+    two ends, and those of its full rows whose first pass through the network leaves [0, dim) (the
+    network's inverse of each value of [dim, A 2^low) that falls in those rows)."""
+    low, a_size, _, tables, rotation = _feistel_tables(dim, key, torch.device("cpu"))
+    width = 1 << low
+    first_row, end_row = -(-start // width), (start + size) // width
+    if end_row <= first_row:
+        return None
+    words = cpu_kernels.marked_rows(first_row, end_row, dim, low, a_size, tables, rotation)
+    if words is None:
+        return None
+    dtype = tables[0].dtype
+    walked = _feistel_inverse(torch.arange(dim, a_size * width, dtype=dtype), low, a_size, tables)
+    walked = walked[(walked >= first_row * width) & (walked < end_row * width)]
+    ends = [torch.arange(start, first_row * width, dtype=dtype), torch.arange(end_row * width, start + size, dtype=dtype)]
+    cpu_kernels.mark(words, keyed_permutation(torch.cat([*ends, walked]), dim, key))
+    return words if cpu_kernels.count_marked(words) == size else None
 
 
 def keyed_block(start: int, size: int, dim: int, key: int, device: torch.device) -> torch.Tensor:
@@ -248,6 +276,21 @@ def _feistel(v: torch.Tensor, low: int, a_size: int, tables) -> torch.Tensor:
             right.bitwise_xor_(table.index_select(0, left))
         else:
             left.add_(table.index_select(0, right))
+            left.add_((left >> (8 * left.element_size() - 1)).bitwise_and_(a_size))
+    return left.bitwise_left_shift_(low).bitwise_or_(right)
+
+
+def _feistel_inverse(v: torch.Tensor, low: int, a_size: int, tables) -> torch.Tensor:
+    """``_feistel``'s inverse: its rounds undone in reverse order (left = (left - T_r[right]) mod A,
+    right ^= T_r[left]), on a copy of ``v``."""
+    left = v >> low
+    right = v.bitwise_and((1 << low) - 1)
+    for r in reversed(range(len(tables))):
+        table = tables[r]
+        if r % 2 == 0:
+            right.bitwise_xor_(table.index_select(0, left))
+        else:  # T stored minus A: left - T_stored - A lies in [-A, A)
+            left.sub_(table.index_select(0, right)).sub_(a_size)
             left.add_((left >> (8 * left.element_size() - 1)).bitwise_and_(a_size))
     return left.bitwise_left_shift_(low).bitwise_or_(right)
 
