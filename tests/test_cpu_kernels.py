@@ -487,12 +487,12 @@ def test_a_support_marked_in_a_bitmap_gathers_and_scatters_as_index_select_and_i
     assert cpu_kernels.scatter_marked(np.zeros(2, dtype=np.uint64), torch.ones(0), 100, torch.ones(99)) is None
 
 
-@pytest.mark.parametrize("n", [3, 5])
+@pytest.mark.parametrize("n", [2, 3])
 def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(monkeypatch, n):
     """At a d where the compressor's path takes the compiled pass, every worker's message of a step
     has the same bytes as with the torch version, and the blocks still partition [d]; the bitmap's
     gather and scatter give the bytes of the sorted support's index_select and index_copy_. Blocks
-    of d / 3 are marked from the image side, blocks of d / 5 from their values."""
+    of d / 2 are marked from the image side, blocks of d / 3 from their values."""
     from common.compressors import indices
     from common.compressors.payloads import add_dense
 
@@ -500,7 +500,7 @@ def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(mon
     x = torch.randn(dim, generator=torch.Generator().manual_seed(2))
     c = build("permk", dim, n, seed=4)
     calls = []
-    name = "marked_rows" if n * 1.0 <= indices.INVERSE_SHARE else "keyed_range"
+    name = "marked_rows" if n <= indices.IMAGE_SIDE_MAX_N else "keyed_range"
     real = getattr(cpu_kernels, name)
     monkeypatch.setattr(cpu_kernels, name, lambda *a: calls.append(a) or real(*a))
     compiled = [encode(c.compress(x, worker=w, step=9)) for w in range(n)]

@@ -30,7 +30,7 @@ from common.keys import mix, numpy_rng
 
 PERMK_HOST_MAX_DIM = 1 << 16  # Perm-K of larger d uses the keyed bijection (``keyed_permutation``)
 FEISTEL_ROUNDS = 4
-INVERSE_SHARE = 4  # Perm-K blocks of at least d / INVERSE_SHARE are marked from the image side (``marked_from_the_image``)
+IMAGE_SIDE_MAX_N = 2  # Perm-K blocks for up to this many workers are marked from the image side (``marked_from_the_image``)
 _MASK32 = (1 << 32) - 1
 
 
@@ -174,7 +174,7 @@ def marked_support(rule) -> tuple[np.ndarray, int] | None:
     start, size = _block(rule.dim, rule.count, _slot(rule.dim, rule.count, rule.worker, rule.key))
     if size == rule.dim:
         return None
-    if size * INVERSE_SHARE >= rule.dim:
+    if rule.count <= IMAGE_SIDE_MAX_N:
         words = marked_from_the_image(start, size, rule.dim, rule.key)
     else:
         words = cpu_kernels.marked(keyed_block(start, size, rule.dim, rule.key, torch.device("cpu")), rule.dim)
@@ -182,10 +182,12 @@ def marked_support(rule) -> tuple[np.ndarray, int] | None:
 
 
 def marked_from_the_image(start: int, size: int, dim: int, key: int) -> np.ndarray | None:
-    """``marked_support``'s bitmap for a block of ``INVERSE_SHARE``-th of [0, dim) or more, found by
-    mapping every coordinate back (``cpu_kernels.marked_rows``) instead of every position forward:
-    three table reads in order and no scattered bit a coordinate, against four dependent reads and a
-    bit set at a random word a position (d = 1e7, n = 2: see docs/overhead.md). The positions that
+    """``marked_support``'s bitmap for a block of about half of [0, dim) or more, found by mapping
+    every coordinate back (``cpu_kernels.marked_rows``) instead of every position forward: three
+    table reads and no scattered bit a coordinate, against four dependent reads and a bit set at a
+    random word a position. It pays where the block holds half the coordinates (d = 1e7, n = 2:
+    11.6-13.1 ms against 12.7-17.2), not at a third (17.8-18.3 against 14.2-15.0): see
+    docs/overhead.md. The positions that
     ``marked_rows`` leaves out are few and mapped forward: those of the block's partial rows at its
     two ends, and those of its full rows whose first pass through the network leaves [0, dim) (the
     network's inverse of each value of [dim, A 2^low) that falls in those rows)."""
