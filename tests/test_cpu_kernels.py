@@ -90,7 +90,8 @@ def test_uniform_levels_from_arithmetic_give_the_torch_codes(s, stochastic):
                    torch.nextafter(exact, torch.tensor(-1.0)).clamp_min(0), torch.tensor([0.0, 1.0, 1e-40])])
     x = torch.where(torch.rand(t.numel(), generator=gen) < 0.5, -t, t)
     key = 0x1234_5678_9ABC_DEF1
-    negative, codes, span = cpu_kernels.quantize(x, levels, s, key, stochastic)
+    negative, codes, span, finite = cpu_kernels.quantize(x, levels, s, key, stochastic)
+    assert finite is None  # the uniform kernel leaves finiteness to the caller's norm
     want = rounding.stochastic_codes(x.abs(), table, levels, key if stochastic else None)
     assert torch.equal(negative, x < 0) and torch.equal(codes, want)
     wide = want.long()
@@ -105,7 +106,7 @@ def test_a_uniform_table_that_is_not_the_quotients_is_read_as_a_table():
     assert not cpu_kernels.uniform_levels_are_quotients(levels[:-1].tobytes(), 7)
     x = torch.rand(5000, generator=torch.Generator().manual_seed(7))
     table = LevelTable("uniform", 1.0, 7)
-    _, codes, _ = cpu_kernels.quantize(x, torch.from_numpy(levels), 7, 3, True)
+    _, codes, _, _ = cpu_kernels.quantize(x, torch.from_numpy(levels), 7, 3, True)
     assert torch.equal(codes, rounding.stochastic_codes(x, table, torch.from_numpy(levels), 3))
 
 

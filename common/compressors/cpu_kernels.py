@@ -175,7 +175,7 @@ def _kernels():
                     cb[j] = c
                     least, most = min(least, c), max(most, c)
                     nonzero = min(nonzero, c if c != 0 else BIG)
-        return least, most, nonzero
+        return least, most, nonzero, np.int32(-1)  # (finiteness not read: it cost this loop 1-7 ms)
 
     # Uniform tables (QSGD, ternary) in float32: l_k = k / s, so the levels come from arithmetic
     # instead of table reads, and each block is one loop that the compiler vectorizes (a gather from
@@ -241,7 +241,7 @@ def _kernels():
                     cb[j] = c
                     least, most = min(least, c), max(most, c)
                     nonzero = min(nonzero, c if c != 0 else none)
-        return (np.int64(least) if most >= 0 else BIG), np.int64(most), (np.int64(nonzero) if nonzero != none else BIG)
+        return (np.int64(least) if most >= 0 else BIG), np.int64(most), (np.int64(nonzero) if nonzero != none else BIG), np.int32(-1)  # (not read: x checked by its norm)
 
     # Tables of 0 and powers of two, l_k = 2^(k + c) for k >= 1 (natural compression and base-2
     # exponential rounding: c = emin - 1; natural dithering: c = -s), in float32. For t in the binade
@@ -268,6 +268,7 @@ def _kernels():
         first_level = levels[1]  # hi where k = 0
         none = np.int32(2**30)
         least, most, nonzero = none, np.int32(-1), none
+        bad = np.int32(0)  # 1 where a t is inf or NaN: its exponent field is all ones
         for b0 in range(0, n, BLOCK):
             m = min(BLOCK, n - b0)
             xb, nb, cb = x[b0:b0 + m], neg[b0:b0 + m], codes[b0:b0 + m]
@@ -287,6 +288,7 @@ def _kernels():
             redo = np.int32(0)  # (a max of int32 flags: other forms of this count kept the loop scalar)
             for j in range(m):  # integers only: the level index and the exponent fields of lo, hi and 1 / gap
                 f = np.int32(fields[j] >> np.uint32(23))
+                bad = max(bad, np.int32(f == np.int32(255)))  # (free here; v - v != 0 in the loop above cost 1 ms)
                 k = np.int32(min(max(np.int32(f - np.int32(127) - c32), np.int32(0)), last))
                 k = np.int32(0) if f == 0 else k
                 g = np.int32(k + c32)  # lo = 2^g where k >= 1 (else 0), hi = 2^(g + 1), the gap 2^max(g, c + 1)
@@ -329,7 +331,7 @@ def _kernels():
                     lmin, lmax = min(lmin, code), max(lmax, code)
                     lnz = min(lnz, code if code != 0 else none)
             least, most, nonzero = min(least, lmin), max(most, lmax), min(nonzero, lnz)
-        return (np.int64(least) if most >= 0 else BIG), np.int64(most), (np.int64(nonzero) if nonzero != none else BIG)
+        return (np.int64(least) if most >= 0 else BIG), np.int64(most), (np.int64(nonzero) if nonzero != none else BIG), bad
 
     @jit(error_model="numpy")
     def quantize64(x, first, divisor, uniform_s, starts, crowded, scan, levels, top, key, stochastic, neg, codes):
@@ -337,9 +339,11 @@ def _kernels():
         scale = 9007199254740992.0  # 2^53
         s = np.float64(uniform_s)
         least, most, nonzero = BIG, np.int64(-1), BIG
+        bad = np.int32(0)  # 1 where an x_i is NaN or inf (v - v is 0 only for a finite v)
         for i in range(x.size):
             v = x[i]
             neg[i] = v < 0
+            bad = max(bad, np.int32(v - v != 0))
             t = np.float64(abs(v) / divisor)
             if uniform_s > 0:
                 k = np.int64(t * s)
@@ -366,7 +370,7 @@ def _kernels():
             codes[i] = c
             least, most = min(least, c), max(most, c)
             nonzero = min(nonzero, c if c != 0 else BIG)
-        return least, most, nonzero
+        return least, most, nonzero, bad
 
     @jit()
     def code_range(codes):
@@ -1167,10 +1171,16 @@ def _pool_of(workers: int) -> ThreadPoolExecutor:
 
 
 def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, stochastic: bool,
-             divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]] | None:
-    """(x < 0, codes, (min, max, smallest nonzero code or -1)) for a CPU vector ``x`` against ``levels``
-    (float32 or float64: the arithmetic dtype), or None when Numba is missing. The encoder uses the
-    code range to choose the field width (no second pass over the codes). ``uniform_s`` > 0 for the
+             divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int], bool] | None:
+    """(x < 0, codes, (min, max, smallest nonzero code or -1), whether every x_i is finite) for a CPU
+    vector ``x`` against ``levels`` (float32 or float64: the arithmetic dtype), or None when Numba is
+    missing. The encoder uses the code range to choose the field width (no second pass over the
+    codes); exponential rounding raises for a NaN or inf from the flag, which the pass computes as
+    it reads x (no pass of its own; the codes of such an x mean nothing). The flag is read where it
+    costs nothing: by the kernel of power-of-two levels (with a divisor it says whether every
+    |x_i| / divisor is finite) and the float64 one; the uniform and the other float32 tables' main
+    loops lost speed with it (QSGD at d = 1e7: 13.7-19.3 ms -> 21.3-22.0; base-3 rounding on one
+    thread 35-36 -> 36-44), so there it is None: their callers check x by its norm or in a pass. ``uniform_s`` > 0 for the
     uniform tables l_k = k / s; ``divisor`` (a 0-d tensor) divides |x| first (dithering); ``key``
     names the draws."""
     kernels = _kernels()
@@ -1218,7 +1228,10 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
             return table(flat[a:b], a, div, int(uniform_s), starts, crowded, scan, lv, top, draws_key,
                          rounding, neg[a:b], codes[a:b])
 
-    return torch.from_numpy(neg).view(x.shape), torch.from_numpy(codes).view(x.shape), _span(_run(flat.size, 2, piece))
+    pieces = _run(flat.size, 2, piece)
+    flags = [int(p[3]) for p in pieces]  # 1: a NaN or inf, 0: none, -1: not read
+    finite = None if min(flags) < 0 else not any(flags)
+    return torch.from_numpy(neg).view(x.shape), torch.from_numpy(codes).view(x.shape), _span(pieces), finite
 
 
 def _span(pieces) -> tuple[int, int, int]:

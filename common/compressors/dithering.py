@@ -63,7 +63,7 @@ class _Dither(Compressor):
             self._check_finite(x)
         levels = self.table.values(compute_dtype(x.dtype), x.device)
         divisor = norm.to(levels.dtype).clamp_min(torch.finfo(torch.float32).tiny)
-        negative, codes, span = quantize(x, self.table, levels, key.code, divisor)
+        negative, codes, span, _ = quantize(x, self.table, levels, key.code, divisor)  # (x checked by its norm)
         return Quantized(self.table, negative, codes, norm, x.dtype, span)
 
 
