@@ -1623,8 +1623,8 @@ def marked_rows(first_row: int, end_row: int, dim: int, low: int, a_size: int, t
     shared among the threads) and kept if it lands in those rows. A coordinate whose preimage
     needed a cycle walk maps back to a value of at least d, in no full row, so the images of the
     positions whose first pass through the network left [0, d) are missing: the caller marks them
-    (``indices.marked_support``). Work in d, not in the rows' positions: for blocks of a quarter of
-    [0, d) and more. None without Numba or for another number of rounds."""
+    (``indices.marked_support``). Work in d, not in the rows' positions: for blocks of half of
+    [0, d). None without Numba or for another number of rounds."""
     kernels = _kernels()
     if kernels is None or len(tables) != 4:
         return None
