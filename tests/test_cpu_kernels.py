@@ -978,3 +978,64 @@ def test_rice_frames_decode_and_fail_alike_compiled_and_in_numpy(monkeypatch):
             assert fast == slow, (k, trial)
             outcomes.add(fast if isinstance(fast, str) else "decoded")
     assert len(outcomes) >= 4  # several kinds of refusal were reached, not one
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_descents_mark_their_result_finite_only_while_it_is_what_they_wrote(dtype):
+    """``descend``, ``mean_descend`` and AMSGrad's x are marked finite by their own pass, so that
+    ``all_finite`` does not read them again; an inf or NaN in an input, a result that overflows, an
+    in-place torch op and this module's in-place writers all leave ``all_finite`` reading the vector."""
+    from common.compressors.base import all_finite
+    from common.compressors.payloads import add_dense
+
+    n = cpu_kernels.MIN_CHUNK + 5
+    gen = torch.Generator().manual_seed(5)
+    x, g, h = (torch.randn(n, generator=gen, dtype=dtype) for _ in range(3))
+    ones = torch.ones(n, dtype=dtype)
+    results = {
+        "descend": lambda x, g: cpu_kernels.descend(x, 0.1, g),
+        "mean of 2": lambda x, g: cpu_kernels.mean_descend(x, 0.1, [g, h]),
+        "mean of 3": lambda x, g: cpu_kernels.mean_descend(x, 0.1, [h, g, h]),
+        "amsgrad": lambda x, g: cpu_kernels.amsgrad_step(x, ones, ones, ones, g, 0.9, 0.99, 0.1, 1e-8)[0],
+    }
+    huge = torch.finfo(dtype).max
+    for name, step in results.items():
+        out = step(x, g)
+        assert cpu_kernels.known_finite(out) and all_finite(out), name
+        assert not cpu_kernels.known_finite(out.view(-1)) and not cpu_kernels.known_finite(out.clone())  # other objects
+        out.mul_(2.0)  # torch moves the version counter
+        assert not cpu_kernels.known_finite(out), name
+        for bad in (float("inf"), float("nan")):
+            for which in ("x", "g"):
+                x2, g2 = x.clone(), g.clone()
+                (x2 if which == "x" else g2)[n - 3] = bad
+                out = step(x2, g2)
+                assert not cpu_kernels.known_finite(out) and not all_finite(out), (name, bad, which)
+        if name != "amsgrad":  # finite inputs, a result past the largest float
+            out = step(torch.full((n,), huge, dtype=dtype), torch.full((n,), -huge, dtype=dtype))
+            assert not cpu_kernels.known_finite(out) and not all_finite(out), name
+    signs = build("sign", n).compress(torch.randn(n, dtype=dtype), worker=0, step=0)
+    out = cpu_kernels.descend(x, 0.1, g)
+    assert add_dense(out, signs, inplace=True) is out and not cpu_kernels.known_finite(out)  # written through NumPy
+    permk = build("permk", n, 2).compress(torch.randn(n, dtype=dtype), worker=0, step=0)
+    out = cpu_kernels.descend(x, 0.1, g)
+    assert add_dense(out, permk, inplace=True) is out and not cpu_kernels.known_finite(out)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the step size 1e300 in float32
+def test_a_compiled_descent_that_overflows_still_stops_the_run():
+    """GD at d = MIN_CHUNK + 1 (the compiled mean and step, whose flag replaces the model check)
+    with a step size that sends x past the largest float: the server stops the run."""
+    from common.config import RunConfig
+    from runtime import protocol
+    from runtime.metrics import MetricsWriter
+    from runtime.server_core import RunFailed, ServerCore
+    from runtime.setup import RunSetup
+    from runtime.worker_core import WorkerCore
+
+    setup = RunSetup.build(RunConfig(algorithm="gd", workers=2, rounds=1, lr="1e300",
+                                     problem=f"identity-quadratic:d={cpu_kernels.MIN_CHUNK + 1}"))
+    server = ServerCore(setup, MetricsWriter(None))
+    ups = [protocol.parse(WorkerCore(setup, r, torch.device("cpu")).uplink(0)[1]) for r in range(2)]
+    with pytest.raises(RunFailed, match="no longer finite"):
+        server.round(0, ups)
