@@ -1002,7 +1002,8 @@ def test_the_descents_mark_their_result_finite_only_while_it_is_what_they_wrote(
     for name, step in results.items():
         out = step(x, g)
         assert cpu_kernels.known_finite(out) and all_finite(out), name
-        assert not cpu_kernels.known_finite(out.view(-1)) and not cpu_kernels.known_finite(out.clone())  # other objects
+        assert cpu_kernels.known_finite(out.detach().view(-1)) and not cpu_kernels.known_finite(out.clone())
+        assert not cpu_kernels.known_finite(out[1:]) and not cpu_kernels.known_finite(out[::2])  # other memory
         out.mul_(2.0)  # torch moves the version counter
         assert not cpu_kernels.known_finite(out), name
         for bad in (float("inf"), float("nan")):
@@ -1014,6 +1015,10 @@ def test_the_descents_mark_their_result_finite_only_while_it_is_what_they_wrote(
         if name != "amsgrad":  # finite inputs, a result past the largest float
             out = step(torch.full((n,), huge, dtype=dtype), torch.full((n,), -huge, dtype=dtype))
             assert not cpu_kernels.known_finite(out) and not all_finite(out), name
+    out = cpu_kernels.descend(x, 0.1, g)
+    view = out.detach()
+    del out  # the marked tensor is gone: its memory could be another's, so a view is read again
+    assert not cpu_kernels.known_finite(view)
     signs = build("sign", n).compress(torch.randn(n, dtype=dtype), worker=0, step=0)
     out = cpu_kernels.descend(x, 0.1, g)
     assert add_dense(out, signs, inplace=True) is out and not cpu_kernels.known_finite(out)  # written through NumPy
@@ -1039,3 +1044,4 @@ def test_a_compiled_descent_that_overflows_still_stops_the_run():
     ups = [protocol.parse(WorkerCore(setup, r, torch.device("cpu")).uplink(0)[1]) for r in range(2)]
     with pytest.raises(RunFailed, match="no longer finite"):
         server.round(0, ups)
+

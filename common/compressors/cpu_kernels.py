@@ -1416,11 +1416,14 @@ def signs_added(h: torch.Tensor, negative: torch.Tensor, scale: torch.Tensor, in
 
 
 # Vectors that a compiled pass wrote and saw finite as it wrote them (``descend``, ``mean_descend``,
-# ``amsgrad_step``'s x): id -> (a weak reference, torch's version counter and the data pointer then),
-# the last few only. ``base.all_finite`` asks ``known_finite`` before it reads a vector: the server's
-# check of its new model each round (4 ms at d = 1e7 on one thread) is then the flag of the pass that
-# computed it (0.3-0.9 ms). An in-place torch op moves the version counter and so drops the mark;
-# this module's own in-place writers, which write through NumPy, drop it themselves.
+# ``amsgrad_step``'s x), the last few: data pointer -> (a weak reference to the tensor, its length,
+# dtype and torch version counter then). ``base.all_finite`` asks ``known_finite`` before it reads a
+# vector: the server's check of its new model each round (4 ms at d = 1e7 on one thread) becomes the
+# flag of the pass that wrote it (0.3-0.9 ms). The mark holds for any contiguous view of all of the
+# same memory (``detach``, ``view``: they share the version counter) while the marked tensor lives,
+# so that the memory cannot have gone to another tensor; an in-place torch op moves the version
+# counter and so drops it; this module's own in-place writers, which write through NumPy, drop it
+# themselves.
 _finite: dict[int, tuple] = {}
 _FINITE_KEPT = 8
 
@@ -1429,22 +1432,30 @@ def _noting_finite(t: torch.Tensor, bad: list) -> torch.Tensor:
     """``t``, marked finite where no piece of the pass that wrote it saw an inf or NaN (``bad``: the
     pieces' flags)."""
     if not any(bad):
-        _finite.pop(id(t), None)
-        _finite[id(t)] = (weakref.ref(t), t._version, t.data_ptr())
+        ptr = t.data_ptr()
+        _finite.pop(ptr, None)
+        _finite[ptr] = (weakref.ref(t), t.numel(), t.dtype, t._version)
         for old in list(_finite)[:-_FINITE_KEPT]:  # the oldest beyond the last few
             _finite.pop(old, None)
     return t
 
 
 def _forget_finite(t: torch.Tensor) -> None:
-    _finite.pop(id(t), None)
+    _finite.pop(t.data_ptr(), None)
 
 
 def known_finite(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a vector that a compiled pass found finite as it wrote it, unchanged since
-    (the same object, memory and torch version)."""
-    entry = _finite.get(id(t))
-    return entry is not None and entry[0]() is t and entry[1] == t._version and entry[2] == t.data_ptr()
+    """Whether ``t`` is (a contiguous view of all of) a vector that a compiled pass found finite as
+    it wrote it, unchanged since: the marked tensor alive at the same memory, the same length, dtype
+    and torch version."""
+    if t.device.type != "cpu":
+        return False
+    entry = _finite.get(t.data_ptr())
+    if entry is None:
+        return False
+    marked = entry[0]()
+    return (marked is not None and marked.data_ptr() == t.data_ptr() and entry[1:] == (t.numel(), t.dtype, t._version)
+            and t.is_contiguous())
 
 
 def _long_cpu_floats(tensors, least: int = MIN_COMPILED):
