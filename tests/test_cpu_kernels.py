@@ -1025,6 +1025,17 @@ def test_the_descents_mark_their_result_finite_only_while_it_is_what_they_wrote(
     permk = build("permk", n, 2).compress(torch.randn(n, dtype=dtype), worker=0, step=0)
     out = cpu_kernels.descend(x, 0.1, g)
     assert add_dense(out, permk, inplace=True) is out and not cpu_kernels.known_finite(out)
+    out = cpu_kernels.descend(x, 0.1, g)  # an in-place writer given a part of a marked vector
+    tail = out[64:]
+    assert cpu_kernels.signs_added(tail, torch.zeros(n - 64, dtype=torch.bool), torch.tensor(float("inf")), inplace=True) is tail
+    assert not cpu_kernels.known_finite(out) and not all_finite(out)
+    out = cpu_kernels.descend(x, 0.1, g)
+    alias = torch.from_numpy(out.numpy())  # memory shared, version counter not
+    out.mul_(float("nan"))
+    assert not cpu_kernels.known_finite(alias) and not all_finite(alias)
+    with torch.inference_mode():  # inference tensors have no version counter: never marked
+        out = cpu_kernels.descend(x, 0.1, g)
+        assert not cpu_kernels.known_finite(out) and all_finite(out)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the step size 1e300 in float32

@@ -1407,7 +1407,7 @@ def signs_added(h: torch.Tensor, negative: torch.Tensor, scale: torch.Tensor, in
     ha = h.detach().numpy()
     value = ha.dtype.type(scale.to(h.dtype).item())
     if inplace:
-        _forget_finite(h)  # written through NumPy: torch's version counter does not move
+        _forget_finite()  # written through NumPy: torch's version counter does not move
         _run(neg.size, 1, lambda a, b: kernels["add_signs_to"](ha[a:b], neg[a:b], value))
         return h
     out = np.empty_like(ha)
@@ -1419,19 +1419,21 @@ def signs_added(h: torch.Tensor, negative: torch.Tensor, scale: torch.Tensor, in
 # ``amsgrad_step``'s x), the last few: data pointer -> (a weak reference to the tensor, its length,
 # dtype and torch version counter then). ``base.all_finite`` asks ``known_finite`` before it reads a
 # vector: the server's check of its new model each round (4 ms at d = 1e7 on one thread) becomes the
-# flag of the pass that wrote it (0.3-0.9 ms). The mark holds for any contiguous view of all of the
-# same memory (``detach``, ``view``: they share the version counter) while the marked tensor lives,
-# so that the memory cannot have gone to another tensor; an in-place torch op moves the version
-# counter and so drops it; this module's own in-place writers, which write through NumPy, drop it
-# themselves.
+# flag of the pass that wrote it (0.3-0.9 ms). The mark holds for the tensor and any contiguous view
+# of all of its memory (``detach``, ``view``: they share the version counter) while the tensor lives,
+# so that its memory cannot have gone to another. It assumes what the rules do: a marked vector
+# changes only through torch ops on tensors that share its counter, which move the counter and so
+# drop the mark. Writes that bypass the counter (through ``.numpy()``, ``.data``, ``set_`` or a
+# ``from_numpy`` alias) would not; this module's own in-place writers, which write through NumPy,
+# drop every mark themselves.
 _finite: dict[int, tuple] = {}
 _FINITE_KEPT = 8
 
 
 def _noting_finite(t: torch.Tensor, bad: list) -> torch.Tensor:
     """``t``, marked finite where no piece of the pass that wrote it saw an inf or NaN (``bad``: the
-    pieces' flags)."""
-    if not any(bad):
+    pieces' flags). An inference tensor, which has no version counter, is not marked."""
+    if not any(bad) and not t.is_inference():
         ptr = t.data_ptr()
         _finite.pop(ptr, None)
         _finite[ptr] = (weakref.ref(t), t.numel(), t.dtype, t._version)
@@ -1440,22 +1442,24 @@ def _noting_finite(t: torch.Tensor, bad: list) -> torch.Tensor:
     return t
 
 
-def _forget_finite(t: torch.Tensor) -> None:
-    _finite.pop(t.data_ptr(), None)
+def _forget_finite() -> None:
+    """Drop every mark: an in-place write through NumPy into a vector given by the caller (which
+    may be a marked one or any part of it)."""
+    _finite.clear()
 
 
 def known_finite(t: torch.Tensor) -> bool:
     """Whether ``t`` is (a contiguous view of all of) a vector that a compiled pass found finite as
-    it wrote it, unchanged since: the marked tensor alive at the same memory, the same length, dtype
-    and torch version."""
-    if t.device.type != "cpu":
+    it wrote it, unchanged since: the marked tensor alive at the same memory, the same length and
+    dtype, and the version counter unmoved on both."""
+    if t.device.type != "cpu" or t.layout != torch.strided or t.is_inference() or not _finite:
         return False
     entry = _finite.get(t.data_ptr())
     if entry is None:
         return False
     marked = entry[0]()
     return (marked is not None and marked.data_ptr() == t.data_ptr() and entry[1:] == (t.numel(), t.dtype, t._version)
-            and t.is_contiguous())
+            and marked._version == entry[3] and t.is_contiguous())
 
 
 def _long_cpu_floats(tensors, least: int = MIN_COMPILED):
@@ -1750,7 +1754,7 @@ def scatter_marked(words: np.ndarray, values: torch.Tensor, dim: int, h: torch.T
     base = h.detach().numpy() if h is not None else None
     out = base if inplace and base is not None else np.empty(dim, dtype=kept.dtype)
     if inplace and h is not None:
-        _forget_finite(h)  # written through NumPy: torch's version counter does not move
+        _forget_finite()  # written through NumPy: torch's version counter does not move
     base = out if base is None else base
     _run_pieces(_marked_pieces(words, dim), lambda a, b, c: kernels["scatter_marked"](
         words[a:b], kept[c:], base[64 * a:64 * b], h is not None, LOWEST_BIT, out[64 * a:64 * b]))
