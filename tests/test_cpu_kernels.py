@@ -785,6 +785,45 @@ def test_the_norm_writes_negative_flags_in_its_pass_as_torch_lt_and_keeps_its_bi
         assert torch.equal(negative, y < 0)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_scaled_sign_of_a_difference_is_the_sign_of_the_difference_formed_first(dtype, threads, monkeypatch):
+    """``Sign.compress_difference`` (the Markov message C(target - h), the difference formed a few
+    blocks at a time in the norm's pass) gives the bytes of ``compress(target - h)``: both scales,
+    vectors shorter than, at and beyond ``MIN_CHUNK`` (one group, several, a last partial one), equal
+    coordinates and signed zeros, other dtypes (formed first); the same errors for bad input."""
+    monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(8)
+    calls = []
+    real = cpu_kernels.float64_sum
+    monkeypatch.setattr(cpu_kernels, "float64_sum", lambda *a: calls.append(len(a) > 4 and a[4] is not None) or real(*a))
+    for n in (cpu_kernels.MIN_CHUNK - 1, cpu_kernels.MIN_CHUNK, 9 * FLOAT64_BLOCK * cpu_kernels.FLAG_GROUP + 61):
+        target, h = (torch.randn(n, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-8, 8, (n,), generator=gen)
+                     for _ in range(2))
+        target, h = target.to(dtype), h.to(dtype)
+        h[::7] = target[::7]
+        target[::11], h[::11] = -0.0, 0.0
+        target[5::13], h[5::13] = 0.0, -0.0
+        for scale in ("l1", "l2"):
+            c = build(f"sign:scale={scale}", n, 3)
+            calls.clear()
+            assert encode(c.compress_difference(target, h, worker=2, step=4)) == encode(c.compress(target - h, worker=2, step=4))
+            assert any(calls) == (n >= cpu_kernels.MIN_CHUNK)  # the difference in the pass where it is long
+        other = h.double() if dtype == torch.float32 else h.float()  # promoted by torch: formed first
+        assert encode(c.compress_difference(target, other)) == encode(c.compress(target - other))
+    for bad_target, bad_h in ((float("nan"), 0.0), (0.0, float("inf")), (torch.finfo(dtype).max, -torch.finfo(dtype).max)):
+        t, g = target.clone(), h.clone()
+        t[n // 2], g[n // 2] = bad_target, bad_h
+        with pytest.raises(ValueError, match="1 non-finite value"):
+            c.compress(t - g)
+        with pytest.raises(ValueError, match="1 non-finite value"):
+            c.compress_difference(t, g)
+    with pytest.raises(ValueError, match="coordinates"):
+        c.compress_difference(target, h[1:])
+    with pytest.raises(ValueError, match="worker"):
+        c.compress_difference(target, h, worker=3)
+
+
 def test_the_norm_writes_negative_flags_where_it_is_not_compiled(monkeypatch):
     """Short vectors, and long ones without the kernel, get their flags from torch.lt."""
     gen = torch.Generator().manual_seed(5)

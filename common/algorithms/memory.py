@@ -36,7 +36,7 @@ def error_feedback(compressor, v: torch.Tensor, worker: int, step: int):
 def markov_message(compressor, target: torch.Tensor, h: torch.Tensor, worker: int, step: int):
     """The message of the sender's Markov step, c = C(target - h); the state moves by ``shift(h, c)``
     (a worker does that after sending, in its rule's ``settle``)."""
-    return compressor.compress(target - h, worker=worker, step=step)
+    return compressor.compress_difference(target, h, worker=worker, step=step)
 
 
 def markov_compress(compressor, target: torch.Tensor, h: torch.Tensor, worker: int, step: int):

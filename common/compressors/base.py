@@ -138,11 +138,21 @@ class Compressor:
     def compress(self, x: torch.Tensor, worker: int = 0, step: int = 0):
         """Compress ``x`` (1-D float tensor of length d, any device) for ``worker`` at ``step``."""
         self._check_input(x)
+        return self._compress(x, self._key(worker, step))
+
+    def compress_difference(self, target: torch.Tensor, h: torch.Tensor, worker: int = 0, step: int = 0):
+        """``compress(target - h, worker, step)``: the sender's Markov message (``memory``). A
+        compressor whose pass can read the difference as it goes, without forming it, overrides
+        this (the scaled sign); the payload is the same."""
+        return self.compress(target - h, worker, step)
+
+    def _key(self, worker: int, step: int) -> StreamKey:
+        """The draws' key of ``worker`` at ``step``, which must be in range."""
         if isinstance(worker, bool) or not isinstance(worker, int) or not 0 <= worker < self.n_workers:
             raise ValueError(f"{self.name}: worker={worker!r} must be an integer in [0, {self.n_workers})")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"{self.name}: step={step!r} must be a non-negative integer")
-        return self._compress(x, StreamKey(self.seed, step, worker, self.purpose))
+        return StreamKey(self.seed, step, worker, self.purpose)
 
     def decompress(self, payload) -> torch.Tensor:
         """The dense vector a payload stands for, on the payload's device, in the input's dtype."""
@@ -245,7 +255,8 @@ def float32_scalar(value: torch.Tensor) -> torch.Tensor:
     return value.detach().reshape(()).to(torch.float32)
 
 
-def float64_norm(x: torch.Tensor, p: int, negative: torch.Tensor | None = None) -> torch.Tensor:
+def float64_norm(x: torch.Tensor, p: int, negative: torch.Tensor | None = None,
+                 minus: torch.Tensor | None = None) -> torch.Tensor | None:
     """||x||_p for p = 1 or 2, accumulated in float64 (a float32 sum can overflow), as a 0-d float64
     tensor. On the CPU a vector of ``cpu_kernels.MIN_CHUNK`` coordinates or more is summed in float64
     blocks instead of through a float64 copy of all of it; that sum can differ from a one-piece sum
@@ -255,15 +266,22 @@ def float64_norm(x: torch.Tensor, p: int, negative: torch.Tensor | None = None) 
     for torch's abs, float64 sum and ``torch.lt``. Shorter vectors keep torch's sum (no compiled
     kernel is loaded for them). ``negative``: a bool tensor of x's shape on x's device, into which
     x < 0 is written too; in the compiled pass while each piece of x is in the cache, else by
-    ``torch.lt``."""
-    if x.device.type != "cpu" or x.numel() < cpu_kernels.MIN_CHUNK:
+    ``torch.lt``. ``minus``: the norm (and the flags) of x - minus in the compiled pass, which never
+    forms that vector (``cpu_kernels.float64_block_sums``); None where that pass does not run (the
+    caller forms x - minus)."""
+    if minus is not None and (x.device.type != "cpu" or x.numel() < cpu_kernels.MIN_CHUNK
+                              or not all(t.dtype == x.dtype and t.is_contiguous() for t in (x, minus))):
+        return None
+    if minus is None and (x.device.type != "cpu" or x.numel() < cpu_kernels.MIN_CHUNK):
         if negative is not None:
             torch.lt(x, 0, out=negative)
         return x.abs().sum(dtype=torch.float64) if p == 1 else torch.linalg.vector_norm(x, dtype=torch.float64)
     flags = negative.numpy().reshape(-1) if negative is not None else None
-    total = cpu_kernels.float64_sum(x, p, FLOAT64_BLOCK, flags)  # the same sum in one compiled pass
+    total = cpu_kernels.float64_sum(x, p, FLOAT64_BLOCK, flags, minus)  # the same sum in one compiled pass
     if total is not None:
         total = torch.tensor(total, dtype=torch.float64)
+    elif minus is not None:
+        return None
     else:
         if negative is not None:
             torch.lt(x, 0, out=negative)

@@ -1548,13 +1548,14 @@ def amsgrad_step(x, m, v, v_hat, g, beta1: float, beta2: float, lr: float, nu: f
             *(torch.from_numpy(o).view(x.shape) for o in (m_out, v_out, h_out)))
 
 
-def float64_sum(x: torch.Tensor, p: int, size: int, negative: np.ndarray | None = None) -> float | None:
+def float64_sum(x: torch.Tensor, p: int, size: int, negative: np.ndarray | None = None,
+                minus: torch.Tensor | None = None) -> float | None:
     """The sum of |x_i|^p (p = 1 or 2) of a CPU float32 or float64 vector as ``base.float64_norm``
     adds it: torch's float64 sum of each block of ``size`` coordinates, the blocks one after another;
     the same bits, in one pass over x without float64 copies, and the blocks in parallel threads.
     None without Numba, for other vectors, or where torch's sum adds in another order than this
-    kernel (checked once, by ``_lanes``). ``negative``: see ``float64_block_sums``."""
-    sums = float64_block_sums(x, p, size, negative)
+    kernel (checked once, by ``_lanes``). ``negative``, ``minus``: see ``float64_block_sums``."""
+    sums = float64_block_sums(x, p, size, negative, minus)
     if sums is None:
         return None
     total = 0.0
@@ -1563,27 +1564,43 @@ def float64_sum(x: torch.Tensor, p: int, size: int, negative: np.ndarray | None 
     return total
 
 
-def float64_block_sums(x: torch.Tensor, p: int, size: int, negative: np.ndarray | None = None) -> np.ndarray | None:
+def float64_block_sums(x: torch.Tensor, p: int, size: int, negative: np.ndarray | None = None,
+                       minus: torch.Tensor | None = None) -> np.ndarray | None:
     """The float64 sums of |x_i|^p (p = 1 or 2) over the consecutive blocks of ``size`` coordinates,
     each the bits of torch's float64 sum of that block (``block_sums``); None where ``float64_sum``
     is. With ``negative`` (a bool array of x's length), x < 0 is written into it in the same sweep:
     each group of ``FLAG_GROUP`` blocks is summed and then flagged while it is still in the cache,
     instead of a second pass over all of x from memory. At d = 1e7 on 2 cores with a cold cache that
-    took 0.4 ms off sign's compress + encode (9.5 ms), in medians of 25 interleaved calls."""
+    took 0.4 ms off sign's compress + encode (9.5 ms), in medians of 25 interleaved calls.
+
+    With ``minus`` (a CPU vector of x's dtype and length), all of this is of x - minus, which is
+    never formed whole: each group of blocks is subtracted into a buffer that stays in the cache
+    (the bits of torch's x - minus) and summed and flagged there. A Markov message C(target - h)
+    with the scaled sign (``Sign.compress_difference``) then reads target and h once and writes only
+    the flags, instead of writing the difference and reading it back."""
     kernels = _kernels()
     if (kernels is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
-            or _lanes() is None):
+            or _lanes() is None or (minus is not None and (minus.device.type != "cpu" or minus.dtype != x.dtype
+                                                              or minus.numel() != x.numel()))):
         return None
     flat = x.detach().contiguous().numpy().reshape(-1)
+    other = None if minus is None else minus.detach().contiguous().numpy().reshape(-1)
     sums = np.empty(-(-flat.size // size))
-    group = size * (FLAG_GROUP if negative is not None else max(1, -(-flat.size // size)))  # never 0
+    grouped = negative is not None or other is not None  # else the piece is one group
+    group = size * (FLAG_GROUP if grouped else max(1, -(-flat.size // size)))  # never 0
 
     def piece(a, b):  # a is a multiple of size: block a / size starts the piece
+        buffer = None if other is None else np.empty(min(group, b - a), dtype=flat.dtype)
         for g in range(a, b, group):
             e = min(b, g + group)
-            kernels["block_sums"](flat[g:e], size, _lanes(), p == 2, sums[g // size:-(-e // size)])
+            if other is None:
+                values = flat[g:e]
+            else:
+                with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN shows in the norm, as in torch's
+                    values = np.subtract(flat[g:e], other[g:e], out=buffer[:e - g])
+            kernels["block_sums"](values, size, _lanes(), p == 2, sums[g // size:-(-e // size)])
             if negative is not None:
-                kernels["below_zero"](flat[g:e], negative[g:e])
+                kernels["below_zero"](values, negative[g:e])
 
     _run(flat.size, size, piece)
     return sums

@@ -43,16 +43,31 @@ class Sign(Compressor):
         self._check_shape(x)
 
     def _compress(self, x, key):
+        return self._signs(x.detach())
+
+    def compress_difference(self, target, h, worker=0, step=0):
+        """C(target - h) in the norm's compiled pass over target and h, the difference formed a
+        few blocks at a time in the cache (``base.float64_norm`` with ``minus``): the same payload
+        as ``compress(target - h)`` without writing the difference and reading it back; that call
+        where the pass does not apply (short vectors, other devices or dtypes)."""
+        self._check_shape(target)
+        self._check_shape(h)
+        self._key(worker, step)  # (checked; the scaled sign draws nothing)
+        signs = self._signs(target.detach(), h.detach())
+        return super().compress_difference(target, h, worker, step) if signs is None else signs
+
+    def _signs(self, x, minus=None):
+        """The payload of x, or with ``minus`` of x - minus (None where the pass does not take it)."""
         m = max(1, x.numel())
-        x = x.detach()
         negative = torch.empty(x.shape, dtype=torch.bool, device=x.device)  # x < 0, written by the norm's pass
-        if self.norm == "l1":  # accumulated in float64: a float32 sum can overflow while the mean fits
-            scale = float64_norm(x, 1, negative) / m
-        else:
-            scale = float64_norm(x, 2, negative) / math.sqrt(m)
+        norm = float64_norm(x, 1 if self.norm == "l1" else 2, negative, minus)
+        if norm is None:
+            return None
+        # the l1 norm accumulated in float64: a float32 sum can overflow while the mean fits
+        scale = norm / m if self.norm == "l1" else norm / math.sqrt(m)
         if not math.isfinite(scale):
             # A NaN or inf in x makes the float64 norm NaN or inf, so a finite norm saves the separate
             # pass of the input check. The converse fails only for float64 inputs near its largest
             # values, whose sum can overflow: the check below tells the two apart.
-            self._check_finite(x)
+            self._check_finite(x if minus is None else x - minus)
         return Signs(negative, float32_scalar(scale), x.dtype)
