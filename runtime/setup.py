@@ -7,7 +7,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from common.algorithms import Algorithm, RuleContext, ServerRule, WorkerRule, build_algorithm  # noqa: F401
+from common.algorithms.memory import shift_by_mean
 from common.compressors import build as build_compressor, cpu_kernels, uses_compiled_kernels
+from common.compressors.message import Message
 from common.compressors.payloads import add_dense
 from common.config import RunConfig
 from common.problems import Problem, build_problem
@@ -37,7 +39,8 @@ class RunSetup:
         fell into round 0. One throwaway compress, encode, decode and decompress of a vector of the
         run's size on the CPU, and that payload added to a vector twice (a Markov shift and a running
         mean, ``add_dense``), loads the kernels and signatures the run will call, and none where the
-        run calls none (small vectors take the torch paths: Numba is not even imported). A rule
+        run calls none (small vectors take the torch paths: Numba is not even imported); for scaled
+        signs also the server's shift by the mean of n of them (``memory.shift_by_mean``). A rule
         without a shift loads the addition's kernel for nothing (from Numba's disk cache after the
         first run). At ``MIN_COMPILED`` coordinates and more, the step's kernels (``cpu_kernels.descend``,
         ``mean_descend``) load on a few coordinates, whatever the compressors."""
@@ -52,6 +55,7 @@ class RunSetup:
             payload = decode(encode(c.compress(x, worker=0, step=0)))
             c.decompress(payload)
             add_dense(add_dense(x, payload), payload, inplace=True)  # a Markov shift, a running mean
+            shift_by_mean(x, [Message({"c": payload})] * self.config.workers, "c")  # a server's, in one pass
 
     @property
     def dim(self) -> int:

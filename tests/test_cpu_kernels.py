@@ -626,7 +626,8 @@ def test_a_run_loads_its_compressors_kernels_before_the_clock_starts(uplink, cal
 
 def test_a_sign_run_loads_the_shift_kernels_before_the_clock_starts(monkeypatch):
     """The Markov shift and the running mean of sign payloads (``add_dense``) are loaded by the
-    warm-up too, both the kernel that writes a new vector and the one that adds in place."""
+    warm-up too, both the kernel that writes a new vector and the one that adds in place, and the
+    server's shift by the mean of the workers' signs."""
     from common.config import RunConfig
     from runtime.setup import RunSetup
 
@@ -639,8 +640,16 @@ def test_a_sign_run_loads_the_shift_kernels_before_the_clock_starts(monkeypatch)
         return result
 
     monkeypatch.setattr(cpu_kernels, "signs_added", spy)
+    real_mean = cpu_kernels.signs_mean_added
+
+    def mean_spy(*args):
+        result = real_mean(*args)
+        seen.append(("mean", result is not None))
+        return result
+
+    monkeypatch.setattr(cpu_kernels, "signs_mean_added", mean_spy)
     RunSetup.build(RunConfig(algorithm="cd-adam", workers=2, rounds=1, lr="0.01", problem=f"quadratic:d={cpu_kernels.MIN_CHUNK}"))
-    assert sorted(seen) == [(False, True), (True, True)]
+    assert sorted(seen, key=str) == sorted([(False, True), (True, True), ("mean", True)], key=str)
 
 
 # --- the scaled-sign expansion and the AMSGrad step --------------------------------------------------
@@ -758,6 +767,7 @@ def test_cd_adam_runs_to_the_same_model_with_the_compiled_passes(dim, monkeypatc
     monkeypatch.setattr(cpu_kernels, "amsgrad_step", lambda *args: None)
     monkeypatch.setattr(cpu_kernels, "signs_to_dense", lambda *args: None)
     monkeypatch.setattr(cpu_kernels, "signs_added", lambda *args: None)
+    monkeypatch.setattr(cpu_kernels, "signs_mean_added", lambda *args: None)
     assert run_inproc(config, None, progress=False).model_digest() == fused
 
 
@@ -822,6 +832,40 @@ def test_the_scaled_sign_of_a_difference_is_the_sign_of_the_difference_formed_fi
         c.compress_difference(target, h[1:])
     with pytest.raises(ValueError, match="worker"):
         c.compress_difference(target, h, worker=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_servers_shift_by_the_mean_of_signs_is_the_shift_by_the_mean_formed_first(dtype):
+    """``memory.shift_by_mean`` (EF21's and CD-Adam's server state h + (1/n) sum_i c_i) in one
+    compiled pass over scaled-sign payloads gives the bits of ``shift(h, mean_of(...))``, signed
+    zeros included, for 2 to 4 uplinks; 5 uplinks, short vectors and other payloads take the
+    running sum as before."""
+    from common.algorithms.base import mean_of
+    from common.algorithms.memory import shift, shift_by_mean
+    from common.compressors.message import Message
+
+    gen = torch.Generator().manual_seed(12)
+    for n in (cpu_kernels.MIN_CHUNK + 77, 5000):
+        h = torch.randn(n, generator=gen, dtype=dtype) * 1e3
+        h[:3] = torch.tensor([-0.0, 0.0, -0.0], dtype=dtype)
+        for k in (2, 3, 4, 5):
+            xs = [torch.randn(n, generator=gen, dtype=dtype) * 10.0 ** i for i in range(k)]
+            if k == 2:
+                xs[1] = -xs[0]  # sums of +s and -s: zeros
+            ups = [Message({"c": decode(encode(build("sign", n, k).compress(x, worker=i, step=1)))}) for i, x in enumerate(xs)]
+            calls = []
+            real = cpu_kernels.signs_mean_added
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(cpu_kernels, "signs_mean_added", lambda *a: calls.append(1) or real(*a))
+                got = shift_by_mean(h, ups, "c")
+            assert got.view(torch.uint8).equal(shift(h, mean_of(ups, "c")).view(torch.uint8)), (n, k)
+            assert bool(calls) == (k <= 4) and (real(h, [u.payloads["c"].negative for u in ups[:2]],
+                                                      [u.payloads["c"].scale for u in ups[:2]]) is None) == (n < cpu_kernels.MIN_CHUNK)
+    n = cpu_kernels.MIN_CHUNK + 77
+    h = torch.randn(n, generator=gen, dtype=dtype)
+    mixed = [Message({"c": decode(encode(build(spec, n, 2).compress(torch.randn(n, generator=gen, dtype=dtype), worker=i, step=1)))})
+             for i, spec in enumerate(("sign", "topk:ratio=0.01"))]
+    assert shift_by_mean(h, mixed, "c").view(torch.uint8).equal(shift(h, mean_of(mixed, "c")).view(torch.uint8))
 
 
 def test_the_norm_writes_negative_flags_where_it_is_not_compiled(monkeypatch):

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.amsgrad_state import AMS_PARAMS, MirrorServer, MirrorWorker, amsgrad_step
-from common.algorithms.base import Algorithm, register, mean_of
-from common.algorithms.memory import markov_compress, markov_message, shift
+from common.algorithms.base import Algorithm, register
+from common.algorithms.memory import markov_compress, markov_message, shift, shift_by_mean
 from common.compressors.message import Message
 
 
@@ -33,7 +33,7 @@ class CDAdamServer(MirrorServer):
         self.g_tilde = torch.zeros_like(self.x)
 
     def step(self, t, uplinks):
-        self.g_hat = shift(self.g_hat, mean_of(uplinks, "c"))                                       # line 8
+        self.g_hat = shift_by_mean(self.g_hat, uplinks, "c")                                        # line 8
         c, self.g_tilde = markov_compress(self.ctx.downlink, self.g_hat, self.g_tilde, 0, t)        # lines 9-10
         return [Message({"c": c})] * self.ctx.n
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, full, need_constants, mean_of, descend
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, full, need_constants, descend
 from common.algorithms.ef21_p import ef21_factor
-from common.algorithms.memory import markov_compress, markov_message, shift
+from common.algorithms.memory import markov_compress, markov_message, shift, shift_by_mean
 from common.options import Param
 from common.compressors.message import Message
 
@@ -34,7 +34,7 @@ class EF21Server(ServerRule):
         self.g_down = torch.zeros_like(self.x)   # g~: what every worker holds
 
     def step(self, t, uplinks):
-        self.g = shift(self.g, mean_of(uplinks, "c"))                                # g^{t+1} = g^t + (1/n) sum_i c_i
+        self.g = shift_by_mean(self.g, uplinks, "c")                                 # g^{t+1} = g^t + (1/n) sum_i c_i
         c, self.g_down = markov_compress(self.ctx.downlink, self.g, self.g_down, 0, t)   # c = C_down(g - g~);  g~ += c
         down = Message({"c": c})
         return [down] * self.ctx.n

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
-from common.algorithms.memory import markov_message, shift
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register
+from common.algorithms.memory import markov_message, shift, shift_by_mean
 from common.algorithms.schedule import SCHEDULE_PARAMS, staircase
 from common.compressors.message import Message
 
@@ -24,7 +24,7 @@ class EF21SGDServer(ServerRule):
         self.g = torch.zeros_like(self.x)
 
     def step(self, t, uplinks):
-        self.g = shift(self.g, mean_of(uplinks, "c"))                    # g^{t+1} = g^t + (1/n) sum_i c_i
+        self.g = shift_by_mean(self.g, uplinks, "c")                     # g^{t+1} = g^t + (1/n) sum_i c_i
         self.x = self.x - staircase(self.ctx, t) * self.g
         return [Message({"g": full(self.g)})] * self.ctx.n
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import dense
-from common.compressors.payloads import add_dense
+from common.algorithms.base import RUNNING_SUM_ROWS, dense, mean_of
+from common.compressors import cpu_kernels
+from common.compressors.payloads import Signs, add_dense
 
 
 def error_feedback(compressor, v: torch.Tensor, worker: int, step: int):
@@ -43,6 +44,21 @@ def markov_compress(compressor, target: torch.Tensor, h: torch.Tensor, worker: i
     """The sender's Markov step: returns (c, h + c) with c = C(target - h)."""
     c = markov_message(compressor, target, h, worker, step)
     return c, shift(h, c)
+
+
+def shift_by_mean(h: torch.Tensor, uplinks, name: str) -> torch.Tensor:
+    """h + (1/n) sum_i c_i for the payloads ``name`` of the uplinks (the server's Markov state of
+    EF21 and CD-Adam): ``shift(h, mean_of(uplinks, name))``, bit for bit. Where every c_i is a scaled
+    sign of h's dtype and length (2 to 4 of them, on the CPU, long), one compiled pass reads the
+    flags and h and writes the new state (``cpu_kernels.signs_mean_added``), without the dense
+    forms, the sum or the mean as vectors."""
+    payloads = [m.payloads[name] for m in uplinks]
+    if (all(isinstance(p, Signs) and p.dtype == h.dtype for p in payloads)
+            and 1 < len(payloads) <= RUNNING_SUM_ROWS.get(h.dtype, 0)):
+        fused = cpu_kernels.signs_mean_added(h, [p.negative for p in payloads], [p.scale for p in payloads])
+        if fused is not None:
+            return fused
+    return shift(h, mean_of(uplinks, name))
 
 
 def shift(h: torch.Tensor, c) -> torch.Tensor:

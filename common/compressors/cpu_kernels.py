@@ -766,6 +766,20 @@ def _kernels():
         return bad
 
     @jit(error_model="numpy")
+    def signs_mean_added(h, negatives, scales, zero, n, out):
+        """out_i = h_i + ((v_0i + v_1i + ...) + 0) / n with v_ki = -scale_k where negatives_k[i], else
+        scale_k: the running mean of scaled-sign payloads (``base.mean_of``: the first one's dense
+        form, the others added one after the other, +0, one division) added to h, each operation
+        rounded as torch rounds it, in one pass."""
+        first, second = negatives[0], negatives[1]
+        s0, s1 = scales[0], scales[1]
+        for i in range(h.size):
+            total = (-s0 if first[i] else s0) + (-s1 if second[i] else s1)
+            for k in range(2, len(negatives)):
+                total += -scales[k] if negatives[k][i] else scales[k]
+            out[i] = h[i] + (total + zero) / n
+
+    @jit(error_model="numpy")
     def mean_descend(x, rows, zero, n, lr, out):
         """out_i = x_i - lr ((rows_0i + rows_1i + ...) + 0) / n: the running mean of ``base.mean_of``
         (rows added one after the other, +0 so that a sum of -0s is +0, then one division) and the
@@ -1065,7 +1079,7 @@ def _kernels():
             "pack_small": pack_small, "pack_words": pack_words, "unpack_small": unpack_small, "unpack_words": unpack_words, "dequantize": dequantize, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
-            "descend": descend, "mean_descend": mean_descend, "feistel": feistel, "ascending": ascending,
+            "descend": descend, "mean_descend": mean_descend, "signs_mean_added": signs_mean_added, "feistel": feistel, "ascending": ascending,
             "mark": mark, "mark_rows_inverse": mark_rows_inverse, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
             "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write,
             "rice_read": rice_read, "pick_top": pick_top}
@@ -1460,6 +1474,25 @@ def known_finite(t: torch.Tensor) -> bool:
     marked = entry[0]()
     return (marked is not None and marked.data_ptr() == t.data_ptr() and entry[1:] == (t.numel(), t.dtype, t._version)
             and marked._version == entry[3] and t.is_contiguous())
+
+
+def signs_mean_added(h: torch.Tensor, negatives: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor | None:
+    """h + the mean of scaled-sign payloads (their flags and 0-d float32 scales) as a new tensor, with
+    the bits of ``base.mean_of``'s running sum and torch's h + mean, in one pass without the dense
+    forms, the sum or the mean as vectors. For 2..4 payloads (``MEAN_ROWS``); None otherwise, and
+    where ``_long_cpu_floats`` refuses h or a flag vector is not a CPU bool vector of h's length."""
+    kernels = _long_cpu_floats((h,), MIN_CHUNK) if len(negatives) in MEAN_ROWS else None
+    if kernels is None or h.dim() != 1 or any(
+            f.device.type != "cpu" or f.dtype != torch.bool or f.shape != h.shape for f in negatives):
+        return None
+    ha = h.detach().numpy()
+    flags = tuple(f.contiguous().numpy() for f in negatives)
+    kind = ha.dtype.type
+    values = np.array([kind(s.to(h.dtype).item()) for s in scales], dtype=ha.dtype)  # as ``signs_added`` rounds them
+    out = np.empty_like(ha)
+    zero, n = kind(0.0), kind(len(negatives))
+    _run(ha.size, 1, lambda a, b: kernels["signs_mean_added"](ha[a:b], tuple(f[a:b] for f in flags), values, zero, n, out[a:b]))
+    return torch.from_numpy(out)
 
 
 def _long_cpu_floats(tensors, least: int = MIN_COMPILED):
