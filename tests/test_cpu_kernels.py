@@ -795,6 +795,23 @@ def test_the_norm_writes_negative_flags_in_its_pass_as_torch_lt_and_keeps_its_bi
         assert torch.equal(negative, y < 0)
 
 
+def _a_difference_refuses_what_the_formed_difference_refuses(c, target, h):
+    """``c.compress_difference`` raises as ``c.compress(target - h)`` for a NaN or inf in either
+    vector, a difference that overflows, another length and a worker out of range."""
+    largest = torch.finfo(target.dtype).max
+    for bad_target, bad_h in ((float("nan"), 0.0), (0.0, float("inf")), (largest, -largest)):
+        t, g = target.clone(), h.clone()
+        t[t.numel() // 2 + 1], g[t.numel() // 2 + 1] = bad_target, bad_h
+        with pytest.raises(ValueError, match="1 non-finite value"):
+            c.compress(t - g)
+        with pytest.raises(ValueError, match="1 non-finite value"):
+            c.compress_difference(t, g)
+    with pytest.raises(ValueError, match="coordinates"):
+        c.compress_difference(target, h[1:])
+    with pytest.raises(ValueError, match="worker"):
+        c.compress_difference(target, h, worker=c.n_workers)
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_scaled_sign_of_a_difference_is_the_sign_of_the_difference_formed_first(dtype, threads, monkeypatch):
@@ -821,17 +838,7 @@ def test_the_scaled_sign_of_a_difference_is_the_sign_of_the_difference_formed_fi
             assert any(calls) == (n >= cpu_kernels.MIN_CHUNK)  # the difference in the pass where it is long
         other = h.double() if dtype == torch.float32 else h.float()  # promoted by torch: formed first
         assert encode(c.compress_difference(target, other)) == encode(c.compress(target - other))
-    for bad_target, bad_h in ((float("nan"), 0.0), (0.0, float("inf")), (torch.finfo(dtype).max, -torch.finfo(dtype).max)):
-        t, g = target.clone(), h.clone()
-        t[n // 2], g[n // 2] = bad_target, bad_h
-        with pytest.raises(ValueError, match="1 non-finite value"):
-            c.compress(t - g)
-        with pytest.raises(ValueError, match="1 non-finite value"):
-            c.compress_difference(t, g)
-    with pytest.raises(ValueError, match="coordinates"):
-        c.compress_difference(target, h[1:])
-    with pytest.raises(ValueError, match="worker"):
-        c.compress_difference(target, h, worker=3)
+    _a_difference_refuses_what_the_formed_difference_refuses(c, target, h)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -866,6 +873,40 @@ def test_the_servers_shift_by_the_mean_of_signs_is_the_shift_by_the_mean_formed_
     mixed = [Message({"c": decode(encode(build(spec, n, 2).compress(torch.randn(n, generator=gen, dtype=dtype), worker=i, step=1)))})
              for i, spec in enumerate(("sign", "topk:ratio=0.01"))]
     assert shift_by_mean(h, mixed, "c").view(torch.uint8).equal(shift(h, mean_of(mixed, "c")).view(torch.uint8))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_k_of_a_difference_is_top_k_of_the_difference_formed_first(dtype, threads, monkeypatch):
+    """``TopK.compress_difference`` (EF21's Markov message, the difference formed in the candidate
+    pass's groups and at the sample) gives the bytes of ``compress(target - h)``: several k, short
+    vectors and large k (formed first), ties, a difference of zeros, candidates far beyond the
+    sample's estimate (the output grown and a group run again); the same errors for bad input."""
+    monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(21)
+    calls = []
+    real = cpu_kernels.indices_at_least
+    monkeypatch.setattr(cpu_kernels, "indices_at_least", lambda *a: calls.append(len(a) > 3 and a[3] is not None) or real(*a))
+    n = 5 * cpu_kernels.DIFFERENCE_GROUP // 2 + 77
+    target, h = (torch.randn(n, generator=gen, dtype=dtype) for _ in range(2))
+    h[::7] = target[::7]  # zeros of the difference
+    target[3::11] = h[3::11] + 0.75  # ties in |target - h|
+    crowded = target.clone()
+    region = slice(cpu_kernels.DIFFERENCE_GROUP, 2 * cpu_kernels.DIFFERENCE_GROUP)
+    crowded[region] = h[region] + 50.0  # where the sample sees none of them:
+    crowded[region][::16] = h[region][::16]  # the stride is 16 here
+    cases = [(target, h, spec) for spec in ("topk:ratio=0.01", "topk:ratio=0.05", "topk:k=1", "topk:ratio=0.5")]
+    cases += [(target[:5000], h[:5000], "topk:ratio=0.01"), (h, h, "topk:ratio=0.01"), (crowded, h, "topk:ratio=0.01")]
+    for t, g, spec in cases:
+        c = build(spec, t.numel(), 2)
+        calls.clear()
+        assert encode(c.compress_difference(t, g, worker=1, step=2)) == encode(c.compress(t - g, worker=1, step=2)), spec
+        sampled = t.numel() >= 1 << 16 and c.k <= t.numel() // 4 and not torch.equal(t, g)
+        assert (True in calls) == sampled, (spec, t.numel())
+    other = h.double() if dtype == torch.float32 else h.float()  # promoted by torch: formed first
+    c = build("topk:ratio=0.01", n, 2)
+    assert encode(c.compress_difference(target, other)) == encode(c.compress(target - other))
+    _a_difference_refuses_what_the_formed_difference_refuses(c, target, h)
 
 
 def test_the_norm_writes_negative_flags_where_it_is_not_compiled(monkeypatch):

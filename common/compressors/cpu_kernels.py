@@ -1876,21 +1876,51 @@ def pick_top(mag: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor
     return torch.from_numpy(out[:count])
 
 
-def indices_at_least(x: torch.Tensor, level: float, expect: int) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
+DIFFERENCE_GROUP = 1 << 18  # coordinates of x - minus formed at a time: 1 MiB of float32, within a core's L2
+
+
+def _at_least_of_difference(kernels, flat, other, a, b, level, largest, out, values):
+    """``indices_at_least``'s piece [a, b) of flat - other: the difference formed a group at a time
+    in a buffer, each group's candidates appended to ``out`` and ``values`` (grown and the group run
+    again when they lack room)."""
+    buffer = np.empty(min(DIFFERENCE_GROUP, b - a), dtype=flat.dtype)
+    count, bad = 0, False
+    for g in range(a, b, DIFFERENCE_GROUP):
+        e = min(b, g + DIFFERENCE_GROUP)
+        with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN shows in the flag, as in torch's
+            diff = np.subtract(flat[g:e], other[g:e], out=buffer[:e - g])
+        found, group_bad = kernels["at_least"](diff, level, largest, g, out[count:], values[count:])
+        if found > out.size - count:
+            size = max(2 * out.size, count + found)
+            out, values = np.resize(out, size), np.resize(values, size)
+            kernels["at_least"](diff, level, largest, g, out[count:], values[count:])
+        count += found
+        bad = bad or bool(group_bad)
+    return out[:count], values[:count], not bad
+
+
+def indices_at_least(x: torch.Tensor, level: float, expect: int,
+                     minus: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
     """(ascending int64 indices of the |x_i| >= ``level``, those x_i, whether every x_i is finite) for
     a CPU float vector, in one pass (the pieces in parallel threads); ``expect``: about how many there
     are, to size the output (a piece that finds more runs again with room for all). None without
-    Numba or for other vectors."""
+    Numba or for other vectors. With ``minus`` (a vector of x's dtype and length) all of this is of
+    x - minus, formed a group of ``DIFFERENCE_GROUP`` coordinates at a time in a buffer that stays in
+    the cache (the bits of torch's x - minus), never whole (``TopK.compress_difference``)."""
     kernels = _kernels()
-    if kernels is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    if (kernels is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64)
+            or (minus is not None and (minus.device.type != "cpu" or minus.dtype != x.dtype or minus.numel() != x.numel()))):
         return None
     flat = x.detach().contiguous().numpy().reshape(-1)
+    other = None if minus is None else minus.detach().contiguous().numpy().reshape(-1)
     level = flat.dtype.type(level)  # compared in x's precision, as torch compares with a 0-d tensor of x's dtype
     largest = np.finfo(flat.dtype).max
 
     def piece(a, b):
         room = min(b - a, 2 * expect * (b - a) // max(flat.size, 1) + 1024)
         out, values = np.empty(room, dtype=np.int64), np.empty(room, dtype=flat.dtype)
+        if other is not None:
+            return _at_least_of_difference(kernels, flat, other, a, b, level, largest, out, values)
         count, bad = kernels["at_least"](flat[a:b], level, largest, a, out, values)
         if count > out.size:
             out, values = np.empty(count, dtype=np.int64), np.empty(count, dtype=flat.dtype)

@@ -13,7 +13,7 @@ import torch
 
 from common.compressors import cpu_kernels
 from common.compressors.base import K_PARAMS, Constants, Selection, Sparsifier, resolve_k, register
-from common.compressors.payloads import CPU_BLOCK, cpu_blocks
+from common.compressors.payloads import CPU_BLOCK, Dense, Sparse, cpu_blocks
 
 
 MIN_STRIDE = 16  # a sample of at most 1 in 16: below 2^20 coordinates, 1 in m/65536 was most of the vector
@@ -39,32 +39,49 @@ def top_k(x: torch.Tensor, k: int, check_finite: Callable[[torch.Tensor], None] 
     return indices, (values if values is not None else x[indices])
 
 
-def _search(x: torch.Tensor, k: int) -> tuple[bool, torch.Tensor, torch.Tensor | None]:
+def _search(x: torch.Tensor, k: int, minus: torch.Tensor | None = None) -> tuple[bool, torch.Tensor, torch.Tensor | None] | None:
     """(whether x is known to be finite, the indices of ``top_k``, x at them or None).
 
     On the CPU every step but the compiled candidate pass runs in NumPy (the sample's magnitudes, the
     selections, the gathers from the candidates): a torch operation between them woke torch's
     OpenMP threads, which then spun on the cores that the candidate pass's threads needed (that
-    pass took 5.5 ms instead of 4.1 at d = 1e7 on 2 cores)."""
+    pass took 5.5 ms instead of 4.1 at d = 1e7 on 2 cores).
+
+    With ``minus`` (a CPU vector of x's float dtype and length), the same for x - minus where the
+    sampled search runs with the compiled candidate pass, which forms the difference a cache-sized
+    group at a time (``cpu_kernels.indices_at_least``); None where it does not (the caller then forms
+    x - minus)."""
     m = x.numel()
     k = min(k, m)
-    if k == 0:
+    if minus is not None and not (x.device.type == minus.device.type == "cpu" and x.dtype == minus.dtype
+                                  and x.dtype in (torch.float32, torch.float64) and minus.numel() == m):
+        return None
+    if k == 0 and minus is None:
         return False, torch.empty(0, dtype=torch.int64, device=x.device), None
-    if k == m:
+    if k == m and minus is None:
         return False, torch.arange(m, device=x.device), None
-    if m >= 1 << 16 and k <= m // 4:
+    if m >= 1 << 16 and 0 < k <= m // 4:
         stride = max(MIN_STRIDE, m // (1 << 16))
-        sample = _magnitudes(x[::stride])
+        sample = _magnitudes(x[::stride] if minus is None else _difference(x[::stride], minus[::stride]))
         rank = min(sample.numel(), int(1.3 * k * sample.numel() / m) + 64)
         level = _kth_largest(sample, rank)  # a NaN among the largest sorts last: the check below raises
         if bool(level > 0):
-            candidates, values, finite = _at_least(x, level, rank * m // sample.numel())
-            if candidates.numel() >= k:
+            found = _at_least(x, level, rank * m // sample.numel(), minus)
+            if found is not None and found[0].numel() >= k:
+                candidates, values, finite = found
                 if values is None:
                     values = x.index_select(0, candidates)
                 picked = _lowest_index_topk(_magnitudes(values), k)
                 return finite, _take(candidates, picked), _take(values, picked)
+    if minus is not None:
+        return None
     return False, _lowest_index_topk(x.abs(), k), None
+
+
+def _difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a - b for CPU float vectors, through NumPy (see ``_search``); the bits of torch's a - b."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN is the caller's to report
+        return torch.from_numpy(np.subtract(a.numpy(), b.numpy()))
 
 
 def _magnitudes(t: torch.Tensor) -> torch.Tensor:
@@ -81,11 +98,15 @@ def _take(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return t[positions]
 
 
-def _at_least(x: torch.Tensor, level: torch.Tensor, expect: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+def _at_least(x: torch.Tensor, level: torch.Tensor, expect: int,
+              minus: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, bool] | None:
     """(sorted indices of |x_i| >= level (about ``expect`` of them), x at them or None, whether x is
     known to be finite): on a GPU in one masked pass; on the CPU in one compiled pass
     (``cpu_kernels.indices_at_least``), which also copies the values and tells whether every x_i is
-    finite, else block by block (the mask stays in cache)."""
+    finite, else block by block (the mask stays in cache). With ``minus``: of x - minus by the
+    compiled pass, or None."""
+    if minus is not None:
+        return cpu_kernels.indices_at_least(x, float(level), expect, minus)
     if x.device.type != "cpu":
         return torch.nonzero((x >= level).logical_or_(x <= -level)).flatten(), None, False
     compiled = cpu_kernels.indices_at_least(x, float(level), expect)
@@ -147,3 +168,19 @@ class TopK(Sparsifier):
     def select(self, x, key):
         idx, values = top_k(x, self.k, self._check_finite)
         return idx, None, values
+
+    def compress_difference(self, target, h, worker=0, step=0):
+        """C(target - h) with the difference formed only in the candidate pass's cache-sized groups
+        and at the sample (``_search`` with ``minus``): the same payload as ``compress(target - h)``,
+        without writing the difference and reading it back; that call where the sampled search does
+        not run or does not settle it (short vectors, large k, other devices or dtypes)."""
+        self._check_shape(target)
+        self._check_shape(h)
+        self._key(worker, step)  # (checked; Top-K draws nothing)
+        found = _search(target.detach(), self.k, h.detach())
+        if found is None:
+            return super().compress_difference(target, h, worker, step)
+        finite, idx, values = found
+        if not finite:
+            self._check_finite(target - h)  # raises for the NaN or inf
+        return Sparse(self.dim, Dense(values, target.dtype), idx, None, target.dtype)
