@@ -133,3 +133,27 @@ def test_a_wrapper_that_copies_an_oracles_attributes_is_still_called_whole():
     x = torch.zeros(10, dtype=torch.float64)
     assert gradient_entry(f) is not None and gradient_entry(shifted) is None
     assert torch.equal(gradient_of(shifted, x, 0), f(x, 0)[1] + 100.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [1, 7, (1 << 18) + 3])
+def test_the_quadratics_gradient_in_place_has_the_bits_of_the_plain_expression(d, dtype):
+    """The quadratic's gradient c X x + b and loss, computed in place on X x's new vector, are the
+    bits of the plain out-of-place expression, and x is left as it was."""
+    from common.oracle import gradient_entry
+    from common.problems.quadratic import apply_x
+
+    problem = build_problem(f"quadratic:d={d}", 3, 2)
+    x = (torch.randn(d, generator=torch.Generator().manual_seed(d), dtype=torch.float64) * 1e3).to(dtype)
+    kept = x.clone()
+    oracle = problem.oracle(2, "cpu", dtype)
+    c, b = float(problem.c[2]), torch.from_numpy(problem.b[2]).to(dtype)
+    ax = 2.0 * x
+    ax[1:] -= x[:-1]
+    ax[:-1] -= x[1:]
+    ax = c * (ax * 0.25)
+    loss, g = oracle(x, 0)
+    assert g.view(torch.uint8).equal((ax + b).view(torch.uint8))
+    assert loss.reshape(1).view(torch.uint8).equal((0.5 * torch.dot(x, ax) + torch.dot(b, x)).reshape(1).view(torch.uint8))
+    assert gradient_entry(oracle)(x, 0).view(torch.uint8).equal((ax + b).view(torch.uint8))
+    assert torch.equal(x, kept) and apply_x(x) is not x
