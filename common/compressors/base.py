@@ -142,9 +142,20 @@ class Compressor:
 
     def compress_difference(self, target: torch.Tensor, h: torch.Tensor, worker: int = 0, step: int = 0):
         """``compress(target - h, worker, step)``: the sender's Markov message (``memory``). A
-        compressor whose pass can read the difference as it goes, without forming it, overrides
-        this (the scaled sign); the payload is the same."""
+        compressor whose pass can read the difference as it goes, without forming it, implements
+        ``_compress_difference`` (the scaled sign, Top-K): its inputs are checked as ``compress``
+        checks x, and where it returns None the difference is formed; the payload is the same."""
+        if type(self)._compress_difference is not Compressor._compress_difference:
+            self._check_shape(target)
+            self._check_shape(h)
+            payload = self._compress_difference(target.detach(), h.detach(), self._key(worker, step))
+            if payload is not None:
+                return payload
         return self.compress(target - h, worker, step)
+
+    def _compress_difference(self, target: torch.Tensor, h: torch.Tensor, key: StreamKey):
+        """The payload of target - h without forming it, or None where this compressor cannot."""
+        return None
 
     def _key(self, worker: int, step: int) -> StreamKey:
         """The draws' key of ``worker`` at ``step``, which must be in range."""
@@ -269,10 +280,9 @@ def float64_norm(x: torch.Tensor, p: int, negative: torch.Tensor | None = None,
     ``torch.lt``. ``minus``: the norm (and the flags) of x - minus in the compiled pass, which never
     forms that vector (``cpu_kernels.float64_block_sums``); None where that pass does not run (the
     caller forms x - minus)."""
-    if minus is not None and (x.device.type != "cpu" or x.numel() < cpu_kernels.MIN_CHUNK
-                              or not all(t.dtype == x.dtype and t.is_contiguous() for t in (x, minus))):
-        return None
-    if minus is None and (x.device.type != "cpu" or x.numel() < cpu_kernels.MIN_CHUNK):
+    if x.device.type != "cpu" or x.numel() < cpu_kernels.MIN_CHUNK:
+        if minus is not None:
+            return None
         if negative is not None:
             torch.lt(x, 0, out=negative)
         return x.abs().sum(dtype=torch.float64) if p == 1 else torch.linalg.vector_norm(x, dtype=torch.float64)

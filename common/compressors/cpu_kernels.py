@@ -1643,11 +1643,7 @@ def float64_block_sums(x: torch.Tensor, p: int, size: int, negative: np.ndarray 
         buffer = None if other is None else np.empty(min(group, b - a), dtype=flat.dtype)
         for g in range(a, b, group):
             e = min(b, g + group)
-            if other is None:
-                values = flat[g:e]
-            else:
-                with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN shows in the norm, as in torch's
-                    values = np.subtract(flat[g:e], other[g:e], out=buffer[:e - g])
+            values = flat[g:e] if other is None else subtract(flat[g:e], other[g:e], buffer[:e - g])
             kernels["block_sums"](values, size, _lanes(), p == 2, sums[g // size:-(-e // size)])
             if negative is not None:
                 kernels["below_zero"](values, negative[g:e])
@@ -1893,6 +1889,13 @@ def pick_top(mag: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor
     return torch.from_numpy(out[:count])
 
 
+def subtract(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """a - b (into ``out``), the bits of torch's a - b, without NumPy's warning for an inf or NaN
+    that it makes: the callers' passes report those as torch's would (a NaN norm, a flag)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.subtract(a, b, out=out)
+
+
 DIFFERENCE_GROUP = 1 << 18  # coordinates of x - minus formed at a time: 1 MiB of float32, within a core's L2
 
 
@@ -1904,8 +1907,7 @@ def _at_least_of_difference(kernels, flat, other, a, b, level, largest, out, val
     count, bad = 0, False
     for g in range(a, b, DIFFERENCE_GROUP):
         e = min(b, g + DIFFERENCE_GROUP)
-        with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN shows in the flag, as in torch's
-            diff = np.subtract(flat[g:e], other[g:e], out=buffer[:e - g])
+        diff = subtract(flat[g:e], other[g:e], buffer[:e - g])
         found, group_bad = kernels["at_least"](diff, level, largest, g, out[count:], values[count:])
         if found > out.size - count:
             size = max(2 * out.size, count + found)

@@ -45,16 +45,12 @@ class Sign(Compressor):
     def _compress(self, x, key):
         return self._signs(x.detach())
 
-    def compress_difference(self, target, h, worker=0, step=0):
+    def _compress_difference(self, target, h, key):
         """C(target - h) in the norm's compiled pass over target and h, the difference formed a
         few blocks at a time in the cache (``base.float64_norm`` with ``minus``): the same payload
-        as ``compress(target - h)`` without writing the difference and reading it back; that call
-        where the pass does not apply (short vectors, other devices or dtypes)."""
-        self._check_shape(target)
-        self._check_shape(h)
-        self._key(worker, step)  # (checked; the scaled sign draws nothing)
-        signs = self._signs(target.detach(), h.detach())
-        return super().compress_difference(target, h, worker, step) if signs is None else signs
+        as ``compress(target - h)`` without writing the difference and reading it back; None where
+        the pass does not apply (short vectors, other devices or dtypes)."""
+        return self._signs(target, h)
 
     def _signs(self, x, minus=None):
         """The payload of x, or with ``minus`` of x - minus (None where the pass does not take it)."""

@@ -80,8 +80,7 @@ def _search(x: torch.Tensor, k: int, minus: torch.Tensor | None = None) -> tuple
 
 def _difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a - b for CPU float vectors, through NumPy (see ``_search``); the bits of torch's a - b."""
-    with np.errstate(over="ignore", invalid="ignore"):  # an inf or NaN is the caller's to report
-        return torch.from_numpy(np.subtract(a.numpy(), b.numpy()))
+    return torch.from_numpy(cpu_kernels.subtract(a.numpy(), b.numpy()))
 
 
 def _magnitudes(t: torch.Tensor) -> torch.Tensor:
@@ -169,17 +168,14 @@ class TopK(Sparsifier):
         idx, values = top_k(x, self.k, self._check_finite)
         return idx, None, values
 
-    def compress_difference(self, target, h, worker=0, step=0):
+    def _compress_difference(self, target, h, key):
         """C(target - h) with the difference formed only in the candidate pass's cache-sized groups
         and at the sample (``_search`` with ``minus``): the same payload as ``compress(target - h)``,
-        without writing the difference and reading it back; that call where the sampled search does
-        not run or does not settle it (short vectors, large k, other devices or dtypes)."""
-        self._check_shape(target)
-        self._check_shape(h)
-        self._key(worker, step)  # (checked; Top-K draws nothing)
-        found = _search(target.detach(), self.k, h.detach())
+        without writing the difference and reading it back; None where the sampled search does not
+        run or does not settle it (short vectors, large k, other devices or dtypes)."""
+        found = _search(target, self.k, h)
         if found is None:
-            return super().compress_difference(target, h, worker, step)
+            return None
         finite, idx, values = found
         if not finite:
             self._check_finite(target - h)  # raises for the NaN or inf
