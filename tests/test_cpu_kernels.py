@@ -165,6 +165,33 @@ def test_blocks_of_powers_of_two_and_blocks_of_others_give_the_torch_codes(spec,
     assert torch.equal(fast.negative, slow.negative) and torch.equal(fast.codes, slow.codes)
 
 
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_powers_of_two_round_up_only_past_the_boundary_where_a_draw_equals_the_probability(stochastic, monkeypatch):
+    """Between two powers of two the compiled pass compares integers: the draw u (24 bits) against
+    twice t's mantissa field, and the field against 2^22 for the nearest level. Coordinates built so
+    that u 2^-24 = (t - lo) / gap exactly (and t exactly half-way, for the nearest level) must not round
+    up, as in the torch version; one past the boundary must."""
+    key, n = 0x5EED, 4096
+    u = draws.uniform_bits(key, n, torch.float32, "cpu")
+    half = (u // 2) if stochastic else torch.full((n,), 1 << 22)  # mantissa fields
+    half[1::2] += 1  # one step past the boundary
+    exponents = torch.arange(n) % 60 - 30
+    t = (1.0 + half.to(torch.float64) / 2.0**23) * torch.pow(2.0, exponents.to(torch.float64))
+    x = (t * torch.where(torch.arange(n) % 3 == 0, -1.0, 1.0)).to(torch.float32)
+    table = LevelTable("rounding", 2.0, dtype_name="float32")
+    levels = table.values(torch.float32, x.device)
+    stream = key if stochastic else None
+    fast = rounding.quantize(x, table, levels, stream)
+    monkeypatch.setattr(rounding.cpu_kernels, "quantize", lambda *a, **k: None)
+    slow = rounding.quantize(x, table, levels, stream)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    exact = (u % 2 == 0) if stochastic else torch.ones(n, dtype=torch.bool)
+    floor = exponents + 150  # the code of 2^e (level k is 2^(k - 150))
+    on_boundary = exact & (torch.arange(n) % 2 == 0)
+    assert on_boundary.sum() > 500
+    assert torch.equal(fast[1][on_boundary].to(torch.int64), floor[on_boundary])
+
+
 @pytest.mark.parametrize("spec", ["natural", "natdither:s=2,p=inf", "qsgd:s=16", "ternary", "exprounding:base=3"])
 def test_packed_codes_and_decoded_vector_match_the_torch_codec(spec, monkeypatch):
     x = _awkward(torch.float32, 30_011)
