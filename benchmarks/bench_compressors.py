@@ -21,6 +21,13 @@ host that made a clone 9-10 ms instead of about 2 ms and a Top-K decode + decomp
 6 ms, costs the runtime does not pay, and the "x copy" columns then compare codecs with a copy that is
 mostly page faults.
 
+It also gives torch's idle OpenMP threads the short spin that every ``psc`` process gives them
+(``runtime.openmp``), before torch is loaded, unless ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` is set.
+With libgomp's default spin (``GOMP_SPINCOUNT=300000``, about 10 ms on this host) the threads of each
+timed copy kept spinning through the next compress, whose compiled pieces then waited for the cores:
+at d = 1e7 on 2 cores, compress + encode took 20-40% longer (Top-K 13.3-14.2 ms against 8.2-9.5,
+the scaled sign 10.0-10.4 against 6.3-7.4).
+
 On a GPU only packed bytes cross to the host, and the bus, not the GPU's memory, bounds what a codec
 can do: the least a compress + encode can cost is one pass over the vector and one copy of the
 message's bytes to the host, and the least a decode + decompress can cost is one copy of the
@@ -39,21 +46,26 @@ Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout this file is in, not an installed copy
 
-from common.compressors import build
-from runtime.allocator import keep_freed_memory
-from common.wire import decode
-from common.wire.codec import encode_node
-from common.wire.header import pack_header
+from runtime.openmp import short_openmp_spin  # noqa: E402
+
+SPIN_SET = short_openmp_spin()  # before torch loads OpenMP, as every psc process does (runtime.openmp)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from common.compressors import build  # noqa: E402
+from runtime.allocator import keep_freed_memory  # noqa: E402
+from common.wire import decode  # noqa: E402
+from common.wire.codec import encode_node  # noqa: E402
+from common.wire.header import pack_header  # noqa: E402
 
 SPECS = [
     "identity", "fp16", "bf16", "topk:ratio=0.01", "randk:ratio=0.01", "samerandk:ratio=0.01", "permk",
@@ -135,7 +147,9 @@ def main() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.device == "all" else [args.device]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, n = {args.workers}, "
           f"median of {args.repeats} interleaved rounds, {args.clock} clock, copy = {args.copy}, "
-          f"freed memory {'kept for reuse' if kept else 'returned (the C library allocator as it is)'}")
+          f"freed memory {'kept for reuse' if kept else 'returned (the C library allocator as it is)'}, "
+          f"OpenMP spin count {os.environ.get('GOMP_SPINCOUNT', 'the default')}"
+          f"{' (set as psc sets it)' if SPIN_SET else ''}")
     print()
     print("| device | d | compressor | bytes | copy ms | compress+encode ms | decode+decompress ms "
           "| compress+encode x copy | decode+decompress x copy | to host ms | to GPU ms "

@@ -19,6 +19,7 @@ import click
 
 from psc.runopts import build_config, check_resume, fault_options, run_options
 from runtime.allocator import keep_freed_memory
+from runtime.openmp import short_openmp_spin
 from runtime.signals import Terminated, stop_signals
 
 log = logging.getLogger("psc")
@@ -99,6 +100,7 @@ def main(ctx, debug, quiet):
     """
     ctx.ensure_object(dict)["debug"] = debug
     keep_freed_memory()  # large vectors reuse the last round's pages (runtime.allocator)
+    short_openmp_spin()  # torch's idle threads free the cores for the codecs soon (runtime.openmp)
     level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=LOG_DATEFMT, stream=sys.stderr)
     logging.getLogger().setLevel(level)
