@@ -198,7 +198,10 @@ def _launch_procs(config, metrics, device, timeout, heartbeat, progress, keys, r
         # oversubscribe them. A worker gets cores / N; the server, whose work alternates with the
         # workers' but whose idle threads still spin while their uplinks arrive, cores / (N + 1)
         # (2 cores, d = 1e6: a dense round took 12-13 ms instead of 20-21 at N = 2, 22 instead of
-        # 27-31 at N = 4; at d = 1e7 no change beyond the noise: docs/overhead.md).
+        # 27-31 at N = 4; at d = 1e7 no change beyond the noise: docs/overhead.md). Measured again
+        # once idle threads spun for half a millisecond instead of about ten (runtime.openmp): the
+        # server with all the cores was faster at d = 1e7 (its part 15-17 -> 10 ms) but the round
+        # was not, beyond the noise, and at d = 1e6 it was not faster at all; so this split stays.
         cores = os.cpu_count() or 1
         env["OMP_NUM_THREADS"] = str(max(1, cores // config.workers))
         import torch
