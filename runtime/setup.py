@@ -40,7 +40,8 @@ class RunSetup:
         run's size on the CPU, and that payload added to a vector twice (a Markov shift and a running
         mean, ``add_dense``), loads the kernels and signatures the run will call, and none where the
         run calls none (small vectors take the torch paths: Numba is not even imported); for scaled
-        signs also the server's shift by the mean of n of them (``memory.shift_by_mean``). A rule
+        signs and sparse payloads also the server's shift by the mean of n of them
+        (``memory.shift_by_mean``). A rule
         without a shift loads the addition's kernel for nothing (from Numba's disk cache after the
         first run). At ``MIN_COMPILED`` coordinates and more, the step's kernels (``cpu_kernels.descend``,
         ``mean_descend``) load on a few coordinates, whatever the compressors."""

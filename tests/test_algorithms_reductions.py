@@ -304,25 +304,35 @@ def test_the_layers_import_downwards_only():
     assert not any(m.startswith("common.") and m not in ("common.spec",) for m in _imports(ROOT / "common" / "options.py"))
 
 
-@pytest.mark.parametrize("spec", ["topk:ratio=0.05", "randk:ratio=0.1", "permk", "topk:ratio=0.05+natural"])
-def test_a_sparse_payload_shifts_a_vector_to_the_bits_of_adding_its_dense_form(spec):
+@pytest.mark.parametrize("dim", [4001, (1 << 18) + 4001])
+@pytest.mark.parametrize("spec", ["topk:ratio=0.05", "randk:ratio=0.1", "permk", "topk:ratio=0.05+natural", "handmade"])
+def test_a_sparse_payload_shifts_a_vector_to_the_bits_of_adding_its_dense_form(spec, dim, monkeypatch):
     """The Markov shift h + c of a sparse c without c's dense form (``add_dense``): h + 0 off the
-    support (-0 becomes +0, as adding the dense form's zeros does), h_i + c_i on it; in place too."""
-    from common.compressors import build
-    from common.compressors.payloads import add_dense
+    support (-0 becomes +0, as adding the dense form's zeros does), h_i + c_i on it; in place too.
+    Long CPU vectors take one compiled pass (``cpu_kernels.sparse_added``), except Perm-K's bitmap."""
+    from common.compressors import build, cpu_kernels
+    from common.compressors.payloads import Dense, Sparse, add_dense
     from common.wire import decode, encode
 
-    dim = 4001
     g = torch.Generator().manual_seed(9)
     h = torch.randn(dim, generator=g)
     h[::4] = -0.0
     x = torch.randn(dim, generator=g)
     x[::3] = -0.0
-    c = decode(encode(build(spec, dim, n_workers=3).compress(x, worker=1, step=5)))
+    if spec == "handmade":  # -0 + -0 on the support, -0 + +0, a value on the last index
+        values = torch.tensor([-0.0, 0.0, -0.0, 2.5, -1.0])
+        c = Sparse(dim, Dense(values, torch.float32), torch.tensor([0, 4, 8, 9, dim - 1]), None, torch.float32)
+    else:
+        c = decode(encode(build(spec, dim, n_workers=3).compress(x, worker=1, step=5)))
     expected = (h + c.to_dense()).view(torch.uint8)
+    used = []
+    real = cpu_kernels.sparse_added
+    monkeypatch.setattr(cpu_kernels, "sparse_added", lambda *a: used.append(real(*a)) or used[-1])
     assert torch.equal(add_dense(h, c).view(torch.uint8), expected)
     inplace = h.clone()
     assert add_dense(inplace, c, inplace=True) is inplace and torch.equal(inplace.view(torch.uint8), expected)
+    compiled = [u is not None for u in used]
+    assert compiled == ([] if spec == "permk" and dim > 4001 else [dim > 4001] * 2), compiled
     with pytest.raises(RuntimeError):
         add_dense(torch.zeros(dim + 1), c)  # another length is refused, not broadcast
 

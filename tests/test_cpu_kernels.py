@@ -902,6 +902,66 @@ def test_the_servers_shift_by_the_mean_of_signs_is_the_shift_by_the_mean_formed_
     assert shift_by_mean(h, mixed, "c").view(torch.uint8).equal(shift(h, mean_of(mixed, "c")).view(torch.uint8))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_servers_shift_by_the_mean_of_sparse_uplinks_is_the_shift_by_the_mean_formed_first(dtype):
+    """``memory.shift_by_mean`` over Top-K uplinks (h + 0, then the mean merged on the union of the
+    supports) gives the bits of ``shift(h, mean_of(...))`` for 2 to 4 uplinks: supports that overlap
+    or not, signed zeros in h and in the values, empty supports, values of a quantizer (a chain).
+    5 uplinks and short vectors take the running sum; a support out of order, repeated or out of
+    range is refused by the merge and the reference path decides."""
+    from common.algorithms.base import mean_of
+    from common.algorithms.memory import shift, shift_by_mean
+    from common.compressors.message import Message
+    from common.compressors.payloads import Dense, Sparse
+
+    def sparse(n, idx, vals):
+        return Message({"c": Sparse(n, Dense(vals.to(dtype), dtype), torch.as_tensor(idx, dtype=torch.int64), dtype=dtype)})
+
+    def same(h, ups):
+        return shift_by_mean(h, ups, "c").view(torch.uint8).equal(shift(h, mean_of(ups, "c")).view(torch.uint8))
+
+    gen = torch.Generator().manual_seed(21)
+    n = cpu_kernels.MIN_CHUNK + 77
+    h = torch.randn(n, generator=gen, dtype=dtype) * 1e3
+    h[:6] = torch.tensor([-0.0, 0.0, -0.0, -0.0, 5.0, -0.0], dtype=dtype)
+    calls = []
+    real = cpu_kernels.sparse_mean_added
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_kernels, "sparse_mean_added", lambda *a: calls.append(real(*a)) or calls[-1])
+        for k in (2, 3, 4, 5):
+            for ratio in (0.001, 0.05):
+                xs = [torch.randn(n, generator=gen, dtype=dtype) * 10.0 ** i for i in range(k)]
+                xs[1][: n // 2] = xs[0][: n // 2]  # supports that overlap on the first half
+                ups = [Message({"c": decode(encode(build(f"topk:ratio={ratio}", n, k).compress(x, worker=i, step=1)))})
+                       for i, x in enumerate(xs)]
+                calls.clear()
+                assert same(h, ups), (k, ratio)
+                assert (len(calls) == 1 and calls[0] is not None) == (k <= 4), (k, ratio)
+        # signed zeros on the supports, a sum of opposite values, an empty support
+        zeros = sparse(n, [0, 1, 2, 4, 9], torch.tensor([-0.0, -0.0, 0.0, -0.0, 3.0]))
+        opposite = sparse(n, [0, 2, 3, 4, 9, n - 1], torch.tensor([-0.0, -0.0, -0.0, 0.0, -3.0, 1.0]))
+        empty = sparse(n, [], torch.zeros(0))
+        for ups in ([zeros, opposite], [opposite, zeros], [zeros, empty], [empty, empty], [zeros, opposite, empty]):
+            calls.clear()
+            assert same(h, ups)
+            assert calls and calls[0] is not None
+        chain = [Message({"c": decode(encode(build("topk:ratio=0.01+natdither:s=2,p=inf", n, 2).compress(
+            torch.randn(n, generator=gen, dtype=dtype), worker=i, step=1)))}) for i in range(2)]
+        calls.clear()
+        assert same(h, chain) and calls and calls[0] is not None
+        for bad in ([3, 2], [2, 2], [1, n]):
+            ups = [sparse(n, bad, torch.ones(2)), zeros]
+            assert real(h, [u.payloads["c"].indices for u in ups], [u.payloads["c"].values.values for u in ups]) is None
+        calls.clear()
+        unordered = [sparse(n, [3, 2], torch.tensor([1.0, 2.0])), zeros]
+        assert same(h, unordered) and calls == [None]  # the merge refused it; the dense mean gave the state
+    short = 5000
+    hs = torch.randn(short, generator=gen, dtype=dtype)
+    ups = [Message({"c": decode(encode(build("topk:ratio=0.01", short, 2).compress(torch.randn(short, generator=gen, dtype=dtype), worker=i, step=1)))})
+           for i in range(2)]
+    assert same(hs, ups) and real(hs, [u.payloads["c"].indices for u in ups], [u.payloads["c"].values.to_dense() for u in ups]) is None
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_top_k_of_a_difference_is_top_k_of_the_difference_formed_first(dtype, threads, monkeypatch):

@@ -25,7 +25,7 @@ import torch
 
 from common.algorithms.base import RUNNING_SUM_ROWS, dense, mean_of
 from common.compressors import cpu_kernels
-from common.compressors.payloads import Signs, add_dense
+from common.compressors.payloads import Signs, Sparse, add_dense
 
 
 def error_feedback(compressor, v: torch.Tensor, worker: int, step: int):
@@ -51,11 +51,17 @@ def shift_by_mean(h: torch.Tensor, uplinks, name: str) -> torch.Tensor:
     EF21 and CD-Adam): ``shift(h, mean_of(uplinks, name))``, bit for bit. Where every c_i is a scaled
     sign of h's dtype and length (2 to 4 of them, on the CPU, long), one compiled pass reads the
     flags and h and writes the new state (``cpu_kernels.signs_mean_added``), without the dense
-    forms, the sum or the mean as vectors."""
+    forms, the sum or the mean as vectors; where every c_i is sparse with its indices sent (Top-K),
+    h + 0 and the mean on the union of the supports (``cpu_kernels.sparse_mean_added``)."""
     payloads = [m.payloads[name] for m in uplinks]
-    if (all(isinstance(p, Signs) and p.dtype == h.dtype for p in payloads)
-            and 1 < len(payloads) <= RUNNING_SUM_ROWS.get(h.dtype, 0)):
-        fused = cpu_kernels.signs_mean_added(h, [p.negative for p in payloads], [p.scale for p in payloads])
+    if 1 < len(payloads) <= RUNNING_SUM_ROWS.get(h.dtype, 0):
+        fused = None
+        if all(isinstance(p, Signs) and p.dtype == h.dtype for p in payloads):
+            fused = cpu_kernels.signs_mean_added(h, [p.negative for p in payloads], [p.scale for p in payloads])
+        elif all(isinstance(p, Sparse) and p.indices is not None and p.dtype == h.dtype and p.dim == h.numel()
+                 for p in payloads):
+            fused = cpu_kernels.sparse_mean_added(h, [p.indices for p in payloads],
+                                                  [p.values.to_dense().to(h.dtype) for p in payloads])
         if fused is not None:
             return fused
     return shift(h, mean_of(uplinks, name))

@@ -316,7 +316,8 @@ def add_dense(h: torch.Tensor, payload, inplace: bool = False) -> torch.Tensor:
 
     * a large CPU ``Signs`` of h's dtype and length: one compiled pass (``cpu_kernels.signs_added``);
     * a ``Sparse`` of h's dtype, length and device: h + 0 everywhere (which turns -0 into +0, as
-      adding the dense form's zeros does), then h_i + c_i written on the support.
+      adding the dense form's zeros does), then h_i + c_i written on the support; for a long CPU h,
+      both in one compiled pass (``cpu_kernels.sparse_added``).
     """
     if isinstance(payload, Signs) and payload.dtype == h.dtype and payload.dim >= cpu_kernels.MIN_COMPILED:
         fused = cpu_kernels.signs_added(h, payload.negative, payload.scale, inplace)
@@ -329,6 +330,9 @@ def add_dense(h: torch.Tensor, payload, inplace: bool = False) -> torch.Tensor:
             return fused
         support = payload.support(h.device) if kept.device == h.device else None
         if support is not None and support.numel() == kept.numel():  # else the reference path raises as before
+            fused = cpu_kernels.sparse_added(h, support, kept, inplace)
+            if fused is not None:
+                return fused
             on_support = h.index_select(0, support).add_(kept)
             return (h.add_(0.0) if inplace else h + 0.0).index_copy_(0, support, on_support)
     return h.add_(payload.to_dense()) if inplace else h + payload.to_dense()
