@@ -6,9 +6,9 @@ instruction before they sleep: 300,000 by default, which is on the order of 10 m
 whose pause takes about 140 cycles (Intel since Skylake). The compiled codecs run their pieces on a
 pool of their own (``common.compressors.cpu_kernels``), so a compress that follows a torch
 operation (a gradient, a norm, a copy) found every core held by spinning OpenMP threads: on 2 cores
-with 2 torch threads, natural dithering's quantizer took 11.0-12.3 ms right after a ``torch.aminmax``
-of the same vector, against 7.7-8.0 ms with a spin of 10,000 iterations, which is about half a
-millisecond. ``OMP_WAIT_POLICY=PASSIVE`` (no spin at all) frees the cores too, but made the small
+with 2 torch threads, ternary quantization's compiled pass took 11.0-12.3 ms right after a
+``torch.aminmax`` of the same vector, against 7.7-8.0 ms with a spin of 10,000 iterations, which is
+about half a millisecond. ``OMP_WAIT_POLICY=PASSIVE`` (no spin at all) frees the cores too, but made the small
 CNN's gradient slower (1.8-1.9 -> 2.2-2.9 ms on 2 threads: every operation then waits for its
 threads to wake up); a short spin kept it at 1.8-2.0 ms.
 
