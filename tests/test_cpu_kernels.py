@@ -192,6 +192,40 @@ def test_powers_of_two_round_up_only_past_the_boundary_where_a_draw_equals_the_p
     assert torch.equal(fast[1][on_boundary].to(torch.int64), floor[on_boundary])
 
 
+@pytest.mark.parametrize("table", [LevelTable("rounding", 3.0, dtype_name="float32"),
+                                   LevelTable("rounding", 5.5, dtype_name="float32"),
+                                   LevelTable("exp", 3.0, 4), LevelTable("exp", 2.5, 30)])
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_tables_of_one_level_a_binade_read_from_the_stack_give_the_torch_codes(table, stochastic, monkeypatch):
+    """Bases above 2 (one level at most in each binade): the kernel that reads its tables from stack
+    copies gives the torch version's codes on every level, its float32 neighbours, subnormal t
+    (between rounding tables' subnormal levels: redone after the loop), zeros and values above the
+    top level, in pieces over threads (the draws named by each coordinate's place), and the span."""
+    levels = table.values(torch.float32, "cpu")
+    assert cpu_kernels.binade_starts(levels.numpy().tobytes(), np.float32)[2] < 2  # the kernel that applies
+    gen = torch.Generator().manual_seed(int(table.base * 10) + table.s)
+    top = float(levels[-1])
+    spread = torch.exp(torch.empty(200_000).uniform_(-100.0, 90.0, generator=gen)).clamp_max(min(top * 2, 3.4e38))
+    exact = levels[torch.randint(0, levels.numel(), (20_000,), generator=gen)]
+    t = torch.cat([spread, exact, torch.nextafter(exact, torch.tensor(float("inf"))),
+                   torch.nextafter(exact, torch.tensor(0.0)), torch.tensor([0.0, 1e-45, 3e-40, 1.1e-38, 3e38]),
+                   torch.rand(5_000, generator=gen) * 1e-38])
+    t = t[torch.randperm(t.numel(), generator=gen)]
+    x = torch.where(torch.rand(t.numel(), generator=gen) < 0.5, -t, t)
+    key = 0x0FED_CBA9_8765_4321
+    monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1 << 14)  # several pieces, each with its draws
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        negative, codes, span, finite = cpu_kernels.quantize(x, levels, 0, key, stochastic)
+    finally:
+        torch.set_num_threads(before)
+    want = rounding.stochastic_codes(x.abs(), table, levels, key if stochastic else None)
+    assert torch.equal(negative, x < 0) and torch.equal(codes, want)
+    wide = want.long()
+    assert span == (int(wide.min()), int(wide.max()), int(wide[wide > 0].min()))
+
+
 @pytest.mark.parametrize("spec", ["natural", "natdither:s=2,p=inf", "qsgd:s=16", "ternary", "exprounding:base=3"])
 def test_packed_codes_and_decoded_vector_match_the_torch_codec(spec, monkeypatch):
     x = _awkward(torch.float32, 30_011)

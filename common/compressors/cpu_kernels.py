@@ -17,6 +17,8 @@ tables need no lookup at all: uniform tables (QSGD, ternary) take k = floor(t s)
 does, and l_k = k / s by arithmetic (``quantize_uniform32``); tables of powers of two (natural
 compression, base-2 rounding, natural dithering) take k and the levels from t's exponent field
 (``quantize_powers32``). Both run as vectorized loops; a table read kept the general kernel scalar.
+Tables with one level at most in each binade (bases above 2) are read from copies on the kernel's
+stack (``quantize_pairs32``, ``kernel_parts``), which lets that loop run on vector gathers too.
 
 The wire codec uses the other kernels for a ``Quantized`` payload on the CPU: ``code_range`` (min,
 max and smallest nonzero code in one pass), ``pack_codes`` / ``unpack_codes`` (fields of 1..8 bits in
@@ -60,6 +62,8 @@ from common.compressors.draws import GOLDEN, MIX1, MIX2
 def _kernels():
     try:
         import numba
+
+        from common.compressors import kernel_parts  # (imports Numba)
     except ImportError:
         return None
     u64 = np.uint64
@@ -81,20 +85,16 @@ def _kernels():
     # SplitMix64 output), then (t - lo) / gap and the coin flip (vectorized). The coin flip and the
     # level step are arithmetic, not branches (a mispredicted branch per coordinate cost more than
     # the rest), and error_model="numpy" drops the zero-division check of each division. ``first``
-    # is the index of x[0] in the whole vector (even), which names the draws. The lookup has a loop
-    # for each kind of table, so that the usual one (no scan) holds no inner loop, and reads lo and hi
-    # once before its stores (the compiler cannot tell that a store leaves ``levels`` alone); unsigned
-    # indices skip the wraparound of negative ones. Where a binade holds one level at most (bases of
-    # 2 and more, the subnormal binade aside), ``binade_pairs`` gives t's code and both its levels
-    # from one comparison and one index, instead of a chain of three dependent table reads and the
-    # clamp: at d = 1e7 on one thread, base-3 rounding 75 -> 59 ms and base-3 dithering (s = 4)
-    # 105 -> 53 ms, with the same codes.
-    # Tables of powers of two and uniform tables in float32 have their own kernels below, which
-    # compute the levels instead of reading them; this one serves the others (bases other than 2).
+    # is the index of x[0] in the whole vector (even), which names the draws. The lookup reads lo and
+    # hi once before its stores (the compiler cannot tell that a store leaves ``levels`` alone);
+    # unsigned indices skip the wraparound of negative ones.
+    # Three kinds of float32 table have their own kernels below: uniform tables and tables of powers
+    # of two compute the levels instead of reading them, and tables with one level at most in each
+    # binade read them from copies on the stack. This one serves the others (bases below 2, and
+    # uniform tables whose levels are not the quotients k / s).
 
     @jit(error_model="numpy")
-    def quantize32(x, first, divisor, uniform_s, starts, crowded, scan, above, pair_codes, pair_lo, pair_hi, levels, top,
-                   key, stochastic, neg, codes):
+    def quantize32(x, first, divisor, uniform_s, starts, crowded, levels, top, key, stochastic, neg, codes):
         scale = np.float32(16777216.0)  # 2^24
         s = np.float32(uniform_s)
         one = u64(1)
@@ -103,7 +103,7 @@ def _kernels():
         num = np.empty(BLOCK, np.float32)
         den = np.empty(BLOCK, np.float32)
         low = np.empty(BLOCK, np.int64)
-        draw = np.empty(BLOCK, np.float32)
+        halves = np.zeros(BLOCK, np.uint32)  # the draws' 32-bit halves, coordinate by coordinate
         least, most, nonzero = BIG, np.int64(-1), BIG
         for b0 in range(0, n, BLOCK):
             m = min(BLOCK, n - b0)
@@ -113,59 +113,31 @@ def _kernels():
                 nb[j] = v < 0
                 t[j] = np.float32(abs(v) / divisor)  # divisor 1 (exact) when there is no norm
             fields = t.view(np.uint32)  # exponent fields (the mask keeps a NaN of either sign in the table)
-            if uniform_s == 0 and scan < 2:
-                # one level at most in each binade above the subnormal one: t is at or above the
-                # binade's level or below it, and ``binade_pairs`` holds both cases' code and levels
+            if uniform_s == 0:
                 for j in range(m):
                     tj = t[j]
                     field = (fields[j] >> np.uint32(23)) & np.uint32(0xFF)
-                    i = (field << np.uint32(1)) | np.uint32(tj >= above[field])
-                    low[j] = pair_codes[i]
-                    lo, hi = pair_lo[i], pair_hi[i]
-                    num[j] = np.float32(tj - lo)
-                    den[j] = np.float32(hi - lo) if stochastic else np.float32(hi - tj)
-                if scan == 1:  # only the subnormal binade (field 0) holds more levels: finish there
-                    for j in range(m):
-                        if fields[j] & np.uint32(0x7F800000) == 0:
-                            tj = t[j]
-                            k = np.int64(low[j])
-                            while k < top - 1 and levels[k + 1] <= tj:
-                                k += 1
-                            low[j] = k
-                            lo, hi = levels[k], levels[k + 1]
-                            num[j] = np.float32(tj - lo)
-                            den[j] = np.float32(hi - lo) if stochastic else np.float32(hi - tj)
-            else:
-                if uniform_s == 0:
-                    for j in range(m):
-                        tj = t[j]
-                        field = (fields[j] >> np.uint32(23)) & np.uint32(0xFF)
-                        k = np.int64(starts[field])
-                        k += np.int64(levels[k + 1] <= tj)
-                        if crowded[field]:  # more levels in the binade
-                            while k < top - 1 and levels[k + 1] <= tj:
-                                k += 1
-                        low[j] = k
-                for j in range(m):
-                    tj = t[j]
-                    k = np.int64(np.float32(tj * s)) if uniform_s > 0 else low[j]  # truncation is floor for t >= 0
-                    k = np.uint64(min(max(k, 0), top - 1))
+                    k = np.int64(starts[field])
+                    k += np.int64(levels[k + 1] <= tj)
+                    if crowded[field]:  # more levels in the binade
+                        while k < top - 1 and levels[k + 1] <= tj:
+                            k += 1
                     low[j] = k
-                    lo, hi = levels[k], levels[k + one]
-                    num[j] = np.float32(tj - lo)
-                    # stochastic: the gap hi - lo; nearest level: hi - t, compared with t - lo (ties down)
-                    den[j] = np.float32(hi - lo) if stochastic else np.float32(hi - tj)
+            for j in range(m):
+                tj = t[j]
+                k = np.int64(np.float32(tj * s)) if uniform_s > 0 else low[j]  # truncation is floor for t >= 0
+                k = np.uint64(min(max(k, 0), top - 1))
+                low[j] = k
+                lo, hi = levels[k], levels[k + one]
+                num[j] = np.float32(tj - lo)
+                # stochastic: the gap hi - lo; nearest level: hi - t, compared with t - lo (ties down)
+                den[j] = np.float32(hi - lo) if stochastic else np.float32(hi - tj)
             if stochastic:
-                for p in range((m + 1) // 2):  # one SplitMix64 output for coordinates 2p and 2p + 1
-                    z = key + u64((first + b0) // 2 + p + 1) * golden
-                    z = (z ^ (z >> u64(30))) * mix1
-                    z = (z ^ (z >> u64(27))) * mix2
-                    z = z ^ (z >> u64(31))
-                    draw[2 * p] = np.float32(np.int64(z & u64(0xFFFFFF)))
-                    draw[2 * p + 1] = np.float32(np.int64((z >> u64(32)) & u64(0xFFFFFF)))
+                kernel_parts.draw_halves(key, first + b0, m, halves)
                 for j in range(m):  # up with probability (t - lo) / gap; p = 1 where the gap is 0
                     gap = den[j]
-                    up = np.int64(draw[j] < np.float32(np.float32(num[j] / gap) * scale)) | np.int64(gap <= 0)
+                    drawn = np.float32(halves[j] & np.uint32(0xFFFFFF))
+                    up = np.int64(drawn < np.float32(np.float32(num[j] / gap) * scale)) | np.int64(gap <= 0)
                     c = low[j] + up
                     cb[j] = c
                     least, most = min(least, c), max(most, c)
@@ -178,6 +150,76 @@ def _kernels():
                     nonzero = min(nonzero, c if c != 0 else BIG)
         return least, most, nonzero, np.int32(-1)  # (finiteness not read: it cost this loop 1-7 ms)
 
+    # Tables with one level at most in each binade of float32 above the subnormal one (exponential
+    # rounding and dithering with a base above 2): ``binade_pairs`` gives, for t's exponent field E and
+    # whether t is at or above the binade's level, t's lower code and both its levels: one comparison
+    # and one index instead of a search. The four tables (256 and 512 entries) are copied onto the
+    # kernel's stack first (``kernel_parts``), where no store of the loop can reach them: the lookup,
+    # the division and the coin flip then run in one loop on vector gathers, where the tables as
+    # arguments kept the lookup scalar (one thread at d = 1e7, base-3 rounding 34.5 -> 19.1 ms
+    # stochastic and 29.8 -> 15.6 ms nearest; base-3 dithering, s = 4, 30.8 -> 19.3 and 25.1 -> 14.9).
+    # The stochastic and nearest tests are both computed and selected (a loop for each kept the
+    # stochastic one scalar). Nonzero subnormal t (rounding tables hold many levels there: ``scan``
+    # = 1) are redone from the table with the same draws after the loop, as in ``quantize_powers32``.
+
+    @jit(error_model="numpy")
+    def quantize_pairs32(x, first, divisor, above, pair_codes, pair_lo, pair_hi, levels, scan, top, key, stochastic,
+                         neg, codes):
+        scale = np.float32(16777216.0)  # 2^24
+        n = x.size
+        over = kernel_parts.stack_like(256, above)
+        code_of, low_of, high_of = kernel_parts.stack_like(512, pair_codes), kernel_parts.stack_like(512, pair_lo), kernel_parts.stack_like(512, pair_hi)
+        for i in range(256):
+            over[i] = above[i]
+        for i in range(512):
+            code_of[i], low_of[i], high_of[i] = pair_codes[i], pair_lo[i], pair_hi[i]
+        halves = np.zeros(BLOCK, np.uint32)
+        t = np.empty(BLOCK, np.float32)
+        fields = t.view(np.uint32)
+        none = np.int32(2**30)
+        least, most, nonzero = none, np.int32(-1), none
+        for b0 in range(0, n, BLOCK):
+            m = min(BLOCK, n - b0)
+            xb, nb, cb = x[b0:b0 + m], neg[b0:b0 + m], codes[b0:b0 + m]
+            kernel_parts.block_start(xb, divisor, key, first + b0, stochastic, nb, t, halves)
+            redo = np.int32(0)
+            lmin, lmax, lnz = none, np.int32(-1), none
+            for j in range(m):
+                tj = t[j]
+                field = (fields[j] >> np.uint32(23)) & np.uint32(0xFF)
+                i = np.int32(field << np.uint32(1)) + np.int32(tj >= over[field])
+                lo, hi = low_of[i], high_of[i]
+                num = np.float32(tj - lo)
+                gap = np.float32(hi - lo)
+                drawn = (np.float32(halves[j] & np.uint32(0xFFFFFF)) < np.float32(np.float32(num / gap) * scale)) | (gap <= np.float32(0))
+                nearer = num > np.float32(hi - tj)
+                code = np.int32(code_of[i] + np.int32((stochastic & drawn) | (nearer & (not stochastic))))
+                cb[j] = code
+                redo = max(redo, np.int32((field == np.uint32(0)) & (fields[j] != np.uint32(0))))  # subnormal t
+                lmin, lmax = min(lmin, code), max(lmax, code)
+                lnz = min(lnz, code if code != 0 else none)
+            if scan == 1 and redo > 0:  # only the subnormal binade (field 0) holds more levels: finish there
+                lmin, lmax, lnz = none, np.int32(-1), none
+                for j in range(m):
+                    if fields[j] & np.uint32(0x7F800000) == 0:
+                        tj = t[j]
+                        k = np.int64(code_of[0])
+                        while k < top - 1 and levels[k + 1] <= tj:
+                            k += 1
+                        lo, hi = levels[k], levels[k + 1]
+                        num = np.float32(tj - lo)
+                        if stochastic:
+                            gap = np.float32(hi - lo)
+                            up = (np.float32(halves[j] & np.uint32(0xFFFFFF)) < np.float32(np.float32(num / gap) * scale)) | (gap <= np.float32(0))
+                        else:
+                            up = num > np.float32(hi - tj)
+                        cb[j] = np.int32(k + np.int64(up))
+                    code = np.int32(cb[j])
+                    lmin, lmax = min(lmin, code), max(lmax, code)
+                    lnz = min(lnz, code if code != 0 else none)
+            least, most, nonzero = min(least, lmin), max(most, lmax), min(nonzero, lnz)
+        return (np.int64(least) if most >= 0 else BIG), np.int64(most), (np.int64(nonzero) if nonzero != none else BIG), np.int32(-1)
+
     # Uniform tables (QSGD, ternary) in float32: l_k = k / s, so the levels come from arithmetic
     # instead of table reads, and each block is one loop that the compiler vectorizes (a gather from
     # the table kept the loops above scalar). For s a power of two, k / s = k * (1 / s) and the gap is
@@ -187,8 +229,8 @@ def _kernels():
     # written to a separate array first (a view of the 64-bit outputs kept the main loop scalar), and
     # the stochastic and nearest-level tests are both computed and selected, without a branch. One
     # thread over 1e7 coordinates: 8.8-9 ms for s = 16 and 12.6 ms for s = 7, against 25 ms before.
-    # The draws' loop is written out again in ``quantize_powers32``: a compiled helper, even inlined,
-    # is not found in Numba's disk cache, and every process would compile both kernels again (1 s).
+    # The draws come from ``kernel_parts.draw_halves``, inlined: a helper reached as a variable of this
+    # closure instead is not found in Numba's disk cache (see ``kernel_parts``).
 
     @jit(error_model="numpy")
     def quantize_uniform32(x, first, divisor, uniform_s, power_of_two, key, stochastic, neg, codes):
@@ -204,14 +246,7 @@ def _kernels():
             m = min(BLOCK, n - b0)
             xb, nb, cb = x[b0:b0 + m], neg[b0:b0 + m], codes[b0:b0 + m]
             if stochastic:
-                base = u64((first + b0) // 2 + 1)
-                for p in range((m + 1) // 2):
-                    z = key + (base + u64(p)) * golden
-                    z = (z ^ (z >> u64(30))) * mix1
-                    z = (z ^ (z >> u64(27))) * mix2
-                    z = z ^ (z >> u64(31))
-                    halves[2 * p] = np.uint32(z & u64(0xFFFFFFFF))
-                    halves[2 * p + 1] = np.uint32(z >> u64(32))
+                kernel_parts.draw_halves(key, first + b0, m, halves)
             if power_of_two:
                 for j in range(m):
                     v = xb[j]
@@ -276,19 +311,7 @@ def _kernels():
         for b0 in range(0, n, BLOCK):
             m = min(BLOCK, n - b0)
             xb, nb, cb = x[b0:b0 + m], neg[b0:b0 + m], codes[b0:b0 + m]
-            if stochastic:
-                base = u64((first + b0) // 2 + 1)
-                for p in range((m + 1) // 2):
-                    z = key + (base + u64(p)) * golden
-                    z = (z ^ (z >> u64(30))) * mix1
-                    z = (z ^ (z >> u64(27))) * mix2
-                    z = z ^ (z >> u64(31))
-                    halves[2 * p] = np.uint32(z & u64(0xFFFFFFFF))
-                    halves[2 * p + 1] = np.uint32(z >> u64(32))
-            for j in range(m):
-                v = xb[j]
-                nb[j] = v < 0
-                t[j] = np.float32(abs(v) / divisor)
+            kernel_parts.block_start(xb, divisor, key, first + b0, stochastic, nb, t, halves)
             redo = np.int32(0)  # (a max of int32 flags: other forms of this count kept the loop scalar)
             lmin, lmax, lnz = none, np.int32(-1), none
             for j in range(m):
@@ -1118,7 +1141,7 @@ def _kernels():
             c += np.int64(v > threshold) | tie
         return c
 
-    return {np.float32: quantize32, np.float64: quantize64, "uniform32": quantize_uniform32, "powers32": quantize_powers32, "code_range": code_range,
+    return {np.float32: quantize32, np.float64: quantize64, "uniform32": quantize_uniform32, "powers32": quantize_powers32, "pairs32": quantize_pairs32, "code_range": code_range,
             "pack_small": pack_small, "pack_words": pack_words, "unpack_small": unpack_small, "unpack_words": unpack_words, "dequantize": dequantize, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
@@ -1174,7 +1197,7 @@ def binade_pairs(levels_bytes: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarra
     levels = np.frombuffer(levels_bytes, dtype=np.float32)
     top = len(levels) - 1
     starts = binade_starts(levels_bytes, np.float32)[0].astype(np.int64)
-    pair_codes = np.stack([starts, np.minimum(starts + 1, top - 1)], axis=1).reshape(-1)
+    pair_codes = np.stack([starts, np.minimum(starts + 1, top - 1)], axis=1).reshape(-1).astype(np.int32)
     return levels[starts + 1], pair_codes, levels[pair_codes], levels[pair_codes + 1]
 
 
@@ -1290,12 +1313,17 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
         def piece(a, b):  # levels 0 and powers of two, read off the exponent
             return binary(flat[a:b], a, div, c, top, fixups, lv, starts, scan, draws_key, rounding,
                           neg[a:b], codes[a:b])
-    elif np_work == np.float32:
-        table, pairs = kernels[np_work], binade_pairs(lv.tobytes())
+    elif np_work == np.float32 and uniform_s == 0 and scan < 2:
+        paired, pairs = kernels["pairs32"], binade_pairs(lv.tobytes())
 
-        def piece(a, b):  # any table, looked up
-            return table(flat[a:b], a, div, int(uniform_s), starts, crowded, scan, *pairs, lv, top, draws_key,
-                         rounding, neg[a:b], codes[a:b])
+        def piece(a, b):  # one level at most a binade: t's code and levels from its exponent field
+            return paired(flat[a:b], a, div, *pairs, lv, scan, top, draws_key, rounding, neg[a:b], codes[a:b])
+    elif np_work == np.float32:
+        table = kernels[np_work]
+
+        def piece(a, b):  # any other table, looked up
+            return table(flat[a:b], a, div, int(uniform_s), starts, crowded, lv, top, draws_key, rounding,
+                         neg[a:b], codes[a:b])
     else:
         table = kernels[np_work]
 
