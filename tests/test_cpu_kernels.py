@@ -224,6 +224,11 @@ def test_tables_of_one_level_a_binade_read_from_the_stack_give_the_torch_codes(t
     assert torch.equal(negative, x < 0) and torch.equal(codes, want)
     wide = want.long()
     assert span == (int(wide.min()), int(wide.max()), int(wide[wide > 0].min()))
+    assert finite is True  # read in the same loop: exponential rounding skips a pass of its own
+    for bad in (float("nan"), -float("inf")):
+        y = x.clone()
+        y[-3] = bad
+        assert cpu_kernels.quantize(y, levels, 0, key, stochastic)[3] is False
 
 
 @pytest.mark.parametrize("spec", ["natural", "natdither:s=2,p=inf", "qsgd:s=16", "ternary", "exprounding:base=3"])

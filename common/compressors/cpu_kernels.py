@@ -178,6 +178,7 @@ def _kernels():
         fields = t.view(np.uint32)
         none = np.int32(2**30)
         least, most, nonzero = none, np.int32(-1), none
+        bad = np.int32(0)  # 1 where a t is inf or NaN: its exponent field is all ones
         for b0 in range(0, n, BLOCK):
             m = min(BLOCK, n - b0)
             xb, nb, cb = x[b0:b0 + m], neg[b0:b0 + m], codes[b0:b0 + m]
@@ -196,6 +197,7 @@ def _kernels():
                 code = np.int32(code_of[i] + np.int32((stochastic & drawn) | (nearer & (not stochastic))))
                 cb[j] = code
                 redo = max(redo, np.int32((field == np.uint32(0)) & (fields[j] != np.uint32(0))))  # subnormal t
+                bad = max(bad, np.int32(field == np.uint32(0xFF)))
                 lmin, lmax = min(lmin, code), max(lmax, code)
                 lnz = min(lnz, code if code != 0 else none)
             if scan == 1 and redo > 0:  # only the subnormal binade (field 0) holds more levels: finish there
@@ -218,7 +220,7 @@ def _kernels():
                     lmin, lmax = min(lmin, code), max(lmax, code)
                     lnz = min(lnz, code if code != 0 else none)
             least, most, nonzero = min(least, lmin), max(most, lmax), min(nonzero, lnz)
-        return (np.int64(least) if most >= 0 else BIG), np.int64(most), (np.int64(nonzero) if nonzero != none else BIG), np.int32(-1)
+        return (np.int64(least) if most >= 0 else BIG), np.int64(most), (np.int64(nonzero) if nonzero != none else BIG), bad
 
     # Uniform tables (QSGD, ternary) in float32: l_k = k / s, so the levels come from arithmetic
     # instead of table reads, and each block is one loop that the compiler vectorizes (a gather from
@@ -1275,10 +1277,10 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
     missing. The encoder uses the code range to choose the field width (no second pass over the
     codes); exponential rounding raises for a NaN or inf from the flag, which the pass computes as
     it reads x (no pass of its own; the codes of such an x mean nothing). The flag is read where it
-    costs nothing: by the kernel of power-of-two levels (with a divisor it says whether every
-    |x_i| / divisor is finite) and the float64 one; the uniform and the other float32 tables' main
-    loops lost speed with it (QSGD at d = 1e7: 13.7-19.3 ms -> 21.3-22.0; base-3 rounding on one
-    thread 35-36 -> 36-44), so there it is None: their callers check x by its norm or in a pass. ``uniform_s`` > 0 for the
+    costs nothing: by the kernels of power-of-two levels and of one level a binade (with a divisor
+    it says whether every |x_i| / divisor is finite) and the float64 one; the uniform and the other
+    float32 tables' main loops lost speed with it (QSGD at d = 1e7: 13.7-19.3 ms -> 21.3-22.0), so
+    there it is None: their callers check x by its norm or in a pass. ``uniform_s`` > 0 for the
     uniform tables l_k = k / s; ``divisor`` (a 0-d tensor) divides |x| first (dithering); ``key``
     names the draws."""
     kernels = _kernels()
