@@ -512,12 +512,14 @@ def test_distinct_values_come_out_of_the_bitmap_in_numpy_s_order():
     assert cpu_kernels.sorted_distinct(torch.tensor([3, 5, 3], dtype=torch.int32), 10) is None
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_a_support_marked_in_a_bitmap_gathers_and_scatters_as_index_select_and_index_copy(monkeypatch, threads):
+@pytest.mark.parametrize("threads, vector", [(1, True), (2, True), (2, False)])
+def test_a_support_marked_in_a_bitmap_gathers_and_scatters_as_index_select_and_index_copy(monkeypatch, threads, vector):
     """``gather_marked`` gives x.index_select(0, support) * scale and says whether all of x is finite;
     ``scatter_marked`` gives zeros with index_copy_, or h + that (in place too): the same bytes,
-    -0.0 included, for float32 and float64, lengths with a partial last word, one piece or several."""
+    -0.0 included, for float32 and float64, lengths with a partial last word, one piece or several,
+    16 coordinates at a time (compressing stores) and one set bit at a time."""
     monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
+    monkeypatch.setattr(cpu_kernels, "vector_compress", lambda: vector)
     monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1000)
     gen = torch.Generator().manual_seed(8)
     for dim in (1, 65, 4099, 100_003):

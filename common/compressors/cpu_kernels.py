@@ -960,13 +960,16 @@ def _kernels():
         return c
 
     @jit()
-    def gather_marked(words, first, x, scale, lowest_bit, out):
+    def gather_marked(words, first, x, scale, vector, lowest_bit, out):
         """out_c = x[p] * scale for the set bits p of ``words`` in increasing order, where bit j of
         words[w] stands for p = 64 (first + w) + j: x.index_select(0, support) * scale, with the
         product rounded in x's precision as torch rounds it. Returns 1 if a coordinate of x that the
         words cover (64 first .. 64 (first + words.size), within x) is NaN or inf, else 0: the gather
         reads nearly every cache line of x anyway, so each block of 4096 is checked (v - v is 0 only
-        for a finite v; a max of int32 flags keeps the loop vectorized) just before it is gathered."""
+        for a finite v; a max of int32 flags keeps the loop vectorized) just before it is gathered.
+        With ``vector`` (AVX-512), each whole word moves in four compressing stores of 16 coordinates
+        instead of one set bit at a time (d = 1e7, half the bits set, 2 threads: 11.3 -> 2.8 ms;
+        a tenth: 5.0 -> 2.8 ms)."""
         c = 0
         bad = np.int32(0)
         for w0 in range(0, words.size, 64):
@@ -979,6 +982,12 @@ def _kernels():
             for w in range(w0, w1):
                 word = words[w]
                 base = np.int64(first + w) << 6
+                if vector and base + 64 <= x.size:  # 16 coordinates at a time, through a compressing store
+                    for q in range(4):
+                        lanes = (word >> u64(16 * q)) & u64(0xFFFF)
+                        kernel_parts.compress_scaled(x, base + 16 * q, scale, lanes, out, c)
+                        c += kernel_parts.popcount(lanes)
+                    continue
                 while word != u64(0):
                     low = word & (~word + u64(1))
                     out[c] = x[base + lowest_bit[(low * u64(DE_BRUIJN)) >> u64(58)]] * scale
@@ -987,18 +996,29 @@ def _kernels():
         return bad
 
     @jit()
-    def scatter_marked(words, values, h, use_h, lowest_bit, out):
+    def scatter_marked(words, values, h, use_h, vector, lowest_bit, out):
         """The dense form of ``values`` on the set bits of ``words`` (bit j of words[w] is out[64 w + j]),
         written over all of ``out``: 0 off the support and values_c on it, or with ``use_h``
         h_i + 0 off it and h_i + values_c on it (h + the dense form, as torch adds them: -0 + 0 is +0,
         -0 + -0 is -0). Block by block of 64 words: the sums on the support are taken first, from h
-        as it was (``out`` may be h itself), then the block is filled, then the sums written."""
+        as it was (``out`` may be h itself), then the block is filled, then the sums written. With
+        ``vector`` (AVX-512), a block of whole words is written 16 coordinates at a time from
+        expanding loads of the values instead (d = 1e7, half the bits set, 2 threads: the dense
+        form 16.0 -> 2.3 ms, h + it 19.2 -> 3.5 ms; a tenth: 5.9 -> 2.0 and 8.2 -> 3.4 ms)."""
         zero = out.dtype.type(0.0)
         sums = np.empty(4096, dtype=out.dtype)
         spots = np.empty(4096, dtype=np.int64)
         c = 0
         for w0 in range(0, words.size, 64):
             w1 = min(words.size, w0 + 64)
+            if vector and out.size >= np.int64(w1) << 6:  # whole words: 16 coordinates at a time
+                for w in range(w0, w1):
+                    word = words[w]
+                    for q in range(4):
+                        lanes = (word >> u64(16 * q)) & u64(0xFFFF)
+                        kernel_parts.expand_added(values, c, lanes, h, (np.int64(w) << 6) + 16 * q, use_h, out)
+                        c += kernel_parts.popcount(lanes)
+                continue
             k = 0
             for w in range(w0, w1):
                 word = words[w]
@@ -1847,6 +1867,20 @@ def sorted_distinct(values: torch.Tensor, dim: int) -> torch.Tensor | None:
 MARKED_DTYPES = (torch.float32, torch.float64)  # what ``gather_marked`` and ``scatter_marked`` read and write
 
 
+@functools.lru_cache(maxsize=None)
+def vector_compress() -> bool:
+    """Whether the kernels are compiled for AVX-512 (this host has it, and Numba targets the host),
+    whose compressing store moves a marked block's values 16 coordinates at a time
+    (``kernel_parts.compress_scaled``); elsewhere the compiler would store lane by lane, and the
+    kernels scan the set bits one by one instead."""
+    try:
+        import numba
+        from llvmlite import binding
+    except ImportError:
+        return False
+    return numba.config.CPU_NAME is None and bool(binding.get_host_cpu_features().get("avx512f", False))
+
+
 def marked(values: torch.Tensor, dim: int) -> np.ndarray | None:
     """A bitmap of ``dim`` bits (uint64 words, bit v of word v >> 6) with the bits of the distinct CPU
     integers ``values`` in [0, dim) set: a support in increasing order without sorting it, for
@@ -1918,7 +1952,7 @@ def gather_marked(x: torch.Tensor, words: np.ndarray, count: int, scale: float) 
     out = np.empty(count, dtype=flat.dtype)
     factor = flat.dtype.type(scale)  # rounded to x's precision, as torch does with a Python scalar
     bad = _run_pieces(_marked_pieces(words, flat.size),
-                      lambda a, b, c: kernels["gather_marked"](words[a:b], a, flat, factor, LOWEST_BIT, out[c:]))
+                      lambda a, b, c: kernels["gather_marked"](words[a:b], a, flat, factor, vector_compress(), LOWEST_BIT, out[c:]))
     return torch.from_numpy(out), not any(bad)
 
 
@@ -1942,7 +1976,7 @@ def scatter_marked(words: np.ndarray, values: torch.Tensor, dim: int, h: torch.T
         _forget_finite()  # written through NumPy: torch's version counter does not move
     base = out if base is None else base
     _run_pieces(_marked_pieces(words, dim), lambda a, b, c: kernels["scatter_marked"](
-        words[a:b], kept[c:], base[64 * a:64 * b], h is not None, LOWEST_BIT, out[64 * a:64 * b]))
+        words[a:b], kept[c:], base[64 * a:64 * b], h is not None, vector_compress(), LOWEST_BIT, out[64 * a:64 * b]))
     return h if inplace and h is not None else torch.from_numpy(out)
 
 
