@@ -247,14 +247,18 @@ def test_packed_codes_and_decoded_vector_match_the_torch_codec(spec, monkeypatch
     assert torch.equal(fast_dense, c.decompress(decode(slow_frames)))
 
 
+@pytest.mark.parametrize("vector", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not cpu_kernels.vector_pack(), reason="the kernels are not compiled for AVX-512 VBMI here"))])
 @pytest.mark.parametrize("dtype", [torch.int16, torch.uint8])
 @pytest.mark.parametrize("width", range(1, 9))
 @pytest.mark.parametrize("escape", [False, True])
-def test_pack_and_unpack_kernels_follow_the_bitpack_layout(width, escape, dtype, monkeypatch):
+def test_pack_and_unpack_kernels_follow_the_bitpack_layout(width, escape, dtype, vector, monkeypatch):
     """Lengths with every kind of last group, and long ones cut into pieces in several threads (a
     group's 8-byte load must stay inside its piece's bytes; a piece's whole 64-field groups go
-    through the word kernel, its last fields through the byte kernel), also from codes that do not
-    start on an 8-byte boundary (the byte kernel only)."""
+    through the word kernel, or 64 fields at a time through vector registers, its last fields
+    through the byte kernel), also from codes that do not start on an 8-byte boundary (the byte
+    kernel only)."""
+    monkeypatch.setattr(cpu_kernels, "vector_pack", lambda: vector)
     gen = torch.Generator().manual_seed(width)
     offset = 5 if dtype == torch.int16 or width < 8 else int(escape)  # the largest code fits a uint8
     for n, threads, skew in ((1, 1, 0), (7, 1, 0), (8, 1, 0), (9, 1, 0), (17, 1, 0), (64, 1, 0), (65, 1, 0),

@@ -24,7 +24,8 @@ The wire codec uses the other kernels for a ``Quantized`` payload on the CPU: ``
 max and smallest nonzero code in one pass), ``pack_codes`` / ``unpack_codes`` (fields of 1..8 bits in
 the ``common.wire.bitpack`` layout, with the code offset and zero escape applied on the way: one-bit
 fields through NumPy's ``packbits``, wider ones from 64-bit words of 8 uint8 or 4 int16 codes at a
-time, ``pack_words`` / ``unpack_words``, and 8 fields at a time elsewhere) and ``dequantize`` (one gather from the signed level table). Each returns None
+time, ``pack_words`` / ``unpack_words``, or 64 at a time in vector registers where the kernels are
+compiled for AVX-512 VBMI, ``pack_vectors`` / ``unpack_vectors``, and 8 fields at a time elsewhere) and ``dequantize`` (one gather from the signed level table). Each returns None
 where it does not apply, and the caller falls back to the torch version.
 
 ``float64_sum`` serves the float64 norms of ``base.float64_norm`` (dithering's 2-norm, sign's
@@ -495,6 +496,14 @@ def _kernels():
                 acc = (x >> (step - bits)) if bits != u64(0) else u64(0)
 
     @jit()
+    def pack_vectors(codes, minus, clamp, width, index, out):
+        """``pack_words`` for 64 fields at a time in vector registers (``kernel_parts.pack64``, AVX-512
+        VBMI): codes.size a multiple of 64, ``out`` its 8 ``width`` bytes a group. Natural compression's
+        5-bit fields of int16 codes at d = 1e7: 6.1 -> 1.4 ms on one thread, 4.1 -> 1.2 on two."""
+        for g in range(codes.size // 64):
+            kernel_parts.pack64(codes, 64 * g, minus, clamp, width, index, out, 8 * width * g)
+
+    @jit()
     def unpack_small(data, n, width, offset, escape, codes):
         """Inverse of ``pack_small`` with the offset added back (``escape``: field 0 is code 0 and
         field f > 0 is code f + offset - 1). Returns the largest code. A group's word is one load
@@ -566,6 +575,17 @@ def _kernels():
             else:
                 v = v + add
             out[g] = v
+
+    @jit()
+    def unpack_vectors(data, width, offset, escape, index, codes):
+        """``unpack_words`` for 64 fields at a time in vector registers (``kernel_parts.unpack64``, AVX-512
+        VBMI): codes.size a multiple of 64, ``data`` its 8 ``width`` bytes a group. Returns the
+        largest code (no pass of NumPy's maximum). Natural compression's 5-bit fields into int16
+        codes at d = 1e7, two threads: 5.4 -> 1.3 ms."""
+        largest = np.int64(0)
+        for g in range(codes.size // 64):
+            largest = max(largest, kernel_parts.unpack64(data, 8 * width * g, width, offset, escape, index, codes, 64 * g))
+        return largest
 
     @jit()
     def dequantize(codes, negative, signed, out):
@@ -1164,7 +1184,7 @@ def _kernels():
         return c
 
     return {np.float32: quantize32, np.float64: quantize64, "uniform32": quantize_uniform32, "powers32": quantize_powers32, "pairs32": quantize_pairs32, "code_range": code_range,
-            "pack_small": pack_small, "pack_words": pack_words, "unpack_small": unpack_small, "unpack_words": unpack_words, "dequantize": dequantize, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
+            "pack_small": pack_small, "pack_words": pack_words, "pack_vectors": pack_vectors, "unpack_small": unpack_small, "unpack_words": unpack_words, "unpack_vectors": unpack_vectors, "dequantize": dequantize, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
             "descend": descend, "mean_descend": mean_descend, "signs_mean_added": signs_mean_added, "sparse_added": sparse_added, "feistel": feistel, "ascending": ascending,
@@ -1402,9 +1422,14 @@ def pack_codes(codes: torch.Tensor, minus: int, clamp: bool, width: int) -> torc
     out = np.empty((flat.size * width + 7) // 8, dtype=np.uint8)
     lane_bits = _word_lanes(flat, out)
 
+    vectors = lane_bits and width < 8 and vector_pack()
+
     def piece(a, b):  # a is a multiple of 64 fields: byte a * width / 8 starts a whole word
         m = a + (b - a) // 64 * 64 if lane_bits else a
-        if m > a:
+        if m > a and vectors:
+            kernels["pack_vectors"](flat[a:m], int(minus), bool(clamp), int(width), PACK_INDEX[width],
+                                    out[a * width // 8:m * width // 8])
+        elif m > a:
             kernels["pack_words"](flat[a:m].view(np.uint64), lane_bits, int(minus), bool(clamp), int(width),
                                   out[a * width // 8:m * width // 8].view(np.uint64))
         if b > m:
@@ -1436,10 +1461,15 @@ def unpack_codes(data: np.ndarray, n: int, width: int, offset: int, escape: bool
     fits = codes.dtype.kind in "iu" and offset + (1 << width) - 1 <= np.iinfo(codes.dtype).max
     lane_bits = _word_lanes(codes, data) if fits else 0
 
+    vectors = lane_bits and width < 8 and vector_pack()
+
     def piece(a, b):  # a is a multiple of 64 fields: byte a * width / 8 starts a whole word
         m = a + (b - a) // 64 * 64 if lane_bits else a
         largest = 0
-        if m > a:
+        if m > a and vectors:
+            largest = int(kernels["unpack_vectors"](data[a * width // 8:m * width // 8], int(width), int(offset),
+                                                    bool(escape), SPREAD_INDEX[width], codes[a:m]))
+        elif m > a:
             words = codes[a:m].view(np.uint64)
             kernels["unpack_words"](data[a * width // 8:m * width // 8].view(np.uint64), lane_bits, int(width),
                                     int(offset), bool(escape), words)
@@ -1867,18 +1897,41 @@ def sorted_distinct(values: torch.Tensor, dim: int) -> torch.Tensor | None:
 MARKED_DTYPES = (torch.float32, torch.float64)  # what ``gather_marked`` and ``scatter_marked`` read and write
 
 
+# For 64 fields of w bits (2..7) packed 8 to a 64-bit word in its low w bytes: the byte positions
+# that put the 8 words' w low bytes side by side (``kernel_parts.pack64``'s permutation)
+PACK_INDEX = {w: np.array([(k // w) * 8 + k % w if k < 8 * w else 0 for k in range(64)], dtype=np.uint8)
+              for w in range(2, 8)}
+# and the inverse: byte b < w of group g from byte g w + b, the others from byte 63 (beyond the
+# 8 w bytes that ``kernel_parts.unpack64`` loads, so 0)
+SPREAD_INDEX = {w: np.array([(k // 8) * w + k % 8 if k % 8 < w else 63 for k in range(64)], dtype=np.uint8)
+                for w in range(2, 8)}
+
+
+def _host_features() -> dict | None:
+    """LLVM's features of this host, where Numba compiles for it (no ``NUMBA_CPU_NAME``); else None."""
+    try:
+        import numba
+        from llvmlite import binding
+    except ImportError:
+        return None
+    return binding.get_host_cpu_features() if numba.config.CPU_NAME is None else None
+
+
+@functools.lru_cache(maxsize=None)
+def vector_pack() -> bool:
+    """Whether the kernels can pack 64 fields at a time in vector registers (``pack_vectors``): the
+    byte permutation of AVX-512 VBMI compiled for this host."""
+    features = _host_features() or {}
+    return all(features.get(f, False) for f in ("avx512f", "avx512bw", "avx512vbmi"))
+
+
 @functools.lru_cache(maxsize=None)
 def vector_compress() -> bool:
     """Whether the kernels are compiled for AVX-512 (this host has it, and Numba targets the host),
     whose compressing store moves a marked block's values 16 coordinates at a time
     (``kernel_parts.compress_scaled``); elsewhere the compiler would store lane by lane, and the
     kernels scan the set bits one by one instead."""
-    try:
-        import numba
-        from llvmlite import binding
-    except ImportError:
-        return False
-    return numba.config.CPU_NAME is None and bool(binding.get_host_cpu_features().get("avx512f", False))
+    return bool((_host_features() or {}).get("avx512f", False))
 
 
 def marked(values: torch.Tensor, dim: int) -> np.ndarray | None:

@@ -152,3 +152,135 @@ def expand_added(typingctx, values, at, mask, h, start, use_h, out):
         return context.get_dummy_value()
 
     return types.void(values, at, mask, h, start, use_h, out), codegen
+
+
+@intrinsic
+def pack64(typingctx, codes, at, minus, clamp, width, index, out, out_at):
+    """The 64 fields codes[at + j] - minus (clamped at 0 with ``clamp``) of ``width`` bits (2..7), in
+    the layout of ``common.wire.bitpack``, written as the 8 ``width`` bytes out[out_at:]: the codes
+    (uint8 or int16) narrowed to bytes, each 8 bytes' fields moved together in three shift-and-mask
+    steps (as ``cpu_kernels``'s ``pack_words`` does in one 64-bit word), and the 8 groups' ``width``
+    low bytes put side by side by one byte permutation (AVX-512 VBMI's vpermb, ``index``: the 64
+    byte positions for this width) and a masked store. x86 with AVX-512 VBMI only."""
+    if not (isinstance(codes, types.Array) and codes.dtype in (types.uint8, types.int16)
+            and isinstance(index, types.Array) and index.dtype == types.uint8
+            and isinstance(out, types.Array) and out.dtype == types.uint8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        codes_value, at_value, minus_value, clamp_value, width_value, index_value, out_value, out_at_value = args
+        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        item = context.get_data_type(signature.args[0].dtype)
+        source = builder.gep(context.make_array(signature.args[0])(context, builder, codes_value).data, [at_value])
+        loaded = builder.load(builder.bitcast(source, ir.VectorType(item, 64).as_pointer()), align=1)
+        wide_type = ir.VectorType(i32, 64)
+        wide = builder.zext(loaded, wide_type) if signature.args[0].dtype == types.uint8 else builder.sext(loaded, wide_type)
+
+        def splat(value, vector_type):
+            lanes = vector_type.count
+            one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(i32, 0))
+            return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+
+        fields = builder.sub(wide, splat(builder.trunc(minus_value, i32), wide_type))
+        zeros = ir.Constant(wide_type, [0] * 64)
+        clamped = builder.select(builder.icmp_signed(">", fields, zeros), fields, zeros)
+        clamp_bit = context.cast(builder, clamp_value, signature.args[3], types.boolean)
+        fields = builder.select(clamp_bit, clamped, fields)
+        words_type = ir.VectorType(i64, 8)
+        x = builder.bitcast(builder.trunc(fields, ir.VectorType(i8, 64)), words_type)
+        w = builder.zext(builder.trunc(width_value, i32), i64) if width_value.type != i64 else width_value
+
+        def constant(value):
+            return ir.Constant(words_type, [value] * 8)
+
+        def shifted(amount):
+            return splat(amount, words_type)
+
+        x = builder.or_(builder.and_(x, constant(0x00FF00FF00FF00FF)),
+                        builder.lshr(builder.and_(x, constant(0xFF00FF00FF00FF00 - (1 << 64))), shifted(builder.sub(ir.Constant(i64, 8), w))))
+        x = builder.or_(builder.and_(x, constant(0x0000FFFF0000FFFF)),
+                        builder.lshr(builder.and_(x, constant(0xFFFF0000FFFF0000 - (1 << 64))),
+                                     shifted(builder.sub(ir.Constant(i64, 16), builder.shl(w, ir.Constant(i64, 1))))))
+        x = builder.or_(builder.and_(x, constant(0xFFFFFFFF)),
+                        builder.shl(builder.lshr(x, constant(32)), shifted(builder.shl(w, ir.Constant(i64, 2)))))
+        byte_vector = ir.VectorType(i8, 64)
+        positions = builder.load(builder.bitcast(context.make_array(signature.args[5])(context, builder, index_value).data,
+                                                 byte_vector.as_pointer()), align=1)
+        permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(byte_vector, [byte_vector, byte_vector]),
+                                                 "llvm.x86.avx512.permvar.qi.512")
+        packed = builder.call(permute, [builder.bitcast(x, byte_vector), positions])
+        count = builder.shl(w, ir.Constant(i64, 3))  # 8 width bytes (< 64)
+        keep = builder.bitcast(builder.sub(builder.shl(ir.Constant(i64, 1), count), ir.Constant(i64, 1)), ir.VectorType(ir.IntType(1), 64))
+        target = builder.gep(context.make_array(signature.args[6])(context, builder, out_value).data, [out_at_value])
+        store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte_vector, byte_vector.as_pointer(), i32, keep.type]),
+                                               "llvm.masked.store.v64i8.p0")
+        builder.call(store, [packed, builder.bitcast(target, byte_vector.as_pointer()), ir.Constant(i32, 1), keep])
+        return context.get_dummy_value()
+
+    return types.void(codes, at, minus, clamp, width, index, out, out_at), codegen
+
+
+@intrinsic
+def unpack64(typingctx, data, at, width, offset, escape, index, out, out_at):
+    """Inverse of ``pack64``: the 64 codes out[out_at:out_at + 64] (uint8 or int16) from the 8
+    ``width`` bytes data[at:] (2..7 bits a field): a masked load of those bytes only, one byte
+    permutation (``index``: group g's byte b < width from byte g width + b, the other bytes from a
+    byte the load left 0), three shift-and-mask steps, and the offset added (``escape``: field 0 is
+    code 0, field f > 0 is code f + offset - 1). Returns the largest of the 64 codes. x86 with
+    AVX-512 VBMI only."""
+    if not (isinstance(data, types.Array) and data.dtype == types.uint8 and isinstance(index, types.Array)
+            and index.dtype == types.uint8 and isinstance(out, types.Array) and out.dtype in (types.uint8, types.int16)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data_value, at_value, width_value, offset_value, escape_value, index_value, out_value, out_at_value = args
+        i1, i8, i32, i64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        bytes_type, words_type = ir.VectorType(i8, 64), ir.VectorType(i64, 8)
+
+        def splat(value, vector_type):
+            lanes = vector_type.count
+            one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(i32, 0))
+            return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+
+        w = builder.zext(builder.trunc(width_value, i32), i64)
+        count = builder.shl(w, ir.Constant(i64, 3))
+        keep = builder.bitcast(builder.sub(builder.shl(ir.Constant(i64, 1), count), ir.Constant(i64, 1)), ir.VectorType(i1, 64))
+        source = builder.gep(context.make_array(signature.args[0])(context, builder, data_value).data, [at_value])
+        load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bytes_type, [bytes_type.as_pointer(), i32, keep.type, bytes_type]),
+                                              "llvm.masked.load.v64i8.p0")
+        packed = builder.call(load, [builder.bitcast(source, bytes_type.as_pointer()), ir.Constant(i32, 1), keep, ir.Constant(bytes_type, [0] * 64)])
+        positions = builder.load(builder.bitcast(context.make_array(signature.args[5])(context, builder, index_value).data,
+                                                 bytes_type.as_pointer()), align=1)
+        permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bytes_type, [bytes_type, bytes_type]),
+                                                 "llvm.x86.avx512.permvar.qi.512")
+        v = builder.bitcast(builder.call(permute, [packed, positions]), words_type)
+        one = ir.Constant(i64, 1)
+
+        def spread(v, low_mask, shift, mask_shift):
+            low = splat(low_mask, words_type)
+            moved = builder.and_(builder.shl(v, splat(shift, words_type)), builder.shl(low, splat(mask_shift, words_type)))
+            return builder.or_(builder.and_(v, low), moved)
+
+        half = builder.sub(builder.shl(one, builder.shl(w, ir.Constant(i64, 2))), one)
+        v = spread(v, half, builder.sub(ir.Constant(i64, 32), builder.shl(w, ir.Constant(i64, 2))), ir.Constant(i64, 32))
+        pair = builder.mul(builder.sub(builder.shl(one, builder.shl(w, one)), one), ir.Constant(i64, 0x0000000100000001))
+        v = spread(v, pair, builder.sub(ir.Constant(i64, 16), builder.shl(w, one)), ir.Constant(i64, 16))
+        field = builder.mul(builder.sub(builder.shl(one, w), one), ir.Constant(i64, 0x0001000100010001))
+        v = spread(v, field, builder.sub(ir.Constant(i64, 8), w), ir.Constant(i64, 8))
+        fields = builder.bitcast(v, bytes_type)
+        item = context.get_data_type(signature.args[6].dtype)
+        codes_type = ir.VectorType(item, 64)
+        wide = builder.zext(fields, codes_type) if item != i8 else fields
+        escape_bit = context.cast(builder, escape_value, signature.args[4], types.boolean)
+        add = builder.trunc(builder.sub(offset_value, builder.zext(escape_bit, offset_value.type)), item)
+        added = builder.add(wide, splat(add, codes_type))
+        zeros = ir.Constant(codes_type, [0] * 64)
+        escaped = builder.select(builder.icmp_unsigned("==", wide, zeros), zeros, added)
+        codes = builder.select(escape_bit, escaped, added)
+        target = builder.gep(context.make_array(signature.args[6])(context, builder, out_value).data, [out_at_value])
+        builder.store(codes, builder.bitcast(target, codes_type.as_pointer()), align=1)
+        largest = cgutils.get_or_insert_function(builder.module, ir.FunctionType(item, [codes_type]),
+                                                 f"llvm.vector.reduce.umax.v64i{item.width}")
+        return builder.zext(builder.call(largest, [codes]), i64)
+
+    return types.int64(data, at, width, offset, escape, index, out, out_at), codegen
