@@ -1,5 +1,6 @@
-"""Every algorithm over real processes (``psc launch --engine procs``): 20 rounds with 3 workers,
-the run ends well, and every message costs in each direction what the method must send (the dense,
+"""Every algorithm over real processes (``psc launch --engine procs``): 20 rounds with 3 workers on
+a quadratic, 2 on least squares (a third worker there only added 10 process start-ups, about a
+quarter of the suite's slowest setup, and no check), the run ends well, and every message costs in each direction what the method must send (the dense,
 sparse, sign or random-direction payload plus bounded protocol and envelope headers).
 
 Their rules are tested in one process, round by round, in the tests/test_algorithms_*.py files."""
@@ -63,7 +64,7 @@ def test_method_runs_over_real_processes(name, tmp_path):
     assert math.isfinite(rounds[-1]["grad_norm_sq"])
 
 
-# -- NEOLITHIC, CD-Adam and their baselines on least squares: up to 3 launches at a time ---------
+# -- NEOLITHIC, CD-Adam and their baselines on least squares, 2 workers: up to 3 launches at a time
 
 LD = 64  # least-squares:d=64 for all; each payload is checked against what the method must send
 DENSE, SIGN, RAND1 = 4 * LD, LD // 8, 4
@@ -95,7 +96,7 @@ def procs_runs(tmp_path_factory):
         while pending and len(running) < PARALLEL:
             name, (opts, _, _) = pending.pop(0)
             path = out / f"{name}.jsonl"
-            args = ["launch", "--engine", "procs", "--workers", "3", "--device", "cpu", "--rounds", "20", "--lr", "0.01",
+            args = ["launch", "--engine", "procs", "--workers", "2", "--device", "cpu", "--rounds", "20", "--lr", "0.01",
                     "--problem", f"least-squares:d={LD},m=50", "--metrics", str(path), *opts]
             running[name] = (start(args), path)
         name = next(iter(running))
