@@ -1,7 +1,8 @@
 """Every algorithm over real processes (``psc launch --engine procs``): 20 rounds with 3 workers on
 a quadratic, 2 on least squares (a third worker there only added 10 process start-ups, about a
-quarter of the suite's slowest setup, and no check), the run ends well, and every message costs in each direction what the method must send (the dense,
-sparse, sign or random-direction payload plus bounded protocol and envelope headers).
+quarter of the suite's slowest setup, and no check), the run ends well, and every message costs in
+each direction what the method must send (the dense, sparse, sign or random-direction payload plus
+bounded protocol and envelope headers).
 
 Their rules are tested in one process, round by round, in the tests/test_algorithms_*.py files."""
 from __future__ import annotations
