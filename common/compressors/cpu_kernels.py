@@ -25,8 +25,9 @@ max and smallest nonzero code in one pass), ``pack_codes`` / ``unpack_codes`` (f
 the ``common.wire.bitpack`` layout, with the code offset and zero escape applied on the way: one-bit
 fields through NumPy's ``packbits``, wider ones from 64-bit words of 8 uint8 or 4 int16 codes at a
 time, ``pack_words`` / ``unpack_words``, or 64 at a time in vector registers where the kernels are
-compiled for AVX-512 VBMI, ``pack_vectors`` / ``unpack_vectors``, and 8 fields at a time elsewhere) and ``dequantize`` (one gather from the signed level table). Each returns None
-where it does not apply, and the caller falls back to the torch version.
+compiled for AVX-512 VBMI, ``pack_vectors`` / ``unpack_vectors``, and 8 fields at a time elsewhere)
+and ``dequantize`` (one gather from the signed level table). Each returns None where it does not
+apply, and the caller falls back to the torch version.
 
 ``float64_sum`` serves the float64 norms of ``base.float64_norm`` (dithering's 2-norm, sign's
 scale): it adds |x_i| or x_i^2 in float64 in exactly the order of torch's sum over the same blocks,
