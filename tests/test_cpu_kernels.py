@@ -668,7 +668,8 @@ def test_a_second_process_loads_every_kernel_from_the_disk_cache(tmp_path):
         "        v = x.to(dtype)\n"
         "        cpu_kernels.mean_descend(v, 0.5, [v] * rows)\n"
         "        cpu_kernels.descend(v, 0.5, v)\n"
-        "build('permk', dim=x.numel(), n_workers=4, seed=0).compress(x, worker=1, step=0)\n"
+        "c = build('permk', dim=x.numel(), n_workers=4, seed=0)\n"
+        "add_dense(x, c.compress(x, worker=1, step=0), inplace=True)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root}
