@@ -422,33 +422,21 @@ def _kernels():
         each stores all 8 bytes of its word wherever they fit in ``out`` (a constant count again:
         1.4-1.9x faster than storing ``width`` bytes in a loop; the bytes beyond ``width`` are zeros
         that the next group overwrites, and they never leave ``out``, so pieces in other threads
-        are not touched). The word's loop is written out three times because a kernel that calls
-        another compiled function from this closure is not found in Numba's disk cache and compiles
-        again in every process."""
+        are not touched). Each group's word comes from ``kernel_parts.group_word``, inlined."""
         n = codes.size
         whole = n // 8
         stores = min(whole, max(0, (out.size - 8) // width + 1))  # groups g with g * width + 8 <= out.size
         for g in range(stores):
-            group = codes[8 * g:8 * g + 8]
-            word = u64(0)
-            for j in range(8):
-                f = np.int64(group[j]) - minus
-                word |= u64(max(f, np.int64(0)) if clamp else f) << u64(j * width)
+            word = kernel_parts.group_word(codes[8 * g:8 * g + 8], minus, clamp, width)
             where = out[g * width:g * width + 8]
             for b in range(8):
                 where[b] = np.uint8((word >> u64(8 * b)) & u64(0xFF))
         for g in range(stores, whole):
-            word = u64(0)
-            for j in range(8):
-                f = np.int64(codes[8 * g + j]) - minus
-                word |= u64(max(f, np.int64(0)) if clamp else f) << u64(j * width)
+            word = kernel_parts.group_word(codes[8 * g:8 * g + 8], minus, clamp, width)
             for b in range(width):
                 out[g * width + b] = np.uint8((word >> u64(8 * b)) & u64(0xFF))
         if whole < (n + 7) // 8:
-            word = u64(0)
-            for j in range(n - 8 * whole):
-                f = np.int64(codes[8 * whole + j]) - minus
-                word |= u64(max(f, np.int64(0)) if clamp else f) << u64(j * width)
+            word = kernel_parts.group_word(codes[8 * whole:], minus, clamp, width)
             for b in range(out.size - whole * width):
                 out[whole * width + b] = np.uint8((word >> u64(8 * b)) & u64(0xFF))
 

@@ -77,6 +77,17 @@ def block_start(xb, divisor, key, start, stochastic, negative, t, halves):
         t[j] = np.float32(abs(v) / divisor)
 
 
+@numba.njit(inline="always", nogil=True, cache=True)
+def group_word(group, minus, clamp, width):
+    """The fields group[j] - minus (clamped at 0 with ``clamp``) of ``width`` bits of a group of up to
+    8 codes, side by side in one 64-bit word, the first field in the lowest bits (``pack_small``)."""
+    word = np.uint64(0)
+    for j in range(min(8, group.size)):
+        f = np.int64(group[j]) - minus
+        word |= np.uint64(max(f, np.int64(0)) if clamp else f) << np.uint64(j * width)
+    return word
+
+
 def _lanes_type(item, lanes: int = 16):
     """LLVM's vector of 16 of a float dtype, and the name suffix of its intrinsics."""
     return ir.VectorType(item, lanes), f"v{lanes}f{64 if isinstance(item, ir.DoubleType) else 32}"
