@@ -1,7 +1,8 @@
 """Pieces of the compiled kernels of ``cpu_kernels`` (Numba): a small array on a kernel's stack, the
-float32 quantizers' first loops over a block (signs, |x| / divisor, the draws), and vector
-instructions that Numba does not reach by itself (AVX-512's compressing store and expanding load,
-for a bitmap's 16 coordinates at a time; a population count).
+float32 quantizers' first loops over a block (signs, |x| / divisor, the draws), the word of a group
+of 8 code fields, and vector instructions that Numba does not reach by itself (AVX-512's compressing
+store and expanding load, for a bitmap's 16 coordinates at a time; a population count; AVX-512
+VBMI's byte permutation, to pack and unpack 64 code fields at a time).
 
 This module imports Numba; ``cpu_kernels`` imports it only where Numba is present. The kernels reach
 these pieces as attributes of this module, not as variables of their closure: Numba keys its disk
