@@ -13,7 +13,9 @@ process: interleaved calls, medians, the same inputs.
   AVX-512's compressing store / expanding load against the scan of one set bit at a time, with half
   and with a tenth of the bits set (Perm-K with n = 2 and n = 10);
 * natural compression's codes: ``pack_codes`` / ``unpack_codes`` 64 fields at a time in vector
-  registers (AVX-512 VBMI) against 64-bit words with a carried accumulator.
+  registers (AVX-512 VBMI) against 64-bit words with a carried accumulator;
+* base-3 rounding's codes: ``dequantize`` with its signed level table copied onto the stack against
+  the table read from its arguments.
 
 The vector paths are timed only where the kernels are compiled for them (the rows say so). Every
 pair of paths is checked to give the same result before it is timed. Prints a markdown table.
@@ -128,6 +130,23 @@ def packing_rows(x: torch.Tensor, repeats: int, vector: bool):
                else "(no AVX-512 VBMI here)", *both_paths("vector_pack", fn, vector, repeats))
 
 
+def dequantize_rows(x: torch.Tensor, repeats: int):
+    """The signed level table of base-3 rounding read from the arguments, or from a stack copy."""
+    payload = build("exprounding:base=3", x.numel(), 2, seed=0).compress(x)
+    levels = payload.table.values(torch.float32, "cpu")
+    signed = torch.cat([levels, -levels])
+    codes, negative = payload.codes.view(-1), payload.negative.view(-1)
+    stacked = cpu_kernels.STACKED_TABLE
+
+    def with_cap(cap):
+        cpu_kernels.STACKED_TABLE = cap
+        return cpu_kernels.dequantize(codes, negative, signed)
+
+    assert torch.equal(with_cap(0), with_cap(stacked))
+    yield ("dequantize base-3 rounding's codes", "table read from the arguments", "table copied onto the stack",
+           *medians([lambda: with_cap(0), lambda: with_cap(stacked)], repeats))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=float, default=1e7)
@@ -145,7 +164,7 @@ def main() -> None:
     print("| kernel | before | ms | after | ms |")
     print("|---|---|---|---|---|")
     rows = [*quantize_rows(x.numpy(), args.repeats), *marked_rows(x, args.repeats, compress),
-            *packing_rows(x, args.repeats, pack)]
+            *packing_rows(x, args.repeats, pack), *dequantize_rows(x, args.repeats)]
     for what, before, after, slow, fast in rows:
         print(f"| {what} | {before} | {slow:.2f} | {after} | {fast:.2f} |")
 

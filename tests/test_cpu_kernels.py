@@ -383,14 +383,21 @@ def test_levels_computed_in_the_decoder_give_the_table_s_bits(spec, monkeypatch)
     assert torch.equal(fast.view(torch.int32), table.view(torch.int32))
 
 
-def test_dequantize_kernel_matches_the_gather():
+@pytest.mark.parametrize("stacked", [0, cpu_kernels.STACKED_TABLE])
+def test_dequantize_kernel_matches_the_gather(stacked, monkeypatch):
+    """The table read from the arguments, or (up to ``STACKED_TABLE`` entries) from a copy on the
+    kernel's stack: torch's gather, -0.0 included, for small and large tables of both dtypes."""
+    monkeypatch.setattr(cpu_kernels, "STACKED_TABLE", stacked)
     gen = torch.Generator().manual_seed(0)
-    levels = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
-    signed = torch.cat([levels, -levels])
-    codes = torch.randint(0, 4, (999,), generator=gen).to(torch.int16)
-    negative = torch.rand(999, generator=gen) < 0.5
-    want = signed[codes.long() + 4 * negative.long()]
-    assert torch.equal(cpu_kernels.dequantize(codes, negative, signed), want)
+    for count in (4, 177, 1024, 1500):  # 1024 levels fill the stack copy; 1500 do not fit it
+        for dtype in (torch.float64, torch.float32):
+            levels = torch.cat([torch.zeros(1), torch.rand(count - 1, generator=gen).sort().values]).to(dtype)
+            signed = torch.cat([levels, -levels])
+            codes = torch.randint(0, count, (9999,), generator=gen).to(torch.int16)
+            negative = torch.rand(9999, generator=gen) < 0.5
+            want = signed[codes.long() + count * negative.long()]
+            got = cpu_kernels.dequantize(codes, negative, signed)
+            assert got.numpy().tobytes() == want.numpy().tobytes(), (count, dtype)
 
 
 def _norm_inputs(n: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
