@@ -163,7 +163,8 @@ def _kernels():
     # stochastic and 29.8 -> 15.6 ms nearest; base-3 dithering, s = 4, 30.8 -> 19.3 and 25.1 -> 14.9).
     # The stochastic and nearest tests are both computed and selected (a loop for each kept the
     # stochastic one scalar). Nonzero subnormal t (rounding tables hold many levels there: ``scan``
-    # = 1) are redone from the table with the same draws after the loop, as in ``quantize_powers32``.
+    # = 1) are redone from the table with the same draws after the loop (``kernel_parts.redo_subnormal``,
+    # as in ``quantize_powers32``).
 
     @jit(error_model="numpy")
     def quantize_pairs32(x, first, divisor, above, pair_codes, pair_lo, pair_hi, levels, scan, top, key, stochastic,
@@ -204,24 +205,7 @@ def _kernels():
                 lmin, lmax = min(lmin, code), max(lmax, code)
                 lnz = min(lnz, code if code != 0 else none)
             if scan == 1 and redo > 0:  # only the subnormal binade (field 0) holds more levels: finish there
-                lmin, lmax, lnz = none, np.int32(-1), none
-                for j in range(m):
-                    if fields[j] & np.uint32(0x7F800000) == 0:
-                        tj = t[j]
-                        k = np.int64(code_of[0])
-                        while k < top - 1 and levels[k + 1] <= tj:
-                            k += 1
-                        lo, hi = levels[k], levels[k + 1]
-                        num = np.float32(tj - lo)
-                        if stochastic:
-                            gap = np.float32(hi - lo)
-                            up = (np.float32(halves[j] & np.uint32(0xFFFFFF)) < np.float32(np.float32(num / gap) * scale)) | (gap <= np.float32(0))
-                        else:
-                            up = num > np.float32(hi - tj)
-                        cb[j] = np.int32(k + np.int64(up))
-                    code = np.int32(cb[j])
-                    lmin, lmax = min(lmin, code), max(lmax, code)
-                    lnz = min(lnz, code if code != 0 else none)
+                lmin, lmax, lnz = kernel_parts.redo_subnormal(t[:m], halves, cb, code_of[0], levels, top, stochastic)
             least, most, nonzero = min(least, lmin), max(most, lmax), min(nonzero, lnz)
         return (np.int64(least) if most >= 0 else BIG), np.int64(most), (np.int64(nonzero) if nonzero != none else BIG), bad
 
@@ -300,7 +284,7 @@ def _kernels():
     # with the same draw, after the loop; the block's code range is then taken again.
 
     @jit(error_model="numpy")
-    def quantize_powers32(x, first, divisor, c, top, fixups, levels, starts, scan, key, stochastic, neg, codes):
+    def quantize_powers32(x, first, divisor, c, top, fixups, levels, starts, key, stochastic, neg, codes):
         scale = np.float32(16777216.0)  # 2^24
         c32 = np.int32(c)
         last = np.int32(top - 1)
@@ -341,27 +325,7 @@ def _kernels():
                 lmin, lmax = min(lmin, code), max(lmax, code)
                 lnz = min(lnz, code if code != 0 else none)
             if fixups and redo > 0:
-                lmin, lmax, lnz = none, np.int32(-1), none
-                for j in range(m):
-                    if fields[j] >> np.uint32(23) == 0 and t[j] != np.float32(0):
-                        tj = t[j]
-                        k = np.int64(starts[0])
-                        k += np.int64(levels[k + 1] <= tj)
-                        if scan == 1:
-                            while k < top - 1 and levels[k + 1] <= tj:
-                                k += 1
-                        k = min(k, top - 1)
-                        below, above = levels[k], levels[k + 1]
-                        num = np.float32(tj - below)
-                        gap = np.float32(above - below)
-                        if stochastic:
-                            up = np.float32(halves[j] & np.uint32(0xFFFFFF)) < np.float32(np.float32(num / gap) * scale)
-                        else:
-                            up = num > np.float32(above - tj)
-                        cb[j] = np.int32(k + np.int64(up))
-                    code = np.int32(cb[j])
-                    lmin, lmax = min(lmin, code), max(lmax, code)
-                    lnz = min(lnz, code if code != 0 else none)
+                lmin, lmax, lnz = kernel_parts.redo_subnormal(t[:m], halves, cb, starts[0], levels, top, stochastic)
             least, most, nonzero = min(least, lmin), max(most, lmax), min(nonzero, lnz)
         return (np.int64(least) if most >= 0 else BIG), np.int64(most), (np.int64(nonzero) if nonzero != none else BIG), bad
 
@@ -1357,7 +1321,7 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
         binary, (c, fixups) = kernels["powers32"], powers
 
         def piece(a, b):  # levels 0 and powers of two, read off the exponent
-            return binary(flat[a:b], a, div, c, top, fixups, lv, starts, scan, draws_key, rounding,
+            return binary(flat[a:b], a, div, c, top, fixups, lv, starts, draws_key, rounding,
                           neg[a:b], codes[a:b])
     elif np_work == np.float32 and uniform_s == 0 and scan < 2:
         paired, pairs = kernels["pairs32"], binade_pairs(lv.tobytes())

@@ -1,5 +1,6 @@
 """Pieces of the compiled kernels of ``cpu_kernels`` (Numba): a small array on a kernel's stack, the
-float32 quantizers' first loops over a block (signs, |x| / divisor, the draws), the word of a group
+float32 quantizers' first loops over a block (signs, |x| / divisor, the draws) and their second look
+at its subnormal values, the word of a group
 of 8 code fields, and vector instructions that Numba does not reach by itself (AVX-512's compressing
 store and expanding load, for a bitmap's 16 coordinates at a time; a population count; AVX-512
 VBMI's byte permutation, to pack and unpack 64 code fields at a time).
@@ -8,6 +9,9 @@ This module imports Numba; ``cpu_kernels`` imports it only where Numba is presen
 these pieces as attributes of this module, not as variables of their closure: Numba keys its disk
 cache on a pickle of a kernel's closure, and an intrinsic or a compiled function pickles with an
 identifier that is new in every process, so every process would have compiled the kernel again.
+Numba checks a cached kernel against its own file's stamp only, not against this module's: after
+editing a piece here alone, clear ``common/compressors/__pycache__/*.nbi`` and ``*.nbc`` (an install
+rewrites both files, which does it).
 
 ``stack_like``: a loop that reads a table through an index it computes (a gather) and stores into
 output arrays is kept scalar by the compiler when the table is an argument, since nothing tells it
@@ -76,6 +80,39 @@ def block_start(xb, divisor, key, start, stochastic, negative, t, halves):
         v = xb[j]
         negative[j] = v < 0
         t[j] = np.float32(abs(v) / divisor)
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def redo_subnormal(t, halves, codes, start, levels, top, stochastic):
+    """The float32 quantizers' second look at a block whose t (|x| / divisor) holds subnormal values,
+    where a table may hold many levels that no exponent field tells apart: for each t with exponent
+    field 0, the level below it from a scan of ``levels`` up from code ``start`` (the lower level of
+    the smallest number, ``cpu_kernels.binade_starts``), then its code as the main loops take it (up
+    with probability (t - lo) / gap, from the same draw, and up where the gap is 0; or the nearer
+    level, ties down). Returns the block's (smallest, largest, smallest nonzero) code, 2^30 for
+    none."""
+    scale = np.float32(16777216.0)  # 2^24
+    fields = t.view(np.uint32)
+    none = np.int32(2**30)
+    least, most, nonzero = none, np.int32(-1), none
+    for j in range(codes.size):
+        if fields[j] & np.uint32(0x7F800000) == 0:
+            tj = t[j]
+            k = np.int64(start)
+            while k < top - 1 and levels[k + 1] <= tj:
+                k += 1
+            lo, hi = levels[k], levels[k + 1]
+            num = np.float32(tj - lo)
+            if stochastic:
+                gap = np.float32(hi - lo)
+                up = (np.float32(halves[j] & np.uint32(0xFFFFFF)) < np.float32(np.float32(num / gap) * scale)) | (gap <= np.float32(0))
+            else:
+                up = num > np.float32(hi - tj)
+            codes[j] = np.int32(k + np.int64(up))
+        code = np.int32(codes[j])
+        least, most = min(least, code), max(most, code)
+        nonzero = min(nonzero, code if code != 0 else none)
+    return least, most, nonzero
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
