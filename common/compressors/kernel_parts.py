@@ -1,7 +1,8 @@
 """Pieces of the compiled kernels of ``cpu_kernels`` (Numba): a small array on a kernel's stack, the
 float32 quantizers' first loops over a block (signs, |x| / divisor, the draws) and their second look
 at its subnormal values, the word of a group
-of 8 code fields, and vector instructions that Numba does not reach by itself (AVX-512's compressing
+of 8 code fields, the float64 sums of runs of rows that a norm's cascade adds (as vectors kept in
+registers), and vector instructions that Numba does not reach by itself (AVX-512's compressing
 store and expanding load, for a bitmap's 16 coordinates at a time; a population count; AVX-512
 VBMI's byte permutation, to pack and unpack 64 code fields at a time).
 
@@ -161,6 +162,69 @@ def compress_scaled(typingctx, x, start, scale, mask, out, at):
         return context.get_dummy_value()
 
     return types.void(x, start, scale, mask, out, at), codegen
+
+
+@intrinsic
+def step_sums(typingctx, width, values, steps, rows, square, out):
+    """out[s, k] = the float64 sum, from 0 and row after row, of values[(s rows + r) width + k]^2
+    (``square``) or of its magnitude, over r = 0 .. rows - 1, for each of ``steps`` runs of ``rows``
+    rows of ``width`` lanes (``width`` a literal): the partial sums that ``cpu_kernels.block_sums``
+    adds into its cascade, each with the roundings of its scalar loop (a product, then a sum; exact
+    conversions). ``values``: float32 or float64, C-contiguous, at least steps x rows x width long;
+    ``out``: float64, C-contiguous, steps x width. The sums run as vectors of ``width`` lanes kept in
+    registers, four runs side by side: a run is a chain of dependent additions, so several runs at
+    once keep more additions in flight."""
+    if not (isinstance(width, types.IntegerLiteral) and isinstance(values, types.Array) and isinstance(out, types.Array)
+            and values.dtype in (types.float32, types.float64) and out.dtype == types.float64
+            and values.layout == out.layout == "C" and isinstance(steps, types.Integer) and isinstance(rows, types.Integer)
+            and square == types.boolean):
+        return None
+    lanes, side_by_side = width.literal_value, 4
+
+    def codegen(context, builder, signature, args):
+        _, values_value, steps_value, rows_value, square_value, out_value = args
+        item = context.get_data_type(signature.args[1].dtype)
+        double = ir.DoubleType()
+        sums_type = ir.VectorType(double, lanes)
+        source = builder.bitcast(context.make_array(signature.args[1])(context, builder, values_value).data,
+                                 ir.VectorType(item, lanes).as_pointer())
+        target = builder.bitcast(context.make_array(signature.args[5])(context, builder, out_value).data, sums_type.as_pointer())
+        magnitude = cgutils.get_or_insert_function(builder.module, ir.FunctionType(sums_type, [sums_type]), f"llvm.fabs.v{lanes}f64")
+        alignment = item.get_abi_alignment(context.target_data)
+        intp = steps_value.type
+        rows_count = builder.sext(rows_value, intp) if rows_value.type != intp else rows_value
+        cells = [cgutils.alloca_once(builder, sums_type) for _ in range(side_by_side)]
+
+        def runs(first, count, term):
+            """The sums of runs first .. first + count - 1, side by side."""
+            for cell in cells[:count]:
+                builder.store(ir.Constant(sums_type, [0.0] * lanes), cell)
+            starts = [builder.gep(source, [builder.mul(builder.add(first, ir.Constant(intp, j)), rows_count)])
+                      for j in range(count)]
+            with cgutils.for_range(builder, rows_count) as loop:
+                for j in range(count):
+                    loaded = builder.load(builder.gep(starts[j], [loop.index]), align=alignment)
+                    wide = loaded if item == double else builder.fpext(loaded, sums_type)
+                    builder.store(builder.fadd(builder.load(cells[j]), term(wide)), cells[j])
+            for j in range(count):
+                builder.store(builder.load(cells[j]), builder.gep(target, [builder.add(first, ir.Constant(intp, j))]), align=8)
+
+        def all_runs(term):
+            groups = builder.sdiv(steps_value, ir.Constant(intp, side_by_side))
+            with cgutils.for_range(builder, groups) as group:
+                runs(builder.mul(group.index, ir.Constant(intp, side_by_side)), side_by_side, term)
+            done = builder.mul(groups, ir.Constant(intp, side_by_side))
+            with cgutils.for_range(builder, builder.sub(steps_value, done)) as rest:
+                runs(builder.add(done, rest.index), 1, term)
+
+        with builder.if_else(square_value) as (squares, magnitudes):
+            with squares:
+                all_runs(lambda v: builder.fmul(v, v))
+            with magnitudes:
+                all_runs(lambda v: builder.call(magnitude, [v]))
+        return context.get_dummy_value()
+
+    return types.void(width, values, steps, rows, square, out), codegen
 
 
 @intrinsic
