@@ -3,6 +3,7 @@ the same packed bytes, the same decoded vectors; and the counter-based draws the
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from common.compressors import build, cpu_kernels, draws
 from common.compressors.base import FLOAT64_BLOCK, float64_norm
+from common.compressors.dithering import norm_float32_up
 from common.compressors.payloads import LevelTable
 from common.compressors import rounding
 from common.keys import MASK64
@@ -430,6 +432,37 @@ def test_compiled_norm_does_not_depend_on_how_many_threads_share_the_vector(monk
     monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1 << 15)
     assert len(cpu_kernels._chunks(x.numel(), FLOAT64_BLOCK)) >= 3
     assert torch.equal(float64_norm(x, 2), one)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_maximum_norm_from_the_bits_is_torchs(dtype, threads, monkeypatch):
+    """``largest_magnitude`` (the dithering's maximum norm) gives max |x_i| exactly: over many
+    binades with signed zeros and subnormals, at either end of the vector, for an inf and a NaN of
+    either sign (then a NaN or inf norm, which makes the compressor check x and raise), for zeros only
+    (+0), in one or three threads; and the norm that the codes are computed against is the one of
+    torch's min and max."""
+    monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
+    monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1 << 15)
+    n = (1 << 17) + 5
+    x = _awkward(dtype, n)
+    cases = {"awkward": x, "zeros": -torch.zeros(n, dtype=dtype)}
+    for at in (0, n // 2, n - 1):
+        cases[f"largest at {at}"] = torch.where(torch.arange(n) == at, -2 * x.abs().max(), x)
+        for bad in (math.inf, -math.inf, math.nan, -math.nan):
+            cases[f"{bad} at {at}"] = torch.where(torch.arange(n) == at, torch.tensor(bad, dtype=dtype), x)
+    for name, v in cases.items():
+        got = cpu_kernels.largest_magnitude(v)
+        lo, hi = torch.aminmax(v)
+        want = float(torch.maximum(-lo, hi).abs())
+        assert (got == want and math.copysign(1, got) == 1) or (math.isnan(got) and math.isnan(want)), name
+    fast = norm_float32_up(x, math.inf)
+    monkeypatch.setattr(cpu_kernels, "largest_magnitude", lambda v: None)
+    assert torch.equal(fast, norm_float32_up(x, math.inf))
+    for spec in ("ternary", "natdither:s=2,p=inf"):
+        with pytest.raises(ValueError):
+            build(spec, n, 2).compress(cases[f"{-math.nan} at {n // 2}"], worker=0, step=1)
+    assert cpu_kernels.largest_magnitude(x[::2]) is None  # not contiguous: torch's min and max
 
 
 def test_block_sums_follow_torchs_order_on_short_blocks():

@@ -369,6 +369,16 @@ def _kernels():
         return least, most, nonzero, bad
 
     @jit()
+    def magnitude_bits(bits, mask):
+        """The largest of bits_i & mask: with x's bits and a mask that clears the sign bit, the bits of
+        max |x_i| (magnitudes order as their bits), or of a NaN where some x_i is one (a NaN's bits
+        exceed inf's). Integer maxima: one vector pass, and no rule for NaN to follow."""
+        most = mask ^ mask
+        for i in range(bits.size):
+            most = max(most, bits[i] & mask)
+        return most
+
+    @jit()
     def code_range(codes):
         """(smallest code, largest code, smallest nonzero code), ``BIG`` where there is none."""
         least, most, nonzero = BIG, np.int64(-1), BIG
@@ -1170,7 +1180,7 @@ def _kernels():
             c += np.int64(v > threshold) | tie
         return c
 
-    return {np.float32: quantize32, np.float64: quantize64, "uniform32": quantize_uniform32, "powers32": quantize_powers32, "pairs32": quantize_pairs32, "code_range": code_range,
+    return {np.float32: quantize32, np.float64: quantize64, "uniform32": quantize_uniform32, "powers32": quantize_powers32, "pairs32": quantize_pairs32, "code_range": code_range, "magnitude_bits": magnitude_bits,
             "pack_small": pack_small, "pack_words": pack_words, "pack_vectors": pack_vectors, "unpack_small": unpack_small, "unpack_words": unpack_words, "unpack_vectors": unpack_vectors, "dequantize": dequantize, "dequantize_stacked": dequantize_stacked, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
@@ -1373,6 +1383,23 @@ def _span(pieces) -> tuple[int, int, int]:
     most = max(int(p[1]) for p in pieces)
     nonzero = min(int(p[2]) for p in pieces)
     return least, most, (nonzero if nonzero < 2**62 else -1)
+
+
+def largest_magnitude(x: torch.Tensor) -> float | None:
+    """max |x_i| of a contiguous CPU float32 or float64 vector of at least ``MIN_COMPILED``
+    coordinates, exactly (a NaN where some x_i is a NaN, inf where the largest is one), from
+    ``magnitude_bits`` over its pieces in parallel threads; None for other vectors or without Numba.
+    One thread at d = 1e7, interleaved calls: float32 2.2-2.6 ms against 3.0-3.3 for ``torch.aminmax``
+    (a float32 sum: 1.7), float64 7.6 against 12.6 on the loaded host."""
+    kernels = _long_cpu_floats([x])
+    if kernels is None:
+        return None
+    flat = x.detach().numpy().reshape(-1)
+    unsigned = np.uint32 if flat.dtype == np.float32 else np.uint64
+    bits = flat.view(unsigned)
+    mask = unsigned(np.iinfo(unsigned).max >> 1)
+    most = max(int(m) for m in _run(bits.size, 1, lambda a, b: kernels["magnitude_bits"](bits[a:b], mask)))
+    return float(np.array(most, dtype=unsigned).view(flat.dtype))
 
 
 def code_range(codes: torch.Tensor) -> tuple[int, int, int] | None:

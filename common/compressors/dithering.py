@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from common.compressors import cpu_kernels
 from common.compressors.base import Compressor, Constants, Param, float64_norm, register
 from common.compressors.payloads import LevelTable, Quantized
 from common.compressors.rounding import compute_dtype, quantize
@@ -25,7 +26,8 @@ from common.compressors.rounding import compute_dtype, quantize
 def norm_float32_up(x: torch.Tensor, p: float) -> torch.Tensor:
     """||x||_p as a 0-d float32 tensor, rounded up so that |x_i| <= norm for every i.
 
-    The maximum norm is exact in any precision (one min/max pass). The 2-norm is summed in float64
+    The maximum norm is exact in any precision (one pass: on long CPU vectors the largest magnitude's
+    bits, ``cpu_kernels.largest_magnitude``; elsewhere torch's min and max). The 2-norm is summed in float64
     (a float32 sum of squares overflows), on the CPU in blocks that fit the cache instead of a float64
     copy of x; the float64 sum then differs from a one-piece sum in its last bits at most, which
     changes the rounded-up float32 norm only when the sum lies that close to a float32 number.
@@ -33,8 +35,12 @@ def norm_float32_up(x: torch.Tensor, p: float) -> torch.Tensor:
     if p == math.inf and x.dtype in (torch.float32, torch.float64):
         if x.numel() == 0:
             return torch.zeros((), dtype=torch.float32, device=x.device)
-        lo, hi = torch.aminmax(x)
-        norm = torch.maximum(-lo, hi).abs_().to(torch.float64)  # (abs: +0 for a zero vector)
+        largest = cpu_kernels.largest_magnitude(x)  # long CPU vectors: one compiled pass
+        if largest is not None:
+            norm = torch.tensor(largest, dtype=torch.float64)
+        else:
+            lo, hi = torch.aminmax(x)
+            norm = torch.maximum(-lo, hi).abs_().to(torch.float64)  # (abs: +0 for a zero vector)
     elif p == 2.0:
         norm = float64_norm(x, 2)
     else:
