@@ -15,7 +15,10 @@ process: interleaved calls, medians, the same inputs.
 * natural compression's codes: ``pack_codes`` / ``unpack_codes`` 64 fields at a time in vector
   registers (AVX-512 VBMI) against 64-bit words with a carried accumulator;
 * base-3 rounding's codes: ``dequantize`` with its signed level table copied onto the stack against
-  the table read from its arguments.
+  the table read from its arguments;
+* the dithering's norms: the float64 2-norm's compiled block sums (runs of rows as vectors in
+  registers, ``kernel_parts.step_sums``) against torch's float64 sums of the same blocks, and the
+  maximum norm from the magnitudes' bits (``largest_magnitude``) against ``torch.aminmax``.
 
 The vector paths are timed only where the kernels are compiled for them (the rows say so). Every
 pair of paths is checked to give the same result before it is timed. Prints a markdown table.
@@ -23,6 +26,7 @@ pair of paths is checked to give the same result before it is timed. Prints a ma
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -38,6 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from common.compressors import build, cpu_kernels  # noqa: E402
+from common.compressors.dithering import norm_float32_up  # noqa: E402
 from common.compressors.payloads import LevelTable  # noqa: E402
 from common.wire.codec import encode_node  # noqa: E402
 from runtime.allocator import keep_freed_memory  # noqa: E402
@@ -147,6 +152,27 @@ def dequantize_rows(x: torch.Tensor, repeats: int):
            *medians([lambda: with_cap(0), lambda: with_cap(stacked)], repeats))
 
 
+def norm_rows(x: torch.Tensor, repeats: int):
+    """The dithering's norms, compiled against torch's: the float64 2-norm (QSGD, dithering with
+    p = 2, the scaled sign's l2 scale) against torch's float64 sums of the same blocks, and the
+    maximum norm (ternary, dithering with p = inf) against torch's min and max."""
+    real_sum, real_largest = cpu_kernels.float64_sum, cpu_kernels.largest_magnitude
+    x64 = x.to(torch.float64)
+
+    def norm(v, p, compiled):
+        cpu_kernels.float64_sum = real_sum if compiled else (lambda *a: None)
+        cpu_kernels.largest_magnitude = real_largest if compiled else (lambda *a: None)
+        return norm_float32_up(v, p)
+
+    for v, p, what in ((x, 2.0, "float64 2-norm of float32"), (x64, 2.0, "float64 2-norm of float64"),
+                       (x, math.inf, "maximum norm of float32"), (x64, math.inf, "maximum norm of float64")):
+        assert torch.equal(norm(v, p, False), norm(v, p, True))
+        before = "torch's sums of 2^15 blocks" if p == 2 else "torch.aminmax"
+        after = "runs of rows in vector registers (step_sums)" if p == 2 else "the magnitudes' bits (largest_magnitude)"
+        yield (what, before, after, *medians([lambda: norm(v, p, False), lambda: norm(v, p, True)], repeats))
+    cpu_kernels.float64_sum, cpu_kernels.largest_magnitude = real_sum, real_largest
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=float, default=1e7)
@@ -164,7 +190,7 @@ def main() -> None:
     print("| kernel | before | ms | after | ms |")
     print("|---|---|---|---|---|")
     rows = [*quantize_rows(x.numpy(), args.repeats), *marked_rows(x, args.repeats, compress),
-            *packing_rows(x, args.repeats, pack), *dequantize_rows(x, args.repeats)]
+            *packing_rows(x, args.repeats, pack), *dequantize_rows(x, args.repeats), *norm_rows(x, args.repeats)]
     for what, before, after, slow, fast in rows:
         print(f"| {what} | {before} | {slow:.2f} | {after} | {fast:.2f} |")
 
