@@ -124,7 +124,7 @@ def test_a_worker_hung_in_its_gradient_is_lost_within_the_round_deadline(tmp_pat
     metrics = tmp_path / "run.jsonl"
     problem = "custom:factory=tests.slow_problem:make"
     server = start(["server", "--bind", endpoint, "--workers", "2", "--metrics", str(metrics), "--problem", problem,
-                    "--rounds", "1000", "--lr", "0.1", "--timeout", "120", "--heartbeat", "0.2", "--round-timeout", "15"])
+                    "--rounds", "1000", "--lr", "0.1", "--timeout", "120", "--heartbeat", "0.2", "--round-timeout", "8"])
     allow = {"PSC_WORKER_ALLOW_FACTORY": "tests.slow_problem:make"}
     workers = [
         start(["worker", "--connect", endpoint, "--device", "cpu", "--rank", "0", "--heartbeat", "0.2"], env=allow),
