@@ -24,7 +24,7 @@ class AMSGradServer(ServerRule):
 
 class AMSGradWorker(WorkerRule):
     def uplink(self, t):
-        return Message({"g": full(self.grad(self.x, t))})
+        return Message({"g": full(self.grad(self.x, t), copy=False)})  # a fresh gradient
 
     def downlink(self, t, msg):
         self.x = dense(msg.payloads["x"])

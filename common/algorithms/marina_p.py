@@ -46,7 +46,7 @@ class MarinaPWorker(WorkerRule):
     """Keeps w_i (``self.x``), the point its gradient is evaluated at."""
 
     def uplink(self, t):
-        return Message({"g": full(self.grad(self.x, t))})                           # line 1
+        return Message({"g": full(self.grad(self.x, t), copy=False)})               # line 1 (a fresh gradient)
 
     def downlink(self, t, msg):
         self.x = shifted_model(self.x, msg)                                          # line 4

@@ -29,7 +29,7 @@ class PSGDWorker(WorkerRule):
         g = self.grad(self.x, t * B)
         for b in range(1, B):
             g = g + self.grad(self.x, t * B + b)
-        return Message({"g": full(g / B)})
+        return Message({"g": full(g / B, copy=False)})  # a fresh vector
 
     def downlink(self, t, msg):
         self.x = dense(msg.payloads["x"])
