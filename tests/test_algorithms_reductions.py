@@ -347,3 +347,28 @@ def test_a_sparse_payload_whose_values_and_support_disagree_is_refused_as_before
         bad.to_dense()
     with pytest.raises((RuntimeError, IndexError)):
         add_dense(torch.zeros(10), bad)
+
+
+# --- a fresh gradient is sent as it is ----------------------------------------------------------------
+
+@pytest.mark.parametrize("algorithm", ["gd", "amsgrad", "marina-p"])
+def test_a_worker_sends_its_fresh_gradient_without_a_copy(algorithm):
+    """The workers whose uplink is the gradient itself put the oracle's tensor in the message (the link
+    then sends its memory as it is): no copy of d values a round. The oracle's gradient is a tensor of
+    its own (``common.oracle``), which the run then leaves alone."""
+    engine = Engine(RunConfig(algorithm=algorithm, workers=2, rounds=2, dtype="float64", problem=QUAD, lr="0.005"))
+    try:
+        rule = engine.workers[0].rule
+        real, given = rule.oracle, []
+
+        def recording(x, step):
+            loss, g = real(x, step)
+            given.append(g)
+            return loss, g
+
+        rule.oracle = recording
+        sent = rule.uplink(0).payloads["g"]
+        assert len(given) == 1 and torch.equal(sent.values, given[0])
+        assert sent.values.data_ptr() == given[0].data_ptr()
+    finally:
+        engine.close()
