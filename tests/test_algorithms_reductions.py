@@ -372,3 +372,24 @@ def test_a_worker_sends_its_fresh_gradient_without_a_copy(algorithm):
         assert sent.values.data_ptr() == given[0].data_ptr()
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("algorithm, name, state", [
+    ("gd", "x", "x"), ("dcgd", "x", "x"), ("amsgrad", "x", "x"), ("marina", "x", "x"), ("psgd", "x", "x"),
+    ("ef-sgd", "x", "x"), ("ef21-sgd", "g", "g")])
+def test_a_server_sends_its_new_vector_without_a_copy(algorithm, name, state):
+    """The servers that broadcast a vector they replace every round (never update in place) put that
+    vector itself in the downlink: no copy of d values on the server's critical path, and the
+    encoder finds it marked finite by the pass that computed it where that pass was compiled."""
+    engine = Engine(RunConfig(algorithm=algorithm, workers=2, rounds=2, dtype="float64", problem=QUAD, lr="0.005"))
+    try:
+        server = engine.server.rule
+        downs = server.step(0, [w.rule.uplink(0) for w in engine.workers])
+        sent = downs[0].payloads[name]
+        assert all(d.payloads[name] is sent for d in downs)
+        assert sent.values.data_ptr() == getattr(server, state).data_ptr()
+        before = sent.values.clone()
+        server.step(1, [w.rule.uplink(1) for w in engine.workers])
+        assert torch.equal(sent.values, before)  # the next round replaces the vector, never writes into it
+    finally:
+        engine.close()

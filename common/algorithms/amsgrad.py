@@ -19,7 +19,7 @@ class AMSGradServer(ServerRule):
 
     def step(self, t, uplinks):
         amsgrad_step(self, mean_of(uplinks, "g"))
-        return [Message({"x": full(self.x)})] * self.ctx.n
+        return [Message({"x": full(self.x, copy=False)})] * self.ctx.n  # x is replaced, never updated in place
 
 
 class AMSGradWorker(WorkerRule):

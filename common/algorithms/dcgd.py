@@ -18,7 +18,7 @@ from common.compressors.message import Message
 class DCGDServer(ServerRule):
     def step(self, t, uplinks):
         self.x = descend_by_mean(self.x, self.ctx.lr, uplinks, "g")
-        down = Message({"x": full(self.x)})
+        down = Message({"x": full(self.x, copy=False)})  # x is replaced, never updated in place
         return [down] * self.ctx.n
 
 

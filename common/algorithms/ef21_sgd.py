@@ -26,7 +26,7 @@ class EF21SGDServer(ServerRule):
     def step(self, t, uplinks):
         self.g = shift_by_mean(self.g, uplinks, "c")                     # g^{t+1} = g^t + (1/n) sum_i c_i
         self.x = self.x - staircase(self.ctx, t) * self.g
-        return [Message({"g": full(self.g)})] * self.ctx.n
+        return [Message({"g": full(self.g, copy=False)})] * self.ctx.n  # g is replaced, never updated in place
 
     def round_metrics(self):
         return {"comm_rounds": 1}

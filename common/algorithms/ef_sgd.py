@@ -58,7 +58,7 @@ class EFSGDServer(ServerRule):
         if self.average != "none":
             lam = average_weight(self.average, self.k, self.q)
             self.x_bar = (1.0 - lam) * self.x_bar + lam * self.x
-        down = Message({"x": full(self.x)})
+        down = Message({"x": full(self.x, copy=False)})  # x is replaced, never updated in place
         return [down] * self.ctx.n
 
 

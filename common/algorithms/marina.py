@@ -42,7 +42,7 @@ class MarinaServer(ServerRule):
         self.g = parts if self.sync else self.g + parts       # g^t (eq. 5)
         self.x = descend(self.x, self.ctx.lr, self.g)         # x^{t+1} = x^t - gamma g^t
         self.sync = self.ctx.coin(t, self.p)                  # c^t ~ Bern(p)
-        down = Message({"x": full(self.x)}, {"sync": self.sync})
+        down = Message({"x": full(self.x, copy=False)}, {"sync": self.sync})  # x is replaced, never updated in place
         return [down] * self.ctx.n
 
 

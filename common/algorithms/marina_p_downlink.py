@@ -21,7 +21,7 @@ def model_messages(ctx, compressor, x: torch.Tensor, x_next: torch.Tensor, t: in
     ``flags`` (M3's ``sync_d``) travel in every message's meta after ``sync``."""
     meta = {"sync": sync, **flags}
     if sync:
-        return [Message({"x": full(x_next)}, meta)] * ctx.n
+        return [Message({"x": full(x_next, copy=False)}, meta)] * ctx.n  # the new model, never updated in place
     delta = x_next - x
     return [Message({"delta": compressor.compress(delta, worker=i, step=t)}, meta) for i in range(ctx.n)]
 

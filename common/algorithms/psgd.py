@@ -17,7 +17,7 @@ from common.compressors.message import Message
 class PSGDServer(ServerRule):
     def step(self, t, uplinks):
         self.x = descend_by_mean(self.x, staircase(self.ctx, t), uplinks, "g")
-        return [Message({"x": full(self.x)})] * self.ctx.n
+        return [Message({"x": full(self.x, copy=False)})] * self.ctx.n  # x is replaced, never updated in place
 
     def round_metrics(self):
         return {"comm_rounds": 1}
