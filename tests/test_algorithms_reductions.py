@@ -351,8 +351,9 @@ def test_a_sparse_payload_whose_values_and_support_disagree_is_refused_as_before
 
 # --- a fresh gradient is sent as it is ----------------------------------------------------------------
 
-@pytest.mark.parametrize("algorithm", ["gd", "amsgrad", "marina-p"])
-def test_a_worker_sends_its_fresh_gradient_without_a_copy(algorithm):
+@pytest.mark.parametrize("algorithm, name", [("gd", "g"), ("amsgrad", "g"), ("marina-p", "g"), ("ef21-p", "g"),
+                                             ("marina", "g"), ("ef21", "c"), ("onebit-adam", "g")])
+def test_a_worker_sends_its_fresh_gradient_without_a_copy(algorithm, name):
     """The workers whose uplink is the gradient itself put the oracle's tensor in the message (the link
     then sends its memory as it is): no copy of d values a round. The oracle's gradient is a tensor of
     its own (``common.oracle``), which the run then leaves alone."""
@@ -367,7 +368,7 @@ def test_a_worker_sends_its_fresh_gradient_without_a_copy(algorithm):
             return loss, g
 
         rule.oracle = recording
-        sent = rule.uplink(0).payloads["g"]
+        sent = rule.uplink(0).payloads[name]  # (round 0: MARINA's and EF21's full gradient, 1-bit Adam's warm-up)
         assert len(given) == 1 and torch.equal(sent.values, given[0])
         assert sent.values.data_ptr() == given[0].data_ptr()
     finally:

@@ -54,7 +54,7 @@ class EF21Worker(WorkerRule):
     def uplink(self, t):
         grad = self.grad(self.x, t)
         if t == 0 and self.ctx.options["init"] == "full":
-            c = full(grad)                                                               # g_i^0 = grad f_i(x^0)
+            c = full(grad, copy=False)                                                   # g_i^0 = grad f_i(x^0) (fresh)
         else:
             c = markov_message(self.ctx.uplink, grad, self.g_i, self.rank, t)            # c_i = C(grad - g_i)
         return Message({"c": c})

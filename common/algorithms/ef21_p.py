@@ -52,7 +52,7 @@ class EF21PWorker(WorkerRule):
         return Message({"g": self.encode_grad(self.grad(self.x, t), t)})
 
     def encode_grad(self, g, t):
-        return full(g)
+        return full(g, copy=False)  # a fresh gradient
 
     def downlink(self, t, msg):
         self.x = shift(self.x, msg.payloads["c"])                          # w^{t+1} = w^t + c^t

@@ -50,7 +50,7 @@ def difference_message(rule: WorkerRule, g, sync: bool, t: int) -> Message:
     """MARINA's uplink (eq. 5): the full gradient after a sync coin, else Q_i(g - g_prev); keeps g
     as ``rule.g_prev`` for the next difference (M3 sends its uplink the same way, at z_i)."""
     if sync:
-        out = Message({"g": full(g)})
+        out = Message({"g": full(g, copy=False)})  # a fresh gradient, kept as g_prev and never updated in place
     else:
         out = Message({"g": rule.ctx.uplink.compress(g - rule.g_prev, worker=rule.rank, step=t)})
     rule.g_prev = g

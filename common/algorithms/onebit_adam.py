@@ -79,7 +79,7 @@ class OneBitAdamWorker(WorkerRule):
         o = self.ctx.options
         g = self.grad(self.x, t)
         if t < o["warmup"]:
-            return Message({"g": full(g)})
+            return Message({"g": full(g, copy=False)})  # a fresh gradient
         p = o["beta1"] * self.m + (1 - o["beta1"]) * g + self.delta                        # step 1: m^(i) + delta^(i)
         c, self.delta = error_feedback(self.ctx.uplink, p, self.rank, t)                   # step 2
         return Message({"m": c})
