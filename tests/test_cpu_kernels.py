@@ -925,12 +925,12 @@ def _a_difference_refuses_what_the_formed_difference_refuses(c, target, h):
         c.compress_difference(target, h, worker=c.n_workers)
 
 
+@pytest.mark.parametrize("n", [5_003, (1 << 18) + 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_identity_of_a_difference_is_the_difference_without_a_copy(dtype):
+def test_the_identity_of_a_difference_is_the_difference_without_a_copy(dtype, n):
     """``Identity.compress_difference`` (EF21's default downlink) sends target - h itself: the same
     bytes as ``compress(target - h)``, a vector that aliases neither input, the promoted dtype of
-    mixed inputs, and the same refusals."""
-    n = 5_003
+    mixed inputs, and the same refusals; long vectors from the compiled step, marked finite."""
     gen = torch.Generator().manual_seed(3)
     target, h = torch.randn(n, generator=gen, dtype=dtype), torch.randn(n, generator=gen, dtype=dtype)
     target[:3] = torch.tensor([0.0, -0.0, 1.0], dtype=dtype)
@@ -938,6 +938,7 @@ def test_the_identity_of_a_difference_is_the_difference_without_a_copy(dtype):
     c = build("identity", n, 3)
     got = c.compress_difference(target, h, worker=2, step=4)
     assert encode(got) == encode(c.compress(target - h, worker=2, step=4))
+    assert cpu_kernels.known_finite(got.values) == (n > cpu_kernels.MIN_CHUNK)
     kept = got.values.clone()
     target.add_(1.0), h.sub_(1.0)  # the sender's state moves on; the message does not
     assert torch.equal(got.values, kept)

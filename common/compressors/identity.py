@@ -1,6 +1,7 @@
 """Identity: the uncompressed vector (in every class with omega = 0, alpha = 1; spec Table 3 remark)."""
 from __future__ import annotations
 
+from common.compressors import cpu_kernels
 from common.compressors.base import Compressor, Constants, register
 from common.compressors.payloads import Dense
 
@@ -20,8 +21,12 @@ class Identity(Compressor):
 
     def _compress_difference(self, target, h, key):
         """target - h as it is: a vector no one else holds, so the copy that ``_compress`` makes of
-        its input is not needed (EF21's identity downlink, the default, sends g - g~ every round:
-        one copy of d values less on the server's critical path). Checked as ``compress`` checks x."""
-        difference = target - h
+        its input is not needed (EF21's identity downlink, the default, sends g - g~ every round).
+        Long CPU vectors of one dtype take the compiled step x - 1 g (``cpu_kernels.descend``: the
+        bits of target - h, since 1 g is g), which marks a finite result as it writes it, so that
+        neither the check below nor the encoder's reads it again. Checked as ``compress`` checks x."""
+        difference = cpu_kernels.descend(target, 1.0, h)
+        if difference is None:
+            difference = target - h
         self._check_finite(difference)
         return Dense(difference, difference.dtype)
