@@ -1,8 +1,9 @@
 """The gradient oracle: what a problem hands a worker, and what a worker rule calls.
 
 ``oracle(x, step) -> (loss, gradient)``: both tensors on x's device, no host sync. The gradient is
-a tensor of its own that the oracle does not keep or change afterwards: rules send it as it is, without
-a copy (GD, AMSGrad, MARINA-P, minibatch SGD), while the link may still be reading it. ``step`` names the
+a tensor of its own that the oracle does not keep or change afterwards: the rules that send it whole
+(GD, AMSGrad, MARINA, MARINA-P, EF21's first round, EF21-P, 1-bit Adam's warm-up, minibatch SGD)
+send it as it is, without a copy, while the link may still be reading it. ``step`` names the
 sample draw (the same step gives the same minibatch for a stochastic oracle). It lives here, below
 both, so that algorithms need not import problems (nor problems algorithms) to name it.
 
