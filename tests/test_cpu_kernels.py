@@ -1013,9 +1013,9 @@ def test_the_servers_shift_by_the_mean_of_signs_is_the_shift_by_the_mean_formed_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_servers_shift_by_the_mean_of_sparse_uplinks_is_the_shift_by_the_mean_formed_first(dtype):
-    """``memory.shift_by_mean`` over Top-K uplinks (h + 0, then the mean merged on the union of the
-    supports) gives the bits of ``shift(h, mean_of(...))`` for 2 to 4 uplinks: supports that overlap
-    or not, signed zeros in h and in the values, empty supports, values of a quantizer (a chain).
+    """``memory.shift_by_mean`` over Top-K and Rand-K uplinks (h + 0, then the mean merged on the union
+    of the supports) gives the bits of ``shift(h, mean_of(...))`` for 2 to 4 uplinks: supports that
+    overlap or not, signed zeros in h and in the values, empty supports, values of a quantizer (a chain).
     5 uplinks and short vectors take the running sum; a support out of order, repeated or out of
     range is refused by the merge and the reference path decides."""
     from common.algorithms.base import mean_of
@@ -1064,6 +1064,14 @@ def test_the_servers_shift_by_the_mean_of_sparse_uplinks_is_the_shift_by_the_mea
         calls.clear()
         unordered = [sparse(n, [3, 2], torch.tensor([1.0, 2.0])), zeros]
         assert same(h, unordered) and calls == [None]  # the merge refused it; the dense mean gave the state
+        # Rand-K's supports come from its key (MARINA's and M3's g): merged too; Perm-K's keep the dense mean
+        for spec, merged in (("randk:ratio=0.01", True), ("samerandk:ratio=0.05", True),
+                             ("randk:ratio=0.01+natural", True), ("permk", False)):
+            ups = [Message({"c": decode(encode(build(spec, n, 3).compress(torch.randn(n, generator=gen, dtype=dtype),
+                                                                        worker=i, step=2)))}) for i in range(3)]
+            calls.clear()
+            assert same(h, ups), spec
+            assert (len(calls) == 1 and calls[0] is not None) == merged, spec
     short = 5000
     hs = torch.randn(short, generator=gen, dtype=dtype)
     ups = [Message({"c": decode(encode(build("topk:ratio=0.01", short, 2).compress(torch.randn(short, generator=gen, dtype=dtype), worker=i, step=1)))})

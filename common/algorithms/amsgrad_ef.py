@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.amsgrad_state import AMS_PARAMS, MirrorServer, MirrorWorker, amsgrad_step
-from common.algorithms.base import Algorithm, dense, register, mean_of
-from common.algorithms.memory import error_feedback
+from common.algorithms.base import Algorithm, dense, register
+from common.algorithms.memory import error_feedback, shift_by_mean
 from common.compressors.message import Message
 
 
@@ -28,7 +28,7 @@ class EFServer(MirrorServer):
         self.delta = torch.zeros_like(self.x)
 
     def step(self, t, uplinks):
-        p = mean_of(uplinks, "c") + self.delta                      # g_hat + delta_bar
+        p = shift_by_mean(self.delta, uplinks, "c")                 # g_hat + delta_bar (delta_bar + g_hat: the same sum)
         d_t, self.delta = error_feedback(self.ctx.downlink, p, 0, t)  # d_t = C_0(...);  delta_bar <- g_hat + delta_bar - d_t
         amsgrad_step(self, dense(d_t))
         return [Message({"c": d_t})] * self.ctx.n

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, register, mean_of
-from common.algorithms.memory import error_feedback
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, register
+from common.algorithms.memory import error_feedback, shift_by_mean
 from common.algorithms.schedule import SCHEDULE_PARAMS, staircase
 from common.compressors.message import Message
 
@@ -24,7 +24,7 @@ class DoubleSqueezeServer(ServerRule):
         self.delta = torch.zeros_like(self.x)
 
     def step(self, t, uplinks):
-        v = mean_of(uplinks, "q") + self.delta                     # v = (1/n) sum_i Q_i(v_i) + delta
+        v = shift_by_mean(self.delta, uplinks, "q")                # v = (1/n) sum_i Q_i(v_i) + delta (delta + it: the same sum)
         q, self.delta = error_feedback(self.ctx.downlink, v, 0, t)   # broadcast Q(v);  delta <- v - Q(v)
         self.x = self.x - staircase(self.ctx, t) * dense(q)
         return [Message({"q": q})] * self.ctx.n

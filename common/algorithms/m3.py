@@ -30,6 +30,7 @@ import torch
 from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, need_constants, mean_of, descend
 from common.algorithms.marina import difference_message
 from common.algorithms.marina_p_downlink import model_messages, shifted_model
+from common.algorithms.memory import shift_by_mean
 from common.algorithms.sync import sync_probability, unbiased_omega
 from common.options import Param
 
@@ -58,8 +59,7 @@ class M3Server(ServerRule):
         self.sync_d = True  # round 0: the full initial upload of g^0
 
     def step(self, t, uplinks):
-        parts = mean_of(uplinks, "g")
-        self.g = parts if self.sync_d else self.g + parts              # line 4 (of the previous iteration)
+        self.g = mean_of(uplinks, "g") if self.sync_d else shift_by_mean(self.g, uplinks, "g")   # line 4 (of the previous iteration)
         x_next = descend(self.x, self.ctx.lr, self.g)                   # line 1
         sync_p = self.ctx.coin(t, self.p_p)                             # c_P^t
         self.sync_d = self.ctx.coin(t, self.p_d, "coin_d")              # c_D^t

@@ -20,6 +20,7 @@ import math
 import torch
 
 from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of, descend
+from common.algorithms.memory import shift_by_mean
 from common.algorithms.sync import sync_probability, unbiased_omega
 from common.options import Param
 from common.compressors.message import Message
@@ -38,8 +39,7 @@ class MarinaServer(ServerRule):
         self.sync = True  # round 0: g^0 is a full upload
 
     def step(self, t, uplinks):
-        parts = mean_of(uplinks, "g")
-        self.g = parts if self.sync else self.g + parts       # g^t (eq. 5)
+        self.g = mean_of(uplinks, "g") if self.sync else shift_by_mean(self.g, uplinks, "g")  # g^t (eq. 5)
         self.x = descend(self.x, self.ctx.lr, self.g)         # x^{t+1} = x^t - gamma g^t
         self.sync = self.ctx.coin(t, self.p)                  # c^t ~ Bern(p)
         down = Message({"x": full(self.x, copy=False)}, {"sync": self.sync})  # x is replaced, never updated in place

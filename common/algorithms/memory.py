@@ -51,16 +51,19 @@ def shift_by_mean(h: torch.Tensor, uplinks, name: str) -> torch.Tensor:
     EF21 and CD-Adam): ``shift(h, mean_of(uplinks, name))``, bit for bit. Where every c_i is a scaled
     sign of h's dtype and length (2 to 4 of them, on the CPU, long), one compiled pass reads the
     flags and h and writes the new state (``cpu_kernels.signs_mean_added``), without the dense
-    forms, the sum or the mean as vectors; where every c_i is sparse with its indices sent (Top-K),
-    h + 0 and the mean on the union of the supports (``cpu_kernels.sparse_mean_added``)."""
+    forms, the sum or the mean as vectors; where every c_i is sparse with its indices sent (Top-K) or
+    drawn from its key (Rand-K: the ascending support that the key gives), h + 0 and the mean on the
+    union of the supports (``cpu_kernels.sparse_mean_added``). Perm-K's blocks keep the dense mean,
+    whose forms come from their bitmaps. Since h + c and c + h are the same sum, the rules that add
+    a mean to a vector (MARINA's and M3's g, the error-feedback servers' delta) shift by it here too."""
     payloads = [m.payloads[name] for m in uplinks]
     if 1 < len(payloads) <= RUNNING_SUM_ROWS.get(h.dtype, 0):
         fused = None
         if all(isinstance(p, Signs) and p.dtype == h.dtype for p in payloads):
             fused = cpu_kernels.signs_mean_added(h, [p.negative for p in payloads], [p.scale for p in payloads])
-        elif all(isinstance(p, Sparse) and p.indices is not None and p.dtype == h.dtype and p.dim == h.numel()
-                 for p in payloads):
-            fused = cpu_kernels.sparse_mean_added(h, [p.indices for p in payloads],
+        elif all(isinstance(p, Sparse) and (p.indices is not None or p.rule.kind == "randk")
+                 and p.dtype == h.dtype and p.dim == h.numel() for p in payloads):
+            fused = cpu_kernels.sparse_mean_added(h, [p.support(h.device) for p in payloads],
                                                   [p.values.to_dense().to(h.dtype) for p in payloads])
         if fused is not None:
             return fused

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
-from common.algorithms.memory import error_feedback
+from common.algorithms.memory import error_feedback, shift_by_mean
 from common.options import Param
 from common.compressors.message import Message
 
@@ -64,7 +64,7 @@ class OneBitAdamServer(ServerRule):
             g = mean_of(uplinks, "g")
             _adam(self, t, g)
             return [Message({"g": full(g)})] * self.ctx.n
-        p = mean_of(uplinks, "m") + self.delta                           # step 3: m_bar + delta_bar
+        p = shift_by_mean(self.delta, uplinks, "m")                      # step 3: m_bar + delta_bar (delta_bar + m_bar: the same sum)
         c, self.delta = error_feedback(self.ctx.downlink, p, 0, t)       # m_bar_hat = C(...);  delta_bar <- ... - m_bar_hat
         _frozen(self, t, dense(c))
         return [Message({"m": c})] * self.ctx.n
