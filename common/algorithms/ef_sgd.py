@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, full, need_constants, mean_of
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, descend_by_mean, full, need_constants
 from common.algorithms.memory import error_feedback
 from common.options import Param
 from common.compressors.message import Message
@@ -53,7 +53,7 @@ class EFSGDServer(ServerRule):
         return self.x if self.average == "none" else self.x_bar
 
     def step(self, t, uplinks):
-        self.x = self.x - mean_of(uplinks, "g")   # (23)
+        self.x = descend_by_mean(self.x, 1.0, uplinks, "g")   # (23): x - 1 mean is x - mean, in one compiled pass that notes finiteness
         self.k += 1
         if self.average != "none":
             lam = average_weight(self.average, self.k, self.q)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register, mean_of
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, descend, full, register, mean_of
 from common.algorithms.memory import error_feedback
 from common.algorithms.schedule import SCHEDULE_PARAMS, staircase
 from common.compressors.message import Message
@@ -21,7 +21,7 @@ from common.compressors.message import Message
 class MemSGDServer(ServerRule):
     def step(self, t, uplinks):
         q_bar = mean_of(uplinks, "q")
-        self.x = self.x - q_bar
+        self.x = descend(self.x, 1.0, q_bar)  # x - 1 q_bar is x - q_bar, in one compiled pass that notes finiteness
         return [Message({"q_bar": full(q_bar)})] * self.ctx.n
 
     def round_metrics(self):
