@@ -128,12 +128,13 @@ def test_a_step_by_the_mean_of_long_dense_uplinks_takes_the_one_pass(monkeypatch
     assert len(fused) == 1
 
 
-@pytest.mark.parametrize("algorithm, dim", [(a, "MIN_CHUNK") for a in ("gd", "marina-p", "m3", "ef21", "marina", "ef21-p", "ef-sgd", "mem-sgd")]
+@pytest.mark.parametrize("algorithm, dim", [(a, "MIN_CHUNK") for a in ("gd", "marina-p", "m3", "ef21", "marina", "ef21-p", "ef-sgd", "mem-sgd",
+                                                                        "ef21-sgd", "double-squeeze", "neolithic")]
                          + [(a, "MIN_COMPILED") for a in ("gd", "marina-p", "ef21-p")])
 def test_the_compiled_step_leaves_every_trajectory_as_it_was(algorithm, dim, monkeypatch):
     """Runs long enough for the compiled step (and mean) end at the model torch's ops give, bit for
     bit: from ``MIN_COMPILED`` the mean and step of dense uplinks run compiled on one thread (GD,
-    MARINA-P, EF21-P), from ``MIN_CHUNK`` the step alone too (M3, EF21, MARINA, EF-SGD, Mem-SGD), in pieces."""
+    MARINA-P, EF21-P), from ``MIN_CHUNK`` the step alone too (M3, EF21, MARINA and the SGD methods), in pieces."""
     from common.compressors import cpu_kernels
     from runtime.engine import run_inproc
 

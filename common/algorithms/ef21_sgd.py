@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, full, register
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, descend, full, register
 from common.algorithms.memory import markov_message, shift, shift_by_mean
 from common.algorithms.schedule import SCHEDULE_PARAMS, staircase
 from common.compressors.message import Message
@@ -25,7 +25,7 @@ class EF21SGDServer(ServerRule):
 
     def step(self, t, uplinks):
         self.g = shift_by_mean(self.g, uplinks, "c")                     # g^{t+1} = g^t + (1/n) sum_i c_i
-        self.x = self.x - staircase(self.ctx, t) * self.g
+        self.x = descend(self.x, staircase(self.ctx, t), self.g)
         return [Message({"g": full(self.g, copy=False)})] * self.ctx.n  # g is replaced, never updated in place
 
     def round_metrics(self):
@@ -45,7 +45,7 @@ class EF21SGDWorker(WorkerRule):
         self.g_i = shift(self.g_i, sent.payloads["c"])                                               # g_i^{t+1} = g_i^t + c_i, once c_i is sent
 
     def downlink(self, t, msg):
-        self.x = self.x - staircase(self.ctx, t) * dense(msg.payloads["g"])
+        self.x = descend(self.x, staircase(self.ctx, t), dense(msg.payloads["g"]))
 
 
 @register

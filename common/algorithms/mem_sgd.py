@@ -39,7 +39,7 @@ class MemSGDWorker(WorkerRule):
         return Message({"q": q})
 
     def downlink(self, t, msg):
-        self.x = self.x - dense(msg.payloads["q_bar"])
+        self.x = descend(self.x, 1.0, dense(msg.payloads["q_bar"]))  # x - 1 q_bar is x - q_bar
 
 
 @register

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, register
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, descend, register
 from common.algorithms.schedule import SCHEDULE_PARAMS, staircase
 from common.options import Param
 from common.compressors.message import Message
@@ -86,7 +86,7 @@ class NeolithicServer(ServerRule):
         g_tilde = torch.stack([fcc_sum(m, R) for m in uplinks]).mean(0) + self.er          # line 8
         payloads, s = fcc(g_tilde, self.ctx.downlink, R, 0, t)                            # line 9
         self.er = g_tilde - s                                                              # line 10
-        self.x = self.x - staircase(self.ctx, t * R) * s                                   # line 12, mirrored
+        self.x = descend(self.x, staircase(self.ctx, t * R), s)                            # line 12, mirrored
         return [fcc_message(payloads)] * self.ctx.n
 
     def round_metrics(self):
@@ -112,7 +112,7 @@ class NeolithicWorker(WorkerRule):
         return fcc_message(payloads)
 
     def downlink(self, t, msg):
-        self.x = self.x - staircase(self.ctx, t * self.R) * fcc_sum(msg, self.R)          # line 12
+        self.x = descend(self.x, staircase(self.ctx, t * self.R), fcc_sum(msg, self.R))   # line 12
 
 
 @register
