@@ -135,6 +135,22 @@ def _lanes_type(item, lanes: int = 16):
     return ir.VectorType(item, lanes), f"v{lanes}f{64 if isinstance(item, ir.DoubleType) else 32}"
 
 
+def _splat(builder, value, vector_type):
+    """A vector of ``vector_type`` with ``value`` in every lane."""
+    lanes, i32 = vector_type.count, ir.IntType(32)
+    one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(i32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+
+
+def _low_bytes(builder, width):
+    """The mask of the low 8 ``width`` of 64 bytes (an i64 ``width`` < 8): the 8 groups of ``width``
+    bytes that ``pack64`` stores and ``unpack64`` loads."""
+    i64 = ir.IntType(64)
+    count = builder.shl(width, ir.Constant(i64, 3))
+    return builder.bitcast(builder.sub(builder.shl(ir.Constant(i64, 1), count), ir.Constant(i64, 1)),
+                           ir.VectorType(ir.IntType(1), 64))
+
+
 @intrinsic
 def compress_scaled(typingctx, x, start, scale, mask, out, at):
     """out[at], out[at + 1], ... = x[start + j] * scale for the set bits j of the low 16 bits of
@@ -151,9 +167,7 @@ def compress_scaled(typingctx, x, start, scale, mask, out, at):
         vector, suffix = _lanes_type(item)
         source = builder.gep(context.make_array(signature.args[0])(context, builder, x_value).data, [start_value])
         loaded = builder.load(builder.bitcast(source, vector.as_pointer()), align=item.get_abi_alignment(context.target_data))
-        index = ir.Constant(ir.IntType(32), 0)
-        scales = builder.insert_element(ir.Constant(vector, ir.Undefined), scale_value, index)
-        scales = builder.shuffle_vector(scales, ir.Constant(vector, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16))
+        scales = _splat(builder, scale_value, vector)
         bits = builder.bitcast(builder.trunc(mask_value, ir.IntType(16)), ir.VectorType(ir.IntType(1), 16))
         target = builder.gep(context.make_array(signature.args[4])(context, builder, out_value).data, [at_value])
         store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [vector, item.as_pointer(), bits.type]),
@@ -292,12 +306,7 @@ def pack64(typingctx, codes, at, minus, clamp, width, index, out, out_at):
         wide_type = ir.VectorType(i32, 64)
         wide = builder.zext(loaded, wide_type) if signature.args[0].dtype == types.uint8 else builder.sext(loaded, wide_type)
 
-        def splat(value, vector_type):
-            lanes = vector_type.count
-            one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(i32, 0))
-            return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
-
-        fields = builder.sub(wide, splat(builder.trunc(minus_value, i32), wide_type))
+        fields = builder.sub(wide, _splat(builder, builder.trunc(minus_value, i32), wide_type))
         zeros = ir.Constant(wide_type, [0] * 64)
         clamped = builder.select(builder.icmp_signed(">", fields, zeros), fields, zeros)
         clamp_bit = context.cast(builder, clamp_value, signature.args[3], types.boolean)
@@ -310,7 +319,7 @@ def pack64(typingctx, codes, at, minus, clamp, width, index, out, out_at):
             return ir.Constant(words_type, [value] * 8)
 
         def shifted(amount):
-            return splat(amount, words_type)
+            return _splat(builder, amount, words_type)
 
         x = builder.or_(builder.and_(x, constant(0x00FF00FF00FF00FF)),
                         builder.lshr(builder.and_(x, constant(0xFF00FF00FF00FF00 - (1 << 64))), shifted(builder.sub(ir.Constant(i64, 8), w))))
@@ -325,8 +334,7 @@ def pack64(typingctx, codes, at, minus, clamp, width, index, out, out_at):
         permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(byte_vector, [byte_vector, byte_vector]),
                                                  "llvm.x86.avx512.permvar.qi.512")
         packed = builder.call(permute, [builder.bitcast(x, byte_vector), positions])
-        count = builder.shl(w, ir.Constant(i64, 3))  # 8 width bytes (< 64)
-        keep = builder.bitcast(builder.sub(builder.shl(ir.Constant(i64, 1), count), ir.Constant(i64, 1)), ir.VectorType(ir.IntType(1), 64))
+        keep = _low_bytes(builder, w)  # 8 width bytes (< 64)
         target = builder.gep(context.make_array(signature.args[6])(context, builder, out_value).data, [out_at_value])
         store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte_vector, byte_vector.as_pointer(), i32, keep.type]),
                                                "llvm.masked.store.v64i8.p0")
@@ -350,17 +358,11 @@ def unpack64(typingctx, data, at, width, offset, escape, index, out, out_at):
 
     def codegen(context, builder, signature, args):
         data_value, at_value, width_value, offset_value, escape_value, index_value, out_value, out_at_value = args
-        i1, i8, i32, i64 = ir.IntType(1), ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
         bytes_type, words_type = ir.VectorType(i8, 64), ir.VectorType(i64, 8)
 
-        def splat(value, vector_type):
-            lanes = vector_type.count
-            one = builder.insert_element(ir.Constant(vector_type, ir.Undefined), value, ir.Constant(i32, 0))
-            return builder.shuffle_vector(one, ir.Constant(vector_type, ir.Undefined), ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
-
         w = builder.zext(builder.trunc(width_value, i32), i64)
-        count = builder.shl(w, ir.Constant(i64, 3))
-        keep = builder.bitcast(builder.sub(builder.shl(ir.Constant(i64, 1), count), ir.Constant(i64, 1)), ir.VectorType(i1, 64))
+        keep = _low_bytes(builder, w)
         source = builder.gep(context.make_array(signature.args[0])(context, builder, data_value).data, [at_value])
         load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bytes_type, [bytes_type.as_pointer(), i32, keep.type, bytes_type]),
                                               "llvm.masked.load.v64i8.p0")
@@ -373,8 +375,8 @@ def unpack64(typingctx, data, at, width, offset, escape, index, out, out_at):
         one = ir.Constant(i64, 1)
 
         def spread(v, low_mask, shift, mask_shift):
-            low = splat(low_mask, words_type)
-            moved = builder.and_(builder.shl(v, splat(shift, words_type)), builder.shl(low, splat(mask_shift, words_type)))
+            low = _splat(builder, low_mask, words_type)
+            moved = builder.and_(builder.shl(v, _splat(builder, shift, words_type)), builder.shl(low, _splat(builder, mask_shift, words_type)))
             return builder.or_(builder.and_(v, low), moved)
 
         half = builder.sub(builder.shl(one, builder.shl(w, ir.Constant(i64, 2))), one)
@@ -389,7 +391,7 @@ def unpack64(typingctx, data, at, width, offset, escape, index, out, out_at):
         wide = builder.zext(fields, codes_type) if item != i8 else fields
         escape_bit = context.cast(builder, escape_value, signature.args[4], types.boolean)
         add = builder.trunc(builder.sub(offset_value, builder.zext(escape_bit, offset_value.type)), item)
-        added = builder.add(wide, splat(add, codes_type))
+        added = builder.add(wide, _splat(builder, add, codes_type))
         zeros = ir.Constant(codes_type, [0] * 64)
         escaped = builder.select(builder.icmp_unsigned("==", wide, zeros), zeros, added)
         codes = builder.select(escape_bit, escaped, added)
