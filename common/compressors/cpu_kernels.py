@@ -630,10 +630,10 @@ def _kernels():
         interleaved calls: float32 2.4 -> 1.8 ms in a quiet moment, 6.2 -> 4.9 on the loaded host;
         float64 9.0 -> 6.4. Torch's own sum adds a vector longer than about 2^16 in another order, so
         ``size`` stays at most 2^15 (``_sums_like_torch`` checks it)."""
-        width = 4 * lanes
+        width = 4 * lanes  # 16 or 32: torch's lanes are 4 or 8 (``_lanes``)
         runs = np.empty((size // (16 * width) + 1, width))  # a block's run sums (2^power >= 16 rows a run)
         # levels 0-3 of the cascade, on the stack (no store into runs or sums can reach them, so
-        # their loops run on vectors); width <= 32
+        # their loops run on vectors)
         level0 = kernel_parts.stack_like(32, runs)
         level1 = kernel_parts.stack_like(32, runs)
         level2 = kernel_parts.stack_like(32, runs)
@@ -655,13 +655,7 @@ def _kernels():
             elif width == 32:
                 kernel_parts.step_sums(32, whole, full, step, square, runs)
             else:
-                for run in range(full):
-                    for k in range(width):
-                        runs[run, k] = 0.0
-                    for r in range(step):
-                        for k in range(width):
-                            v = np.float64(whole[(run * step + r) * width + k])  # exact; x_i^2 or |x_i|
-                            runs[run, k] += v * v if square else abs(v)
+                raise ValueError("block_sums: lanes must be 4 or 8")
             for k in range(width):
                 level0[k] = 0.0
                 level1[k] = 0.0
