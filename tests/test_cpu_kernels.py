@@ -645,7 +645,7 @@ def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(mon
     monkeypatch.setattr(cpu_kernels, "marked_rows", lambda *a: None)
     monkeypatch.setattr(cpu_kernels, "keyed_range", lambda *a: None)
     assert [encode(c.compress(x, worker=w, step=9)) for w in range(n)] == compiled
-    monkeypatch.setattr(cpu_kernels, "sorted_distinct", lambda *a: None)  # NumPy's sort of the block
+    monkeypatch.setattr(cpu_kernels, "sorted_distinct", lambda *a: None)  # torch's sort of the block
     assert [encode(c.compress(x, worker=w, step=9)) for w in range(n)] == compiled
     supports = [decode(f).support(torch.device("cpu")) for f in compiled]
     assert torch.equal(torch.sort(torch.cat(supports)).values, torch.arange(dim))
