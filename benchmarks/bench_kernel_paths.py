@@ -10,7 +10,7 @@ process: interleaved calls, medians, the same inputs.
   use without the stack copies; before them, a scalar loop over the same pair tables took about a
   third less than it (docs/overhead.md);
 * a bitmap's values: ``gather_marked`` and ``scatter_marked`` (the dense form, and h + it) with
-  AVX-512's compressing store / expanding load against the scan of one set bit at a time, with half
+  AVX-512's vector compression and masked store / expanding load against the scan of one set bit at a time, with half
   and with a tenth of the bits set (Perm-K with n = 2 and n = 10);
 * natural compression's codes: ``pack_codes`` / ``unpack_codes`` 64 fields at a time in vector
   registers (AVX-512 VBMI) against 64-bit words with a carried accumulator;

@@ -155,8 +155,8 @@ def _low_bytes(builder, width):
 def compress_scaled(typingctx, x, start, scale, mask, out, at):
     """out[at], out[at + 1], ... = x[start + j] * scale for the set bits j of the low 16 bits of
     ``mask``, in increasing j (one vector load of x[start:start + 16], which must exist, one vector
-    product rounded in x's dtype as the scalar one is, and a compressing store of popcount(mask)
-    values: AVX-512's vcompressps / vcompresspd; elsewhere the compiler stores lane by lane)."""
+    product rounded in x's dtype as the scalar one is, then the kept lanes moved to the front in a
+    register and stored by a masked store of popcount(mask) lanes; ``_store_compressed``)."""
     if not (isinstance(x, types.Array) and isinstance(out, types.Array) and x.dtype == out.dtype == scale
             and x.dtype in (types.float32, types.float64)):
         return None
@@ -164,18 +164,44 @@ def compress_scaled(typingctx, x, start, scale, mask, out, at):
     def codegen(context, builder, signature, args):
         x_value, start_value, scale_value, mask_value, out_value, at_value = args
         item = context.get_data_type(signature.args[0].dtype)
-        vector, suffix = _lanes_type(item)
+        vector, _ = _lanes_type(item)
         source = builder.gep(context.make_array(signature.args[0])(context, builder, x_value).data, [start_value])
         loaded = builder.load(builder.bitcast(source, vector.as_pointer()), align=item.get_abi_alignment(context.target_data))
-        scales = _splat(builder, scale_value, vector)
-        bits = builder.bitcast(builder.trunc(mask_value, ir.IntType(16)), ir.VectorType(ir.IntType(1), 16))
         target = builder.gep(context.make_array(signature.args[4])(context, builder, out_value).data, [at_value])
-        store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [vector, item.as_pointer(), bits.type]),
-                                               f"llvm.masked.compressstore.{suffix}")
-        builder.call(store, [builder.fmul(loaded, scales), target, bits])
+        _store_compressed(context, builder, builder.fmul(loaded, _splat(builder, scale_value, vector)), mask_value, target)
         return context.get_dummy_value()
 
     return types.void(x, start, scale, mask, out, at), codegen
+
+
+def _store_compressed(context, builder, values, mask, target):
+    """The lanes of ``values`` (16 floats) at the set bits of the low 16 bits of ``mask`` (an i64),
+    in order, stored at ``target`` and after it: per 512 bits of lanes, LLVM's generic compress
+    (AVX-512's vcompressps / vcompresspd with a register destination) and a masked store of as many
+    lanes as it kept. The compressing store to memory (``llvm.masked.compressstore``) is microcoded
+    on AMD Zen 4, where a marked gather took 9.5 ms against 2.5 for the scalar loop (d = 1e7, a
+    tenth of the bits set, 2 threads); this form took 1.5 ms."""
+    item = values.type.element
+    per = 512 // (64 if isinstance(item, ir.DoubleType) else 32)  # lanes in one 512-bit register
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    part_type, bits_type = ir.VectorType(item, per), ir.VectorType(ir.IntType(1), per)
+    compress = cgutils.get_or_insert_function(builder.module, ir.FunctionType(part_type, [part_type, bits_type, part_type]),
+                                              f"llvm.experimental.vector.compress.v{per}f{64 if per == 8 else 32}")
+    store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [part_type, part_type.as_pointer(), i32, bits_type]),
+                                           f"llvm.masked.store.v{per}f{64 if per == 8 else 32}.p0")
+    count = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [i64]), "llvm.ctpop.i64")
+    align = ir.Constant(i32, item.get_abi_alignment(context.target_data))
+    for first in range(0, values.type.count, per):
+        part = builder.shuffle_vector(values, ir.Constant(values.type, ir.Undefined),
+                                      ir.Constant(ir.VectorType(i32, per), list(range(first, first + per))))
+        lanes = builder.and_(builder.lshr(mask, ir.Constant(i64, first)), ir.Constant(i64, (1 << per) - 1))
+        kept = builder.call(count, [lanes])
+        front = builder.sub(builder.shl(ir.Constant(i64, 1), kept), ir.Constant(i64, 1))  # the kept lanes, moved to the front
+        packed = builder.call(compress, [part, builder.bitcast(builder.trunc(lanes, ir.IntType(per)), bits_type),
+                                         ir.Constant(part_type, ir.Undefined)])
+        builder.call(store, [packed, builder.bitcast(target, part_type.as_pointer()), align,
+                             builder.bitcast(builder.trunc(front, ir.IntType(per)), bits_type)])
+        target = builder.gep(target, [kept])
 
 
 @intrinsic
