@@ -10,8 +10,11 @@ For each compressor it times, on a float32 N(0,1) vector of d coordinates:
   ``encode``, the self-describing form, also copies every frame into a ``bytes`` object; the runtime
   does not, and that copy alone is 25 ms of a 40 MB message on an H200 host;
 * decode + decompress: ``c.decompress(decode(frames))`` of one such message, onto the device, from
-  copies of its frames in ordinary memory (where a receiver has them; on a GPU the sender's views
-  point into page-locked memory, which would make the upload look several times faster than it is);
+  writable copies of its frames in ordinary memory (where a receiver has them: ZeroMQ hands the
+  runtime writable frames, over which a dense part is decoded without a copy; copies as ``bytes``,
+  immutable, made the decoder copy every dense part once more, 2.5 ms of Perm-K's 20 MB at n = 2;
+  on a GPU the sender's views point into page-locked memory, which would make the upload look
+  several times faster than it is);
 * one memory copy, ``x.clone()`` (``--copy into``: ``y.copy_(x)`` into a vector allocated once).
 
 The process keeps freed memory for reuse as every ``psc`` process does (``runtime.allocator``), so
@@ -115,7 +118,7 @@ def codec_calls(spec: str, x: torch.Tensor, workers: int):
         return [pack_header(node), *views]
 
     frames = compress_encode()
-    received = [bytes(f) for f in frames]  # in ordinary memory, as ZeroMQ hands a receiver its frames
+    received = [bytearray(f) for f in frames]  # in ordinary memory and writable, as ZeroMQ hands a receiver its frames
     return compress_encode, frames, lambda: c.decompress(decode(received, x.device))
 
 

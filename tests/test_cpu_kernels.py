@@ -659,12 +659,15 @@ def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(mon
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("threads", [1, 3])
-def test_topk_candidates_in_one_compiled_pass_are_the_torch_ones(dtype, threads, monkeypatch):
+@pytest.mark.parametrize("threads, vector", [(1, True), (3, True), (3, False)])
+def test_topk_candidates_in_one_compiled_pass_are_the_torch_ones(dtype, threads, vector, monkeypatch):
     """Ties at the level, both zeros, NaN and inf, a level in x's own precision, and an ``expect`` far
-    too small (the pieces run again with room for all)."""
+    too small (the pieces run again with room for all); 16 coordinates at a time where the host has
+    AVX-512 (``vector``), and a block's flags a word at a time."""
     from common.compressors import topk
 
+    has_vectors = cpu_kernels.vector_compress()
+    monkeypatch.setattr(cpu_kernels, "vector_compress", lambda: vector and has_vectors)
     monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
     monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1000)
     gen = torch.Generator().manual_seed(7)
