@@ -8,7 +8,9 @@ process: interleaved calls, medians, the same inputs.
   table kernel (``quantize32``: a search from the binade's first level, in a table read from its
   arguments), stochastic and to the nearest level. The general kernel is what a base-3 table would
   use without the stack copies; before them, a scalar loop over the same pair tables took about a
-  third less than it (docs/overhead.md);
+  third less than it (docs/overhead.md). Where the kernels are compiled for AVX-512, also the kernel
+  that reads windows of the tables from registers (``quantize_pairs32_windowed``) against the stack
+  copies' gathers;
 * a bitmap's values: ``gather_marked`` and ``scatter_marked`` (the dense form, and h + it) with
   AVX-512's vector compression and masked store / expanding load against the scan of one set bit at a time, with half
   and with a tenth of the bits set (Perm-K with n = 2 and n = 10);
@@ -85,6 +87,17 @@ def quantize_rows(x: np.ndarray, repeats: int):
             rounding = "stochastic" if stochastic else "nearest level"
             yield (f"quantize, {name}, {rounding} (one piece)", "general table kernel",
                    "pair tables copied onto the stack", *medians([general, stacked], repeats))
+            if cpu_kernels.vector_compress():
+                windows = cpu_kernels.binade_windows(levels.tobytes())
+
+                def windowed():
+                    return kernels["pairs32_windowed"](x, 0, divisor, *pairs, windows, levels, scan, top, np.uint64(7),
+                                                       stochastic, negative, before)
+
+                windowed()
+                assert np.array_equal(before, after), name
+                yield (f"quantize, {name}, {rounding} (one piece)", "pair tables copied onto the stack (gathers)",
+                       "windows of the tables in registers (AVX-512)", *medians([stacked, windowed], repeats))
 
 
 def _switched(name: str, value: bool):

@@ -198,11 +198,16 @@ def test_powers_of_two_round_up_only_past_the_boundary_where_a_draw_equals_the_p
                                    LevelTable("rounding", 5.5, dtype_name="float32"),
                                    LevelTable("exp", 3.0, 4), LevelTable("exp", 2.5, 30)])
 @pytest.mark.parametrize("stochastic", [True, False])
-def test_tables_of_one_level_a_binade_read_from_the_stack_give_the_torch_codes(table, stochastic, monkeypatch):
+@pytest.mark.parametrize("vector", [True, False])
+def test_tables_of_one_level_a_binade_read_from_the_stack_give_the_torch_codes(table, stochastic, vector, monkeypatch):
     """Bases above 2 (one level at most in each binade): the kernel that reads its tables from stack
-    copies gives the torch version's codes on every level, its float32 neighbours, subnormal t
-    (between rounding tables' subnormal levels: redone after the loop), zeros and values above the
-    top level, in pieces over threads (the draws named by each coordinate's place), and the span."""
+    copies, and with AVX-512 (``vector``) the one that reads windows of them from registers, give the
+    torch version's codes on every level, its float32 neighbours, subnormal t (between rounding
+    tables' subnormal levels: redone after the loop), zeros and values above the top level, values
+    of a narrow range (inside a block's window) and of a wide one (outside it), in pieces over
+    threads (the draws named by each coordinate's place), and the span."""
+    has_vectors = cpu_kernels.vector_compress()
+    monkeypatch.setattr(cpu_kernels, "vector_compress", lambda: vector and has_vectors)
     levels = table.values(torch.float32, "cpu")
     assert cpu_kernels.binade_starts(levels.numpy().tobytes(), np.float32)[2] < 2  # the kernel that applies
     gen = torch.Generator().manual_seed(int(table.base * 10) + table.s)
@@ -213,6 +218,8 @@ def test_tables_of_one_level_a_binade_read_from_the_stack_give_the_torch_codes(t
                    torch.nextafter(exact, torch.tensor(0.0)), torch.tensor([0.0, 1e-45, 3e-40, 1.1e-38, 3e38]),
                    torch.rand(5_000, generator=gen) * 1e-38])
     t = t[torch.randperm(t.numel(), generator=gen)]
+    narrow = torch.cat([torch.randn(100_000, generator=gen).abs().clamp_max(top), levels[60:90].repeat(100)])
+    t = torch.cat([narrow[torch.randperm(narrow.numel(), generator=gen)], t])  # whole blocks of a narrow range
     x = torch.where(torch.rand(t.numel(), generator=gen) < 0.5, -t, t)
     key = 0x0FED_CBA9_8765_4321
     monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1 << 14)  # several pieces, each with its draws

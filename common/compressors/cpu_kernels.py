@@ -18,7 +18,8 @@ does, and l_k = k / s by arithmetic (``quantize_uniform32``); tables of powers o
 compression, base-2 rounding, natural dithering) take k and the levels from t's exponent field
 (``quantize_powers32``). Both run as vectorized loops; a table read kept the general kernel scalar.
 Tables with one level at most in each binade (bases above 2) are read from copies on the kernel's
-stack (``quantize_pairs32``, ``kernel_parts``), which lets that loop run on vector gathers too.
+stack (``quantize_pairs32``, ``kernel_parts``), which lets that loop run on vector gathers too, or
+with AVX-512 from windows of the tables held in registers (``quantize_pairs32_windowed``).
 
 The wire codec uses the other kernels for a ``Quantized`` payload on the CPU: ``code_range`` (min,
 max and smallest nonzero code in one pass), ``pack_codes`` / ``unpack_codes`` (fields of 1..8 bits in
@@ -157,19 +158,17 @@ def _kernels():
     # rounding and dithering with a base above 2): ``binade_pairs`` gives, for t's exponent field E and
     # whether t is at or above the binade's level, t's lower code and both its levels: one comparison
     # and one index instead of a search. The four tables (256 and 512 entries) are copied onto the
-    # kernel's stack first (``kernel_parts``), where no store of the loop can reach them: the lookup,
-    # the division and the coin flip then run in one loop on vector gathers, where the tables as
-    # arguments kept the lookup scalar (one thread at d = 1e7, base-3 rounding 34.5 -> 19.1 ms
-    # stochastic and 29.8 -> 15.6 ms nearest; base-3 dithering, s = 4, 30.8 -> 19.3 and 25.1 -> 14.9).
-    # The stochastic and nearest tests are both computed and selected (a loop for each kept the
-    # stochastic one scalar). Nonzero subnormal t (rounding tables hold many levels there: ``scan``
-    # = 1) are redone from the table with the same draws after the loop (``kernel_parts.redo_subnormal``,
-    # as in ``quantize_powers32``).
+    # kernel's stack first (``kernel_parts``), where no store of the loop can reach them: the lookups
+    # then run on vector gathers, where the tables as arguments kept them scalar (one thread at
+    # d = 1e7, base-3 rounding 34.5 -> 19.1 ms stochastic and 29.8 -> 15.6 ms nearest; base-3
+    # dithering, s = 4, 30.8 -> 19.3 and 25.1 -> 14.9, with the lookups and the arithmetic in one
+    # loop; ``kernel_parts.pair_code`` gives a code from its levels). Nonzero subnormal t (rounding
+    # tables hold many levels there: ``scan`` = 1) are redone from the table with the same draws after
+    # the loop (``kernel_parts.redo_subnormal``, as in ``quantize_powers32``).
 
     @jit(error_model="numpy")
     def quantize_pairs32(x, first, divisor, above, pair_codes, pair_lo, pair_hi, levels, scan, top, key, stochastic,
                          neg, codes):
-        scale = np.float32(16777216.0)  # 2^24
         n = x.size
         over = kernel_parts.stack_like(256, above)
         code_of, low_of, high_of = kernel_parts.stack_like(512, pair_codes), kernel_parts.stack_like(512, pair_lo), kernel_parts.stack_like(512, pair_hi)
@@ -193,12 +192,7 @@ def _kernels():
                 tj = t[j]
                 field = (fields[j] >> np.uint32(23)) & np.uint32(0xFF)
                 i = np.int32(field << np.uint32(1)) + np.int32(tj >= over[field])
-                lo, hi = low_of[i], high_of[i]
-                num = np.float32(tj - lo)
-                gap = np.float32(hi - lo)
-                drawn = (np.float32(halves[j] & np.uint32(0xFFFFFF)) < np.float32(np.float32(num / gap) * scale)) | (gap <= np.float32(0))
-                nearer = num > np.float32(hi - tj)
-                code = np.int32(code_of[i] + np.int32((stochastic & drawn) | (nearer & (not stochastic))))
+                code = kernel_parts.pair_code(tj, low_of[i], high_of[i], code_of[i], halves[j], stochastic)
                 cb[j] = code
                 redo = max(redo, np.int32((field == np.uint32(0)) & (fields[j] != np.uint32(0))))  # subnormal t
                 bad = max(bad, np.int32(field == np.uint32(0xFF)))
@@ -206,6 +200,57 @@ def _kernels():
                 lnz = min(lnz, code if code != 0 else none)
             if scan == 1 and redo > 0:  # only the subnormal binade (field 0) holds more levels: finish there
                 lmin, lmax, lnz = kernel_parts.redo_subnormal(t[:m], halves, cb, code_of[0], levels, top, stochastic)
+            least, most, nonzero = min(least, lmin), max(most, lmax), min(nonzero, lnz)
+        return (np.int64(least) if most >= 0 else BIG), np.int64(most), (np.int64(nonzero) if nonzero != none else BIG), bad
+
+    # The same with AVX-512, without gathers: a block's lookups of 16 coordinates at a time come from
+    # windows of 32 exponent fields of the tables, held in registers and read by permutations
+    # (``kernel_parts.window_pairs``), into three small arrays that the loop of codes then reads in
+    # order. A block's window ends at its largest field; the few t below it (zeros, values 2^31 times
+    # smaller than the block's largest) are looked up one by one. On AMD Zen 4, where a 16-lane gather
+    # cost about 18 cycles, one thread at d = 1e7 (base-3 rounding, stochastic): 25 -> 10 ms.
+    # ``windows``: ``binade_windows``.
+
+    @jit(error_model="numpy")
+    def quantize_pairs32_windowed(x, first, divisor, above, pair_codes, pair_lo, pair_hi, windows, levels, scan, top,
+                                  key, stochastic, neg, codes):
+        n = x.size
+        halves = np.zeros(BLOCK, np.uint32)
+        t = np.zeros(BLOCK, np.float32)  # (the last block's groups read past its end: zeros, not NaN)
+        fields = t.view(np.uint32)
+        lows, highs, lower = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.int32)
+        outside = np.empty(BLOCK // 16, np.int64)
+        none = np.int32(2**30)
+        least, most, nonzero = none, np.int32(-1), none
+        bad = np.int32(0)
+        for b0 in range(0, n, BLOCK):
+            m = min(BLOCK, n - b0)
+            xb, nb, cb = x[b0:b0 + m], neg[b0:b0 + m], codes[b0:b0 + m]
+            kernel_parts.block_start(xb, divisor, key, first + b0, stochastic, nb, t, halves)
+            highest = np.uint32(0)
+            for j in range(m):
+                highest = max(highest, (fields[j] >> np.uint32(23)) & np.uint32(0xFF))
+            groups = (m + 15) // 16
+            if kernel_parts.window_pairs(t, groups, max(np.int64(highest) - (kernel_parts.WINDOW - 1), 0), windows,
+                                         lows, highs, lower, outside) != 0:
+                for g in range(groups):
+                    for j in range(16 * g, min(m, 16 * g + 16)):
+                        if (outside[g] >> (j - 16 * g)) & 1:
+                            field = (fields[j] >> np.uint32(23)) & np.uint32(0xFF)
+                            i = np.int32(field << np.uint32(1)) + np.int32(t[j] >= above[field])
+                            lows[j], highs[j], lower[j] = pair_lo[i], pair_hi[i], pair_codes[i]
+            redo = np.int32(0)
+            lmin, lmax, lnz = none, np.int32(-1), none
+            for j in range(m):
+                code = kernel_parts.pair_code(t[j], lows[j], highs[j], lower[j], halves[j], stochastic)
+                cb[j] = code
+                field = (fields[j] >> np.uint32(23)) & np.uint32(0xFF)
+                redo = max(redo, np.int32((field == np.uint32(0)) & (fields[j] != np.uint32(0))))
+                bad = max(bad, np.int32(field == np.uint32(0xFF)))
+                lmin, lmax = min(lmin, code), max(lmax, code)
+                lnz = min(lnz, code if code != 0 else none)
+            if scan == 1 and redo > 0:
+                lmin, lmax, lnz = kernel_parts.redo_subnormal(t[:m], halves, cb, pair_codes[0], levels, top, stochastic)
             least, most, nonzero = min(least, lmin), max(most, lmax), min(nonzero, lnz)
         return (np.int64(least) if most >= 0 else BIG), np.int64(most), (np.int64(nonzero) if nonzero != none else BIG), bad
 
@@ -1199,7 +1244,7 @@ def _kernels():
             c += np.int64(v > threshold) | tie
         return c
 
-    return {np.float32: quantize32, np.float64: quantize64, "uniform32": quantize_uniform32, "powers32": quantize_powers32, "pairs32": quantize_pairs32, "code_range": code_range, "magnitude_bits": magnitude_bits,
+    return {np.float32: quantize32, np.float64: quantize64, "uniform32": quantize_uniform32, "powers32": quantize_powers32, "pairs32": quantize_pairs32, "pairs32_windowed": quantize_pairs32_windowed, "code_range": code_range, "magnitude_bits": magnitude_bits,
             "pack_small": pack_small, "pack_words": pack_words, "pack_vectors": pack_vectors, "unpack_small": unpack_small, "unpack_words": unpack_words, "unpack_vectors": unpack_vectors, "dequantize": dequantize, "dequantize_stacked": dequantize_stacked, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
@@ -1245,6 +1290,16 @@ def binade_starts(levels_bytes: bytes, np_dtype) -> tuple[np.ndarray, np.ndarray
     # below 2); the kernel tests the cheap condition that applies
     scan = 0 if not crowded.any() else 1 if not crowded[1:].any() else 2
     return starts.astype(np.int32), crowded, scan
+
+
+@functools.lru_cache(maxsize=64)
+def binade_windows(levels_bytes: bytes) -> np.ndarray:
+    """``binade_pairs`` as the seven float32 rows of 256 entries (one per exponent field) that
+    ``kernel_parts.window_pairs`` reads: above; the lower level for t below above[E], then at or
+    above it; the same for the upper level and for the lower code (its int32 bits)."""
+    above, codes, lows, highs = binade_pairs(levels_bytes)
+    rows = [above, lows[0::2], lows[1::2], highs[0::2], highs[1::2], codes[0::2].view(np.float32), codes[1::2].view(np.float32)]
+    return np.ascontiguousarray(np.stack(rows).reshape(-1), dtype=np.float32)
 
 
 @functools.lru_cache(maxsize=64)
@@ -1372,6 +1427,11 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
         def piece(a, b):  # levels 0 and powers of two, read off the exponent
             return binary(flat[a:b], a, div, c, top, fixups, lv, starts, draws_key, rounding,
                           neg[a:b], codes[a:b])
+    elif np_work == np.float32 and uniform_s == 0 and scan < 2 and vector_compress():
+        windowed, pairs, windows = kernels["pairs32_windowed"], binade_pairs(lv.tobytes()), binade_windows(lv.tobytes())
+
+        def piece(a, b):  # one level at most a binade, looked up in windows of the tables held in registers
+            return windowed(flat[a:b], a, div, *pairs, windows, lv, scan, top, draws_key, rounding, neg[a:b], codes[a:b])
     elif np_work == np.float32 and uniform_s == 0 and scan < 2:
         paired, pairs = kernels["pairs32"], binade_pairs(lv.tobytes())
 

@@ -87,6 +87,19 @@ def block_start(xb, divisor, key, start, stochastic, negative, t, halves):
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
+def pair_code(tj, lo, hi, lower, half, stochastic):
+    """The code of t = ``tj`` between its two levels lo < hi of a one-level-a-binade table, ``lower``
+    being lo's code: up with probability (t - lo) / gap from the draw's 32-bit ``half``
+    (``stochastic``; up where the gap is 0), else to the nearer level (ties down). Both tests are
+    computed and one selected: a loop for each kept the stochastic one scalar."""
+    num = np.float32(tj - lo)
+    gap = np.float32(hi - lo)
+    drawn = (np.float32(half & np.uint32(0xFFFFFF)) < np.float32(np.float32(num / gap) * np.float32(16777216.0))) | (gap <= np.float32(0))
+    nearer = num > np.float32(hi - tj)
+    return np.int32(lower + np.int32((stochastic & drawn) | (nearer & (not stochastic))))
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
 def redo_subnormal(t, halves, codes, start, levels, top, stochastic):
     """The float32 quantizers' second look at a block whose t (|x| / divisor) holds subnormal values,
     where a table may hold many levels that no exponent field tells apart: for each t with exponent
@@ -256,6 +269,65 @@ def compress_found(typingctx, x, start, mask, first, out, values, at):
         return context.get_dummy_value()
 
     return types.void(x, start, mask, first, out, values, at), codegen
+
+
+BINADES = 256  # float32 exponent fields: entries of each row of ``window_pairs``'s tables
+WINDOW = 32  # fields a window holds: two vectors of 16 entries, which one two-source permutation reads
+
+
+@intrinsic
+def window_pairs(typingctx, t, groups, first_field, tables, lows, highs, codes, outside):
+    """The lookups of ``cpu_kernels.binade_pairs`` for t[0:16 groups] (float32, which must exist)
+    without gathers: for each t its lower level, upper level and lower code, from the exponent field
+    E of t and whether t >= above[E], into ``lows``, ``highs`` and ``codes`` (int32), for the fields
+    first_field .. first_field + 31 only. ``tables``: float32 rows of ``BINADES`` entries (above; the
+    lower level for t below above[E], then at or above it; the same for the upper level; the same for
+    the code, its int32 bits), of which the 32-entry window of each row is loaded once into two
+    vectors and read by AVX-512's two-source permutation (vpermi2ps): seven permutations, a
+    comparison and three selects for 16 coordinates, against four gathers. outside[g] gets the mask
+    of group g's lanes whose field is not in the window (their outputs mean nothing; the caller looks
+    them up); returns the OR of those masks. AVX-512 only."""
+    if not (isinstance(t, types.Array) and t.dtype == types.float32 and isinstance(tables, types.Array)
+            and tables.dtype == types.float32 and isinstance(lows, types.Array) and lows.dtype == types.float32
+            and isinstance(highs, types.Array) and highs.dtype == types.float32 and isinstance(codes, types.Array)
+            and codes.dtype == types.int32 and isinstance(outside, types.Array) and outside.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        floats, ints = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
+        t_data, table_data, low_data, high_data, code_data, outside_data = (
+            context.make_array(signature.args[k])(context, builder, args[k]).data for k in (0, 3, 4, 5, 6, 7))
+        first = context.cast(builder, args[2], signature.args[2], types.int64)
+
+        def window(row, half):
+            at = builder.add(first, ir.Constant(i64, row * BINADES + 16 * half))
+            return builder.load(builder.bitcast(builder.gep(table_data, [at]), floats.as_pointer()), align=4)
+
+        windows = [(window(row, 0), window(row, 1)) for row in range(7)]
+        permute = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats, ints, floats]),
+                                                 "llvm.x86.avx512.vpermi2var.ps.512")
+        splat = lambda value: _splat(builder, ir.Constant(i32, value), ints)
+        first32 = _splat(builder, builder.trunc(first, i32), ints)
+        union = cgutils.alloca_once_value(builder, ir.Constant(i64, 0))
+        with cgutils.for_range(builder, context.cast(builder, args[1], signature.args[1], types.int64)) as loop:
+            at = builder.mul(loop.index, ir.Constant(i64, 16))
+            tv = builder.load(builder.bitcast(builder.gep(t_data, [at]), floats.as_pointer()), align=4)
+            fields = builder.and_(builder.lshr(builder.bitcast(tv, ints), splat(23)), splat(0xFF))
+            offset = builder.sub(fields, first32)
+            index = builder.and_(offset, splat(WINDOW - 1))
+            read = lambda row: builder.call(permute, [windows[row][0], index, windows[row][1]])
+            above = builder.fcmp_ordered(">=", tv, read(0))
+            pick = lambda row: builder.select(above, read(row + 1), read(row))
+            builder.store(pick(1), builder.bitcast(builder.gep(low_data, [at]), floats.as_pointer()), align=4)
+            builder.store(pick(3), builder.bitcast(builder.gep(high_data, [at]), floats.as_pointer()), align=4)
+            builder.store(builder.bitcast(pick(5), ints), builder.bitcast(builder.gep(code_data, [at]), ints.as_pointer()), align=4)
+            missed = builder.zext(builder.bitcast(builder.icmp_unsigned(">=", offset, splat(WINDOW)), ir.IntType(16)), i64)
+            builder.store(missed, builder.gep(outside_data, [loop.index]))
+            builder.store(builder.or_(builder.load(union), missed), union)
+        return builder.load(union)
+
+    return types.int64(t, groups, first_field, tables, lows, highs, codes, outside), codegen
 
 
 @intrinsic
