@@ -547,6 +547,25 @@ def test_a_keyed_block_s_bitmap_is_the_same_from_the_image(threads, monkeypatch)
                     assert np.array_equal(indices.marked_from_the_image(start, size, dim, key), want), (dim, key, start, size)
 
 
+def test_a_bitmap_rotated_64_bits_at_a_time_is_rotated_bit_by_bit():
+    """``rotated_bits``: bit u of the result is bit (u - rotation) mod dim of the source, for lengths
+    with and without a partial last word, rotations at and near 0, a word's edges and dim, and a
+    range of words at a time (as the threads take them)."""
+    kernels = cpu_kernels._kernels()
+    rng = np.random.default_rng(11)
+    for dim in (64, 65, 127, 1000, 4096, 10_007):
+        words = (dim + 63) // 64
+        bits = rng.random(dim) < 0.5
+        source = np.packbits(np.concatenate([bits, np.zeros(64 * words - dim, bool)]), bitorder="little").view(np.uint64)
+        for rotation in sorted({0, 1, 63, 64, 65, dim // 2, dim - 64, dim - 1} & set(range(dim))):
+            want = np.packbits(np.concatenate([np.roll(bits, rotation), np.zeros(64 * words - dim, bool)]),
+                               bitorder="little").view(np.uint64)
+            got = np.full(words, 0xDEAD, dtype=np.uint64)
+            for a in range(0, words, 3):
+                kernels["rotated_bits"](source, dim, rotation, a, min(words, a + 3), got)
+            assert np.array_equal(got, want), (dim, rotation)
+
+
 def test_distinct_values_come_out_of_the_bitmap_in_numpy_s_order():
     """Any dim (a partial last word too), both ends of the range, int32 and int64 values; two equal
     values are refused (None), so the caller sorts instead."""

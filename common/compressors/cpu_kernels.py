@@ -972,30 +972,50 @@ def _kernels():
             out[j] = v + ((v >> 63) & dim)
 
     @jit()
-    def mark_rows_inverse(word_a, word_b, first_row, end_row, low, a_size, t1, t2, t3, dim, rotation, words):
-        """words[w] for w in [word_a, word_b): bit j is set where u = 64 w + j < dim and the Feistel
-        network's last three rounds, undone on v = (u - rotation) mod dim (left = (left - T3[right])
-        mod A; right ^= T2[left]; left = (left - T1[right]) mod A), leave a left in [first_row,
-        end_row): the images of those full rows, except the positions whose image needed a cycle walk
-        (see ``marked_rows``). No branch: three table reads and a comparison a coordinate, the words
-        written in order."""
+    def mark_rows_inverse(word_a, word_b, first_row, end_row, low, a_size, t1, t2, t3, dim, words):
+        """words[w] for w in [word_a, word_b): bit j is set where v = 64 w + j < dim and the Feistel
+        network's last three rounds, undone on v (left = (left - T3[right]) mod A; right ^= T2[left];
+        left = (left - T1[right]) mod A), leave a left in [first_row, end_row): in the order of v, the
+        value before the rotation (``rotated_bits`` then moves the bitmap to the coordinates), the
+        images of those full rows except the positions whose image needed a cycle walk (see
+        ``marked_rows``). The 64 v of a word share their left half (64 divides 2^low), and their right
+        halves are consecutive: T3 is read in order, so two table reads a coordinate are gathers, not
+        three (one thread at d = 1e7, n = 2: 14.6 -> 9.8 ms, and 0.9 for the rotation). No branch:
+        the words are written in order."""
         mask = (np.int64(1) << low) - 1
         rows = u64(end_row - first_row)
         for w in range(word_a, word_b):
-            word = u64(0)
             base = np.int64(w) << 6
+            top, first_right = base >> low, base & mask
+            word = u64(0)
             for j in range(64):
-                u = base + j
-                v = u - rotation
-                v += (v >> 63) & dim
-                right = v & mask
-                left = (v >> low) - t3[u64(right)] - a_size
+                right = first_right + j
+                left = top - t3[u64(right)] - a_size
                 left += (left >> 63) & a_size
                 right = right ^ t2[u64(left)]
                 left = left - t1[u64(right)] - a_size
                 left += (left >> 63) & a_size
-                word |= u64((u64(left - first_row) < rows) & (u < dim)) << u64(j)
+                word |= u64((u64(left - first_row) < rows) & (base + j < dim)) << u64(j)
             words[w] = word
+
+    @jit()
+    def rotated_bits(source, dim, rotation, word_a, word_b, out):
+        """out[w] for w in [word_a, word_b) of the bitmap whose bit u (< dim) is bit (u - rotation) mod
+        dim of ``source`` (0 <= rotation < dim; bits from dim on are 0): the keyed rotation
+        (v + rotation) mod dim applied to a bitmap in v's order, 64 bits at a time."""
+        tail = dim - rotation  # bits [rotation, dim) come from [0, tail) of source, bits [0, rotation) from [tail, dim)
+        for w in range(word_a, word_b):
+            u = np.int64(w) << 6
+            if u + 64 <= rotation:
+                word = kernel_parts.bits_from(source, u + tail)
+            elif u >= rotation:
+                word = kernel_parts.bits_from(source, u - rotation)
+            else:  # the seam at u = rotation falls in this word
+                below = u64(rotation - u)
+                word = (kernel_parts.bits_from(source, u + tail) & ((u64(1) << below) - u64(1))) | (kernel_parts.bits_from(source, 0) << below)
+            if dim - u < 64:
+                word &= (u64(1) << u64(dim - u)) - u64(1)
+            out[w] = word
 
     @jit()
     def ascending(values, words, out, lowest_bit):
@@ -1249,7 +1269,7 @@ def _kernels():
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
             "descend": descend, "mean_descend": mean_descend, "signs_mean_added": signs_mean_added, "sparse_added": sparse_added, "feistel": feistel, "ascending": ascending,
-            "mark": mark, "mark_rows_inverse": mark_rows_inverse, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
+            "mark": mark, "mark_rows_inverse": mark_rows_inverse, "rotated_bits": rotated_bits, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
             "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write,
             "rice_read": rice_read, "pick_top": pick_top}
 
@@ -2058,14 +2078,16 @@ def marked_rows(first_row: int, end_row: int, dim: int, low: int, a_size: int, t
     needed a cycle walk maps back to a value of at least d, in no full row, so the images of the
     positions whose first pass through the network left [0, d) are missing: the caller marks them
     (``indices.marked_support``). Work in d, not in the rows' positions: for blocks of half of
-    [0, d). None without Numba or for another number of rounds."""
+    [0, d). The values are taken in their order before the keyed rotation, and the bitmap rotated
+    after (``rotated_bits``). None without Numba or for another number of rounds."""
     kernels = _kernels()
     if kernels is None or len(tables) != 4:
         return None
-    words = np.empty((dim + 63) // 64, dtype=np.uint64)
+    before, words = np.empty((dim + 63) // 64, dtype=np.uint64), np.empty((dim + 63) // 64, dtype=np.uint64)
     arrays = [t.contiguous().numpy() for t in tables[1:]]
     _run(dim, 64, lambda a, b: kernels["mark_rows_inverse"](a // 64, -(-b // 64), first_row, end_row, low, a_size,
-                                                            *arrays, dim, rotation, words))
+                                                            *arrays, dim, before))
+    _run(dim, 64, lambda a, b: kernels["rotated_bits"](before, dim, rotation, a // 64, -(-b // 64), words))
     return words
 
 

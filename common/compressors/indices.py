@@ -245,8 +245,9 @@ def marked_from_the_image(start: int, size: int, dim: int, key: int) -> np.ndarr
     every coordinate back (``cpu_kernels.marked_rows``) instead of every position forward: three
     table reads and no scattered bit a coordinate, against four dependent reads and a bit set at a
     random word a position. It pays where the block holds half the coordinates (d = 1e7, n = 2:
-    11.6-13.1 ms against 12.7-17.2), not at a third (17.8-18.3 against 14.2-15.0): see
-    docs/overhead.md. The positions that
+    11.6-13.1 ms against 12.7-17.2 on an Intel host; 7.0-8.9 against 11.6-14.4 on AMD Zen 4 since the
+    values are taken in their order before the rotation), not at a third (17.8-18.3 against 14.2-15.0;
+    on Zen 4, 6.6-10.3 against 7.7-10.2): see docs/overhead.md. The positions that
     ``marked_rows`` leaves out are few and mapped forward: those of the block's partial rows at its
     two ends, and those of its full rows whose first pass through the network leaves [0, dim) (the
     network's inverse of each value of [dim, A 2^low) that falls in those rows)."""

@@ -100,6 +100,17 @@ def pair_code(tj, lo, hi, lower, half, stochastic):
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
+def bits_from(words, v):
+    """Bits v .. v + 63 of the bitmap ``words`` (bit j of words[w] is bit 64 w + j) as one uint64,
+    bits past its end read as 0; v >= 0."""
+    w, shift = v >> 6, np.uint64(v & 63)
+    low = words[w] >> shift
+    if shift != np.uint64(0) and w + 1 < words.size:
+        low |= words[w + 1] << (np.uint64(64) - shift)
+    return low
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
 def redo_subnormal(t, halves, codes, start, levels, top, stochastic):
     """The float32 quantizers' second look at a block whose t (|x| / divisor) holds subnormal values,
     where a table may hold many levels that no exponent field tells apart: for each t with exponent
