@@ -1262,6 +1262,33 @@ def test_the_kernels_pool_follows_torchs_thread_count():
         torch.set_num_threads(before)
 
 
+def test_pieces_run_once_each_in_order_and_a_piece_s_error_is_raised(monkeypatch):
+    """The calling thread and the pool's threads share the pieces: each runs once, the results come
+    back in the pieces' order, and an exception from any piece (the caller's or a pool thread's) is
+    raised, after every thread has stopped."""
+    import threading
+
+    monkeypatch.setattr(cpu_kernels, "_threads", lambda: 3)
+    pieces = [(a, a + 1) for a in range(40)]
+    seen, threads = [], set()
+
+    def piece(a, b):
+        seen.append(a)
+        threads.add(threading.get_ident())
+        return a * a
+
+    assert cpu_kernels._run_pieces(pieces, piece) == [a * a for a in range(40)]
+    assert sorted(seen) == list(range(40))
+    for bad in (0, 39):
+        def failing(a, b, bad=bad):
+            if a == bad:
+                raise ValueError(f"piece {a}")
+            return a
+
+        with pytest.raises(ValueError, match=f"piece {bad}"):
+            cpu_kernels._run_pieces(pieces, failing)
+
+
 def test_adaptive_draws_from_the_compiled_block_sums_what_it_drew_from_torchs(monkeypatch):
     """Adaptive sparsification's block sums (float64, torch's order) in one compiled pass: the same
     sums bit for bit, so the same coordinate and the same message at every step."""

@@ -52,6 +52,7 @@ Kernels are compiled on first use (about a second) and cached on disk (Numba's `
 from __future__ import annotations
 
 import functools
+import itertools
 import sys
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -2151,10 +2152,32 @@ def scatter_marked(words: np.ndarray, values: torch.Tensor, dim: int, h: torch.T
 
 
 def _run_pieces(pieces, fn) -> list:
-    """``fn(*piece)`` for each piece, in parallel threads where there are several; the results in order."""
+    """``fn(*piece)`` for each piece, in parallel threads where there are several; the results in order.
+    The calling thread takes pieces too, beside one fewer pool thread than torch's thread count, each
+    taking the next piece as it comes free (a shared counter): one pool thread woken a call instead
+    of one task handed over a piece (on 2 threads, 8 pieces that do nothing: about 100 us a call
+    through the pool's map, against 20-30 this way). An exception from a piece is raised once every
+    thread has stopped taking pieces."""
     if len(pieces) == 1:
         return [fn(*pieces[0])]
-    return list(_pool().map(lambda piece: fn(*piece), pieces))
+    results = [None] * len(pieces)
+    taken = itertools.count()  # (its next() holds the GIL: each piece is taken once)
+
+    def take() -> None:
+        for i in iter(taken.__next__, None):
+            if i >= len(pieces):
+                return
+            results[i] = fn(*pieces[i])
+
+    helpers = [_pool().submit(take) for _ in range(min(_threads(), len(pieces)) - 1)]
+    try:
+        take()
+    finally:
+        errors = [helper.exception() for helper in helpers]  # (waits for each)
+    for error in errors:
+        if error is not None:
+            raise error
+    return results
 
 
 def gap_quotient_sums(idx: torch.Tensor, shifts: list[int]) -> list[int] | None:
