@@ -108,11 +108,18 @@ def test_topk_of_a_long_vector_with_many_ties_is_the_lowest_index_rule(ratio, dt
     x = torch.randn((1 << 17) + 3, generator=gen)
     sampled_large = x.clone()
     sampled_large[::16] *= 100
-    for values in (x.to(dtype), (x * 4).round().to(dtype), sampled_large.to(dtype)):  # distinct where the dtype allows; a few dozen
+    vectors = [x, (x * 4).round(), sampled_large]  # distinct where the dtype allows; a few dozen; large where sampled
+    for share in (0.001, 0.005, 0.03, 0.2):  # mostly zeros (the sample's level is 0): fewer or more nonzeros than k
+        sparse = torch.where(torch.rand(x.numel(), generator=gen) < share, x, torch.zeros(()))
+        sparse[torch.rand(x.numel(), generator=gen) < 0.3] *= -0.0  # zeros of either sign, kept as they are
+        vectors.append(sparse)
+    for values in (v.to(dtype) for v in vectors):
         c = build(f"topk:ratio={ratio}", values.numel())
         order = torch.sort(values.abs().double(), descending=True, stable=True).indices
         want = torch.sort(order[: c.k]).values
-        assert torch.equal(c.compress(values).indices, want)
+        got = c.compress(values)
+        assert torch.equal(got.indices, want)
+        assert torch.equal(got.values.to_dense().view(torch.uint8), values[want].view(torch.uint8))  # (the bits: -0.0 too)
 
 
 def test_natural_handles_zero_subnormals_and_the_top_binade():

@@ -1150,7 +1150,7 @@ def test_top_k_of_a_difference_is_top_k_of_the_difference_formed_first(dtype, th
         c = build(spec, t.numel(), 2)
         calls.clear()
         assert encode(c.compress_difference(t, g, worker=1, step=2)) == encode(c.compress(t - g, worker=1, step=2)), spec
-        sampled = t.numel() >= 1 << 16 and c.k <= t.numel() // 4 and not torch.equal(t, g)
+        sampled = t.numel() >= 1 << 16 and c.k <= t.numel() // 4  # (a difference of zeros too: its nonzeros are the candidates)
         assert (True in calls) == sampled, (spec, t.numel())
     other = h.double() if dtype == torch.float32 else h.float()  # promoted by torch: formed first
     c = build("topk:ratio=0.01", n, 2)
@@ -1260,6 +1260,29 @@ def test_the_kernels_pool_follows_torchs_thread_count():
         assert cpu_kernels._pool()._max_workers == 2  # never fewer than two
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_kth_largest_by_its_bits_is_numpy_s(dtype):
+    """``kth_largest`` (a radix selection over the magnitudes' bits) against NumPy's selection: every
+    k of a short vector, and the ends and middle of long ones, with ties, mostly zeros, subnormals,
+    inf and NaN (which counts as the largest)."""
+    rng = np.random.default_rng(4)
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    tiny = np.finfo(np_dtype).smallest_subnormal
+    short = np.abs(rng.standard_normal(300)).astype(np_dtype)
+    short[:40] = 0.5
+    short[40:50] = tiny
+    short[50], short[51] = np.inf, np.nan
+    long = np.abs(rng.standard_normal(200_000)).astype(np_dtype) * np.exp2(rng.integers(-60, 60, 200_000)).astype(np_dtype)
+    sparse = np.where(rng.random(200_000) < 0.01, long, 0).astype(np_dtype)
+    for values, ks in ((short, range(1, 301)), (long, (1, 2, 999, 100_000, 199_999, 200_000)),
+                       (sparse, (1, 500, 1_999, 2_000, 2_100, 150_000, 200_000))):
+        for k in ks:
+            want = np.partition(values, values.size - k)[values.size - k]
+            got = cpu_kernels.kth_largest(torch.from_numpy(values), k)
+            assert got.dtype == dtype and got.dim() == 0
+            assert np.array_equal(np.array(float(got), np_dtype), want, equal_nan=True), (k, float(got), want)
 
 
 def test_pieces_run_once_each_in_order_and_a_piece_s_error_is_raised(monkeypatch):

@@ -1248,6 +1248,51 @@ def _kernels():
         return 0, np.int64(0)
 
     @jit()
+    def kth_largest_bits(bits, k, total, digit):
+        """The k-th largest (k >= 1) of the unsigned integers ``bits`` (``total`` bits wide), digit by
+        digit from the top (a radix selection): a histogram of the top ``digit`` bits picks the bucket
+        that holds it, that bucket's values are copied out, and each further digit narrows them the
+        same way. Two passes over all values and a few over one bucket, whatever the ties (NumPy's
+        selection took 95 ms for the 1%-largest of 1e6 magnitudes mostly zero, 6 ms otherwise)."""
+        hist = np.zeros(np.int64(1) << digit, np.int64)
+        shift = u64(total - digit)
+        for i in range(bits.size):
+            hist[np.int64(u64(bits[i]) >> shift)] += 1
+        bucket = hist.size - 1
+        while k > hist[bucket]:
+            k -= hist[bucket]
+            bucket -= 1
+        prefix = u64(bucket)
+        kept = np.empty(hist[bucket], bits.dtype)
+        m = 0
+        for i in range(bits.size):
+            v = bits[i]
+            if u64(v) >> shift == prefix:
+                kept[m] = v
+                m += 1
+        while shift > u64(0):
+            width = min(u64(digit), shift)
+            shift -= width
+            mask = (u64(1) << width) - u64(1)
+            for b in range(np.int64(mask) + 1):
+                hist[b] = 0
+            for i in range(m):
+                hist[np.int64((u64(kept[i]) >> shift) & mask)] += 1
+            bucket = np.int64(mask)
+            while k > hist[bucket]:
+                k -= hist[bucket]
+                bucket -= 1
+            prefix = (prefix << width) | u64(bucket)
+            left = 0
+            for i in range(m):
+                v = kept[i]
+                if u64(v) >> shift == prefix:
+                    kept[left] = v
+                    left += 1
+            m = left
+        return prefix
+
+    @jit()
     def pick_top(mag, threshold, k, out):
         """Positions of the values > threshold and of the first k - (their count) values ==
         threshold, in order; ``out`` holds mag.size entries (each position is written, and the count
@@ -1272,7 +1317,7 @@ def _kernels():
             "descend": descend, "mean_descend": mean_descend, "signs_mean_added": signs_mean_added, "sparse_added": sparse_added, "feistel": feistel, "ascending": ascending,
             "mark": mark, "mark_rows_inverse": mark_rows_inverse, "rotated_bits": rotated_bits, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
             "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write,
-            "rice_read": rice_read, "pick_top": pick_top}
+            "rice_read": rice_read, "pick_top": pick_top, "kth_largest_bits": kth_largest_bits}
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"  # ``pack_words`` reads codes as native 64-bit words
@@ -2223,6 +2268,20 @@ def rice_indices(data: np.ndarray, rem_bytes: int, k: int, r: int, dim: int) -> 
     out = np.empty(k, dtype=np.int64)
     status, value = kernels["rice_read"](data, int(rem_bytes), int(k), int(r), int(dim), out, LOWEST_BIT)
     return int(status), int(value), torch.from_numpy(out)
+
+
+def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The k-th largest (1 <= k <= mag.size) of a CPU float32/float64 vector of magnitudes (>= 0, or
+    NaN, which counts as the largest, as in NumPy's order) as a 0-d tensor, exactly, by a radix
+    selection over their bits (``kth_largest_bits``: non-negative floats order as their bits); None
+    without Numba or for other tensors."""
+    kernels = _kernels()
+    if kernels is None or mag.device.type != "cpu" or mag.dtype not in (torch.float32, torch.float64):
+        return None
+    values = mag.contiguous().numpy().reshape(-1)
+    unsigned, total, digit = (np.uint32, 32, 11) if values.dtype == np.float32 else (np.uint64, 64, 16)
+    found = kernels["kth_largest_bits"](values.view(unsigned), int(k), total, digit)
+    return torch.from_numpy(np.array(found, dtype=unsigned).view(values.dtype)).reshape(())
 
 
 def pick_top(mag: torch.Tensor, threshold: torch.Tensor, k: int) -> torch.Tensor | None:
