@@ -37,7 +37,8 @@ class RunSetup:
         """Load the compiled CPU kernels this run's compressors use (Numba's disk cache, or a compile)
         now, before the server's clock starts: at first use they cost 0.5-2 s in each process, which
         fell into round 0. One throwaway compress, encode, decode and decompress of a vector of the
-        run's size on the CPU, and that payload added to a vector twice (a Markov shift and a running
+        run's size on the CPU, a compress of its difference with that payload (a Markov message,
+        whose fused passes have kernels or signatures of their own), and that payload added to a vector twice (a Markov shift and a running
         mean, ``add_dense``), loads the kernels and signatures the run will call, and none where the
         run calls none (small vectors take the torch paths: Numba is not even imported); for scaled
         signs and sparse payloads also the server's shift by the mean of n of them
@@ -55,6 +56,7 @@ class RunSetup:
             c = build_compressor(spec, self.dim, self.config.workers, self.config.seed, purpose="warm-up")
             payload = decode(encode(c.compress(x, worker=0, step=0)))
             c.decompress(payload)
+            c.compress_difference(x, c.decompress(payload), worker=0, step=0)  # a Markov message's own passes
             add_dense(add_dense(x, payload), payload, inplace=True)  # a Markov shift, a running mean
             shift_by_mean(x, [Message({"c": payload})] * self.config.workers, "c")  # a server's, in one pass
 

@@ -766,10 +766,11 @@ def test_a_second_process_loads_every_kernel_from_the_disk_cache(tmp_path):
     assert set(glob.glob(os.path.join(cache, "cpu_kernels.*.nbc"))) == before
 
 
-@pytest.mark.parametrize("uplink, calls", [("topk:ratio=0.01", 1), ("identity", 0)])
+@pytest.mark.parametrize("uplink, calls", [("topk:ratio=0.01", 2), ("identity", 0)])
 def test_a_run_loads_its_compressors_kernels_before_the_clock_starts(uplink, calls, monkeypatch):
     """RunSetup.build runs the run's compressor once on the CPU (kernels load there, not in round 0),
-    and only for compressors that use the kernels."""
+    and once on a difference (a Markov message's fused pass: Top-K's candidates of x - h), and only
+    for compressors that use the kernels."""
     from common.config import RunConfig
     from runtime.setup import RunSetup
 
@@ -780,6 +781,7 @@ def test_a_run_loads_its_compressors_kernels_before_the_clock_starts(uplink, cal
                        problem="quadratic:d=70000")
     RunSetup.build(config)
     assert len(seen) == calls
+    assert [len(a) > 3 and a[3] is not None for a in seen] == [False, True][:calls]  # (the second with h)
 
 
 def test_a_sign_run_loads_the_shift_kernels_before_the_clock_starts(monkeypatch):

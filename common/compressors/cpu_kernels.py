@@ -742,11 +742,13 @@ def _kernels():
             sums[b] = total
 
     @jit()
-    def at_least(x, level, largest, first, vector, out, values):
+    def at_least(x, minus, level, largest, first, vector, out, values):
         """Writes first + i for each |x_i| >= level (ascending) into ``out``, and x_i into ``values``,
         while they have room; returns how many there are (more than out.size: call again with larger
         arrays). A NaN is never a candidate. Also returns whether some |x_i| is not <= ``largest``
-        (the dtype's largest finite value): a NaN or inf, at no extra cost.
+        (the dtype's largest finite value): a NaN or inf, at no extra cost. With ``minus`` (an array,
+        with ``vector`` only; else None), all of this is of x - minus, formed in registers (the bits
+        of torch's x - minus), never in memory.
         With ``vector`` (AVX-512), 16 coordinates at a time: two vector comparisons give the lanes'
         masks (``kernel_parts.at_least_lanes``), a block's groups with a candidate are listed without
         a branch, then each has its positions and values moved to the front of registers and stored
@@ -768,7 +770,7 @@ def _kernels():
             for b0 in range(0, head, BLOCK):
                 n = 0
                 for g in range(b0, min(head, b0 + BLOCK), 16):  # the groups with a candidate, listed without a branch
-                    lanes = kernel_parts.at_least_lanes(x, g, level, largest)
+                    lanes = kernel_parts.at_least_lanes(x, minus, g, level, largest)
                     bad = max(bad, np.int32(lanes >> 16 != 0))
                     groups[n] = g
                     masks[n] = u64(lanes) & u64(0xFFFF)
@@ -776,8 +778,19 @@ def _kernels():
                 for i in range(n):
                     k = kernel_parts.popcount(masks[i])
                     if count + k <= room:
-                        kernel_parts.compress_found(x, groups[i], masks[i], first, out, values, count)
+                        kernel_parts.compress_found(x, minus, groups[i], masks[i], first, out, values, count)
                     count += k
+            if minus is not None:  # the last coordinates of a difference, one by one
+                for i in range(head, x.size):
+                    v = x[i] - minus[i]
+                    a = abs(v)
+                    bad = max(bad, np.int32(not (a <= largest)))
+                    if a >= level:
+                        if count < room:
+                            out[count] = first + i
+                            values[count] = v
+                        count += 1
+                head = x.size
         flags = np.zeros(BLOCK, np.uint8)
         words = flags.view(np.uint64)
         for b0 in range(head, x.size, BLOCK):
@@ -2308,19 +2321,24 @@ DIFFERENCE_GROUP = 1 << 18  # coordinates of x - minus formed at a time: 1 MiB o
 
 
 def _at_least_of_difference(kernels, flat, other, a, b, level, largest, out, values):
-    """``indices_at_least``'s piece [a, b) of flat - other: the difference formed a group at a time
-    in a buffer, each group's candidates appended to ``out`` and ``values`` (grown and the group run
-    again when they lack room)."""
-    buffer = np.empty(min(DIFFERENCE_GROUP, b - a), dtype=flat.dtype)
+    """``indices_at_least``'s piece [a, b) of flat - other: with AVX-512 the difference formed in
+    registers by the candidate pass itself; elsewhere a group at a time in a buffer, each group's
+    candidates appended to ``out`` and ``values`` (grown and the group run again when they lack
+    room)."""
+    vector = vector_compress()
+    if vector:  # the difference formed in registers, 16 coordinates at a time
+        parts = [(a, flat[a:b], other[a:b])]
+    else:  # a group at a time, in a buffer that stays in the cache
+        buffer = np.empty(min(DIFFERENCE_GROUP, b - a), dtype=flat.dtype)
+        parts = ((g, subtract(flat[g:e], other[g:e], buffer[:e - g]), None)
+                 for g, e in ((g, min(b, g + DIFFERENCE_GROUP)) for g in range(a, b, DIFFERENCE_GROUP)))
     count, bad = 0, False
-    for g in range(a, b, DIFFERENCE_GROUP):
-        e = min(b, g + DIFFERENCE_GROUP)
-        diff = subtract(flat[g:e], other[g:e], buffer[:e - g])
-        found, group_bad = kernels["at_least"](diff, level, largest, g, vector_compress(), out[count:], values[count:])
+    for g, x, minus in parts:
+        found, group_bad = kernels["at_least"](x, minus, level, largest, g, vector, out[count:], values[count:])
         if found > out.size - count:
             size = max(2 * out.size, count + found)
             out, values = np.resize(out, size), np.resize(values, size)
-            kernels["at_least"](diff, level, largest, g, vector_compress(), out[count:], values[count:])
+            kernels["at_least"](x, minus, level, largest, g, vector, out[count:], values[count:])
         count += found
         bad = bad or bool(group_bad)
     return out[:count], values[:count], not bad
@@ -2348,10 +2366,10 @@ def indices_at_least(x: torch.Tensor, level: float, expect: int,
         out, values = np.empty(room, dtype=np.int64), np.empty(room, dtype=flat.dtype)
         if other is not None:
             return _at_least_of_difference(kernels, flat, other, a, b, level, largest, out, values)
-        count, bad = kernels["at_least"](flat[a:b], level, largest, a, vector_compress(), out, values)
+        count, bad = kernels["at_least"](flat[a:b], None, level, largest, a, vector_compress(), out, values)
         if count > out.size:
             out, values = np.empty(count, dtype=np.int64), np.empty(count, dtype=flat.dtype)
-            kernels["at_least"](flat[a:b], level, largest, a, vector_compress(), out, values)
+            kernels["at_least"](flat[a:b], None, level, largest, a, vector_compress(), out, values)
         return out[:count], values[:count], not bad
 
     parts = _run(flat.size, 1, piece)

@@ -234,20 +234,40 @@ def _store_compressed(context, builder, values, mask, target):
         target = builder.gep(target, [kept])
 
 
+def _lanes_of(context, builder, signature, args, x_at, minus_at, start_value):
+    """x[start:start + 16] as a vector, or x[start:start + 16] - minus[start:start + 16] where the
+    argument ``minus_at`` is an array (not None): one vector subtraction, the bits of x - minus."""
+    item = context.get_data_type(signature.args[x_at].dtype)
+    vector, suffix = _lanes_type(item)
+    align = item.get_abi_alignment(context.target_data)
+
+    def load(at):
+        source = builder.gep(context.make_array(signature.args[at])(context, builder, args[at]).data, [start_value])
+        return builder.load(builder.bitcast(source, vector.as_pointer()), align=align)
+
+    loaded = load(x_at)
+    if isinstance(signature.args[minus_at], types.Array):
+        loaded = builder.fsub(loaded, load(minus_at))
+    return loaded, vector, suffix
+
+
+def _minus_fits(x, minus) -> bool:
+    return isinstance(minus, types.NoneType) or (isinstance(minus, types.Array) and minus.dtype == x.dtype)
+
+
 @intrinsic
-def at_least_lanes(typingctx, x, start, level, largest):
-    """Two masks of the 16 lanes x[start:start + 16] (which must exist), as one int64: bit j set where
-    |x[start + j]| >= ``level``, bit 16 + j where |x[start + j]| is not <= ``largest`` (a NaN or an
-    inf): one vector load and two vector comparisons (a NaN is never >= level)."""
-    if not (isinstance(x, types.Array) and x.dtype in (types.float32, types.float64) and level == largest == x.dtype):
+def at_least_lanes(typingctx, x, minus, start, level, largest):
+    """Two masks of the 16 lanes v = x[start:start + 16] (which must exist), or v = x - minus there
+    (``minus`` an array, or None), as one int64: bit j set where |v_j| >= ``level``, bit 16 + j where
+    |v_j| is not <= ``largest`` (a NaN or an inf): one or two vector loads and two vector
+    comparisons (a NaN is never >= level)."""
+    if not (isinstance(x, types.Array) and x.dtype in (types.float32, types.float64) and level == largest == x.dtype
+            and _minus_fits(x, minus)):
         return None
 
     def codegen(context, builder, signature, args):
-        x_value, start_value, level_value, largest_value = args
-        item = context.get_data_type(signature.args[0].dtype)
-        vector, suffix = _lanes_type(item)
-        source = builder.gep(context.make_array(signature.args[0])(context, builder, x_value).data, [start_value])
-        loaded = builder.load(builder.bitcast(source, vector.as_pointer()), align=item.get_abi_alignment(context.target_data))
+        _, _, start_value, level_value, largest_value = args
+        loaded, vector, suffix = _lanes_of(context, builder, signature, args, 0, 1, start_value)
         magnitude = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector]), f"llvm.fabs.{suffix}")
         size = builder.call(magnitude, [loaded])
         i16, i64 = ir.IntType(16), ir.IntType(64)
@@ -255,35 +275,34 @@ def at_least_lanes(typingctx, x, start, level, largest):
         bad = builder.zext(builder.bitcast(builder.fcmp_unordered(">", size, _splat(builder, largest_value, vector)), i16), i64)
         return builder.or_(found, builder.shl(bad, ir.Constant(i64, 16)))
 
-    return types.int64(x, start, level, largest), codegen
+    return types.int64(x, minus, start, level, largest), codegen
 
 
 @intrinsic
-def compress_found(typingctx, x, start, mask, first, out, values, at):
+def compress_found(typingctx, x, minus, start, mask, first, out, values, at):
     """For the set bits j of the low 16 bits of ``mask``, in increasing j: out[at], out[at + 1], ... =
-    first + start + j (int64) and values[at], values[at + 1], ... = x[start + j] (x[start:start + 16]
-    must exist), through two register compressions and masked stores (``_store_compressed``)."""
+    first + start + j (int64) and values[at], values[at + 1], ... = v_j, where v = x[start:start + 16]
+    (which must exist), or x - minus there (``minus`` an array, or None), through two register
+    compressions and masked stores (``_store_compressed``)."""
     if not (isinstance(x, types.Array) and isinstance(values, types.Array) and isinstance(out, types.Array)
-            and x.dtype == values.dtype and x.dtype in (types.float32, types.float64) and out.dtype == types.int64):
+            and x.dtype == values.dtype and x.dtype in (types.float32, types.float64) and out.dtype == types.int64
+            and _minus_fits(x, minus)):
         return None
 
     def codegen(context, builder, signature, args):
-        x_value, start_value, mask_value, first_value, out_value, values_value, at_value = args
-        item = context.get_data_type(signature.args[0].dtype)
-        vector, _ = _lanes_type(item)
+        _, _, start_value, mask_value, first_value, out_value, values_value, at_value = args
+        loaded, _, _ = _lanes_of(context, builder, signature, args, 0, 1, start_value)
         i64 = ir.IntType(64)
-        source = builder.gep(context.make_array(signature.args[0])(context, builder, x_value).data, [start_value])
-        loaded = builder.load(builder.bitcast(source, vector.as_pointer()), align=item.get_abi_alignment(context.target_data))
         _store_compressed(context, builder, loaded, mask_value,
-                          builder.gep(context.make_array(signature.args[5])(context, builder, values_value).data, [at_value]))
-        base = builder.add(context.cast(builder, first_value, signature.args[3], types.int64),
-                           context.cast(builder, start_value, signature.args[1], types.int64))
+                          builder.gep(context.make_array(signature.args[6])(context, builder, values_value).data, [at_value]))
+        base = builder.add(context.cast(builder, first_value, signature.args[4], types.int64),
+                           context.cast(builder, start_value, signature.args[2], types.int64))
         positions = builder.add(_splat(builder, base, ir.VectorType(i64, 16)), ir.Constant(ir.VectorType(i64, 16), list(range(16))))
         _store_compressed(context, builder, positions, mask_value,
-                          builder.gep(context.make_array(signature.args[4])(context, builder, out_value).data, [at_value]))
+                          builder.gep(context.make_array(signature.args[5])(context, builder, out_value).data, [at_value]))
         return context.get_dummy_value()
 
-    return types.void(x, start, mask, first, out, values, at), codegen
+    return types.void(x, minus, start, mask, first, out, values, at), codegen
 
 
 BINADES = 256  # float32 exponent fields: entries of each row of ``window_pairs``'s tables
