@@ -11,6 +11,7 @@ import torch
 
 from common.config import RunConfig
 from common.options import Param, Registry
+from common.compressors import cpu_kernels
 from runtime.engine import Engine
 
 QUAD = "quadratic:d=40,la2=4,lb2=400"
@@ -395,3 +396,56 @@ def test_a_server_sends_its_new_vector_without_a_copy(algorithm, name, state):
         assert torch.equal(sent.values, before)  # the next round replaces the vector, never writes into it
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_sparse_shift_in_place_on_its_support_has_the_bits_of_h_plus_the_dense_form(dtype):
+    """``shift(h, c, owned=True)`` with sparse c: where h holds no negative zero only the support
+    changes (O(k)); the bits are those of h + c.to_dense() at every step: negative zeros in h at the
+    start (a whole pass turns them into +0 off the support), -0 sent onto them (-0 + -0 stays -0 on
+    the support, so the next shift makes a whole pass again), and a + (-a) on the support (+0); the
+    state is h itself, updated in place."""
+    from common.algorithms.memory import shift
+    from common.compressors.payloads import Dense, Sparse
+
+    gen = torch.Generator().manual_seed(3)
+    n = cpu_kernels.MIN_COMPILED + 5
+    h = torch.randn(n, generator=gen, dtype=dtype)
+    h[::97] = -0.0
+    reference = h.clone()
+    support_only = []
+    for step in range(12):
+        support = torch.randperm(n, generator=gen)[: n // 50]
+        if step == 0:
+            support[:5] = torch.arange(0, 5 * 97, 97)  # onto h's negative zeros
+        support = support.unique()
+        values = torch.randn(support.numel(), generator=gen, dtype=dtype)
+        if step == 0:
+            values[:5] = -0.0  # -0 + -0: -0 on the support
+        if step % 4 == 2:
+            values[:9] = -h[support[:9]]  # a + (-a) = +0
+        c = Sparse(n, Dense(values, dtype), support, None, dtype)
+        reference = reference + c.to_dense()
+        support_only.append(cpu_kernels.without_negative_zero.holds(h))
+        before = h
+        h = shift(h, c, owned=True)
+        assert h is before  # in place
+        assert torch.equal(h.view(torch.uint8), reference.view(torch.uint8)), step
+    assert support_only[:2] == [False, False] and all(support_only[2:])  # whole passes until h held no -0
+
+
+def test_ef21_with_top_k_both_ways_shifts_its_states_in_place_to_the_same_model(monkeypatch):
+    """EF21 with Top-K both ways, its Markov states shifted in place on their supports, ends at the
+    model of the run where every shift makes a whole pass (no state marked free of negative zeros)."""
+    from common.compressors import cpu_kernels
+    from runtime.engine import run_inproc
+
+    config = RunConfig(algorithm="ef21", workers=3, rounds=8, lr="0.05", eval_every=100, uplink="topk:ratio=0.01",
+                       downlink="topk:ratio=0.01", problem=f"identity-quadratic:d={cpu_kernels.MIN_CHUNK + 3}")
+    held = []
+    real = cpu_kernels.without_negative_zero.holds
+    monkeypatch.setattr(cpu_kernels.without_negative_zero, "holds", lambda t: held.append(real(t)) or held[-1])
+    in_place = run_inproc(config, None, progress=False).model_digest()
+    assert any(held)  # the support-only shift did run
+    monkeypatch.setattr(cpu_kernels.without_negative_zero, "holds", lambda t: False)
+    assert run_inproc(config, None, progress=False).model_digest() == in_place

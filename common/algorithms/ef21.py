@@ -35,7 +35,7 @@ class EF21Server(ServerRule):
 
     def step(self, t, uplinks):
         self.g = shift_by_mean(self.g, uplinks, "c")                                 # g^{t+1} = g^t + (1/n) sum_i c_i
-        c, self.g_down = markov_compress(self.ctx.downlink, self.g, self.g_down, 0, t)   # c = C_down(g - g~);  g~ += c
+        c, self.g_down = markov_compress(self.ctx.downlink, self.g, self.g_down, 0, t, owned=True)  # c = C_down(g - g~);  g~ += c
         down = Message({"c": c})
         return [down] * self.ctx.n
 
@@ -60,10 +60,10 @@ class EF21Worker(WorkerRule):
         return Message({"c": c})
 
     def settle(self, t, sent):
-        self.g_i = shift(self.g_i, sent.payloads["c"])                                   # g_i += c_i, once c_i is sent
+        self.g_i = shift(self.g_i, sent.payloads["c"], owned=True)                       # g_i += c_i, once c_i is sent
 
     def downlink(self, t, msg):
-        self.g_down = shift(self.g_down, msg.payloads["c"])                              # g~ += c
+        self.g_down = shift(self.g_down, msg.payloads["c"], owned=True)                  # g~ += c
         self.x = descend(self.x, self.ctx.lr, self.g_down)
 
 

@@ -40,10 +40,10 @@ def markov_message(compressor, target: torch.Tensor, h: torch.Tensor, worker: in
     return compressor.compress_difference(target, h, worker=worker, step=step)
 
 
-def markov_compress(compressor, target: torch.Tensor, h: torch.Tensor, worker: int, step: int):
-    """The sender's Markov step: returns (c, h + c) with c = C(target - h)."""
+def markov_compress(compressor, target: torch.Tensor, h: torch.Tensor, worker: int, step: int, owned: bool = False):
+    """The sender's Markov step: returns (c, h + c) with c = C(target - h) (``owned``: see ``shift``)."""
     c = markov_message(compressor, target, h, worker, step)
-    return c, shift(h, c)
+    return c, shift(h, c, owned)
 
 
 def shift_by_mean(h: torch.Tensor, uplinks, name: str) -> torch.Tensor:
@@ -70,7 +70,12 @@ def shift_by_mean(h: torch.Tensor, uplinks, name: str) -> torch.Tensor:
     return shift(h, mean_of(uplinks, name))
 
 
-def shift(h: torch.Tensor, c) -> torch.Tensor:
+def shift(h: torch.Tensor, c, owned: bool = False) -> torch.Tensor:
     """h + c, where c is a received payload (added as its dense form, ``add_dense``) or an already
-    dense tensor (an average)."""
-    return h + c if isinstance(c, torch.Tensor) else add_dense(h, c)
+    dense tensor (an average). With ``owned`` (h is the caller's own state, which it replaces by the
+    result and which nothing else holds) h is updated in place and returned: no new vector, and a
+    sparse c changes h on its support alone where h holds no negative zero (``add_dense``), O(k)
+    instead of a pass over d. The same bits either way."""
+    if isinstance(c, torch.Tensor):
+        return h.add_(c) if owned else h + c
+    return add_dense(h, c, inplace=owned)

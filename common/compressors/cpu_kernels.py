@@ -1718,7 +1718,7 @@ def signs_added(h: torch.Tensor, negative: torch.Tensor, scale: torch.Tensor, in
     ha = h.detach().numpy()
     value = ha.dtype.type(scale.to(h.dtype).item())
     if inplace:
-        _forget_finite()  # written through NumPy: torch's version counter does not move
+        _forget_marks(h)  # written through NumPy: torch's version counter does not move
         _run(neg.size, 1, lambda a, b: kernels["add_signs_to"](ha[a:b], neg[a:b], value))
         return h
     out = np.empty_like(ha)
@@ -1726,51 +1726,85 @@ def signs_added(h: torch.Tensor, negative: torch.Tensor, scale: torch.Tensor, in
     return torch.from_numpy(out)
 
 
+class TensorMarks:
+    """Vectors known to have some property since the pass that wrote them, the last few: data
+    pointer -> (a weak reference to the tensor, its length, dtype and torch version counter then).
+    A mark holds for the tensor and any contiguous view of all of its memory (``detach``, ``view``:
+    they share the version counter) while the tensor lives, so that its memory cannot have gone to
+    another. It assumes what the rules do: a marked vector changes only through torch ops on
+    tensors that share its counter, which move the counter and so drop the mark. Writes that bypass
+    the counter (through ``.numpy()``, ``.data``, ``set_`` or a ``from_numpy`` alias) would not; this
+    module's own in-place writers, which write through NumPy, drop every mark themselves
+    (``_forget_marks``). An inference tensor, which has no version counter, is never marked."""
+
+    def __init__(self, kept: int = 8):
+        self.entries: dict[int, tuple] = {}
+        self.kept = kept
+
+    def note(self, t: torch.Tensor) -> None:
+        if t.is_inference():
+            return
+        ptr = t.data_ptr()
+        self.entries.pop(ptr, None)
+        self.entries[ptr] = (weakref.ref(t), t.numel(), t.dtype, t._version)
+        for old in list(self.entries)[:-self.kept]:  # the oldest beyond the last few
+            self.entries.pop(old, None)
+
+    def drop(self, t: torch.Tensor) -> None:
+        self.entries.pop(t.data_ptr(), None)
+
+    def drop_overlapping(self, t: torch.Tensor) -> None:
+        """Drop the marks of every vector whose memory meets ``t``'s."""
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        for ptr, (_, numel, dtype, _) in list(self.entries.items()):
+            if ptr < end and start < ptr + numel * dtype.itemsize:
+                self.entries.pop(ptr, None)
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is (a contiguous view of all of) a marked vector, unchanged since: the marked
+        tensor alive at the same memory, the same length and dtype, the version counter unmoved on
+        both."""
+        if t.device.type != "cpu" or t.layout != torch.strided or t.is_inference() or not self.entries:
+            return False
+        entry = self.entries.get(t.data_ptr())
+        if entry is None:
+            return False
+        marked = entry[0]()
+        return (marked is not None and marked.data_ptr() == t.data_ptr() and entry[1:] == (t.numel(), t.dtype, t._version)
+                and marked._version == entry[3] and t.is_contiguous())
+
+
 # Vectors that a compiled pass wrote and saw finite as it wrote them (``descend``, ``mean_descend``,
-# ``amsgrad_step``'s x), the last few: data pointer -> (a weak reference to the tensor, its length,
-# dtype and torch version counter then). ``base.all_finite`` asks ``known_finite`` before it reads a
-# vector: the server's check of its new model each round (4 ms at d = 1e7 on one thread) becomes the
-# flag of the pass that wrote it (0.3-0.9 ms). The mark holds for the tensor and any contiguous view
-# of all of its memory (``detach``, ``view``: they share the version counter) while the tensor lives,
-# so that its memory cannot have gone to another. It assumes what the rules do: a marked vector
-# changes only through torch ops on tensors that share its counter, which move the counter and so
-# drop the mark. Writes that bypass the counter (through ``.numpy()``, ``.data``, ``set_`` or a
-# ``from_numpy`` alias) would not; this module's own in-place writers, which write through NumPy,
-# drop every mark themselves.
-_finite: dict[int, tuple] = {}
-_FINITE_KEPT = 8
+# ``amsgrad_step``'s x). ``base.all_finite`` asks ``known_finite`` before it reads a vector: the
+# server's check of its new model each round (4 ms at d = 1e7 on one thread) becomes the flag of the
+# pass that wrote it (0.3-0.9 ms).
+_finite = TensorMarks()
+# Vectors known to hold no negative zero (``payloads.add_dense``): h + 0 is then h itself, and a
+# sparse payload is added to such a vector in place, on its support alone.
+without_negative_zero = TensorMarks()
 
 
 def _noting_finite(t: torch.Tensor, bad: list) -> torch.Tensor:
     """``t``, marked finite where no piece of the pass that wrote it saw an inf or NaN (``bad``: the
-    pieces' flags). An inference tensor, which has no version counter, is not marked."""
-    if not any(bad) and not t.is_inference():
-        ptr = t.data_ptr()
-        _finite.pop(ptr, None)
-        _finite[ptr] = (weakref.ref(t), t.numel(), t.dtype, t._version)
-        for old in list(_finite)[:-_FINITE_KEPT]:  # the oldest beyond the last few
-            _finite.pop(old, None)
+    pieces' flags)."""
+    if not any(bad):
+        _finite.note(t)
     return t
 
 
-def _forget_finite() -> None:
-    """Drop every mark: an in-place write through NumPy into a vector given by the caller (which
-    may be a marked one or any part of it)."""
-    _finite.clear()
+def _forget_marks(t: torch.Tensor) -> None:
+    """Drop the marks of every vector that shares memory with ``t``, which a kernel writes in place
+    through NumPy (the version counter does not move): ``t`` may be a marked vector or any part of
+    one."""
+    _finite.drop_overlapping(t)
+    without_negative_zero.drop_overlapping(t)
 
 
 def known_finite(t: torch.Tensor) -> bool:
-    """Whether ``t`` is (a contiguous view of all of) a vector that a compiled pass found finite as
-    it wrote it, unchanged since: the marked tensor alive at the same memory, the same length and
-    dtype, and the version counter unmoved on both."""
-    if t.device.type != "cpu" or t.layout != torch.strided or t.is_inference() or not _finite:
-        return False
-    entry = _finite.get(t.data_ptr())
-    if entry is None:
-        return False
-    marked = entry[0]()
-    return (marked is not None and marked.data_ptr() == t.data_ptr() and entry[1:] == (t.numel(), t.dtype, t._version)
-            and marked._version == entry[3] and t.is_contiguous())
+    """Whether ``t`` is a vector that a compiled pass found finite as it wrote it, unchanged since
+    (``TensorMarks.holds``)."""
+    return _finite.holds(t)
 
 
 def signs_mean_added(h: torch.Tensor, negatives: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor | None:
@@ -1827,7 +1861,7 @@ def _sparse_pass(h, supports, values, mean: bool, inplace: bool) -> torch.Tensor
         return None
     kept = [v.contiguous().numpy() for v in values]
     if inplace:
-        _forget_finite()  # written through NumPy: torch's version counter does not move
+        _forget_marks(h)  # written through NumPy: torch's version counter does not move
     out = ha if inplace else np.empty_like(ha)
     kind = ha.dtype.type
 
@@ -2202,7 +2236,7 @@ def scatter_marked(words: np.ndarray, values: torch.Tensor, dim: int, h: torch.T
     base = h.detach().numpy() if h is not None else None
     out = base if inplace and base is not None else np.empty(dim, dtype=kept.dtype)
     if inplace and h is not None:
-        _forget_finite()  # written through NumPy: torch's version counter does not move
+        _forget_marks(h)  # written through NumPy: torch's version counter does not move
     base = out if base is None else base
     _run_pieces(_marked_pieces(words, dim), lambda a, b, c: kernels["scatter_marked"](
         words[a:b], kept[c:], base[64 * a:64 * b], h is not None, vector_compress(), LOWEST_BIT, out[64 * a:64 * b]))
