@@ -55,8 +55,7 @@ class RunSetup:
         for spec in specs:
             c = build_compressor(spec, self.dim, self.config.workers, self.config.seed, purpose="warm-up")
             payload = decode(encode(c.compress(x, worker=0, step=0)))
-            c.decompress(payload)
-            c.compress_difference(x, c.decompress(payload), worker=0, step=0)  # a Markov message's own passes
+            c.compress_difference(x, c.decompress(payload), worker=0, step=0)  # and a Markov message's own passes
             add_dense(add_dense(x, payload), payload, inplace=True)  # a Markov shift, a running mean
             shift_by_mean(x, [Message({"c": payload})] * self.config.workers, "c")  # a server's, in one pass
 

@@ -670,8 +670,8 @@ def _kernels():
         left over, the 4 vectors of a row, the coordinates left over and the lanes, in this order. The
         same additions in the same order give the same bits. Each run of 2^power rows adds into level
         0 from +0 (the cascade empties it after every run), so the runs' sums are independent of the
-        cascade: ``kernel_parts.step_sums`` computes all of a block's first, as vectors in registers
-        and four runs side by side, and the cascade then takes them in order, its levels on the stack
+        cascade: ``kernel_parts.step_sums`` computes all of a block's first, as vectors in registers,
+        one run after another, and the cascade then takes them in order, its levels on the stack
         (the scalar loop kept its partial sums in memory). One thread, d = 1e7, blocks of 2^15,
         interleaved calls: float32 2.4 -> 1.8 ms in a quiet moment, 6.2 -> 4.9 on the loaded host;
         float64 9.0 -> 6.4. Torch's own sum adds a vector longer than about 2^16 in another order, so
@@ -1734,8 +1734,9 @@ class TensorMarks:
     another. It assumes what the rules do: a marked vector changes only through torch ops on
     tensors that share its counter, which move the counter and so drop the mark. Writes that bypass
     the counter (through ``.numpy()``, ``.data``, ``set_`` or a ``from_numpy`` alias) would not; this
-    module's own in-place writers, which write through NumPy, drop every mark themselves
-    (``_forget_marks``). An inference tensor, which has no version counter, is never marked."""
+    module's own in-place writers, which write through NumPy, drop the marks of every vector that
+    shares memory with what they write (``_forget_marks``). An inference tensor, which has no
+    version counter, is never marked."""
 
     def __init__(self, kept: int = 8):
         self.entries: dict[int, tuple] = {}
@@ -2136,9 +2137,10 @@ def vector_pack() -> bool:
 @functools.lru_cache(maxsize=None)
 def vector_compress() -> bool:
     """Whether the kernels are compiled for AVX-512 (this host has it, and Numba targets the host),
-    whose vector compression moves a marked block's values 16 coordinates at a time
-    (``kernel_parts.compress_scaled``); elsewhere the compiler would store lane by lane, and the
-    kernels scan the set bits one by one instead."""
+    whose vector compression moves a marked block's values and Top-K's candidates 16 coordinates at
+    a time (``kernel_parts.compress_scaled``, ``compress_found``) and whose two-source permutation
+    reads the base-3 tables' windows (``quantize_pairs32_windowed``); elsewhere the compiler would
+    store lane by lane, and the kernels scan the set bits or flags one by one and gather instead."""
     return bool((_host_features() or {}).get("avx512f", False))
 
 

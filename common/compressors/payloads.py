@@ -347,7 +347,10 @@ def _noting_signed_zeros(result: torch.Tensor, on_support: torch.Tensor) -> torc
     support holds none (``cpu_kernels.without_negative_zero``): off the support it is h_i + 0, never
     -0. The next such addition into it in place then writes the support alone, O(k) instead of a
     pass over d (EF21's Markov states at d = 1e6: a pass of 4 MB read and 4 MB written a round on
-    each side)."""
+    each side). Only CPU vectors are marked (``TensorMarks.holds`` refuses others): on a GPU the
+    test would cost a device sync every addition."""
+    if result.device.type != "cpu":
+        return result
     if bool(((on_support == 0) & on_support.signbit()).any()):
         cpu_kernels.without_negative_zero.drop(result)
     else:
