@@ -70,29 +70,13 @@ def randk_support(dim: int, k: int, key: int) -> np.ndarray:
     and shuffle=False alike), its final shuffle only reorders the set that the sort then orders, so
     it is skipped (``shuffle=False``): the same set, about 0.4 ms less at k = 1e5. Elsewhere (NumPy's
     partial shuffle) the set depends on ``shuffle``, and it stays True. Long supports are sorted
-    through a bitmap of dim bits (``ascending_support``)."""
+    through a bitmap of dim bits (``_sorted_distinct``)."""
     rng = numpy_rng(key)
     if k == dim:
         return _frozen(np.arange(dim, dtype=np.int64))
     floyd = dim <= 10000 or k <= dim // 50
-    return _frozen(ascending_support(rng.choice(dim, size=k, replace=False, shuffle=not floyd), dim))
-
-
-BITMAP_SORT_RATIO = 2048  # sort k distinct values of [0, d) through a bitmap where k * this >= d
-
-
-def ascending_support(values: np.ndarray, dim: int) -> np.ndarray:
-    """Distinct int64 ``values`` in [0, dim) in increasing order. Where they are at least
-    dim / ``BITMAP_SORT_RATIO`` (and Numba is there), through a bitmap of dim bits
-    (``cpu_kernels.sorted_distinct``: one pass over the values and one over d / 64 words). NumPy's
-    sort of int64 costs 25-40 ns a value on the 2-core CI host (k = 1e5 at d = 1e7: 3.7 ms, against
-    0.9 for the bitmap; k = 1e6: 51 against 2.7) and a bitmap's scan 0.5 ns a word; below that ratio
-    NumPy's sort is the cheaper (k = 1e3: 0.01 ms against 0.08)."""
-    if values.size * BITMAP_SORT_RATIO >= dim:
-        compiled = cpu_kernels.sorted_distinct(torch.from_numpy(values), dim)
-        if compiled is not None:
-            return compiled.numpy()
-    return np.sort(values).astype(np.int64, copy=False)
+    drawn = rng.choice(dim, size=k, replace=False, shuffle=not floyd)
+    return _frozen(_sorted_distinct(torch.from_numpy(drawn), dim).numpy())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,11 +265,18 @@ def keyed_block(start: int, size: int, dim: int, key: int, device: torch.device)
     return keyed_permutation(torch.arange(start, start + size, dtype=dtype, device=device), dim, key)
 
 
+BITMAP_SORT_RATIO = 2048  # sort k distinct values of [0, d) through a bitmap where k * this >= d
+
+
 def _sorted_distinct(values: torch.Tensor, dim: int) -> torch.Tensor:
-    """``values`` (distinct, in [0, dim)) in increasing order. On the CPU through a bitmap of dim bits
-    (``cpu_kernels.sorted_distinct``, int64) where it runs; otherwise torch sorts, on the values'
-    device (on the 2-core CI host torch's sort of 1e6 int64 took 27 ms on one thread, NumPy's 51)."""
-    if values.device.type == "cpu":
+    """``values`` (distinct, in [0, dim)) in increasing order: Rand-K's draw and Perm-K's block. On
+    the CPU, where they are at least dim / ``BITMAP_SORT_RATIO``, through a bitmap of dim bits
+    (``cpu_kernels.sorted_distinct``, int64: one pass over the values and one over d / 64 words, at
+    0.5 ns a word); otherwise torch sorts, on the values' device. On the 2-core CI host NumPy's int64
+    sort cost 25-40 ns a value (k = 1e5 at d = 1e7: 3.7 ms, the bitmap 0.9; k = 1e6: 51 ms, the
+    bitmap 2.7) and torch's half that; below the ratio the sort is the cheaper (k = 1e3: 0.01 ms
+    against 0.08)."""
+    if values.device.type == "cpu" and values.numel() * BITMAP_SORT_RATIO >= dim:
         compiled = cpu_kernels.sorted_distinct(values, dim)
         if compiled is not None:
             return compiled
