@@ -190,11 +190,8 @@ def compress_scaled(typingctx, x, start, scale, mask, out, at):
         return None
 
     def codegen(context, builder, signature, args):
-        x_value, start_value, scale_value, mask_value, out_value, at_value = args
-        item = context.get_data_type(signature.args[0].dtype)
-        vector, _ = _lanes_type(item)
-        source = builder.gep(context.make_array(signature.args[0])(context, builder, x_value).data, [start_value])
-        loaded = builder.load(builder.bitcast(source, vector.as_pointer()), align=item.get_abi_alignment(context.target_data))
+        _, start_value, scale_value, mask_value, out_value, at_value = args
+        loaded, vector, _ = _lanes_of(context, builder, signature, args, 0, None, start_value)
         target = builder.gep(context.make_array(signature.args[4])(context, builder, out_value).data, [at_value])
         _store_compressed(context, builder, builder.fmul(loaded, _splat(builder, scale_value, vector)), mask_value, target)
         return context.get_dummy_value()
@@ -235,8 +232,10 @@ def _store_compressed(context, builder, values, mask, target):
 
 
 def _lanes_of(context, builder, signature, args, x_at, minus_at, start_value):
-    """x[start:start + 16] as a vector, or x[start:start + 16] - minus[start:start + 16] where the
-    argument ``minus_at`` is an array (not None): one vector subtraction, the bits of x - minus."""
+    """x[start:start + 16] as a vector (x the argument at ``x_at``), or x[start:start + 16] -
+    minus[start:start + 16] where the argument at ``minus_at`` (an index, or None for none) is an
+    array, not None: one vector subtraction, the bits of x - minus. Also the vector type and its
+    intrinsics' suffix."""
     item = context.get_data_type(signature.args[x_at].dtype)
     vector, suffix = _lanes_type(item)
     align = item.get_abi_alignment(context.target_data)
@@ -246,7 +245,7 @@ def _lanes_of(context, builder, signature, args, x_at, minus_at, start_value):
         return builder.load(builder.bitcast(source, vector.as_pointer()), align=align)
 
     loaded = load(x_at)
-    if isinstance(signature.args[minus_at], types.Array):
+    if minus_at is not None and isinstance(signature.args[minus_at], types.Array):
         loaded = builder.fsub(loaded, load(minus_at))
     return loaded, vector, suffix
 
