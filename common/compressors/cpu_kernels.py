@@ -1271,10 +1271,7 @@ def _kernels():
         shift = u64(total - digit)
         for i in range(bits.size):
             hist[np.int64(u64(bits[i]) >> shift)] += 1
-        bucket = hist.size - 1
-        while k > hist[bucket]:
-            k -= hist[bucket]
-            bucket -= 1
+        bucket, k = kernel_parts.bucket_of(hist, hist.size - 1, k)
         prefix = u64(bucket)
         kept = np.empty(hist[bucket], bits.dtype)
         m = 0
@@ -1291,10 +1288,7 @@ def _kernels():
                 hist[b] = 0
             for i in range(m):
                 hist[np.int64((u64(kept[i]) >> shift) & mask)] += 1
-            bucket = np.int64(mask)
-            while k > hist[bucket]:
-                k -= hist[bucket]
-                bucket -= 1
+            bucket, k = kernel_parts.bucket_of(hist, np.int64(mask), k)
             prefix = (prefix << width) | u64(bucket)
             left = 0
             for i in range(m):

@@ -115,6 +115,17 @@ def bits_from(words, v):
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
+def bucket_of(hist, last, k):
+    """The bucket of a histogram's ``hist[0:last + 1]`` that holds the k-th largest value (k >= 1),
+    counting down from bucket ``last``, and that value's rank within it (a radix selection's step)."""
+    bucket = last
+    while k > hist[bucket]:
+        k -= hist[bucket]
+        bucket -= 1
+    return bucket, k
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
 def redo_subnormal(t, halves, codes, start, levels, top, stochastic):
     """The float32 quantizers' second look at a block whose t (|x| / divisor) holds subnormal values,
     where a table may hold many levels that no exponent field tells apart: for each t with exponent
