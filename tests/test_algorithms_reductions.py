@@ -434,6 +434,49 @@ def test_a_sparse_shift_in_place_on_its_support_has_the_bits_of_h_plus_the_dense
     assert support_only[:2] == [False, False] and all(support_only[2:])  # whole passes until h held no -0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_uplinks", [2, 3])
+def test_a_shift_by_the_mean_of_sparse_uplinks_in_place_has_the_bits_of_h_plus_the_mean(dtype, n_uplinks):
+    """``shift_by_mean(h, uplinks, owned=True)`` with Top-K-like uplinks (supports that overlap):
+    once h is known to hold no negative zero, only the union of the supports is written, into h
+    (O(n k)); the bits are those of h + mean_of(uplinks) at every step: negative zeros in h at the
+    start, a mean that underflows to -0 onto them (-0 + -0), values that cancel (+0), and uplinks
+    whose supports do not meet."""
+    from common.algorithms.base import mean_of
+    from common.algorithms.memory import shift_by_mean
+    from common.compressors.message import Message
+    from common.compressors.payloads import Dense, Sparse
+
+    gen = torch.Generator().manual_seed(4)
+    n = cpu_kernels.MIN_CHUNK + 7
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # the smallest subnormal
+    h = torch.randn(n, generator=gen, dtype=dtype)
+    h[::89] = -0.0
+    reference = h.clone()
+    marked, same = [], []
+    for step in range(10):
+        uplinks = []
+        for w in range(n_uplinks):
+            support = torch.randperm(n, generator=gen)[: n // 40]
+            if step in (0, 1) and w == 0:
+                support[:6] = torch.arange(0, 6 * 89, 89)  # onto h's negative zeros
+            support = support.unique()
+            values = torch.randn(support.numel(), generator=gen, dtype=dtype)
+            if step in (0, 1) and w == 0:
+                values[:6] = -tiny  # (t + 0) / n rounds to -0: -0 + -0 stays -0 where h held -0
+            if step % 3 == 2:
+                values[:11] = -reference[support[:11]] * n_uplinks  # cancellations to +0, where no other uplink adds
+            uplinks.append(Message({"c": Sparse(n, Dense(values, dtype), support, None, dtype)}))
+        reference = reference + mean_of(uplinks, "c")
+        marked.append(cpu_kernels.without_negative_zero.holds(h))
+        before = h
+        h = shift_by_mean(h, uplinks, "c", owned=True)
+        same.append(h is before)
+        assert torch.equal(h.view(torch.uint8), reference.view(torch.uint8)), step
+    assert marked[:3] == [False] * 3 and all(marked[3:])  # -0 stayed on the supports after steps 0 and 1
+    assert same == [False] * 3 + [True] * 7  # then into h itself
+
+
 def test_ef21_with_top_k_both_ways_shifts_its_states_in_place_to_the_same_model(monkeypatch):
     """EF21 with Top-K both ways, its Markov states shifted in place on their supports, ends at the
     model of the run where every shift makes a whole pass (no state marked free of negative zeros)."""

@@ -34,7 +34,7 @@ class EF21Server(ServerRule):
         self.g_down = torch.zeros_like(self.x)   # g~: what every worker holds
 
     def step(self, t, uplinks):
-        self.g = shift_by_mean(self.g, uplinks, "c")                                 # g^{t+1} = g^t + (1/n) sum_i c_i
+        self.g = shift_by_mean(self.g, uplinks, "c", owned=True)                                 # g^{t+1} = g^t + (1/n) sum_i c_i
         c, self.g_down = markov_compress(self.ctx.downlink, self.g, self.g_down, 0, t, owned=True)  # c = C_down(g - g~);  g~ += c
         down = Message({"c": c})
         return [down] * self.ctx.n

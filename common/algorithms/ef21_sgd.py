@@ -24,7 +24,7 @@ class EF21SGDServer(ServerRule):
         self.g = torch.zeros_like(self.x)
 
     def step(self, t, uplinks):
-        self.g = shift_by_mean(self.g, uplinks, "c")                     # g^{t+1} = g^t + (1/n) sum_i c_i
+        self.g = shift_by_mean(self.g, uplinks, "c")                                 # g^{t+1} = g^t + (1/n) sum_i c_i
         self.x = descend(self.x, staircase(self.ctx, t), self.g)
         return [Message({"g": full(self.g, copy=False)})] * self.ctx.n  # g is replaced, never updated in place
 

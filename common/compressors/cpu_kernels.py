@@ -942,6 +942,43 @@ def _kernels():
                     ob[index[q] - offset - b0] = t[q - first]
 
     @jit(error_model="numpy")
+    def mean_added_on_union(h, supports, values, offset, zero, n):
+        """h_i += (t_i + 0) / n in place at each index offset + i that a support holds (t_i: the
+        payloads' values there, added in the payloads' order, as ``sparse_added``'s mean), and
+        nothing elsewhere: h + the mean of the sparse payloads where h holds no negative zero, since
+        h_i + (0 + 0) / n is h_i then. O(n k) instead of a pass over h: a merge of the ascending
+        supports into the union's indices and sums, read in order; then the additions into h, one
+        independent read and write each, which the processor overlaps (done in the merge, whose
+        branches made each wait for the last, they took twice as long)."""
+        total = 0
+        for k in range(len(supports)):
+            total += supports[k].size
+        union = np.empty(total, np.int64)
+        sums = np.empty(total, h.dtype)
+        at = np.zeros(len(supports), np.int64)
+        none = np.int64(2**62)
+        count = 0
+        while True:
+            i = none
+            for k in range(len(supports)):
+                if at[k] < supports[k].size:
+                    i = min(i, supports[k][at[k]])
+            if i == none:
+                break
+            t = zero
+            for k in range(len(supports)):
+                a = at[k]
+                if a < supports[k].size and supports[k][a] == i:
+                    t = values[k][a] if k == 0 else t + values[k][a]
+                    at[k] = a + 1
+            union[count] = i - offset
+            sums[count] = t
+            count += 1
+        for u in range(count):
+            j = union[u]
+            h[j] = h[j] + (sums[u] + zero) / n
+
+    @jit(error_model="numpy")
     def mean_descend(x, rows, zero, n, lr, out):
         """out_i = x_i - lr ((rows_0i + rows_1i + ...) + 0) / n: the running mean of ``base.mean_of``
         (rows added one after the other, +0 so that a sum of -0s is +0, then one division) and the
@@ -1321,7 +1358,7 @@ def _kernels():
             "pack_small": pack_small, "pack_words": pack_words, "pack_vectors": pack_vectors, "unpack_small": unpack_small, "unpack_words": unpack_words, "unpack_vectors": unpack_vectors, "dequantize": dequantize, "dequantize_stacked": dequantize_stacked, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
-            "descend": descend, "mean_descend": mean_descend, "signs_mean_added": signs_mean_added, "sparse_added": sparse_added, "feistel": feistel, "ascending": ascending,
+            "descend": descend, "mean_descend": mean_descend, "signs_mean_added": signs_mean_added, "sparse_added": sparse_added, "mean_added_on_union": mean_added_on_union, "feistel": feistel, "ascending": ascending,
             "mark": mark, "mark_rows_inverse": mark_rows_inverse, "rotated_bits": rotated_bits, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
             "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write,
             "rice_read": rice_read, "pick_top": pick_top, "kth_largest_bits": kth_largest_bits}
@@ -1821,16 +1858,19 @@ def signs_mean_added(h: torch.Tensor, negatives: list[torch.Tensor], scales: lis
     return torch.from_numpy(out)
 
 
-def sparse_mean_added(h: torch.Tensor, supports: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor | None:
+def sparse_mean_added(h: torch.Tensor, supports: list[torch.Tensor], values: list[torch.Tensor],
+                      inplace: bool = False) -> torch.Tensor | None:
     """h + the mean of sparse payloads (each an ascending int64 support and its values of h's dtype)
-    as a new tensor, with the bits of ``base.mean_of``'s running sum and torch's h + mean, in one
-    compiled pass over h that adds the payloads' values a block at a time. At d = 1e7 with two
-    Top-1% payloads that is one pass where the dense mean took five (the first dense form, +0 twice,
-    the division, the sum with h). For 2..4 payloads (``MEAN_ROWS``); None otherwise, and where
-    ``_sparse_pass`` refuses the vectors."""
+    with the bits of ``base.mean_of``'s running sum and torch's h + mean: as a new tensor, in one
+    compiled pass over h that adds the payloads' values a block at a time (at d = 1e7 with two
+    Top-1% payloads one pass where the dense mean took five: the first dense form, +0 twice, the
+    division, the sum with h); or with ``inplace``, for an h that holds no negative zero (the
+    caller's word: ``without_negative_zero``), into h on the union of the supports alone
+    (``mean_added_on_union``: h_i + 0 is h_i elsewhere), O(n k). For 2..4 payloads (``MEAN_ROWS``);
+    None otherwise, and where ``_sparse_pass`` refuses the vectors."""
     if len(supports) not in MEAN_ROWS:
         return None
-    return _sparse_pass(h, supports, values, True, False)
+    return _sparse_pass(h, supports, values, True, inplace)
 
 
 def sparse_added(h: torch.Tensor, support: torch.Tensor, values: torch.Tensor, inplace: bool = False) -> torch.Tensor | None:
@@ -1862,9 +1902,11 @@ def _sparse_pass(h, supports, values, mean: bool, inplace: bool) -> torch.Tensor
 
     def piece(a, b):
         cut = [(int(np.searchsorted(i, a)), int(np.searchsorted(i, b))) for i in index]
-        kernels["sparse_added"](ha[a:b], tuple(i[c:e] for i, (c, e) in zip(index, cut)),
-                                tuple(v[c:e] for v, (c, e) in zip(kept, cut)), a, kind(0.0),
-                                kind(len(index)), mean, out[a:b])
+        cut_index, cut_kept = tuple(i[c:e] for i, (c, e) in zip(index, cut)), tuple(v[c:e] for v, (c, e) in zip(kept, cut))
+        if mean and inplace:  # the union of the supports alone (``sparse_mean_added``)
+            kernels["mean_added_on_union"](ha[a:b], cut_index, cut_kept, a, kind(0.0), kind(len(index)))
+        else:
+            kernels["sparse_added"](ha[a:b], cut_index, cut_kept, a, kind(0.0), kind(len(index)), mean, out[a:b])
 
     _run(ha.size, 1, piece)
     return h if inplace else torch.from_numpy(out)
