@@ -477,14 +477,17 @@ def test_a_shift_by_the_mean_of_sparse_uplinks_in_place_has_the_bits_of_h_plus_t
     assert same == [False] * 3 + [True] * 7  # then into h itself
 
 
-def test_ef21_with_top_k_both_ways_shifts_its_states_in_place_to_the_same_model(monkeypatch):
-    """EF21 with Top-K both ways, its Markov states shifted in place on their supports, ends at the
-    model of the run where every shift makes a whole pass (no state marked free of negative zeros)."""
+@pytest.mark.parametrize("algorithm", ["ef21", "ef21-sgd"])
+def test_ef21_with_top_k_shifts_its_states_in_place_to_the_same_model(monkeypatch, algorithm):
+    """EF21 with Top-K both ways (and EF21-SGD with Top-K up), its Markov states shifted in place on
+    their supports (the server's g by the mean of the uplinks on their union), ends at the model of
+    the run where every shift makes a whole pass (no state marked free of negative zeros)."""
     from common.compressors import cpu_kernels
     from runtime.engine import run_inproc
 
-    config = RunConfig(algorithm="ef21", workers=3, rounds=8, lr="0.05", eval_every=100, uplink="topk:ratio=0.01",
-                       downlink="topk:ratio=0.01", problem=f"identity-quadratic:d={cpu_kernels.MIN_CHUNK + 3}")
+    down = {"downlink": "topk:ratio=0.01"} if algorithm == "ef21" else {}
+    config = RunConfig(algorithm=algorithm, workers=3, rounds=8, lr="0.05", eval_every=100, uplink="topk:ratio=0.01",
+                       problem=f"identity-quadratic:d={cpu_kernels.MIN_CHUNK + 3}", **down)
     held = []
     real = cpu_kernels.without_negative_zero.holds
     monkeypatch.setattr(cpu_kernels.without_negative_zero, "holds", lambda t: held.append(real(t)) or held[-1])

@@ -42,7 +42,7 @@ class EF21SGDWorker(WorkerRule):
         return Message({"c": c})
 
     def settle(self, t, sent):
-        self.g_i = shift(self.g_i, sent.payloads["c"])                                               # g_i^{t+1} = g_i^t + c_i, once c_i is sent
+        self.g_i = shift(self.g_i, sent.payloads["c"], owned=True)                                   # g_i^{t+1} = g_i^t + c_i, once c_i is sent
 
     def downlink(self, t, msg):
         self.x = descend(self.x, staircase(self.ctx, t), dense(msg.payloads["g"]))
