@@ -1444,6 +1444,9 @@ def test_the_descents_mark_their_result_finite_only_while_it_is_what_they_wrote(
     view = out.detach()
     del out  # the marked tensor is gone: its memory could be another's, so a view is read again
     assert not cpu_kernels.known_finite(view)
+    from common.algorithms.base import full
+    sent = full(cpu_kernels.descend(x, 0.1, g), copy=False)  # a fresh vector that only its payload holds
+    assert cpu_kernels.known_finite(sent.values)  # is still known finite when it is encoded
     signs = build("sign", n).compress(torch.randn(n, dtype=dtype), worker=0, step=0)
     out = cpu_kernels.descend(x, 0.1, g)
     assert add_dense(out, signs, inplace=True) is out and not cpu_kernels.known_finite(out)  # written through NumPy

@@ -143,8 +143,13 @@ def full(x: torch.Tensor, copy: bool = True) -> Dense:
     """An uncompressed vector as a payload: a copy, so later in-place updates do not leak; or, with
     ``copy=False``, ``x`` itself, for a vector the rule never changes in place (a fresh gradient, a
     model that each step replaces). The link sends a payload's memory without copying it (``encode_node``),
-    so at d = 1e7 this saves a 40 MB copy on each side of a dense round."""
-    return Dense(x.detach().clone() if copy else x.detach(), x.dtype)
+    so at d = 1e7 this saves a 40 MB copy on each side of a dense round. Without ``copy`` the payload
+    holds ``x`` itself where it needs no detaching, so that a mark of the pass that wrote it (a
+    finite vector, ``cpu_kernels.known_finite``) lives as long as the payload does: a detached alias
+    would let a gradient that only the payload holds die with its mark before it is encoded."""
+    if copy:
+        return Dense(x.detach().clone(), x.dtype)
+    return Dense(x.detach() if x.requires_grad else x, x.dtype)
 
 
 class ServerRule:
