@@ -116,6 +116,32 @@ def test_gradient_only_entry_point_gives_the_oracles_gradient_bit_for_bit(spec, 
             gradient_entry(f)(bad, 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_identity_quadratics_compiled_gradient_has_torchs_bits_and_marks_only_finite_results(dtype):
+    """Long CPU vectors take one compiled pass, b - (-a) x, for a x + b: the bits of torch's two
+    operations (signed zeros, magnitudes from 1e-30 to 1e30), and the result is marked finite so that
+    sending it skips the check; an inf in x gives a gradient that is not marked, which the sender's
+    check then refuses."""
+    from common.compressors import cpu_kernels
+    from common.compressors.base import all_finite
+
+    d = cpu_kernels.MIN_CHUNK + 3
+    p = build_problem(f"identity-quadratic:d={d}", 2, seed=3)
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(d, generator=gen, dtype=torch.float64)
+         * 10.0 ** torch.randint(-30, 31, (d,), generator=gen).double()).to(dtype)
+    x[::7], x[::11] = 0.0, -0.0
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    for i in range(2):
+        g = p.oracle(i, torch.device("cpu"), dtype)(x, 0)[1]
+        b = torch.from_numpy(p.b[i]).to(dtype)
+        assert torch.equal(g.view(bits), (float(p.a[i]) * x).add_(b).view(bits))
+        assert cpu_kernels.known_finite(g)
+    x[5] = math.inf
+    g = p.oracle(0, torch.device("cpu"), dtype)(x, 0)[1]
+    assert not cpu_kernels.known_finite(g) and not all_finite(g)
+
+
 def test_a_wrapper_that_copies_an_oracles_attributes_is_still_called_whole():
     """functools.wraps copies the oracle's attributes: the wrapper must not inherit the gradient-only
     entry point (which would skip the wrapper), so rules call it whole."""
