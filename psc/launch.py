@@ -192,7 +192,7 @@ def _launch_procs(config, metrics, device, timeout, heartbeat, progress, keys, r
 
     devices = worker_devices(config.workers, device)
     env = dict(os.environ)
-    server_threads = None
+    server_threads = step_threads = None
     if "OMP_NUM_THREADS" not in env and all(d == "cpu" for d in devices):
         # N CPU workers and the server on one host share its cores: more threads each only
         # oversubscribe them. A worker gets cores / N; the server, whose work alternates with the
@@ -202,15 +202,19 @@ def _launch_procs(config, metrics, device, timeout, heartbeat, progress, keys, r
         # once idle threads spun for half a millisecond instead of about ten (runtime.openmp): the
         # server with all the cores was faster at d = 1e7 (its part 15-17 -> 10 ms) but the round
         # was not, beyond the noise, and at d = 1e6 it was not faster at all; so this split stays.
+        # Between the last uplink and the downlinks every worker waits, so there the server's
+        # compiled passes take every core it had, for long models (``step_threads``; its part of a
+        # round at d = 1e7, N = 2: dense GD 8.8 -> 7.1 ms, CD-Adam 17.7 -> 13.8: docs/overhead.md).
         cores = os.cpu_count() or 1
         env["OMP_NUM_THREADS"] = str(max(1, cores // config.workers))
         import torch
 
-        server_threads = min(torch.get_num_threads(), max(1, cores // (config.workers + 1)))
+        step_threads = torch.get_num_threads()
+        server_threads = min(step_threads, max(1, cores // (config.workers + 1)))
     with torch_threads(server_threads):
         server = Server(config, "tcp://127.0.0.1:*", metrics, timeout=timeout, heartbeat=heartbeat,
                         join_timeout=max(120.0, timeout), progress=progress, supervise=supervise, keys=keys,
-                        round_timeout=round_timeout, **faults)
+                        round_timeout=round_timeout, step_threads=step_threads, **faults)
         allow = WorkerPolicy.for_run(config).argv()
 
         def forward(signum: int) -> None:

@@ -80,8 +80,10 @@ class Server:
                  heartbeat: float = 1.0, join_timeout: float = 600.0, progress: bool = True,
                  supervise: Callable[[], bool | None] | None = None, keys: transport.ServerKeys | None = None,
                  round_timeout: float | None = None, checkpoint_dir: str | None = None, checkpoint_every: int = 50,
-                 resume: str | None = None, rejoin_timeout: float = 120.0, model_out: str | None = None):
+                 resume: str | None = None, rejoin_timeout: float = 120.0, model_out: str | None = None,
+                 step_threads: int | None = None):
         self.config, self.bind, self.metrics_path = config, bind, metrics_path
+        self.step_threads = step_threads  # the compiled passes' threads while the workers wait (ServerCore)
         self.timeout, self.heartbeat, self.join_timeout, self.progress = timeout, heartbeat, join_timeout, progress
         self.supervise, self.round_timeout = supervise, round_timeout
         self.setup = RunSetup.build(config)  # a bad configuration fails here, before any socket
@@ -521,7 +523,7 @@ class Server:
     def run(self) -> int:
         self.old_records = checkpoint.old_metrics(Outputs.metrics_file(self.metrics_path)) if self.resumed is not None else None
         metrics = MetricsWriter(self.metrics_path)
-        core = self.core = ServerCore(self.setup, metrics)
+        core = self.core = ServerCore(self.setup, metrics, self.step_threads)
         try:
             self._register(self.join_timeout, restore=self.resumed is not None)
             with progress_bar(self.config.rounds, self.progress) as bar:

@@ -133,6 +133,40 @@ def test_the_server_decodes_each_uplink_as_it_arrives():
     assert server.pending["bytes_up"] == [u.nbytes for u in ups]
 
 
+def test_the_servers_step_and_encodes_run_with_the_step_threads_and_the_same_downlinks(monkeypatch):
+    """``step_threads``: the compiled passes' thread count while the rule steps and the downlinks are
+    encoded (every worker waits then), torch's own count before and after, also where the step
+    fails; the downlinks' bytes are those of a server without it (a compiled pass gives the same
+    bits on any number of threads: GD's mean and step at d = MIN_CHUNK + 3 here). Models shorter
+    than ``STEP_THREADS_FROM`` keep torch's count."""
+    from common.compressors import cpu_kernels
+    from runtime import server_core
+
+    d = cpu_kernels.MIN_CHUNK + 3
+    setup = RunSetup.build(RunConfig(algorithm="gd", workers=2, rounds=1, lr="0.1", problem=f"identity-quadratic:d={d}"))
+    ups = [protocol.parse(WorkerCore(setup, r, torch.device("cpu")).uplink(0)[1]) for r in range(2)]
+    assert ServerCore(setup, MetricsWriter(None), step_threads=3).step_threads is None  # d < STEP_THREADS_FROM
+    monkeypatch.setattr(server_core, "STEP_THREADS_FROM", d)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seen = []
+        server = ServerCore(setup, MetricsWriter(None), step_threads=3)
+        step = server.rule.step
+        server.rule.step = lambda t, msgs: seen.append(cpu_kernels._threads()) or step(t, msgs)
+        downs = server.round(0, ups)
+        assert seen == [3] and cpu_kernels._threads() == 1
+        reference = ServerCore(setup, MetricsWriter(None)).round(0, ups)
+        assert [[bytes(f) for f in down] for down in downs] == [[bytes(f) for f in down] for down in reference]
+        failing = ServerCore(setup, MetricsWriter(None), step_threads=3)
+        failing.rule.step = lambda t, msgs: [None]  # one downlink for two workers
+        with pytest.raises(RunFailed, match="returned 1 downlinks"):
+            failing.round(0, ups)
+        assert cpu_kernels._threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_trailing_frames_after_an_up_or_a_down_are_rejected():
     """An UP or a DOWN with a frame after the algorithm's message is malformed: the server names the
     worker and keeps its state; a worker refuses the DOWN and keeps its own."""

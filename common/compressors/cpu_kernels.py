@@ -51,6 +51,8 @@ Kernels are compiled on first use (about a second) and cached on disk (Numba's `
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import itertools
 import sys
@@ -1477,9 +1479,26 @@ def _run(n: int, align: int, fn) -> list:
     return _run_pieces(_chunks(n, align), fn)
 
 
+_threads_here: contextvars.ContextVar[int | None] = contextvars.ContextVar("compiled_threads", default=None)
+
+
+@contextlib.contextmanager
+def compiled_threads(count: int | None):
+    """The compiled passes' thread count within the block, torch's own ops keeping theirs; ``None``
+    leaves it as torch's. ``psc launch``'s server, which keeps cores / (N + 1) threads while the
+    workers compute, takes every core for its step and encodes, while the workers wait for their
+    downlinks or finish what they left for after sending (``runtime.server_core``)."""
+    token = _threads_here.set(count)
+    try:
+        yield
+    finally:
+        _threads_here.reset(token)
+
+
 def _threads() -> int:
-    """As many as torch uses for its CPU ops (``torch.set_num_threads`` limits both)."""
-    return torch.get_num_threads()
+    """As many as torch uses for its CPU ops (``torch.set_num_threads`` limits both), or what
+    ``compiled_threads`` set for the block that runs."""
+    return _threads_here.get() or torch.get_num_threads()
 
 
 def _pool() -> ThreadPoolExecutor:
