@@ -202,9 +202,10 @@ def _launch_procs(config, metrics, device, timeout, heartbeat, progress, keys, r
         # once idle threads spun for half a millisecond instead of about ten (runtime.openmp): the
         # server with all the cores was faster at d = 1e7 (its part 15-17 -> 10 ms) but the round
         # was not, beyond the noise, and at d = 1e6 it was not faster at all; so this split stays.
-        # Between the last uplink and the downlinks every worker waits, so there the server's
-        # compiled passes take every core it had, for long models (``step_threads``; its part of a
-        # round at d = 1e7, N = 2: dense GD 8.8 -> 7.1 ms, CD-Adam 17.7 -> 13.8: docs/overhead.md).
+        # Between the last uplink and the downlinks the workers only wait (or finish what they left
+        # for after sending), so there the server's compiled passes take every core it had, for
+        # long models (``step_threads``; its part of a round at d = 1e7, N = 2: dense GD 8.8 -> 7.1
+        # ms, CD-Adam 17.7 -> 13.8: docs/overhead.md).
         cores = os.cpu_count() or 1
         env["OMP_NUM_THREADS"] = str(max(1, cores // config.workers))
         import torch

@@ -47,7 +47,7 @@ STEP_THREADS_FROM = 1 << 22
 class ServerCore:
     def __init__(self, setup: RunSetup, metrics: MetricsWriter, step_threads: int | None = None):
         """``step_threads``: the compiled passes' threads for the rule's step and the encodes, the
-        part of a round when every worker waits for its downlink, for models of at least
+        part of a round when the workers wait for their downlinks, for models of at least
         ``STEP_THREADS_FROM`` coordinates (None, and below: as many as elsewhere)."""
         self.setup = setup
         self.step_threads = step_threads if setup.dim >= STEP_THREADS_FROM else None

@@ -135,7 +135,7 @@ def test_the_server_decodes_each_uplink_as_it_arrives():
 
 def test_the_servers_step_and_encodes_run_with_the_step_threads_and_the_same_downlinks(monkeypatch):
     """``step_threads``: the compiled passes' thread count while the rule steps and the downlinks are
-    encoded (every worker waits then), torch's own count before and after, also where the step
+    encoded (the workers wait then), torch's own count before and after, also where the step
     fails; the downlinks' bytes are those of a server without it (a compiled pass gives the same
     bits on any number of threads: GD's mean and step at d = MIN_CHUNK + 3 here). Models shorter
     than ``STEP_THREADS_FROM`` keep torch's count."""
