@@ -45,7 +45,7 @@ def test_mean_of_the_uplinks_is_bit_identical_to_stacking_them(dtype, dim):
     from common.compressors.message import Message
 
     g = torch.Generator().manual_seed(dim)
-    for n in range(1, 9):
+    for n in range(1, 19):  # 5 to 17 long vectors: ATen's order without the stack (row_order)
         vectors = [(torch.randn(dim, generator=g) * 10.0 ** torch.randint(-3, 4, (dim,), generator=g)).to(dtype)
                    for _ in range(n)]
         for i, v in enumerate(vectors):
@@ -94,7 +94,8 @@ def test_mean_of_refuses_uplinks_of_different_lengths_instead_of_broadcasting():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_step_by_the_mean_of_dense_uplinks_is_the_step_by_the_stacked_mean(dtype):
     """descend_by_mean (one compiled pass for long dense uplinks) gives x - lr * stack(...).mean(0)'s
-    bits for n = 1..6, short and long vectors, and refuses different lengths as before."""
+    bits for n = 1..16 (5..14 in ATen's order, 15 and 16 by torch's ops), short and long vectors, and
+    refuses different lengths as before."""
     from common.algorithms.base import descend_by_mean, full
     from common.compressors import cpu_kernels
     from common.compressors.message import Message
@@ -103,10 +104,10 @@ def test_a_step_by_the_mean_of_dense_uplinks_is_the_step_by_the_stacked_mean(dty
     for dim in (1000, cpu_kernels.MIN_COMPILED + 7, cpu_kernels.MIN_CHUNK + 11):
         x = torch.randn(dim, generator=g, dtype=dtype)
         vectors = [(torch.randn(dim, generator=g) * 10.0 ** torch.randint(-6, 7, (dim,), generator=g)).to(dtype)
-                   for _ in range(6)]
+                   for _ in range(16)]
         for v in vectors:
             v[::5] = -0.0
-        for n in range(1, 7):
+        for n in range(1, 17):
             got = descend_by_mean(x, 0.3, [Message({"g": full(v)}) for v in vectors[:n]], "g")
             expected = x - 0.3 * torch.stack(vectors[:n]).mean(0)
             assert got.numpy().tobytes() == expected.numpy().tobytes(), (dim, n)
@@ -127,6 +128,80 @@ def test_a_step_by_the_mean_of_long_dense_uplinks_takes_the_one_pass(monkeypatch
     assert len(fused) == 1 and fused[0] is not None
     descend_by_mean(x, 0.1, [Message({"g": full(x.double())})] * 3, "g")  # another dtype than x: torch's ops
     assert len(fused) == 1
+
+
+@pytest.mark.parametrize("rows", [5, 8, 14])
+def test_a_step_by_the_mean_of_5_to_14_long_dense_uplinks_takes_the_one_pass_in_atens_order(rows, monkeypatch):
+    """For 5 to 14 uplinks the server's step is one compiled pass too, told where ATen's last columns
+    start, and never stacks the uplinks."""
+    from common.algorithms import row_order
+    from common.algorithms.base import descend_by_mean, full
+    from common.compressors.message import Message
+
+    dim = cpu_kernels.MIN_CHUNK + 45  # ends in a part-filled group of ATen's columns
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(dim, generator=g)
+    vectors = [torch.randn(dim, generator=g) * 10.0 ** torch.randint(-6, 7, (dim,), generator=g) for _ in range(rows)]
+    expected = x - 0.1 * torch.stack(vectors).mean(0)
+    calls = []
+    real = cpu_kernels.mean_descend
+    monkeypatch.setattr(cpu_kernels, "mean_descend", lambda *args, **kw: calls.append(kw) or real(*args, **kw))
+    monkeypatch.setattr(torch, "stack", lambda *args, **kw: pytest.fail("stacked the uplinks"))
+    got = descend_by_mean(x, 0.1, [Message({"g": full(v)}) for v in vectors], "g")
+    assert calls == [{"interleaved_from": dim - dim % row_order.group(torch.float32)}]
+    assert got.numpy().tobytes() == expected.numpy().tobytes()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_sum_of_5_to_17_rows_in_atens_order_is_torchs_for_any_thread_count(threads):
+    """row_order.ordered_sum gives torch.stack(rows).sum(0)'s bits for 5..17 rows of float32 and
+    float64, lengths that fill their last group of columns or not, zeros of both signs and magnitudes
+    from 1e-6 to 1e6, whatever torch's thread count; outside those cases it declines."""
+    from common.algorithms import row_order
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        for dtype in (torch.float32, torch.float64):
+            for dim in (row_order.MIN_ORDERED, row_order.MIN_ORDERED + 45, (1 << 18) + 77):
+                pool = [(torch.randn(dim, generator=g, dtype=torch.float64)
+                         * 10.0 ** torch.randint(-6, 7, (dim,), generator=g)).to(dtype) for _ in range(17)]
+                for i, v in enumerate(pool):
+                    v[::3] = -0.0
+                    v[1::7] = 0.0 if i % 2 else -0.0
+                for n in (5, 6, 8, 9, 13, 16, 17):
+                    got = row_order.ordered_sum(pool[:n])
+                    assert torch.equal(got.view(torch.uint8), torch.stack(pool[:n]).sum(0).view(torch.uint8)), (dtype, dim, n)
+                assert row_order.ordered_sum(pool[:4]) is None and row_order.ordered_sum(pool * 2) is None
+        short = [torch.ones(row_order.MIN_ORDERED - 1)] * 5
+        assert row_order.ordered_sum(short) is None
+        assert row_order.ordered_sum([torch.ones(row_order.MIN_ORDERED)] * 4 + [torch.ones(row_order.MIN_ORDERED + 1)]) is None
+        assert row_order.ordered_sum([torch.ones(row_order.MIN_ORDERED, dtype=torch.float16)] * 5) is None
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_an_order_that_does_not_give_torchs_bits_is_not_used(monkeypatch):
+    """row_order.group keeps a group of columns only where it reproduces torch's own sums: with only
+    wrong candidates it finds none, and the mean of the uplinks stacks them as before."""
+    from common.algorithms import row_order
+    from common.algorithms.base import full, mean_of
+    from common.compressors.message import Message
+
+    right = row_order.group(torch.float32)
+    monkeypatch.setattr(row_order, "GROUP_BYTES", tuple(b for b in (16, 64, 256, 512) if b != 4 * right))
+    row_order.group.cache_clear()
+    try:
+        assert row_order.group(torch.float32) is None
+        g = torch.Generator().manual_seed(3)
+        vectors = [torch.randn(row_order.MIN_ORDERED + 45, generator=g) * 10.0 ** torch.randint(-6, 7, (row_order.MIN_ORDERED + 45,), generator=g)
+                   for _ in range(6)]
+        assert row_order.ordered_sum(vectors) is None
+        got = mean_of([Message({"g": full(v)}) for v in vectors], "g")
+        assert torch.equal(got.view(torch.uint8), torch.stack(vectors).mean(0).view(torch.uint8))
+    finally:
+        row_order.group.cache_clear()
 
 
 @pytest.mark.parametrize("algorithm, dim", [(a, "MIN_CHUNK") for a in ("gd", "marina-p", "m3", "ef21", "marina", "ef21-p", "ef-sgd", "mem-sgd",

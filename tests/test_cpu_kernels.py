@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.algorithms import row_order
 from common.compressors import build, cpu_kernels, draws, indices
 from common.compressors.base import FLOAT64_BLOCK, float64_norm
 from common.compressors.dithering import norm_float32_up
@@ -1197,12 +1198,18 @@ def _torch_mean_descend(x, lr, rows):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_compiled_step_and_mean_give_the_bits_of_torch(dtype):
     """descend is x - lr * g and mean_descend is the running mean then x - lr * mean, bit for bit (the
-    sign of zero included, inf where the step overflows), for 2..4 rows and several step sizes."""
+    sign of zero included, inf where the step overflows), for 2..4 rows and several step sizes; and
+    for 5..14 rows, told where ATen's last columns start, torch's mean of the stacked rows."""
     n = cpu_kernels.MIN_CHUNK * 2 + 77
     gen = torch.Generator().manual_seed(5)
     x = _wide(n, gen, dtype)
     x[2::97] = -torch.finfo(dtype).max  # x - lr * (large) overflows to -inf there
-    rows = [_wide(n, gen, dtype) for _ in range(4)]
+    rows = [_wide(n, gen, dtype) for _ in range(14)]
+    cut = n - n % row_order.group(dtype)
+    for k in cpu_kernels.ORDERED_MEAN_ROWS:
+        want = x - 0.3 * torch.stack(rows[:k]).mean(0)
+        got = cpu_kernels.mean_descend(x, 0.3, rows[:k], interleaved_from=cut)
+        assert got.numpy().tobytes() == want.numpy().tobytes(), k
     for lr in (0.1, 3.0, 1e-30, 2):
         got = cpu_kernels.descend(x, lr, rows[0])
         assert got.dtype == dtype and got.numpy().tobytes() == (x - lr * rows[0]).numpy().tobytes(), lr
@@ -1225,6 +1232,7 @@ def test_the_compiled_step_leaves_what_it_cannot_do_to_torch():
     assert cpu_kernels.descend(x, 0.5, torch.ones(2 * n)[::2]) is None  # not contiguous
     assert cpu_kernels.mean_descend(x, 0.5, [x]) is None
     assert cpu_kernels.mean_descend(x, 0.5, [x] * 5) is None  # where the running sum is not torch's mean
+    assert cpu_kernels.mean_descend(x, 0.5, [x] * 15, interleaved_from=n) is None  # too many rows for one pass
     assert cpu_kernels.mean_descend(x, 0.5, [x, torch.ones(n + 1)]) is None  # different lengths
 
 

@@ -981,18 +981,35 @@ def _kernels():
             h[j] = h[j] + (sums[u] + zero) / n
 
     @jit(error_model="numpy")
-    def mean_descend(x, rows, zero, n, lr, out):
+    def mean_descend(x, rows, zero, n, lr, cut, out):
         """out_i = x_i - lr ((rows_0i + rows_1i + ...) + 0) / n: the running mean of ``base.mean_of``
         (rows added one after the other, +0 so that a sum of -0s is +0, then one division) and the
-        step x - lr * mean, each operation rounded as torch rounds it, in one pass. Returns whether an
+        step x - lr * mean, each operation rounded as torch rounds it, in one pass. From i = ``cut``
+        on the rows are summed as ATen sums the last columns of 5 or more rows
+        (``row_order.interleaved_sum``: four partial sums from 0, rows k, k + 4, ... in sum k, the
+        rows past the last multiple of 4 in sum 0, then sums 1, 2, 3 into sum 0). Returns whether an
         out_i is inf or NaN, as ``descend``."""
         first, second = rows[0], rows[1]
         bad = False
-        for i in range(x.size):
+        head = min(max(cut, 0), x.size)
+        for i in range(head):
             total = first[i] + second[i]
             for k in range(2, len(rows)):
                 total += rows[k][i]
             o = x[i] - lr * ((total + zero) / n)
+            out[i] = o
+            bad |= (o - o) != 0
+        full = len(rows) // 4 * 4
+        for i in range(head, x.size):
+            s0, s1, s2, s3 = zero, zero, zero, zero
+            for k in range(0, full, 4):
+                s0 += rows[k][i]
+                s1 += rows[k + 1][i]
+                s2 += rows[k + 2][i]
+                s3 += rows[k + 3][i]
+            for k in range(full, len(rows)):
+                s0 += rows[k][i]
+            o = x[i] - lr * (((((s0 + s1) + s2) + s3) + zero) / n)
             out[i] = o
             bad |= (o - o) != 0
         return bad
@@ -1378,7 +1395,11 @@ MIN_CHUNK = 1 << 18  # coordinates below which a second thread costs more than i
 MIN_COMPILED = 1 << 15
 STACKED_TABLE = 2048  # entries of a signed level table that ``dequantize`` copies onto its stack (16 KB of float64)
 PIECES_PER_THREAD = 4  # pieces of a long vector per thread (see ``_chunks``)
-MEAN_ROWS = range(2, 5)  # rows that ``mean_descend`` averages (where the running sum is torch's mean)
+MEAN_ROWS = range(2, 5)  # rows that ``mean_descend`` averages by a running sum (where that is torch's mean)
+# Rows that it averages with ATen's order in the last columns (``interleaved_from``): at d = 1e7 and
+# n = 8 in 13 ms against 62-270 ms for the stack, its mean and the step; from 15 rows (17 streams of
+# reads and writes) the pass took 66-91 ms, no faster than the stack, so those rows take torch's ops.
+ORDERED_MEAN_ROWS = range(5, 15)
 
 
 def available() -> bool:
@@ -1957,12 +1978,15 @@ def descend(x: torch.Tensor, lr: float, g: torch.Tensor) -> torch.Tensor | None:
     return _noting_finite(torch.from_numpy(out).view(x.shape), bad)
 
 
-def mean_descend(x: torch.Tensor, lr: float, rows: list[torch.Tensor]) -> torch.Tensor | None:
+def mean_descend(x: torch.Tensor, lr: float, rows: list[torch.Tensor],
+                 interleaved_from: int | None = None) -> torch.Tensor | None:
     """x - lr * mean(rows) in one pass, with the bits of ``base.mean_of``'s running sum followed by
     x - lr * mean: at d = 1e7 and n = 2 one pass and one new vector instead of five passes and three.
-    For 2..4 rows (``MEAN_ROWS``, as ``base.RUNNING_SUM_ROWS``: where the running sum is torch's mean);
-    None otherwise, and as ``descend``."""
-    if len(rows) not in MEAN_ROWS:
+    For 2..4 rows (``MEAN_ROWS``, as ``base.RUNNING_SUM_ROWS``: where the running sum is torch's mean),
+    and for 5..14 rows (``ORDERED_MEAN_ROWS``) given ``interleaved_from``, the first of the last
+    columns that ATen sums in four partial sums (``row_order.first_interleaved``): torch's mean of the
+    stacked rows without the stack. None otherwise, and as ``descend``."""
+    if not (len(rows) in MEAN_ROWS or (len(rows) in ORDERED_MEAN_ROWS and interleaved_from is not None)):
         return None
     kernels = _long_cpu_floats((x, *rows)) if _is_number(lr) else None
     if kernels is None:
@@ -1972,7 +1996,9 @@ def mean_descend(x: torch.Tensor, lr: float, rows: list[torch.Tensor]) -> torch.
     kind = xa.dtype.type
     zero, n, rate = kind(0.0), kind(len(rows)), kind(lr)
     out = np.empty_like(xa)
-    bad = _run(xa.size, 1, lambda a, b: kernels["mean_descend"](xa[a:b], tuple(r[a:b] for r in arrays), zero, n, rate, out[a:b]))
+    cut = xa.size if interleaved_from is None else interleaved_from
+    bad = _run(xa.size, 1, lambda a, b: kernels["mean_descend"](xa[a:b], tuple(r[a:b] for r in arrays), zero, n, rate,
+                                                               cut - a, out[a:b]))
     return _noting_finite(torch.from_numpy(out).view(x.shape), bad)
 
 
@@ -1986,8 +2012,8 @@ def warm_descent(dtype: torch.dtype, rows: int) -> None:
     a = np.zeros(4, dtype=np.float32 if dtype == torch.float32 else np.float64)
     kind = a.dtype.type
     kernels["descend"](a, a, kind(0.0), np.empty_like(a))
-    if rows in MEAN_ROWS:
-        kernels["mean_descend"](a, (a,) * rows, kind(0.0), kind(rows), kind(0.0), np.empty_like(a))
+    if rows in MEAN_ROWS or rows in ORDERED_MEAN_ROWS:
+        kernels["mean_descend"](a, (a,) * rows, kind(0.0), kind(rows), kind(0.0), a.size, np.empty_like(a))
 
 
 def _is_number(value) -> bool:
