@@ -519,14 +519,14 @@ def test_a_sparse_shift_in_place_on_its_support_has_the_bits_of_h_plus_the_dense
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("n_uplinks", [2, 3])
+@pytest.mark.parametrize("n_uplinks", [2, 3, 6, 9])
 def test_a_shift_by_the_mean_of_sparse_uplinks_in_place_has_the_bits_of_h_plus_the_mean(dtype, n_uplinks):
     """``shift_by_mean(h, uplinks, owned=True)`` with Top-K-like uplinks (supports that overlap):
     once h is known to hold no negative zero, only the union of the supports is written, into h
-    (O(n k)); the bits are those of h + mean_of(uplinks) at every step: negative zeros in h at the
-    start, a mean that underflows to -0 onto them (-0 + -0), values that cancel (+0), and uplinks
-    whose supports do not meet."""
-    from common.algorithms.base import mean_of
+    (O(n k)); the bits are those of h + the mean of the stacked dense forms at every step: negative
+    zeros in h at the start, a mean that underflows to -0 onto them (-0 + -0), values that cancel
+    (+0), uplinks whose supports do not meet, and for 6 and 9 uplinks supports that all hold the last
+    columns, which ATen sums in another order."""
     from common.algorithms.memory import shift_by_mean
     from common.compressors.message import Message
     from common.compressors.payloads import Dense, Sparse
@@ -544,14 +544,16 @@ def test_a_shift_by_the_mean_of_sparse_uplinks_in_place_has_the_bits_of_h_plus_t
             support = torch.randperm(n, generator=gen)[: n // 40]
             if step in (0, 1) and w == 0:
                 support[:6] = torch.arange(0, 6 * 89, 89)  # onto h's negative zeros
+            if n_uplinks > 4:
+                support = torch.cat([support, torch.arange(n - 7, n)])
             support = support.unique()
-            values = torch.randn(support.numel(), generator=gen, dtype=dtype)
+            values = torch.randn(support.numel(), generator=gen, dtype=dtype) * 10.0 ** (w % 5)
             if step in (0, 1) and w == 0:
                 values[:6] = -tiny  # (t + 0) / n rounds to -0: -0 + -0 stays -0 where h held -0
             if step % 3 == 2:
                 values[:11] = -reference[support[:11]] * n_uplinks  # cancellations to +0, where no other uplink adds
             uplinks.append(Message({"c": Sparse(n, Dense(values, dtype), support, None, dtype)}))
-        reference = reference + mean_of(uplinks, "c")
+        reference = reference + torch.stack([u.payloads["c"].to_dense() for u in uplinks]).mean(0)
         marked.append(cpu_kernels.without_negative_zero.holds(h))
         before = h
         h = shift_by_mean(h, uplinks, "c", owned=True)

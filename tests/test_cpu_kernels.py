@@ -1029,8 +1029,9 @@ def test_the_scaled_sign_of_a_difference_is_the_sign_of_the_difference_formed_fi
 def test_the_servers_shift_by_the_mean_of_signs_is_the_shift_by_the_mean_formed_first(dtype):
     """``memory.shift_by_mean`` (EF21's and CD-Adam's server state h + (1/n) sum_i c_i) in one
     compiled pass over scaled-sign payloads gives the bits of ``shift(h, mean_of(...))``, signed
-    zeros included, for 2 to 4 uplinks; 5 uplinks, short vectors and other payloads take the
-    running sum as before."""
+    zeros included, for 2 to 4 uplinks, and for 5 to 14 with ATen's order in the last columns (the
+    bits of stacking the dense forms); 15 uplinks, short vectors and other payloads take the mean
+    of the dense forms as before."""
     from common.algorithms.base import mean_of
     from common.algorithms.memory import shift, shift_by_mean
     from common.compressors.message import Message
@@ -1039,8 +1040,8 @@ def test_the_servers_shift_by_the_mean_of_signs_is_the_shift_by_the_mean_formed_
     for n in (cpu_kernels.MIN_CHUNK + 77, 5000):
         h = torch.randn(n, generator=gen, dtype=dtype) * 1e3
         h[:3] = torch.tensor([-0.0, 0.0, -0.0], dtype=dtype)
-        for k in (2, 3, 4, 5):
-            xs = [torch.randn(n, generator=gen, dtype=dtype) * 10.0 ** i for i in range(k)]
+        for k in (2, 3, 4, 5, 8, 14, 15):
+            xs = [torch.randn(n, generator=gen, dtype=dtype) * 10.0 ** (i % 7) for i in range(k)]
             if k == 2:
                 xs[1] = -xs[0]  # sums of +s and -s: zeros
             ups = [Message({"c": decode(encode(build("sign", n, k).compress(x, worker=i, step=1)))}) for i, x in enumerate(xs)]
@@ -1049,8 +1050,9 @@ def test_the_servers_shift_by_the_mean_of_signs_is_the_shift_by_the_mean_formed_
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(cpu_kernels, "signs_mean_added", lambda *a: calls.append(1) or real(*a))
                 got = shift_by_mean(h, ups, "c")
-            assert got.view(torch.uint8).equal(shift(h, mean_of(ups, "c")).view(torch.uint8)), (n, k)
-            assert bool(calls) == (k <= 4) and (real(h, [u.payloads["c"].negative for u in ups[:2]],
+            stacked = torch.stack([u.payloads["c"].to_dense() for u in ups]).mean(0)
+            assert got.view(torch.uint8).equal(shift(h, stacked).view(torch.uint8)), (n, k)
+            assert bool(calls) == (k <= 14) and (real(h, [u.payloads["c"].negative for u in ups[:2]],
                                                       [u.payloads["c"].scale for u in ups[:2]]) is None) == (n < cpu_kernels.MIN_CHUNK)
     n = cpu_kernels.MIN_CHUNK + 77
     h = torch.randn(n, generator=gen, dtype=dtype)
@@ -1063,9 +1065,10 @@ def test_the_servers_shift_by_the_mean_of_signs_is_the_shift_by_the_mean_formed_
 def test_the_servers_shift_by_the_mean_of_sparse_uplinks_is_the_shift_by_the_mean_formed_first(dtype):
     """``memory.shift_by_mean`` over Top-K and Rand-K uplinks (h + 0, then the mean merged on the union
     of the supports) gives the bits of ``shift(h, mean_of(...))`` for 2 to 4 uplinks: supports that
-    overlap or not, signed zeros in h and in the values, empty supports, values of a quantizer (a chain).
-    5 uplinks and short vectors take the running sum; a support out of order, repeated or out of
-    range is refused by the merge and the reference path decides."""
+    overlap or not, signed zeros in h and in the values, empty supports, values of a quantizer (a chain);
+    and for 5 to 14 (the last columns in ATen's order) those of h + the mean of the stacked dense
+    forms. 15 uplinks and short vectors take the mean of the dense forms; a support out of order,
+    repeated or out of range is refused by the merge and the reference path decides."""
     from common.algorithms.base import mean_of
     from common.algorithms.memory import shift, shift_by_mean
     from common.compressors.message import Message
@@ -1075,7 +1078,9 @@ def test_the_servers_shift_by_the_mean_of_sparse_uplinks_is_the_shift_by_the_mea
         return Message({"c": Sparse(n, Dense(vals.to(dtype), dtype), torch.as_tensor(idx, dtype=torch.int64), dtype=dtype)})
 
     def same(h, ups):
-        return shift_by_mean(h, ups, "c").view(torch.uint8).equal(shift(h, mean_of(ups, "c")).view(torch.uint8))
+        stacked = torch.stack([u.payloads["c"].to_dense() for u in ups]).mean(0)
+        return (shift_by_mean(h, ups, "c").view(torch.uint8).equal(shift(h, stacked).view(torch.uint8))
+                and shift(h, mean_of(ups, "c")).view(torch.uint8).equal(shift(h, stacked).view(torch.uint8)))
 
     gen = torch.Generator().manual_seed(21)
     n = cpu_kernels.MIN_CHUNK + 77
@@ -1084,16 +1089,18 @@ def test_the_servers_shift_by_the_mean_of_sparse_uplinks_is_the_shift_by_the_mea
     calls = []
     real = cpu_kernels.sparse_mean_added
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cpu_kernels, "sparse_mean_added", lambda *a: calls.append(real(*a)) or calls[-1])
-        for k in (2, 3, 4, 5):
+        mp.setattr(cpu_kernels, "sparse_mean_added", lambda *a, **kw: calls.append(real(*a, **kw)) or calls[-1])
+        for k in (2, 3, 4, 5, 9, 15):
             for ratio in (0.001, 0.05):
-                xs = [torch.randn(n, generator=gen, dtype=dtype) * 10.0 ** i for i in range(k)]
+                xs = [torch.randn(n, generator=gen, dtype=dtype) * 10.0 ** (i % 5) for i in range(k)]
                 xs[1][: n // 2] = xs[0][: n // 2]  # supports that overlap on the first half
+                for x in xs:
+                    x[-77:] *= 1e6  # every support holds the last columns, where ATen's order differs
                 ups = [Message({"c": decode(encode(build(f"topk:ratio={ratio}", n, k).compress(x, worker=i, step=1)))})
                        for i, x in enumerate(xs)]
                 calls.clear()
                 assert same(h, ups), (k, ratio)
-                assert (len(calls) == 1 and calls[0] is not None) == (k <= 4), (k, ratio)
+                assert (len(calls) == 1 and calls[0] is not None) == (k <= 14), (k, ratio)
         # signed zeros on the supports, a sum of opposite values, an empty support
         zeros = sparse(n, [0, 1, 2, 4, 9], torch.tensor([-0.0, -0.0, 0.0, -0.0, 3.0]))
         opposite = sparse(n, [0, 2, 3, 4, 9, n - 1], torch.tensor([-0.0, -0.0, -0.0, 0.0, -3.0, 1.0]))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from common.algorithms import row_order
 from common.algorithms.base import RUNNING_SUM_ROWS, dense, mean_of
 from common.compressors import cpu_kernels
 from common.compressors.payloads import Signs, Sparse, add_dense
@@ -49,7 +50,8 @@ def markov_compress(compressor, target: torch.Tensor, h: torch.Tensor, worker: i
 def shift_by_mean(h: torch.Tensor, uplinks, name: str, owned: bool = False) -> torch.Tensor:
     """h + (1/n) sum_i c_i for the payloads ``name`` of the uplinks (the server's Markov state of
     EF21 and CD-Adam): ``shift(h, mean_of(uplinks, name), owned)``, bit for bit. Where every c_i is a
-    scaled sign of h's dtype and length (2 to 4 of them, on the CPU, long), one compiled pass reads the
+    scaled sign of h's dtype and length (2 to 14 of them, on the CPU, long; from 5 on added in
+    ATen's order, ``row_order``), one compiled pass reads the
     flags and h and writes the new state (``cpu_kernels.signs_mean_added``), without the dense
     forms, the sum or the mean as vectors; where every c_i is sparse with its indices sent (Top-K) or
     drawn from its key (Rand-K: the ascending support that the key gives), h + 0 and the mean on the
@@ -62,21 +64,28 @@ def shift_by_mean(h: torch.Tensor, uplinks, name: str, owned: bool = False) -> t
     from their bitmaps. Since h + c and c + h are the same sum, the rules that add a mean to a vector
     (MARINA's and M3's g, the error-feedback servers' delta) shift by it here too."""
     payloads = [m.payloads[name] for m in uplinks]
-    if 1 < len(payloads) <= RUNNING_SUM_ROWS.get(h.dtype, 0):
-        fused = None
-        if all(isinstance(p, Signs) and p.dtype == h.dtype for p in payloads):
-            fused = cpu_kernels.signs_mean_added(h, [p.negative for p in payloads], [p.scale for p in payloads])
-        elif all(isinstance(p, Sparse) and (p.indices is not None or p.rule.kind == "randk")
-                 and p.dtype == h.dtype and p.dim == h.numel() for p in payloads):
-            clean = cpu_kernels.without_negative_zero.holds(h)
-            supports = [p.support(h.device) for p in payloads]
-            fused = cpu_kernels.sparse_mean_added(h, supports, [p.values.to_dense().to(h.dtype) for p in payloads],
-                                                  owned and clean)
-            if fused is not None and (clean or not _negative_zero_on(fused, supports)):
-                cpu_kernels.without_negative_zero.note(fused)
-        if fused is not None:
-            return fused
-    return shift(h, mean_of(uplinks, name), owned)
+    few = 1 < len(payloads) <= RUNNING_SUM_ROWS.get(h.dtype, 0)
+    ordered = len(payloads) in cpu_kernels.ORDERED_MEAN_ROWS  # 5 to 14: ATen's order in the last columns
+    cut = row_order.first_interleaved([h] * len(payloads)) if ordered else None
+    if not (few or cut is not None):
+        return shift(h, mean_of(uplinks, name), owned)
+    fused = None
+    if all(isinstance(p, Signs) and p.dtype == h.dtype for p in payloads):
+        fused = cpu_kernels.signs_mean_added(h, [p.negative for p in payloads], [p.scale for p in payloads], cut)
+    elif all(isinstance(p, Sparse) and (p.indices is not None or p.rule.kind == "randk")
+             and p.dtype == h.dtype and p.dim == h.numel() for p in payloads):
+        clean = cpu_kernels.without_negative_zero.holds(h)
+        supports = [p.support(h.device) for p in payloads]
+        values = [p.values.to_dense().to(h.dtype) for p in payloads]
+        last = None if cut is None else h[cut:].clone()  # h's last columns before a pass that may write into h
+        fused = cpu_kernels.sparse_mean_added(h, supports, values, owned and clean, running=cut is not None)
+        if fused is not None and last is not None and last.numel():
+            fused[cut:] = last + row_order.interleaved_sum(
+                [torch.zeros_like(last).index_put_((s[s >= cut] - cut,), v[s >= cut]) for s, v in zip(supports, values)]
+            ).div_(len(payloads))
+        if fused is not None and (clean or not _negative_zero_on(fused, supports)):
+            cpu_kernels.without_negative_zero.note(fused)
+    return fused if fused is not None else shift(h, mean_of(uplinks, name), owned)
 
 
 def _negative_zero_on(v: torch.Tensor, supports: list[torch.Tensor]) -> bool:

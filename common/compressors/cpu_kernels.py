@@ -890,18 +890,31 @@ def _kernels():
         return bad
 
     @jit(error_model="numpy")
-    def signs_mean_added(h, negatives, scales, zero, n, out):
+    def signs_mean_added(h, negatives, scales, zero, n, cut, out):
         """out_i = h_i + ((v_0i + v_1i + ...) + 0) / n with v_ki = -scale_k where negatives_k[i], else
         scale_k: the running mean of scaled-sign payloads (``base.mean_of``: the first one's dense
         form, the others added one after the other, +0, one division) added to h, each operation
-        rounded as torch rounds it, in one pass."""
+        rounded as torch rounds it, in one pass; from i = ``cut`` on, the v_ki summed in ATen's order
+        of its last columns (as ``mean_descend``)."""
         first, second = negatives[0], negatives[1]
         s0, s1 = scales[0], scales[1]
-        for i in range(h.size):
+        head = min(max(cut, 0), h.size)
+        for i in range(head):
             total = (-s0 if first[i] else s0) + (-s1 if second[i] else s1)
             for k in range(2, len(negatives)):
                 total += -scales[k] if negatives[k][i] else scales[k]
             out[i] = h[i] + (total + zero) / n
+        full = len(negatives) // 4 * 4
+        for i in range(head, h.size):
+            p0, p1, p2, p3 = zero, zero, zero, zero
+            for k in range(0, full, 4):
+                p0 += -scales[k] if negatives[k][i] else scales[k]
+                p1 += -scales[k + 1] if negatives[k + 1][i] else scales[k + 1]
+                p2 += -scales[k + 2] if negatives[k + 2][i] else scales[k + 2]
+                p3 += -scales[k + 3] if negatives[k + 3][i] else scales[k + 3]
+            for k in range(full, len(negatives)):
+                p0 += -scales[k] if negatives[k][i] else scales[k]
+            out[i] = h[i] + ((((p0 + p1) + p2) + p3) + zero) / n
 
     @jit(error_model="numpy")
     def sparse_added(h, supports, values, offset, zero, n, mean, out):
@@ -1879,12 +1892,16 @@ def known_finite(t: torch.Tensor) -> bool:
     return _finite.holds(t)
 
 
-def signs_mean_added(h: torch.Tensor, negatives: list[torch.Tensor], scales: list[torch.Tensor]) -> torch.Tensor | None:
+def signs_mean_added(h: torch.Tensor, negatives: list[torch.Tensor], scales: list[torch.Tensor],
+                     interleaved_from: int | None = None) -> torch.Tensor | None:
     """h + the mean of scaled-sign payloads (their flags and 0-d float32 scales) as a new tensor, with
     the bits of ``base.mean_of``'s running sum and torch's h + mean, in one pass without the dense
-    forms, the sum or the mean as vectors. For 2..4 payloads (``MEAN_ROWS``); None otherwise, and
-    where ``_long_cpu_floats`` refuses h or a flag vector is not a CPU bool vector of h's length."""
-    kernels = _long_cpu_floats((h,), MIN_CHUNK) if len(negatives) in MEAN_ROWS else None
+    forms, the sum or the mean as vectors. For 2..4 payloads (``MEAN_ROWS``), and for 5..14 given
+    ``interleaved_from`` (as ``mean_descend``); None otherwise, and where ``_long_cpu_floats``
+    refuses h or a flag vector is not a CPU bool vector of h's length."""
+    rows = len(negatives)
+    fits = rows in MEAN_ROWS or (rows in ORDERED_MEAN_ROWS and interleaved_from is not None)
+    kernels = _long_cpu_floats((h,), MIN_CHUNK) if fits else None
     if kernels is None or h.dim() != 1 or any(
             f.device.type != "cpu" or f.dtype != torch.bool or f.shape != h.shape for f in negatives):
         return None
@@ -1894,21 +1911,25 @@ def signs_mean_added(h: torch.Tensor, negatives: list[torch.Tensor], scales: lis
     values = np.array([kind(s.to(h.dtype).item()) for s in scales], dtype=ha.dtype)  # as ``signs_added`` rounds them
     out = np.empty_like(ha)
     zero, n = kind(0.0), kind(len(negatives))
-    _run(ha.size, 1, lambda a, b: kernels["signs_mean_added"](ha[a:b], tuple(f[a:b] for f in flags), values, zero, n, out[a:b]))
+    cut = ha.size if interleaved_from is None else interleaved_from
+    _run(ha.size, 1, lambda a, b: kernels["signs_mean_added"](ha[a:b], tuple(f[a:b] for f in flags), values, zero, n,
+                                                             cut - a, out[a:b]))
     return torch.from_numpy(out)
 
 
 def sparse_mean_added(h: torch.Tensor, supports: list[torch.Tensor], values: list[torch.Tensor],
-                      inplace: bool = False) -> torch.Tensor | None:
+                      inplace: bool = False, running: bool = False) -> torch.Tensor | None:
     """h + the mean of sparse payloads (each an ascending int64 support and its values of h's dtype)
     with the bits of ``base.mean_of``'s running sum and torch's h + mean: as a new tensor, in one
     compiled pass over h that adds the payloads' values a block at a time (at d = 1e7 with two
     Top-1% payloads one pass where the dense mean took five: the first dense form, +0 twice, the
     division, the sum with h); or with ``inplace``, for an h that holds no negative zero (the
     caller's word: ``without_negative_zero``), into h on the union of the supports alone
-    (``mean_added_on_union``: h_i + 0 is h_i elsewhere), O(n k). For 2..4 payloads (``MEAN_ROWS``);
-    None otherwise, and where ``_sparse_pass`` refuses the vectors."""
-    if len(supports) not in MEAN_ROWS:
+    (``mean_added_on_union``: h_i + 0 is h_i elsewhere), O(n k). For 2..4 payloads (``MEAN_ROWS``),
+    and with ``running`` for 5..14 (``ORDERED_MEAN_ROWS``): the running sum in every column, where
+    ATen sums the last columns of stacked rows in another order, which the caller puts there
+    (``memory.shift_by_mean``). None otherwise, and where ``_sparse_pass`` refuses the vectors."""
+    if not (len(supports) in MEAN_ROWS or (running and len(supports) in ORDERED_MEAN_ROWS)):
         return None
     return _sparse_pass(h, supports, values, True, inplace)
 
