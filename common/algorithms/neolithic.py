@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, descend, register
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, average, dense, descend, register
 from common.algorithms.schedule import SCHEDULE_PARAMS, staircase
 from common.options import Param
 from common.compressors.message import Message
@@ -83,7 +83,7 @@ class NeolithicServer(ServerRule):
 
     def step(self, t, uplinks):
         R = self.R
-        g_tilde = torch.stack([fcc_sum(m, R) for m in uplinks]).mean(0) + self.er          # line 8
+        g_tilde = average([fcc_sum(m, R) for m in uplinks]) + self.er                    # line 8
         payloads, s = fcc(g_tilde, self.ctx.downlink, R, 0, t)                            # line 9
         self.er = g_tilde - s                                                              # line 10
         self.x = descend(self.x, staircase(self.ctx, t * R), s)                            # line 12, mirrored
