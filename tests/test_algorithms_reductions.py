@@ -59,7 +59,8 @@ def test_mean_of_the_uplinks_is_bit_identical_to_stacking_them(dtype, dim):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_mean_of_sparse_and_sign_uplinks_is_bit_identical_to_stacking_their_dense_forms(spec, dtype):
     """Sparse and sign payloads are summed without their dense forms (``add_dense``): the same bits
-    as stacking the dense forms, with zeros of both signs among the kept values, for n = 2..5."""
+    as stacking the dense forms, with zeros of both signs among the kept values, for n = 2..9 (from 5
+    on with ATen's last columns from their dense forms alone)."""
     from common.algorithms.base import mean_of
     from common.compressors import build
     from common.compressors.message import Message
@@ -69,15 +70,16 @@ def test_mean_of_sparse_and_sign_uplinks_is_bit_identical_to_stacking_their_dens
 
     dim = cpu_kernels.MIN_CHUNK + 3001  # where the sign payloads take the compiled pass
     g = torch.Generator().manual_seed(8)
-    compressor = build(spec, dim, n_workers=5)
+    compressor = build(spec, dim, n_workers=9)
     payloads = []
-    for worker in range(5):
-        x = torch.randn(dim, generator=g, dtype=dtype)
+    for worker in range(9):
+        x = torch.randn(dim, generator=g, dtype=dtype) * 10.0 ** (worker % 5)
         x[::3] = -0.0
+        x[-40:] *= 1e6  # in every Top-K's support: ATen's last columns
         payloads.append(decode(encode(compressor.compress(x, worker=worker, step=2))))
-    other = build("sign" if spec != "sign" else "topk:ratio=0.05", dim, n_workers=5)
+    other = build("sign" if spec != "sign" else "topk:ratio=0.05", dim, n_workers=9)
     payloads.insert(1, other.compress(torch.randn(dim, generator=g, dtype=dtype), worker=1, step=2))  # kinds mixed
-    for n in range(2, 6):
+    for n in range(2, 10):
         got = mean_of([Message({"c": p}) for p in payloads[:n]], "c")
         expected = torch.stack([p.to_dense() for p in payloads[:n]]).mean(0)
         assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8)), n
@@ -138,6 +140,8 @@ def test_a_step_by_the_mean_of_5_to_14_long_dense_uplinks_takes_the_one_pass_in_
     from common.algorithms.base import descend_by_mean, full
     from common.compressors.message import Message
 
+    if row_order.group(torch.float32) is None:
+        pytest.skip("this torch build sums stacked rows in an order row_order does not know: the rules stack")
     dim = cpu_kernels.MIN_CHUNK + 45  # ends in a part-filled group of ATen's columns
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(dim, generator=g)
@@ -159,6 +163,8 @@ def test_the_sum_of_5_to_17_rows_in_atens_order_is_torchs_for_any_thread_count(t
     from 1e-6 to 1e6, whatever torch's thread count; outside those cases it declines."""
     from common.algorithms import row_order
 
+    if row_order.group(torch.float32) is None or row_order.group(torch.float64) is None:
+        pytest.skip("this torch build sums stacked rows in an order row_order does not know: the rules stack")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -189,7 +195,7 @@ def test_an_order_that_does_not_give_torchs_bits_is_not_used(monkeypatch):
     from common.algorithms.base import full, mean_of
     from common.compressors.message import Message
 
-    right = row_order.group(torch.float32)
+    right = row_order.group(torch.float32) or 0
     monkeypatch.setattr(row_order, "GROUP_BYTES", tuple(b for b in (16, 64, 256, 512) if b != 4 * right))
     row_order.group.cache_clear()
     try:

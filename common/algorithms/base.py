@@ -99,16 +99,39 @@ def mean_of(uplinks: list[Message], name: str) -> torch.Tensor:
     torch's reduction starts from +0, so its sum is never -0; the running sum is -0 exactly where
     every row is -0, and adding +0 before the division gives torch's +0 there (and changes nothing
     else). For 5 to 17 long CPU vectors the sum is ATen's, in its order, without the stack
-    (``row_order.ordered_sum``)."""
+    (``row_order``): for sign and sparse payloads the running sum, then ATen's last columns from those
+    columns' dense forms alone (``last_columns``)."""
     payloads = [m.payloads[name] for m in uplinks]
-    first = payloads[0]
+    first, n = payloads[0], len(payloads)
+    few = 1 < n <= RUNNING_SUM_ROWS.get(first.dtype, 0)
     if (all(isinstance(p, (Signs, Sparse)) and p.dtype == first.dtype and p.dim == first.dim for p in payloads)
-            and 1 < len(payloads) <= RUNNING_SUM_ROWS.get(first.dtype, 0)):
+            and (few or n in row_order.ORDERED_ROWS)):
         total = dense(first)  # a new vector for these kinds: the sum can go into it
+        cut = None if few else row_order.first_interleaved([total] * n)
+        if not few and cut is None:
+            return average([total] + [dense(p) for p in payloads[1:]])
         for p in payloads[1:]:
             add_dense(total, p, inplace=True)  # the same additions, without the other dense forms
-        return total.add_(0.0).div_(len(payloads))
+        total.add_(0.0)
+        if cut is not None and cut < total.numel():
+            total[cut:] = row_order.interleaved_sum([last_columns(p, cut) for p in payloads])
+        return total.div_(n)
     return average([dense(p) for p in payloads])
+
+
+def last_columns(payload, cut: int) -> torch.Tensor:
+    """The dense form of a payload's columns cut .. d - 1 alone (ATen's last columns, ``row_order``):
+    for a scaled sign its flags there, for a sparse payload the part of its support there."""
+    if isinstance(payload, Signs):
+        scale = payload.scale.to(payload.dtype)
+        return torch.where(payload.negative[cut:], -scale, scale)
+    if isinstance(payload, Sparse):
+        kept = payload.values.to_dense().to(payload.dtype)
+        support = payload.support(kept.device)
+        there = support >= cut
+        out = torch.zeros(payload.dim - cut, dtype=payload.dtype, device=kept.device)
+        return out.index_put_((support[there] - cut,), kept[there])
+    return dense(payload)[cut:]
 
 
 def average(vectors: list[torch.Tensor]) -> torch.Tensor:
