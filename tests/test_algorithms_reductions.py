@@ -233,6 +233,28 @@ def test_the_compiled_step_leaves_every_trajectory_as_it_was(algorithm, dim, mon
     assert run_inproc(config, None, progress=False).model_digest() == compiled
 
 
+@pytest.mark.parametrize("algorithm, options", [("gd", {}), ("cd-adam", {"uplink": "sign", "downlink": "sign"}),
+                                                ("ef21", {"uplink": "topk:ratio=0.01", "downlink": "topk:ratio=0.01"}),
+                                                ("dcgd", {"uplink": "randk:ratio=0.1"})])
+def test_eight_workers_means_in_atens_order_leave_the_trajectory_as_stacking_does(algorithm, options, monkeypatch):
+    """With 8 workers the server's means (the step, the shift by signs or sparse uplinks, mean_of)
+    take ATen's order without the stack (``row_order``); the run ends at the model of the run that
+    stacks every mean, bit for bit."""
+    from common.algorithms import row_order
+    from runtime.engine import run_inproc
+
+    # 31 last columns, and a step large enough that a mean's last bit moves the model there
+    config = RunConfig(algorithm=algorithm, workers=8, rounds=4, lr="0.5", eval_every=100,
+                       problem=f"identity-quadratic:d={cpu_kernels.MIN_CHUNK + 31}", **options)
+    ordered = []
+    real = row_order.first_interleaved
+    monkeypatch.setattr(row_order, "first_interleaved", lambda vectors: ordered.append(real(vectors)) or ordered[-1])
+    fast = run_inproc(config, None, progress=False).model_digest()
+    assert any(cut is not None for cut in ordered)  # the ordered paths ran
+    monkeypatch.setattr(row_order, "first_interleaved", lambda vectors: None)
+    assert run_inproc(config, None, progress=False).model_digest() == fast
+
+
 # --- MARINA with an identity uplink is GD ----------------------------------------------------------
 
 def test_marina_with_identity_uplink_is_gd_round_for_round():
