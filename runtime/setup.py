@@ -47,7 +47,7 @@ class RunSetup:
         without a shift loads the addition's kernel for nothing (from Numba's disk cache after the
         first run). At ``MIN_COMPILED`` coordinates and more, the step's kernels (``cpu_kernels.descend``,
         ``mean_descend``) load on a few coordinates, whatever the compressors, and for 5 to 17
-        workers the order of the server's mean is found (``row_order.group``, about 25 ms)."""
+        workers the order of the server's mean is found (``row_order.group``, 21-24 ms on an idle host)."""
         if self.dim >= cpu_kernels.MIN_COMPILED:  # the mean and step (x - lr g from MIN_CHUNK) run compiled
             cpu_kernels.warm_descent(self.config.torch_dtype, self.config.workers)
         if self.config.workers in row_order.ORDERED_ROWS and self.dim >= row_order.MIN_ORDERED:

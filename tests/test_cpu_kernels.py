@@ -1030,8 +1030,8 @@ def test_the_servers_shift_by_the_mean_of_signs_is_the_shift_by_the_mean_formed_
     """``memory.shift_by_mean`` (EF21's and CD-Adam's server state h + (1/n) sum_i c_i) in one
     compiled pass over scaled-sign payloads gives the bits of ``shift(h, mean_of(...))``, signed
     zeros included, for 2 to 4 uplinks, and for 5 to 14 with ATen's order in the last columns (the
-    bits of stacking the dense forms); 15 uplinks, short vectors and other payloads take the mean
-    of the dense forms as before."""
+    bits of stacking the dense forms); 15 uplinks, short vectors and other payloads take ``mean_of``
+    and a shift by it."""
     from common.algorithms.base import mean_of
     from common.algorithms.memory import shift, shift_by_mean
     from common.compressors.message import Message
@@ -1067,7 +1067,7 @@ def test_the_servers_shift_by_the_mean_of_sparse_uplinks_is_the_shift_by_the_mea
     of the supports) gives the bits of ``shift(h, mean_of(...))`` for 2 to 4 uplinks: supports that
     overlap or not, signed zeros in h and in the values, empty supports, values of a quantizer (a chain);
     and for 5 to 14 (the last columns in ATen's order) those of h + the mean of the stacked dense
-    forms. 15 uplinks and short vectors take the mean of the dense forms; a support out of order,
+    forms. 15 uplinks and short vectors take ``mean_of`` and a shift by it; a support out of order,
     repeated or out of range is refused by the merge and the reference path decides."""
     from common.algorithms.base import mean_of
     from common.algorithms.memory import shift, shift_by_mean

@@ -135,9 +135,9 @@ def last_columns(payload, cut: int) -> torch.Tensor:
 
 
 def average(vectors: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.stack(vectors).mean(0)``, bit for bit (see ``mean_of``): a running sum for up to 4
-    float32/float64 vectors, ATen's order without the stack for 5 to 17 long CPU ones
-    (``row_order``), else the stack."""
+    """``torch.stack(vectors).mean(0)``, bit for bit (see ``mean_of``; for NaNs of different signs,
+    which one is kept may differ: ``row_order``): a running sum for up to 4 float32/float64 vectors,
+    ATen's order without the stack for 5 to 17 long CPU ones (``row_order``), else the stack."""
     first = vectors[0]
     alike = all(v.shape == first.shape and v.dtype == first.dtype for v in vectors)  # add would broadcast
     if not (alike and 1 < len(vectors) <= RUNNING_SUM_ROWS.get(first.dtype, 0)):
