@@ -644,33 +644,51 @@ def test_a_support_marked_in_a_bitmap_gathers_and_scatters_as_index_select_and_i
     assert cpu_kernels.scatter_marked(np.zeros(2, dtype=np.uint64), torch.ones(0), 100, torch.ones(99)) is None
 
 
-@pytest.mark.parametrize("n", [2, 3])
+def _forget_marked_blocks():
+    """Empty ``indices``' caches of the last step's bitmaps."""
+    indices._last_image[0] = indices._last_blocks[0] = indices._last_asked[0] = None
+
+
+@pytest.mark.parametrize("n", [2, 3, 7])
 def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(monkeypatch, n):
     """At a d where the compressor's path takes the compiled pass, every worker's message of a step
     has the same bytes as with the torch version, and the blocks still partition [d]; the bitmap's
     gather and scatter give the bytes of the sorted support's index_select and index_copy_. Blocks
-    of d / 2 are marked from the image side, blocks of d / 3 from their values."""
+    of d / 2 are marked from the image side; for n = 3 and 7 the first block of a step from its
+    values, and the second asked for marks all of them from the image side (``marked_blocks``),
+    where every other comes from."""
     from common.compressors.payloads import add_dense
 
     dim = cpu_kernels.MIN_CHUNK + 1001
     x = torch.randn(dim, generator=torch.Generator().manual_seed(2))
     c = build("permk", dim, n, seed=4)
     calls = []
-    name = "marked_rows" if n <= indices.IMAGE_SIDE_MAX_N else "keyed_range"
-    real = getattr(cpu_kernels, name)
-    monkeypatch.setattr(cpu_kernels, name, lambda *a: calls.append(a) or real(*a))
-    indices._last_image[0] = None
+    names = ["marked_rows"] if n <= indices.IMAGE_SIDE_MAX_N else ["keyed_range", "marked_blocks"]
+    for name in names:
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, name=name, real=real: calls.append(name) or real(*a))
+    _forget_marked_blocks()
     compiled = [encode(c.compress(x, worker=w, step=9)) for w in range(n)]
-    assert len(calls) == (1 if name == "marked_rows" else n)  # n = 2: the second block is the first's complement
-    alone = []
+    if n == 2:
+        assert calls == ["marked_rows"]  # the second block is the first's complement
+    else:  # the first block alone, then every block at once (whose partial rows are mapped forward)
+        assert calls[0] == "keyed_range" and calls.count("marked_blocks") == 1 and calls[1:].count("keyed_range") <= 2 * n
+    alone, before = [], len(calls)
     for w in range(n):
-        indices._last_image[0] = None
+        _forget_marked_blocks()
         alone.append(encode(c.compress(x, worker=w, step=9)))
-    assert alone == compiled and len(calls) == (1 + n if name == "marked_rows" else 2 * n)
+    assert alone == compiled and calls[before:] == [names[0]] * n
     assert [encode(c.compress(x, worker=w, step=10)) for w in range(n)] != compiled  # another step, another bitmap
-    indices._last_image[0] = None
+    down = build("permk", dim, n, seed=4, purpose="downlink")
+    calls.clear()
+    _forget_marked_blocks()
+    downlinks = [encode(down.compress(x, worker=w, step=9)) for w in range(n)]
+    assert calls[0] == names[-1] and calls.count(names[-1]) == 1  # a server's compress: every block at once
+    _forget_marked_blocks()
     monkeypatch.setattr(cpu_kernels, "marked_rows", lambda *a: None)
     monkeypatch.setattr(cpu_kernels, "keyed_range", lambda *a: None)
+    monkeypatch.setattr(cpu_kernels, "marked_blocks", lambda *a: None)
+    assert [encode(down.compress(x, worker=w, step=9)) for w in range(n)] == downlinks
     assert [encode(c.compress(x, worker=w, step=9)) for w in range(n)] == compiled
     monkeypatch.setattr(cpu_kernels, "sorted_distinct", lambda *a: None)  # torch's sort of the block
     assert [encode(c.compress(x, worker=w, step=9)) for w in range(n)] == compiled

@@ -1055,6 +1055,27 @@ def _kernels():
             out[j] = v + ((v >> 63) & dim)
 
     @jit()
+    def mark_blocks_rows(word_a, word_b, first_rows, end_rows, low, a_size, t1, t2, t3, dim, out):
+        """out[k, w] for w in [word_a, word_b) and every block k: ``mark_rows_inverse``'s words for
+        the full rows first_rows[k], ..., end_rows[k] - 1 of each block at once. The 64 lefts of a
+        word are computed into an array on the kernel's stack (where no store can reach the tables,
+        so the loop runs on vector gathers), then each block's word from them."""
+        mask = (np.int64(1) << low) - 1
+        lefts = kernel_parts.stack_like(64, first_rows)
+        for w in range(word_a, word_b):
+            base = np.int64(w) << 6
+            top, first_right = base >> low, base & mask
+            for j in range(64):
+                lefts[j] = kernel_parts.left_back(top, first_right + j, a_size, t1, t2, t3)
+            valid = u64(0xFFFFFFFFFFFFFFFF) if base + 64 <= dim else (u64(1) << u64(max(dim - base, 0))) - u64(1)
+            for k in range(first_rows.size):
+                first, rows = first_rows[k], u64(end_rows[k] - first_rows[k])
+                word = u64(0)
+                for j in range(64):
+                    word |= u64(u64(lefts[j] - first) < rows) << u64(j)
+                out[k, w] = word & valid
+
+    @jit()
     def mark_rows_inverse(word_a, word_b, first_row, end_row, low, a_size, t1, t2, t3, dim, words):
         """words[w] for w in [word_a, word_b): bit j is set where v = 64 w + j < dim and the Feistel
         network's last three rounds, undone on v (left = (left - T3[right]) mod A; right ^= T2[left];
@@ -1072,12 +1093,7 @@ def _kernels():
             top, first_right = base >> low, base & mask
             word = u64(0)
             for j in range(64):
-                right = first_right + j
-                left = top - t3[u64(right)] - a_size
-                left += (left >> 63) & a_size
-                right = right ^ t2[u64(left)]
-                left = left - t1[u64(right)] - a_size
-                left += (left >> 63) & a_size
+                left = kernel_parts.left_back(top, first_right + j, a_size, t1, t2, t3)
                 word |= u64((u64(left - first_row) < rows) & (base + j < dim)) << u64(j)
             words[w] = word
 
@@ -1391,7 +1407,7 @@ def _kernels():
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
             "descend": descend, "mean_descend": mean_descend, "signs_mean_added": signs_mean_added, "sparse_added": sparse_added, "mean_added_on_union": mean_added_on_union, "feistel": feistel, "ascending": ascending,
-            "mark": mark, "mark_rows_inverse": mark_rows_inverse, "rotated_bits": rotated_bits, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
+            "mark": mark, "mark_rows_inverse": mark_rows_inverse, "mark_blocks_rows": mark_blocks_rows, "rotated_bits": rotated_bits, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
             "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write,
             "rice_read": rice_read, "pick_top": pick_top, "kth_largest_bits": kth_largest_bits}
 
@@ -2265,6 +2281,33 @@ def marked(values: torch.Tensor, dim: int) -> np.ndarray | None:
     for other in maps[1:]:
         np.bitwise_or(words, other, out=words)
     return words if kernels["count_marked"](words) == values.numel() else None
+
+
+def marked_blocks(first_rows: np.ndarray, end_rows: np.ndarray, dim: int, low: int, a_size: int, tables) -> np.ndarray | None:
+    """``marked_rows`` for several blocks of rows at once, before the rotation: row k of the result
+    is the bitmap, in the order of the values before the keyed rotation, of the coordinates whose
+    preimage lies in the full rows first_rows[k], ..., end_rows[k] - 1 (``mark_blocks_rows``: each
+    coordinate mapped back once); ``rotate_marked`` then moves each to the coordinates. The caller
+    marks the positions of partial rows and those whose first pass leaves [0, d)
+    (``indices.marked_blocks``). None without Numba or for another number of rounds."""
+    kernels = _kernels()
+    if kernels is None or len(tables) != 4:
+        return None
+    before = np.empty((first_rows.size, (dim + 63) // 64), dtype=np.uint64)
+    arrays = [t.contiguous().numpy() for t in tables[1:]]
+    firsts, ends = first_rows.astype(np.int64), end_rows.astype(np.int64)
+    _run(dim, 64, lambda a, b: kernels["mark_blocks_rows"](a // 64, -(-b // 64), firsts, ends, low, a_size, *arrays, dim, before))
+    return before
+
+
+def rotate_marked(before: np.ndarray, dim: int, rotation: int) -> np.ndarray:
+    """Each row of ``before`` (bitmaps in the order before the keyed rotation) rotated to the
+    coordinates: bit u of a result row is bit (u - rotation) mod dim of its source row."""
+    kernels = _kernels()
+    words = np.empty_like(before)
+    for k in range(before.shape[0]):
+        _run(dim, 64, lambda a, b, k=k: kernels["rotated_bits"](before[k], dim, rotation, a // 64, -(-b // 64), words[k]))
+    return words
 
 
 def marked_rows(first_row: int, end_row: int, dim: int, low: int, a_size: int, tables, rotation: int) -> np.ndarray | None:

@@ -31,6 +31,7 @@ from common.keys import mix, numpy_rng
 PERMK_HOST_MAX_DIM = 1 << 16  # Perm-K of larger d uses the keyed bijection (``keyed_permutation``)
 FEISTEL_ROUNDS = 4
 IMAGE_SIDE_MAX_N = 2  # Perm-K blocks for up to this many workers are marked from the image side (``marked_from_the_image``)
+BLOCKS_AT_ONCE_MAX_N = 16  # up to this many workers, a step's second block asked for marks every block at once (``marked_blocks``)
 _MASK32 = (1 << 32) - 1
 
 
@@ -173,13 +174,16 @@ def permk_support_tensor(dim: int, n: int, worker: int, key: int, device: torch.
     return _sorted_distinct(keyed_block(start, size, dim, key, device), dim).to(torch.int64)
 
 
-def marked_support(rule) -> tuple[np.ndarray, int] | None:
+def marked_support(rule, every_block: bool = False) -> tuple[np.ndarray, int] | None:
     """A keyed Perm-K rule's support on the CPU as a bitmap of d bits (``cpu_kernels.marked`` of the
     block's values; at n = 2 ``marked_from_the_image``, or the complement of the other block's
-    bitmap of the same step) and its size, for the compiled gather and scatter
-    (``cpu_kernels.gather_marked``, ``scatter_marked``), which read it in increasing order without
-    sorting the block. None where those do not apply: another rule, d below
-    ``cpu_kernels.MIN_CHUNK``, the host construction, a block of all of [d], no Numba."""
+    bitmap of the same step; for 3 to ``BLOCKS_AT_ONCE_MAX_N`` workers, every block's bitmap at
+    once, ``marked_blocks``, when ``every_block`` says the caller will ask for all of them (a server
+    compressing its downlinks) or when a second block of the same step is asked for, and then each
+    from that) and its size, for the compiled gather and scatter (``cpu_kernels.gather_marked``,
+    ``scatter_marked``), which read it in increasing order without sorting the block. None where
+    those do not apply: another rule, d below ``cpu_kernels.MIN_CHUNK``, the host construction, a
+    block of all of [d], no Numba."""
     if rule.kind != "permk" or not _permk_on_device(rule.dim, rule.count) or rule.dim < cpu_kernels.MIN_CHUNK:
         return None
     start, size = _block(rule.dim, rule.count, _slot(rule.dim, rule.count, rule.worker, rule.key))
@@ -191,13 +195,74 @@ def marked_support(rule) -> tuple[np.ndarray, int] | None:
             words = marked_from_the_image(start, size, rule.dim, rule.key)
             _last_image[0] = None if words is None else (rule.dim, rule.key, start, size, words)
     else:
-        words = cpu_kernels.marked(keyed_block(start, size, rule.dim, rule.key, torch.device("cpu")), rule.dim)
+        words = _block_of_the_last_step(rule.dim, rule.count, rule.key, start)
+        again = _last_asked[0] == (rule.dim, rule.count, rule.key)  # a second block of one step
+        if words is None and rule.count <= BLOCKS_AT_ONCE_MAX_N and (every_block or again):
+            blocks = marked_blocks(rule.dim, rule.count, rule.key)
+            if blocks is not None:
+                _last_blocks[0] = (rule.dim, rule.count, rule.key, blocks)
+                words = _block_of_the_last_step(rule.dim, rule.count, rule.key, start)
+        if words is None:
+            _last_asked[0] = (rule.dim, rule.count, rule.key)
+            words = cpu_kernels.marked(keyed_block(start, size, rule.dim, rule.key, torch.device("cpu")), rule.dim)
     return None if words is None else (words, size)
 
 
 # (dim, key, start, size, bitmap) of the last block marked from the image side, replaced whole (one
 # store, which threads of an in-process run see whole or not at all)
 _last_image: list = [None]
+# (dim, n, key, bitmaps by block) of the last step whose blocks were marked all at once, and the
+# (dim, n, key) of the last block marked alone; each replaced whole, as ``_last_image``
+_last_blocks: list = [None]
+_last_asked: list = [None]
+
+
+def _block_of_the_last_step(dim: int, n: int, key: int, start: int) -> np.ndarray | None:
+    """The bitmap of the block starting at ``start`` from the last step marked all at once, if it is
+    this step (same d, n and key). The bitmaps are only read, so the cached one is shared."""
+    last = _last_blocks[0]
+    if last is None or last[:3] != (dim, n, key):
+        return None
+    starts = [_block(dim, n, slot)[0] for slot in range(n)]
+    return last[3][starts.index(start)]
+
+
+def marked_blocks(dim: int, n: int, key: int) -> np.ndarray | None:
+    """The bitmaps of all n Perm-K blocks of the step keyed by ``key`` (row k: block k of the
+    permuted order, ``_block``), found as ``marked_from_the_image`` finds one: every coordinate is
+    mapped back through the network once and kept in the block whose full rows hold it
+    (``cpu_kernels.marked_blocks``); the positions of each block's partial rows at its two ends,
+    and those of its full rows whose first pass through the network leaves [0, d), are few and
+    mapped forward. A server that compresses the n blocks of a step (MARINA-P, M3) asks for them
+    one after the other: at d = 1e7 and n = 4 the four bitmaps took 47.6 ms one at a time. None
+    where the kernel does not apply, or if a bitmap does not hold its block's size."""
+    low, a_size, _, tables, rotation = _feistel_tables(dim, key, torch.device("cpu"))
+    width = 1 << low
+    blocks = [_block(dim, n, slot) for slot in range(n)]
+    first_rows = np.array([-(-start // width) for start, _ in blocks], dtype=np.int64)
+    end_rows = np.maximum(np.array([(start + size) // width for start, size in blocks], dtype=np.int64), first_rows)
+    before = cpu_kernels.marked_blocks(first_rows, end_rows, dim, low, a_size, tables)
+    if before is None:
+        return None
+    words = cpu_kernels.rotate_marked(before, dim, rotation)
+    full = [(int(a) * width, int(b) * width) if b > a else (start + size, start + size)
+            for a, b, (start, size) in zip(first_rows, end_rows, blocks)]  # no full row: all mapped forward
+    walked = _first_pass_leaves(dim, low, a_size, tables)
+    positions = walked.numpy()
+    owner = np.searchsorted(starts_of(blocks), positions, side="right") - 1
+    lows, highs = (np.array(ends, dtype=np.int64) for ends in zip(*full))
+    inside = (positions >= lows[owner]) & (positions < highs[owner])
+    images = keyed_permutation(walked[torch.from_numpy(inside)], dim, key)  # one call for every block's few
+    owner = torch.from_numpy(owner[inside])
+    for k, ((start, size), (lo, hi)) in enumerate(zip(blocks, full)):
+        ends = [keyed_block(a, b - a, dim, key, torch.device("cpu")) for a, b in ((start, lo), (hi, start + size)) if b > a]
+        cpu_kernels.mark(words[k], torch.cat([*(e.to(images.dtype) for e in ends), images[owner == k]]))
+    return words if all(cpu_kernels.count_marked(words[k]) == size for k, (_, size) in enumerate(blocks)) else None
+
+
+def starts_of(blocks: list[tuple[int, int]]) -> np.ndarray:
+    """The first positions of consecutive blocks (start, size), as an int64 array."""
+    return np.array([start for start, _ in blocks], dtype=np.int64)
 
 
 def _from_the_last_image(dim: int, key: int, start: int, size: int) -> np.ndarray | None:
@@ -243,12 +308,26 @@ def marked_from_the_image(start: int, size: int, dim: int, key: int) -> np.ndarr
     words = cpu_kernels.marked_rows(first_row, end_row, dim, low, a_size, tables, rotation)
     if words is None:
         return None
-    dtype = tables[0].dtype
-    walked = _feistel_inverse(torch.arange(dim, a_size * width, dtype=dtype), low, a_size, tables)
-    walked = walked[(walked >= first_row * width) & (walked < end_row * width)]
-    ends = [torch.arange(start, first_row * width, dtype=dtype), torch.arange(end_row * width, start + size, dtype=dtype)]
-    cpu_kernels.mark(words, keyed_permutation(torch.cat([*ends, walked]), dim, key))
-    return words if cpu_kernels.count_marked(words) == size else None
+    walked = _first_pass_leaves(dim, low, a_size, tables)
+    return words if _mark_the_rest(words, start, size, first_row * width, end_row * width, walked, dim, key) else None
+
+
+def _first_pass_leaves(dim: int, low: int, a_size: int, tables) -> torch.Tensor:
+    """The positions whose first pass through the Feistel network leaves [0, dim): its inverse of
+    the values dim, ..., A 2^low - 1 (fewer than 2^low)."""
+    return _feistel_inverse(torch.arange(dim, a_size << low, dtype=tables[0].dtype), low, a_size, tables)
+
+
+def _mark_the_rest(words: np.ndarray, start: int, size: int, lo: int, hi: int, walked: torch.Tensor,
+                   dim: int, key: int) -> bool:
+    """Marks in ``words``, a block's bitmap from the coordinates that map back into its full rows
+    (positions lo .. hi - 1), the positions that way leaves out, mapped forward: those of the
+    block's partial rows at its two ends, and those of its full rows among ``walked``
+    (``_first_pass_leaves``). Returns whether the bitmap then holds the block's size."""
+    mine = walked[(walked >= lo) & (walked < hi)]
+    ends = [torch.arange(start, lo, dtype=walked.dtype), torch.arange(hi, start + size, dtype=walked.dtype)]
+    cpu_kernels.mark(words, keyed_permutation(torch.cat([*ends, mine]), dim, key))
+    return cpu_kernels.count_marked(words) == size
 
 
 def keyed_block(start: int, size: int, dim: int, key: int, device: torch.device) -> torch.Tensor:

@@ -104,6 +104,20 @@ def pair_code(tj, lo, hi, lower, half, stochastic):
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
+def left_back(top, right, a_size, t1, t2, t3):
+    """The left half of the Feistel network's value (``indices._feistel``) after its last three
+    rounds are undone on the value whose halves are ``top`` and ``right``: left = (left - T3[right])
+    mod A; right ^= T2[left]; left = (left - T1[right]) mod A (T1 and T3 stored minus A, so one sign
+    test reduces mod A; the tables read at unsigned indices: no test for a negative one)."""
+    left = top - t3[np.uint64(right)] - a_size
+    left += (left >> 63) & a_size
+    right = right ^ t2[np.uint64(left)]
+    left = left - t1[np.uint64(right)] - a_size
+    left += (left >> 63) & a_size
+    return left
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
 def bits_from(words, v):
     """Bits v .. v + 63 of the bitmap ``words`` (bit j of words[w] is bit 64 w + j) as one uint64,
     bits past its end read as 0; v >= 0."""
