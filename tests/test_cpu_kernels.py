@@ -649,6 +649,33 @@ def _forget_marked_blocks():
     indices._last_image[0] = indices._last_blocks[0] = indices._last_asked[0] = None
 
 
+@pytest.mark.parametrize("dim", [cpu_kernels.MIN_CHUNK, cpu_kernels.MIN_CHUNK + 1, 3 << 18, 1_000_003])
+def test_every_block_marked_at_once_is_the_block_marked_alone(dim):
+    """``indices.marked_blocks`` gives, for 3 to ``BLOCKS_AT_ONCE_MAX_N`` workers, each block's bitmap
+    of the one-block way (its positions mapped forward): lengths that are a multiple of the
+    network's rows (no cycle walk) or not, blocks that end on a row's edge or inside one."""
+    for n in range(3, indices.BLOCKS_AT_ONCE_MAX_N + 1):
+        key = dim * 31 + n
+        blocks = indices.marked_blocks(dim, n, key)
+        assert blocks is not None and blocks.shape[0] == n
+        for k in range(n):
+            start, size = indices._block(dim, n, k)
+            alone = cpu_kernels.marked(indices.keyed_block(start, size, dim, key, torch.device("cpu")), dim)
+            assert np.array_equal(blocks[k], alone), (dim, n, k)
+
+
+def test_perm_k_marks_every_block_at_once_only_for_a_few_workers(monkeypatch):
+    """Above ``BLOCKS_AT_ONCE_MAX_N`` workers each block is marked alone: the pass over every block
+    costs about d n."""
+    dim = cpu_kernels.MIN_CHUNK + 1001
+    n = indices.BLOCKS_AT_ONCE_MAX_N + 1
+    monkeypatch.setattr(cpu_kernels, "marked_blocks", lambda *a: pytest.fail("marked every block"))
+    _forget_marked_blocks()
+    c = build("permk", dim, n, seed=4)
+    supports = [decode(encode(c.compress(torch.ones(dim), worker=w, step=3))).support(torch.device("cpu")) for w in range(n)]
+    assert torch.equal(torch.sort(torch.cat(supports)).values, torch.arange(dim))
+
+
 @pytest.mark.parametrize("n", [2, 3, 7])
 def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(monkeypatch, n):
     """At a d where the compressor's path takes the compiled pass, every worker's message of a step
@@ -656,7 +683,7 @@ def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(mon
     gather and scatter give the bytes of the sorted support's index_select and index_copy_. Blocks
     of d / 2 are marked from the image side; for n = 3 and 7 the first block of a step from its
     values, and the second asked for marks all of them from the image side (``marked_blocks``),
-    where every other comes from."""
+    where every other comes from; a block asked for again is not a second one."""
     from common.compressors.payloads import add_dense
 
     dim = cpu_kernels.MIN_CHUNK + 1001
@@ -679,16 +706,14 @@ def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(mon
         alone.append(encode(c.compress(x, worker=w, step=9)))
     assert alone == compiled and calls[before:] == [names[0]] * n
     assert [encode(c.compress(x, worker=w, step=10)) for w in range(n)] != compiled  # another step, another bitmap
-    down = build("permk", dim, n, seed=4, purpose="downlink")
     calls.clear()
     _forget_marked_blocks()
-    downlinks = [encode(down.compress(x, worker=w, step=9)) for w in range(n)]
-    assert calls[0] == names[-1] and calls.count(names[-1]) == 1  # a server's compress: every block at once
+    twice = [encode(c.compress(x, worker=1, step=9)) for _ in range(2)]  # a worker's compress, then again
+    assert twice == [compiled[1]] * 2 and "marked_blocks" not in calls
     _forget_marked_blocks()
     monkeypatch.setattr(cpu_kernels, "marked_rows", lambda *a: None)
     monkeypatch.setattr(cpu_kernels, "keyed_range", lambda *a: None)
     monkeypatch.setattr(cpu_kernels, "marked_blocks", lambda *a: None)
-    assert [encode(down.compress(x, worker=w, step=9)) for w in range(n)] == downlinks
     assert [encode(c.compress(x, worker=w, step=9)) for w in range(n)] == compiled
     monkeypatch.setattr(cpu_kernels, "sorted_distinct", lambda *a: None)  # torch's sort of the block
     assert [encode(c.compress(x, worker=w, step=9)) for w in range(n)] == compiled

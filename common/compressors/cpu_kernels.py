@@ -2317,7 +2317,7 @@ def marked_rows(first_row: int, end_row: int, dim: int, low: int, a_size: int, t
     shared among the threads) and kept if it lands in those rows. A coordinate whose preimage
     needed a cycle walk maps back to a value of at least d, in no full row, so the images of the
     positions whose first pass through the network left [0, d) are missing: the caller marks them
-    (``indices.marked_support``). Work in d, not in the rows' positions: for blocks of half of
+    (``indices.marked_from_the_image``). Work in d, not in the rows' positions: for blocks of half of
     [0, d). The values are taken in their order before the keyed rotation, and the bitmap rotated
     after (``rotated_bits``). None without Numba or for another number of rounds."""
     kernels = _kernels()

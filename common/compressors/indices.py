@@ -31,7 +31,10 @@ from common.keys import mix, numpy_rng
 PERMK_HOST_MAX_DIM = 1 << 16  # Perm-K of larger d uses the keyed bijection (``keyed_permutation``)
 FEISTEL_ROUNDS = 4
 IMAGE_SIDE_MAX_N = 2  # Perm-K blocks for up to this many workers are marked from the image side (``marked_from_the_image``)
-BLOCKS_AT_ONCE_MAX_N = 16  # up to this many workers, a step's second block asked for marks every block at once (``marked_blocks``)
+# Up to this many workers, a second block of one step asked for marks every block at once
+# (``marked_blocks``, whose kernel compares each coordinate with every block: at d = 1e7 on 2 cores
+# all n bitmaps took 21 / 22 / 31 / 42 / 51 ms for n = 3 / 4 / 8 / 12 / 16, one at a time 44 ms)
+BLOCKS_AT_ONCE_MAX_N = 8
 _MASK32 = (1 << 32) - 1
 
 
@@ -174,19 +177,20 @@ def permk_support_tensor(dim: int, n: int, worker: int, key: int, device: torch.
     return _sorted_distinct(keyed_block(start, size, dim, key, device), dim).to(torch.int64)
 
 
-def marked_support(rule, every_block: bool = False) -> tuple[np.ndarray, int] | None:
+def marked_support(rule) -> tuple[np.ndarray, int] | None:
     """A keyed Perm-K rule's support on the CPU as a bitmap of d bits (``cpu_kernels.marked`` of the
     block's values; at n = 2 ``marked_from_the_image``, or the complement of the other block's
     bitmap of the same step; for 3 to ``BLOCKS_AT_ONCE_MAX_N`` workers, every block's bitmap at
-    once, ``marked_blocks``, when ``every_block`` says the caller will ask for all of them (a server
-    compressing its downlinks) or when a second block of the same step is asked for, and then each
-    from that) and its size, for the compiled gather and scatter (``cpu_kernels.gather_marked``,
+    once, ``marked_blocks``, when another block of the same step than the last one is asked for (a
+    server compressing each worker's block; a worker asks for its own only, maybe twice), and then
+    each from that) and its size, for the compiled gather and scatter (``cpu_kernels.gather_marked``,
     ``scatter_marked``), which read it in increasing order without sorting the block. None where
     those do not apply: another rule, d below ``cpu_kernels.MIN_CHUNK``, the host construction, a
     block of all of [d], no Numba."""
     if rule.kind != "permk" or not _permk_on_device(rule.dim, rule.count) or rule.dim < cpu_kernels.MIN_CHUNK:
         return None
-    start, size = _block(rule.dim, rule.count, _slot(rule.dim, rule.count, rule.worker, rule.key))
+    slot = _slot(rule.dim, rule.count, rule.worker, rule.key)
+    start, size = _block(rule.dim, rule.count, slot)
     if size == rule.dim:
         return None
     if rule.count <= IMAGE_SIDE_MAX_N:
@@ -195,15 +199,18 @@ def marked_support(rule, every_block: bool = False) -> tuple[np.ndarray, int] | 
             words = marked_from_the_image(start, size, rule.dim, rule.key)
             _last_image[0] = None if words is None else (rule.dim, rule.key, start, size, words)
     else:
-        words = _block_of_the_last_step(rule.dim, rule.count, rule.key, start)
-        again = _last_asked[0] == (rule.dim, rule.count, rule.key)  # a second block of one step
-        if words is None and rule.count <= BLOCKS_AT_ONCE_MAX_N and (every_block or again):
-            blocks = marked_blocks(rule.dim, rule.count, rule.key)
-            if blocks is not None:
-                _last_blocks[0] = (rule.dim, rule.count, rule.key, blocks)
-                words = _block_of_the_last_step(rule.dim, rule.count, rule.key, start)
+        step = (rule.dim, rule.count, rule.key)
+        last, asked = _last_blocks[0], _last_asked[0]
+        if last is not None and last[0] == step:
+            blocks = last[1]  # None where marking them all failed for this step: not tried again
+        elif rule.count <= BLOCKS_AT_ONCE_MAX_N and asked is not None and asked[0] == step and asked[1] != slot:
+            blocks = marked_blocks(*step)  # another block of the step than the last: all of them
+            _last_blocks[0] = (step, blocks)
+        else:
+            blocks = None
+        words = None if blocks is None else blocks[slot]
         if words is None:
-            _last_asked[0] = (rule.dim, rule.count, rule.key)
+            _last_asked[0] = (step, slot)
             words = cpu_kernels.marked(keyed_block(start, size, rule.dim, rule.key, torch.device("cpu")), rule.dim)
     return None if words is None else (words, size)
 
@@ -211,20 +218,11 @@ def marked_support(rule, every_block: bool = False) -> tuple[np.ndarray, int] | 
 # (dim, key, start, size, bitmap) of the last block marked from the image side, replaced whole (one
 # store, which threads of an in-process run see whole or not at all)
 _last_image: list = [None]
-# (dim, n, key, bitmaps by block) of the last step whose blocks were marked all at once, and the
-# (dim, n, key) of the last block marked alone; each replaced whole, as ``_last_image``
+# ((dim, n, key), bitmaps by block or None) of the last step whose blocks were marked all at once,
+# and ((dim, n, key), block) of the last block marked alone; each replaced whole, as ``_last_image``.
+# The bitmaps are only read, so the cached ones are shared.
 _last_blocks: list = [None]
 _last_asked: list = [None]
-
-
-def _block_of_the_last_step(dim: int, n: int, key: int, start: int) -> np.ndarray | None:
-    """The bitmap of the block starting at ``start`` from the last step marked all at once, if it is
-    this step (same d, n and key). The bitmaps are only read, so the cached one is shared."""
-    last = _last_blocks[0]
-    if last is None or last[:3] != (dim, n, key):
-        return None
-    starts = [_block(dim, n, slot)[0] for slot in range(n)]
-    return last[3][starts.index(start)]
 
 
 def marked_blocks(dim: int, n: int, key: int) -> np.ndarray | None:

@@ -41,7 +41,7 @@ class PermK(Sparsifier):
         rule = IndexRule.keyed("permk", m, self.n_workers, key.worker, key.for_worker(0).child("permutation"))
         scale = permk_scale(m, self.n_workers)
         if x.device.type == "cpu" and x.dtype in cpu_kernels.MARKED_DTYPES:  # the block read from a bitmap, unsorted
-            marked = marked_support(rule, every_block=self.purpose == "downlink")  # a server compresses every block
+            marked = marked_support(rule)
             gathered = cpu_kernels.gather_marked(x, *marked, scale) if marked is not None else None
             if gathered is not None:
                 values, finite = gathered
