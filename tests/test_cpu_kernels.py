@@ -799,6 +799,13 @@ def test_a_second_process_loads_every_kernel_from_the_disk_cache(tmp_path):
         "        cpu_kernels.descend(v, 0.5, v)\n"
         "c = build('permk', dim=x.numel(), n_workers=4, seed=0)\n"
         "add_dense(x, c.compress(x, worker=1, step=0), inplace=True)\n"
+        "c.compress(x, worker=2, step=0)\n"  # another block of the step: every block at once
+        "for rows in (5, 8):\n"  # the mean of 5 to 14 rows, in ATen's order in the last columns
+        "    cpu_kernels.mean_descend(x, 0.5, [x] * rows, interleaved_from=x.numel() - 5)\n"
+        "from common.algorithms.memory import shift_by_mean\n"
+        "from common.compressors.message import Message\n"
+        "s = build('sign', dim=x.numel(), n_workers=8, seed=0).compress(x, worker=0, step=0)\n"
+        "shift_by_mean(x, [Message({'c': s})] * 8, 'c')\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root}
@@ -826,6 +833,22 @@ def test_a_run_loads_its_compressors_kernels_before_the_clock_starts(uplink, cal
     RunSetup.build(config)
     assert len(seen) == calls
     assert [len(a) > 3 and a[3] is not None for a in seen] == [False, True][:calls]  # (the second with h)
+
+
+@pytest.mark.parametrize("workers, at_once", [(2, 0), (4, 1)])
+def test_a_perm_k_run_marks_every_block_at_once_before_the_clock_starts(workers, at_once, monkeypatch):
+    """RunSetup.build compresses a second worker's block too where there are more than 2 workers,
+    so that the pass that marks every Perm-K block of a step (a server's) loads before round 0."""
+    from common.config import RunConfig
+    from runtime.setup import RunSetup
+
+    seen = []
+    real = cpu_kernels.marked_blocks
+    monkeypatch.setattr(cpu_kernels, "marked_blocks", lambda *a: seen.append(a) or real(*a))
+    _forget_marked_blocks()
+    RunSetup.build(RunConfig(algorithm="marina-p", workers=workers, rounds=1, lr="0.1",
+                             problem=f"quadratic:d={cpu_kernels.MIN_CHUNK + 1}"))
+    assert len(seen) == at_once
 
 
 def test_a_sign_run_loads_the_shift_kernels_before_the_clock_starts(monkeypatch):
