@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from common.algorithms import row_order
-from common.algorithms.base import RUNNING_SUM_ROWS, dense, mean_of
+from common.algorithms.base import RUNNING_SUM_ROWS, dense, last_columns, mean_of
 from common.compressors import cpu_kernels
 from common.compressors.payloads import Signs, Sparse, add_dense
 
@@ -80,9 +80,7 @@ def shift_by_mean(h: torch.Tensor, uplinks, name: str, owned: bool = False) -> t
         last = None if cut is None else h[cut:].clone()  # h's last columns before a pass that may write into h
         fused = cpu_kernels.sparse_mean_added(h, supports, values, owned and clean, running=cut is not None)
         if fused is not None and last is not None and last.numel():
-            fused[cut:] = last + row_order.interleaved_sum(
-                [torch.zeros_like(last).index_put_((s[s >= cut] - cut,), v[s >= cut]) for s, v in zip(supports, values)]
-            ).div_(len(payloads))
+            fused[cut:] = last + row_order.interleaved_sum([last_columns(p, cut) for p in payloads]).div_(len(payloads))
         if fused is not None and (clean or not _negative_zero_on(fused, supports)):
             cpu_kernels.without_negative_zero.note(fused)
     return fused if fused is not None else shift(h, mean_of(uplinks, name), owned)

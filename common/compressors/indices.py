@@ -247,7 +247,7 @@ def marked_blocks(dim: int, n: int, key: int) -> np.ndarray | None:
             for a, b, (start, size) in zip(first_rows, end_rows, blocks)]  # no full row: all mapped forward
     walked = _first_pass_leaves(dim, low, a_size, tables)
     positions = walked.numpy()
-    owner = np.searchsorted(starts_of(blocks), positions, side="right") - 1
+    owner = np.searchsorted(np.array([start for start, _ in blocks], dtype=np.int64), positions, side="right") - 1
     lows, highs = (np.array(ends, dtype=np.int64) for ends in zip(*full))
     inside = (positions >= lows[owner]) & (positions < highs[owner])
     images = keyed_permutation(walked[torch.from_numpy(inside)], dim, key)  # one call for every block's few
@@ -257,10 +257,6 @@ def marked_blocks(dim: int, n: int, key: int) -> np.ndarray | None:
         cpu_kernels.mark(words[k], torch.cat([*(e.to(images.dtype) for e in ends), images[owner == k]]))
     return words if all(cpu_kernels.count_marked(words[k]) == size for k, (_, size) in enumerate(blocks)) else None
 
-
-def starts_of(blocks: list[tuple[int, int]]) -> np.ndarray:
-    """The first positions of consecutive blocks (start, size), as an int64 array."""
-    return np.array([start for start, _ in blocks], dtype=np.int64)
 
 
 def _from_the_last_image(dim: int, key: int, start: int, size: int) -> np.ndarray | None:
