@@ -581,6 +581,45 @@ def test_distinct_values_come_out_of_the_bitmap_in_numpy_s_order():
     assert cpu_kernels.sorted_distinct(torch.tensor([3, 5, 3], dtype=torch.int32), 10) is None
 
 
+def test_the_compiled_tail_shuffle_gives_numpy_s_choice_and_leaves_its_generator_where_numpy_does():
+    """``shuffled_tail`` against ``Generator.choice(d, k, replace=False)`` where NumPy shuffles the
+    tail of an arange: the same values in the same order, and the generator in the same state after
+    it (its next draws equal), from a fresh generator and from one that holds a buffered 32-bit half
+    (an odd number of 32-bit draws before), for k at NumPy's cut-offs, k = d (every position but 0
+    swapped) and k close to d. Lemire's method redraws where a product's low half falls below its
+    threshold, rarely for small bounds: at d = 1e6, k = d / 4 it redraws 20-22 times for these keys."""
+    cases = [(10_001, 10_001 // 50 + 1, True), (20_000, 20_000 // 20 + 1, False), (65_537, 65_537, True),
+             (65_537, 65_536, True), (1_000_000, 250_000, True)]
+    for d, k, shuffle in cases:
+        for key in (3, 2 ** 63 + 11):
+            for before in (0, 1):
+                ours, theirs = np.random.PCG64(key), np.random.Generator(np.random.PCG64(key))
+                if before:
+                    ours_gen = np.random.Generator(ours)
+                    assert ours_gen.integers(0, 2 ** 31, dtype=np.uint32) == theirs.integers(0, 2 ** 31, dtype=np.uint32)
+                want = theirs.choice(d, size=k, replace=False, shuffle=shuffle)
+                got = cpu_kernels.shuffled_tail(d, k, ours)
+                assert got.dtype == np.int32 and np.array_equal(got, want), (d, k, shuffle, key, before)
+                assert ours.state == theirs.bit_generator.state
+                assert np.array_equal(np.random.Generator(ours).integers(0, 2 ** 62, 5), theirs.integers(0, 2 ** 62, 5))
+    assert cpu_kernels.shuffled_tail(100, 0, np.random.PCG64(1)) is None
+    assert cpu_kernels.shuffled_tail(100, 10, np.random.MT19937(1)) is None
+
+
+def test_a_rand_k_support_of_numpy_s_tail_shuffle_comes_from_the_compiled_shuffle(monkeypatch):
+    """Where NumPy would shuffle the tail of an arange (k > d // 50 for d > 10000), the support is
+    drawn by ``shuffled_tail`` (and is still NumPy's set), not by NumPy; Floyd's sizes stay NumPy's."""
+    from common.keys import numpy_rng
+
+    calls = []
+    real = cpu_kernels.shuffled_tail
+    monkeypatch.setattr(cpu_kernels, "shuffled_tail", lambda *a: calls.append(a[:2]) or real(*a))
+    for d, k in ((300_007, 300_007 // 4), (300_007, 300_007 // 50), (9_000, 3_000)):
+        got = indices.randk_support.__wrapped__(d, k, 77)
+        assert np.array_equal(got, np.sort(numpy_rng(77).choice(d, size=k, replace=False)))
+    assert calls == [(300_007, 300_007 // 4)]
+
+
 def test_a_rand_k_support_is_the_sorted_set_numpy_s_choice_draws():
     """The support is the set that ``Generator.choice(d, k, replace=False)`` draws, whatever the
     shuffle that is skipped where NumPy draws it by Floyd's algorithm and whatever sorts it: at both
@@ -806,6 +845,8 @@ def test_a_second_process_loads_every_kernel_from_the_disk_cache(tmp_path):
         "from common.compressors.message import Message\n"
         "s = build('sign', dim=x.numel(), n_workers=8, seed=0).compress(x, worker=0, step=0)\n"
         "shift_by_mean(x, [Message({'c': s})] * 8, 'c')\n"
+        "from common.compressors import indices\n"
+        "indices.randk_support(x.numel(), x.numel() // 4, 5)\n"  # NumPy's tail shuffle, compiled
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root}

@@ -47,6 +47,10 @@ positions in one pass, with the integer arithmetic of the torch version's twenty
 values, and whether x is finite) and ``scatter_marked`` (the dense form, or h + it) read in
 increasing order: the block is never sorted, and no index array is written or read.
 
+``tail_shuffle`` is NumPy's partial shuffle of an arange (``Generator.choice`` without replacement
+for large k: Rand-K's supports) with PCG64's draws and swaps, each swap's slot asked of the cache
+some swaps early (``shuffled_tail``).
+
 Kernels are compiled on first use (about a second) and cached on disk (Numba's ``cache=True``).
 """
 from __future__ import annotations
@@ -1402,6 +1406,61 @@ def _kernels():
             c += np.int64(v > threshold) | tie
         return c
 
+    pcg_mult_high, pcg_mult_low = u64(PCG64_MULTIPLIER >> 64), u64(PCG64_MULTIPLIER & (2**64 - 1))
+    low32 = u64(0xFFFFFFFF)
+
+    @jit()
+    def tail_shuffle(data, first, state):
+        """NumPy's partial Fisher-Yates shuffle of ``data`` (``Generator.choice`` without replacement
+        where it shuffles the tail of an arange): for i = n - 1 down to ``first``, swap data[i] with
+        data[j], j drawn on [0, i] by Lemire's rejection method from PCG64's 32-bit outputs (each
+        64-bit output gives its low half, then its high half). ``state``: the generator's 128-bit
+        state and increment as (high, low, high, low) words, then its buffered half and whether it
+        has one, as NumPy's ``PCG64.state`` gives them; updated to the generator's state after the
+        draws. i must stay below 2^32 - 1 (NumPy's 32-bit branch). The draws do not depend on ``data``, so each j is drawn ``AHEAD`` swaps early and its
+        cache line asked for then: the swaps' random reads of a vector of d entries, a cache miss
+        each, overlap instead of waiting one after the other."""
+        hi, lo, inc_hi, inc_lo, spare, have = state[0], state[1], state[2], state[3], state[4], state[5] != u64(0)
+        n = data.size
+        count = n - first
+        ring = np.empty(SHUFFLE_AHEAD, np.int64)
+        last = SHUFFLE_AHEAD - 1
+        for p in range(count + SHUFFLE_AHEAD):
+            t = p - SHUFFLE_AHEAD
+            if t >= 0:  # the swap drawn AHEAD steps ago
+                i = n - 1 - t
+                j = ring[t & last]
+                held = data[j]
+                data[j] = data[i]
+                data[i] = held
+            if p < count:
+                bound = u64(n - p)  # i + 1 for i = n - 1 - p
+                while True:
+                    if have:
+                        r = spare
+                        have = False
+                    else:
+                        product = lo * pcg_mult_low
+                        new_lo = product + inc_lo
+                        hi = (hi * pcg_mult_low + lo * pcg_mult_high + kernel_parts.high_product(lo, pcg_mult_low)
+                              + inc_hi + u64(new_lo < product))
+                        lo = new_lo
+                        mixed = hi ^ lo
+                        turn = hi >> u64(58)
+                        out = (mixed >> turn) | (mixed << ((u64(64) - turn) & u64(63)))
+                        spare = out >> u64(32)
+                        have = True
+                        r = out & low32
+                    m = r * bound
+                    left = m & low32
+                    if left >= bound or left >= (low32 - (bound - u64(1))) % bound:
+                        break
+                j = np.int64(m >> u64(32))
+                ring[p & last] = j
+                kernel_parts.prefetch(data, j)
+        state[0], state[1], state[4], state[5] = hi, lo, spare, u64(have)
+        return count
+
     return {np.float32: quantize32, np.float64: quantize64, "uniform32": quantize_uniform32, "powers32": quantize_powers32, "pairs32": quantize_pairs32, "pairs32_windowed": quantize_pairs32_windowed, "code_range": code_range, "magnitude_bits": magnitude_bits,
             "pack_small": pack_small, "pack_words": pack_words, "pack_vectors": pack_vectors, "unpack_small": unpack_small, "unpack_words": unpack_words, "unpack_vectors": unpack_vectors, "dequantize": dequantize, "dequantize_stacked": dequantize_stacked, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
@@ -1409,10 +1468,18 @@ def _kernels():
             "descend": descend, "mean_descend": mean_descend, "signs_mean_added": signs_mean_added, "sparse_added": sparse_added, "mean_added_on_union": mean_added_on_union, "feistel": feistel, "ascending": ascending,
             "mark": mark, "mark_rows_inverse": mark_rows_inverse, "mark_blocks_rows": mark_blocks_rows, "rotated_bits": rotated_bits, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
             "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write,
-            "rice_read": rice_read, "pick_top": pick_top, "kth_largest_bits": kth_largest_bits}
+            "rice_read": rice_read, "pick_top": pick_top, "kth_largest_bits": kth_largest_bits,
+            "tail_shuffle": tail_shuffle}
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"  # ``pack_words`` reads codes as native 64-bit words
+# NumPy's PCG64 (a 128-bit LCG with this multiplier, XSL-RR output), which ``tail_shuffle`` steps
+PCG64_MULTIPLIER = 0x2360ED051FC65DA44385DF649FCCF645
+# Swaps ahead of the current one whose slot ``tail_shuffle`` asks the cache for (a power of 2): at
+# d = 1e7, 2.5e6 swaps on AMD Zen 4 took 71-115 ms asking for none, 40 / 27 / 27 / 28 ms at 8 / 16 /
+# 32 / 64 ahead
+
+SHUFFLE_AHEAD = 32
 BLOCK = 4096  # coordinates a kernel handles per inner loop (its temporaries stay in the L1/L2 cache)
 MIN_CHUNK = 1 << 18  # coordinates below which a second thread costs more than it saves
 # Coordinates from which the one-pass elementwise kernels (the mean and step, AMSGrad's step, a scaled
@@ -2219,6 +2286,31 @@ def sorted_distinct(values: torch.Tensor, dim: int) -> torch.Tensor | None:
     words = np.zeros((dim + 63) // 64, dtype=np.uint64)
     count = kernels["ascending"](values.contiguous().numpy().reshape(-1), words, out, LOWEST_BIT)
     return torch.from_numpy(out) if count == out.size else None
+
+
+def shuffled_tail(dim: int, count: int, bit_generator) -> np.ndarray | None:
+    """What ``Generator.choice(dim, count, replace=False)`` returns where NumPy shuffles the tail of
+    an arange of ``dim`` (shuffle=True and count > dim // 50, or shuffle=False and count > dim // 20,
+    for dim > 10000): the arange's last ``count`` entries after ``tail_shuffle``, the same draws and
+    swaps as NumPy's, so the same values in the same order, int32 where dim < 2^31 (the arange is
+    then half the bytes). ``bit_generator`` (a ``PCG64``) is left where NumPy leaves it. None without
+    Numba, for another bit generator, or for dim of 2^32 - 1 or more. NumPy's loop waits for one
+    cache miss a swap (at d = 1e7 and count = d / 4: 110-180 ms); this one asks for each swap's
+    slot ``SHUFFLE_AHEAD`` swaps early (25-31 ms, the arange 6 ms more)."""
+    kernels = _kernels()
+    if kernels is None or type(bit_generator) is not np.random.PCG64 or not 0 < count <= dim < 2**32 - 1:
+        return None
+    state = bit_generator.state
+    mask = 2**64 - 1
+    value, increment = state["state"]["state"], state["state"]["inc"]
+    words = np.array([value >> 64, value & mask, increment >> 64, increment & mask,
+                      state["uinteger"], state["has_uint32"]], dtype=np.uint64)
+    data = np.arange(dim, dtype=np.int32 if dim < 2**31 else np.int64)
+    kernels["tail_shuffle"](data, max(dim - count, 1), words)
+    state["state"]["state"] = (int(words[0]) << 64) | int(words[1])
+    state["uinteger"], state["has_uint32"] = int(words[4]), int(words[5])
+    bit_generator.state = state
+    return data[dim - count:]
 
 
 MARKED_DTYPES = (torch.float32, torch.float64)  # what ``gather_marked`` and ``scatter_marked`` read and write
