@@ -620,6 +620,33 @@ def test_a_rand_k_support_of_numpy_s_tail_shuffle_comes_from_the_compiled_shuffl
     assert calls == [(300_007, 300_007 // 4)]
 
 
+def test_the_rand_k_supports_kept_for_reuse_stay_within_their_count_and_bytes(monkeypatch):
+    """A support asked for again is the one kept (the same array); the kept supports hold at most
+    ``SUPPORT_BYTES_KEPT`` bytes and ``SUPPORTS_KEPT`` entries, the oldest going first, and the
+    newest stays even where it alone is larger."""
+    monkeypatch.setattr(indices, "SUPPORT_BYTES_KEPT", 3 * 8 * 5_000 + 1)
+    monkeypatch.setattr(indices, "SUPPORTS_KEPT", 64)
+    kept = indices.randk_support.kept
+    kept.clear()
+    first = indices.randk_support(50_000, 5_000, 1)
+    assert indices.randk_support(50_000, 5_000, 1) is first
+    for key in range(2, 6):
+        indices.randk_support(50_000, 5_000, key)
+    assert list(kept) == [(50_000, 5_000, key) for key in (3, 4, 5)]  # three of 40 KB fit
+    indices.randk_support(50_000, 5_000, 3)  # used again: the newest
+    indices.randk_support(50_000, 5_000, 6)
+    assert list(kept) == [(50_000, 5_000, key) for key in (5, 3, 6)]
+    assert indices.randk_support(50_000, 5_000, 1) is not first  # drawn again: the same set
+    assert np.array_equal(indices.randk_support(50_000, 5_000, 1), first)
+    indices.randk_support(50_000, 20_000, 9)
+    assert list(kept) == [(50_000, 20_000, 9)]
+    monkeypatch.setattr(indices, "SUPPORTS_KEPT", 2)
+    for key in range(3):
+        indices.randk_support(100, 3, key)
+    assert list(kept) == [(100, 3, 1), (100, 3, 2)]
+    kept.clear()
+
+
 def test_a_rand_k_support_is_the_sorted_set_numpy_s_choice_draws():
     """The support is the set that ``Generator.choice(d, k, replace=False)`` draws, whatever the
     shuffle that is skipped where NumPy draws it by Floyd's algorithm and whatever sorts it: at both
