@@ -647,6 +647,38 @@ def test_the_rand_k_supports_kept_for_reuse_stay_within_their_count_and_bytes(mo
     kept.clear()
 
 
+def test_a_server_s_rand_k_supports_are_drawn_ahead_together_and_then_found_kept(monkeypatch):
+    """``shift_by_mean`` and ``mean_of`` over Rand-K uplinks draw the supports they will need in one
+    ``each_in_parallel`` call (those not already kept, long enough, and that fit the kept bytes), and
+    the result is the same as without it."""
+    from common.algorithms.base import mean_of
+    from common.algorithms.memory import shift_by_mean
+    from common.compressors.message import Message
+
+    d, n = 1 << 18, 3
+    batches = []
+    real = cpu_kernels.each_in_parallel
+    monkeypatch.setattr(cpu_kernels, "each_in_parallel", lambda calls: batches.append(len(calls)) or real(calls))
+    x = torch.randn(d, generator=torch.Generator().manual_seed(1))
+    c = build(f"randk:k={d // 4}", dim=d, n_workers=n, seed=0)
+    kept = indices.randk_support.kept
+    for step, run in enumerate((lambda u: shift_by_mean(x.clone(), u, "c"), lambda u: mean_of(u, "c"))):
+        uplinks = [Message({"c": c.compress(x * (i + 1), worker=i, step=step)}) for i in range(n)]
+        kept.clear()
+        batches.clear()
+        ahead = run(uplinks)
+        assert batches == [n] and len(kept) == n
+        indices.randk_support(d, d // 4, 12345)  # another support: the ones of the step stay kept
+        batches.clear()
+        assert torch.equal(run(uplinks), ahead) and batches == []  # all kept: nothing drawn ahead
+        kept.clear()
+        monkeypatch.setattr(indices, "SUPPORT_BYTES_KEPT", 8 * (d // 4) * n - 1)  # they do not all fit
+        assert torch.equal(run(uplinks), ahead) and batches == []
+        monkeypatch.undo()
+        monkeypatch.setattr(cpu_kernels, "each_in_parallel", lambda calls: batches.append(len(calls)) or real(calls))
+    kept.clear()
+
+
 def test_a_rand_k_support_is_the_sorted_set_numpy_s_choice_draws():
     """The support is the set that ``Generator.choice(d, k, replace=False)`` draws, whatever the
     shuffle that is skipped where NumPy draws it by Floyd's algorithm and whatever sorts it: at both

@@ -2482,6 +2482,13 @@ def scatter_marked(words: np.ndarray, values: torch.Tensor, dim: int, h: torch.T
     return h if inplace and h is not None else torch.from_numpy(out)
 
 
+def each_in_parallel(calls) -> list:
+    """Each of ``calls`` (functions without arguments), in parallel threads as ``_run_pieces`` runs
+    pieces: the calling thread and pool threads take the next one as they come free; the results in
+    order."""
+    return _run_pieces([(call,) for call in calls], lambda call: call())
+
+
 def _run_pieces(pieces, fn) -> list:
     """``fn(*piece)`` for each piece, in parallel threads where there are several; the results in order.
     The calling thread takes pieces too, beside one fewer pool thread than torch's thread count, each

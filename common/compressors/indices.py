@@ -127,6 +127,25 @@ def randk_support(dim: int, k: int, key: int) -> np.ndarray:
     return _frozen(_sorted_distinct(torch.from_numpy(drawn), dim).numpy())
 
 
+def draw_ahead(rules) -> None:
+    """Draws the Rand-K supports of ``rules`` (``IndexRule``) that ``randk_support`` does not hold,
+    in parallel threads (``cpu_kernels.each_in_parallel``), so that each caller's ``regenerate``
+    then finds its support kept. A server regenerates every worker's support in a step (M3's
+    ``shift_by_mean``, DCGD's ``mean_of``), and NumPy's tail shuffle waits on memory more than it
+    computes: at d = 1e7 four supports of k = d / 4 took 167-189 ms one after the other, 90-102 ms
+    on 2 threads. Only supports of at least ``cpu_kernels.MIN_CHUNK`` coordinates, and only as many
+    as the kept bytes hold (a support drawn ahead and dropped before its use would be drawn twice)."""
+    wanted = []
+    for rule in rules:
+        args = (rule.dim, rule.count, rule.key)
+        if rule.kind == "randk" and rule.dim >= cpu_kernels.MIN_CHUNK and args not in randk_support.kept and args not in wanted:
+            wanted.append(args)
+    if sum(8 * count for _, count, _ in wanted) > SUPPORT_BYTES_KEPT:
+        return
+    if len(wanted) > 1:
+        cpu_kernels.each_in_parallel([functools.partial(randk_support, *args) for args in wanted])
+
+
 # ---------------------------------------------------------------------------------------------
 # Perm-K
 # ---------------------------------------------------------------------------------------------
