@@ -781,7 +781,11 @@ def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(mon
     gather and scatter give the bytes of the sorted support's index_select and index_copy_. Blocks
     of d / 2 are marked from the image side; for n = 3 and 7 the first block of a step from its
     values, and the second asked for marks all of them from the image side (``marked_blocks``),
-    where every other comes from; a block asked for again is not a second one."""
+    where every other comes from; a block asked for again is not a second one. A MARINA-P server's
+    downlinks (``every_block_asked``) mark every block at the first, with the same bytes."""
+    from types import SimpleNamespace
+
+    from common.algorithms.marina_p_downlink import model_messages
     from common.compressors.payloads import add_dense
 
     dim = cpu_kernels.MIN_CHUNK + 1001
@@ -808,6 +812,12 @@ def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(mon
     _forget_marked_blocks()
     twice = [encode(c.compress(x, worker=1, step=9)) for _ in range(2)]  # a worker's compress, then again
     assert twice == [compiled[1]] * 2 and "marked_blocks" not in calls
+    calls.clear()
+    _forget_marked_blocks()  # a MARINA-P server's downlinks: every block at the first (every_block_asked)
+    downs = model_messages(SimpleNamespace(n=n), c, torch.zeros(dim), x, 9, sync=False)
+    assert [encode(m.payloads["delta"]) for m in downs] == compiled
+    if n > indices.IMAGE_SIDE_MAX_N:
+        assert calls[0] == "marked_blocks" and calls.count("marked_blocks") == 1
     _forget_marked_blocks()
     monkeypatch.setattr(cpu_kernels, "marked_rows", lambda *a: None)
     monkeypatch.setattr(cpu_kernels, "keyed_range", lambda *a: None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from common.algorithms.base import dense, full
+from common.compressors.indices import every_block_asked
 from common.compressors.message import Message
 
 
@@ -23,7 +24,8 @@ def model_messages(ctx, compressor, x: torch.Tensor, x_next: torch.Tensor, t: in
     if sync:
         return [Message({"x": full(x_next, copy=False)}, meta)] * ctx.n  # the new model, never updated in place
     delta = x_next - x
-    return [Message({"delta": compressor.compress(delta, worker=i, step=t)}, meta) for i in range(ctx.n)]
+    with every_block_asked():  # (Perm-K's blocks of the step, all marked at the first: indices.marked_support)
+        return [Message({"delta": compressor.compress(delta, worker=i, step=t)}, meta) for i in range(ctx.n)]
 
 
 def shifted_model(w: torch.Tensor, msg: Message) -> torch.Tensor:

@@ -22,6 +22,8 @@ worker. Two constructions guarantee it:
 from __future__ import annotations
 
 import collections
+import contextlib
+import contextvars
 import functools
 import threading
 
@@ -245,8 +247,8 @@ def marked_support(rule) -> tuple[np.ndarray, int] | None:
     block's values; at n = 2 ``marked_from_the_image``, or the complement of the other block's
     bitmap of the same step; for 3 to ``BLOCKS_AT_ONCE_MAX_N`` workers, every block's bitmap at
     once, ``marked_blocks``, when another block of the same step than the last one is asked for (a
-    server compressing each worker's block; a worker asks for its own only, maybe twice), and then
-    each from that) and its size, for the compiled gather and scatter (``cpu_kernels.gather_marked``,
+    server compressing each worker's block; a worker asks for its own only, maybe twice), or at the
+    first within ``every_block_asked``, and then each from that) and its size, for the compiled gather and scatter (``cpu_kernels.gather_marked``,
     ``scatter_marked``), which read it in increasing order without sorting the block. None where
     those do not apply: another rule, d below ``cpu_kernels.MIN_CHUNK``, the host construction, a
     block of all of [d], no Numba."""
@@ -266,8 +268,8 @@ def marked_support(rule) -> tuple[np.ndarray, int] | None:
         last, asked = _last_blocks[0], _last_asked[0]
         if last is not None and last[0] == step:
             blocks = last[1]  # None where marking them all failed for this step: not tried again
-        elif rule.count <= BLOCKS_AT_ONCE_MAX_N and asked is not None and asked[0] == step and asked[1] != slot:
-            blocks = marked_blocks(*step)  # another block of the step than the last: all of them
+        elif rule.count <= BLOCKS_AT_ONCE_MAX_N and (_every_block.get() or (asked is not None and asked[0] == step and asked[1] != slot)):
+            blocks = marked_blocks(*step)  # every block will be asked for, or another than the last: all of them
             _last_blocks[0] = (step, blocks)
         else:
             blocks = None
@@ -276,6 +278,23 @@ def marked_support(rule) -> tuple[np.ndarray, int] | None:
             _last_asked[0] = (step, slot)
             words = cpu_kernels.marked(keyed_block(start, size, rule.dim, rule.key, torch.device("cpu")), rule.dim)
     return None if words is None else (words, size)
+
+
+_every_block = contextvars.ContextVar("every_block_asked", default=False)
+
+
+@contextlib.contextmanager
+def every_block_asked():
+    """Within the block the caller asks for every Perm-K block of each step (a MARINA-P or M3 server
+    compressing each worker's downlink), so that ``marked_support`` marks them all at once at the
+    first block asked for, for 3 to ``BLOCKS_AT_ONCE_MAX_N`` workers, instead of marking that one
+    alone (a forward pass over its d / n positions: 9-10 ms at d = 1e7, n = 4) and the rest at
+    the second. Only a hint: without it the second block asked for still marks the rest at once."""
+    token = _every_block.set(True)
+    try:
+        yield
+    finally:
+        _every_block.reset(token)
 
 
 # (dim, key, start, size, bitmap) of the last block marked from the image side, replaced whole (one
