@@ -70,8 +70,10 @@ from common.wire import decode  # noqa: E402
 from common.wire.codec import encode_node  # noqa: E402
 from common.wire.header import pack_header  # noqa: E402
 
+# randk:ratio=0.25 is M3's uplink with 4 workers (K = d/n): NumPy draws that support by shuffling the
+# tail of an arange (K > d/50), a serial loop, where 1% takes Floyd's algorithm
 SPECS = [
-    "identity", "fp16", "bf16", "topk:ratio=0.01", "randk:ratio=0.01", "samerandk:ratio=0.01", "permk",
+    "identity", "fp16", "bf16", "topk:ratio=0.01", "randk:ratio=0.01", "randk:ratio=0.25", "samerandk:ratio=0.01", "permk",
     "adaptive", "natural", "exprounding:base=3", "exprounding:base=2,biased=true", "natdither:s=2,p=inf",
     "expdither:base=3,s=4,p=2", "qsgd:s=16", "ternary", "sign", "sign:scale=l2",
     "topk:ratio=0.01+natdither:s=2,p=inf", "permk+natural", "randk:ratio=0.01+natural",
