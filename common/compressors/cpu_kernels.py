@@ -2289,11 +2289,13 @@ def sorted_distinct(values: torch.Tensor, dim: int) -> torch.Tensor | None:
 
 
 def shuffled_tail(dim: int, count: int, bit_generator) -> np.ndarray | None:
-    """What ``Generator.choice(dim, count, replace=False)`` returns where NumPy shuffles the tail of
-    an arange of ``dim`` (shuffle=True and count > dim // 50, or shuffle=False and count > dim // 20,
-    for dim > 10000): the arange's last ``count`` entries after ``tail_shuffle``, the same draws and
-    swaps as NumPy's, so the same values in the same order, int32 where dim < 2^31 (the arange is
-    then half the bytes). ``bit_generator`` (a ``PCG64``) is left where NumPy leaves it. None without
+    """The last ``count`` entries of an arange of ``dim`` after NumPy's partial shuffle
+    (``tail_shuffle``: the same draws and swaps, so the same values in the same order), int32 where
+    dim < 2^31 (the arange is then half the bytes). That is what ``Generator.choice(dim, count,
+    replace=False)`` returns only where NumPy takes that branch (dim > 10000 and count > dim // 50
+    with shuffle=True, count > dim // 20 with shuffle=False); elsewhere it draws by Floyd's
+    algorithm, and the caller must check which. The result is a view that keeps the whole arange
+    alive (NumPy copies it out): callers sort it into a new array at once. ``bit_generator`` (a ``PCG64``) is left where NumPy leaves it. None without
     Numba, for another bit generator, or for dim of 2^32 - 1 or more. NumPy's loop waits for one
     cache miss a swap (at d = 1e7 and count = d / 4: 110-180 ms); this one asks for each swap's
     slot ``SHUFFLE_AHEAD`` swaps early (25-31 ms, the arange 6 ms more)."""

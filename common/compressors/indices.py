@@ -135,14 +135,15 @@ def draw_ahead(rules) -> None:
     then finds its support kept. A server regenerates every worker's support in a step (M3's
     ``shift_by_mean``, DCGD's ``mean_of``), and NumPy's tail shuffle waits on memory more than it
     computes: at d = 1e7 four supports of k = d / 4 took 167-189 ms one after the other, 90-102 ms
-    on 2 threads. Only supports of at least ``cpu_kernels.MIN_CHUNK`` coordinates, and only as many
-    as the kept bytes hold (a support drawn ahead and dropped before its use would be drawn twice)."""
+    on 2 threads. Only supports of vectors of at least ``cpu_kernels.MIN_CHUNK`` coordinates, and
+    only where all of them stay kept (``SUPPORTS_KEPT`` and ``SUPPORT_BYTES_KEPT``: a support drawn
+    ahead and dropped before its use would be drawn twice)."""
     wanted = []
     for rule in rules:
         args = (rule.dim, rule.count, rule.key)
         if rule.kind == "randk" and rule.dim >= cpu_kernels.MIN_CHUNK and args not in randk_support.kept and args not in wanted:
             wanted.append(args)
-    if sum(8 * count for _, count, _ in wanted) > SUPPORT_BYTES_KEPT:
+    if len(wanted) > SUPPORTS_KEPT or sum(8 * count for _, count, _ in wanted) > SUPPORT_BYTES_KEPT:
         return
     if len(wanted) > 1:
         cpu_kernels.each_in_parallel([functools.partial(randk_support, *args) for args in wanted])
