@@ -134,10 +134,11 @@ def draw_ahead(rules) -> None:
     in parallel threads (``cpu_kernels.each_in_parallel``), so that each caller's ``regenerate``
     then finds its support kept. A server regenerates every worker's support in a step (M3's
     ``shift_by_mean``, DCGD's ``mean_of``), and NumPy's tail shuffle waits on memory more than it
-    computes: at d = 1e7 four supports of k = d / 4 took 167-189 ms one after the other, 90-102 ms
-    on 2 threads. Only supports of vectors of at least ``cpu_kernels.MIN_CHUNK`` coordinates, and
-    only where all of them stay kept (``SUPPORTS_KEPT`` and ``SUPPORT_BYTES_KEPT``: a support drawn
-    ahead and dropped before its use would be drawn twice)."""
+    computes: at d = 1e7 four supports of k = d / 4 took 158-189 ms one after the other, 90-142 ms
+    on 2 threads of an idle 2-core host (no gain where other work holds both cores). Only supports
+    of vectors of at least ``cpu_kernels.MIN_CHUNK`` coordinates, and only where all of them stay
+    kept (``SUPPORTS_KEPT`` and ``SUPPORT_BYTES_KEPT``: a support drawn ahead and dropped before its
+    use would be drawn twice)."""
     wanted = []
     for rule in rules:
         args = (rule.dim, rule.count, rule.key)
