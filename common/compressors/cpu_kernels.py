@@ -1417,9 +1417,10 @@ def _kernels():
         64-bit output gives its low half, then its high half). ``state``: the generator's 128-bit
         state and increment as (high, low, high, low) words, then its buffered half and whether it
         has one, as NumPy's ``PCG64.state`` gives them; updated to the generator's state after the
-        draws. i must stay below 2^32 - 1 (NumPy's 32-bit branch). The draws do not depend on ``data``, so each j is drawn ``AHEAD`` swaps early and its
-        cache line asked for then: the swaps' random reads of a vector of d entries, a cache miss
-        each, overlap instead of waiting one after the other."""
+        draws. i must stay below 2^32 - 1 (NumPy's 32-bit branch). The draws do not depend on
+        ``data``, so each j is drawn ``SHUFFLE_AHEAD`` swaps early and its cache line asked for then:
+        the swaps' random reads of a vector of d entries, a cache miss each, overlap instead of
+        waiting one after the other."""
         hi, lo, inc_hi, inc_lo, spare, have = state[0], state[1], state[2], state[3], state[4], state[5] != u64(0)
         n = data.size
         count = n - first
@@ -1478,7 +1479,6 @@ PCG64_MULTIPLIER = 0x2360ED051FC65DA44385DF649FCCF645
 # Swaps ahead of the current one whose slot ``tail_shuffle`` asks the cache for (a power of 2): at
 # d = 1e7, 2.5e6 swaps on AMD Zen 4 took 71-115 ms asking for none, 40 / 27 / 27 / 28 ms at 8 / 16 /
 # 32 / 64 ahead
-
 SHUFFLE_AHEAD = 32
 BLOCK = 4096  # coordinates a kernel handles per inner loop (its temporaries stay in the L1/L2 cache)
 MIN_CHUNK = 1 << 18  # coordinates below which a second thread costs more than it saves
@@ -2295,10 +2295,11 @@ def shuffled_tail(dim: int, count: int, bit_generator) -> np.ndarray | None:
     replace=False)`` returns only where NumPy takes that branch (dim > 10000 and count > dim // 50
     with shuffle=True, count > dim // 20 with shuffle=False); elsewhere it draws by Floyd's
     algorithm, and the caller must check which. The result is a view that keeps the whole arange
-    alive (NumPy copies it out): callers sort it into a new array at once. ``bit_generator`` (a ``PCG64``) is left where NumPy leaves it. None without
-    Numba, for another bit generator, or for dim of 2^32 - 1 or more. NumPy's loop waits for one
-    cache miss a swap (at d = 1e7 and count = d / 4: 110-180 ms); this one asks for each swap's
-    slot ``SHUFFLE_AHEAD`` swaps early (25-31 ms, the arange 6 ms more)."""
+    alive (NumPy copies it out): callers sort it into a new array at once. ``bit_generator`` (a
+    ``PCG64``) is left where NumPy leaves it. None without Numba, for another bit generator, or for
+    dim of 2^32 - 1 or more. NumPy's loop waits for one cache miss a swap (at d = 1e7 and count =
+    d / 4: 110-180 ms); this one asks for each swap's slot ``SHUFFLE_AHEAD`` swaps early (25-31 ms,
+    the arange 6 ms more)."""
     kernels = _kernels()
     if kernels is None or type(bit_generator) is not np.random.PCG64 or not 0 < count <= dim < 2**32 - 1:
         return None

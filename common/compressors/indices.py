@@ -117,8 +117,8 @@ def randk_support(dim: int, k: int, key: int) -> np.ndarray:
     partial shuffle of an arange of dim) the set depends on ``shuffle``, and it stays True; that
     shuffle runs as ``cpu_kernels.shuffled_tail``, NumPy's draws and swaps with each swap's cache
     line asked for early: at d = 1e7 and k = d / 4 (M3's Rand-K with 4 workers, which its server
-    regenerates for every worker at every step) the shuffle takes 25-31 ms instead of 110-180. Long supports are
-    sorted through a bitmap of dim bits (``_sorted_distinct``)."""
+    regenerates for every worker at every step) the shuffle takes 25-31 ms instead of 110-180.
+    Long supports are sorted through a bitmap of dim bits (``_sorted_distinct``)."""
     rng = numpy_rng(key)
     if k == dim:
         return _frozen(np.arange(dim, dtype=np.int64))
@@ -250,10 +250,10 @@ def marked_support(rule) -> tuple[np.ndarray, int] | None:
     bitmap of the same step; for 3 to ``BLOCKS_AT_ONCE_MAX_N`` workers, every block's bitmap at
     once, ``marked_blocks``, when another block of the same step than the last one is asked for (a
     server compressing each worker's block; a worker asks for its own only, maybe twice), or at the
-    first within ``every_block_asked``, and then each from that) and its size, for the compiled gather and scatter (``cpu_kernels.gather_marked``,
-    ``scatter_marked``), which read it in increasing order without sorting the block. None where
-    those do not apply: another rule, d below ``cpu_kernels.MIN_CHUNK``, the host construction, a
-    block of all of [d], no Numba."""
+    first within ``every_block_asked``, and then each from that) and its size, for the compiled
+    gather and scatter (``cpu_kernels.gather_marked``, ``scatter_marked``), which read it in
+    increasing order without sorting the block. None where those do not apply: another rule, d
+    below ``cpu_kernels.MIN_CHUNK``, the host construction, a block of all of [d], no Numba."""
     if rule.kind != "permk" or not _permk_on_device(rule.dim, rule.count) or rule.dim < cpu_kernels.MIN_CHUNK:
         return None
     slot = _slot(rule.dim, rule.count, rule.worker, rule.key)
