@@ -329,18 +329,7 @@ def marked_blocks(dim: int, n: int, key: int) -> np.ndarray | None:
     words = cpu_kernels.rotate_marked(before, dim, rotation)
     full = [(int(a) * width, int(b) * width) if b > a else (start + size, start + size)
             for a, b, (start, size) in zip(first_rows, end_rows, blocks)]  # no full row: all mapped forward
-    walked = _first_pass_leaves(dim, low, a_size, tables)
-    positions = walked.numpy()
-    owner = np.searchsorted(np.array([start for start, _ in blocks], dtype=np.int64), positions, side="right") - 1
-    lows, highs = (np.array(ends, dtype=np.int64) for ends in zip(*full))
-    inside = (positions >= lows[owner]) & (positions < highs[owner])
-    images = keyed_permutation(walked[torch.from_numpy(inside)], dim, key)  # one call for every block's few
-    owner = torch.from_numpy(owner[inside])
-    for k, ((start, size), (lo, hi)) in enumerate(zip(blocks, full)):
-        ends = [keyed_block(a, b - a, dim, key, torch.device("cpu")) for a, b in ((start, lo), (hi, start + size)) if b > a]
-        cpu_kernels.mark(words[k], torch.cat([*(e.to(images.dtype) for e in ends), images[owner == k]]))
-    return words if all(cpu_kernels.count_marked(words[k]) == size for k, (_, size) in enumerate(blocks)) else None
-
+    return words if _mark_the_rest(words, blocks, full, _first_pass_leaves(dim, low, a_size, tables), dim, key) else None
 
 
 def _from_the_last_image(dim: int, key: int, start: int, size: int) -> np.ndarray | None:
@@ -387,7 +376,8 @@ def marked_from_the_image(start: int, size: int, dim: int, key: int) -> np.ndarr
     if words is None:
         return None
     walked = _first_pass_leaves(dim, low, a_size, tables)
-    return words if _mark_the_rest(words, start, size, first_row * width, end_row * width, walked, dim, key) else None
+    full = [(first_row * width, end_row * width)]
+    return words if _mark_the_rest([words], [(start, size)], full, walked, dim, key) else None
 
 
 def _first_pass_leaves(dim: int, low: int, a_size: int, tables) -> torch.Tensor:
@@ -396,16 +386,28 @@ def _first_pass_leaves(dim: int, low: int, a_size: int, tables) -> torch.Tensor:
     return _feistel_inverse(torch.arange(dim, a_size << low, dtype=tables[0].dtype), low, a_size, tables)
 
 
-def _mark_the_rest(words: np.ndarray, start: int, size: int, lo: int, hi: int, walked: torch.Tensor,
-                   dim: int, key: int) -> bool:
-    """Marks in ``words``, a block's bitmap from the coordinates that map back into its full rows
-    (positions lo .. hi - 1), the positions that way leaves out, mapped forward: those of the
-    block's partial rows at its two ends, and those of its full rows among ``walked``
-    (``_first_pass_leaves``). Returns whether the bitmap then holds the block's size."""
-    mine = walked[(walked >= lo) & (walked < hi)]
-    ends = [torch.arange(start, lo, dtype=walked.dtype), torch.arange(hi, start + size, dtype=walked.dtype)]
-    cpu_kernels.mark(words, keyed_permutation(torch.cat([*ends, mine]), dim, key))
-    return cpu_kernels.count_marked(words) == size
+def _mark_the_rest(words, blocks, full, walked: torch.Tensor, dim: int, key: int) -> bool:
+    """Marks in ``words[k]``, the bitmap of block k = (start, size) of ``blocks`` found from the
+    coordinates that map back into its full rows (positions ``full[k]`` = (lo, hi), lo <= hi), the
+    positions that way leaves out, mapped forward: those of the block's partial rows at its two ends,
+    and those of its full rows among ``walked`` (``_first_pass_leaves``), every block's in one call
+    of ``keyed_permutation``. Returns whether every bitmap then holds its block's size."""
+    positions = walked.numpy()
+    starts = np.array([start for start, _ in blocks], dtype=np.int64)
+    owner = np.maximum(np.searchsorted(starts, positions, side="right") - 1, 0)  # (below the first block: not inside it)
+    lows, highs = (np.array(ends, dtype=np.int64) for ends in zip(*full))
+    inside = (positions >= lows[owner]) & (positions < highs[owner])
+    forward, owners = [walked[torch.from_numpy(inside)]], [owner[inside]]
+    for k, ((start, size), (lo, hi)) in enumerate(zip(blocks, full)):
+        for a, b in ((start, lo), (hi, start + size)):
+            if b > a:
+                forward.append(torch.arange(a, b, dtype=walked.dtype))
+                owners.append(np.full(b - a, k, dtype=np.int64))
+    images = keyed_permutation(torch.cat(forward), dim, key)
+    owner = torch.from_numpy(np.concatenate(owners))
+    for k in range(len(blocks)):
+        cpu_kernels.mark(words[k], images[owner == k])
+    return all(cpu_kernels.count_marked(words[k]) == size for k, (_, size) in enumerate(blocks))
 
 
 def keyed_block(start: int, size: int, dim: int, key: int, device: torch.device) -> torch.Tensor:
