@@ -133,8 +133,18 @@ class Server:
         if self.supervise is None:
             return
         deadline = time.monotonic() + EXIT_REPORT_S
-        while not self.supervise() and time.monotonic() < deadline:
+        while not self._supervised() and time.monotonic() < deadline:
             time.sleep(0.02)
+
+    def _supervised(self):
+        """The supervisor's check, after raising a stop signal whose exception was lost
+        (``raise_pending``): the workers that the signal stopped (``psc launch`` forwards it) must
+        not be reported as failed first. Seen in the launch supervision test: the SIGTERM's exception
+        was lost in a frame's destructor, a send then found a stopped worker's connection closed,
+        and the supervisor named its exit 143 before any receive raised the signal, so ``psc
+        launch`` exited 1 instead of 143."""
+        raise_pending()
+        return self.supervise()
 
     def _stop_all(self, ok: bool, reason: str) -> None:
         for identity in self.ident.values():
@@ -180,7 +190,7 @@ class Server:
         if now >= self.housekeeping_due:
             self.housekeeping_due = now + HOUSEKEEPING_S
             if self.supervise is not None:
-                self.supervise()
+                self._supervised()
             self._beat()
             self._check_liveness()
         if not self.sock.poll(int(wait_s * 1000)):

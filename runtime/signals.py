@@ -9,8 +9,9 @@ A handler's exception is lost when the signal is handled inside a destructor: py
 signals while it frees a zero-copy frame, and Python only prints ("Exception ignored in
 Frame.__dealloc__") what a ``__dealloc__`` raises. The run would then go on as if no signal had come
 (seen: the launcher forwarded SIGTERM, then reported its workers' exit 143 as a failure and exited
-1). So the receive loops call ``raise_pending()``, which raises ``Terminated`` once more for a signal
-whose exception has not been seen.
+1). So the receive loops, and the server before it asks its supervisor about a worker's exit, call
+``raise_pending()``, which raises ``Terminated`` once more for a signal whose exception has not been
+seen.
 """
 from __future__ import annotations
 

@@ -49,3 +49,22 @@ def test_no_second_terminated_while_the_first_is_handled():
 def test_without_a_signal_nothing_is_raised():
     with stop_signals():
         raise_pending()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_lost_stop_signal_is_raised_before_the_supervisor_reports_the_workers_it_stopped():
+    """A server whose send finds a worker's connection closed asks the supervisor about its exit
+    (``Server._await_exit_report``); a stop signal lost in a destructor is raised first, since the
+    launcher forwarded it to that worker and its exit is no failure."""
+    from psserver.server import Server
+
+    class Watched:
+        _await_exit_report, _supervised = Server._await_exit_report, Server._supervised
+
+        def supervise(self):
+            pytest.fail("the supervisor was asked before the lost signal was raised")
+
+    with stop_signals():
+        SignalledWhileFreed()
+        with pytest.raises(Terminated):
+            Watched()._await_exit_report()
