@@ -70,8 +70,8 @@ from common.wire import decode  # noqa: E402
 from common.wire.codec import encode_node  # noqa: E402
 from common.wire.header import pack_header  # noqa: E402
 
-# randk:ratio=0.25 is M3's uplink with 4 workers (K = d/n): NumPy draws that support by shuffling the
-# tail of an arange (K > d/50), a serial loop, where 1% takes Floyd's algorithm
+# randk:ratio=0.25 is M3's uplink with 4 workers (K = d/n): a support of a quarter of the coordinates,
+# which NumPy's choice drew by a serial shuffle of an arange of d (psc draws its own, by chunks)
 SPECS = [
     "identity", "fp16", "bf16", "topk:ratio=0.01", "randk:ratio=0.01", "randk:ratio=0.25", "samerandk:ratio=0.01", "permk",
     "adaptive", "natural", "exprounding:base=3", "exprounding:base=2,biased=true", "natdither:s=2,p=inf",

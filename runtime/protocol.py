@@ -4,7 +4,10 @@ A control message is the multipart message
 
     [MAGIC, kind, header (msgpack map), *body frames]
 
-``MAGIC`` carries the protocol version. Kinds:
+``MAGIC`` carries the protocol version, which changes with what the messages mean as well as with
+their layout: version 3 draws Rand-K's supports, which both ends regenerate from a key, in chunks
+(``common.compressors.indices.randk_support``), where version 2 used NumPy's ``Generator.choice``, so
+a server and a worker of the two versions would disagree on every Rand-K message. Kinds:
 
 * worker -> server: HELLO {version, rank (-1: any), host, pid}, READY {rank, dim}, STATS {t,
   compute_s, compress_s} (a round's telemetry, sent just before its UP), HEARTBEAT {rank}, BYE
@@ -39,7 +42,7 @@ import msgpack
 from common.wire import WireError, message_bytes as size  # noqa: F401 (the bytes a message costs)
 from common.wire import stream
 
-VERSION = 2
+VERSION = 3
 MAGIC = b"PSC%d" % VERSION
 KINDS = (b"HELLO", b"READY", b"STATS", b"HEARTBEAT", b"BYE", b"WELCOME", b"REFUSE", b"STOP",
          b"SAVE", b"STATE", b"RESTORE", b"RESTORED")

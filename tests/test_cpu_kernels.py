@@ -581,43 +581,71 @@ def test_distinct_values_come_out_of_the_bitmap_in_numpy_s_order():
     assert cpu_kernels.sorted_distinct(torch.tensor([3, 5, 3], dtype=torch.int32), 10) is None
 
 
-def test_the_compiled_tail_shuffle_gives_numpy_s_choice_and_leaves_its_generator_where_numpy_does():
-    """``shuffled_tail`` against ``Generator.choice(d, k, replace=False)`` where NumPy shuffles the
-    tail of an arange: the same values in the same order, and the generator in the same state after
-    it (its next draws equal), from a fresh generator and from one that holds a buffered 32-bit half
-    (an odd number of 32-bit draws before), for k at NumPy's cut-offs, k = d (every position but 0
-    swapped) and k close to d. Lemire's method redraws where a product's low half falls below its
-    threshold, rarely for small bounds: at d = 1e6, k = d / 4 it redraws 20-24 times for these cases."""
-    cases = [(10_001, 10_001 // 50 + 1, True), (20_000, 20_000 // 20 + 1, False), (65_537, 65_537, True),
-             (65_537, 65_536, True), (1_000_000, 250_000, True)]
-    for d, k, shuffle in cases:
-        for key in (3, 2 ** 63 + 11):
-            for before in (0, 1):
-                ours, theirs = np.random.PCG64(key), np.random.Generator(np.random.PCG64(key))
-                if before:
-                    ours_gen = np.random.Generator(ours)
-                    assert ours_gen.integers(0, 2 ** 31, dtype=np.uint32) == theirs.integers(0, 2 ** 31, dtype=np.uint32)
-                want = theirs.choice(d, size=k, replace=False, shuffle=shuffle)
-                got = cpu_kernels.shuffled_tail(d, k, ours)
-                assert got.dtype == np.int32 and np.array_equal(got, want), (d, k, shuffle, key, before)
-                assert ours.state == theirs.bit_generator.state
-                assert np.array_equal(np.random.Generator(ours).integers(0, 2 ** 62, 5), theirs.integers(0, 2 ** 62, 5))
-    assert cpu_kernels.shuffled_tail(100, 0, np.random.PCG64(1)) is None
-    assert cpu_kernels.shuffled_tail(100, 10, np.random.MT19937(1)) is None
+@pytest.mark.parametrize("chunk_bits", [2, 16])
+def test_a_rand_k_support_is_uniform_over_all_k_subsets(monkeypatch, chunk_bits):
+    """Over 20,000 keys each, every 4-subset and every 7-subset of range(10) comes up as often as a
+    uniform draw says (chi-square over the 210 and 120 subsets, p above 1e-4): in one chunk, and in
+    chunks of 4 coordinates (three chunks, the last partial; a chunk's count above half its size
+    draws the coordinates left out), so the chunks' hypergeometric counts and their subsets are
+    checked together."""
+    import itertools
+    from scipy import stats
+
+    monkeypatch.setattr(indices, "RANDK_CHUNK_BITS", chunk_bits)
+    draws_per = 20_000
+    for k in (4, 7):
+        subsets = {s: i for i, s in enumerate(itertools.combinations(range(10), k))}
+        seen = np.zeros(len(subsets))
+        for key in range(draws_per):
+            support = indices.randk_support.__wrapped__(10, k, key * 7919 + k)
+            seen[subsets[tuple(support.tolist())]] += 1
+        assert stats.chisquare(seen).pvalue > 1e-4, (k, chunk_bits)
 
 
-def test_a_rand_k_support_of_numpy_s_tail_shuffle_comes_from_the_compiled_shuffle(monkeypatch):
-    """Where NumPy would shuffle the tail of an arange (k > d // 50 for d > 10000), the support is
-    drawn by ``shuffled_tail`` (and is still NumPy's set), not by NumPy; Floyd's sizes stay NumPy's."""
-    from common.keys import numpy_rng
+def test_every_coordinate_is_in_a_rand_k_support_with_probability_k_over_d():
+    """At d = 2^17 + 1000 (two whole chunks and a partial one) and k = d / 4 and 3 d / 4, each of
+    64 slices of the coordinates holds its share k/64 of the support on average over 400 keys
+    (within 5 standard errors), and every support has k distinct sorted coordinates."""
+    d = (2 << 16) + 1000
+    for k in (d // 4, 3 * d // 4):
+        hits = np.zeros(64)
+        for key in range(400):
+            support = indices.randk_support.__wrapped__(d, k, key)
+            assert support.size == k and support[0] >= 0 and support[-1] < d and np.all(np.diff(support) > 0)
+            hits += np.bincount(support * 64 // d, minlength=64)
+        sizes = np.diff(-(-np.arange(65) * d // 64))  # coordinates j with j * 64 // d == i, for each slice i
+        expected = 400 * sizes * k / d
+        assert sizes.sum() == d
+        assert np.all(np.abs(hits - expected) < 5 * np.sqrt(expected)), k
 
-    calls = []
-    real = cpu_kernels.shuffled_tail
-    monkeypatch.setattr(cpu_kernels, "shuffled_tail", lambda *a: calls.append(a[:2]) or real(*a))
-    for d, k in ((300_007, 300_007 // 4), (300_007, 300_007 // 50), (9_000, 3_000)):
-        got = indices.randk_support.__wrapped__(d, k, 77)
-        assert np.array_equal(got, np.sort(numpy_rng(77).choice(d, size=k, replace=False)))
-    assert calls == [(300_007, 300_007 // 4)]
+
+def test_the_compiled_rand_k_draw_gives_numpy_s_support(monkeypatch):
+    """``cpu_kernels.keyed_subsets`` and the NumPy version (``_chunk_subset``, where Numba is missing)
+    give the same support: one chunk and several, a partial last chunk, counts of 1, half a chunk
+    and one more (the coordinates left out drawn), d - 1, in one piece and in several pieces on two
+    threads, as indices and as a bitmap (for chunks of whole 64-bit words); and a support is fixed by its key (a change of the draw would make two versions of
+    psc disagree on every Rand-K message: the protocol version says which one a side speaks)."""
+    monkeypatch.setattr(cpu_kernels, "_threads", lambda: 2)
+    monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 64)
+    for chunk_bits in (3, 7, 16):
+        for d in (5, 8, 200, 1000, 70_001):
+            for k in sorted({1, (1 << chunk_bits) // 2, (1 << chunk_bits) // 2 + 1, d // 3, d - 1} & set(range(1, d))):
+                for key in (3, 2 ** 63 + 11):
+                    counts = indices.chunk_counts(d, k, indices.numpy_rng(key), chunk_bits)
+                    assert counts.sum() == k and np.all(counts <= np.diff(np.minimum(np.arange(counts.size + 1) << chunk_bits, d)))
+                    got = cpu_kernels.keyed_subsets(counts, key, d, chunk_bits)
+                    want = np.concatenate([indices._chunk_subset(c, int(n), key, d, chunk_bits) for c, n in enumerate(counts)])
+                    assert got.dtype == np.int64 and np.array_equal(got, want), (chunk_bits, d, k, key)
+                    if chunk_bits >= 6:
+                        words = cpu_kernels.keyed_subsets(counts, key, d, chunk_bits, marked=True)
+                        bits = np.unpackbits(words.view(np.uint8), bitorder="little")
+                        assert np.array_equal(np.flatnonzero(bits), got), (chunk_bits, d, k, key)
+    assert indices.randk_support.__wrapped__(20, 5, 7).tolist() == [3, 5, 11, 14, 19]
+    assert indices.randk_support.__wrapped__(200_000, 7, 7).tolist() == [74001, 122084, 171140, 175767, 177158, 187450, 190912]
+    assert indices.randk_support.__wrapped__(9, 9, 1).tolist() == list(range(9))
+    for d, k in ((10, 11), (indices.RANDK_MAX_DIM + 1, 1), (10, -1)):
+        with pytest.raises(ValueError, match="Rand-K"):
+            indices.randk_support.__wrapped__(d, k, 1)
 
 
 def test_the_rand_k_supports_kept_for_reuse_stay_within_their_count_and_bytes(monkeypatch):
@@ -645,62 +673,6 @@ def test_the_rand_k_supports_kept_for_reuse_stay_within_their_count_and_bytes(mo
         indices.randk_support(100, 3, key)
     assert list(kept) == [(100, 3, 1), (100, 3, 2)]
     kept.clear()
-
-
-def test_a_server_s_rand_k_supports_are_drawn_ahead_together_and_then_found_kept(monkeypatch):
-    """``shift_by_mean`` and ``mean_of`` over Rand-K uplinks draw the supports they will need in one
-    ``each_in_parallel`` call (those not already kept, long enough, and that fit the kept bytes), and
-    the result is the same as without it."""
-    from common.algorithms.base import mean_of
-    from common.algorithms.memory import shift_by_mean
-    from common.compressors.message import Message
-
-    d, n = 1 << 18, 3
-    batches = []
-    real = cpu_kernels.each_in_parallel
-    monkeypatch.setattr(cpu_kernels, "each_in_parallel", lambda calls: batches.append(len(calls)) or real(calls))
-    x = torch.randn(d, generator=torch.Generator().manual_seed(1))
-    c = build(f"randk:k={d // 4}", dim=d, n_workers=n, seed=0)
-    kept = indices.randk_support.kept
-    for step, run in enumerate((lambda u: shift_by_mean(x.clone(), u, "c"), lambda u: mean_of(u, "c"))):
-        uplinks = [Message({"c": c.compress(x * (i + 1), worker=i, step=step)}) for i in range(n)]
-        kept.clear()
-        batches.clear()
-        ahead = run(uplinks)
-        assert batches == [n] and len(kept) == n
-        indices.randk_support(d, d // 4, 12345)  # another support: the ones of the step stay kept
-        batches.clear()
-        assert torch.equal(run(uplinks), ahead) and batches == []  # all kept: nothing drawn ahead
-        kept.clear()
-        monkeypatch.setattr(indices, "SUPPORT_BYTES_KEPT", 8 * (d // 4) * n - 1)  # they do not all fit
-        assert torch.equal(run(uplinks), ahead) and batches == []
-        monkeypatch.undo()
-        kept.clear()
-        monkeypatch.setattr(indices, "SUPPORTS_KEPT", n - 1)  # nor here
-        monkeypatch.setattr(cpu_kernels, "each_in_parallel", lambda calls: batches.append(len(calls)) or real(calls))
-        assert torch.equal(run(uplinks), ahead) and batches == []
-        monkeypatch.undo()
-        monkeypatch.setattr(cpu_kernels, "each_in_parallel", lambda calls: batches.append(len(calls)) or real(calls))
-    kept.clear()
-
-
-def test_a_rand_k_support_is_the_sorted_set_numpy_s_choice_draws():
-    """The support is the set that ``Generator.choice(d, k, replace=False)`` draws, whatever the
-    shuffle that is skipped where NumPy draws it by Floyd's algorithm and whatever sorts it: at both
-    ends of each of NumPy's cut-offs (d = 10000; k = d // 50 and d // 20), and with k on both sides
-    of the bitmap sort's ratio."""
-    from common.keys import numpy_rng
-
-    ratio = indices.BITMAP_SORT_RATIO
-    cases = [(100, 7), (10_000, 400), (10_001, 1), (10_001, 200), (10_001, 201), (10_001, 501)]
-    for d in (20_000, 1_000_003, 4 * ratio * 10):
-        cases += [(d, k) for k in (1, d // ratio - 1, d // ratio, d // ratio + 1, d // 50, d // 50 + 1,
-                                   d // 20, d // 20 + 1, d - 1) if k >= 1]
-    for d, k in cases:
-        for key in (3, 2 ** 63 + 11):
-            want = np.sort(numpy_rng(key).choice(d, size=k, replace=False))
-            got = indices.randk_support(d, k, key)
-            assert got.dtype == np.int64 and np.array_equal(got, want), (d, k, key)
 
 
 @pytest.mark.parametrize("threads, vector", [(1, True), (2, True), (2, False)])

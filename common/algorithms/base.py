@@ -30,7 +30,7 @@ import torch
 
 from common.algorithms import row_order
 from common.compressors import Compressor, build, cpu_kernels
-from common.compressors.payloads import Dense, Signs, Sparse, add_dense, draw_supports
+from common.compressors.payloads import Dense, Signs, Sparse, add_dense
 from common.config import RunConfig, parse_lr
 from common.keys import StreamKey
 from common.compressors.message import Message
@@ -106,7 +106,6 @@ def mean_of(uplinks: list[Message], name: str) -> torch.Tensor:
     few = 1 < n <= RUNNING_SUM_ROWS.get(first.dtype, 0)
     if (all(isinstance(p, (Signs, Sparse)) and p.dtype == first.dtype and p.dim == first.dim for p in payloads)
             and (few or n in row_order.ORDERED_ROWS)):
-        draw_supports(payloads)
         total = dense(first)  # a new vector for these kinds: the sum can go into it
         cut = None if few else row_order.first_interleaved([total] * n)
         if not few and cut is None:

@@ -26,7 +26,7 @@ import torch
 from common.algorithms import row_order
 from common.algorithms.base import RUNNING_SUM_ROWS, dense, last_columns, mean_of
 from common.compressors import cpu_kernels
-from common.compressors.payloads import Signs, Sparse, add_dense, draw_supports
+from common.compressors.payloads import Signs, Sparse, add_dense
 
 
 def error_feedback(compressor, v: torch.Tensor, worker: int, step: int):
@@ -75,7 +75,6 @@ def shift_by_mean(h: torch.Tensor, uplinks, name: str, owned: bool = False) -> t
     elif all(isinstance(p, Sparse) and (p.indices is not None or p.rule.kind == "randk")
              and p.dtype == h.dtype and p.dim == h.numel() for p in payloads):
         clean = cpu_kernels.without_negative_zero.holds(h)
-        draw_supports(payloads)
         supports = [p.support(h.device) for p in payloads]
         values = [p.values.to_dense().to(h.dtype) for p in payloads]
         last = None if cut is None else h[cut:].clone()  # h's last columns before a pass that may write into h

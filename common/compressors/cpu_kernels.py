@@ -47,9 +47,8 @@ positions in one pass, with the integer arithmetic of the torch version's twenty
 values, and whether x is finite) and ``scatter_marked`` (the dense form, or h + it) read in
 increasing order: the block is never sorted, and no index array is written or read.
 
-``tail_shuffle`` is NumPy's partial shuffle of an arange (``Generator.choice`` without replacement
-for large k: Rand-K's supports) with PCG64's draws and swaps, each swap's slot asked of the cache
-some swaps early (``shuffled_tail``).
+``keyed_subsets`` draws Rand-K's supports chunk by chunk (``indices.randk_support``), each chunk's
+subset from counter-based draws into a bitmap in the L1 cache, the chunks in parallel.
 
 Kernels are compiled on first use (about a second) and cached on disk (Numba's ``cache=True``).
 """
@@ -1406,61 +1405,77 @@ def _kernels():
             c += np.int64(v > threshold) | tie
         return c
 
-    pcg_mult_high, pcg_mult_low = u64(PCG64_MULTIPLIER >> 64), u64(PCG64_MULTIPLIER & (2**64 - 1))
-    low32 = u64(0xFFFFFFFF)
-
     @jit()
-    def tail_shuffle(data, first, state):
-        """NumPy's partial Fisher-Yates shuffle of ``data`` (``Generator.choice`` without replacement
-        where it shuffles the tail of an arange): for i = n - 1 down to ``first``, swap data[i] with
-        data[j], j drawn on [0, i] by Lemire's rejection method from PCG64's 32-bit outputs (each
-        64-bit output gives its low half, then its high half). ``state``: the generator's 128-bit
-        state and increment as (high, low, high, low) words, then its buffered half and whether it
-        has one, as NumPy's ``PCG64.state`` gives them; updated to the generator's state after the
-        draws. i must stay below 2^32 - 1 (NumPy's 32-bit branch). The draws do not depend on
-        ``data``, so each j is drawn ``SHUFFLE_AHEAD`` swaps early and its cache line asked for then:
-        the swaps' random reads of a vector of d entries, a cache miss each, overlap instead of
-        waiting one after the other."""
-        hi, lo, inc_hi, inc_lo, spare, have = state[0], state[1], state[2], state[3], state[4], state[5] != u64(0)
-        n = data.size
-        count = n - first
-        ring = np.empty(SHUFFLE_AHEAD, np.int64)
-        last = SHUFFLE_AHEAD - 1
-        for p in range(count + SHUFFLE_AHEAD):
-            t = p - SHUFFLE_AHEAD
-            if t >= 0:  # the swap drawn AHEAD steps ago
-                i = n - 1 - t
-                j = ring[t & last]
-                held = data[j]
-                data[j] = data[i]
-                data[i] = held
-            if p < count:
-                bound = u64(n - p)  # i + 1 for i = n - 1 - p
-                while True:
-                    if have:
-                        r = spare
-                        have = False
-                    else:
-                        product = lo * pcg_mult_low
-                        new_lo = product + inc_lo
-                        hi = (hi * pcg_mult_low + lo * pcg_mult_high + kernel_parts.high_product(lo, pcg_mult_low)
-                              + inc_hi + u64(new_lo < product))
-                        lo = new_lo
-                        mixed = hi ^ lo
-                        turn = hi >> u64(58)
-                        out = (mixed >> turn) | (mixed << ((u64(64) - turn) & u64(63)))
-                        spare = out >> u64(32)
-                        have = True
-                        r = out & low32
-                    m = r * bound
-                    left = m & low32
-                    if left >= bound or left >= (low32 - (bound - u64(1))) % bound:
-                        break
-                j = np.int64(m >> u64(32))
-                ring[p & last] = j
-                kernel_parts.prefetch(data, j)
-        state[0], state[1], state[4], state[5] = hi, lo, spare, u64(have)
-        return count
+    def keyed_subsets(counts, starts, key, dim, chunk_bits, first, stop, words, lowest_bit, out, marked):
+        """Rand-K's support, chunks ``first`` .. ``stop`` - 1 (``indices.randk_support``): chunk c holds
+        coordinates [c 2^chunk_bits, (c + 1) 2^chunk_bits) of [0, dim), and ``counts[c]`` of them go
+        to ``out[starts[c]:]`` in increasing order. A uniform subset of t of the chunk's s
+        coordinates: its draws are the 16-bit fields of SplitMix64's outputs z_j = mix(key_c + (j + 1)
+        golden), key_c = mix(key + (c + 1) golden), lowest field first, each cut to the b bits of
+        s - 1; a field is taken where it is below s and not taken yet, until t are (distinct uniform
+        draws: a uniform t-subset). Where the count is above s / 2, the s - count coordinates left
+        out are drawn that way instead. The taken ones are bits of ``words`` (2^chunk_bits bits,
+        zeroed per chunk, in the L1 cache), read back lowest first as ``ascending`` reads them; or,
+        where ``marked`` has words (a bitmap of d bits, chunk_bits >= 6), the chunk's bits are
+        written there (those of its subset: flipped where the left-out ones were drawn) and ``out``
+        is not used."""
+        size = np.int64(1) << chunk_bits
+        for c in range(first, stop):
+            count = counts[c]
+            base = np.int64(c) << chunk_bits
+            s = min(size, dim - base)
+            at = starts[c]
+            if count == 0:
+                continue
+            if count == s and marked.size == 0:
+                for i in range(s):
+                    out[at + i] = base + i
+                continue
+            flip = count > s // 2
+            wanted = s - count if flip else count
+            used = (s + 63) >> 6
+            for w in range(used):
+                words[w] = u64(0)
+            b = 0
+            while (np.int64(1) << b) < s:
+                b += 1
+            mask = (u64(1) << u64(b)) - u64(1)
+            z = key + u64(c + 1) * golden
+            z = (z ^ (z >> u64(30))) * mix1
+            z = (z ^ (z >> u64(27))) * mix2
+            chunk_key = z ^ (z >> u64(31))
+            taken = np.int64(0)
+            j = u64(0)
+            while taken < wanted:
+                j += u64(1)
+                z = chunk_key + j * golden
+                z = (z ^ (z >> u64(30))) * mix1
+                z = (z ^ (z >> u64(27))) * mix2
+                z = z ^ (z >> u64(31))
+                for q in range(4):
+                    v = np.int64((z >> u64(16 * q)) & mask)
+                    if v < s:
+                        bit = u64(1) << u64(v & 63)
+                        word = words[v >> 6]
+                        taken += np.int64((word & bit) == u64(0))
+                        words[v >> 6] = word | bit
+                        if taken == wanted:
+                            break
+            o = at
+            for w in range(used):
+                word = words[w]
+                if flip:
+                    word = ~word
+                    if w == used - 1 and s & 63 != 0:
+                        word &= (u64(1) << u64(s & 63)) - u64(1)
+                if marked.size:
+                    marked[(base >> 6) + w] = word
+                    continue
+                while word != u64(0):
+                    low = word & (~word + u64(1))
+                    out[o] = base + (np.int64(w) << 6) + lowest_bit[(low * u64(DE_BRUIJN)) >> u64(58)]
+                    o += 1
+                    word ^= low
 
     return {np.float32: quantize32, np.float64: quantize64, "uniform32": quantize_uniform32, "powers32": quantize_powers32, "pairs32": quantize_pairs32, "pairs32_windowed": quantize_pairs32_windowed, "code_range": code_range, "magnitude_bits": magnitude_bits,
             "pack_small": pack_small, "pack_words": pack_words, "pack_vectors": pack_vectors, "unpack_small": unpack_small, "unpack_words": unpack_words, "unpack_vectors": unpack_vectors, "dequantize": dequantize, "dequantize_stacked": dequantize_stacked, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
@@ -1470,16 +1485,10 @@ def _kernels():
             "mark": mark, "mark_rows_inverse": mark_rows_inverse, "mark_blocks_rows": mark_blocks_rows, "rotated_bits": rotated_bits, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
             "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write,
             "rice_read": rice_read, "pick_top": pick_top, "kth_largest_bits": kth_largest_bits,
-            "tail_shuffle": tail_shuffle}
+            "keyed_subsets": keyed_subsets}
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"  # ``pack_words`` reads codes as native 64-bit words
-# NumPy's PCG64 (a 128-bit LCG with this multiplier, XSL-RR output), which ``tail_shuffle`` steps
-PCG64_MULTIPLIER = 0x2360ED051FC65DA44385DF649FCCF645
-# Swaps ahead of the current one whose slot ``tail_shuffle`` asks the cache for (a power of 2): at
-# d = 1e7, 2.5e6 swaps on AMD Zen 4 took 71-115 ms asking for none, 40 / 27 / 27 / 28 ms at 8 / 16 /
-# 32 / 64 ahead
-SHUFFLE_AHEAD = 32
 BLOCK = 4096  # coordinates a kernel handles per inner loop (its temporaries stay in the L1/L2 cache)
 MIN_CHUNK = 1 << 18  # coordinates below which a second thread costs more than it saves
 # Coordinates from which the one-pass elementwise kernels (the mean and step, AMSGrad's step, a scaled
@@ -2288,32 +2297,30 @@ def sorted_distinct(values: torch.Tensor, dim: int) -> torch.Tensor | None:
     return torch.from_numpy(out) if count == out.size else None
 
 
-def shuffled_tail(dim: int, count: int, bit_generator) -> np.ndarray | None:
-    """The last ``count`` entries of an arange of ``dim`` after NumPy's partial shuffle
-    (``tail_shuffle``: the same draws and swaps, so the same values in the same order), int32 where
-    dim < 2^31 (the arange is then half the bytes). That is what ``Generator.choice(dim, count,
-    replace=False)`` returns only where NumPy takes that branch (dim > 10000 and count > dim // 50
-    with shuffle=True, count > dim // 20 with shuffle=False); elsewhere it draws by Floyd's
-    algorithm, and the caller must check which. The result is a view that keeps the whole arange
-    alive (NumPy copies it out): callers sort it into a new array at once. ``bit_generator`` (a
-    ``PCG64``) is left where NumPy leaves it. None without Numba, for another bit generator, or for
-    dim of 2^32 - 1 or more. NumPy's loop waits for one cache miss a swap (at d = 1e7 and count =
-    d / 4: 110-180 ms); this one asks for each swap's slot ``SHUFFLE_AHEAD`` swaps early (25-31 ms,
-    the arange 6 ms more)."""
+def keyed_subsets(counts: np.ndarray, key: int, dim: int, chunk_bits: int, marked: bool = False) -> np.ndarray | None:
+    """Rand-K's support from its chunks' counts (``keyed_subsets``, ``indices.randk_support``): int64,
+    increasing; or, ``marked``, as a bitmap of ``dim`` bits (uint64 words, bit j of word w for
+    coordinate 64 w + j, as ``marked`` writes them; chunk_bits >= 6). The chunks run in parallel
+    pieces of whole chunks (``_run``), each piece with its own bitmap; every chunk's subset depends
+    only on the key and the chunk, so the result does not depend on the number of threads. None
+    without Numba."""
     kernels = _kernels()
-    if kernels is None or type(bit_generator) is not np.random.PCG64 or not 0 < count <= dim < 2**32 - 1:
+    if kernels is None:
         return None
-    state = bit_generator.state
-    mask = 2**64 - 1
-    value, increment = state["state"]["state"], state["state"]["inc"]
-    words = np.array([value >> 64, value & mask, increment >> 64, increment & mask,
-                      state["uinteger"], state["has_uint32"]], dtype=np.uint64)
-    data = np.arange(dim, dtype=np.int32 if dim < 2**31 else np.int64)
-    kernels["tail_shuffle"](data, max(dim - count, 1), words)
-    state["state"]["state"] = (int(words[0]) << 64) | int(words[1])
-    state["uinteger"], state["has_uint32"] = int(words[4]), int(words[5])
-    bit_generator.state = state
-    return data[dim - count:]
+    counts = np.ascontiguousarray(counts, dtype=np.int64)
+    starts = np.zeros(counts.size, dtype=np.int64)
+    np.cumsum(counts[:-1], out=starts[1:])
+    out = np.empty(0 if marked else int(counts.sum()), dtype=np.int64)
+    words_out = np.zeros((dim + 63) // 64 if marked else 0, dtype=np.uint64)
+    size = 1 << chunk_bits
+
+    def piece(a, b):
+        words = np.empty(max(size >> 6, 1), dtype=np.uint64)
+        kernels["keyed_subsets"](counts, starts, np.uint64(key), dim, chunk_bits, a >> chunk_bits, -(-b >> chunk_bits),
+                                 words, LOWEST_BIT, out, words_out)
+
+    _run(dim, size, piece)
+    return words_out if marked else out
 
 
 MARKED_DTYPES = (torch.float32, torch.float64)  # what ``gather_marked`` and ``scatter_marked`` read and write
@@ -2483,13 +2490,6 @@ def scatter_marked(words: np.ndarray, values: torch.Tensor, dim: int, h: torch.T
     _run_pieces(_marked_pieces(words, dim), lambda a, b, c: kernels["scatter_marked"](
         words[a:b], kept[c:], base[64 * a:64 * b], h is not None, vector_compress(), LOWEST_BIT, out[64 * a:64 * b]))
     return h if inplace and h is not None else torch.from_numpy(out)
-
-
-def each_in_parallel(calls) -> list:
-    """Each of ``calls`` (functions without arguments), in parallel threads as ``_run_pieces`` runs
-    pieces: the calling thread and pool threads take the next one as they come free; the results in
-    order."""
-    return _run_pieces([(call,) for call in calls], lambda call: call())
 
 
 def _run_pieces(pieces, fn) -> list:

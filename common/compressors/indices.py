@@ -7,10 +7,12 @@ gives worker i block i of one random permutation shared by all workers at a step
 Both ends must get the same indices bit for bit, also when one is a CPU server and the other a CUDA
 worker. Two constructions guarantee it:
 
-* Rand-K, and Perm-K for d <= ``PERMK_HOST_MAX_DIM`` or d < n: NumPy's PCG64 on the host keyed by the
-  rule's 64-bit code; only the (small) index array is copied to the tensor's device. The last few
-  results are cached: a server that compresses n Perm-K messages at one step draws the permutation
-  once.
+* Rand-K (``randk_support``): NumPy's PCG64 keyed by the rule's 64-bit code splits the k
+  coordinates over chunks of 2^16, and counter-based SplitMix64 draws keyed by the code and the
+  chunk pick each chunk's, in compiled passes on the host; Perm-K for d <= ``PERMK_HOST_MAX_DIM`` or
+  d < n: a PCG64 permutation on the host. Only the (small) index array is copied to the tensor's
+  device. The last few results are cached: a server that compresses n Perm-K messages at one step
+  draws the permutation once.
 * Perm-K for d > ``PERMK_HOST_MAX_DIM`` (and d >= n): the permutation is a keyed bijection of [0, d)
   (``keyed_permutation``: a Feistel network with keyed round tables and cycle walking, then a keyed
   rotation), evaluated pointwise in integer torch arithmetic on the tensor's device (on the CPU
@@ -31,7 +33,8 @@ import numpy as np
 import torch
 
 from common.compressors import cpu_kernels
-from common.keys import mix, numpy_rng
+from common.compressors.draws import splitmix64
+from common.keys import MASK64, mix, numpy_rng
 
 PERMK_HOST_MAX_DIM = 1 << 16  # Perm-K of larger d uses the keyed bijection (``keyed_permutation``)
 FEISTEL_ROUNDS = 4
@@ -70,6 +73,8 @@ def support_tensor(indices: np.ndarray, device) -> torch.Tensor:
     return torch.tensor(indices, dtype=torch.int64, device=device)
 
 
+RANDK_CHUNK_BITS = 16  # Rand-K draws its supports in chunks of 2^16 coordinates (``randk_support``)
+RANDK_MAX_DIM = 1 << 30  # the largest d of a Rand-K support (NumPy's hypergeometric, ``chunk_counts``)
 SUPPORTS_KEPT = 64  # the most Rand-K supports ``randk_support`` keeps for reuse
 # and the most bytes they hold together (the oldest go first; the newest stays, whatever its size):
 # one step of an M3 server with Rand-K of k = d / n holds n supports, 8 d bytes (80 MB at d = 1e7)
@@ -108,46 +113,85 @@ def _recent_supports(draw):
 
 @_recent_supports
 def randk_support(dim: int, k: int, key: int) -> np.ndarray:
-    """Sorted k-subset of range(dim), uniform over all subsets: the set that PCG64 keyed by ``key``
-    draws with ``Generator.choice(dim, k, replace=False)``, in increasing order.
+    """Sorted k-subset of range(dim), uniform over all k-subsets, drawn from ``key`` in chunks of
+    2^``RANDK_CHUNK_BITS`` coordinates:
 
-    Where NumPy draws that set by Floyd's algorithm (dim <= 10000 or k <= dim // 50, for shuffle=True
-    and shuffle=False alike), its final shuffle only reorders the set that the sort then orders, so
-    it is skipped (``shuffle=False``): the same set, about 0.4 ms less at k = 1e5. Elsewhere (NumPy's
-    partial shuffle of an arange of dim) the set depends on ``shuffle``, and it stays True; that
-    shuffle runs as ``cpu_kernels.shuffled_tail``, NumPy's draws and swaps with each swap's cache
-    line asked for early: at d = 1e7 and k = d / 4 (M3's Rand-K with 4 workers, which its server
-    regenerates for every worker at every step) the shuffle takes 25-31 ms instead of 110-180.
-    Long supports are sorted through a bitmap of dim bits (``_sorted_distinct``)."""
-    rng = numpy_rng(key)
+    1. How many of the k fall in each chunk (``chunk_counts``): the counts of a uniform k-subset,
+       drawn exactly by NumPy's hypergeometric draws from the PCG64 generator keyed by ``key``.
+    2. Which ones (``cpu_kernels.keyed_subsets``, or ``_chunk_subset`` without Numba, with the same
+       result): a uniform subset of that count in each chunk, from counter-based draws keyed by
+       (``key``, chunk), independent of every other chunk.
+
+    Given its count a chunk's subset is uniform and independent of the others, and the counts are
+    those of a uniform k-subset, so the union is one (every coordinate kept with probability k/d,
+    as Rand-K's omega = d/k - 1 needs). Each chunk's draws set bits of a bitmap that stays in the L1
+    cache and the chunks run in parallel, so nothing waits on memory: at d = 1e7, k = d / 4 (M3's
+    uplink with 4 workers, which its server regenerates for every worker at every step) a support
+    takes a few milliseconds; NumPy's ``Generator.choice``, which shuffles the tail of an arange of
+    d (a cache miss a swap), took 110-180 ms. For d up to ``RANDK_MAX_DIM`` (NumPy's
+    hypergeometric takes populations below 1e9)."""
     if k == dim:
         return _frozen(np.arange(dim, dtype=np.int64))
-    floyd = dim <= 10000 or k <= dim // 50
-    drawn = None if floyd else cpu_kernels.shuffled_tail(dim, k, rng.bit_generator)
+    counts = _randk_counts(dim, k, key)
+    drawn = cpu_kernels.keyed_subsets(counts, key, dim, RANDK_CHUNK_BITS)
     if drawn is None:
-        drawn = rng.choice(dim, size=k, replace=False, shuffle=not floyd)
-    return _frozen(_sorted_distinct(torch.from_numpy(drawn), dim).numpy())
+        drawn = np.concatenate([_chunk_subset(c, int(n), key, dim, RANDK_CHUNK_BITS) for c, n in enumerate(counts)])
+    return _frozen(drawn)
 
 
-def draw_ahead(rules) -> None:
-    """Draws the Rand-K supports of ``rules`` (``IndexRule``) that ``randk_support`` does not hold,
-    in parallel threads (``cpu_kernels.each_in_parallel``), so that each caller's ``regenerate``
-    then finds its support kept. A server regenerates every worker's support in a step (M3's
-    ``shift_by_mean``, DCGD's ``mean_of``), and NumPy's tail shuffle waits on memory more than it
-    computes: at d = 1e7 four supports of k = d / 4 took 158-189 ms one after the other, 90-142 ms
-    on 2 threads of an idle 2-core host (no gain where other work holds both cores). Only supports
-    of vectors of at least ``cpu_kernels.MIN_CHUNK`` coordinates, and only where all of them stay
-    kept (``SUPPORTS_KEPT`` and ``SUPPORT_BYTES_KEPT``: a support drawn ahead and dropped before its
-    use would be drawn twice)."""
-    wanted = []
-    for rule in rules:
-        args = (rule.dim, rule.count, rule.key)
-        if rule.kind == "randk" and rule.dim >= cpu_kernels.MIN_CHUNK and args not in randk_support.kept and args not in wanted:
-            wanted.append(args)
-    if len(wanted) > SUPPORTS_KEPT or sum(8 * count for _, count, _ in wanted) > SUPPORT_BYTES_KEPT:
-        return
-    if len(wanted) > 1:
-        cpu_kernels.each_in_parallel([functools.partial(randk_support, *args) for args in wanted])
+def _randk_counts(dim: int, k: int, key: int) -> np.ndarray:
+    if not 0 <= k <= dim or dim > RANDK_MAX_DIM:
+        raise ValueError(f"Rand-K: cannot draw {k} of {dim} coordinates (k <= d <= {RANDK_MAX_DIM})")
+    return chunk_counts(dim, k, numpy_rng(key), RANDK_CHUNK_BITS)
+
+
+def chunk_counts(dim: int, k: int, rng: np.random.Generator, chunk_bits: int) -> np.ndarray:
+    """How many coordinates of a uniform k-subset of range(dim) fall in each chunk of 2^chunk_bits:
+    the chunks are split in halves, level by level, and each half's share of its parent's count is
+    a hypergeometric draw (the number of a uniform sample's members that fall in one part of a
+    population), one vectorized NumPy call a level."""
+    size = 1 << chunk_bits
+    chunks = -(-dim // size)
+    edges = np.minimum(np.arange(chunks + 1, dtype=np.int64) * size, dim)
+    counts = np.empty(chunks, dtype=np.int64)
+    low, high, count = np.array([0]), np.array([chunks]), np.array([k], dtype=np.int64)
+    while low.size:
+        leaf = high - low == 1
+        counts[low[leaf]] = count[leaf]
+        low, high, count = low[~leaf], high[~leaf], count[~leaf]
+        if not low.size:
+            break
+        middle = (low + high) // 2
+        left = rng.hypergeometric(edges[middle] - edges[low], edges[high] - edges[middle], count)
+        low, high, count = np.concatenate([low, middle]), np.concatenate([middle, high]), np.concatenate([left, count - left])
+    return counts
+
+
+def _chunk_subset(chunk: int, count: int, key: int, dim: int, chunk_bits: int) -> np.ndarray:
+    """Chunk ``chunk``'s part of ``randk_support`` in NumPy (where Numba is missing), the set that
+    ``cpu_kernels.keyed_subsets`` draws: the first distinct fields below s of the chunk's stream
+    of draws (a prefix of it, doubled until it holds enough)."""
+    base = chunk << chunk_bits
+    s = min(1 << chunk_bits, dim - base)
+    if count in (0, s):
+        return np.arange(base, base + count, dtype=np.int64)
+    flip = count > s // 2
+    wanted = s - count if flip else count
+    mask = (1 << (s - 1).bit_length()) - 1
+    chunk_key = int(splitmix64(torch.tensor([chunk]), key)[0]) & MASK64
+    length = 2 * wanted + 64
+    while True:
+        z = splitmix64(torch.arange(-(-length // 4), dtype=torch.int64), chunk_key).numpy().view(np.uint64)
+        fields = ((z[:, None] >> np.arange(0, 64, 16, dtype=np.uint64)) & np.uint64(mask)).reshape(-1).astype(np.int64)
+        fields = fields[fields < s]
+        _, first = np.unique(fields, return_index=True)
+        if first.size >= wanted:
+            taken = fields[np.sort(first)[:wanted]]
+            break
+        length *= 2
+    keep = np.zeros(s, dtype=bool)
+    keep[taken] = True
+    return base + np.flatnonzero(~keep if flip else keep)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -457,39 +457,6 @@ def popcount(typingctx, word):
 
 
 @intrinsic
-def high_product(typingctx, a, b):
-    """The high 64 bits of the 128-bit product of two uint64 (one multiply instruction)."""
-    if a != types.uint64 or b != types.uint64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        wide = ir.IntType(128)
-        product = builder.mul(builder.zext(args[0], wide), builder.zext(args[1], wide))
-        return builder.trunc(builder.lshr(product, ir.Constant(wide, 64)), ir.IntType(64))
-
-    return types.uint64(a, b), codegen
-
-
-@intrinsic
-def prefetch(typingctx, array, index):
-    """Asks the cache for the line of ``array[index]`` ahead of a write to it (a hint: never faults,
-    also for an index out of bounds; LLVM's ``llvm.prefetch``, kept in every cache level)."""
-    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        i32, byte_pointer = ir.IntType(32), ir.IntType(8).as_pointer()
-        hint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]),
-                                              "llvm.prefetch.p0")
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        target = builder.bitcast(builder.gep(data, [args[1]]), byte_pointer)
-        builder.call(hint, [target, ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.void(array, index), codegen
-
-
-@intrinsic
 def expand_added(typingctx, values, at, mask, h, start, use_h, out):
     """out[start:start + 16] = the next popcount(mask) ``values`` from values[at] placed, in order, at
     the set bits of the low 16 bits of ``mask`` and +0 elsewhere (an expanding load: AVX-512's

@@ -266,13 +266,6 @@ def zeros(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.zeros(n, dtype=dtype, device=device)
 
 
-def draw_supports(payloads) -> None:
-    """Regenerates ahead, in parallel threads, the supports that the sparse ``payloads`` without
-    indices will ask for (``indices.draw_ahead``): for a server's mean or shift over every worker's
-    uplink."""
-    index_sets.draw_ahead([p.rule for p in payloads if isinstance(p, Sparse) and p.indices is None])
-
-
 @dataclass(frozen=True, eq=False)
 class Sparse:
     dim: int

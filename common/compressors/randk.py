@@ -9,7 +9,8 @@
 * ``samerandk``: one draw per step shared by every worker (MARINA-P's SameRandK, Lemma A.6(a)): the
   workers get the same message and theta = omega.
 
-The support is regenerated from the key by the receiver, so only the values travel.
+The support is regenerated from the key by the receiver, so only the values travel: a uniform
+k-subset drawn by chunks (``indices.randk_support``).
 """
 from __future__ import annotations
 
