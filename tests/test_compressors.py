@@ -231,14 +231,15 @@ def test_bad_inputs_raise_clear_value_errors(x, message):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_compressors_tell_a_non_finite_input_from_their_own_pass_on_long_and_short_vectors(dtype):
     """Sign and the dithering quantizers skip the separate finiteness pass and read it off the norm
-    they compute anyway, Top-K off its candidate pass, Perm-K off its gather (also at the head of a
-    chain), exponential rounding off its quantizer's pass (every kernel: powers of two, other bases,
+    they compute anyway, Top-K off its candidate pass, Perm-K and a long Rand-K off their gathers
+    (also at the head of a chain), exponential rounding off its quantizer's pass (every kernel: powers of two, other bases,
     float64): a NaN or inf still gets the input check's error, and a finite float64 vector whose
     norm overflows gets none."""
     for d in (10, (1 << 20) + 3):
         for spec in ("sign", "sign:scale=l2", "qsgd:s=16", "ternary", "natdither:s=4,p=inf", "expdither:base=3,s=4,p=3",
                      "topk:ratio=0.01", "permk", "permk+natural", "topk:ratio=0.01+natural", "natural",
-                     "exprounding:base=3", "exprounding:base=2,biased=true"):
+                     "exprounding:base=3", "exprounding:base=2,biased=true", "randk:ratio=0.25", "randk:ratio=0.01",
+                     "randk:ratio=0.5,scaled=false+natural"):
             c = build(spec, d, 2)
             for bad in (float("nan"), float("inf"), -float("inf")):
                 x = torch.ones(d, dtype=dtype)

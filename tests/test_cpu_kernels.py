@@ -648,6 +648,42 @@ def test_the_compiled_rand_k_draw_gives_numpy_s_support(monkeypatch):
             indices.randk_support.__wrapped__(d, k, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_long_rand_k_support_read_from_its_bitmap_gives_the_bits_of_the_index_arrays(monkeypatch, dtype):
+    """Rand-K of at least d / ``RANDK_MARKED_RATIO`` coordinates compresses, decompresses and adds
+    into a vector through its bitmap (``randk_marked``: the same set as ``randk_support``), with
+    the bits of the index arrays' path (which sparser supports, and every support where the ratio is
+    set out of reach, take): scaled and not, -0 and values that the scale rounds, in place too."""
+    from common.compressors.payloads import add_dense
+
+    d = (1 << 18) + 4001
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(d, generator=g) * 1e3).to(dtype)
+    x[::5] = -0.0
+    h = torch.randn(d, generator=g).to(dtype)
+    ratio_set = indices.RANDK_MARKED_RATIO
+    for spec, marked in (("randk:ratio=0.25", True), ("randk:ratio=0.5,scaled=false", True), ("randk:ratio=0.7", True),
+                         ("randk:ratio=0.01", False)):
+        results = {}
+        for ratio in (ratio_set, 1):
+            monkeypatch.setattr(indices, "RANDK_MARKED_RATIO", ratio)
+            indices.randk_support.kept.clear()
+            indices.randk_marked.kept.clear()
+            c = build(spec, dim=d, n_workers=2, seed=3).compress(x, worker=1, step=2)
+            inplace = h.clone()
+            add_dense(inplace, c, inplace=True)
+            results[ratio] = [c.values.to_dense(), c.to_dense(), add_dense(h, c), inplace]
+            assert (len(indices.randk_marked.kept) == 1) == (marked and ratio > 1), spec
+        for ours, theirs in zip(*results.values()):
+            assert torch.equal(ours.view(torch.uint8), theirs.view(torch.uint8)), spec
+    monkeypatch.undo()
+    k = d // 4
+    bits = np.unpackbits(indices.randk_marked(d, k, 9).view(np.uint8), bitorder="little")[:d]
+    assert np.array_equal(np.flatnonzero(bits), indices.randk_support(d, k, 9))
+    rule = build("randk:ratio=0.25", dim=d, n_workers=2).compress(x).rule
+    assert indices.marked_support(rule)[1] == rule.count
+
+
 def test_the_rand_k_supports_kept_for_reuse_stay_within_their_count_and_bytes(monkeypatch):
     """A support asked for again is the one kept (the same array); the kept supports hold at most
     ``SUPPORT_BYTES_KEPT`` bytes and ``SUPPORTS_KEPT`` entries, the oldest going first, and the

@@ -225,10 +225,35 @@ class Sparsifier(Compressor):
 
     is_sparsifier = True
     selection: Selection
+    checks_in_select = False  # ``select`` checks x's finiteness itself (in its compiled gather)
 
     def select(self, x: torch.Tensor, key: StreamKey):
         """Return (indices or None, IndexRule or None, kept values) for ``x``."""
         raise NotImplementedError
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        self._check_shape(x)
+        if not self.checks_in_select:
+            self._check_finite(x)
+
+    def _marked_values(self, x: torch.Tensor, rule, scale: float) -> torch.Tensor | None:
+        """x.index_select(0, support) * scale for the regenerated support of ``rule``, read through
+        its bitmap (``indices.marked_support``) in one compiled pass over x, which also checks that
+        x is finite (raising for a NaN or inf); None where no bitmap applies (a GPU tensor, another
+        dtype, a rule without one): the caller checks x and gathers by index."""
+        from common.compressors import cpu_kernels
+        from common.compressors.indices import marked_support
+
+        if x.device.type != "cpu" or x.dtype not in cpu_kernels.MARKED_DTYPES:
+            return None
+        marked = marked_support(rule)
+        gathered = cpu_kernels.gather_marked(x, *marked, scale) if marked is not None else None
+        if gathered is None:
+            return None
+        values, finite = gathered
+        if not finite:
+            self._check_finite(x)  # raises for a NaN or inf
+        return values
 
     def _compress(self, x: torch.Tensor, key: StreamKey):
         from common.compressors.payloads import Dense, Sparse

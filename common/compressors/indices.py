@@ -75,6 +75,7 @@ def support_tensor(indices: np.ndarray, device) -> torch.Tensor:
 
 RANDK_CHUNK_BITS = 16  # Rand-K draws its supports in chunks of 2^16 coordinates (``randk_support``)
 RANDK_MAX_DIM = 1 << 30  # the largest d of a Rand-K support (NumPy's hypergeometric, ``chunk_counts``)
+RANDK_MARKED_RATIO = 16  # Rand-K supports of at least d / 16 coordinates are read as bitmaps (``marked_support``)
 SUPPORTS_KEPT = 64  # the most Rand-K supports ``randk_support`` keeps for reuse
 # and the most bytes they hold together (the oldest go first; the newest stays, whatever its size):
 # one step of an M3 server with Rand-K of k = d / n holds n supports, 8 d bytes (80 MB at d = 1e7)
@@ -137,6 +138,15 @@ def randk_support(dim: int, k: int, key: int) -> np.ndarray:
     if drawn is None:
         drawn = np.concatenate([_chunk_subset(c, int(n), key, dim, RANDK_CHUNK_BITS) for c, n in enumerate(counts)])
     return _frozen(drawn)
+
+
+@_recent_supports
+def randk_marked(dim: int, k: int, key: int) -> np.ndarray | None:
+    """``randk_support(dim, k, key)`` as a bitmap of dim bits (``cpu_kernels.keyed_subsets``: each
+    chunk's bits written where they were drawn, nothing sorted or extracted), for the compiled
+    gather and scatter; None without Numba."""
+    words = cpu_kernels.keyed_subsets(_randk_counts(dim, k, key), key, dim, RANDK_CHUNK_BITS, marked=True)
+    return None if words is None else _frozen(words)
 
 
 def _randk_counts(dim: int, k: int, key: int) -> np.ndarray:
@@ -297,7 +307,17 @@ def marked_support(rule) -> tuple[np.ndarray, int] | None:
     first within ``every_block_asked``, and then each from that) and its size, for the compiled
     gather and scatter (``cpu_kernels.gather_marked``, ``scatter_marked``), which read it in
     increasing order without sorting the block. None where those do not apply: another rule, d
-    below ``cpu_kernels.MIN_CHUNK``, the host construction, a block of all of [d], no Numba."""
+    below ``cpu_kernels.MIN_CHUNK``, the host construction, a block of all of [d], no Numba.
+
+    A Rand-K rule's support comes as a bitmap too (``randk_marked``) where it holds at least
+    d / ``RANDK_MARKED_RATIO`` coordinates (and not all): there the gather and scatter through
+    the bitmap beat the index arrays, which sparser supports keep (an addition into a vector in
+    place then writes the k coordinates alone)."""
+    if rule.kind == "randk":
+        if rule.dim < cpu_kernels.MIN_CHUNK or rule.count * RANDK_MARKED_RATIO < rule.dim or rule.count == rule.dim:
+            return None
+        words = randk_marked(rule.dim, rule.count, rule.key)
+        return None if words is None else (words, rule.count)
     if rule.kind != "permk" or not _permk_on_device(rule.dim, rule.count) or rule.dim < cpu_kernels.MIN_CHUNK:
         return None
     slot = _slot(rule.dim, rule.count, rule.worker, rule.key)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 
 from common.compressors.base import Constants, Selection, Sparsifier, register
-from common.compressors import cpu_kernels
-from common.compressors.indices import marked_support, permk_scale, support_on
+from common.compressors.indices import permk_scale, support_on
 from common.compressors.payloads import IndexRule
 
 
@@ -23,6 +22,7 @@ class PermK(Sparsifier):
     summary = "worker i gets block i of a shared random permutation, scaled by n; the n messages average to x"
     example = "permk"
     compiled = True  # a large d's keyed bijection runs as one compiled pass on the CPU (indices.keyed_block)
+    checks_in_select = True
 
     def __init__(self, dim, n_workers, seed, options, purpose="compress"):
         super().__init__(dim, n_workers, seed, options, purpose)
@@ -32,21 +32,12 @@ class PermK(Sparsifier):
         self.selection = Selection(scale=scale, gamma=1.0, max_out=math.ceil(d / n) if d >= n else 1)
         self._set_constants(Constants(unbiased=True, omega=zeta - 1.0, b1=(zeta, zeta), b2=(1.0, zeta), theta=0.0))
 
-    def _check_input(self, x):
-        """Shape and type only: ``select`` checks finiteness, in the compiled gather where it runs."""
-        self._check_shape(x)
-
     def select(self, x, key):
         m = x.numel()
         rule = IndexRule.keyed("permk", m, self.n_workers, key.worker, key.for_worker(0).child("permutation"))
         scale = permk_scale(m, self.n_workers)
-        if x.device.type == "cpu" and x.dtype in cpu_kernels.MARKED_DTYPES:  # the block read from a bitmap, unsorted
-            marked = marked_support(rule)
-            gathered = cpu_kernels.gather_marked(x, *marked, scale) if marked is not None else None
-            if gathered is not None:
-                values, finite = gathered
-                if not finite:
-                    self._check_finite(x)  # raises for a NaN or inf
-                return None, rule, values
+        values = self._marked_values(x, rule, scale)  # the block read from a bitmap, unsorted
+        if values is not None:
+            return None, rule, values
         self._check_finite(x)
         return None, rule, x.index_select(0, support_on(rule, x.device)).mul_(scale)
