@@ -18,6 +18,10 @@ process: interleaved calls, medians, the same inputs.
   registers (AVX-512 VBMI) against 64-bit words with a carried accumulator;
 * base-3 rounding's codes: ``dequantize`` with its signed level table copied onto the stack against
   the table read from its arguments;
+* Rand-K's long supports (``randk:ratio=R`` for R = 1/16, 1/4, 1/2): compress, the dense form of a
+  message and its addition into a vector in place (into a fresh copy of it each call, the copy
+  timed too), the support drawn afresh for each call, through the support's bitmap
+  (``indices.marked_support``) against its index arrays;
 * the dithering's norms: the float64 2-norm's compiled block sums (runs of rows as vectors in
   registers, ``kernel_parts.step_sums``) against torch's float64 sums of the same blocks, and the
   maximum norm from the magnitudes' bits (``largest_magnitude``) against ``torch.aminmax``.
@@ -186,6 +190,39 @@ def norm_rows(x: torch.Tensor, repeats: int):
     cpu_kernels.float64_sum, cpu_kernels.largest_magnitude = real_sum, real_largest
 
 
+def randk_rows(x: torch.Tensor, repeats: int):
+    from common.compressors import indices
+    from common.compressors.payloads import add_dense
+
+    d, steps = x.numel(), iter(range(10 ** 9))
+    h = torch.randn(d, generator=torch.Generator().manual_seed(3))
+    ratio = indices.RANDK_MARKED_RATIO
+    for share in (16, 4, 2):
+        c = build(f"randk:ratio={1 / share}", d, 4)
+        message = c.compress(x, worker=1, step=0)
+
+        def fresh(fn):
+            def call():
+                indices.randk_support.kept.clear()
+                indices.randk_marked.kept.clear()
+                return fn()
+            return call
+
+        calls = {"compress": lambda: c.compress(x, worker=1, step=next(steps)).values.to_dense(),
+                 "dense form": fresh(message.to_dense), "h + dense form, in place": fresh(lambda: add_dense(h.clone(), message, inplace=True))}
+        checks = {**calls, "compress": lambda: c.compress(x, worker=1, step=0).values.to_dense()}
+        for what, fn in calls.items():
+            both = []
+            for marked in (1, ratio):
+                indices.RANDK_MARKED_RATIO = marked
+                both.append(fresh(checks[what])().numpy().tobytes())
+            assert both[0] == both[1], f"Rand-K's paths differ: {what}"
+            yield (f"Rand-K, 1/{share} of the coordinates, {what}", "index arrays", "bitmap",
+                   *medians([lambda: (setattr(indices, "RANDK_MARKED_RATIO", 1), fn()),
+                             lambda: (setattr(indices, "RANDK_MARKED_RATIO", ratio), fn())], repeats))
+    indices.RANDK_MARKED_RATIO = ratio
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dim", type=float, default=1e7)
@@ -203,7 +240,8 @@ def main() -> None:
     print("| kernel | before | ms | after | ms |")
     print("|---|---|---|---|---|")
     rows = [*quantize_rows(x.numpy(), args.repeats), *marked_rows(x, args.repeats, compress),
-            *packing_rows(x, args.repeats, pack), *dequantize_rows(x, args.repeats), *norm_rows(x, args.repeats)]
+            *packing_rows(x, args.repeats, pack), *dequantize_rows(x, args.repeats), *norm_rows(x, args.repeats),
+            *randk_rows(x, args.repeats)]
     for what, before, after, slow, fast in rows:
         print(f"| {what} | {before} | {slow:.2f} | {after} | {fast:.2f} |")
 
