@@ -583,21 +583,21 @@ def test_distinct_values_come_out_of_the_bitmap_in_numpy_s_order():
 
 @pytest.mark.parametrize("chunk_bits", [2, 16])
 def test_a_rand_k_support_is_uniform_over_all_k_subsets(monkeypatch, chunk_bits):
-    """Over 20,000 keys each, every 4-subset and every 7-subset of range(10) comes up as often as a
-    uniform draw says (chi-square over the 210 and 120 subsets, p above 1e-4): in one chunk, and in
-    chunks of 4 coordinates (three chunks, the last partial; a chunk's count above half its size
-    draws the coordinates left out), so the chunks' hypergeometric counts and their subsets are
-    checked together."""
+    """Over 20,000 keys each, every 4-subset and every 7-subset of range(11) comes up as often as a
+    uniform draw says (chi-square over the 330 subsets, p above 1e-4): in one chunk (draws of 4 bits,
+    those above 10 rejected), and in chunks of 4 coordinates (three chunks, the last of 3, whose
+    draws of 2 bits reject 3; a chunk's count above half its size draws the coordinates left out),
+    so the chunks' hypergeometric counts and their subsets are checked together."""
     import itertools
     from scipy import stats
 
     monkeypatch.setattr(indices, "RANDK_CHUNK_BITS", chunk_bits)
     draws_per = 20_000
     for k in (4, 7):
-        subsets = {s: i for i, s in enumerate(itertools.combinations(range(10), k))}
+        subsets = {s: i for i, s in enumerate(itertools.combinations(range(11), k))}
         seen = np.zeros(len(subsets))
         for key in range(draws_per):
-            support = indices.randk_support.__wrapped__(10, k, key * 7919 + k)
+            support = indices.randk_support.__wrapped__(11, k, key * 7919 + k)
             seen[subsets[tuple(support.tolist())]] += 1
         assert stats.chisquare(seen).pvalue > 1e-4, (k, chunk_bits)
 
@@ -646,6 +646,33 @@ def test_the_compiled_rand_k_draw_gives_numpy_s_support(monkeypatch):
     for d, k in ((10, 11), (indices.RANDK_MAX_DIM + 1, 1), (10, -1)):
         with pytest.raises(ValueError, match="Rand-K"):
             indices.randk_support.__wrapped__(d, k, 1)
+    with pytest.raises(ValueError, match="at most 2\\^30"):
+        build("randk:k=3+natural", dim=indices.RANDK_MAX_DIM + 1, n_workers=2)
+    counts = np.array([3, 4])
+    for bits, marked in ((17, False), (5, True)):  # a chunk's draws are 16-bit fields; a bitmap's chunks whole words
+        with pytest.raises(ValueError, match="chunks of"):
+            cpu_kernels.keyed_subsets(counts, 1, 100, bits, marked=marked)
+    with pytest.raises(ValueError, match="chunks of"):
+        indices._chunk_subset(0, 3, 1, 1 << 18, 17)
+
+
+def test_rand_k_without_numba_draws_the_same_supports_and_compresses_to_the_same_message(monkeypatch):
+    """Where Numba is missing, the support comes from the NumPy version, and a long Rand-K gathers
+    by index instead of through a bitmap: the same support and the same message."""
+    d = (1 << 18) + 4001
+    x = torch.randn(d, generator=torch.Generator().manual_seed(6))
+    results = []
+    for compiled in (True, False):
+        if not compiled:
+            monkeypatch.setattr(cpu_kernels, "_kernels", lambda: None)
+        indices.randk_support.kept.clear()
+        indices.randk_marked.kept.clear()
+        message = build("randk:ratio=0.25", dim=d, n_workers=2, seed=1).compress(x, worker=1, step=3)
+        results.append((indices.randk_support(d, d // 4, 21), message.values.to_dense(), message.to_dense()))
+        assert (len(indices.randk_marked.kept) == 1) == compiled
+    for ours, theirs in zip(*results):
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+    indices.randk_support.kept.clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -928,7 +955,7 @@ def test_a_second_process_loads_every_kernel_from_the_disk_cache(tmp_path):
         "s = build('sign', dim=x.numel(), n_workers=8, seed=0).compress(x, worker=0, step=0)\n"
         "shift_by_mean(x, [Message({'c': s})] * 8, 'c')\n"
         "from common.compressors import indices\n"
-        "indices.randk_support(x.numel(), x.numel() // 4, 5)\n"  # NumPy's tail shuffle, compiled
+        "indices.randk_support(x.numel(), x.numel() // 4, 5)\n"  # Rand-K's chunks
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root}

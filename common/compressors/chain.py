@@ -54,7 +54,7 @@ class Chain(Compressor):
         return f"{self.head.spec}+{self.tail.spec}"
 
     def _check_input(self, x):
-        """The head's check: a head that checks finiteness in ``select`` (Top-K, Perm-K) is not checked twice."""
+        """The head's check: a head that checks finiteness in ``select`` (Top-K, Perm-K, Rand-K) is not checked twice."""
         self.head._check_input(x)
 
     def _compress(self, x, key):

@@ -2304,6 +2304,8 @@ def keyed_subsets(counts: np.ndarray, key: int, dim: int, chunk_bits: int, marke
     pieces of whole chunks (``_run``), each piece with its own bitmap; every chunk's subset depends
     only on the key and the chunk, so the result does not depend on the number of threads. None
     without Numba."""
+    if not (6 if marked else 0) <= chunk_bits <= 16:  # a chunk's draws are 16-bit fields; a bitmap's chunks are whole words
+        raise ValueError(f"keyed_subsets: chunks of 2^{chunk_bits} coordinates")
     kernels = _kernels()
     if kernels is None:
         return None

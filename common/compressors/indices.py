@@ -74,9 +74,11 @@ def support_tensor(indices: np.ndarray, device) -> torch.Tensor:
 
 
 RANDK_CHUNK_BITS = 16  # Rand-K draws its supports in chunks of 2^16 coordinates (``randk_support``)
-RANDK_MAX_DIM = 1 << 30  # the largest d of a Rand-K support (NumPy's hypergeometric, ``chunk_counts``)
+# The largest d of a Rand-K support: ``chunk_counts``'s first split gives each side up to 2^29
+# coordinates, and NumPy's hypergeometric takes fewer than 1e9 on each side (no split of d > 2e9 does)
+RANDK_MAX_DIM = 1 << 30
 RANDK_MARKED_RATIO = 16  # Rand-K supports of at least d / 16 coordinates are read as bitmaps (``marked_support``)
-SUPPORTS_KEPT = 64  # the most Rand-K supports ``randk_support`` keeps for reuse
+SUPPORTS_KEPT = 64  # the most Rand-K supports ``randk_support`` (and ``randk_marked``, apart) keeps for reuse
 # and the most bytes they hold together (the oldest go first; the newest stays, whatever its size):
 # one step of an M3 server with Rand-K of k = d / n holds n supports, 8 d bytes (80 MB at d = 1e7)
 SUPPORT_BYTES_KEPT = 256 << 20
@@ -129,8 +131,12 @@ def randk_support(dim: int, k: int, key: int) -> np.ndarray:
     cache and the chunks run in parallel, so nothing waits on memory: at d = 1e7, k = d / 4 (M3's
     uplink with 4 workers, which its server regenerates for every worker at every step) a support
     takes a few milliseconds; NumPy's ``Generator.choice``, which shuffles the tail of an arange of
-    d (a cache miss a swap), took 110-180 ms. For d up to ``RANDK_MAX_DIM`` (NumPy's
-    hypergeometric takes populations below 1e9)."""
+    d (a cache miss a swap), took 110-180 ms. For d up to ``RANDK_MAX_DIM``.
+
+    Both ends must draw the same counts: NumPy's hypergeometric for samples above 10 is a rejection
+    method in floating point (log, sqrt, its own log-gamma), so two ends agree where they run the
+    same NumPy release (as NumPy's ``choice`` required too: its algorithms may change between
+    releases) on libraries that round log and sqrt alike; the chunks' own draws are integers."""
     if k == dim:
         return _frozen(np.arange(dim, dtype=np.int64))
     counts = _randk_counts(dim, k, key)
@@ -149,9 +155,15 @@ def randk_marked(dim: int, k: int, key: int) -> np.ndarray | None:
     return None if words is None else _frozen(words)
 
 
+def check_randk_dim(dim: int) -> None:
+    if dim > RANDK_MAX_DIM:
+        raise ValueError(f"Rand-K draws supports of at most 2^30 = {RANDK_MAX_DIM} coordinates, not d = {dim}")
+
+
 def _randk_counts(dim: int, k: int, key: int) -> np.ndarray:
-    if not 0 <= k <= dim or dim > RANDK_MAX_DIM:
-        raise ValueError(f"Rand-K: cannot draw {k} of {dim} coordinates (k <= d <= {RANDK_MAX_DIM})")
+    check_randk_dim(dim)
+    if not 0 <= k <= dim:
+        raise ValueError(f"Rand-K: cannot draw {k} of {dim} coordinates")
     return chunk_counts(dim, k, numpy_rng(key), RANDK_CHUNK_BITS)
 
 
@@ -181,6 +193,8 @@ def _chunk_subset(chunk: int, count: int, key: int, dim: int, chunk_bits: int) -
     """Chunk ``chunk``'s part of ``randk_support`` in NumPy (where Numba is missing), the set that
     ``cpu_kernels.keyed_subsets`` draws: the first distinct fields below s of the chunk's stream
     of draws (a prefix of it, doubled until it holds enough)."""
+    if not 0 <= chunk_bits <= 16:
+        raise ValueError(f"Rand-K: chunks of 2^{chunk_bits} coordinates (its draws are 16-bit fields)")
     base = chunk << chunk_bits
     s = min(1 << chunk_bits, dim - base)
     if count in (0, s):
@@ -314,7 +328,8 @@ def marked_support(rule) -> tuple[np.ndarray, int] | None:
     the bitmap beat the index arrays, which sparser supports keep (an addition into a vector in
     place then writes the k coordinates alone)."""
     if rule.kind == "randk":
-        if rule.dim < cpu_kernels.MIN_CHUNK or rule.count * RANDK_MARKED_RATIO < rule.dim or rule.count == rule.dim:
+        if (rule.dim < cpu_kernels.MIN_CHUNK or rule.count * RANDK_MARKED_RATIO < rule.dim or rule.count == rule.dim
+                or not cpu_kernels.available()):
             return None
         words = randk_marked(rule.dim, rule.count, rule.key)
         return None if words is None else (words, rule.count)
@@ -492,7 +507,7 @@ BITMAP_SORT_RATIO = 2048  # sort k distinct values of [0, d) through a bitmap wh
 
 
 def _sorted_distinct(values: torch.Tensor, dim: int) -> torch.Tensor:
-    """``values`` (distinct, in [0, dim)) in increasing order: Rand-K's draw and Perm-K's block. On
+    """``values`` (distinct, in [0, dim)) in increasing order: Perm-K's block. On
     the CPU, where they are at least dim / ``BITMAP_SORT_RATIO``, through a bitmap of dim bits
     (``cpu_kernels.sorted_distinct``, int64: one pass over the values and one over d / 64 words, at
     0.5 ns a word); otherwise torch sorts, on the values' device. On the 2-core CI host NumPy's int64

@@ -291,7 +291,7 @@ class Sparse:
 
     def marked_dense(self, kept: torch.Tensor, h: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor | None:
         """The dense form of ``kept`` on a regenerated support (or h + it) in one compiled pass on the
-        CPU, where the support comes as a bitmap (``indices.marked_support``: large keyed Perm-K): the
+        CPU, where the support comes as a bitmap (``indices.marked_support``: large keyed Perm-K, long Rand-K): the
         same bits as zeros and ``index_copy_``, without sorting the block. Else None."""
         if (self.indices is not None or self.rule is None or kept.device.type != "cpu"
                 or kept.dtype not in cpu_kernels.MARKED_DTYPES):  # (no bitmap built for nothing)

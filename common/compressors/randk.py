@@ -16,7 +16,7 @@ from __future__ import annotations
 
 
 from common.compressors.base import K_PARAMS, Constants, Param, Selection, Sparsifier, resolve_k, register
-from common.compressors.indices import support_tensor
+from common.compressors.indices import check_randk_dim, support_tensor
 from common.compressors.payloads import IndexRule
 
 
@@ -30,6 +30,7 @@ class RandK(Sparsifier):
 
     def __init__(self, dim, n_workers, seed, options, purpose="compress"):
         super().__init__(dim, n_workers, seed, options, purpose)
+        check_randk_dim(dim)
         self.k = resolve_k(self.name, dim, self.options)
         self.scaled = self.options["scaled"]
         d, k, n = dim, self.k, n_workers
