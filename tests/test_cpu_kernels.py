@@ -583,7 +583,7 @@ def test_distinct_values_come_out_of_the_bitmap_in_numpy_s_order():
 
 @pytest.mark.parametrize("chunk_bits", [2, 16])
 def test_a_rand_k_support_is_uniform_over_all_k_subsets(monkeypatch, chunk_bits):
-    """Over 20,000 keys each, every 4-subset and every 7-subset of range(11) comes up as often as a
+    """Over 12,000 keys each, every 4-subset and every 7-subset of range(11) comes up as often as a
     uniform draw says (chi-square over the 330 subsets, p above 1e-4): in one chunk (draws of 4 bits,
     those above 10 rejected), and in chunks of 4 coordinates (three chunks, the last of 3, whose
     draws of 2 bits reject 3; a chunk's count above half its size draws the coordinates left out),
@@ -592,7 +592,7 @@ def test_a_rand_k_support_is_uniform_over_all_k_subsets(monkeypatch, chunk_bits)
     from scipy import stats
 
     monkeypatch.setattr(indices, "RANDK_CHUNK_BITS", chunk_bits)
-    draws_per = 20_000
+    draws_per = 12_000
     for k in (4, 7):
         subsets = {s: i for i, s in enumerate(itertools.combinations(range(11), k))}
         seen = np.zeros(len(subsets))
@@ -743,7 +743,8 @@ def test_a_support_marked_in_a_bitmap_gathers_and_scatters_as_index_select_and_i
     """``gather_marked`` gives x.index_select(0, support) * scale and says whether all of x is finite;
     ``scatter_marked`` gives zeros with index_copy_, or h + that (in place too): the same bytes,
     -0.0 included, for float32 and float64, lengths with a partial last word, one piece or several,
-    16 coordinates at a time (compressing stores) and one set bit at a time."""
+    16 coordinates at a time (compressing stores) and one set bit at a time. With ``minus``, the
+    gather is that of x - minus (and sees an inf that only the difference holds)."""
     monkeypatch.setattr(cpu_kernels, "_threads", lambda: threads)
     monkeypatch.setattr(cpu_kernels, "vector_compress", lambda: vector)
     monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1000)
@@ -762,6 +763,9 @@ def test_a_support_marked_in_a_bitmap_gathers_and_scatters_as_index_select_and_i
                     got, finite = cpu_kernels.gather_marked(x, words, size, scale)
                     want = x.index_select(0, ordered).mul_(scale)
                     assert finite and got.dtype == dtype and got.numpy().tobytes() == want.numpy().tobytes()
+                    got, finite = cpu_kernels.gather_marked(x, words, size, scale, minus=h)
+                    wanted = (x - h).index_select(0, ordered).mul_(scale)
+                    assert finite and got.numpy().tobytes() == wanted.numpy().tobytes()
                 dense = torch.zeros(dim, dtype=dtype).index_copy_(0, ordered, want)
                 assert cpu_kernels.scatter_marked(words, want, dim).numpy().tobytes() == dense.numpy().tobytes()
                 added = (h + dense).numpy().tobytes()
@@ -774,6 +778,11 @@ def test_a_support_marked_in_a_bitmap_gathers_and_scatters_as_index_select_and_i
                     x = torch.ones(dim)
                     x[spot] = bad
                     assert not cpu_kernels.gather_marked(x, words, size, 1.0)[1]
+                    assert not cpu_kernels.gather_marked(torch.ones(dim), words, size, 1.0, minus=-x)[1]
+            if dim > 1:  # both finite, their difference not
+                big = torch.full((dim,), 3e38)
+                assert not cpu_kernels.gather_marked(big, words, size, 1.0, minus=-big)[1]
+                assert cpu_kernels.gather_marked(big, words, size, 1.0, minus=torch.ones(dim, dtype=torch.float64)) is None
     assert cpu_kernels.marked(torch.tensor([3, 5, 3], dtype=torch.int32), 10) is None  # equal values: refused
     repeated = torch.randperm(5000, generator=gen)[:3000]
     repeated[2999] = repeated[0]  # in another thread's share of the values where there are two
@@ -1172,6 +1181,18 @@ def test_the_norm_writes_negative_flags_in_its_pass_as_torch_lt_and_keeps_its_bi
         assert torch.equal(negative, y < 0)
 
 
+def _difference_inputs(n: int, dtype, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """A target and an h of magnitudes 1e-8 to 1e8 with equal coordinates (a difference of +0) and
+    signed zeros on both sides."""
+    target, h = (torch.randn(n, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-8, 8, (n,), generator=gen)
+                 for _ in range(2))
+    target, h = target.to(dtype), h.to(dtype)
+    h[::7] = target[::7]
+    target[::11], h[::11] = -0.0, 0.0
+    target[5::13], h[5::13] = 0.0, -0.0
+    return target, h
+
+
 def _a_difference_refuses_what_the_formed_difference_refuses(c, target, h):
     """``c.compress_difference`` raises as ``c.compress(target - h)`` for a NaN or inf in either
     vector, a difference that overflows, another length and a worker out of range."""
@@ -1225,12 +1246,7 @@ def test_the_scaled_sign_of_a_difference_is_the_sign_of_the_difference_formed_fi
     real = cpu_kernels.float64_sum
     monkeypatch.setattr(cpu_kernels, "float64_sum", lambda *a: calls.append(len(a) > 4 and a[4] is not None) or real(*a))
     for n in (cpu_kernels.MIN_CHUNK - 1, cpu_kernels.MIN_CHUNK, 9 * FLOAT64_BLOCK * cpu_kernels.FLAG_GROUP + 61):
-        target, h = (torch.randn(n, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-8, 8, (n,), generator=gen)
-                     for _ in range(2))
-        target, h = target.to(dtype), h.to(dtype)
-        h[::7] = target[::7]
-        target[::11], h[::11] = -0.0, 0.0
-        target[5::13], h[5::13] = 0.0, -0.0
+        target, h = _difference_inputs(n, dtype, gen)
         for scale in ("l1", "l2"):
             c = build(f"sign:scale={scale}", n, 3)
             calls.clear()
@@ -1239,6 +1255,29 @@ def test_the_scaled_sign_of_a_difference_is_the_sign_of_the_difference_formed_fi
         other = h.double() if dtype == torch.float32 else h.float()  # promoted by torch: formed first
         assert encode(c.compress_difference(target, other)) == encode(c.compress(target - other))
     _a_difference_refuses_what_the_formed_difference_refuses(c, target, h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rand_k_of_a_difference_is_rand_k_of_the_difference_formed_first(dtype, monkeypatch):
+    """``RandK.compress_difference`` (MARINA's and M3's uplink, Q(grad - grad_prev)) gives the bytes
+    of ``compress(target - h)``: through the bitmap with the difference formed in the gather (long
+    supports, scaled or not, same-Rand-K, signed zeros, equal coordinates), and formed first
+    elsewhere (a short support, another dtype); the same errors for bad input."""
+    gen = torch.Generator().manual_seed(12)
+    n = (1 << 18) + 4099
+    target, h = _difference_inputs(n, dtype, gen)
+    used = []
+    real = cpu_kernels.gather_marked
+    monkeypatch.setattr(cpu_kernels, "gather_marked", lambda *a: used.append(len(a) > 4 and a[4] is not None) or real(*a))
+    for spec, bitmap in (("randk:ratio=0.25", True), ("randk:ratio=0.5,scaled=false", True), ("samerandk:ratio=0.1", True),
+                         ("randk:ratio=0.01", False)):
+        c = build(spec, n, 3)
+        used.clear()
+        assert encode(c.compress_difference(target, h, worker=2, step=4)) == encode(c.compress(target - h, worker=2, step=4))
+        assert used == ([True, False] if bitmap else []), spec
+    other = h.double() if dtype == torch.float32 else h.float()  # promoted by torch: formed first
+    assert encode(c.compress_difference(target, other)) == encode(c.compress(target - other))
+    _a_difference_refuses_what_the_formed_difference_refuses(build("randk:ratio=0.25", n, 3), target, h)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

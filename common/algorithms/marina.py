@@ -52,7 +52,7 @@ def difference_message(rule: WorkerRule, g, sync: bool, t: int) -> Message:
     if sync:
         out = Message({"g": full(g, copy=False)})  # a fresh gradient, kept as g_prev and never updated in place
     else:
-        out = Message({"g": rule.ctx.uplink.compress(g - rule.g_prev, worker=rule.rank, step=t)})
+        out = Message({"g": rule.ctx.uplink.compress_difference(g, rule.g_prev, worker=rule.rank, step=t)})
     rule.g_prev = g
     return out
 

@@ -236,23 +236,24 @@ class Sparsifier(Compressor):
         if not self.checks_in_select:
             self._check_finite(x)
 
-    def _marked_values(self, x: torch.Tensor, rule, scale: float) -> torch.Tensor | None:
+    def _marked_values(self, x: torch.Tensor, rule, scale: float, minus: torch.Tensor | None = None) -> torch.Tensor | None:
         """x.index_select(0, support) * scale for the regenerated support of ``rule``, read through
         its bitmap (``indices.marked_support``) in one compiled pass over x, which also checks that
-        x is finite (raising for a NaN or inf); None where no bitmap applies (a GPU tensor, another
-        dtype, a rule without one): the caller checks x and gathers by index."""
+        x is finite (raising for a NaN or inf); with ``minus``, all of this of x - minus, which is
+        not formed. None where no bitmap applies (a GPU tensor, another dtype, a rule without one,
+        a ``minus`` unlike x): the caller checks x and gathers by index."""
         from common.compressors import cpu_kernels
         from common.compressors.indices import marked_support
 
         if x.device.type != "cpu" or x.dtype not in cpu_kernels.MARKED_DTYPES:
             return None
         marked = marked_support(rule)
-        gathered = cpu_kernels.gather_marked(x, *marked, scale) if marked is not None else None
+        gathered = cpu_kernels.gather_marked(x, *marked, scale, minus) if marked is not None else None
         if gathered is None:
             return None
         values, finite = gathered
         if not finite:
-            self._check_finite(x)  # raises for a NaN or inf
+            self._check_finite(x if minus is None else x - minus)  # raises for a NaN or inf
         return values
 
     def _compress(self, x: torch.Tensor, key: StreamKey):

@@ -1162,13 +1162,15 @@ def _kernels():
         return c
 
     @jit()
-    def gather_marked(words, first, x, scale, vector, lowest_bit, out):
+    def gather_marked(words, first, x, minus, scale, vector, lowest_bit, out):
         """out_c = x[p] * scale for the set bits p of ``words`` in increasing order, where bit j of
         words[w] stands for p = 64 (first + w) + j: x.index_select(0, support) * scale, with the
         product rounded in x's precision as torch rounds it. Returns 1 if a coordinate of x that the
         words cover (64 first .. 64 (first + words.size), within x) is NaN or inf, else 0: the gather
         reads nearly every cache line of x anyway, so each block of 4096 is checked (v - v is 0 only
         for a finite v; a max of int32 flags keeps the loop vectorized) just before it is gathered.
+        With ``minus`` (an array; else None) all of this is of x - minus, formed as it is read (the
+        bits of torch's x - minus), never written: a Markov message C(target - h).
         With ``vector`` (AVX-512), each whole word moves 16 coordinates at a time, in four vector
         compressions and masked stores (``kernel_parts.compress_scaled``), instead of one set bit at
         a time (d = 1e7, 2 threads, on an Intel host: half the bits set 11.3 -> 2.8 ms, a tenth
@@ -1178,22 +1180,33 @@ def _kernels():
         for w0 in range(0, words.size, 64):
             w1 = min(words.size, w0 + 64)
             lo = (np.int64(first) + w0) << 6
-            xb = x[lo:min(x.size, (np.int64(first) + w1) << 6)]  # (x[lo + i] was not vectorized)
-            for i in range(xb.size):
-                v = xb[i]
-                bad = max(bad, np.int32(v - v != 0))
+            hi = min(x.size, (np.int64(first) + w1) << 6)
+            xb = x[lo:hi]  # (x[lo + i] was not vectorized)
+            if minus is None:
+                for i in range(xb.size):
+                    v = xb[i]
+                    bad = max(bad, np.int32(v - v != 0))
+            else:
+                mb = minus[lo:hi]
+                for i in range(xb.size):
+                    v = xb[i] - mb[i]
+                    bad = max(bad, np.int32(v - v != 0))
             for w in range(w0, w1):
                 word = words[w]
                 base = np.int64(first + w) << 6
                 if vector and base + 64 <= x.size:  # 16 coordinates at a time, through a vector compression
                     for q in range(4):
                         lanes = (word >> u64(16 * q)) & u64(0xFFFF)
-                        kernel_parts.compress_scaled(x, base + 16 * q, scale, lanes, out, c)
+                        kernel_parts.compress_scaled(x, minus, base + 16 * q, scale, lanes, out, c)
                         c += kernel_parts.popcount(lanes)
                     continue
                 while word != u64(0):
                     low = word & (~word + u64(1))
-                    out[c] = x[base + lowest_bit[(low * u64(DE_BRUIJN)) >> u64(58)]] * scale
+                    p = base + lowest_bit[(low * u64(DE_BRUIJN)) >> u64(58)]
+                    if minus is None:
+                        out[c] = x[p] * scale
+                    else:
+                        out[c] = (x[p] - minus[p]) * scale
                     c += 1
                     word ^= low
         return bad
@@ -2453,20 +2466,25 @@ def _marked_pieces(words: np.ndarray, dim: int):
     return [(a, b, int(c)) for (a, b), c in zip(pieces, np.cumsum([0] + counts[:-1]))]
 
 
-def gather_marked(x: torch.Tensor, words: np.ndarray, count: int, scale: float) -> tuple[torch.Tensor, bool] | None:
+def gather_marked(x: torch.Tensor, words: np.ndarray, count: int, scale: float,
+                  minus: torch.Tensor | None = None) -> tuple[torch.Tensor, bool] | None:
     """(x.index_select(0, support) * scale, whether every x_i is finite) for the support of the bitmap
     ``words`` (``marked``, ``count`` bits set), in one pass over x and the bitmap (the pieces in
-    parallel threads), the values with the same bits; None without Numba or for other than a CPU
-    float32/float64 vector of 64 ``words.size`` coordinates or fewer."""
+    parallel threads), the values with the same bits; with ``minus``, of x - minus without forming
+    it (the kernel reads both). None without Numba, for other than a CPU float32/float64 vector of
+    64 ``words.size`` coordinates or fewer, or for a ``minus`` of another dtype, length or device."""
     kernels = _kernels()
     if (kernels is None or x.device.type != "cpu" or x.dtype not in MARKED_DTYPES
             or x.dim() != 1 or x.numel() > 64 * words.size):
         return None
+    if minus is not None and (minus.device != x.device or minus.dtype != x.dtype or minus.shape != x.shape):
+        return None
     flat = x.detach().contiguous().numpy()
+    less = None if minus is None else minus.detach().contiguous().numpy()
     out = np.empty(count, dtype=flat.dtype)
     factor = flat.dtype.type(scale)  # rounded to x's precision, as torch does with a Python scalar
     bad = _run_pieces(_marked_pieces(words, flat.size),
-                      lambda a, b, c: kernels["gather_marked"](words[a:b], a, flat, factor, vector_compress(), LOWEST_BIT, out[c:]))
+                      lambda a, b, c: kernels["gather_marked"](words[a:b], a, flat, less, factor, vector_compress(), LOWEST_BIT, out[c:]))
     return torch.from_numpy(out), not any(bad)
 
 

@@ -205,23 +205,24 @@ def _low_bytes(builder, width):
 
 
 @intrinsic
-def compress_scaled(typingctx, x, start, scale, mask, out, at):
-    """out[at], out[at + 1], ... = x[start + j] * scale for the set bits j of the low 16 bits of
-    ``mask``, in increasing j (one vector load of x[start:start + 16], which must exist, one vector
-    product rounded in x's dtype as the scalar one is, then the kept lanes moved to the front in a
-    register and stored by a masked store of popcount(mask) lanes; ``_store_compressed``)."""
+def compress_scaled(typingctx, x, minus, start, scale, mask, out, at):
+    """out[at], out[at + 1], ... = v_j * scale for the set bits j of the low 16 bits of ``mask``, in
+    increasing j, where v = x[start:start + 16] (which must exist), or x - minus there (``minus`` an
+    array, or None): one or two vector loads, one vector product rounded in x's dtype as the scalar
+    one is, then the kept lanes moved to the front in a register and stored by a masked store of
+    popcount(mask) lanes (``_store_compressed``)."""
     if not (isinstance(x, types.Array) and isinstance(out, types.Array) and x.dtype == out.dtype == scale
-            and x.dtype in (types.float32, types.float64)):
+            and x.dtype in (types.float32, types.float64) and _minus_fits(x, minus)):
         return None
 
     def codegen(context, builder, signature, args):
-        _, start_value, scale_value, mask_value, out_value, at_value = args
-        loaded, vector, _ = _lanes_of(context, builder, signature, args, 0, None, start_value)
-        target = builder.gep(context.make_array(signature.args[4])(context, builder, out_value).data, [at_value])
+        _, _, start_value, scale_value, mask_value, out_value, at_value = args
+        loaded, vector, _ = _lanes_of(context, builder, signature, args, 0, 1, start_value)
+        target = builder.gep(context.make_array(signature.args[5])(context, builder, out_value).data, [at_value])
         _store_compressed(context, builder, builder.fmul(loaded, _splat(builder, scale_value, vector)), mask_value, target)
         return context.get_dummy_value()
 
-    return types.void(x, start, scale, mask, out, at), codegen
+    return types.void(x, minus, start, scale, mask, out, at), codegen
 
 
 def _store_compressed(context, builder, values, mask, target):

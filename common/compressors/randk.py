@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from common.compressors.base import K_PARAMS, Constants, Param, Selection, Sparsifier, resolve_k, register
 from common.compressors.indices import check_randk_dim, support_tensor
-from common.compressors.payloads import IndexRule
+from common.compressors.payloads import Dense, IndexRule, Sparse
 
 
 @register
@@ -43,21 +43,34 @@ class RandK(Sparsifier):
             self.selection = Selection(scale=1.0, gamma=q, max_out=k)
             self._set_constants(Constants(unbiased=False, alpha=q, b1=(q, 1.0), b2=(q, 1.0), theta=theta))
 
-    def select(self, x, key):
-        m = x.numel()
+    def _rule(self, m, key):
+        """The rule of the support of a vector of m coordinates, and the values' scale."""
         k = min(self.k, m)
-        if self.shared:
-            key = key.for_worker(0)
-        rule = IndexRule.keyed("randk", m, k, 0, key.child("support"))
-        values = self._marked_values(x, rule, m / k if self.scaled else 1.0)  # a long support, read from a bitmap
+        rule = IndexRule.keyed("randk", m, k, 0, (key.for_worker(0) if self.shared else key).child("support"))
+        return rule, m / k if self.scaled else 1.0
+
+    def select(self, x, key):
+        rule, scale = self._rule(x.numel(), key)
+        values = self._marked_values(x, rule, scale)  # a long support, read from a bitmap
         if values is not None:
             return None, rule, values
         self._check_finite(x)
         idx = support_tensor(rule.indices(), x.device)
         values = x.index_select(0, idx)  # (x[idx], through advanced indexing, took 0.24-0.83 ms at k = 1e5 against 0.13)
         if self.scaled:
-            values = values * (m / k)
+            values = values * scale
         return None, rule, values
+
+    def _compress_difference(self, target, h, key):
+        """C(target - h) for a long support read through its bitmap, the difference formed in the
+        gather's registers only (``_marked_values`` with ``minus``): the payload of
+        ``compress(target - h)`` without writing the difference and reading it back (MARINA's and
+        M3's uplink, Q(grad f_i(x^{t+1}) - grad f_i(x^t))). None elsewhere."""
+        rule, scale = self._rule(target.numel(), key)
+        values = self._marked_values(target, rule, scale, minus=h)
+        if values is None:
+            return None
+        return Sparse(target.numel(), Dense(values, target.dtype), None, rule, target.dtype)
 
 
 @register
