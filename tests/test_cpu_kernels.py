@@ -1755,3 +1755,11 @@ def test_a_compiled_descent_that_overflows_still_stops_the_run():
     with pytest.raises(RunFailed, match="no longer finite"):
         server.round(0, ups)
 
+
+def test_the_kernels_name_the_kernel_parts_they_compile_against():
+    """Numba's disk cache keys a kernel by cpu_kernels.py's content alone; a change of kernel_parts.py
+    must change cpu_kernels.py too (its ``KERNEL_PARTS_DIGEST``), or processes load kernels cached
+    from the older parts."""
+    assert cpu_kernels.parts_digest() == cpu_kernels.KERNEL_PARTS_DIGEST, (
+        f"kernel_parts.py changed: set cpu_kernels.KERNEL_PARTS_DIGEST = {cpu_kernels.parts_digest()!r}")
+

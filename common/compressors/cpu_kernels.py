@@ -51,21 +51,39 @@ increasing order: the block is never sorted, and no index array is written or re
 subset from counter-based draws into a bitmap in the L1 cache, the chunks in parallel.
 
 Kernels are compiled on first use (about a second) and cached on disk (Numba's ``cache=True``).
+Numba keys a cached kernel by the content of the file that defines it, not of the modules its code
+takes in, so this file names the version of ``kernel_parts`` it compiles against
+(``KERNEL_PARTS_DIGEST``): a change there changes this file too, and no process loads a kernel built
+from older parts.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import functools
+import hashlib
 import itertools
 import sys
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from common.compressors.draws import GOLDEN, MIX1, MIX2
+
+# The digest of kernel_parts.py (``parts_digest``) that the kernels here were last compiled against:
+# its intrinsics and helpers are compiled into them, and Numba's disk cache does not see them change.
+# tests/test_cpu_kernels.py fails until this is the current digest. (A kernel cached before a
+# change of kernel_parts.py alone was loaded as it was: a mutation test of an intrinsic found it.)
+KERNEL_PARTS_DIGEST = "23f8f103e0ad6339"
+
+
+def parts_digest() -> str:
+    """The first 16 hex digits of kernel_parts.py's SHA-256 (its line ends as LF)."""
+    source = Path(__file__).with_name("kernel_parts.py").read_bytes().replace(b"\r\n", b"\n")
+    return hashlib.sha256(source).hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=None)
