@@ -1317,6 +1317,62 @@ def test_the_servers_shift_by_the_mean_of_signs_is_the_shift_by_the_mean_formed_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_servers_shift_by_the_mean_of_long_rand_k_uplinks_reads_their_bitmaps(dtype, monkeypatch):
+    """``memory.shift_by_mean`` over 2 to 4 Rand-K uplinks of at least d / 16 coordinates (M3's
+    uplink) adds them through their bitmaps (``cpu_kernels.marked_mean_added``), in several pieces,
+    with the bits of h + the mean of the stacked dense forms and of the index arrays' pass (the
+    bitmaps' ratio set out of reach): signed zeros in h and in the values, means that round to -0
+    onto h's -0, in place and not; the result is marked free of negative zeros exactly where it
+    holds none. Five uplinks take the index arrays."""
+    from common.algorithms.memory import shift_by_mean
+    from common.compressors.message import Message
+    from common.compressors.payloads import Dense, Sparse
+
+    monkeypatch.setattr(cpu_kernels, "_threads", lambda: 2)
+    monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 4096)
+    gen = torch.Generator().manual_seed(5)
+    d = 70_001
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # the smallest subnormal
+    ratio = indices.RANDK_MARKED_RATIO
+    calls = []
+    real = cpu_kernels.marked_mean_added
+    monkeypatch.setattr(cpu_kernels, "marked_mean_added", lambda *a: calls.append(real(*a)) or calls[-1])
+    for n in (2, 3, 4, 5):
+        for underflow in (False, True):
+            h = torch.randn(d, generator=gen, dtype=dtype) * 1e3
+            h[::9] = -0.0
+            c = build(f"randk:k={d // n}", dim=d, n_workers=n, seed=1)
+            uplinks = []
+            for i in range(n):
+                x = torch.randn(d, generator=gen, dtype=dtype) * 10.0 ** i
+                x[::5] = -0.0
+                p = c.compress(x, worker=i, step=2)
+                values = p.values.to_dense().clone()
+                if underflow:  # (t + 0) / n rounds to -0 where h holds -0: -0 + -0 stays -0
+                    values[torch.from_numpy(indices.randk_support(d, p.rule.count, p.rule.key) % 9 == 0)] = -tiny
+                uplinks.append(Message({"c": Sparse(d, Dense(values, dtype), None, p.rule, dtype)}))
+            mean = torch.stack([u.payloads["c"].to_dense() for u in uplinks]).mean(0)
+            clean = h.clone()
+            clean[::9] = 0.0
+            for start, owned in ((h, False), (h, True), (clean, True)):
+                want = (start + mean).view(torch.uint8)
+                for marked in (ratio, 1):
+                    monkeypatch.setattr(indices, "RANDK_MARKED_RATIO", marked)
+                    calls.clear()
+                    vector = start.clone()
+                    if start is clean:
+                        cpu_kernels.without_negative_zero.note(vector)  # then written in place
+                    got = shift_by_mean(vector, uplinks, "c", owned=owned)
+                    assert (got is vector) == (start is clean), (n, marked)
+                    assert (len(calls) == 1 and calls[0] is not None) == (marked == ratio and n <= 4), (n, marked)
+                    assert torch.equal(got.view(torch.uint8), want), (n, underflow, owned, marked)
+                    holds_no_negative_zero = not bool(((got == 0) & got.signbit()).any())
+                    assert cpu_kernels.without_negative_zero.holds(got) == holds_no_negative_zero
+                    assert holds_no_negative_zero != (underflow and start is h), (n, underflow)
+    monkeypatch.setattr(indices, "RANDK_MARKED_RATIO", ratio)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_servers_shift_by_the_mean_of_sparse_uplinks_is_the_shift_by_the_mean_formed_first(dtype):
     """``memory.shift_by_mean`` over Top-K and Rand-K uplinks (h + 0, then the mean merged on the union
     of the supports) gives the bits of ``shift(h, mean_of(...))`` for 2 to 4 uplinks: supports that

@@ -63,6 +63,7 @@ import contextvars
 import functools
 import hashlib
 import itertools
+import math
 import sys
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -978,6 +979,40 @@ def _kernels():
                     ob[index[q] - offset - b0] = t[q - first]
 
     @jit(error_model="numpy")
+    def marked_mean_added(h, words, values, at, zero, n, lowest_bit, out):
+        """``sparse_added``'s mean where each payload's support is a bitmap: out_i = h_i + (t_i + 0) / n,
+        t_i the payloads' values at coordinate i added in the payloads' order (the first one's value
+        itself), +0 where no bitmap holds i. ``h`` and ``out`` (which may be h) are the piece of
+        coordinates that ``words[k]`` (each the piece's words of payload k's bitmap) cover, and
+        ``at[k]`` is the index in values[k] of the piece's first set bit. A block at a time, while it
+        is in the cache: the sums go into a buffer, each bitmap's set bits read lowest first, then
+        one pass writes the block. Returns 1 if some out_i is -0 (only a sum on a support can be:
+        h_i + 0 is not), else 0."""
+        t = np.empty(BLOCK, h.dtype)
+        c = at.copy()
+        negative_zero = np.int32(0)
+        for b0 in range(0, h.size, BLOCK):
+            m = min(BLOCK, h.size - b0)
+            hb, ob = h[b0:b0 + m], out[b0:b0 + m]
+            t[:m] = zero
+            for k in range(len(words)):
+                bits, kept, a = words[k], values[k], c[k]
+                for w in range(b0 >> 6, (b0 + m + 63) >> 6):
+                    word = bits[w]
+                    while word != u64(0):
+                        low = word & (~word + u64(1))
+                        i = (np.int64(w) << 6) + lowest_bit[(low * u64(DE_BRUIJN)) >> u64(58)] - b0
+                        t[i] = kept[a] if k == 0 else t[i] + kept[a]
+                        a += 1
+                        word ^= low
+                c[k] = a
+            for i in range(m):
+                v = hb[i] + (t[i] + zero) / n
+                ob[i] = v
+                negative_zero = max(negative_zero, np.int32(v == zero and math.copysign(1.0, v) < 0.0))
+        return negative_zero
+
+    @jit(error_model="numpy")
     def mean_added_on_union(h, supports, values, offset, zero, n):
         """h_i += (t_i + 0) / n in place at each index offset + i that a support holds (t_i: the
         payloads' values there, added in the payloads' order, as ``sparse_added``'s mean), and
@@ -1512,7 +1547,7 @@ def _kernels():
             "pack_small": pack_small, "pack_words": pack_words, "pack_vectors": pack_vectors, "unpack_small": unpack_small, "unpack_words": unpack_words, "unpack_vectors": unpack_vectors, "dequantize": dequantize, "dequantize_stacked": dequantize_stacked, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
-            "descend": descend, "mean_descend": mean_descend, "signs_mean_added": signs_mean_added, "sparse_added": sparse_added, "mean_added_on_union": mean_added_on_union, "feistel": feistel, "ascending": ascending,
+            "descend": descend, "mean_descend": mean_descend, "signs_mean_added": signs_mean_added, "sparse_added": sparse_added, "marked_mean_added": marked_mean_added, "mean_added_on_union": mean_added_on_union, "feistel": feistel, "ascending": ascending,
             "mark": mark, "mark_rows_inverse": mark_rows_inverse, "mark_blocks_rows": mark_blocks_rows, "rotated_bits": rotated_bits, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
             "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write,
             "rice_read": rice_read, "pick_top": pick_top, "kth_largest_bits": kth_largest_bits,
@@ -2038,6 +2073,34 @@ def signs_mean_added(h: torch.Tensor, negatives: list[torch.Tensor], scales: lis
     _run(ha.size, 1, lambda a, b: kernels["signs_mean_added"](ha[a:b], tuple(f[a:b] for f in flags), values, zero, n,
                                                              cut - a, out[a:b]))
     return torch.from_numpy(out)
+
+
+def marked_mean_added(h: torch.Tensor, words: list[np.ndarray], values: list[torch.Tensor],
+                      inplace: bool = False) -> tuple[torch.Tensor, bool] | None:
+    """(h + the mean of sparse payloads whose supports are bitmaps of len(h) bits, whether the result
+    holds a -0) with the bits of ``sparse_mean_added`` (``marked_mean_added``): a new tensor, or h
+    itself with ``inplace``; one pass over h, the pieces in parallel, no index array. For 2..4
+    payloads (``MEAN_ROWS``); None otherwise, where ``_long_cpu_floats`` refuses h, or where a
+    payload's values are not a CPU vector of h's dtype as long as its bitmap's set bits."""
+    kernels = _long_cpu_floats((h,), MIN_CHUNK) if len(words) == len(values) else None
+    if (kernels is None or h.dim() != 1 or len(words) not in MEAN_ROWS
+            or any(w.size * 64 < h.numel() for w in words)):
+        return None
+    counts = [int(kernels["count_marked"](w)) for w in words]
+    if any(v.device.type != "cpu" or v.dtype != h.dtype or v.dim() != 1 or v.numel() != c for v, c in zip(values, counts)):
+        return None
+    ha = h.detach().numpy()
+    kept = tuple(v.contiguous().numpy() for v in values)
+    pieces = [(a // 64, -(-b // 64)) for a, b in _chunks(ha.size, 64)]
+    before = np.cumsum([[0] * len(words)] + [[int(kernels["count_marked"](w[a:b])) for w in words] for a, b in pieces[:-1]],
+                       axis=0).astype(np.int64)
+    if inplace:
+        _forget_marks(h)  # written through NumPy: torch's version counter does not move
+    out = ha if inplace else np.empty_like(ha)
+    kind = ha.dtype.type
+    bad = _run_pieces([(a, b, i) for i, (a, b) in enumerate(pieces)], lambda a, b, i: kernels["marked_mean_added"](
+        ha[64 * a:64 * b], tuple(w[a:b] for w in words), kept, before[i], kind(0.0), kind(len(words)), LOWEST_BIT, out[64 * a:64 * b]))
+    return (h if inplace else torch.from_numpy(out)), any(bad)
 
 
 def sparse_mean_added(h: torch.Tensor, supports: list[torch.Tensor], values: list[torch.Tensor],
