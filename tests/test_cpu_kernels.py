@@ -1322,8 +1322,9 @@ def test_the_servers_shift_by_the_mean_of_long_rand_k_uplinks_reads_their_bitmap
     uplink) adds them through their bitmaps (``cpu_kernels.marked_mean_added``), in several pieces,
     with the bits of h + the mean of the stacked dense forms and of the index arrays' pass (the
     bitmaps' ratio set out of reach): signed zeros in h and in the values, means that round to -0
-    onto h's -0, in place and not; the result is marked free of negative zeros exactly where it
-    holds none. Five uplinks take the index arrays."""
+    onto h's -0, in place wherever the caller owns h (the index arrays' pass only where h is marked
+    free of -0) and not; a vector written in place loses its marks, and the result is marked free of
+    negative zeros exactly where it holds none. Five uplinks take the index arrays."""
     from common.algorithms.memory import shift_by_mean
     from common.compressors.message import Message
     from common.compressors.payloads import Dense, Sparse
@@ -1361,15 +1362,25 @@ def test_the_servers_shift_by_the_mean_of_long_rand_k_uplinks_reads_their_bitmap
                     calls.clear()
                     vector = start.clone()
                     if start is clean:
-                        cpu_kernels.without_negative_zero.note(vector)  # then written in place
+                        cpu_kernels.without_negative_zero.note(vector)  # then the index arrays' pass writes in place too
+                    cpu_kernels._finite.note(vector)
                     got = shift_by_mean(vector, uplinks, "c", owned=owned)
-                    assert (got is vector) == (start is clean), (n, marked)
+                    bitmaps = marked == ratio and n <= 4
+                    assert (got is vector) == (owned if bitmaps else start is clean), (n, marked)
+                    assert got is not vector or not cpu_kernels.known_finite(got)  # written: its marks dropped
                     assert (len(calls) == 1 and calls[0] is not None) == (marked == ratio and n <= 4), (n, marked)
                     assert torch.equal(got.view(torch.uint8), want), (n, underflow, owned, marked)
                     holds_no_negative_zero = not bool(((got == 0) & got.signbit()).any())
                     assert cpu_kernels.without_negative_zero.holds(got) == holds_no_negative_zero
                     assert holds_no_negative_zero != (underflow and start is h), (n, underflow)
     monkeypatch.setattr(indices, "RANDK_MARKED_RATIO", ratio)
+    rules = [u.payloads["c"].rule for u in uplinks[:2]]
+    words = [indices.randk_marked(d, r.count, r.key) for r in rules]
+    values = [u.payloads["c"].values.to_dense() for u in uplinks[:2]]
+    kept, _ = real(h, words, values)
+    mixed, _ = real(h, [words[0], words[1].copy()], values)  # a writable bitmap beside a kept, read-only one
+    assert torch.equal(kept.view(torch.uint8), mixed.view(torch.uint8))
+    assert real(h, [words[0], words[1].view(np.int64)], values) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

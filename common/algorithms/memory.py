@@ -58,6 +58,9 @@ def shift_by_mean(h: torch.Tensor, uplinks, name: str, owned: bool = False) -> t
     union of the supports (``cpu_kernels.sparse_mean_added``), and with ``owned`` (h is the caller's
     own state, as in ``shift``) where h holds no negative zero, the union of the supports alone,
     written into h: O(n k) instead of a pass over d (EF21's server at d = 1e7, two Top-1% uplinks).
+    For 2 to 4 uplinks whose supports all come as bitmaps (long Rand-K: M3's uplink), the same sums
+    in one pass over h that reads the bitmaps (``cpu_kernels.marked_mean_added``), into h where
+    the caller owns it.
     The result is marked as free of negative zeros where it is (``cpu_kernels.without_negative_zero``:
     off the supports h_i + 0 never is; on them only h_i = -0 can give one, which an unmarked h's
     result is read for, O(n k)), so that the next round's shift takes that way. Perm-K's blocks keep the dense mean, whose forms come
@@ -75,7 +78,7 @@ def shift_by_mean(h: torch.Tensor, uplinks, name: str, owned: bool = False) -> t
     elif all(isinstance(p, Sparse) and (p.indices is not None or p.rule.kind == "randk")
              and p.dtype == h.dtype and p.dim == h.numel() for p in payloads):
         clean = cpu_kernels.without_negative_zero.holds(h)
-        fused = _shifted_through_bitmaps(h, payloads, owned and clean) if few else None
+        fused = _shifted_through_bitmaps(h, payloads, owned) if few else None
         if fused is not None:
             return fused
         supports = [p.support(h.device) for p in payloads]
@@ -94,10 +97,17 @@ def _shifted_through_bitmaps(h: torch.Tensor, payloads, inplace: bool) -> torch.
     ``indices.marked_support``) in one pass without index arrays (``cpu_kernels.marked_mean_added``:
     the bits of ``sparse_mean_added``), marked free of negative zeros where the pass saw none; None
     where a support has no bitmap. An M3 server at d = 1e7 with 4 workers drew, copied and read
-    four index arrays of d/4 entries a step for the other way."""
-    marked = [None if p.indices is not None else index_sets.marked_support(p.rule) for p in payloads]
-    if any(m is None for m in marked):
+    four index arrays of d/4 entries a step for the other way. The pass writes every coordinate, so
+    ``inplace`` (the caller owns h) needs no mark on h. No bitmap is drawn where the pass cannot
+    run: h on another device or of another dtype, a payload with its indices sent."""
+    if (h.device.type != "cpu" or h.dtype not in cpu_kernels.MARKED_DTYPES or not h.is_contiguous()
+            or any(p.indices is not None for p in payloads)):
         return None
+    marked = []
+    for p in payloads:
+        marked.append(index_sets.marked_support(p.rule))
+        if marked[-1] is None:
+            return None
     done = cpu_kernels.marked_mean_added(h, [m[0] for m in marked], [p.values.to_dense().to(h.dtype) for p in payloads], inplace)
     if done is None:
         return None

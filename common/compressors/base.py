@@ -143,7 +143,7 @@ class Compressor:
     def compress_difference(self, target: torch.Tensor, h: torch.Tensor, worker: int = 0, step: int = 0):
         """``compress(target - h, worker, step)``: the sender's Markov message (``memory``). A
         compressor whose pass can read the difference as it goes, without forming it, implements
-        ``_compress_difference`` (the scaled sign, Top-K): its inputs are checked as ``compress``
+        ``_compress_difference`` (the scaled sign, Top-K, a long Rand-K; identity): its inputs are checked as ``compress``
         checks x, and where it returns None the difference is formed; the payload is the same."""
         if type(self)._compress_difference is not Compressor._compress_difference:
             self._check_shape(target)

@@ -78,13 +78,22 @@ from common.compressors.draws import GOLDEN, MIX1, MIX2
 # its intrinsics and helpers are compiled into them, and Numba's disk cache does not see them change.
 # tests/test_cpu_kernels.py fails until this is the current digest. (A kernel cached before a
 # change of kernel_parts.py alone was loaded as it was: a mutation test of an intrinsic found it.)
-KERNEL_PARTS_DIGEST = "23f8f103e0ad6339"
+KERNEL_PARTS_DIGEST = "f373420e70db82cb"
 
 
 def parts_digest() -> str:
     """The first 16 hex digits of kernel_parts.py's SHA-256 (its line ends as LF)."""
     source = Path(__file__).with_name("kernel_parts.py").read_bytes().replace(b"\r\n", b"\n")
     return hashlib.sha256(source).hexdigest()[:16]
+
+
+def _parts_current() -> bool:
+    """Whether kernel_parts.py is the one ``KERNEL_PARTS_DIGEST`` names (True where it cannot be read
+    as a file: then nothing here can tell)."""
+    try:
+        return parts_digest() == KERNEL_PARTS_DIGEST
+    except OSError:
+        return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,12 +108,16 @@ def _kernels():
     golden, mix1, mix2 = u64(GOLDEN), u64(MIX1), u64(MIX2)
     BIG = np.int64(2**62)  # no code (an empty piece's minimum)
 
+    cache = _parts_current()
+
     def jit(**options):
         """Compiled without the GIL and cached on disk; without the cache where no folder is writable
-        (a read-only install), since Numba refuses to decorate a cached function there."""
+        (a read-only install), since Numba refuses to decorate a cached function there, and where
+        kernel_parts.py is not the one ``KERNEL_PARTS_DIGEST`` names (a cached kernel would hold
+        the older parts)."""
         def decorate(fn):
             try:
-                return numba.njit(cache=True, nogil=True, **options)(fn)
+                return numba.njit(cache=cache, nogil=True, **options)(fn)
             except RuntimeError:
                 return numba.njit(nogil=True, **options)(fn)
         return decorate
@@ -2084,8 +2097,11 @@ def marked_mean_added(h: torch.Tensor, words: list[np.ndarray], values: list[tor
     payload's values are not a CPU vector of h's dtype as long as its bitmap's set bits."""
     kernels = _long_cpu_floats((h,), MIN_CHUNK) if len(words) == len(values) else None
     if (kernels is None or h.dim() != 1 or len(words) not in MEAN_ROWS
-            or any(w.size * 64 < h.numel() for w in words)):
+            or any(w.dtype != np.uint64 or w.ndim != 1 or w.size * 64 < h.numel() for w in words)):
         return None
+    words = [w.view() for w in words]
+    for w in words:
+        w.setflags(write=False)  # one array type for the kernel's tuple (the kept bitmaps are read-only)
     counts = [int(kernels["count_marked"](w)) for w in words]
     if any(v.device.type != "cpu" or v.dtype != h.dtype or v.dim() != 1 or v.numel() != c for v, c in zip(values, counts)):
         return None

@@ -14,9 +14,10 @@ This module imports Numba; ``cpu_kernels`` imports it only where Numba is presen
 these pieces as attributes of this module, not as variables of their closure: Numba keys its disk
 cache on a pickle of a kernel's closure, and an intrinsic or a compiled function pickles with an
 identifier that is new in every process, so every process would have compiled the kernel again.
-Numba checks a cached kernel against its own file's stamp only, not against this module's: after
-editing a piece here alone, clear ``common/compressors/__pycache__/*.nbi`` and ``*.nbc`` (an install
-rewrites both files, which does it).
+Numba checks a cached kernel against a hash of its own file's content only, not against this
+module's: after editing a piece here, set ``cpu_kernels.KERNEL_PARTS_DIGEST`` to this file's new
+digest (tests/test_cpu_kernels.py fails and names it until then; until then the kernels compile
+without their disk cache).
 
 ``stack_like``: a loop that reads a table through an index it computes (a gather) and stores into
 output arrays is kept scalar by the compiler when the table is an argument, since nothing tells it
