@@ -72,13 +72,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.compressors.draws import GOLDEN, MIX1, MIX2
+from common.compressors.draws import GOLDEN
 
 # The digest of kernel_parts.py (``parts_digest``) that the kernels here were last compiled against:
 # its intrinsics and helpers are compiled into them, and Numba's disk cache does not see them change.
 # tests/test_cpu_kernels.py fails until this is the current digest. (A kernel cached before a
 # change of kernel_parts.py alone was loaded as it was: a mutation test of an intrinsic found it.)
-KERNEL_PARTS_DIGEST = "f373420e70db82cb"
+KERNEL_PARTS_DIGEST = "f6b754de77b9f61b"
 
 
 def parts_digest() -> str:
@@ -105,7 +105,7 @@ def _kernels():
     except ImportError:
         return None
     u64 = np.uint64
-    golden, mix1, mix2 = u64(GOLDEN), u64(MIX1), u64(MIX2)
+    golden = u64(GOLDEN)
     BIG = np.int64(2**62)  # no code (an empty piece's minimum)
 
     cache = _parts_current()
@@ -437,10 +437,7 @@ def _kernels():
             lo = levels[k]
             hi = levels[k + 1]
             if stochastic:
-                z = key + u64(first + i + 1) * golden
-                z = (z ^ (z >> u64(30))) * mix1
-                z = (z ^ (z >> u64(27))) * mix2
-                z = z ^ (z >> u64(31))
+                z = kernel_parts.splitmix(key + u64(first + i + 1) * golden)
                 gap = hi - lo
                 up = np.int64(np.float64(np.int64(z >> u64(11))) < (t - lo) / gap * scale) | np.int64(gap <= 0)
             else:
@@ -1519,18 +1516,12 @@ def _kernels():
             while (np.int64(1) << b) < s:
                 b += 1
             mask = (u64(1) << u64(b)) - u64(1)
-            z = key + u64(c + 1) * golden
-            z = (z ^ (z >> u64(30))) * mix1
-            z = (z ^ (z >> u64(27))) * mix2
-            chunk_key = z ^ (z >> u64(31))
+            chunk_key = kernel_parts.splitmix(key + u64(c + 1) * golden)
             taken = np.int64(0)
             j = u64(0)
             while taken < wanted:
                 j += u64(1)
-                z = chunk_key + j * golden
-                z = (z ^ (z >> u64(30))) * mix1
-                z = (z ^ (z >> u64(27))) * mix2
-                z = z ^ (z >> u64(31))
+                z = kernel_parts.splitmix(chunk_key + j * golden)
                 for q in range(4):
                     v = np.int64((z >> u64(16 * q)) & mask)
                     if v < s:
@@ -2102,14 +2093,14 @@ def marked_mean_added(h: torch.Tensor, words: list[np.ndarray], values: list[tor
     words = [w.view() for w in words]
     for w in words:
         w.setflags(write=False)  # one array type for the kernel's tuple (the kept bitmaps are read-only)
-    counts = [int(kernels["count_marked"](w)) for w in words]
-    if any(v.device.type != "cpu" or v.dtype != h.dtype or v.dim() != 1 or v.numel() != c for v, c in zip(values, counts)):
+    pieces = [(a // 64, -(-b // 64)) for a, b in _chunks(h.numel(), 64)]
+    per_piece = np.array([[kernels["count_marked"](w[a:b]) for w in words] for a, b in pieces], dtype=np.int64)
+    before = np.cumsum(per_piece, axis=0) - per_piece  # each bitmap's set bits before each piece
+    if any(v.device.type != "cpu" or v.dtype != h.dtype or v.dim() != 1 or v.numel() != c
+           for v, c in zip(values, per_piece.sum(axis=0))):
         return None
     ha = h.detach().numpy()
     kept = tuple(v.contiguous().numpy() for v in values)
-    pieces = [(a // 64, -(-b // 64)) for a, b in _chunks(ha.size, 64)]
-    before = np.cumsum([[0] * len(words)] + [[int(kernels["count_marked"](w[a:b])) for w in words] for a, b in pieces[:-1]],
-                       axis=0).astype(np.int64)
     if inplace:
         _forget_marks(h)  # written through NumPy: torch's version counter does not move
     out = ha if inplace else np.empty_like(ha)
