@@ -241,6 +241,57 @@ def test_tables_of_one_level_a_binade_read_from_the_stack_give_the_torch_codes(t
         assert cpu_kernels.quantize(y, levels, 0, key, stochastic)[3] is False
 
 
+@pytest.mark.parametrize("table", [LevelTable("exp", 3.0, 4), LevelTable("exp", 3.0, 2), LevelTable("exp", 1.5, 7),
+                                   LevelTable("exp", 1.1, 15), LevelTable("exp", 2.5, 15)])
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_small_tables_counted_in_registers_give_the_torch_codes(table, stochastic, monkeypatch):
+    """Tables of at most 16 levels (``quantize_small32``: t's code is the number of levels it reaches):
+    the torch version's codes on every level, its float32 neighbours, subnormal t, zeros, values
+    above the top level, the span, in pieces whose lengths are not multiples of 16 (the last group's
+    lanes past the end are neither stored nor counted), and the flag of an inf or NaN."""
+    monkeypatch.setattr(cpu_kernels, "SMALL_TOP_WITH_WINDOWS", 15)  # base 2.5's 15 levels too
+    levels = table.values(torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(int(table.base * 10) + table.s)
+    exact = levels[torch.randint(0, levels.numel(), (20_000,), generator=gen)]
+    t = torch.cat([torch.rand(100_003, generator=gen), torch.exp(torch.empty(50_000).uniform_(-100.0, 2.0, generator=gen)),
+                   exact, torch.nextafter(exact, torch.tensor(float("inf"))), torch.nextafter(exact, torch.tensor(0.0)),
+                   torch.tensor([0.0, 1e-45, 3e-40, 1.1e-38, 3e38]), torch.rand(5_001, generator=gen) * 1e-38])
+    t = t[torch.randperm(t.numel(), generator=gen)]
+    x = torch.where(torch.rand(t.numel(), generator=gen) < 0.5, -t, t)
+    x[7] = -0.0
+    key = 0x0123_4567_89AB_CDEF
+    used = []
+    small = cpu_kernels._kernels()["small32"]
+    monkeypatch.setitem(cpu_kernels._kernels(), "small32", lambda *a: used.append(1) or small(*a))
+    monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1 << 14)  # several pieces, each with its draws
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for n in (x.numel(), 4096 * 3 + 13, 37, 5):
+            negative, codes, span, finite = cpu_kernels.quantize(x[:n], levels, 0, key, stochastic)
+            want = rounding.stochastic_codes(x[:n].abs(), table, levels, key if stochastic else None)
+            assert torch.equal(negative, x[:n] < 0) and torch.equal(codes, want), n
+            wide = want.long()
+            nonzero = wide[wide > 0]
+            assert span == (int(wide.min()), int(wide.max()), int(nonzero.min()) if nonzero.numel() else -1), n
+            assert finite is True
+        for bad in (float("nan"), -float("inf")):
+            y = x[:4096 * 3 + 13].clone()
+            y[-3] = bad
+            assert cpu_kernels.quantize(y, levels, 0, key, stochastic)[3] is False
+    finally:
+        torch.set_num_threads(before)
+    assert used
+    # a short vector whose codes are all above 0: the lanes past its end (t = 0, code 0) are not counted,
+    # and the codes after it are not written
+    padded = cpu_kernels.small_levels(levels.numpy().tobytes())
+    high = torch.full((37,), float(levels[-1]) * 0.99)
+    out = np.full(48, 0xAB, dtype=np.uint8)
+    neg = np.empty(37, dtype=np.bool_)
+    span = small(high.numpy(), 0, np.float32(1.0), padded, levels.numel() - 1, np.uint64(key), stochastic, neg, out[:37])
+    assert int(span[0]) == int(out[:37].min()) > 0 and (out[37:] == 0xAB).all()
+
+
 @pytest.mark.parametrize("spec", ["natural", "natdither:s=2,p=inf", "qsgd:s=16", "ternary", "exprounding:base=3"])
 def test_packed_codes_and_decoded_vector_match_the_torch_codec(spec, monkeypatch):
     x = _awkward(torch.float32, 30_011)

@@ -338,6 +338,96 @@ def compress_found(typingctx, x, minus, start, mask, first, out, values, at):
     return types.void(x, minus, start, mask, first, out, values, at), codegen
 
 
+SMALL_TOP = 15  # the largest table (codes 0 .. SMALL_TOP) that ``small_table_codes`` reads from registers
+
+
+@intrinsic
+def small_table_codes(typingctx, t, halves, m, levels, top, stochastic, codes, span):
+    """The codes of t[0:m] (t >= 0, float32) against a table of top + 1 <= ``SMALL_TOP`` + 1 ascending
+    levels, 16 coordinates at a time in vector registers, stored into codes[0:m] (uint8); ``span``
+    (int32: least, most, smallest nonzero code, and 1 where a t is inf or NaN) takes them in.
+
+    t's lower code k is the number of the levels l_1 .. l_(top-1) that are <= t (the largest level
+    <= t, clamped to [0, top - 1], as ``rounding.lower_level``), and lo and hi are l_k and l_(k+1),
+    selected as the comparisons go: no table read, no gather, and exact for every t, subnormal ones
+    included (the binade lookups need a second look there). Then ``pair_code``'s test, the same
+    float32 operations in the same order: up with probability (t - lo) / gap from the draw's 24 low
+    bits of ``halves`` (``stochastic``; up where the gap is 0), else to the nearer level (ties down).
+    ``levels`` holds ``SMALL_TOP`` + 1 entries (the ones past ``top`` are not read by the loop but
+    loaded once); ``halves`` and t are read in whole groups of 16 (entries past m mean nothing), and
+    codes past m are not written. The loop is emitted once for each table size, so that the
+    comparisons are unrolled and the levels stay in registers. Plain LLVM vector operations: lowers
+    on any target."""
+    if not (isinstance(t, types.Array) and t.dtype == types.float32 and isinstance(halves, types.Array)
+            and halves.dtype == types.uint32 and isinstance(levels, types.Array) and levels.dtype == types.float32
+            and isinstance(codes, types.Array) and codes.dtype == types.uint8 and isinstance(span, types.Array)
+            and span.dtype == types.int32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        f32, i32, i64, i8, i1 = ir.FloatType(), ir.IntType(32), ir.IntType(64), ir.IntType(8), ir.IntType(1)
+        floats, ints, narrow, lanes = (ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(i8, 16),
+                                       ir.VectorType(i1, 16))
+        t_data, half_data, level_data, code_data, span_data = (
+            context.make_array(signature.args[k])(context, builder, args[k]).data for k in (0, 1, 3, 6, 7))
+        count = context.cast(builder, args[2], signature.args[2], types.int64)
+        groups = builder.udiv(builder.add(count, ir.Constant(i64, 15)), ir.Constant(i64, 16))
+        top_value = context.cast(builder, args[4], signature.args[4], types.int64)
+        drawing = _splat(builder, context.cast(builder, args[5], signature.args[5], types.boolean), lanes)
+        ints_of = lambda value: _splat(builder, ir.Constant(i32, value), ints)
+        levels_v = [_splat(builder, builder.load(builder.gep(level_data, [ir.Constant(i64, i)])), floats)
+                    for i in range(SMALL_TOP + 1)]
+        low_bits, scale, zero = ints_of(0xFFFFFF), _splat(builder, ir.Constant(f32, 16777216.0), floats), ir.Constant(floats, [0.0] * 16)
+        none, lane = ints_of(2**30), ir.Constant(ints, list(range(16)))
+        store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [narrow, narrow.as_pointer(), i32, lanes]),
+                                               "llvm.masked.store.v16i8.p0")
+        least, most, nonzero, bad = (cgutils.alloca_once_value(builder, v) for v in (none, ints_of(-1), none, ints_of(0)))
+
+        def keep(target, value, op):
+            old = builder.load(target)
+            builder.store(builder.select(builder.icmp_signed(op, value, old), value, old), target)
+
+        def loop(size):
+            with cgutils.for_range(builder, groups) as group:
+                at = builder.mul(group.index, ir.Constant(i64, 16))
+                tv = builder.load(builder.bitcast(builder.gep(t_data, [at]), floats.as_pointer()), align=4)
+                k, lo, hi = ir.Constant(ints, [0] * 16), levels_v[0], levels_v[1]
+                for i in range(1, size):
+                    reached = builder.fcmp_ordered(">=", tv, levels_v[i])
+                    k = builder.sub(k, builder.sext(reached, ints))
+                    lo, hi = builder.select(reached, levels_v[i], lo), builder.select(reached, levels_v[i + 1], hi)
+                num, gap = builder.fsub(tv, lo), builder.fsub(hi, lo)
+                half = builder.load(builder.bitcast(builder.gep(half_data, [at]), ints.as_pointer()), align=4)
+                drawn = builder.uitofp(builder.and_(half, low_bits), floats)
+                up_drawn = builder.or_(builder.fcmp_ordered("<", drawn, builder.fmul(builder.fdiv(num, gap), scale)),
+                                       builder.fcmp_ordered("<=", gap, zero))
+                nearer = builder.fcmp_ordered(">", num, builder.fsub(hi, tv))
+                code = builder.add(k, builder.zext(builder.select(drawing, up_drawn, nearer), ints))
+                live = builder.icmp_signed("<", lane, _splat(builder, builder.trunc(builder.sub(count, at), i32), ints))
+                builder.call(store, [builder.trunc(code, narrow), builder.bitcast(builder.gep(code_data, [at]), narrow.as_pointer()),
+                                     ir.Constant(i32, 1), live])
+                fields = builder.and_(builder.lshr(builder.bitcast(tv, ints), ints_of(23)), ints_of(0xFF))
+                special = builder.and_(live, builder.icmp_unsigned("==", fields, ints_of(0xFF)))
+                builder.store(builder.or_(builder.load(bad), builder.zext(special, ints)), bad)
+                keep(least, builder.select(live, code, none), "<")
+                keep(most, builder.select(live, code, ints_of(-1)), ">")
+                keep(nonzero, builder.select(builder.and_(live, builder.icmp_signed("!=", code, ints_of(0))), code, none), "<")
+
+        for size in range(1, SMALL_TOP + 1):
+            with builder.if_then(builder.icmp_signed("==", top_value, ir.Constant(i64, size))):
+                loop(size)
+        for slot, (target, name) in enumerate(((least, "smin"), (most, "smax"), (nonzero, "smin"), (bad, "or"))):
+            reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [ints]), f"llvm.vector.reduce.{name}.v16i32")
+            value, at = builder.call(reduce, [builder.load(target)]), builder.gep(span_data, [ir.Constant(i64, slot)])
+            old = builder.load(at)
+            merged = (builder.or_(value, old) if name == "or" else
+                      builder.select(builder.icmp_signed(">" if name == "smax" else "<", value, old), value, old))
+            builder.store(merged, at)
+        return context.get_dummy_value()
+
+    return types.void(t, halves, m, levels, top, stochastic, codes, span), codegen
+
+
 BINADES = 256  # float32 exponent fields: entries of each row of ``window_pairs``'s tables
 WINDOW = 32  # fields a window holds: two vectors of 16 entries, which one two-source permutation reads
 
