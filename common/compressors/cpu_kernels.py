@@ -78,7 +78,7 @@ from common.compressors.draws import GOLDEN
 # its intrinsics and helpers are compiled into them, and Numba's disk cache does not see them change.
 # tests/test_cpu_kernels.py fails until this is the current digest. (A kernel cached before a
 # change of kernel_parts.py alone was loaded as it was: a mutation test of an intrinsic found it.)
-KERNEL_PARTS_DIGEST = "ac32c85b2e1a863d"
+KERNEL_PARTS_DIGEST = "de18822f834fee72"
 
 
 def parts_digest() -> str:
@@ -294,7 +294,7 @@ def _kernels():
 
     # Tables of at most 16 levels (dithering with s <= 15) in float32: t's lower code is the number of
     # levels it reaches, counted 16 coordinates at a time with the levels in registers, and the code,
-    # the uint8 store, the span and the finiteness flag follow in the same registers
+    # the uint8 store, the codes met and the finiteness flag follow in the same registers
     # (``kernel_parts.small_table_codes``): no lookup, no window, no second look at subnormal t. The
     # same codes as the tables' kernels. One thread at d = 1e7, base-3 dithering with s = 4:
     # 10.9 -> 9.7 ms against the windows; base 1.5 with s = 7 (binades of several levels, which the
@@ -305,14 +305,17 @@ def _kernels():
         n = x.size
         halves = np.zeros(BLOCK, np.uint32)
         t = np.zeros(BLOCK, np.float32)  # (the last block's last group reads past its end)
-        none = np.int32(2**30)
-        span = np.array([none, -1, none, 0], np.int32)  # least, most, smallest nonzero, a t inf or NaN
+        met = np.int64(0)  # bit c: a code c; bit 16: a t inf or NaN
         for b0 in range(0, n, BLOCK):
             m = min(BLOCK, n - b0)
             kernel_parts.block_start(x[b0:b0 + m], divisor, key, first + b0, stochastic, neg[b0:b0 + m], t, halves)
-            kernel_parts.small_table_codes(t, halves, m, levels, top, stochastic, codes[b0:b0 + m], span)
-        least, most, nonzero = span[0], span[1], span[2]
-        return (np.int64(least) if most >= 0 else BIG), np.int64(most), (np.int64(nonzero) if nonzero != none else BIG), span[3]
+            met |= kernel_parts.small_table_codes(t, halves, m, levels, top, stochastic, codes[b0:b0 + m])
+        least, most, nonzero = BIG, np.int64(-1), BIG
+        for c in range(16):
+            if (met >> c) & 1:
+                least, most = min(least, np.int64(c)), np.int64(c)
+                nonzero = min(nonzero, np.int64(c) if c > 0 else BIG)
+        return least, most, nonzero, np.int32((met >> 16) & 1)
 
     # Uniform tables (QSGD, ternary) in float32: l_k = k / s, so the levels come from arithmetic
     # instead of table reads, and each block is one loop that the compiler vectorizes (a gather from

@@ -342,10 +342,10 @@ SMALL_TOP = 15  # the largest table (codes 0 .. SMALL_TOP) that ``small_table_co
 
 
 @intrinsic
-def small_table_codes(typingctx, t, halves, m, levels, top, stochastic, codes, span):
+def small_table_codes(typingctx, t, halves, m, levels, top, stochastic, codes):
     """The codes of t[0:m] (t >= 0, float32) against a table of top + 1 <= ``SMALL_TOP`` + 1 ascending
-    levels, 16 coordinates at a time in vector registers, stored into codes[0:m] (uint8); ``span``
-    (int32: least, most, smallest nonzero code, and 1 where a t is inf or NaN) takes them in.
+    levels, 16 coordinates at a time in vector registers, stored into codes[0:m] (uint8). Returns the
+    codes met as bits (bit c: some coordinate has code c), with bit 16 set where a t is inf or NaN.
 
     t's lower code k is the number of the levels l_1 .. l_(top-1) that are <= t (the largest level
     <= t, clamped to [0, top - 1], as ``rounding.lower_level``), and lo and hi are l_k and l_(k+1),
@@ -353,79 +353,76 @@ def small_table_codes(typingctx, t, halves, m, levels, top, stochastic, codes, s
     included (the binade lookups need a second look there). Then ``pair_code``'s test, the same
     float32 operations in the same order: up with probability (t - lo) / gap from the draw's 24 low
     bits of ``halves`` (``stochastic``; up where the gap is 0), else to the nearer level (ties down).
-    ``levels`` holds ``SMALL_TOP`` + 1 entries (the ones past ``top`` are not read by the loop but
-    loaded once); ``halves`` and t are read in whole groups of 16 (entries past m mean nothing), and
-    codes past m are not written. The loop is emitted once for each table size, so that the
-    comparisons are unrolled and the levels stay in registers. Plain LLVM vector operations: lowers
-    on any target."""
+    The codes met are ORed as one-hot words (two operations a group, where a minimum, a maximum and
+    a smallest nonzero code took nine). ``levels`` holds ``SMALL_TOP`` + 1 entries (the ones past
+    ``top`` are loaded once and not read); the last group of a length that is not a multiple of 16
+    reads whole groups of t and ``halves`` (entries past m mean nothing) and stores and counts its
+    live lanes only. The loop is emitted once for each table size, so that the comparisons are
+    unrolled and the levels stay in registers. Plain LLVM vector operations: lowers on any target."""
     if not (isinstance(t, types.Array) and t.dtype == types.float32 and isinstance(halves, types.Array)
             and halves.dtype == types.uint32 and isinstance(levels, types.Array) and levels.dtype == types.float32
-            and isinstance(codes, types.Array) and codes.dtype == types.uint8 and isinstance(span, types.Array)
-            and span.dtype == types.int32):
+            and isinstance(codes, types.Array) and codes.dtype == types.uint8):
         return None
 
     def codegen(context, builder, signature, args):
         f32, i32, i64, i8, i1 = ir.FloatType(), ir.IntType(32), ir.IntType(64), ir.IntType(8), ir.IntType(1)
         floats, ints, narrow, lanes = (ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(i8, 16),
                                        ir.VectorType(i1, 16))
-        t_data, half_data, level_data, code_data, span_data = (
-            context.make_array(signature.args[k])(context, builder, args[k]).data for k in (0, 1, 3, 6, 7))
+        t_data, half_data, level_data, code_data = (
+            context.make_array(signature.args[k])(context, builder, args[k]).data for k in (0, 1, 3, 6))
         count = context.cast(builder, args[2], signature.args[2], types.int64)
-        groups = builder.udiv(builder.add(count, ir.Constant(i64, 15)), ir.Constant(i64, 16))
+        full = builder.udiv(count, ir.Constant(i64, 16))
         top_value = context.cast(builder, args[4], signature.args[4], types.int64)
         drawing = _splat(builder, context.cast(builder, args[5], signature.args[5], types.boolean), lanes)
         ints_of = lambda value: _splat(builder, ir.Constant(i32, value), ints)
         levels_v = [_splat(builder, builder.load(builder.gep(level_data, [ir.Constant(i64, i)])), floats)
                     for i in range(SMALL_TOP + 1)]
-        low_bits, scale, zero = ints_of(0xFFFFFF), _splat(builder, ir.Constant(f32, 16777216.0), floats), ir.Constant(floats, [0.0] * 16)
-        none, lane = ints_of(2**30), ir.Constant(ints, list(range(16)))
+        low_bits, scale = ints_of(0xFFFFFF), _splat(builder, ir.Constant(f32, 16777216.0), floats)
+        zero, infinity = ir.Constant(floats, [0.0] * 16), _splat(builder, ir.Constant(f32, float("inf")), floats)
+        one, special_bit, no_bits = ints_of(1), ints_of(1 << 16), ints_of(0)
         store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [narrow, narrow.as_pointer(), i32, lanes]),
                                                "llvm.masked.store.v16i8.p0")
-        least, most, nonzero, bad = (cgutils.alloca_once_value(builder, v) for v in (none, ints_of(-1), none, ints_of(0)))
+        met = cgutils.alloca_once_value(builder, no_bits)
 
-        def keep(target, value, op):
-            old = builder.load(target)
-            builder.store(builder.select(builder.icmp_signed(op, value, old), value, old), target)
+        def group(size, at, live):
+            tv = builder.load(builder.bitcast(builder.gep(t_data, [at]), floats.as_pointer()), align=4)
+            k, lo, hi = ir.Constant(ints, [0] * 16), levels_v[0], levels_v[1]
+            for i in range(1, size):
+                reached = builder.fcmp_ordered(">=", tv, levels_v[i])
+                k = builder.sub(k, builder.sext(reached, ints))
+                lo, hi = builder.select(reached, levels_v[i], lo), builder.select(reached, levels_v[i + 1], hi)
+            num, gap = builder.fsub(tv, lo), builder.fsub(hi, lo)
+            half = builder.load(builder.bitcast(builder.gep(half_data, [at]), ints.as_pointer()), align=4)
+            drawn = builder.uitofp(builder.and_(half, low_bits), floats)
+            up_drawn = builder.or_(builder.fcmp_ordered("<", drawn, builder.fmul(builder.fdiv(num, gap), scale)),
+                                   builder.fcmp_ordered("<=", gap, zero))
+            nearer = builder.fcmp_ordered(">", num, builder.fsub(hi, tv))
+            code = builder.add(k, builder.zext(builder.select(drawing, up_drawn, nearer), ints))
+            target = builder.bitcast(builder.gep(code_data, [at]), narrow.as_pointer())
+            bits = builder.or_(builder.shl(one, code),
+                               builder.select(builder.fcmp_unordered(">=", tv, infinity), special_bit, no_bits))
+            if live is None:
+                builder.store(builder.trunc(code, narrow), target, align=1)
+            else:
+                builder.call(store, [builder.trunc(code, narrow), target, ir.Constant(i32, 1), live])
+                bits = builder.select(live, bits, no_bits)
+            builder.store(builder.or_(builder.load(met), bits), met)
 
-        def loop(size):
-            with cgutils.for_range(builder, groups) as group:
-                at = builder.mul(group.index, ir.Constant(i64, 16))
-                tv = builder.load(builder.bitcast(builder.gep(t_data, [at]), floats.as_pointer()), align=4)
-                k, lo, hi = ir.Constant(ints, [0] * 16), levels_v[0], levels_v[1]
-                for i in range(1, size):
-                    reached = builder.fcmp_ordered(">=", tv, levels_v[i])
-                    k = builder.sub(k, builder.sext(reached, ints))
-                    lo, hi = builder.select(reached, levels_v[i], lo), builder.select(reached, levels_v[i + 1], hi)
-                num, gap = builder.fsub(tv, lo), builder.fsub(hi, lo)
-                half = builder.load(builder.bitcast(builder.gep(half_data, [at]), ints.as_pointer()), align=4)
-                drawn = builder.uitofp(builder.and_(half, low_bits), floats)
-                up_drawn = builder.or_(builder.fcmp_ordered("<", drawn, builder.fmul(builder.fdiv(num, gap), scale)),
-                                       builder.fcmp_ordered("<=", gap, zero))
-                nearer = builder.fcmp_ordered(">", num, builder.fsub(hi, tv))
-                code = builder.add(k, builder.zext(builder.select(drawing, up_drawn, nearer), ints))
-                live = builder.icmp_signed("<", lane, _splat(builder, builder.trunc(builder.sub(count, at), i32), ints))
-                builder.call(store, [builder.trunc(code, narrow), builder.bitcast(builder.gep(code_data, [at]), narrow.as_pointer()),
-                                     ir.Constant(i32, 1), live])
-                fields = builder.and_(builder.lshr(builder.bitcast(tv, ints), ints_of(23)), ints_of(0xFF))
-                special = builder.and_(live, builder.icmp_unsigned("==", fields, ints_of(0xFF)))
-                builder.store(builder.or_(builder.load(bad), builder.zext(special, ints)), bad)
-                keep(least, builder.select(live, code, none), "<")
-                keep(most, builder.select(live, code, ints_of(-1)), ">")
-                keep(nonzero, builder.select(builder.and_(live, builder.icmp_signed("!=", code, ints_of(0))), code, none), "<")
+        def codes_of(size):
+            with cgutils.for_range(builder, full) as loop:
+                group(size, builder.mul(loop.index, ir.Constant(i64, 16)), None)
+            at = builder.mul(full, ir.Constant(i64, 16))
+            with builder.if_then(builder.icmp_signed("<", at, count)):
+                lane = ir.Constant(ints, list(range(16)))
+                group(size, at, builder.icmp_signed("<", lane, _splat(builder, builder.trunc(builder.sub(count, at), i32), ints)))
 
         for size in range(1, SMALL_TOP + 1):
             with builder.if_then(builder.icmp_signed("==", top_value, ir.Constant(i64, size))):
-                loop(size)
-        for slot, (target, name) in enumerate(((least, "smin"), (most, "smax"), (nonzero, "smin"), (bad, "or"))):
-            reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [ints]), f"llvm.vector.reduce.{name}.v16i32")
-            value, at = builder.call(reduce, [builder.load(target)]), builder.gep(span_data, [ir.Constant(i64, slot)])
-            old = builder.load(at)
-            merged = (builder.or_(value, old) if name == "or" else
-                      builder.select(builder.icmp_signed(">" if name == "smax" else "<", value, old), value, old))
-            builder.store(merged, at)
-        return context.get_dummy_value()
+                codes_of(size)
+        reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [ints]), "llvm.vector.reduce.or.v16i32")
+        return builder.zext(builder.call(reduce, [builder.load(met)]), i64)
 
-    return types.void(t, halves, m, levels, top, stochastic, codes, span), codegen
+    return types.int64(t, halves, m, levels, top, stochastic, codes), codegen
 
 
 BINADES = 256  # float32 exponent fields: entries of each row of ``window_pairs``'s tables
