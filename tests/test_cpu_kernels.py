@@ -241,7 +241,7 @@ def test_tables_of_one_level_a_binade_read_from_the_stack_give_the_torch_codes(t
         assert cpu_kernels.quantize(y, levels, 0, key, stochastic)[3] is False
 
 
-@pytest.mark.parametrize("table", [LevelTable("exp", 3.0, 4), LevelTable("exp", 3.0, 2), LevelTable("exp", 1.5, 7),
+@pytest.mark.parametrize("table", [LevelTable("exp", 3.0, 4), LevelTable("exp", 3.0, 2), LevelTable("exp", 2.0, 2), LevelTable("exp", 1.5, 7),
                                    LevelTable("exp", 1.1, 15), LevelTable("exp", 2.5, 15)])
 @pytest.mark.parametrize("stochastic", [True, False])
 def test_small_tables_counted_in_registers_give_the_torch_codes(table, stochastic, monkeypatch):
@@ -249,7 +249,7 @@ def test_small_tables_counted_in_registers_give_the_torch_codes(table, stochasti
     the torch version's codes on every level, its float32 neighbours, subnormal t, zeros, values
     above the top level, the span, in pieces whose lengths are not multiples of 16 (the last group's
     lanes past the end are neither stored nor counted), and the flag of an inf or NaN."""
-    monkeypatch.setattr(cpu_kernels, "SMALL_TOP_WITH_WINDOWS", 15)  # base 2.5's 15 levels too
+    monkeypatch.setattr(cpu_kernels, "SMALL_TOP_OVER_WINDOWS", 15)  # base 2.5's 15 levels too
     levels = table.values(torch.float32, "cpu")
     gen = torch.Generator().manual_seed(int(table.base * 10) + table.s)
     exact = levels[torch.randint(0, levels.numel(), (20_000,), generator=gen)]

@@ -1593,14 +1593,32 @@ MIN_CHUNK = 1 << 18  # coordinates below which a second thread costs more than i
 # fixed cost (about 8 us) is most of it. ``descend`` alone (x - lr g: two torch operations) gains
 # nothing below MIN_CHUNK and starts there.
 MIN_COMPILED = 1 << 15
-# Tables of one level at most a binade whose top (codes 0 .. top) is at most this go to
-# ``quantize_small32`` where the host has AVX-512; larger ones to the windows, whose cost does not
-# grow with the table. One thread at d = 1e7 (AMD Zen 4), windows -> small kernel: base-3 dithering
-# s = 4 11.2 -> 10.3 ms, s = 6 10.9 -> 11.1, s = 15 10.9 -> 15.6. Every other table of at most 16
-# levels goes to the small kernel: compiled for AVX2 (``NUMBA_CPU_NAME=haswell``) the gathers took
-# 27.8 / 27.6 / 22.0 ms where it takes 10.0 / 11.2 / 16.4, and tables with binades of several levels
-# (bases below 2), which the general loop scans, 112-171 ms where it takes 11-15.
-SMALL_TOP_WITH_WINDOWS = 5
+# The float32 tables that ``quantize_small32`` takes (its comparisons grow with the table, where the
+# windows' and the powers-of-two kernel's cost does not): any of at most 16 levels whose binades hold
+# several levels (bases below 2, which the general loop scans: 112-171 ms on one thread at d = 1e7,
+# against 11-15) or, where the host lacks AVX-512, that would be gathered (compiled for AVX2 with
+# ``NUMBA_CPU_NAME=haswell``: base-3 dithering s = 4 / 6 / 15 27.8 / 27.6 / 22.0 ms against 10.0 / 11.2 /
+# 16.4); tables of one level a binade up to SMALL_TOP_OVER_WINDOWS, and of powers of two up to
+# SMALL_TOP_OVER_POWERS. One thread at d = 1e7 on AMD Zen 4, two alternating runs, routed -> small
+# kernel, ms: base-3 dithering s = 6 11.4 / 10.9 -> 10.2 / 9.5, s = 8 11.1 / 10.9 -> 11.3 / 10.6, s = 11
+# 11.1 / 10.4 -> 12.6 / 11.8; natural dithering s = 2 9.4 / 8.6 -> 7.9 / 7.2, s = 4 9.6 / 8.6 -> 9.0 /
+# 8.3, s = 8 9.6 / 8.6 -> 11.3 / 10.5.
+SMALL_TOP_OVER_WINDOWS = 7
+SMALL_TOP_OVER_POWERS = 3
+
+
+def _small_table_pays(top: int, scan: int, powers: bool) -> bool:
+    """Whether a float32 table with codes 0 .. ``top`` goes to ``quantize_small32`` (see
+    ``SMALL_TOP_OVER_WINDOWS``); ``scan`` as ``binade_starts``, ``powers``: levels 0 and powers of two."""
+    from common.compressors import kernel_parts  # (imports Numba: only where the kernels exist)
+
+    if top > kernel_parts.SMALL_TOP:
+        return False
+    if powers:
+        return top <= SMALL_TOP_OVER_POWERS
+    return scan == 2 or top <= SMALL_TOP_OVER_WINDOWS or not vector_compress()
+
+
 STACKED_TABLE = 2048  # entries of a signed level table that ``dequantize`` copies onto its stack (16 KB of float64)
 PIECES_PER_THREAD = 4  # pieces of a long vector per thread (see ``_chunks``)
 MEAN_ROWS = range(2, 5)  # rows that ``mean_descend`` averages by a running sum (where that is torch's mean)
@@ -1766,8 +1784,6 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
     kernels = _kernels()
     if kernels is None:
         return None
-    from common.compressors import kernel_parts  # (imports Numba, which is present here)
-
     work = levels.dtype
     np_work = np.float32 if work == torch.float32 else np.float64
     xs = x.detach().contiguous()
@@ -1791,18 +1807,17 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
 
         def piece(a, b):  # levels computed as k / s
             return uniform(flat[a:b], a, div, s, power_of_two, draws_key, rounding, neg[a:b], codes[a:b])
+    elif np_work == np.float32 and uniform_s == 0 and _small_table_pays(top, scan, powers is not None):
+        small, padded = kernels["small32"], small_levels(lv.tobytes())
+
+        def piece(a, b):  # at most 16 levels, counted in registers
+            return small(flat[a:b], a, div, padded, top, draws_key, rounding, neg[a:b], codes[a:b])
     elif powers is not None:
         binary, (c, fixups) = kernels["powers32"], powers
 
         def piece(a, b):  # levels 0 and powers of two, read off the exponent
             return binary(flat[a:b], a, div, c, top, fixups, lv, starts, draws_key, rounding,
                           neg[a:b], codes[a:b])
-    elif np_work == np.float32 and uniform_s == 0 and top <= kernel_parts.SMALL_TOP and (
-            top <= SMALL_TOP_WITH_WINDOWS or scan == 2 or not vector_compress()):
-        small, padded = kernels["small32"], small_levels(lv.tobytes())
-
-        def piece(a, b):  # at most 16 levels, counted in registers
-            return small(flat[a:b], a, div, padded, top, draws_key, rounding, neg[a:b], codes[a:b])
     elif np_work == np.float32 and uniform_s == 0 and scan < 2 and vector_compress():
         windowed, pairs, windows = kernels["pairs32_windowed"], binade_pairs(lv.tobytes()), binade_windows(lv.tobytes())
 
