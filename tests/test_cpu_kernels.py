@@ -286,10 +286,49 @@ def test_small_tables_counted_in_registers_give_the_torch_codes(table, stochasti
     # and the codes after it are not written
     padded = cpu_kernels.small_levels(levels.numpy().tobytes())
     high = torch.full((37,), float(levels[-1]) * 0.99)
+    high[1::3] *= -1
     out = np.full(48, 0xAB, dtype=np.uint8)
-    neg = np.empty(37, dtype=np.bool_)
-    least = small(high.numpy(), 0, np.float32(1.0), padded, levels.numel() - 1, np.uint64(key), stochastic, neg, out[:37])[0]
+    signs = np.full(6, 0xCD, dtype=np.uint8)
+    least = small(high.numpy(), 0, np.float32(1.0), padded, levels.numel() - 1, np.uint64(key), stochastic, signs[:5], out[:37])[0]
     assert int(least) == int(out[:37].min()) > 0 and (out[37:] == 0xAB).all()
+    assert np.array_equal(signs[:5], np.packbits((high < 0).numpy(), bitorder="little")) and signs[5] == 0xCD
+
+
+@pytest.mark.parametrize("n", [1, 37, 4096 * 3 + 13, 1 << 18, (1 << 18) + 5])
+def test_the_small_kernel_writes_the_sign_frame(n, monkeypatch):
+    """With ``sign_bits`` the small-table kernel's x < 0 is the wire's sign frame (little-endian bits,
+    zero padding; -0 and NaN are not below 0), over pieces in threads; without it, the flags. A
+    dithering payload that holds the bitmap encodes to the frames of the same payload with flags,
+    and decodes to the same vector; a bitmap of the wrong length or with padding bits set is refused."""
+    monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1 << 14)
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=gen)
+    x[:3] = torch.tensor([-0.0, float("nan"), -1e-40])[:n]
+    levels = LevelTable("exp", 3.0, 4).values(torch.float32, "cpu")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        bits, codes, _, _ = cpu_kernels.quantize(x, levels, 0, 99, True, torch.tensor(50.0), sign_bits=True)
+        flags, same_codes, _, _ = cpu_kernels.quantize(x, levels, 0, 99, True, torch.tensor(50.0))
+    finally:
+        torch.set_num_threads(before)
+    assert bits.dtype == torch.uint8 and np.array_equal(bits.numpy(), np.packbits((x < 0).numpy(), bitorder="little"))
+    assert torch.equal(flags, x < 0) and torch.equal(codes, same_codes)
+    if n < 64:
+        return
+    c = build("expdither:base=3,s=4,p=2", n, 4, seed=1)
+    p = c.compress(x.nan_to_num(), worker=1, step=2)
+    assert p.signs.dtype == torch.uint8 and torch.equal(p.negative, x.nan_to_num() < 0)
+    with_flags = dataclasses.replace(p, signs=p.negative.clone())
+    assert [bytes(f) for f in encode(p)] == [bytes(f) for f in encode(with_flags)]
+    assert torch.equal(c.decompress(decode(encode(p))), with_flags.to_dense())
+    with pytest.raises(WireError, match="sign bitmap"):
+        encode(dataclasses.replace(p, signs=p.signs[:-1]))
+    if n % 8:
+        tail = p.signs.clone()
+        tail[-1] |= 0x80
+        with pytest.raises(WireError, match="padding"):
+            encode(dataclasses.replace(p, signs=tail))
 
 
 @pytest.mark.parametrize("spec", ["natural", "natdither:s=2,p=inf", "qsgd:s=16", "ternary", "exprounding:base=3"])

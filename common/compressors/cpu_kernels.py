@@ -301,15 +301,27 @@ def _kernels():
     # general loop above scans): 108 -> 11 ms. ``levels``: ``small_levels``.
 
     @jit(error_model="numpy")
-    def quantize_small32(x, first, divisor, levels, top, key, stochastic, neg, codes):
+    def quantize_small32(x, first, divisor, levels, top, key, stochastic, signs, codes):
+        """``signs``: x < 0 as a bitmap (``common.wire.bitpack``'s layout, the padding bits 0), byte g
+        for coordinates 8 g .. 8 g + 7 of x: each block's flags are written into a scratch in the
+        cache and packed 8 to a byte by one multiply (the wire's sign frame, without a vector of
+        flags written and read back)."""
         n = x.size
         halves = np.zeros(BLOCK, np.uint32)
         t = np.zeros(BLOCK, np.float32)  # (the last block's last group reads past its end)
+        negative = np.zeros(BLOCK, np.bool_)
+        words = negative.view(np.uint64)
         met = np.int64(0)  # bit c: a code c; bit 16: a t inf or NaN
         for b0 in range(0, n, BLOCK):
             m = min(BLOCK, n - b0)
-            kernel_parts.block_start(x[b0:b0 + m], divisor, key, first + b0, stochastic, neg[b0:b0 + m], t, halves)
+            kernel_parts.block_start(x[b0:b0 + m], divisor, key, first + b0, stochastic, negative[:m], t, halves)
             met |= kernel_parts.small_table_codes(t, halves, m, levels, top, stochastic, codes[b0:b0 + m])
+            at = b0 // 8
+            for g in range(m // 8):  # byte k of a word is flag k: the multiply moves it to bit 56 + k
+                signs[at + g] = np.uint8(((words[g] & u64(0x0101010101010101)) * u64(0x0102040810204080)) >> u64(56))
+            if m % 8:  # the vector's last byte: the flags past its end are stale
+                live = words[m // 8] & ((u64(1) << u64(8 * (m % 8))) - u64(1))
+                signs[at + m // 8] = np.uint8(((live & u64(0x0101010101010101)) * u64(0x0102040810204080)) >> u64(56))
         least, most, nonzero = BIG, np.int64(-1), BIG
         for c in range(16):
             if (met >> c) & 1:
@@ -1769,10 +1781,13 @@ def _pool_of(workers: int) -> ThreadPoolExecutor:
 
 
 def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, stochastic: bool,
-             divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int], bool] | None:
+             divisor: torch.Tensor | None = None, sign_bits: bool = False,
+             ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int], bool] | None:
     """(x < 0, codes, (min, max, smallest nonzero code or -1), whether every x_i is finite) for a CPU
     vector ``x`` against ``levels`` (float32 or float64: the arithmetic dtype), or None when Numba is
-    missing. The encoder uses the code range to choose the field width (no second pass over the
+    missing. x < 0 comes as bool flags of x's shape; with ``sign_bits``, where the kernel writes them
+    so (``quantize_small32``), as their bitmap instead (a uint8 tensor of ceil(n / 8) bytes in
+    ``common.wire.bitpack``'s layout, the sign frame of the wire). The encoder uses the code range to choose the field width (no second pass over the
     codes); exponential rounding raises for a NaN or inf from the flag, which the pass computes as
     it reads x (no pass of its own; the codes of such an x mean nothing). The flag is read where it
     costs nothing: by the kernels of power-of-two levels and of one level a binade (with a divisor
@@ -1793,13 +1808,17 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
     lv = levels.contiguous().numpy()
     top = len(lv) - 1
     starts, crowded, scan = binade_starts(lv.tobytes(), np_work)
-    neg = np.empty(flat.size, dtype=np.bool_)
     from common.compressors.payloads import code_dtype  # (payloads imports this module)
 
     codes = torch.empty(flat.size, dtype=code_dtype(top)).numpy()
     div = np_work(1.0 if divisor is None else float(divisor))
     draws_key, rounding = np.uint64(key), bool(stochastic)
     powers = power_levels(lv.tobytes()) if np_work == np.float32 and uniform_s == 0 else None
+    small_table = np_work == np.float32 and uniform_s == 0 and _small_table_pays(top, scan, powers is not None)
+    # x < 0 as flags, or as the small kernel's bitmap, whose pieces start at a multiple of 64 (a whole
+    # byte of it); the others' at an even coordinate (2p and 2p + 1 share an output of the draws)
+    neg = np.empty(0 if small_table else flat.size, dtype=np.bool_)
+    signs, align = (np.empty((flat.size + 7) // 8, dtype=np.uint8), 64) if small_table else (None, 2)
 
     if np_work == np.float32 and uniform_s > 0 and uniform_levels_are_quotients(lv.tobytes(), int(uniform_s)):
         uniform, s = kernels["uniform32"], int(uniform_s)
@@ -1807,11 +1826,11 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
 
         def piece(a, b):  # levels computed as k / s
             return uniform(flat[a:b], a, div, s, power_of_two, draws_key, rounding, neg[a:b], codes[a:b])
-    elif np_work == np.float32 and uniform_s == 0 and _small_table_pays(top, scan, powers is not None):
+    elif small_table:
         small, padded = kernels["small32"], small_levels(lv.tobytes())
 
-        def piece(a, b):  # at most 16 levels, counted in registers
-            return small(flat[a:b], a, div, padded, top, draws_key, rounding, neg[a:b], codes[a:b])
+        def piece(a, b):  # at most 16 levels, counted in registers; a is a multiple of 64: byte a / 8
+            return small(flat[a:b], a, div, padded, top, draws_key, rounding, signs[a // 8:(b + 7) // 8], codes[a:b])
     elif powers is not None:
         binary, (c, fixups) = kernels["powers32"], powers
 
@@ -1841,10 +1860,15 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
             return table(flat[a:b], a, div, int(uniform_s), starts, crowded, scan, lv, top, draws_key,
                          rounding, neg[a:b], codes[a:b])
 
-    pieces = _run(flat.size, 2, piece)
+    pieces = _run(flat.size, align, piece)
     flags = [int(p[3]) for p in pieces]  # 1: a NaN or inf, 0: none, -1: not read
     finite = None if min(flags) < 0 else not any(flags)
-    return torch.from_numpy(neg).view(x.shape), torch.from_numpy(codes).view(x.shape), _span(pieces), finite
+    if signs is not None:
+        negative = (torch.from_numpy(signs) if sign_bits else
+                    torch.from_numpy(np.unpackbits(signs, count=flat.size, bitorder="little").view(np.bool_)).view(x.shape))
+    else:
+        negative = torch.from_numpy(neg).view(x.shape)
+    return negative, torch.from_numpy(codes).view(x.shape), _span(pieces), finite
 
 
 def _span(pieces) -> tuple[int, int, int]:

@@ -69,8 +69,8 @@ class _Dither(Compressor):
             self._check_finite(x)
         levels = self.table.values(compute_dtype(x.dtype), x.device)
         divisor = norm.to(levels.dtype).clamp_min(torch.finfo(torch.float32).tiny)
-        negative, codes, span, _ = quantize(x, self.table, levels, key.code, divisor)  # (x checked by its norm)
-        return Quantized(self.table, negative, codes, norm, x.dtype, span)
+        signs, codes, span, _ = quantize(x, self.table, levels, key.code, divisor, sign_bits=True)  # (x checked by its norm)
+        return Quantized(self.table, signs, codes, norm, x.dtype, span)
 
 
 P_PARAM = Param("p", float, 2.0, lambda v: v >= 1, "a number >= 1 or inf", "the norm the levels are relative to")

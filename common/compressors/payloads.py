@@ -200,7 +200,9 @@ def code_dtype(top: int) -> torch.dtype:
 @dataclass(frozen=True, eq=False)
 class Quantized:
     table: LevelTable
-    negative: torch.Tensor  # bool
+    # x < 0: bool flags of the codes' shape, or (from the CPU quantizer's small-table kernel) their
+    # bitmap, a uint8 tensor of ceil(n / 8) bytes in the wire's layout, which the encoder sends as is
+    signs: torch.Tensor
     codes: torch.Tensor  # integer codes into table
     norm: torch.Tensor | None  # 0-d float32, or None when the levels are absolute
     dtype: torch.dtype
@@ -209,6 +211,19 @@ class Quantized:
     @property
     def dim(self) -> int:
         return self.codes.numel()
+
+    @property
+    def negative(self) -> torch.Tensor:
+        """x < 0 as bool flags of the codes' shape; unpacked from the bitmap (once) where the payload
+        holds one: a sender that only encodes its payload never writes the flags."""
+        if self.signs.dtype == torch.bool:
+            return self.signs
+        flags = self.__dict__.get("_flags")
+        if flags is None:
+            bits = np.unpackbits(self.signs.numpy(), count=self.codes.numel(), bitorder="little")
+            flags = torch.from_numpy(bits.view(np.bool_)).view(self.codes.shape)
+            object.__setattr__(self, "_flags", flags)
+        return flags
 
     def to_dense(self) -> torch.Tensor:
         """sign_i * level[code_i] (* norm): one gather from the 2L signed values

@@ -70,16 +70,18 @@ def stochastic_codes(t: torch.Tensor, table: LevelTable, levels: torch.Tensor, k
 
 
 def quantize(x: torch.Tensor, table: LevelTable, levels: torch.Tensor, key: int | None,
-             divisor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, tuple | None, bool | None]:
+             divisor: torch.Tensor | None = None, sign_bits: bool = False,
+             ) -> tuple[torch.Tensor, torch.Tensor, tuple | None, bool | None]:
     """(x < 0, codes, code span or None, whether x is finite or None) of t = |x| (/ ``divisor``)
     against ``levels`` (in the arithmetic dtype): one compiled pass on the CPU (``cpu_kernels``, which
     also returns the codes' (min, max, smallest nonzero) for the encoder and whether every x_i was
     finite), the vectorized torch version elsewhere (span and finiteness unknown: None); both give
-    the same codes from the same draws."""
+    the same codes from the same draws. x < 0 as bool flags, or with ``sign_bits`` possibly as their
+    bitmap (``Quantized.signs``)."""
     x = x.detach()
     uniform_s = table.s if table.kind == "uniform" else 0
     if x.device.type == "cpu":
-        out = cpu_kernels.quantize(x, levels, uniform_s, 0 if key is None else key, key is not None, divisor)
+        out = cpu_kernels.quantize(x, levels, uniform_s, 0 if key is None else key, key is not None, divisor, sign_bits)
         if out is not None:
             return out
     t = x.abs().to(levels.dtype)

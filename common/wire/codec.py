@@ -205,11 +205,9 @@ def _enc_quantized(p: Quantized, out: list) -> list:
         raise WireError(f"Quantized: unknown level table kind {table.kind!r}")
     if table.dtype_name not in DTYPE_NAMES:
         raise WireError(f"Quantized: level table dtype {table.dtype_name!r} cannot be encoded")
-    neg = _flat(p.negative, "Quantized", "negative")
     codes = _flat(p.codes, "Quantized", "codes")
     n = codes.numel()
-    if neg.numel() != n:
-        raise WireError(f"Quantized: {neg.numel()} signs for {n} codes")
+    signs = _sign_frame(p, n)
     top = len(table) - 1
     mode, offset, width = PLAIN, 0, 0
     if n:
@@ -227,13 +225,29 @@ def _enc_quantized(p: Quantized, out: list) -> list:
     packed = cpu_kernels.pack_codes(codes, minus, clamp, width)
     if packed is None:
         packed = bitpack.pack(_fields(codes, minus, clamp, torch.uint8 if width <= 8 else torch.int64), width)
-    out.append(bitpack.pack(neg, 1))
+    out.append(signs)
     out.append(packed)
     norm = None if p.norm is None else _scalar_bits(p.norm, "Quantized", "norm")
     return [
         QUANTIZED, _dtype_code(p.dtype, "Quantized"), n, TABLE_KINDS.index(table.kind), _number(table.base),
         int(table.s), DTYPE_NAMES.index(table.dtype_name), norm, mode, offset, width,
     ]
+
+
+def _sign_frame(p: Quantized, n: int) -> torch.Tensor:
+    """The sign frame of a Quantized payload of n codes: its bitmap as it is where the quantizer wrote
+    one (checked for length and zero padding bits, as the decoder checks them), else its flags packed."""
+    if p.signs.dtype == torch.uint8:
+        bits = _flat(p.signs, "Quantized", "sign bitmap")
+        if bits.device.type != "cpu" or bits.numel() != (n + 7) // 8:
+            raise WireError(f"Quantized: a sign bitmap of {bits.numel()} bytes for {n} codes")
+        if n % 8 and int(bits[-1]) >> (n % 8):
+            raise WireError("Quantized: nonzero padding bits after the last sign")
+        return bits
+    neg = _flat(p.signs, "Quantized", "negative")
+    if neg.numel() != n:
+        raise WireError(f"Quantized: {neg.numel()} signs for {n} codes")
+    return bitpack.pack(neg, 1)
 
 
 def _smallest_nonzero(codes: torch.Tensor) -> int:
