@@ -294,29 +294,42 @@ def test_small_tables_counted_in_registers_give_the_torch_codes(table, stochasti
     assert np.array_equal(signs[:5], np.packbits((high < 0).numpy(), bitorder="little")) and signs[5] == 0xCD
 
 
-@pytest.mark.parametrize("n", [1, 37, 4096 * 3 + 13, 1 << 18, (1 << 18) + 5])
-def test_the_small_kernel_writes_the_sign_frame(n, monkeypatch):
-    """With ``sign_bits`` the small-table kernel's x < 0 is the wire's sign frame (little-endian bits,
-    zero padding; -0 and NaN are not below 0), over pieces in threads; without it, the flags. A
-    dithering payload that holds the bitmap encodes to the frames of the same payload with flags,
-    and decodes to the same vector; a bitmap of the wrong length or with padding bits set is refused."""
+SIGN_FRAME_TABLES = {  # a table for each float32 kernel: small, uniform, powers of two, windows (or pairs), any
+    "small": (LevelTable("exp", 3.0, 4), 50.0, "expdither:base=3,s=4,p=2"),
+    "uniform": (LevelTable("uniform", 1.0, 16), 50.0, "qsgd:s=16"),
+    "powers": (LevelTable("rounding", 2.0, dtype_name="float32"), None, "natural"),
+    "windows": (LevelTable("rounding", 3.0, dtype_name="float32"), None, "exprounding:base=3"),
+    "any": (LevelTable("rounding", 1.5, dtype_name="float32"), None, "exprounding:base=1.5"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SIGN_FRAME_TABLES))
+@pytest.mark.parametrize("n", [1, 37, 4096 * 3 + 13, (1 << 18) + 5])
+def test_the_float32_kernels_write_the_sign_frame(kind, n, monkeypatch):
+    """With ``sign_bits`` a float32 kernel's x < 0 is the wire's sign frame (little-endian bits, zero
+    padding; -0 and NaN are not below 0), over pieces in threads; without it, the flags. A payload
+    that holds the bitmap encodes to the frames of the same payload with flags, and decodes to the
+    same vector; a bitmap of the wrong length or with padding bits set is refused."""
+    table, norm, spec = SIGN_FRAME_TABLES[kind]
     monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1 << 14)
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(n, generator=gen)
     x[:3] = torch.tensor([-0.0, float("nan"), -1e-40])[:n]
-    levels = LevelTable("exp", 3.0, 4).values(torch.float32, "cpu")
+    levels = table.values(torch.float32, "cpu")
+    uniform_s = table.s if table.kind == "uniform" else 0
+    divisor = None if norm is None else torch.tensor(norm)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        bits, codes, _, _ = cpu_kernels.quantize(x, levels, 0, 99, True, torch.tensor(50.0), sign_bits=True)
-        flags, same_codes, _, _ = cpu_kernels.quantize(x, levels, 0, 99, True, torch.tensor(50.0))
+        bits, codes, _, _ = cpu_kernels.quantize(x, levels, uniform_s, 99, True, divisor, sign_bits=True)
+        flags, same_codes, _, _ = cpu_kernels.quantize(x, levels, uniform_s, 99, True, divisor)
     finally:
         torch.set_num_threads(before)
     assert bits.dtype == torch.uint8 and np.array_equal(bits.numpy(), np.packbits((x < 0).numpy(), bitorder="little"))
     assert torch.equal(flags, x < 0) and torch.equal(codes, same_codes)
     if n < 64:
         return
-    c = build("expdither:base=3,s=4,p=2", n, 4, seed=1)
+    c = build(spec, n, 4, seed=1)
     p = c.compress(x.nan_to_num(), worker=1, step=2)
     assert p.signs.dtype == torch.uint8 and torch.equal(p.negative, x.nan_to_num() < 0)
     with_flags = dataclasses.replace(p, signs=p.negative.clone())

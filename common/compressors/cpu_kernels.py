@@ -78,7 +78,7 @@ from common.compressors.draws import GOLDEN
 # its intrinsics and helpers are compiled into them, and Numba's disk cache does not see them change.
 # tests/test_cpu_kernels.py fails until this is the current digest. (A kernel cached before a
 # change of kernel_parts.py alone was loaded as it was: a mutation test of an intrinsic found it.)
-KERNEL_PARTS_DIGEST = "de18822f834fee72"
+KERNEL_PARTS_DIGEST = "882ce57ae28b20b1"
 
 
 def parts_digest() -> str:
@@ -136,7 +136,7 @@ def _kernels():
     # uniform tables whose levels are not the quotients k / s).
 
     @jit(error_model="numpy")
-    def quantize32(x, first, divisor, uniform_s, starts, crowded, levels, top, key, stochastic, neg, codes):
+    def quantize32(x, first, divisor, uniform_s, starts, crowded, levels, top, key, stochastic, signs, codes):
         scale = np.float32(16777216.0)  # 2^24
         s = np.float32(uniform_s)
         one = u64(1)
@@ -146,14 +146,16 @@ def _kernels():
         den = np.empty(BLOCK, np.float32)
         low = np.empty(BLOCK, np.int64)
         halves = np.zeros(BLOCK, np.uint32)  # the draws' 32-bit halves, coordinate by coordinate
+        nb = np.zeros(BLOCK, np.bool_)  # x < 0, packed into ``signs`` block by block
         least, most, nonzero = BIG, np.int64(-1), BIG
         for b0 in range(0, n, BLOCK):
             m = min(BLOCK, n - b0)
-            xb, nb, cb = x[b0:b0 + m], neg[b0:b0 + m], codes[b0:b0 + m]  # (x[b0 + j] was not vectorized)
+            xb, cb = x[b0:b0 + m], codes[b0:b0 + m]  # (x[b0 + j] was not vectorized)
             for j in range(m):
                 v = xb[j]
                 nb[j] = v < 0
                 t[j] = np.float32(abs(v) / divisor)  # divisor 1 (exact) when there is no norm
+            kernel_parts.pack_signs(nb, m, signs, b0 // 8)
             fields = t.view(np.uint32)  # exponent fields (the mask keeps a NaN of either sign in the table)
             if uniform_s == 0:
                 for j in range(m):
@@ -206,7 +208,7 @@ def _kernels():
 
     @jit(error_model="numpy")
     def quantize_pairs32(x, first, divisor, above, pair_codes, pair_lo, pair_hi, levels, scan, top, key, stochastic,
-                         neg, codes):
+                         signs, codes):
         n = x.size
         over = kernel_parts.stack_like(256, above)
         code_of, low_of, high_of = kernel_parts.stack_like(512, pair_codes), kernel_parts.stack_like(512, pair_lo), kernel_parts.stack_like(512, pair_hi)
@@ -215,6 +217,7 @@ def _kernels():
         for i in range(512):
             code_of[i], low_of[i], high_of[i] = pair_codes[i], pair_lo[i], pair_hi[i]
         halves = np.zeros(BLOCK, np.uint32)
+        nb = np.zeros(BLOCK, np.bool_)  # x < 0, packed into ``signs`` block by block
         t = np.empty(BLOCK, np.float32)
         fields = t.view(np.uint32)
         none = np.int32(2**30)
@@ -222,8 +225,9 @@ def _kernels():
         bad = np.int32(0)  # 1 where a t is inf or NaN: its exponent field is all ones
         for b0 in range(0, n, BLOCK):
             m = min(BLOCK, n - b0)
-            xb, nb, cb = x[b0:b0 + m], neg[b0:b0 + m], codes[b0:b0 + m]
-            kernel_parts.block_start(xb, divisor, key, first + b0, stochastic, nb, t, halves)
+            xb, cb = x[b0:b0 + m], codes[b0:b0 + m]
+            kernel_parts.block_start(xb, divisor, key, first + b0, stochastic, nb[:m], t, halves)
+            kernel_parts.pack_signs(nb, m, signs, b0 // 8)
             redo = np.int32(0)
             lmin, lmax, lnz = none, np.int32(-1), none
             for j in range(m):
@@ -251,9 +255,10 @@ def _kernels():
 
     @jit(error_model="numpy")
     def quantize_pairs32_windowed(x, first, divisor, above, pair_codes, pair_lo, pair_hi, windows, levels, scan, top,
-                                  key, stochastic, neg, codes):
+                                  key, stochastic, signs, codes):
         n = x.size
         halves = np.zeros(BLOCK, np.uint32)
+        nb = np.zeros(BLOCK, np.bool_)  # x < 0, packed into ``signs`` block by block
         t = np.zeros(BLOCK, np.float32)  # (the last block's groups read past its end: zeros, not NaN)
         fields = t.view(np.uint32)
         lows, highs, lower = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.int32)
@@ -263,8 +268,9 @@ def _kernels():
         bad = np.int32(0)
         for b0 in range(0, n, BLOCK):
             m = min(BLOCK, n - b0)
-            xb, nb, cb = x[b0:b0 + m], neg[b0:b0 + m], codes[b0:b0 + m]
-            kernel_parts.block_start(xb, divisor, key, first + b0, stochastic, nb, t, halves)
+            xb, cb = x[b0:b0 + m], codes[b0:b0 + m]
+            kernel_parts.block_start(xb, divisor, key, first + b0, stochastic, nb[:m], t, halves)
+            kernel_parts.pack_signs(nb, m, signs, b0 // 8)
             highest = np.uint32(0)
             for j in range(m):
                 highest = max(highest, (fields[j] >> np.uint32(23)) & np.uint32(0xFF))
@@ -302,26 +308,16 @@ def _kernels():
 
     @jit(error_model="numpy")
     def quantize_small32(x, first, divisor, levels, top, key, stochastic, signs, codes):
-        """``signs``: x < 0 as a bitmap (``common.wire.bitpack``'s layout, the padding bits 0), byte g
-        for coordinates 8 g .. 8 g + 7 of x: each block's flags are written into a scratch in the
-        cache and packed 8 to a byte by one multiply (the wire's sign frame, without a vector of
-        flags written and read back)."""
         n = x.size
         halves = np.zeros(BLOCK, np.uint32)
         t = np.zeros(BLOCK, np.float32)  # (the last block's last group reads past its end)
-        negative = np.zeros(BLOCK, np.bool_)
-        words = negative.view(np.uint64)
+        nb = np.zeros(BLOCK, np.bool_)  # x < 0, packed into ``signs`` block by block
         met = np.int64(0)  # bit c: a code c; bit 16: a t inf or NaN
         for b0 in range(0, n, BLOCK):
             m = min(BLOCK, n - b0)
-            kernel_parts.block_start(x[b0:b0 + m], divisor, key, first + b0, stochastic, negative[:m], t, halves)
+            kernel_parts.block_start(x[b0:b0 + m], divisor, key, first + b0, stochastic, nb[:m], t, halves)
+            kernel_parts.pack_signs(nb, m, signs, b0 // 8)
             met |= kernel_parts.small_table_codes(t, halves, m, levels, top, stochastic, codes[b0:b0 + m])
-            at = b0 // 8
-            for g in range(m // 8):  # byte k of a word is flag k: the multiply moves it to bit 56 + k
-                signs[at + g] = np.uint8(((words[g] & u64(0x0101010101010101)) * u64(0x0102040810204080)) >> u64(56))
-            if m % 8:  # the vector's last byte: the flags past its end are stale
-                live = words[m // 8] & ((u64(1) << u64(8 * (m % 8))) - u64(1))
-                signs[at + m // 8] = np.uint8(((live & u64(0x0101010101010101)) * u64(0x0102040810204080)) >> u64(56))
         least, most, nonzero = BIG, np.int64(-1), BIG
         for c in range(16):
             if (met >> c) & 1:
@@ -342,18 +338,19 @@ def _kernels():
     # closure instead is not found in Numba's disk cache (see ``kernel_parts``).
 
     @jit(error_model="numpy")
-    def quantize_uniform32(x, first, divisor, uniform_s, power_of_two, key, stochastic, neg, codes):
+    def quantize_uniform32(x, first, divisor, uniform_s, power_of_two, key, stochastic, signs, codes):
         scale = np.float32(16777216.0)  # 2^24
         s = np.float32(uniform_s)
         step = np.float32(1.0) / s  # exact where s is a power of two
         last = np.float32(uniform_s - 1)  # the largest lower level's index
         n = x.size
         halves = np.zeros(BLOCK, np.uint32)  # the draws' 32-bit halves, coordinate by coordinate
+        nb = np.zeros(BLOCK, np.bool_)  # x < 0, packed into ``signs`` block by block
         none = np.int32(2**30)
         least, most, nonzero = none, np.int32(-1), none
         for b0 in range(0, n, BLOCK):
             m = min(BLOCK, n - b0)
-            xb, nb, cb = x[b0:b0 + m], neg[b0:b0 + m], codes[b0:b0 + m]
+            xb, cb = x[b0:b0 + m], codes[b0:b0 + m]
             if stochastic:
                 kernel_parts.draw_halves(key, first + b0, m, halves)
             if power_of_two:
@@ -386,6 +383,7 @@ def _kernels():
                     cb[j] = c
                     least, most = min(least, c), max(most, c)
                     nonzero = min(nonzero, c if c != 0 else none)
+            kernel_parts.pack_signs(nb, m, signs, b0 // 8)
         return (np.int64(least) if most >= 0 else BIG), np.int64(most), (np.int64(nonzero) if nonzero != none else BIG), np.int32(-1)  # (not read: x checked by its norm)
 
     # Tables of 0 and powers of two, l_k = 2^(k + c) for k >= 1 (natural compression and base-2
@@ -404,12 +402,13 @@ def _kernels():
     # with the same draw, after the loop; the block's code range is then taken again.
 
     @jit(error_model="numpy")
-    def quantize_powers32(x, first, divisor, c, top, fixups, levels, starts, key, stochastic, neg, codes):
+    def quantize_powers32(x, first, divisor, c, top, fixups, levels, starts, key, stochastic, signs, codes):
         scale = np.float32(16777216.0)  # 2^24
         c32 = np.int32(c)
         last = np.int32(top - 1)
         n = x.size
         halves = np.zeros(BLOCK, np.uint32)  # the draws' 32-bit halves, coordinate by coordinate
+        nb = np.zeros(BLOCK, np.bool_)  # x < 0, packed into ``signs`` block by block
         t = np.empty(BLOCK, np.float32)
         fields = t.view(np.uint32)
         first_level, top_level = levels[1], levels[top]  # hi where k = 0, the top level
@@ -419,8 +418,9 @@ def _kernels():
         bad = np.int32(0)  # 1 where a t is inf or NaN: its exponent field is all ones
         for b0 in range(0, n, BLOCK):
             m = min(BLOCK, n - b0)
-            xb, nb, cb = x[b0:b0 + m], neg[b0:b0 + m], codes[b0:b0 + m]
-            kernel_parts.block_start(xb, divisor, key, first + b0, stochastic, nb, t, halves)
+            xb, cb = x[b0:b0 + m], codes[b0:b0 + m]
+            kernel_parts.block_start(xb, divisor, key, first + b0, stochastic, nb[:m], t, halves)
+            kernel_parts.pack_signs(nb, m, signs, b0 // 8)
             redo = np.int32(0)  # (a max of int32 flags: other forms of this count kept the loop scalar)
             lmin, lmax, lnz = none, np.int32(-1), none
             for j in range(m):
@@ -1786,8 +1786,10 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
     """(x < 0, codes, (min, max, smallest nonzero code or -1), whether every x_i is finite) for a CPU
     vector ``x`` against ``levels`` (float32 or float64: the arithmetic dtype), or None when Numba is
     missing. x < 0 comes as bool flags of x's shape; with ``sign_bits``, where the kernel writes them
-    so (``quantize_small32``), as their bitmap instead (a uint8 tensor of ceil(n / 8) bytes in
-    ``common.wire.bitpack``'s layout, the sign frame of the wire). The encoder uses the code range to choose the field width (no second pass over the
+    so (every float32 one: each block's flags go from a scratch in the cache into the bitmap,
+    ``kernel_parts.pack_signs``), as their bitmap instead (a uint8 tensor of ceil(n / 8) bytes in
+    ``common.wire.bitpack``'s layout, the sign frame of the wire: no vector of flags is written, and
+    the encoder sends it as it is). The encoder uses the code range to choose the field width (no second pass over the
     codes); exponential rounding raises for a NaN or inf from the flag, which the pass computes as
     it reads x (no pass of its own; the codes of such an x mean nothing). The flag is read where it
     costs nothing: by the kernels of power-of-two levels and of one level a binade (with a divisor
@@ -1814,19 +1816,21 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
     div = np_work(1.0 if divisor is None else float(divisor))
     draws_key, rounding = np.uint64(key), bool(stochastic)
     powers = power_levels(lv.tobytes()) if np_work == np.float32 and uniform_s == 0 else None
-    small_table = np_work == np.float32 and uniform_s == 0 and _small_table_pays(top, scan, powers is not None)
-    # x < 0 as flags, or as the small kernel's bitmap, whose pieces start at a multiple of 64 (a whole
-    # byte of it); the others' at an even coordinate (2p and 2p + 1 share an output of the draws)
-    neg = np.empty(0 if small_table else flat.size, dtype=np.bool_)
-    signs, align = (np.empty((flat.size + 7) // 8, dtype=np.uint8), 64) if small_table else (None, 2)
+    # x < 0: the float32 kernels write its bitmap, and their pieces start at a multiple of 64 (a whole
+    # byte of it); the float64 one its flags, with pieces that start at an even coordinate (the draws
+    # of 2p and 2p + 1 share an output)
+    bitmap = np_work == np.float32
+    neg = np.empty(0 if bitmap else flat.size, dtype=np.bool_)
+    signs = np.empty((flat.size + 7) // 8 if bitmap else 0, dtype=np.uint8)
+    align = 64 if bitmap else 2
 
     if np_work == np.float32 and uniform_s > 0 and uniform_levels_are_quotients(lv.tobytes(), int(uniform_s)):
         uniform, s = kernels["uniform32"], int(uniform_s)
         power_of_two = s & (s - 1) == 0
 
         def piece(a, b):  # levels computed as k / s
-            return uniform(flat[a:b], a, div, s, power_of_two, draws_key, rounding, neg[a:b], codes[a:b])
-    elif small_table:
+            return uniform(flat[a:b], a, div, s, power_of_two, draws_key, rounding, signs[a // 8:(b + 7) // 8], codes[a:b])
+    elif np_work == np.float32 and uniform_s == 0 and _small_table_pays(top, scan, powers is not None):
         small, padded = kernels["small32"], small_levels(lv.tobytes())
 
         def piece(a, b):  # at most 16 levels, counted in registers; a is a multiple of 64: byte a / 8
@@ -1836,23 +1840,23 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
 
         def piece(a, b):  # levels 0 and powers of two, read off the exponent
             return binary(flat[a:b], a, div, c, top, fixups, lv, starts, draws_key, rounding,
-                          neg[a:b], codes[a:b])
+                          signs[a // 8:(b + 7) // 8], codes[a:b])
     elif np_work == np.float32 and uniform_s == 0 and scan < 2 and vector_compress():
         windowed, pairs, windows = kernels["pairs32_windowed"], binade_pairs(lv.tobytes()), binade_windows(lv.tobytes())
 
         def piece(a, b):  # one level at most a binade, looked up in windows of the tables held in registers
-            return windowed(flat[a:b], a, div, *pairs, windows, lv, scan, top, draws_key, rounding, neg[a:b], codes[a:b])
+            return windowed(flat[a:b], a, div, *pairs, windows, lv, scan, top, draws_key, rounding, signs[a // 8:(b + 7) // 8], codes[a:b])
     elif np_work == np.float32 and uniform_s == 0 and scan < 2:
         paired, pairs = kernels["pairs32"], binade_pairs(lv.tobytes())
 
         def piece(a, b):  # one level at most a binade: t's code and levels from its exponent field
-            return paired(flat[a:b], a, div, *pairs, lv, scan, top, draws_key, rounding, neg[a:b], codes[a:b])
+            return paired(flat[a:b], a, div, *pairs, lv, scan, top, draws_key, rounding, signs[a // 8:(b + 7) // 8], codes[a:b])
     elif np_work == np.float32:
         table = kernels[np_work]
 
         def piece(a, b):  # any other table, looked up
             return table(flat[a:b], a, div, int(uniform_s), starts, crowded, lv, top, draws_key, rounding,
-                         neg[a:b], codes[a:b])
+                         signs[a // 8:(b + 7) // 8], codes[a:b])
     else:
         table = kernels[np_work]
 
@@ -1863,11 +1867,12 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
     pieces = _run(flat.size, align, piece)
     flags = [int(p[3]) for p in pieces]  # 1: a NaN or inf, 0: none, -1: not read
     finite = None if min(flags) < 0 else not any(flags)
-    if signs is not None:
-        negative = (torch.from_numpy(signs) if sign_bits else
-                    torch.from_numpy(np.unpackbits(signs, count=flat.size, bitorder="little").view(np.bool_)).view(x.shape))
-    else:
+    if not bitmap:
         negative = torch.from_numpy(neg).view(x.shape)
+    elif sign_bits:
+        negative = torch.from_numpy(signs)
+    else:
+        negative = torch.from_numpy(np.unpackbits(signs, count=flat.size, bitorder="little").view(np.bool_)).view(x.shape)
     return negative, torch.from_numpy(codes).view(x.shape), _span(pieces), finite
 
 

@@ -98,6 +98,46 @@ def block_start(xb, divisor, key, start, stochastic, negative, t, halves):
         t[j] = np.float32(abs(v) / divisor)
 
 
+@intrinsic
+def flag_word(typingctx, flags, at, out, out_at):
+    """out[out_at:out_at + 8] = the 64 bits of flags[at:at + 64] (bool or uint8; bit k set where flag
+    k is not 0), as one little-endian word: one vector comparison of 64 bytes and its mask (AVX-512's
+    vptestmb, AVX2's vpmovmskb twice). Plain LLVM vector operations: lowers on any target."""
+    if not (isinstance(flags, types.Array) and flags.dtype in (types.boolean, types.uint8)
+            and isinstance(out, types.Array) and out.dtype == types.uint8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i8, i64 = ir.IntType(8), ir.IntType(64)
+        bytes64 = ir.VectorType(i8, 64)
+        source = builder.gep(context.make_array(signature.args[0])(context, builder, args[0]).data, [args[1]])
+        loaded = builder.load(builder.bitcast(source, bytes64.as_pointer()), align=1)
+        word = builder.bitcast(builder.icmp_unsigned("!=", loaded, ir.Constant(bytes64, [0] * 64)), i64)
+        target = builder.gep(context.make_array(signature.args[2])(context, builder, args[2]).data, [args[3]])
+        builder.store(word, builder.bitcast(target, i64.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(flags, at, out, out_at), codegen
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def pack_signs(flags, m, signs, at):
+    """signs[at:at + ceil(m / 8)] = the bitmap of the bool flags[0:m] (``common.wire.bitpack``'s
+    layout: flag 8 g + k is bit k of byte g), from a block's flags in a scratch of the cache whose
+    length is a multiple of 64: 64 flags a word (``flag_word``), and the last few bytes (only at the
+    vector's end) from 8 flags read as a word, whose byte k (0 or 1) one multiply moves to bit 56 + k,
+    ignoring the flags past m: the padding bits are 0."""
+    for g in range(m // 64):
+        flag_word(flags, 64 * g, signs, at + 8 * g)
+    words = flags.view(np.uint64)
+    ones, gather = np.uint64(0x0101010101010101), np.uint64(0x0102040810204080)
+    for g in range(m // 64 * 8, m // 8):
+        signs[at + g] = np.uint8(((words[g] & ones) * gather) >> np.uint64(56))
+    if m % 8:
+        live = words[m // 8] & ((np.uint64(1) << np.uint64(8 * (m % 8))) - np.uint64(1))
+        signs[at + m // 8] = np.uint8(((live & ones) * gather) >> np.uint64(56))
+
+
 @numba.njit(inline="always", nogil=True, cache=True)
 def pair_code(tj, lo, hi, lower, half, stochastic):
     """The code of t = ``tj`` between its two levels lo < hi of a one-level-a-binade table, ``lower``

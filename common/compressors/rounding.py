@@ -121,10 +121,10 @@ class ExpRounding(Compressor):
         table = LevelTable("rounding", self.base, dtype_name=str(x.dtype).removeprefix("torch."))
         work = compute_dtype(x.dtype)
         levels = table.values(work, x.device)
-        negative, codes, span, finite = quantize(x, table, levels, None if self.biased else key.code)
+        signs, codes, span, finite = quantize(x, table, levels, None if self.biased else key.code, sign_bits=True)
         if not finite:  # False: raises for the NaN or inf; None (not the compiled pass): checks
             self._check_finite(x)
-        return Quantized(table, negative, codes, None, x.dtype, span)
+        return Quantized(table, signs, codes, None, x.dtype, span)
 
 
 @register
