@@ -308,8 +308,9 @@ SIGN_FRAME_TABLES = {  # a table for each float32 kernel: small, uniform, powers
 def test_the_float32_kernels_write_the_sign_frame(kind, n, monkeypatch):
     """With ``sign_bits`` a float32 kernel's x < 0 is the wire's sign frame (little-endian bits, zero
     padding; -0 and NaN are not below 0), over pieces in threads; without it, the flags. A payload
-    that holds the bitmap encodes to the frames of the same payload with flags, and decodes to the
-    same vector; a bitmap of the wrong length or with padding bits set is refused."""
+    that holds the bitmap encodes to the frames of the same payload with flags, and decodes (to the
+    host, which keeps the bitmap) to the same vector; a bitmap of the wrong length or with padding
+    bits set is refused."""
     table, norm, spec = SIGN_FRAME_TABLES[kind]
     monkeypatch.setattr(cpu_kernels, "MIN_CHUNK", 1 << 14)
     gen = torch.Generator().manual_seed(n)
@@ -335,6 +336,10 @@ def test_the_float32_kernels_write_the_sign_frame(kind, n, monkeypatch):
     with_flags = dataclasses.replace(p, signs=p.negative.clone())
     assert [bytes(f) for f in encode(p)] == [bytes(f) for f in encode(with_flags)]
     assert torch.equal(c.decompress(decode(encode(p))), with_flags.to_dense())
+    for received in (decode([bytearray(f) for f in encode(p)]), decode([bytearray(f) for f in encode(p)], "cpu")):
+        # the host's decoder keeps the frame's bitmap, which the dequantizing kernels read block by block
+        assert received.signs.dtype == torch.uint8 and torch.equal(received.negative, p.negative)
+        assert torch.equal(c.decompress(received), with_flags.to_dense())
     with pytest.raises(WireError, match="sign bitmap"):
         encode(dataclasses.replace(p, signs=p.signs[:-1]))
     if n % 8:

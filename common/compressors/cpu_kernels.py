@@ -78,7 +78,7 @@ from common.compressors.draws import GOLDEN
 # its intrinsics and helpers are compiled into them, and Numba's disk cache does not see them change.
 # tests/test_cpu_kernels.py fails until this is the current digest. (A kernel cached before a
 # change of kernel_parts.py alone was loaded as it was: a mutation test of an intrinsic found it.)
-KERNEL_PARTS_DIGEST = "882ce57ae28b20b1"
+KERNEL_PARTS_DIGEST = "6a34fce5451e2904"
 
 
 def parts_digest() -> str:
@@ -669,14 +669,22 @@ def _kernels():
         return largest
 
     @jit()
-    def dequantize(codes, negative, signed, out):
-        """out_i = signed[code_i + L negative_i] with ``signed`` = [levels, -levels] (L levels)."""
+    def dequantize(codes, signs, signed, out):
+        """out_i = signed[code_i + L negative_i] with ``signed`` = [levels, -levels] (L levels); x < 0
+        from the bitmap ``signs`` (the wire's sign frame; ``codes`` starts at one of its bytes), a
+        block at a time into flags in the cache (``kernel_parts.unpack_signs``), as below."""
         half = signed.size // 2
-        for i in range(codes.size):
-            out[i] = signed[np.int64(codes[i]) + half * np.int64(negative[i])]
+        nb = np.zeros(BLOCK, np.bool_)  # x < 0, a block at a time
+        n = codes.size
+        for b0 in range(0, n, BLOCK):
+            m = min(BLOCK, n - b0)
+            kernel_parts.unpack_signs(signs, b0 // 8, m, nb)
+            cb, ob = codes[b0:b0 + m], out[b0:b0 + m]
+            for j in range(m):
+                ob[j] = signed[np.int64(cb[j]) + half * np.int64(nb[j])]
 
     @jit()
-    def dequantize_stacked(codes, negative, signed, out):
+    def dequantize_stacked(codes, signs, signed, out):
         """``dequantize`` for a table of at most ``STACKED_TABLE`` entries, read from a copy on the
         kernel's stack, where the stores into ``out`` cannot reach it: the loop then runs on vector
         gathers (``kernel_parts.stack_like``). Base-3 rounding's codes at d = 1e7: 23.0 -> 11.2 ms
@@ -685,38 +693,52 @@ def _kernels():
         for i in range(signed.size):
             table[i] = signed[i]
         half = signed.size // 2
-        for i in range(codes.size):
-            out[i] = table[np.int64(codes[i]) + half * np.int64(negative[i])]
+        nb = np.zeros(BLOCK, np.bool_)  # x < 0, a block at a time
+        n = codes.size
+        for b0 in range(0, n, BLOCK):
+            m = min(BLOCK, n - b0)
+            kernel_parts.unpack_signs(signs, b0 // 8, m, nb)
+            cb, ob = codes[b0:b0 + m], out[b0:b0 + m]
+            for j in range(m):
+                ob[j] = table[np.int64(cb[j]) + half * np.int64(nb[j])]
 
     # The decoders of the two kinds of float32 table that the quantize kernels compute: the level of
     # code k is k / s (k * (1 / s) for s a power of two) or 2^(k + c) from its exponent field (the few
     # subnormal ones from the table), times the norm, negated where the flag is set: the same products
     # as the scaled table's, in loops the compiler vectorizes (the table read of ``dequantize`` kept it
     # scalar). One thread at d = 1e7: QSGD s = 16 3.2 ms and natural compression 4.6-6.5 ms, against
-    # 7.4 ms through the table.
+    # 7.4 ms through the table. The flags come from the sign frame a block at a time.
 
     @jit(error_model="numpy")
-    def dequantize_uniform32(codes, negative, uniform_s, power_of_two, norm, out):
+    def dequantize_uniform32(codes, signs, uniform_s, power_of_two, norm, out):
         s = np.float32(uniform_s)
         step = np.float32(1.0) / s
-        if power_of_two:
-            for i in range(codes.size):
-                v = np.float32(np.float32(np.float32(codes[i]) * step) * norm)
-                out[i] = -v if negative[i] else v
-        else:
-            for i in range(codes.size):
-                v = np.float32(np.float32(np.float32(codes[i]) / s) * norm)
-                out[i] = -v if negative[i] else v
+        nb = np.zeros(BLOCK, np.bool_)  # x < 0, a block at a time
+        n = codes.size
+        for b0 in range(0, n, BLOCK):
+            m = min(BLOCK, n - b0)
+            kernel_parts.unpack_signs(signs, b0 // 8, m, nb)
+            cb, ob = codes[b0:b0 + m], out[b0:b0 + m]
+            if power_of_two:
+                for j in range(m):
+                    v = np.float32(np.float32(np.float32(cb[j]) * step) * norm)
+                    ob[j] = -v if nb[j] else v
+            else:
+                for j in range(m):
+                    v = np.float32(np.float32(np.float32(cb[j]) / s) * norm)
+                    ob[j] = -v if nb[j] else v
 
     @jit(error_model="numpy")
-    def dequantize_powers32(codes, negative, c, norm, levels, out):
+    def dequantize_powers32(codes, signs, c, norm, levels, out):
         bits = np.empty(BLOCK, np.uint32)
         level = bits.view(np.float32)
+        nb = np.zeros(BLOCK, np.bool_)  # x < 0, a block at a time
         c32 = np.int32(c)
         n = codes.size
         for b0 in range(0, n, BLOCK):
             m = min(BLOCK, n - b0)
-            cb, nb, ob = codes[b0:b0 + m], negative[b0:b0 + m], out[b0:b0 + m]
+            kernel_parts.unpack_signs(signs, b0 // 8, m, nb)
+            cb, ob = codes[b0:b0 + m], out[b0:b0 + m]
             subnormal = np.int32(0)  # (a max of int32 flags keeps the loop vectorized)
             for j in range(m):
                 k = np.int32(cb[j])
@@ -1996,23 +2018,33 @@ def unpack_codes(data: np.ndarray, n: int, width: int, offset: int, escape: bool
     return torch.from_numpy(codes), max(_run(n, 64, piece))
 
 
-def dequantize(codes: torch.Tensor, negative: torch.Tensor, signed: torch.Tensor) -> torch.Tensor | None:
-    """signed[code + L negative] for CPU tensors (``signed`` = [levels, -levels]); None without Numba."""
+def sign_bitmap(signs: torch.Tensor) -> np.ndarray:
+    """x < 0 as the wire's sign bitmap: a ``Quantized.signs`` bitmap as it is, bool flags packed."""
+    if signs.dtype == torch.uint8:
+        return signs.contiguous().numpy()
+    return np.packbits(signs.contiguous().numpy().reshape(-1), bitorder="little")
+
+
+def dequantize(codes: torch.Tensor, signs: torch.Tensor, signed: torch.Tensor) -> torch.Tensor | None:
+    """signed[code + L negative] for CPU tensors (``signed`` = [levels, -levels]); ``signs``: x < 0 as
+    flags or as the sign bitmap (``Quantized.signs``); None without Numba."""
     kernels = _kernels()
     if kernels is None or codes.device.type != "cpu" or signed.dtype not in (torch.float32, torch.float64):
         return None
-    c, neg, table = codes.contiguous().numpy(), negative.contiguous().numpy(), signed.contiguous().numpy()
+    c, bits, table = codes.contiguous().numpy().reshape(-1), sign_bitmap(signs), signed.contiguous().numpy()
     out = np.empty(c.size, dtype=table.dtype)
     gather = kernels["dequantize_stacked" if table.size <= STACKED_TABLE else "dequantize"]
-    _run(c.size, 1, lambda a, b: gather(c[a:b], neg[a:b], table, out[a:b]))
+    _run(c.size, 64, lambda a, b: gather(c[a:b], bits[a // 8:], table, out[a:b]))
     return torch.from_numpy(out)
 
 
-def dequantize_computed(codes: torch.Tensor, negative: torch.Tensor, levels: torch.Tensor, uniform_s: int,
+def dequantize_computed(codes: torch.Tensor, signs: torch.Tensor, levels: torch.Tensor, uniform_s: int,
                         norm: torch.Tensor | None) -> torch.Tensor | None:
     """sign * level[code] * norm (norm 1 where None) for CPU tensors whose float32 ``levels`` (unscaled)
     are the uniform quotients k / s or 0 and powers of two, with the levels computed instead of read
-    (the same products as the scaled table's); None for any other table, dtype or device."""
+    (the same products as the scaled table's); None for any other table, dtype or device. ``signs``:
+    x < 0 as flags or as the sign bitmap (``Quantized.signs``), which the kernels read a block at a
+    time (a flag vector of n bytes is neither written nor read)."""
     kernels = _kernels()
     if kernels is None or codes.device.type != "cpu" or levels.dtype != torch.float32:
         return None
@@ -2020,16 +2052,16 @@ def dequantize_computed(codes: torch.Tensor, negative: torch.Tensor, levels: tor
     powers = None if uniform_s > 0 else power_levels(table)
     if powers is None and not (uniform_s > 0 and uniform_levels_are_quotients(table, int(uniform_s))):
         return None
-    c, neg = codes.contiguous().numpy().reshape(-1), negative.contiguous().numpy().reshape(-1)
+    c, bits = codes.contiguous().numpy().reshape(-1), sign_bitmap(signs)
     scale = np.float32(1.0 if norm is None else float(norm))
     out = np.empty(c.size, dtype=np.float32)
     if powers is not None:
         kernel = kernels["dequantize_powers32"]
         lv = levels.contiguous().numpy()
-        _run(c.size, 1, lambda a, b: kernel(c[a:b], neg[a:b], powers[0], scale, lv, out[a:b]))
+        _run(c.size, 64, lambda a, b: kernel(c[a:b], bits[a // 8:], powers[0], scale, lv, out[a:b]))
     else:
         kernel, power_of_two = kernels["dequantize_uniform32"], uniform_s & (uniform_s - 1) == 0
-        _run(c.size, 1, lambda a, b: kernel(c[a:b], neg[a:b], int(uniform_s), power_of_two, scale, out[a:b]))
+        _run(c.size, 64, lambda a, b: kernel(c[a:b], bits[a // 8:], int(uniform_s), power_of_two, scale, out[a:b]))
     return torch.from_numpy(out)
 
 

@@ -120,6 +120,38 @@ def flag_word(typingctx, flags, at, out, out_at):
     return types.void(flags, at, out, out_at), codegen
 
 
+@intrinsic
+def word_flags(typingctx, signs, at, flags, out_at):
+    """flags[out_at:out_at + 64] = the 64 bits of signs[at:at + 8] (a little-endian word; bit k of it
+    is flag k), one byte 0 or 1 each: the inverse of ``flag_word`` (a mask expanded into bytes).
+    Plain LLVM vector operations: lowers on any target."""
+    if not (isinstance(signs, types.Array) and signs.dtype == types.uint8 and isinstance(flags, types.Array)
+            and flags.dtype in (types.boolean, types.uint8)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i1, i8, i64 = ir.IntType(1), ir.IntType(8), ir.IntType(64)
+        source = builder.gep(context.make_array(signature.args[0])(context, builder, args[0]).data, [args[1]])
+        word = builder.load(builder.bitcast(source, i64.as_pointer()), align=1)
+        spread = builder.zext(builder.bitcast(word, ir.VectorType(i1, 64)), ir.VectorType(i8, 64))
+        target = builder.gep(context.make_array(signature.args[2])(context, builder, args[2]).data, [args[3]])
+        builder.store(spread, builder.bitcast(target, ir.VectorType(i8, 64).as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(signs, at, flags, out_at), codegen
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def unpack_signs(signs, at, m, flags):
+    """flags[0:m] = the bits of signs from byte ``at`` (``at`` for coordinate 8 at): the inverse of
+    ``pack_signs``, 64 flags a word (``word_flags``) and the last few one at a time; ``flags`` is a
+    scratch in the cache."""
+    for g in range(m // 64):
+        word_flags(signs, at + 8 * g, flags, 64 * g)
+    for j in range(m // 64 * 64, m):
+        flags[j] = (signs[at + (j >> 3)] >> np.uint8(j & 7)) & np.uint8(1) != np.uint8(0)
+
+
 @numba.njit(inline="always", nogil=True, cache=True)
 def pack_signs(flags, m, signs, at):
     """signs[at:at + ceil(m / 8)] = the bitmap of the bool flags[0:m] (``common.wire.bitpack``'s

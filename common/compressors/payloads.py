@@ -231,7 +231,7 @@ class Quantized:
         levels = self.table.values(self.dtype, self.codes.device)
         if self.codes.device.type == "cpu":
             uniform_s = self.table.s if self.table.kind == "uniform" else 0
-            computed = cpu_kernels.dequantize_computed(self.codes, self.negative, levels, uniform_s, self.norm)
+            computed = cpu_kernels.dequantize_computed(self.codes, self.signs, levels, uniform_s, self.norm)
             if computed is not None:
                 return computed.view(self.codes.shape)
         if self.norm is not None:
@@ -241,7 +241,7 @@ class Quantized:
         if self.codes.device.type != "cpu":
             index = self.codes.to(itype, copy=True)  # the payload stays
             return signed.index_select(0, index.add_(self.negative, alpha=levels.numel()))
-        fused = cpu_kernels.dequantize(self.codes, self.negative, signed)
+        fused = cpu_kernels.dequantize(self.codes, self.signs, signed)
         if fused is not None:
             return fused
         # on the CPU block by block: the index never exists for the whole vector

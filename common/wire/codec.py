@@ -422,6 +422,17 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(arr)
 
 
+def _sign_bits(mv: memoryview, n: int, what: str) -> torch.Tensor:
+    """A Quantized payload's sign frame: on the host the bitmap itself (its padding bits checked), which
+    the dequantizing kernels read a block at a time (``Quantized.signs``); on a GPU the flags."""
+    if _gpu.get() is not None:
+        return _flags(mv, n, what)
+    data = _u8(mv)
+    if n % 8 and data.size and int(data[-1]) >> (n % 8):
+        raise WireError(f"{what}: nonzero padding bits after the last sign")
+    return _tensor(data)
+
+
 def _flags(mv: memoryview, n: int, what: str) -> torch.Tensor:
     data = _u8(mv)
     if n % 8 and data.size and int(data[-1]) >> (n % 8):
@@ -561,7 +572,7 @@ def _parse_quantized(node, what, min_n, max_dim) -> _Plan:
     sizes = [("signs", (n + 7) // 8, (n + 7) // 8), ("codes", bitpack.packed_len(n, width), bitpack.packed_len(n, width))]
 
     def build(it):
-        negative = _flags(next(it), n, what)
+        signs = _sign_bits(next(it), n, what)
         data = _u8(next(it))
         nbits = n * width
         if nbits % 8 and data.size and int(data[-1]) >> (nbits % 8):
@@ -586,7 +597,7 @@ def _parse_quantized(node, what, min_n, max_dim) -> _Plan:
             got = int(codes.max()) if n and largest > top else 0  # fields that cannot pass the top need no look
         if n and got > top:
             raise WireError(f"{what}: code {got} outside the table's [0, {top}]")
-        return Quantized(table, negative, codes.to(codes_as), norm, dtype)
+        return Quantized(table, signs, codes.to(codes_as), norm, dtype)
     return _Plan(n, sizes, build)
 
 
@@ -597,7 +608,8 @@ def _to_device(p, device: torch.device):
         return Signs(p.negative.to(device), p.scale.to(device), p.dtype)
     if isinstance(p, Quantized):
         norm = None if p.norm is None else p.norm.to(device)
-        return Quantized(p.table, p.negative.to(device), p.codes.to(device), norm, p.dtype)
+        signs = p.signs if device.type == "cpu" else p.negative  # (a sign bitmap is for the host's kernels)
+        return Quantized(p.table, signs.to(device), p.codes.to(device), norm, p.dtype)
     if isinstance(p, Scaled):
         return Scaled(p.factor.to(device), _to_device(p.inner, device))
     idx = None if p.indices is None else p.indices.to(device)
