@@ -78,7 +78,7 @@ from common.compressors.draws import GOLDEN
 # its intrinsics and helpers are compiled into them, and Numba's disk cache does not see them change.
 # tests/test_cpu_kernels.py fails until this is the current digest. (A kernel cached before a
 # change of kernel_parts.py alone was loaded as it was: a mutation test of an intrinsic found it.)
-KERNEL_PARTS_DIGEST = "6a34fce5451e2904"
+KERNEL_PARTS_DIGEST = "67110d8746b268e1"
 
 
 def parts_digest() -> str:
@@ -672,16 +672,8 @@ def _kernels():
     def dequantize(codes, signs, signed, out):
         """out_i = signed[code_i + L negative_i] with ``signed`` = [levels, -levels] (L levels); x < 0
         from the bitmap ``signs`` (the wire's sign frame; ``codes`` starts at one of its bytes), a
-        block at a time into flags in the cache (``kernel_parts.unpack_signs``), as below."""
-        half = signed.size // 2
-        nb = np.zeros(BLOCK, np.bool_)  # x < 0, a block at a time
-        n = codes.size
-        for b0 in range(0, n, BLOCK):
-            m = min(BLOCK, n - b0)
-            kernel_parts.unpack_signs(signs, b0 // 8, m, nb)
-            cb, ob = codes[b0:b0 + m], out[b0:b0 + m]
-            for j in range(m):
-                ob[j] = signed[np.int64(cb[j]) + half * np.int64(nb[j])]
+        block at a time into flags in the cache (``kernel_parts.signed_levels``)."""
+        kernel_parts.signed_levels(codes, signs, signed, signed.size // 2, np.zeros(BLOCK, np.bool_), out)
 
     @jit()
     def dequantize_stacked(codes, signs, signed, out):
@@ -692,15 +684,7 @@ def _kernels():
         table = kernel_parts.stack_like(2048, signed)
         for i in range(signed.size):
             table[i] = signed[i]
-        half = signed.size // 2
-        nb = np.zeros(BLOCK, np.bool_)  # x < 0, a block at a time
-        n = codes.size
-        for b0 in range(0, n, BLOCK):
-            m = min(BLOCK, n - b0)
-            kernel_parts.unpack_signs(signs, b0 // 8, m, nb)
-            cb, ob = codes[b0:b0 + m], out[b0:b0 + m]
-            for j in range(m):
-                ob[j] = table[np.int64(cb[j]) + half * np.int64(nb[j])]
+        kernel_parts.signed_levels(codes, signs, table, signed.size // 2, np.zeros(BLOCK, np.bool_), out)
 
     # The decoders of the two kinds of float32 table that the quantize kernels compute: the level of
     # code k is k / s (k * (1 / s) for s a power of two) or 2^(k + c) from its exponent field (the few

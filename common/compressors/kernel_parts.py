@@ -153,6 +153,20 @@ def unpack_signs(signs, at, m, flags):
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
+def signed_levels(codes, signs, table, half, flags, out):
+    """out_i = table[code_i + half negative_i] (``table`` = [levels, -levels], ``half`` levels), x < 0
+    from the sign bitmap ``signs`` a block of ``flags.size`` coordinates at a time, unpacked into the
+    scratch ``flags`` (``unpack_signs``)."""
+    n, block = codes.size, flags.size
+    for b0 in range(0, n, block):
+        m = min(block, n - b0)
+        unpack_signs(signs, b0 // 8, m, flags)
+        cb, ob = codes[b0:b0 + m], out[b0:b0 + m]
+        for j in range(m):
+            ob[j] = table[np.int64(cb[j]) + half * np.int64(flags[j])]
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
 def pack_signs(flags, m, signs, at):
     """signs[at:at + ceil(m / 8)] = the bitmap of the bool flags[0:m] (``common.wire.bitpack``'s
     layout: flag 8 g + k is bit k of byte g), from a block's flags in a scratch of the cache whose
