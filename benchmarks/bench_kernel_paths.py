@@ -77,14 +77,14 @@ def quantize_rows(x: np.ndarray, repeats: int):
         top = len(levels) - 1
         starts, crowded, scan = cpu_kernels.binade_starts(levels.tobytes(), np.float32)
         pairs = cpu_kernels.binade_pairs(levels.tobytes())
-        negative = np.empty(x.size, dtype=np.bool_)
+        signs = np.empty((x.size + 7) // 8, dtype=np.uint8)  # x < 0: the sign frame each kernel writes
         before, after = np.empty(x.size, dtype=np.int16), np.empty(x.size, dtype=np.int16)
         for stochastic in (True, False):
             def general():
-                return kernels[np.float32](x, 0, divisor, 0, starts, crowded, levels, top, np.uint64(7), stochastic, negative, before)
+                return kernels[np.float32](x, 0, divisor, 0, starts, crowded, levels, top, np.uint64(7), stochastic, signs, before)
 
             def stacked():
-                return kernels["pairs32"](x, 0, divisor, *pairs, levels, scan, top, np.uint64(7), stochastic, negative, after)
+                return kernels["pairs32"](x, 0, divisor, *pairs, levels, scan, top, np.uint64(7), stochastic, signs, after)
 
             general(), stacked()
             assert np.array_equal(before, after), name
@@ -96,12 +96,22 @@ def quantize_rows(x: np.ndarray, repeats: int):
 
                 def windowed():
                     return kernels["pairs32_windowed"](x, 0, divisor, *pairs, windows, levels, scan, top, np.uint64(7),
-                                                       stochastic, negative, before)
+                                                       stochastic, signs, before)
 
                 windowed()
                 assert np.array_equal(before, after), name
                 yield (f"quantize, {name}, {rounding} (one piece)", "pair tables copied onto the stack (gathers)",
                        "windows of the tables in registers (AVX-512)", *medians([stacked, windowed], repeats))
+            if top <= 15:  # the small-table kernel: the levels counted in registers
+                small_codes, padded = np.empty(x.size, dtype=np.uint8), cpu_kernels.small_levels(levels.tobytes())
+
+                def small():
+                    return kernels["small32"](x, 0, divisor, padded, top, np.uint64(7), stochastic, signs, small_codes)
+
+                small()
+                assert np.array_equal(small_codes, after), name
+                yield (f"quantize, {name}, {rounding} (one piece)", "pair tables copied onto the stack (gathers)",
+                       "levels counted in registers (small tables)", *medians([stacked, small], repeats))
 
 
 def _switched(name: str, value: bool):
@@ -157,12 +167,12 @@ def dequantize_rows(x: torch.Tensor, repeats: int):
     payload = build("exprounding:base=3", x.numel(), 2, seed=0).compress(x)
     levels = payload.table.values(torch.float32, "cpu")
     signed = torch.cat([levels, -levels])
-    codes, negative = payload.codes.view(-1), payload.negative.view(-1)
+    codes, signs = payload.codes.view(-1), payload.signs  # (the sign frame, as the quantizer wrote it)
     stacked = cpu_kernels.STACKED_TABLE
 
     def with_cap(cap):
         cpu_kernels.STACKED_TABLE = cap
-        return cpu_kernels.dequantize(codes, negative, signed)
+        return cpu_kernels.dequantize(codes, signs, signed)
 
     assert torch.equal(with_cap(0), with_cap(stacked))
     yield ("dequantize base-3 rounding's codes", "table read from the arguments", "table copied onto the stack",

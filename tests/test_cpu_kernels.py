@@ -342,6 +342,11 @@ def test_the_float32_kernels_write_the_sign_frame(kind, n, monkeypatch):
         assert torch.equal(c.decompress(received), with_flags.to_dense())
     with pytest.raises(WireError, match="sign bitmap"):
         encode(dataclasses.replace(p, signs=p.signs[:-1]))
+    for wrong in (p.signs[:-1], p.negative.to(torch.uint8)):  # short, or flags as uint8: not a bitmap of n
+        with pytest.raises(ValueError, match="sign bitmap"):
+            dataclasses.replace(p, signs=wrong).to_dense()
+        with pytest.raises(ValueError, match="sign bitmap"):
+            dataclasses.replace(p, signs=wrong).negative
     if n % 8:
         tail = p.signs.clone()
         tail[-1] |= 0x80

@@ -6,9 +6,10 @@ quantization: t_i = |x_i| (divided by the norm for dithering), its lower level l
 and the code k or k + 1 (stochastic: up with probability (t_i - l_k)/(l_(k+1) - l_k), Beznosikov et
 al. eqs. 12-14; biased: the nearer level, ties down). The torch version in ``rounding`` (used on
 other devices, and on the CPU where Numba is missing) does the same in about ten vectorized passes
-with temporaries; this kernel reads x once and writes one flag and one code per coordinate, with the
-same float arithmetic and the same counter-based draws (``common.compressors.draws``), so the two
-give identical codes (tests/test_cpu_kernels.py).
+with temporaries; this kernel reads x once and writes one code per coordinate and, in float32, the
+sign flags as the wire's sign bitmap (the frame the encoder sends as it is: ``Quantized.signs``),
+with the same float arithmetic and the same counter-based draws (``common.compressors.draws``), so
+the two give identical codes and signs (tests/test_cpu_kernels.py).
 
 The lower level is found without a search over the whole table: ``binade_starts`` gives, for each
 exponent field of the arithmetic dtype, the lower level of the smallest number with that field, and
@@ -19,7 +20,10 @@ compression, base-2 rounding, natural dithering) take k and the levels from t's 
 (``quantize_powers32``). Both run as vectorized loops; a table read kept the general kernel scalar.
 Tables with one level at most in each binade (bases above 2) are read from copies on the kernel's
 stack (``quantize_pairs32``, ``kernel_parts``), which lets that loop run on vector gathers too, or
-with AVX-512 from windows of the tables held in registers (``quantize_pairs32_windowed``).
+with AVX-512 from windows of the tables held in registers (``quantize_pairs32_windowed``). Tables of
+at most 16 levels where that is faster (``_small_table_pays``: up to 7 levels past 0 of one level
+a binade, natural dithering with s <= 3, bases below 2, hosts without AVX-512) count the levels t
+reaches in vector registers instead (``quantize_small32``).
 
 The wire codec uses the other kernels for a ``Quantized`` payload on the CPU: ``code_range`` (min,
 max and smallest nonzero code in one pass), ``pack_codes`` / ``unpack_codes`` (fields of 1..8 bits in
@@ -28,7 +32,7 @@ fields through NumPy's ``packbits``, wider ones from 64-bit words of 8 uint8 or 
 time, ``pack_words`` / ``unpack_words``, or 64 at a time in vector registers where the kernels are
 compiled for AVX-512 VBMI, ``pack_vectors`` / ``unpack_vectors``, and 8 fields at a time elsewhere)
 and ``dequantize`` (one gather from the signed level table, from a copy on the kernel's stack where
-the table is small). Each returns None where it does not apply, and the caller falls back to the
+the table is small; the signs read from the sign bitmap a block at a time). Each returns None where it does not apply, and the caller falls back to the
 torch version.
 
 ``float64_sum`` serves the float64 norms of ``base.float64_norm`` (dithering's 2-norm, sign's
@@ -78,7 +82,7 @@ from common.compressors.draws import GOLDEN
 # its intrinsics and helpers are compiled into them, and Numba's disk cache does not see them change.
 # tests/test_cpu_kernels.py fails until this is the current digest. (A kernel cached before a
 # change of kernel_parts.py alone was loaded as it was: a mutation test of an intrinsic found it.)
-KERNEL_PARTS_DIGEST = "67110d8746b268e1"
+KERNEL_PARTS_DIGEST = "a254455f4efffa78"
 
 
 def parts_digest() -> str:
@@ -1799,8 +1803,8 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
     codes); exponential rounding raises for a NaN or inf from the flag, which the pass computes as
     it reads x (no pass of its own; the codes of such an x mean nothing). The flag is read where it
     costs nothing: by the kernels of power-of-two levels and of one level a binade (with a divisor
-    it says whether every |x_i| / divisor is finite) and the float64 one; the uniform and the other
-    float32 tables' main loops lost speed with it (QSGD at d = 1e7: 13.7-19.3 ms -> 21.3-22.0), so
+    it says whether every |x_i| / divisor is finite), the small-table kernel and the float64 one; the
+    uniform and the general float32 tables' main loops lost speed with it (QSGD at d = 1e7: 13.7-19.3 ms -> 21.3-22.0), so
     there it is None: their callers check x by its norm or in a pass. ``uniform_s`` > 0 for the
     uniform tables l_k = k / s; ``divisor`` (a 0-d tensor) divides |x| first (dithering); ``key``
     names the draws."""
@@ -2002,10 +2006,14 @@ def unpack_codes(data: np.ndarray, n: int, width: int, offset: int, escape: bool
     return torch.from_numpy(codes), max(_run(n, 64, piece))
 
 
-def sign_bitmap(signs: torch.Tensor) -> np.ndarray:
-    """x < 0 as the wire's sign bitmap: a ``Quantized.signs`` bitmap as it is, bool flags packed."""
-    if signs.dtype == torch.uint8:
-        return signs.contiguous().numpy()
+def sign_bitmap(signs: torch.Tensor, n: int) -> np.ndarray:
+    """x < 0 of n coordinates as the wire's sign bitmap: a ``Quantized.signs`` bitmap as it is, bool
+    flags packed; ValueError where the length is not n's (the kernels would read past it)."""
+    bitmap = signs.dtype == torch.uint8
+    if signs.numel() != ((n + 7) // 8 if bitmap else n):
+        raise ValueError(f"{signs.numel()} {'bytes of sign bitmap' if bitmap else 'sign flags'} for {n} codes")
+    if bitmap:
+        return signs.contiguous().numpy().reshape(-1)
     return np.packbits(signs.contiguous().numpy().reshape(-1), bitorder="little")
 
 
@@ -2015,7 +2023,8 @@ def dequantize(codes: torch.Tensor, signs: torch.Tensor, signed: torch.Tensor) -
     kernels = _kernels()
     if kernels is None or codes.device.type != "cpu" or signed.dtype not in (torch.float32, torch.float64):
         return None
-    c, bits, table = codes.contiguous().numpy().reshape(-1), sign_bitmap(signs), signed.contiguous().numpy()
+    c, table = codes.contiguous().numpy().reshape(-1), signed.contiguous().numpy()
+    bits = sign_bitmap(signs, c.size)
     out = np.empty(c.size, dtype=table.dtype)
     gather = kernels["dequantize_stacked" if table.size <= STACKED_TABLE else "dequantize"]
     _run(c.size, 64, lambda a, b: gather(c[a:b], bits[a // 8:], table, out[a:b]))
@@ -2027,8 +2036,8 @@ def dequantize_computed(codes: torch.Tensor, signs: torch.Tensor, levels: torch.
     """sign * level[code] * norm (norm 1 where None) for CPU tensors whose float32 ``levels`` (unscaled)
     are the uniform quotients k / s or 0 and powers of two, with the levels computed instead of read
     (the same products as the scaled table's); None for any other table, dtype or device. ``signs``:
-    x < 0 as flags or as the sign bitmap (``Quantized.signs``), which the kernels read a block at a
-    time (a flag vector of n bytes is neither written nor read)."""
+    x < 0 as the sign bitmap (``Quantized.signs``), which the kernels read a block at a time (no flag
+    vector of n bytes is written or read), or as flags, packed first (``sign_bitmap``)."""
     kernels = _kernels()
     if kernels is None or codes.device.type != "cpu" or levels.dtype != torch.float32:
         return None
@@ -2036,7 +2045,8 @@ def dequantize_computed(codes: torch.Tensor, signs: torch.Tensor, levels: torch.
     powers = None if uniform_s > 0 else power_levels(table)
     if powers is None and not (uniform_s > 0 and uniform_levels_are_quotients(table, int(uniform_s))):
         return None
-    c, bits = codes.contiguous().numpy().reshape(-1), sign_bitmap(signs)
+    c = codes.contiguous().numpy().reshape(-1)
+    bits = sign_bitmap(signs, c.size)
     scale = np.float32(1.0 if norm is None else float(norm))
     out = np.empty(c.size, dtype=np.float32)
     if powers is not None:

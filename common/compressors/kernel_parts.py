@@ -1,14 +1,17 @@
 """Pieces of the compiled kernels of ``cpu_kernels`` (Numba): a small array on a kernel's stack, the
 float32 quantizers' first loops over a block (signs, |x| / divisor, the draws), the code of one
-coordinate between two levels, and their second look at its subnormal values, the word of a group
-of 8 code fields, 64 bits of a bitmap from any bit, the float64 sums of runs of rows that a norm's
-cascade adds (as vectors kept in registers), and vector instructions that Numba does not reach by
-itself (AVX-512's compression in a register with a masked store, and its expanding load, for 16
-coordinates of a bitmap or of Top-K's candidates at a time, and the comparisons that find those
-candidates; a population count; two-source permutations that read windows of a level table held in
-registers; AVX-512 VBMI's byte permutation, to pack and unpack 64 code fields at a time). The
-x86-specific intrinsics (the permutations) are only in kernels that run where the host has the
-instructions; the others lower on any target.
+coordinate between two levels, and their second look at its subnormal values, the codes of a table
+of at most 16 levels counted in vector registers (``small_table_codes``), a block's sign flags into
+the wire's sign bitmap and back (``pack_signs`` / ``flag_word``, ``unpack_signs`` / ``word_flags``,
+and the signed-level gather that reads it, ``signed_levels``), the word of a group of 8 code fields,
+64 bits of a bitmap from any bit, the float64 sums of runs of rows that a norm's cascade adds (as
+vectors kept in registers), and vector instructions that Numba does not reach by itself (AVX-512's
+compression in a register with a masked store, and its expanding load, for 16 coordinates of a
+bitmap or of Top-K's candidates at a time, and the comparisons that find those candidates; a
+population count; two-source permutations that read windows of a level table held in registers;
+AVX-512 VBMI's byte permutation, to pack and unpack 64 code fields at a time). The x86-specific
+intrinsics (the permutations) are only in kernels that run where the host has the instructions;
+the others lower on any target.
 
 This module imports Numba; ``cpu_kernels`` imports it only where Numba is present. The kernels reach
 these pieces as attributes of this module, not as variables of their closure: Numba keys its disk

@@ -200,8 +200,9 @@ def code_dtype(top: int) -> torch.dtype:
 @dataclass(frozen=True, eq=False)
 class Quantized:
     table: LevelTable
-    # x < 0: bool flags of the codes' shape, or (from the CPU quantizer's small-table kernel) their
-    # bitmap, a uint8 tensor of ceil(n / 8) bytes in the wire's layout, which the encoder sends as is
+    # x < 0: bool flags of the codes' shape, or their bitmap, a uint8 tensor of ceil(n / 8) bytes in
+    # the wire's layout (from the CPU's float32 quantizer kernels and the host's decoder), which the
+    # encoder sends and the dequantizing kernels read as it is; not to be changed in place
     signs: torch.Tensor
     codes: torch.Tensor  # integer codes into table
     norm: torch.Tensor | None  # 0-d float32, or None when the levels are absolute
@@ -220,7 +221,10 @@ class Quantized:
             return self.signs
         flags = self.__dict__.get("_flags")
         if flags is None:
-            bits = np.unpackbits(self.signs.numpy(), count=self.codes.numel(), bitorder="little")
+            n = self.codes.numel()
+            if self.signs.numel() != (n + 7) // 8:
+                raise ValueError(f"Quantized: a sign bitmap of {self.signs.numel()} bytes for {n} codes")
+            bits = np.unpackbits(self.signs.numpy(), count=n, bitorder="little")
             flags = torch.from_numpy(bits.view(np.bool_)).view(self.codes.shape)
             object.__setattr__(self, "_flags", flags)
         return flags

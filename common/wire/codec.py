@@ -235,11 +235,14 @@ def _enc_quantized(p: Quantized, out: list) -> list:
 
 
 def _sign_frame(p: Quantized, n: int) -> torch.Tensor:
-    """The sign frame of a Quantized payload of n codes: its bitmap as it is where the quantizer wrote
-    one (checked for length and zero padding bits, as the decoder checks them), else its flags packed."""
+    """The sign frame of a Quantized payload of n codes: its bitmap as it is where it holds one (the
+    CPU quantizer's or the decoder's; checked for length and zero padding bits, as the decoder checks
+    them), else its flags packed."""
     if p.signs.dtype == torch.uint8:
         bits = _flat(p.signs, "Quantized", "sign bitmap")
-        if bits.device.type != "cpu" or bits.numel() != (n + 7) // 8:
+        if bits.device.type != "cpu":
+            raise WireError(f"Quantized: a sign bitmap on {bits.device} (bitmaps are the host's)")
+        if bits.numel() != (n + 7) // 8:
             raise WireError(f"Quantized: a sign bitmap of {bits.numel()} bytes for {n} codes")
         if n % 8 and int(bits[-1]) >> (n % 8):
             raise WireError("Quantized: nonzero padding bits after the last sign")
