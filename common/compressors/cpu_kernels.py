@@ -307,8 +307,8 @@ def _kernels():
     # the uint8 store, the codes met and the finiteness flag follow in the same registers
     # (``kernel_parts.small_table_codes``): no lookup, no window, no second look at subnormal t. The
     # same codes as the tables' kernels. One thread at d = 1e7, base-3 dithering with s = 4:
-    # 10.9 -> 9.7 ms against the windows; base 1.5 with s = 7 (binades of several levels, which the
-    # general loop above scans): 108 -> 11 ms. ``levels``: ``small_levels``.
+    # 10.6-11.5 -> 8.7-9.8 ms against the windows; base 1.5 with s = 7 (binades of several levels,
+    # which the general loop above scans): 108 -> 11 ms. ``levels``: ``small_levels``.
 
     @jit(error_model="numpy")
     def quantize_small32(x, first, divisor, levels, top, key, stochastic, signs, codes):
@@ -1882,7 +1882,7 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
     elif sign_bits:
         negative = torch.from_numpy(signs)
     else:
-        negative = torch.from_numpy(np.unpackbits(signs, count=flat.size, bitorder="little").view(np.bool_)).view(x.shape)
+        negative = sign_flags(signs, flat.size).view(x.shape)
     return negative, torch.from_numpy(codes).view(x.shape), _span(pieces), finite
 
 
@@ -2004,6 +2004,15 @@ def unpack_codes(data: np.ndarray, n: int, width: int, offset: int, escape: bool
         return largest
 
     return torch.from_numpy(codes), max(_run(n, 64, piece))
+
+
+def sign_flags(bits: np.ndarray, n: int) -> torch.Tensor:
+    """The bool flags x < 0 of n coordinates from their sign bitmap (``common.wire.bitpack``'s layout;
+    NumPy's ``unpackbits``): the inverse of ``sign_bitmap``. ValueError where the bitmap is not
+    ceil(n / 8) bytes long."""
+    if bits.size != (n + 7) // 8:
+        raise ValueError(f"a sign bitmap of {bits.size} bytes for {n} codes")
+    return torch.from_numpy(np.unpackbits(bits, count=n, bitorder="little").view(np.bool_))
 
 
 def sign_bitmap(signs: torch.Tensor, n: int) -> np.ndarray:

@@ -221,11 +221,7 @@ class Quantized:
             return self.signs
         flags = self.__dict__.get("_flags")
         if flags is None:
-            n = self.codes.numel()
-            if self.signs.numel() != (n + 7) // 8:
-                raise ValueError(f"Quantized: a sign bitmap of {self.signs.numel()} bytes for {n} codes")
-            bits = np.unpackbits(self.signs.numpy(), count=n, bitorder="little")
-            flags = torch.from_numpy(bits.view(np.bool_)).view(self.codes.shape)
+            flags = cpu_kernels.sign_flags(self.signs.numpy(), self.codes.numel()).view(self.codes.shape)
             object.__setattr__(self, "_flags", flags)
         return flags
 

@@ -244,8 +244,7 @@ def _sign_frame(p: Quantized, n: int) -> torch.Tensor:
             raise WireError(f"Quantized: a sign bitmap on {bits.device} (bitmaps are the host's)")
         if bits.numel() != (n + 7) // 8:
             raise WireError(f"Quantized: a sign bitmap of {bits.numel()} bytes for {n} codes")
-        if n % 8 and int(bits[-1]) >> (n % 8):
-            raise WireError("Quantized: nonzero padding bits after the last sign")
+        _check_sign_padding(bits.numpy(), n, "Quantized")
         return bits
     neg = _flat(p.signs, "Quantized", "negative")
     if neg.numel() != n:
@@ -431,20 +430,23 @@ def _sign_bits(mv: memoryview, n: int, what: str) -> torch.Tensor:
     if _gpu.get() is not None:
         return _flags(mv, n, what)
     data = _u8(mv)
-    if n % 8 and data.size and int(data[-1]) >> (n % 8):
-        raise WireError(f"{what}: nonzero padding bits after the last sign")
+    _check_sign_padding(data, n, what)
     return _tensor(data)
+
+
+def _check_sign_padding(bits: np.ndarray, n: int, what: str) -> None:
+    """A sign bitmap of n flags must leave the bits after the last one 0 (one encoding per message)."""
+    if n % 8 and bits.size and int(bits[-1]) >> (n % 8):
+        raise WireError(f"{what}: nonzero padding bits after the last sign")
 
 
 def _flags(mv: memoryview, n: int, what: str) -> torch.Tensor:
     data = _u8(mv)
-    if n % 8 and data.size and int(data[-1]) >> (n % 8):
-        raise WireError(f"{what}: nonzero padding bits after the last sign")
+    _check_sign_padding(data, n, what)
     gpu = _gpu.get()
     if gpu is not None:
         return bitpack.unpack_flags(_upload(data, gpu), n)
-    bits = np.unpackbits(data, count=n, bitorder="little")
-    return torch.from_numpy(bits.view(np.bool_))
+    return cpu_kernels.sign_flags(data, n)
 
 
 def _parse(node, depth: int, top: bool, max_dim: int) -> _Plan:
