@@ -82,7 +82,7 @@ from common.compressors.draws import GOLDEN
 # its intrinsics and helpers are compiled into them, and Numba's disk cache does not see them change.
 # tests/test_cpu_kernels.py fails until this is the current digest. (A kernel cached before a
 # change of kernel_parts.py alone was loaded as it was: a mutation test of an intrinsic found it.)
-KERNEL_PARTS_DIGEST = "a254455f4efffa78"
+KERNEL_PARTS_DIGEST = "e34e77ce5f6fddfd"
 
 
 def parts_digest() -> str:
@@ -1168,66 +1168,96 @@ def _kernels():
             out[j] = v + ((v >> 63) & dim)
 
     @jit()
-    def mark_blocks_rows(word_a, word_b, first_rows, end_rows, low, a_size, t1, t2, t3, dim, out):
-        """out[k, w] for w in [word_a, word_b) and every block k: ``mark_rows_inverse``'s words for
-        the full rows first_rows[k], ..., end_rows[k] - 1 of each block at once. The 64 lefts of a
-        word are computed into an array on the kernel's stack (where no store can reach the tables,
-        so the loop runs on vector gathers), then each block's word from them."""
-        mask = (np.int64(1) << low) - 1
-        lefts = kernel_parts.stack_like(64, first_rows)
-        for w in range(word_a, word_b):
-            base = np.int64(w) << 6
-            top, first_right = base >> low, base & mask
-            for j in range(64):
-                lefts[j] = kernel_parts.left_back(top, first_right + j, a_size, t1, t2, t3)
-            valid = u64(0xFFFFFFFFFFFFFFFF) if base + 64 <= dim else (u64(1) << u64(max(dim - base, 0))) - u64(1)
-            for k in range(first_rows.size):
-                first, rows = first_rows[k], u64(end_rows[k] - first_rows[k])
-                word = u64(0)
-                for j in range(64):
-                    word |= u64(u64(lefts[j] - first) < rows) << u64(j)
-                out[k, w] = word & valid
+    def mark_rows_banded(band_a, band_b, first_rows, end_rows, low, a_size, t1, t2, t3, dim, out):
+        """out[k, w] for every block k and the words w of the bands [band_a, band_b): bit j of out[k, w]
+        is set where v = 64 w + j < dim and the Feistel network's last three rounds, undone on v
+        (left = (left - T3[right]) mod A; right ^= T2[left]; left = (left - T1[right]) mod A), leave a
+        left in the full rows [first_rows[k], end_rows[k]): the bitmap in the order of v, before the
+        keyed rotation (``rotated_bits`` then moves it to the coordinates), of the images of those
+        rows, except the positions whose image needed a cycle walk (see ``marked_rows``).
 
-    @jit()
-    def mark_rows_inverse(word_a, word_b, first_row, end_row, low, a_size, t1, t2, t3, dim, words):
-        """words[w] for w in [word_a, word_b): bit j is set where v = 64 w + j < dim and the Feistel
-        network's last three rounds, undone on v (left = (left - T3[right]) mod A; right ^= T2[left];
-        left = (left - T1[right]) mod A), leave a left in [first_row, end_row): in the order of v, the
-        value before the rotation (``rotated_bits`` then moves the bitmap to the coordinates), the
-        images of those full rows except the positions whose image needed a cycle walk (see
-        ``marked_rows``). The 64 v of a word share their left half (64 divides 2^low), and their right
-        halves are consecutive: T3 is read in order, so two table reads a coordinate are gathers, not
-        three (one thread at d = 1e7, n = 2: 14.6 -> 9.8 ms, and 0.9 for the rotation). No branch:
-        the words are written in order."""
-        mask = (np.int64(1) << low) - 1
-        rows = u64(end_row - first_row)
-        for w in range(word_a, word_b):
-            base = np.int64(w) << 6
-            top, first_right = base >> low, base & mask
-            word = u64(0)
-            for j in range(64):
-                left = kernel_parts.left_back(top, first_right + j, a_size, t1, t2, t3)
-                word |= u64((u64(left - first_row) < rows) & (base + j < dim)) << u64(j)
-            words[w] = word
+        Band b is the 64 columns (right halves) 64 b .. 64 b + 63 of every row: word b of each row of
+        the A x 2^low bit matrix of v = left 2^low + right. No table is read at a computed index
+        for each v, in three steps a band:
+        - the band of the matrix M of (left after round 3 undone, right): M[l][r] = P[l][r ^ T2[l]],
+          where P[l][r] tells whether (l - T1[r]) mod A is in the rows. For a row l, P's 64 bits of
+          the columns (64 b) ^ (T2[l] with its low 6 bits cleared) come from 16 lanes of T1 at a
+          time (``kernel_parts.rows_word``), and the low 6 bits of T2[l] permute them within the
+          word (``xor_bits``);
+        - undoing round 3 shifts each column r of M down by T3[r] mod A, cyclically: the band is
+          transposed 64 rows at a time (``transpose64``), each column's A bits rotated, and
+          transposed back;
+        - the words are written, each row's at its place.
+        One thread at d = 1e7, half the rows: 9.8 ms for the earlier pass (two table gathers a
+        coordinate) -> 2.6 ms."""
+        per_row = (np.int64(1) << low) >> 6  # words of a row: bands
+        blocks = (a_size + 63) >> 6  # 64-row blocks of a band
+        pad = blocks << 6
+        band = np.zeros(pad, dtype=np.uint64)  # one band of a matrix, a word a row
+        columns = np.zeros(64 * blocks, dtype=np.uint64)  # column c's A bits at [blocks c, blocks (c + 1))
+        words = out.shape[1]
+        for k in range(first_rows.size):
+            first, rows = first_rows[k], max(end_rows[k] - first_rows[k], 0)
+            for b in range(band_a, band_b):
+                for row in range(a_size):
+                    c = np.int64(t2[row])
+                    p = kernel_parts.rows_word(t1, (np.int64(b) ^ (c >> 6)) << 6, row, a_size, first, rows)
+                    band[row] = kernel_parts.xor_bits(p, c & 63)
+                for row in range(a_size, pad):
+                    band[row] = u64(0)
+                for q in range(blocks):
+                    kernel_parts.transpose64(band, q << 6)
+                    for i in range(64):
+                        columns[i * blocks + q] = band[(q << 6) + i]
+                for i in range(64):  # row l of column i after round 3 is undone: row (l - T3[i] - A) mod A of M
+                    shift = np.int64(t3[(np.int64(b) << 6) + i]) + a_size
+                    at = i * blocks
+                    for q in range(blocks):
+                        start = (q << 6) - shift
+                        if start < 0:
+                            start += a_size
+                        w, offset = start >> 6, u64(start & 63)
+                        word = columns[at + w] >> offset
+                        if offset != u64(0) and w + 1 < blocks:
+                            word |= columns[at + w + 1] << (u64(64) - offset)
+                        if start + 64 > a_size:  # the column's bits from its start follow its bit A - 1
+                            seam = u64(a_size - start)
+                            word = (word & ((u64(1) << seam) - u64(1))) | (columns[at] << seam)
+                        band[(q << 6) + i] = word
+                for q in range(blocks):
+                    kernel_parts.transpose64(band, q << 6)
+                    for r in range(64):
+                        row = (q << 6) + r
+                        w = row * per_row + b
+                        if row < a_size and w < words:
+                            word = band[row]
+                            v = np.int64(w) << 6
+                            if v + 64 > dim:
+                                word &= (u64(1) << u64(max(dim - v, 0))) - u64(1)
+                            out[k, w] = word
 
     @jit()
     def rotated_bits(source, dim, rotation, word_a, word_b, out):
         """out[w] for w in [word_a, word_b) of the bitmap whose bit u (< dim) is bit (u - rotation) mod
         dim of ``source`` (0 <= rotation < dim; bits from dim on are 0): the keyed rotation
-        (v + rotation) mod dim applied to a bitmap in v's order, 64 bits at a time."""
-        tail = dim - rotation  # bits [rotation, dim) come from [0, tail) of source, bits [0, rotation) from [tail, dim)
-        for w in range(word_a, word_b):
-            u = np.int64(w) << 6
-            if u + 64 <= rotation:
-                word = kernel_parts.bits_from(source, u + tail)
-            elif u >= rotation:
-                word = kernel_parts.bits_from(source, u - rotation)
-            else:  # the seam at u = rotation falls in this word
-                below = u64(rotation - u)
-                word = (kernel_parts.bits_from(source, u + tail) & ((u64(1) << below) - u64(1))) | (kernel_parts.bits_from(source, 0) << below)
-            if dim - u < 64:
-                word &= (u64(1) << u64(dim - u)) - u64(1)
-            out[w] = word
+        (v + rotation) mod dim applied to a bitmap in v's order. Three runs of words: those below
+        u = rotation (bits from dim - rotation on), the word of the seam, those above (bits from 0
+        on); the runs move whole words by fixed shifts (``shifted_words``: 0.9 -> 0.1 ms at d = 1e7 on
+        one thread, where a test of each word's place kept the loop scalar)."""
+        below = min(word_b, rotation >> 6)  # words wholly below the seam
+        if word_a < below:
+            kernel_parts.shifted_words(source, dim - rotation, word_a, below, out)
+        above = max(word_a, -(-rotation // 64))  # words wholly above it
+        if above < word_b:
+            kernel_parts.shifted_words(source, -rotation, above, word_b, out)
+        seam = rotation >> 6
+        if rotation & 63 and word_a <= seam < word_b:
+            u = np.int64(seam) << 6
+            cut = u64(rotation - u)
+            out[seam] = (kernel_parts.bits_from(source, u + dim - rotation) & ((u64(1) << cut) - u64(1))) | (kernel_parts.bits_from(source, 0) << cut)
+        last = (dim - 1) >> 6  # bits from dim on are 0
+        if word_a <= last < word_b and dim & 63:
+            out[last] &= (u64(1) << u64(dim & 63)) - u64(1)
 
     @jit()
     def ascending(values, words, out, lowest_bit):
@@ -1599,7 +1629,7 @@ def _kernels():
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
             "descend": descend, "mean_descend": mean_descend, "signs_mean_added": signs_mean_added, "sparse_added": sparse_added, "marked_mean_added": marked_mean_added, "mean_added_on_union": mean_added_on_union, "feistel": feistel, "ascending": ascending,
-            "mark": mark, "mark_rows_inverse": mark_rows_inverse, "mark_blocks_rows": mark_blocks_rows, "rotated_bits": rotated_bits, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
+            "mark": mark, "mark_rows_banded": mark_rows_banded, "rotated_bits": rotated_bits, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
             "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write,
             "rice_read": rice_read, "pick_top": pick_top, "kth_largest_bits": kth_largest_bits,
             "keyed_subsets": keyed_subsets}
@@ -2618,21 +2648,31 @@ def marked(values: torch.Tensor, dim: int) -> np.ndarray | None:
     return words if kernels["count_marked"](words) == values.numel() else None
 
 
-def marked_blocks(first_rows: np.ndarray, end_rows: np.ndarray, dim: int, low: int, a_size: int, tables) -> np.ndarray | None:
-    """``marked_rows`` for several blocks of rows at once, before the rotation: row k of the result
-    is the bitmap, in the order of the values before the keyed rotation, of the coordinates whose
-    preimage lies in the full rows first_rows[k], ..., end_rows[k] - 1 (``mark_blocks_rows``: each
-    coordinate mapped back once); ``rotate_marked`` then moves each to the coordinates. The caller
-    marks the positions of partial rows and those whose first pass leaves [0, d)
-    (``indices.marked_blocks``). None without Numba or for another number of rounds."""
+def _rows_marked(first_rows: np.ndarray, end_rows: np.ndarray, dim: int, low: int, a_size: int, tables) -> np.ndarray | None:
+    """Row k: the bitmap, in the order of the values before the keyed rotation, of the coordinates
+    whose preimage lies in the full rows first_rows[k], ..., end_rows[k] - 1 (``mark_rows_banded``,
+    the bands shared among the threads). None without Numba, for another number of rounds, for
+    int64 tables (a domain of 2^31 values or more) or rows of fewer than 64 values."""
     kernels = _kernels()
-    if kernels is None or len(tables) != 4:
+    if kernels is None or len(tables) != 4 or tables[1].dtype != torch.int32 or low < 6:
         return None
     before = np.empty((first_rows.size, (dim + 63) // 64), dtype=np.uint64)
     arrays = [t.contiguous().numpy() for t in tables[1:]]
     firsts, ends = first_rows.astype(np.int64), end_rows.astype(np.int64)
-    _run(dim, 64, lambda a, b: kernels["mark_blocks_rows"](a // 64, -(-b // 64), firsts, ends, low, a_size, *arrays, dim, before))
+    band = a_size * 64  # values of a band
+    _run(((1 << low) >> 6) * band, band, lambda a, b: kernels["mark_rows_banded"](
+        a // band, -(-b // band), firsts, ends, low, a_size, *arrays, dim, before))
     return before
+
+
+def marked_blocks(first_rows: np.ndarray, end_rows: np.ndarray, dim: int, low: int, a_size: int, tables) -> np.ndarray | None:
+    """``marked_rows`` for several blocks of rows at once, before the rotation: row k of the result
+    is the bitmap, in the order of the values before the keyed rotation, of the coordinates whose
+    preimage lies in the full rows first_rows[k], ..., end_rows[k] - 1 (``_rows_marked``, the
+    table reads of each band shared by the blocks); ``rotate_marked`` then moves each to the
+    coordinates. The caller marks the positions of partial rows and those whose first pass leaves
+    [0, d) (``indices.marked_blocks``). None where ``_rows_marked`` does not apply."""
+    return _rows_marked(first_rows, end_rows, dim, low, a_size, tables)
 
 
 def rotate_marked(before: np.ndarray, dim: int, rotation: int) -> np.ndarray:
@@ -2648,22 +2688,14 @@ def rotate_marked(before: np.ndarray, dim: int, rotation: int) -> np.ndarray:
 def marked_rows(first_row: int, end_row: int, dim: int, low: int, a_size: int, tables, rotation: int) -> np.ndarray | None:
     """The bitmap of ``indices.keyed_permutation``'s image of the full rows first_row, ...,
     end_row - 1 of its Feistel domain (positions row 2^low + r), found from the other side: each of
-    the d coordinates is mapped back through the network once (``mark_rows_inverse``, the words
-    shared among the threads) and kept if it lands in those rows. A coordinate whose preimage
-    needed a cycle walk maps back to a value of at least d, in no full row, so the images of the
-    positions whose first pass through the network left [0, d) are missing: the caller marks them
-    (``indices.marked_from_the_image``). Work in d, not in the rows' positions: for blocks of half of
-    [0, d). The values are taken in their order before the keyed rotation, and the bitmap rotated
-    after (``rotated_bits``). None without Numba or for another number of rounds."""
-    kernels = _kernels()
-    if kernels is None or len(tables) != 4:
-        return None
-    before, words = np.empty((dim + 63) // 64, dtype=np.uint64), np.empty((dim + 63) // 64, dtype=np.uint64)
-    arrays = [t.contiguous().numpy() for t in tables[1:]]
-    _run(dim, 64, lambda a, b: kernels["mark_rows_inverse"](a // 64, -(-b // 64), first_row, end_row, low, a_size,
-                                                            *arrays, dim, before))
-    _run(dim, 64, lambda a, b: kernels["rotated_bits"](before, dim, rotation, a // 64, -(-b // 64), words))
-    return words
+    the d coordinates is mapped back through the network (``_rows_marked``) and kept if it lands in
+    those rows. A coordinate whose preimage needed a cycle walk maps back to a value of at least d,
+    in no full row, so the images of the positions whose first pass through the network left
+    [0, d) are missing: the caller marks them (``indices.marked_from_the_image``). The values are
+    taken in their order before the keyed rotation, and the bitmap rotated after
+    (``rotated_bits``). None where ``_rows_marked`` does not apply."""
+    before = _rows_marked(np.array([first_row]), np.array([end_row]), dim, low, a_size, tables)
+    return None if before is None else rotate_marked(before, dim, rotation)[0]
 
 
 def mark(words: np.ndarray, values: torch.Tensor) -> None:

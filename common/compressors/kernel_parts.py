@@ -200,18 +200,75 @@ def pair_code(tj, lo, hi, lower, half, stochastic):
     return np.int32(lower + np.int32((stochastic & drawn) | (nearer & (not stochastic))))
 
 
+@intrinsic
+def rows_word(typingctx, table, at, row, a_size, first_row, rows):
+    """64 bits of one row of a Perm-K bit matrix (``cpu_kernels.mark_rows_banded``): bit i is whether
+    (row - table[at + i] - a_size) mod a_size, the left half that undoing the Feistel network's round
+    1 (left = (left - T1[right]) mod A, T1 stored minus A) gives for left ``row`` and right at + i,
+    lies in [first_row, first_row + rows). int32 tables; four vector loads of 16 entries, the
+    arithmetic in 32-bit lanes (Numba widens every integer operation to 64 bits: 8 lanes a vector,
+    and the word's bits ORed lane by lane, took 4-5 times as long), and each comparison's 16 bits
+    taken as they are. Plain LLVM vector operations: lowers on any target."""
+    if not (isinstance(table, types.Array) and table.dtype == types.int32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        ints = ir.VectorType(i32, 16)
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        at = context.cast(builder, args[1], signature.args[1], types.int64)
+        lanes_of = lambda k: _splat(builder, builder.trunc(context.cast(builder, args[k], signature.args[k], types.int64), i32), ints)
+        row_v, a_v, first_v, rows_v = (lanes_of(k) for k in (2, 3, 4, 5))
+        sign = _splat(builder, ir.Constant(i32, 31), ints)
+        top = builder.sub(row_v, a_v)
+        word = ir.Constant(i64, 0)
+        for q in range(4):
+            entries = builder.load(builder.bitcast(builder.gep(data, [builder.add(at, ir.Constant(i64, 16 * q))]), ints.as_pointer()), align=4)
+            left = builder.sub(top, entries)  # in [-A, A)
+            left = builder.add(left, builder.and_(builder.ashr(left, sign), a_v))
+            inside = builder.icmp_unsigned("<", builder.sub(left, first_v), rows_v)
+            bits = builder.zext(builder.bitcast(inside, ir.IntType(16)), i64)
+            word = builder.or_(word, builder.shl(bits, ir.Constant(i64, 16 * q)))
+        return word
+
+    return types.uint64(table, at, row, a_size, first_row, rows), codegen
+
+
 @numba.njit(inline="always", nogil=True, cache=True)
-def left_back(top, right, a_size, t1, t2, t3):
-    """The left half of the Feistel network's value (``indices._feistel``) after its last three
-    rounds are undone on the value whose halves are ``top`` and ``right``: left = (left - T3[right])
-    mod A; right ^= T2[left]; left = (left - T1[right]) mod A (T1 and T3 stored minus A, so one sign
-    test reduces mod A; the tables read at unsigned indices: no test for a negative one)."""
-    left = top - t3[np.uint64(right)] - a_size
-    left += (left >> 63) & a_size
-    right = right ^ t2[np.uint64(left)]
-    left = left - t1[np.uint64(right)] - a_size
-    left += (left >> 63) & a_size
-    return left
+def xor_bits(p, c):
+    """The uint64 whose bit i is bit i ^ c of ``p`` (0 <= c < 64): a swap of the groups of 2^s bits for
+    each set bit s of c, selected by masks, not branches (c is random from one call to the next)."""
+    cc = np.uint64(c)
+    for s, groups in ((0, 0x5555555555555555), (1, 0x3333333333333333), (2, 0x0F0F0F0F0F0F0F0F),
+                      (3, 0x00FF00FF00FF00FF), (4, 0x0000FFFF0000FFFF), (5, 0x00000000FFFFFFFF)):
+        width, mask = np.uint64(1 << s), np.uint64(groups)
+        take = np.uint64(0) - ((cc >> np.uint64(s)) & np.uint64(1))
+        swapped = ((p >> width) & mask) | ((p & mask) << width)
+        p = (p & ~take) | (swapped & take)
+    return p
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def _swap_blocks(a, at, j, mask):
+    """One stage of ``transpose64``: in each pair of rows k, k + j (k's bit j clear) of the 64 at
+    ``at``, row k's bits of the columns with bit j set swap with row k + j's of the columns without."""
+    for base in range(0, 64, 2 * j):
+        for k in range(at + base, at + base + j):
+            t = ((a[k] >> np.uint64(j)) ^ a[k + j]) & mask
+            a[k + j] ^= t
+            a[k] ^= t << np.uint64(j)
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def transpose64(a, at):
+    """The 64 x 64 bit matrix a[at:at + 64] (row r is a[at + r], column c its bit c) transposed in place:
+    six stages of block swaps (32 x 32 blocks, then 16 x 16 within them, ..., single bits)."""
+    _swap_blocks(a, at, 32, np.uint64(0x00000000FFFFFFFF))
+    _swap_blocks(a, at, 16, np.uint64(0x0000FFFF0000FFFF))
+    _swap_blocks(a, at, 8, np.uint64(0x00FF00FF00FF00FF))
+    _swap_blocks(a, at, 4, np.uint64(0x0F0F0F0F0F0F0F0F))
+    _swap_blocks(a, at, 2, np.uint64(0x3333333333333333))
+    _swap_blocks(a, at, 1, np.uint64(0x5555555555555555))
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
@@ -223,6 +280,24 @@ def bits_from(words, v):
     if shift != np.uint64(0) and w + 1 < words.size:
         low |= words[w + 1] << (np.uint64(64) - shift)
     return low
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def shifted_words(source, offset, word_a, word_b, out):
+    """out[w] = bits 64 w + offset .. 64 w + offset + 63 of the bitmap ``source`` (bits past its end
+    read as 0), for w in [word_a, word_b) with 64 word_a + offset >= 0: each word from two
+    neighbours by fixed shifts, so that the loop runs on vectors; the words whose upper neighbour
+    is past the end through ``bits_from``."""
+    q, s = offset >> 6, np.uint64(offset & 63)
+    safe = max(word_a, min(word_b, source.size - 1 - q))  # w + q + 1 < source.size below it
+    if s == np.uint64(0):
+        for w in range(word_a, safe):
+            out[w] = source[w + q]
+    else:
+        for w in range(word_a, safe):
+            out[w] = (source[w + q] >> s) | (source[w + q + 1] << (np.uint64(64) - s))
+    for w in range(safe, word_b):
+        out[w] = bits_from(source, (np.int64(w) << 6) + offset)
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
