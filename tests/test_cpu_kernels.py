@@ -940,9 +940,10 @@ def test_perm_k_marks_every_block_at_once_only_for_a_few_workers(monkeypatch):
 def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(monkeypatch, n):
     """At a d where the compressor's path takes the compiled pass, every worker's message of a step
     has the same bytes as with the torch version, and the blocks still partition [d]; the bitmap's
-    gather and scatter give the bytes of the sorted support's index_select and index_copy_. Blocks
-    of d / 2 are marked from the image side; for n = 3 and 7 the first block of a step from its
-    values, and the second asked for marks all of them from the image side (``marked_blocks``),
+    gather and scatter give the bytes of the sorted support's index_select and index_copy_. A block
+    asked for alone is marked from the image side up to ``IMAGE_SIDE_MAX_N`` workers (n = 2 and 3),
+    above from its values (n = 7); at n = 2 the second block is the first's complement; for n = 3
+    and 7 the second block asked for marks all of them from the image side (``marked_blocks``),
     where every other comes from; a block asked for again is not a second one. A MARINA-P server's
     downlinks (``every_block_asked``) mark every block at the first, with the same bytes."""
     from types import SimpleNamespace
@@ -954,21 +955,21 @@ def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(mon
     x = torch.randn(dim, generator=torch.Generator().manual_seed(2))
     c = build("permk", dim, n, seed=4)
     calls = []
-    names = ["marked_rows"] if n <= indices.IMAGE_SIDE_MAX_N else ["keyed_range", "marked_blocks"]
-    for name in names:
+    alone_by = "marked_rows" if n <= indices.IMAGE_SIDE_MAX_N else "keyed_range"
+    for name in ("marked_rows", "keyed_range", "marked_blocks"):
         real = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, name=name, real=real: calls.append(name) or real(*a))
     _forget_marked_blocks()
     compiled = [encode(c.compress(x, worker=w, step=9)) for w in range(n)]
     if n == 2:
         assert calls == ["marked_rows"]  # the second block is the first's complement
-    else:  # the first block alone, then every block at once (whose partial rows are mapped forward)
-        assert calls[0] == "keyed_range" and calls.count("marked_blocks") == 1 and calls[1:].count("keyed_range") <= 2 * n
+    else:  # the first block alone, then every block at once
+        assert calls == [alone_by, "marked_blocks"]
     alone, before = [], len(calls)
     for w in range(n):
         _forget_marked_blocks()
         alone.append(encode(c.compress(x, worker=w, step=9)))
-    assert alone == compiled and calls[before:] == [names[0]] * n
+    assert alone == compiled and calls[before:] == [alone_by] * n
     assert [encode(c.compress(x, worker=w, step=10)) for w in range(n)] != compiled  # another step, another bitmap
     calls.clear()
     _forget_marked_blocks()

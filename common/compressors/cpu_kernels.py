@@ -47,9 +47,12 @@ root, with the same bits as its torch expressions: at d = 1e7 they were about a 
 gradient method's step in one pass each, with the bits of torch's separate operations.
 ``keyed_range`` evaluates Perm-K's keyed bijection (``indices.keyed_permutation``) on a block of
 positions in one pass, with the integer arithmetic of the torch version's twenty-odd passes.
-``marked`` sets the block's positions in a bitmap of d bits, which ``gather_marked`` (the message's
-values, and whether x is finite) and ``scatter_marked`` (the dense form, or h + it) read in
-increasing order: the block is never sorted, and no index array is written or read.
+``marked`` sets the block's positions in a bitmap of d bits; ``marked_rows`` and ``marked_blocks`` find
+that bitmap from the image side, every coordinate mapped back through the network a band of its
+domain at a time (``mark_rows_banded``: bit matrices, transposed, no table read at a computed
+index). ``gather_marked`` (the message's values, and whether x is finite) and ``scatter_marked``
+(the dense form, or h + it) read the bitmap in increasing order: the block is never sorted, and no
+index array is written or read.
 
 ``keyed_subsets`` draws Rand-K's supports chunk by chunk (``indices.randk_support``), each chunk's
 subset from counter-based draws into a bitmap in the L1 cache, the chunks in parallel.
@@ -82,7 +85,7 @@ from common.compressors.draws import GOLDEN
 # its intrinsics and helpers are compiled into them, and Numba's disk cache does not see them change.
 # tests/test_cpu_kernels.py fails until this is the current digest. (A kernel cached before a
 # change of kernel_parts.py alone was loaded as it was: a mutation test of an intrinsic found it.)
-KERNEL_PARTS_DIGEST = "e34e77ce5f6fddfd"
+KERNEL_PARTS_DIGEST = "764d80b2044f7156"
 
 
 def parts_digest() -> str:
@@ -1143,29 +1146,29 @@ def _kernels():
     @jit()
     def feistel(start, low, a_size, t0, t1, t2, t3, dim, rotation, out):
         """out_j = pi(start + j), ``indices.keyed_permutation`` of consecutive positions, one position at
-        a time: the four Feistel rounds (right ^= T0[left]; left = (left + T1[right]) mod A; the same
-        with T2, T3; T1 and T3 stored minus A, so one sign test reduces mod A), again while the value
-        is >= dim (cycle walking), then the rotation (v + s) mod dim. Integer arithmetic without
-        overflow, as the torch version, so the values are the same. The tables are read at unsigned
-        indices: no test for a negative one (one thread, a block of 5e6 positions at d = 1e7: 24-25 ms
-        against 29-32 with signed indices, and against 29-32 ms again with the walk moved to a
-        second loop)."""
-        mask = (np.int64(1) << low) - 1
+        a time (``kernel_parts.keyed_image``)."""
         for j in range(out.size):
-            v = np.int64(start + j)
-            while True:
-                left = v >> low
-                right = (v & mask) ^ t0[u64(left)]
-                left = left + t1[u64(right)]
-                left += (left >> 63) & a_size
-                right = right ^ t2[u64(left)]
-                left = left + t3[u64(right)]
-                left += (left >> 63) & a_size
-                v = (left << low) | right
-                if v < dim:
-                    break
-            v += rotation - dim
-            out[j] = v + ((v >> 63) & dim)
+            out[j] = kernel_parts.keyed_image(np.int64(start + j), low, a_size, t0, t1, t2, t3, dim, rotation)
+
+    @jit()
+    def mark_rest(starts, ends, lows, highs, dim, low, a_size, t0, t1, t2, t3, rotation, words):
+        """Sets in words[k] (a bitmap of dim bits) the images of the positions of block k = [starts[k],
+        ends[k]) that ``mark_rows_banded`` leaves out of its full rows [lows[k], highs[k]) (starts[k]
+        <= lows[k] <= highs[k] <= ends[k], the blocks in increasing order): those of the partial rows
+        at its two ends, and those of the full rows whose first pass through the network leaves
+        [0, dim), found as the network's inverse of each value of [dim, A 2^low), whose image is
+        the rest of that value's cycle walk."""
+        for u in range(dim, np.int64(a_size) << low):
+            p = kernel_parts.network_back(u, low, a_size, t0, t1, t2, t3)
+            for k in range(starts.size):
+                if lows[k] <= p < highs[k]:
+                    v = kernel_parts.keyed_image(u, low, a_size, t0, t1, t2, t3, dim, rotation)
+                    words[k, v >> 6] |= u64(1) << u64(v & 63)
+        for k in range(starts.size):
+            for a, b in ((starts[k], lows[k]), (highs[k], ends[k])):
+                for p in range(a, b):
+                    v = kernel_parts.keyed_image(p, low, a_size, t0, t1, t2, t3, dim, rotation)
+                    words[k, v >> 6] |= u64(1) << u64(v & 63)
 
     @jit()
     def mark_rows_banded(band_a, band_b, first_rows, end_rows, low, a_size, t1, t2, t3, dim, out):
@@ -1628,7 +1631,7 @@ def _kernels():
             "pack_small": pack_small, "pack_words": pack_words, "pack_vectors": pack_vectors, "unpack_small": unpack_small, "unpack_words": unpack_words, "unpack_vectors": unpack_vectors, "dequantize": dequantize, "dequantize_stacked": dequantize_stacked, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
-            "descend": descend, "mean_descend": mean_descend, "signs_mean_added": signs_mean_added, "sparse_added": sparse_added, "marked_mean_added": marked_mean_added, "mean_added_on_union": mean_added_on_union, "feistel": feistel, "ascending": ascending,
+            "descend": descend, "mean_descend": mean_descend, "signs_mean_added": signs_mean_added, "sparse_added": sparse_added, "marked_mean_added": marked_mean_added, "mean_added_on_union": mean_added_on_union, "feistel": feistel, "mark_rest": mark_rest, "ascending": ascending,
             "mark": mark, "mark_rows_banded": mark_rows_banded, "rotated_bits": rotated_bits, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
             "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write,
             "rice_read": rice_read, "pick_top": pick_top, "kth_largest_bits": kth_largest_bits,
@@ -2698,9 +2701,14 @@ def marked_rows(first_row: int, end_row: int, dim: int, low: int, a_size: int, t
     return None if before is None else rotate_marked(before, dim, rotation)[0]
 
 
-def mark(words: np.ndarray, values: torch.Tensor) -> None:
-    """Set the bits of the CPU integers ``values`` in the bitmap ``words`` (one thread)."""
-    _kernels()["mark"](values.contiguous().numpy().reshape(-1), words)
+def mark_rest(words: np.ndarray, blocks, full, dim: int, low: int, a_size: int, tables, rotation: int) -> None:
+    """Sets in ``words[k]`` the images of the positions of block k = (start, size) of ``blocks`` that
+    the full rows ``full[k]`` = (lo, hi) of ``_rows_marked`` leave out (``mark_rest``: the partial
+    rows, and the positions whose first pass through the network leaves [0, dim)); one thread."""
+    starts, sizes = (np.array(column, dtype=np.int64) for column in zip(*blocks))
+    lows, highs = (np.array(column, dtype=np.int64) for column in zip(*full))
+    arrays = [t.contiguous().numpy() for t in tables]
+    _kernels()["mark_rest"](starts, starts + sizes, lows, highs, dim, low, a_size, *arrays, rotation, words)
 
 
 def count_marked(words: np.ndarray) -> int:

@@ -38,10 +38,16 @@ from common.keys import MASK64, mix, numpy_rng
 
 PERMK_HOST_MAX_DIM = 1 << 16  # Perm-K of larger d uses the keyed bijection (``keyed_permutation``)
 FEISTEL_ROUNDS = 4
-IMAGE_SIDE_MAX_N = 2  # Perm-K blocks for up to this many workers are marked from the image side (``marked_from_the_image``)
+# A block asked for alone is marked from the image side (``marked_from_the_image``, a pass over d) for
+# up to this many workers, above from its d / n positions (``keyed_block``, about 4 ns a position on
+# 2 cores at d = 1e7). On 2 cores, the image side against the positions, ms: d = 1e7, n = 3 / 6 / 8 /
+# 16: 1.8 / 1.9 / 1.9 / 2.0 against 7.3 / 3.8 / 2.9 / 1.7; d = 1e6, n = 3 / 6 / 8: 0.53 / 0.65 /
+# 0.54 against 1.30 / 0.74 / 0.51; d = 2^18, n = 3 / 6: 0.30 / 0.30 against 0.35 / 0.19.
+IMAGE_SIDE_MAX_N = 6
 # Up to this many workers, a second block of one step asked for marks every block at once
-# (``marked_blocks``, whose kernel compares each coordinate with every block: at d = 1e7 on 2 cores
-# all n bitmaps took 21 / 22 / 31 / 42 / 51 ms for n = 3 / 4 / 8 / 12 / 16, one at a time 44 ms)
+# (``marked_blocks``: a server's; the blocks share one pass's overheads, each its own bands, so the
+# pass costs about d n: at d = 1e7 on 2 cores 1.7-1.9 ms a block for n = 3 to 16, against 1.7-7.3
+# for a block's positions)
 BLOCKS_AT_ONCE_MAX_N = 8
 _MASK32 = (1 << 32) - 1
 
@@ -313,9 +319,10 @@ def permk_support_tensor(dim: int, n: int, worker: int, key: int, device: torch.
 
 
 def marked_support(rule) -> tuple[np.ndarray, int] | None:
-    """A keyed Perm-K rule's support on the CPU as a bitmap of d bits (``cpu_kernels.marked`` of the
-    block's values; at n = 2 ``marked_from_the_image``, or the complement of the other block's
-    bitmap of the same step; for 3 to ``BLOCKS_AT_ONCE_MAX_N`` workers, every block's bitmap at
+    """A keyed Perm-K rule's support on the CPU as a bitmap of d bits (up to ``IMAGE_SIDE_MAX_N``
+    workers ``marked_from_the_image``, or at n = 2 the complement of the other block's bitmap of the
+    same step; above, ``cpu_kernels.marked`` of the block's values; for 3 to
+    ``BLOCKS_AT_ONCE_MAX_N`` workers, every block's bitmap at
     once, ``marked_blocks``, when another block of the same step than the last one is asked for (a
     server compressing each worker's block; a worker asks for its own only, maybe twice), or at the
     first within ``every_block_asked``, and then each from that) and its size, for the compiled
@@ -339,24 +346,23 @@ def marked_support(rule) -> tuple[np.ndarray, int] | None:
     start, size = _block(rule.dim, rule.count, slot)
     if size == rule.dim:
         return None
-    if rule.count <= IMAGE_SIDE_MAX_N:
-        words = _from_the_last_image(rule.dim, rule.key, start, size)
-        if words is None:
-            words = marked_from_the_image(start, size, rule.dim, rule.key)
-            _last_image[0] = None if words is None else (rule.dim, rule.key, start, size, words)
-    else:
-        step = (rule.dim, rule.count, rule.key)
+    step, words = (rule.dim, rule.count, rule.key), None
+    if 2 < rule.count <= BLOCKS_AT_ONCE_MAX_N:
         last, asked = _last_blocks[0], _last_asked[0]
         if last is not None and last[0] == step:
-            blocks = last[1]  # None where marking them all failed for this step: not tried again
-        elif rule.count <= BLOCKS_AT_ONCE_MAX_N and (_every_block.get() or (asked is not None and asked[0] == step and asked[1] != slot)):
+            words = None if last[1] is None else last[1][slot]  # (None where marking them all failed: not tried again)
+        elif _every_block.get() or (asked is not None and asked[0] == step and asked[1] != slot):
             blocks = marked_blocks(*step)  # every block will be asked for, or another than the last: all of them
             _last_blocks[0] = (step, blocks)
-        else:
-            blocks = None
-        words = None if blocks is None else blocks[slot]
+            words = None if blocks is None else blocks[slot]
+    if words is None:
+        _last_asked[0] = (step, slot)
+        if rule.count <= IMAGE_SIDE_MAX_N:
+            words = _from_the_last_image(rule.dim, rule.key, start, size)
+            if words is None:
+                words = marked_from_the_image(start, size, rule.dim, rule.key)
+                _last_image[0] = None if words is None else (rule.dim, rule.key, start, size, words)
         if words is None:
-            _last_asked[0] = (step, slot)
             words = cpu_kernels.marked(keyed_block(start, size, rule.dim, rule.key, torch.device("cpu")), rule.dim)
     return None if words is None else (words, size)
 
@@ -408,7 +414,7 @@ def marked_blocks(dim: int, n: int, key: int) -> np.ndarray | None:
     words = cpu_kernels.rotate_marked(before, dim, rotation)
     full = [(int(a) * width, int(b) * width) if b > a else (start + size, start + size)
             for a, b, (start, size) in zip(first_rows, end_rows, blocks)]  # no full row: all mapped forward
-    return words if _mark_the_rest(words, blocks, full, _first_pass_leaves(dim, low, a_size, tables), dim, key) else None
+    return words if _mark_the_rest(words, blocks, full, dim, key) else None
 
 
 def _from_the_last_image(dim: int, key: int, start: int, size: int) -> np.ndarray | None:
@@ -436,16 +442,15 @@ def _from_the_last_image(dim: int, key: int, start: int, size: int) -> np.ndarra
 
 
 def marked_from_the_image(start: int, size: int, dim: int, key: int) -> np.ndarray | None:
-    """``marked_support``'s bitmap for a block of about half of [0, dim) or more, found by mapping
-    every coordinate back (``cpu_kernels.marked_rows``) instead of every position forward: three
-    table reads and no scattered bit a coordinate, against four dependent reads and a bit set at a
-    random word a position. It pays where the block holds half the coordinates (d = 1e7, n = 2:
-    11.6-13.1 ms against 12.7-17.2 on an Intel host; 7.0-8.9 against 11.6-14.4 on AMD Zen 4 since the
-    values are taken in their order before the rotation), not at a third (17.8-18.3 against 14.2-15.0;
-    on Zen 4, 6.6-10.3 against 7.7-10.2): see docs/overhead.md. The positions that
-    ``marked_rows`` leaves out are few and mapped forward: those of the block's partial rows at its
-    two ends, and those of its full rows whose first pass through the network leaves [0, dim) (the
-    network's inverse of each value of [dim, A 2^low) that falls in those rows)."""
+    """``marked_support``'s bitmap for a block, found by mapping every coordinate back
+    (``cpu_kernels.marked_rows``: a pass over d, in bands of the network's domain, with no table
+    read at a computed index) instead of every position forward (four dependent table reads and a
+    bit set at a random word a position): at d = 1e7 on 2 cores 1.8-2.0 ms for any block, against
+    11.3 ms for the d / 2 positions of n = 2 and 7.3 for the d / 3 of n = 3 (``IMAGE_SIDE_MAX_N``;
+    docs/overhead.md). The positions that ``marked_rows`` leaves out are few and mapped forward
+    (``_mark_the_rest``): those of the block's partial rows at its two ends, and those of its full
+    rows whose first pass through the network leaves [0, dim). None where the block holds no full
+    row or the compiled pass does not apply."""
     low, a_size, _, tables, rotation = _feistel_tables(dim, key, torch.device("cpu"))
     width = 1 << low
     first_row, end_row = -(-start // width), (start + size) // width
@@ -454,38 +459,20 @@ def marked_from_the_image(start: int, size: int, dim: int, key: int) -> np.ndarr
     words = cpu_kernels.marked_rows(first_row, end_row, dim, low, a_size, tables, rotation)
     if words is None:
         return None
-    walked = _first_pass_leaves(dim, low, a_size, tables)
     full = [(first_row * width, end_row * width)]
-    return words if _mark_the_rest([words], [(start, size)], full, walked, dim, key) else None
+    return words if _mark_the_rest(words.reshape(1, -1), [(start, size)], full, dim, key) else None
 
 
-def _first_pass_leaves(dim: int, low: int, a_size: int, tables) -> torch.Tensor:
-    """The positions whose first pass through the Feistel network leaves [0, dim): its inverse of
-    the values dim, ..., A 2^low - 1 (fewer than 2^low)."""
-    return _feistel_inverse(torch.arange(dim, a_size << low, dtype=tables[0].dtype), low, a_size, tables)
-
-
-def _mark_the_rest(words, blocks, full, walked: torch.Tensor, dim: int, key: int) -> bool:
-    """Marks in ``words[k]``, the bitmap of block k = (start, size) of ``blocks`` found from the
-    coordinates that map back into its full rows (positions ``full[k]`` = (lo, hi), lo <= hi), the
-    positions that way leaves out, mapped forward: those of the block's partial rows at its two ends,
-    and those of its full rows among ``walked`` (``_first_pass_leaves``), every block's in one call
-    of ``keyed_permutation``. Returns whether every bitmap then holds its block's size."""
-    positions = walked.numpy()
-    starts = np.array([start for start, _ in blocks], dtype=np.int64)
-    owner = np.maximum(np.searchsorted(starts, positions, side="right") - 1, 0)  # (below the first block: not inside it)
-    lows, highs = (np.array(ends, dtype=np.int64) for ends in zip(*full))
-    inside = (positions >= lows[owner]) & (positions < highs[owner])
-    forward, owners = [walked[torch.from_numpy(inside)]], [owner[inside]]
-    for k, ((start, size), (lo, hi)) in enumerate(zip(blocks, full)):
-        for a, b in ((start, lo), (hi, start + size)):
-            if b > a:
-                forward.append(torch.arange(a, b, dtype=walked.dtype))
-                owners.append(np.full(b - a, k, dtype=np.int64))
-    images = keyed_permutation(torch.cat(forward), dim, key)
-    owner = torch.from_numpy(np.concatenate(owners))
-    for k in range(len(blocks)):
-        cpu_kernels.mark(words[k], images[owner == k])
+def _mark_the_rest(words: np.ndarray, blocks, full, dim: int, key: int) -> bool:
+    """Marks in ``words[k]``, the bitmap of block k = (start, size) of ``blocks`` (in increasing order)
+    found from the coordinates that map back into its full rows (positions ``full[k]`` = (lo, hi),
+    start <= lo <= hi <= start + size), the positions that way leaves out: those of the block's
+    partial rows at its two ends, and those of its full rows whose first pass through the network
+    leaves [0, d) (``cpu_kernels.mark_rest``, one compiled pass for every block: the few thousand
+    positions took 0.3-0.5 ms in torch's operations, most of a block's time at d = 2^18). Returns
+    whether every bitmap then holds its block's size."""
+    low, a_size, _, tables, rotation = _feistel_tables(dim, key, torch.device("cpu"))
+    cpu_kernels.mark_rest(words, blocks, full, dim, low, a_size, tables, rotation)
     return all(cpu_kernels.count_marked(words[k]) == size for k, (_, size) in enumerate(blocks))
 
 
@@ -566,21 +553,6 @@ def _feistel(v: torch.Tensor, low: int, a_size: int, tables) -> torch.Tensor:
             right.bitwise_xor_(table.index_select(0, left))
         else:
             left.add_(table.index_select(0, right))
-            left.add_((left >> (8 * left.element_size() - 1)).bitwise_and_(a_size))
-    return left.bitwise_left_shift_(low).bitwise_or_(right)
-
-
-def _feistel_inverse(v: torch.Tensor, low: int, a_size: int, tables) -> torch.Tensor:
-    """``_feistel``'s inverse: its rounds undone in reverse order (left = (left - T_r[right]) mod A,
-    right ^= T_r[left]), on a copy of ``v``."""
-    left = v >> low
-    right = v.bitwise_and((1 << low) - 1)
-    for r in reversed(range(len(tables))):
-        table = tables[r]
-        if r % 2 == 0:
-            right.bitwise_xor_(table.index_select(0, left))
-        else:  # T stored minus A: left - T_stored - A lies in [-A, A)
-            left.sub_(table.index_select(0, right)).sub_(a_size)
             left.add_((left >> (8 * left.element_size() - 1)).bitwise_and_(a_size))
     return left.bitwise_left_shift_(low).bitwise_or_(right)
 
