@@ -419,9 +419,7 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
     (a tensor over an immutable ``bytes`` would let later in-place ops write into it)."""
     if not arr.flags.writeable or not arr.flags.aligned:
         arr = arr.copy()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.from_numpy(arr)
+    return torch.from_numpy(arr)  # (writable: torch's warning about read-only memory cannot fire)
 
 
 def _sign_bits(mv: memoryview, n: int, what: str) -> torch.Tensor:
