@@ -551,50 +551,74 @@ SMALL_TOP = 15  # the largest table (codes 0 .. SMALL_TOP) that ``small_table_co
 
 
 @intrinsic
-def small_table_codes(typingctx, t, halves, m, levels, top, stochastic, codes):
-    """The codes of t[0:m] (t >= 0, float32) against a table of top + 1 <= ``SMALL_TOP`` + 1 ascending
-    levels, 16 coordinates at a time in vector registers, stored into codes[0:m] (uint8). Returns the
-    codes met as bits (bit c: some coordinate has code c), with bit 16 set where a t is inf or NaN.
+def small_table_codes(typingctx, x, divisor, halves, m, levels, top, stochastic, codes, signs, signs_at):
+    """The codes of t = |x| / ``divisor`` for x[0:m] (float32) against a table of top + 1 <=
+    ``SMALL_TOP`` + 1 ascending levels, 16 coordinates at a time in vector registers, stored into
+    codes[0:m] (uint8), and the bitmap of x < 0 into signs[signs_at:signs_at + ceil(m / 8)] (two bytes
+    a group, each group's comparison mask as it is: no flag array, no second pass to pack it, and t
+    is never stored). Returns the codes met as bits (bit c: some coordinate has code c), with bit 16
+    set where a t is inf or NaN.
 
-    t's lower code k is the number of the levels l_1 .. l_(top-1) that are <= t (the largest level
-    <= t, clamped to [0, top - 1], as ``rounding.lower_level``), and lo and hi are l_k and l_(k+1),
-    selected as the comparisons go: no table read, no gather, and exact for every t, subnormal ones
-    included (the binade lookups need a second look there). Then ``pair_code``'s test, the same
-    float32 operations in the same order: up with probability (t - lo) / gap from the draw's 24 low
-    bits of ``halves`` (``stochastic``; up where the gap is 0), else to the nearer level (ties down).
-    The codes met are ORed as one-hot words (two operations a group, where a minimum, a maximum and
-    a smallest nonzero code took nine). ``levels`` holds ``SMALL_TOP`` + 1 entries (the ones past
-    ``top`` are loaded once and not read); the last group of a length that is not a multiple of 16
-    reads whole groups of t and ``halves`` (entries past m mean nothing) and stores and counts its
-    live lanes only. The loop is emitted once for each table size, so that the comparisons are
-    unrolled and the levels stay in registers. Plain LLVM vector operations: lowers on any target."""
-    if not (isinstance(t, types.Array) and t.dtype == types.float32 and isinstance(halves, types.Array)
-            and halves.dtype == types.uint32 and isinstance(levels, types.Array) and levels.dtype == types.float32
-            and isinstance(codes, types.Array) and codes.dtype == types.uint8):
+    t is the float32 quotient that ``block_start`` computes. Its lower code k is the number of the
+    levels l_1 .. l_(top-1) that are <= t (the largest level <= t, clamped to [0, top - 1], as
+    ``rounding.lower_level``), and lo and hi are l_k and l_(k+1), selected as the comparisons go: no
+    table read, no gather, and exact for every t, subnormal ones included (the binade lookups need a
+    second look there). Then ``pair_code``'s test, the same float32 operations in the same order: up
+    with probability (t - lo) / gap from the draw's 24 low bits of ``halves`` (``stochastic``; up
+    where the gap is 0), else to the nearer level (ties down). The codes met are ORed as one-hot
+    words (two operations a group, where a minimum, a maximum and a smallest nonzero code took nine).
+    ``levels`` holds ``SMALL_TOP`` + 1 entries (the ones past ``top`` are loaded once and not read);
+    the last group of a length that is not a multiple of 16 loads its live lanes of x (the others
+    read as 0), reads a whole group of ``halves`` (entries past m mean nothing), and stores, counts
+    and marks its live lanes only. The loop is emitted once for each table size, so that the
+    comparisons are unrolled and the levels stay in registers. Plain LLVM vector operations: lowers
+    on any target."""
+    if not (isinstance(x, types.Array) and x.dtype == types.float32 and divisor == types.float32
+            and isinstance(halves, types.Array) and halves.dtype == types.uint32 and isinstance(levels, types.Array)
+            and levels.dtype == types.float32 and isinstance(codes, types.Array) and codes.dtype == types.uint8
+            and isinstance(signs, types.Array) and signs.dtype == types.uint8):
         return None
 
     def codegen(context, builder, signature, args):
-        f32, i32, i64, i8, i1 = ir.FloatType(), ir.IntType(32), ir.IntType(64), ir.IntType(8), ir.IntType(1)
+        f32, i32, i64, i16, i8, i1 = ir.FloatType(), ir.IntType(32), ir.IntType(64), ir.IntType(16), ir.IntType(8), ir.IntType(1)
         floats, ints, narrow, lanes = (ir.VectorType(f32, 16), ir.VectorType(i32, 16), ir.VectorType(i8, 16),
                                        ir.VectorType(i1, 16))
-        t_data, half_data, level_data, code_data = (
-            context.make_array(signature.args[k])(context, builder, args[k]).data for k in (0, 1, 3, 6))
-        count = context.cast(builder, args[2], signature.args[2], types.int64)
+        pair, pair_bits = ir.VectorType(i8, 2), ir.VectorType(i1, 2)
+        x_data, half_data, level_data, code_data, sign_data = (
+            context.make_array(signature.args[k])(context, builder, args[k]).data for k in (0, 2, 4, 7, 8))
+        count = context.cast(builder, args[3], signature.args[3], types.int64)
         full = builder.udiv(count, ir.Constant(i64, 16))
-        top_value = context.cast(builder, args[4], signature.args[4], types.int64)
-        drawing = _splat(builder, context.cast(builder, args[5], signature.args[5], types.boolean), lanes)
+        top_value = context.cast(builder, args[5], signature.args[5], types.int64)
+        drawing = _splat(builder, context.cast(builder, args[6], signature.args[6], types.boolean), lanes)
+        first_sign = context.cast(builder, args[9], signature.args[9], types.int64)
+        divisors = _splat(builder, args[1], floats)
         ints_of = lambda value: _splat(builder, ir.Constant(i32, value), ints)
         levels_v = [_splat(builder, builder.load(builder.gep(level_data, [ir.Constant(i64, i)])), floats)
                     for i in range(SMALL_TOP + 1)]
         low_bits, scale = ints_of(0xFFFFFF), _splat(builder, ir.Constant(f32, 16777216.0), floats)
         zero, infinity = ir.Constant(floats, [0.0] * 16), _splat(builder, ir.Constant(f32, float("inf")), floats)
         one, special_bit, no_bits = ints_of(1), ints_of(1 << 16), ints_of(0)
-        store = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [narrow, narrow.as_pointer(), i32, lanes]),
-                                               "llvm.masked.store.v16i8.p0")
+        function = lambda name, result, arguments: cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, arguments), name)
+        fabs = function("llvm.fabs.v16f32", floats, [floats])
+        load_live = function("llvm.masked.load.v16f32.p0", floats, [floats.as_pointer(), i32, lanes, floats])
+        store = function("llvm.masked.store.v16i8.p0", ir.VoidType(), [narrow, narrow.as_pointer(), i32, lanes])
+        store_pair = function("llvm.masked.store.v2i8.p0", ir.VoidType(), [pair, pair.as_pointer(), i32, pair_bits])
         met = cgutils.alloca_once_value(builder, no_bits)
 
-        def group(size, at, live):
-            tv = builder.load(builder.bitcast(builder.gep(t_data, [at]), floats.as_pointer()), align=4)
+        def group(size, at, live, live_count):
+            source = builder.bitcast(builder.gep(x_data, [at]), floats.as_pointer())
+            xv = (builder.load(source, align=4) if live is None
+                  else builder.call(load_live, [source, ir.Constant(i32, 4), live, zero]))
+            negative = builder.bitcast(builder.fcmp_ordered("<", xv, zero), i16)
+            sign_at = builder.gep(sign_data, [builder.add(first_sign, builder.udiv(at, ir.Constant(i64, 8)))])
+            if live is None:
+                builder.store(negative, builder.bitcast(sign_at, i16.as_pointer()), align=1)
+            else:  # the bytes that hold live lanes: 1 for up to 8, else 2
+                second = builder.icmp_signed(">", live_count, ir.Constant(i64, 8))
+                bytes_live = builder.insert_element(ir.Constant(pair_bits, [1, 0]), second, ir.Constant(i32, 1))
+                builder.call(store_pair, [builder.bitcast(negative, pair), builder.bitcast(sign_at, pair.as_pointer()),
+                                          ir.Constant(i32, 1), bytes_live])
+            tv = builder.fdiv(builder.call(fabs, [xv]), divisors)
             k, lo, hi = ir.Constant(ints, [0] * 16), levels_v[0], levels_v[1]
             for i in range(1, size):
                 reached = builder.fcmp_ordered(">=", tv, levels_v[i])
@@ -619,11 +643,12 @@ def small_table_codes(typingctx, t, halves, m, levels, top, stochastic, codes):
 
         def codes_of(size):
             with cgutils.for_range(builder, full) as loop:
-                group(size, builder.mul(loop.index, ir.Constant(i64, 16)), None)
+                group(size, builder.mul(loop.index, ir.Constant(i64, 16)), None, None)
             at = builder.mul(full, ir.Constant(i64, 16))
             with builder.if_then(builder.icmp_signed("<", at, count)):
                 lane = ir.Constant(ints, list(range(16)))
-                group(size, at, builder.icmp_signed("<", lane, _splat(builder, builder.trunc(builder.sub(count, at), i32), ints)))
+                rest = builder.sub(count, at)
+                group(size, at, builder.icmp_signed("<", lane, _splat(builder, builder.trunc(rest, i32), ints)), rest)
 
         for size in range(1, SMALL_TOP + 1):
             with builder.if_then(builder.icmp_signed("==", top_value, ir.Constant(i64, size))):
@@ -631,7 +656,7 @@ def small_table_codes(typingctx, t, halves, m, levels, top, stochastic, codes):
         reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [ints]), "llvm.vector.reduce.or.v16i32")
         return builder.zext(builder.call(reduce, [builder.load(met)]), i64)
 
-    return types.int64(t, halves, m, levels, top, stochastic, codes), codegen
+    return types.int64(x, divisor, halves, m, levels, top, stochastic, codes, signs, signs_at), codegen
 
 
 BINADES = 256  # float32 exponent fields: entries of each row of ``window_pairs``'s tables
