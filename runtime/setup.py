@@ -59,7 +59,7 @@ class RunSetup:
         for spec in specs:
             c = build_compressor(spec, self.dim, self.config.workers, self.config.seed, purpose="warm-up")
             payload = decode(encode(c.compress(x, worker=0, step=0)))
-            if self.config.workers > 2:  # a server's compress of another worker's block (Perm-K: every block at once)
+            if self.config.workers > 2:  # a server's compress of another worker's block (Perm-K, above 6 workers: every block at once)
                 c.compress(x, worker=1, step=0)
             c.compress_difference(x, c.decompress(payload), worker=0, step=0)  # and a Markov message's own passes
             add_dense(add_dense(x, payload), payload, inplace=True)  # a Markov shift, a running mean

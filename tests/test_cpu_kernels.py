@@ -942,10 +942,11 @@ def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(mon
     has the same bytes as with the torch version, and the blocks still partition [d]; the bitmap's
     gather and scatter give the bytes of the sorted support's index_select and index_copy_. A block
     asked for alone is marked from the image side up to ``IMAGE_SIDE_MAX_N`` workers (n = 2 and 3),
-    above from its values (n = 7); at n = 2 the second block is the first's complement; for n = 3
-    and 7 the second block asked for marks all of them from the image side (``marked_blocks``),
-    where every other comes from; a block asked for again is not a second one. A MARINA-P server's
-    downlinks (``every_block_asked``) mark every block at the first, with the same bytes."""
+    above from its values (n = 7); at n = 2 the second block is the first's complement; up to
+    ``IMAGE_SIDE_MAX_N`` workers every block is marked alone, and above (n = 7) the second block
+    asked for marks all of them from the image side (``marked_blocks``), where every other comes
+    from; a block asked for again is not a second one. A MARINA-P server's downlinks
+    (``every_block_asked``) mark every block at the first for n = 3 and 7, with the same bytes."""
     from types import SimpleNamespace
 
     from common.algorithms.marina_p_downlink import model_messages
@@ -963,6 +964,8 @@ def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(mon
     compiled = [encode(c.compress(x, worker=w, step=9)) for w in range(n)]
     if n == 2:
         assert calls == ["marked_rows"]  # the second block is the first's complement
+    elif n <= indices.IMAGE_SIDE_MAX_N:  # each block alone
+        assert calls == ["marked_rows"] * n
     else:  # the first block alone, then every block at once
         assert calls == [alone_by, "marked_blocks"]
     alone, before = [], len(calls)
@@ -979,8 +982,8 @@ def test_permk_messages_are_the_same_with_and_without_the_compiled_bijection(mon
     _forget_marked_blocks()  # a MARINA-P server's downlinks: every block at the first (every_block_asked)
     downs = model_messages(SimpleNamespace(n=n), c, torch.zeros(dim), x, 9, sync=False)
     assert [encode(m.payloads["delta"]) for m in downs] == compiled
-    if n > indices.IMAGE_SIDE_MAX_N:
-        assert calls[0] == "marked_blocks" and calls.count("marked_blocks") == 1
+    if n > 2:
+        assert calls == ["marked_blocks"]
     _forget_marked_blocks()
     monkeypatch.setattr(cpu_kernels, "marked_rows", lambda *a: None)
     monkeypatch.setattr(cpu_kernels, "keyed_range", lambda *a: None)
@@ -1108,10 +1111,12 @@ def test_a_run_loads_its_compressors_kernels_before_the_clock_starts(uplink, cal
     assert [len(a) > 3 and a[3] is not None for a in seen] == [False, True][:calls]  # (the second with h)
 
 
-@pytest.mark.parametrize("workers, at_once", [(2, 0), (4, 1)])
+@pytest.mark.parametrize("workers, at_once", [(2, 0), (4, 0), (8, 1)])
 def test_a_perm_k_run_marks_every_block_at_once_before_the_clock_starts(workers, at_once, monkeypatch):
     """RunSetup.build compresses a second worker's block too where there are more than 2 workers,
-    so that the pass that marks every Perm-K block of a step (a server's) loads before round 0."""
+    so that the pass that marks every Perm-K block of a step (a server's) loads before round 0: above
+    ``IMAGE_SIDE_MAX_N`` workers through ``marked_blocks``; up to it the blocks are marked alone
+    from the image side, by the same kernels."""
     from common.config import RunConfig
     from runtime.setup import RunSetup
 

@@ -49,8 +49,8 @@ gradient method's step in one pass each, with the bits of torch's separate opera
 positions in one pass, with the integer arithmetic of the torch version's twenty-odd passes.
 ``marked`` sets the block's positions in a bitmap of d bits; ``marked_rows`` and ``marked_blocks`` find
 that bitmap from the image side, every coordinate mapped back through the network a band of its
-domain at a time (``mark_rows_banded``: bit matrices, transposed, no table read at a computed
-index). ``gather_marked`` (the message's values, and whether x is finite) and ``scatter_marked``
+domain at a time (``mark_rows_banded``: bit matrices, transposed; the tables read 16 entries at a
+time at a row's place, not one entry a coordinate). ``gather_marked`` (the message's values, and whether x is finite) and ``scatter_marked``
 (the dense form, or h + it) read the bitmap in increasing order: the block is never sorted, and no
 index array is written or read.
 
@@ -85,7 +85,7 @@ from common.compressors.draws import GOLDEN
 # its intrinsics and helpers are compiled into them, and Numba's disk cache does not see them change.
 # tests/test_cpu_kernels.py fails until this is the current digest. (A kernel cached before a
 # change of kernel_parts.py alone was loaded as it was: a mutation test of an intrinsic found it.)
-KERNEL_PARTS_DIGEST = "462ba0c133d9bd1e"
+KERNEL_PARTS_DIGEST = "23cfa07705bc4ef0"
 
 
 def parts_digest() -> str:
@@ -1652,9 +1652,10 @@ MIN_COMPILED = 1 << 15
 # The float32 tables that ``quantize_small32`` takes (its comparisons grow with the table, where the
 # windows' and the powers-of-two kernel's cost does not): any of at most 16 levels whose binades hold
 # several levels (bases below 2, which the general loop scans: 112-171 ms on one thread at d = 1e7,
-# against 11-15) or, where the host lacks AVX-512, that would be gathered (compiled for AVX2 with
-# ``NUMBA_CPU_NAME=haswell``: base-3 dithering s = 4 / 6 / 15 27.8 / 27.6 / 22.0 ms against 10.0 / 11.2 /
-# 16.4); tables of one level a binade up to SMALL_TOP_OVER_WINDOWS, and of powers of two up to
+# against 11-15) or, where the host lacks AVX-512, that would be gathered (compiled for AVX2, with
+# ``NUMBA_CPU_FEATURES`` the host's without its avx512 features: ``NUMBA_CPU_NAME`` alone keeps them;
+# base-3 dithering s = 4, ``benchmarks/bench_kernel_paths.py``: 21.7-25.0 ms against 9.9-10.0);
+# tables of one level a binade up to SMALL_TOP_OVER_WINDOWS, and of powers of two up to
 # SMALL_TOP_OVER_POWERS. One thread at d = 1e7 on AMD Zen 4, two alternating runs, routed -> small
 # kernel, ms: base-3 dithering s = 6 11.4 / 10.9 -> 10.2 / 9.5, s = 8 11.1 / 10.9 -> 11.3 / 10.6, s = 11
 # 11.1 / 10.4 -> 12.6 / 11.8; natural dithering s = 2 9.4 / 8.6 -> 7.9 / 7.2, s = 4 9.6 / 8.6 -> 9.0 /
@@ -1831,7 +1832,8 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
     vector ``x`` against ``levels`` (float32 or float64: the arithmetic dtype), or None when Numba is
     missing. x < 0 comes as bool flags of x's shape; with ``sign_bits``, where the kernel writes them
     so (every float32 one: each block's flags go from a scratch in the cache into the bitmap,
-    ``kernel_parts.pack_signs``), as their bitmap instead (a uint8 tensor of ceil(n / 8) bytes in
+    ``kernel_parts.pack_signs``, or for small tables each group's comparison mask straight into it,
+    ``kernel_parts.small_table_codes``), as their bitmap instead (a uint8 tensor of ceil(n / 8) bytes in
     ``common.wire.bitpack``'s layout, the sign frame of the wire: no vector of flags is written, and
     the encoder sends it as it is). The encoder uses the code range to choose the field width (no second pass over the
     codes); exponential rounding raises for a NaN or inf from the flag, which the pass computes as
@@ -2672,9 +2674,8 @@ def _rows_marked(first_rows: np.ndarray, end_rows: np.ndarray, dim: int, low: in
 def marked_blocks(first_rows: np.ndarray, end_rows: np.ndarray, dim: int, low: int, a_size: int, tables) -> np.ndarray | None:
     """``marked_rows`` for several blocks of rows at once, before the rotation: row k of the result
     is the bitmap, in the order of the values before the keyed rotation, of the coordinates whose
-    preimage lies in the full rows first_rows[k], ..., end_rows[k] - 1 (``_rows_marked``, the
-    table reads of each band shared by the blocks); ``rotate_marked`` then moves each to the
-    coordinates. The caller marks the positions of partial rows and those whose first pass leaves
+    preimage lies in the full rows first_rows[k], ..., end_rows[k] - 1 (``_rows_marked``: a pass over
+    d for each block, in one call); ``rotate_marked`` then moves each to the coordinates. The caller marks the positions of partial rows and those whose first pass leaves
     [0, d) (``indices.marked_blocks``). None where ``_rows_marked`` does not apply."""
     return _rows_marked(first_rows, end_rows, dim, low, a_size, tables)
 

@@ -322,10 +322,11 @@ def marked_support(rule) -> tuple[np.ndarray, int] | None:
     """A keyed Perm-K rule's support on the CPU as a bitmap of d bits (up to ``IMAGE_SIDE_MAX_N``
     workers ``marked_from_the_image``, or at n = 2 the complement of the other block's bitmap of the
     same step; above, ``cpu_kernels.marked`` of the block's values; for 3 to
-    ``BLOCKS_AT_ONCE_MAX_N`` workers, every block's bitmap at
-    once, ``marked_blocks``, when another block of the same step than the last one is asked for (a
-    server compressing each worker's block; a worker asks for its own only, maybe twice), or at the
-    first within ``every_block_asked``, and then each from that) and its size, for the compiled
+    ``BLOCKS_AT_ONCE_MAX_N`` workers, every block's bitmap at once, ``marked_blocks``, at the first
+    block asked for within ``every_block_asked`` (a MARINA-P or M3 server), or, above
+    ``IMAGE_SIDE_MAX_N`` workers, when another block of the same step than the last one is asked for
+    (a server compressing each worker's block; a worker asks for its own only, maybe twice), and
+    then each from that) and its size, for the compiled
     gather and scatter (``cpu_kernels.gather_marked``, ``scatter_marked``), which read it in
     increasing order without sorting the block. None where those do not apply: another rule, d
     below ``cpu_kernels.MIN_CHUNK``, the host construction, a block of all of [d], no Numba.
@@ -351,7 +352,8 @@ def marked_support(rule) -> tuple[np.ndarray, int] | None:
         last, asked = _last_blocks[0], _last_asked[0]
         if last is not None and last[0] == step:
             words = None if last[1] is None else last[1][slot]  # (None where marking them all failed: not tried again)
-        elif _every_block.get() or (asked is not None and asked[0] == step and asked[1] != slot):
+        elif _every_block.get() or (rule.count > IMAGE_SIDE_MAX_N and asked is not None and asked[0] == step
+                                    and asked[1] != slot):
             blocks = marked_blocks(*step)  # every block will be asked for, or another than the last: all of them
             _last_blocks[0] = (step, blocks)
             words = None if blocks is None else blocks[slot]
@@ -374,9 +376,11 @@ _every_block = contextvars.ContextVar("every_block_asked", default=False)
 def every_block_asked():
     """Within the block the caller asks for every Perm-K block of each step (a MARINA-P or M3 server
     compressing each worker's downlink), so that ``marked_support`` marks them all at once at the
-    first block asked for, for 3 to ``BLOCKS_AT_ONCE_MAX_N`` workers, instead of marking that one
-    alone (a forward pass over its d / n positions: 9-10 ms at d = 1e7, n = 4) and the rest at
-    the second. Only a hint: without it the second block asked for still marks the rest at once."""
+    first block asked for, for 3 to ``BLOCKS_AT_ONCE_MAX_N`` workers: one call's overheads for all
+    of them (at d = 1e6 on 2 cores 0.25-0.4 ms a block, against 0.5-0.7 alone from the image side),
+    and above ``IMAGE_SIDE_MAX_N`` workers no forward pass over the first block's d / n positions.
+    Only a hint: without it, above ``IMAGE_SIDE_MAX_N`` workers the second block asked for marks the
+    rest at once, and up to it each block is marked alone."""
     token = _every_block.set(True)
     try:
         yield
@@ -396,13 +400,13 @@ _last_asked: list = [None]
 
 def marked_blocks(dim: int, n: int, key: int) -> np.ndarray | None:
     """The bitmaps of all n Perm-K blocks of the step keyed by ``key`` (row k: block k of the
-    permuted order, ``_block``), found as ``marked_from_the_image`` finds one: every coordinate is
-    mapped back through the network once and kept in the block whose full rows hold it
-    (``cpu_kernels.marked_blocks``); the positions of each block's partial rows at its two ends,
-    and those of its full rows whose first pass through the network leaves [0, d), are few and
-    mapped forward. A server that compresses the n blocks of a step (MARINA-P, M3) asks for them
-    one after the other: at d = 1e7 and n = 4 the four bitmaps took 47.6 ms one at a time. None
-    where the kernel does not apply, or if a bitmap does not hold its block's size."""
+    permuted order, ``_block``), each found as ``marked_from_the_image`` finds one (every coordinate
+    mapped back through the network's rounds, ``cpu_kernels.marked_blocks``, a pass over d for each
+    block), in one call: the threads, the rotations and the positions mapped forward (each block's
+    partial rows at its two ends, and those of its full rows whose first pass through the network
+    leaves [0, d), ``_mark_the_rest``) are shared by the blocks. A server that compresses the n
+    blocks of a step (MARINA-P, M3) asks for them one after the other. None where the kernel does
+    not apply, or if a bitmap does not hold its block's size."""
     low, a_size, _, tables, rotation = _feistel_tables(dim, key, torch.device("cpu"))
     width = 1 << low
     blocks = [_block(dim, n, slot) for slot in range(n)]

@@ -254,7 +254,7 @@ def rows_word(typingctx, table, at, row, a_size, first_row, rows):
     arithmetic in 32-bit lanes (Numba widens every integer operation to 64 bits: 8 lanes a vector,
     and the word's bits ORed lane by lane, took 4-5 times as long), and each comparison's 16 bits
     taken as they are. Plain LLVM vector operations: lowers on any target."""
-    if not (isinstance(table, types.Array) and table.dtype == types.int32):
+    if not (isinstance(table, types.Array) and table.dtype == types.int32 and table.layout == "C"):
         return None
 
     def codegen(context, builder, signature, args):
@@ -573,10 +573,10 @@ def small_table_codes(typingctx, x, divisor, halves, m, levels, top, stochastic,
     and marks its live lanes only. The loop is emitted once for each table size, so that the
     comparisons are unrolled and the levels stay in registers. Plain LLVM vector operations: lowers
     on any target."""
-    if not (isinstance(x, types.Array) and x.dtype == types.float32 and divisor == types.float32
-            and isinstance(halves, types.Array) and halves.dtype == types.uint32 and isinstance(levels, types.Array)
-            and levels.dtype == types.float32 and isinstance(codes, types.Array) and codes.dtype == types.uint8
-            and isinstance(signs, types.Array) and signs.dtype == types.uint8):
+    arrays = (x, halves, levels, codes, signs)
+    if not (all(isinstance(a, types.Array) and a.layout == "C" for a in arrays)  # (read through their data pointers)
+            and [a.dtype for a in arrays] == [types.float32, types.uint32, types.float32, types.uint8, types.uint8]
+            and divisor == types.float32):
         return None
 
     def codegen(context, builder, signature, args):
