@@ -101,6 +101,24 @@ def test_uniform_levels_from_arithmetic_give_the_torch_codes(s, stochastic):
     assert span == (int(wide.min()), int(wide.max()), int(wide[wide > 0].min()))
 
 
+@pytest.mark.parametrize("s", [1, 7, 16])
+def test_the_uniform_kernel_counts_no_code_past_the_end(s):
+    """Lengths that end inside a vector's group of 16 and inside a block: where no code is 0, the
+    span starts above 0, as the torch version's codes do (lanes past the end would count as code
+    0), and the sign bitmap's padding bits are 0."""
+    table = LevelTable("uniform", 1.0, s)
+    levels = table.values(torch.float32, "cpu")
+    gen = torch.Generator().manual_seed(s)
+    for n in (37, 4096 + 21, cpu_kernels.MIN_CHUNK + 5):
+        t = 0.5 + 0.5 * torch.rand(n, generator=gen)  # codes of s / 2 and up
+        x = torch.where(torch.rand(n, generator=gen) < 0.5, -t, t)
+        for stochastic in (True, False):
+            signs, codes, span, _ = cpu_kernels.quantize(x, levels, s, 77, stochastic, sign_bits=True)
+            want = rounding.stochastic_codes(x.abs(), table, levels, 77 if stochastic else None).long()
+            assert torch.equal(codes.long(), want) and span == (int(want.min()), int(want.max()), int(want[want > 0].min()))
+            assert signs.numpy().tobytes() == np.packbits((x < 0).numpy(), bitorder="little").tobytes()
+
+
 def test_a_uniform_table_that_is_not_the_quotients_is_read_as_a_table():
     levels = LevelTable("uniform", 1.0, 7).values(torch.float32, "cpu").numpy().copy()
     assert cpu_kernels.uniform_levels_are_quotients(levels.tobytes(), 7)
