@@ -894,6 +894,7 @@ def test_a_support_marked_in_a_bitmap_gathers_and_scatters_as_index_select_and_i
                     got, finite = cpu_kernels.gather_marked(x, words, size, scale)
                     want = x.index_select(0, ordered).mul_(scale)
                     assert finite and got.dtype == dtype and got.numpy().tobytes() == want.numpy().tobytes()
+                    assert cpu_kernels.known_finite(got)  # (the encoder reads it no more)
                     got, finite = cpu_kernels.gather_marked(x, words, size, scale, minus=h)
                     wanted = (x - h).index_select(0, ordered).mul_(scale)
                     assert finite and got.numpy().tobytes() == wanted.numpy().tobytes()
@@ -913,6 +914,12 @@ def test_a_support_marked_in_a_bitmap_gathers_and_scatters_as_index_select_and_i
             if dim > 1:  # both finite, their difference not
                 big = torch.full((dim,), 3e38)
                 assert not cpu_kernels.gather_marked(big, words, size, 1.0, minus=-big)[1]
+                for spot in {0, dim - 1}:  # x finite, x_i * scale not: on the support or not, no mark
+                    x = torch.ones(dim)
+                    x[spot] = 3e38
+                    got, finite = cpu_kernels.gather_marked(x, words, size, 2.0)
+                    assert not finite and not cpu_kernels.known_finite(got)
+                    assert got.numpy().tobytes() == x.index_select(0, ordered).mul_(2.0).numpy().tobytes()
                 assert cpu_kernels.gather_marked(big, words, size, 1.0, minus=torch.ones(dim, dtype=torch.float64)) is None
     assert cpu_kernels.marked(torch.tensor([3, 5, 3], dtype=torch.int32), 10) is None  # equal values: refused
     repeated = torch.randperm(5000, generator=gen)[:3000]
@@ -920,6 +927,23 @@ def test_a_support_marked_in_a_bitmap_gathers_and_scatters_as_index_select_and_i
     assert cpu_kernels.marked(repeated, 5000) is None
     assert cpu_kernels.gather_marked(torch.ones(65), np.zeros(1, dtype=np.uint64), 0, 1.0) is None  # x beyond the bitmap
     assert cpu_kernels.scatter_marked(np.zeros(2, dtype=np.uint64), torch.ones(0), 100, torch.ones(99)) is None
+
+
+def test_a_perm_k_value_that_overflows_is_refused_where_it_is_encoded():
+    """Perm-K's gather marks its values finite only where every x_i * n is: a finite x_i whose
+    product overflows on the block is still refused by the encoder (the values are read there), and
+    one off the block leaves the message as it is."""
+    dim = cpu_kernels.MIN_CHUNK + 1001
+    c = build("permk", dim, 2, seed=4)
+    x = torch.ones(dim)
+    block = decode(encode(c.compress(x, worker=0, step=9))).support(torch.device("cpu"))
+    outside = int(torch.ones(dim, dtype=torch.bool).index_fill_(0, block, False).nonzero()[0])
+    x[int(block[5])] = 3e38
+    with pytest.raises(WireError, match="not all finite"):
+        encode(c.compress(x, worker=0, step=9))
+    x[int(block[5])], x[outside] = 1.0, 3e38
+    assert decode(encode(c.compress(x, worker=0, step=9))).to_dense().numpy().tobytes() == (
+        torch.zeros(dim).index_fill_(0, block, 2.0).numpy().tobytes())
 
 
 def _forget_marked_blocks():

@@ -252,8 +252,8 @@ class Sparsifier(Compressor):
         if gathered is None:
             return None
         values, finite = gathered
-        if not finite:
-            self._check_finite(x if minus is None else x - minus)  # raises for a NaN or inf
+        if not finite:  # (x, or a product x_i * scale, is not finite)
+            self._check_finite(x if minus is None else x - minus)  # raises for a NaN or inf in x
         return values
 
     def _compress(self, x: torch.Tensor, key: StreamKey):
