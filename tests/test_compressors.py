@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.compressors import REGISTRY, build
+from common.compressors import REGISTRY, build, cpu_kernels
 from common.compressors.indices import permk_blocks
 
 ALL_SPECS = [cls.example for cls in REGISTRY.values()] + [
@@ -155,6 +155,23 @@ def test_casts_are_clamped_casts_bit_for_bit(dtype):
         got = build(name, y.numel()).compress(y).values
         want = y.clamp(-top, top).to(dtype)
         assert torch.equal(got.view(torch.int16), want.view(torch.int16)), values
+        assert cpu_kernels.known_finite(got)  # (checked as the cast; the encoder does not read it again)
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16", "identity"])
+def test_a_cast_or_a_copy_refuses_what_is_not_finite_and_marks_what_is(name):
+    """The casts check their cast, not x first, and the identity its input: either way a NaN or inf
+    anywhere in x is refused with the input check's message (also beyond the 16-bit range, where a
+    cast clamps); what they return is marked finite, so that the encoder reads it no more."""
+    c = build(name, 1000)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for spot in (0, 999):
+            x = torch.full((1000,), 1e6 if name == "fp16" else 1.0)  # (fp16: every value beyond its range)
+            x[spot] = bad
+            with pytest.raises(ValueError, match="non-finite"):
+                c.compress(x)
+    payload = c.compress(torch.randn(1000))
+    assert cpu_kernels.known_finite(payload.values)
 
 
 def test_zero_vector_is_compressed_to_zero():

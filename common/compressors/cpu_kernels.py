@@ -2203,9 +2203,7 @@ without_negative_zero = TensorMarks()
 def _noting_finite(t: torch.Tensor, bad: list) -> torch.Tensor:
     """``t``, marked finite where no piece of the pass that wrote it saw an inf or NaN (``bad``: the
     pieces' flags)."""
-    if not any(bad):
-        _finite.note(t)
-    return t
+    return note_finite(t) if not any(bad) else t
 
 
 def _forget_marks(t: torch.Tensor) -> None:
@@ -2214,6 +2212,14 @@ def _forget_marks(t: torch.Tensor) -> None:
     one."""
     _finite.drop_overlapping(t)
     without_negative_zero.drop_overlapping(t)
+
+
+def note_finite(t: torch.Tensor) -> torch.Tensor:
+    """``t``, marked finite (``known_finite``) by a caller that has just seen every value of it finite,
+    or made it from values it saw finite without changing them (a copy, a cast that did not
+    overflow): the encoder then does not read it again."""
+    _finite.note(t)
+    return t
 
 
 def known_finite(t: torch.Tensor) -> bool:

@@ -16,6 +16,14 @@ class Identity(Compressor):
         super().__init__(dim, n_workers, seed, options, purpose)
         self._set_constants(Constants(unbiased=True, omega=0.0, alpha=1.0, b1=(1.0, 1.0), b2=(1.0, 1.0), theta=0.0))
 
+    def compress(self, x, worker=0, step=0):
+        """x checked (``_check_input``) and copied: the copy holds the bits just seen finite, so it
+        is marked so (``cpu_kernels.note_finite``) and the encoder does not read it again (at d = 1e7
+        a pass of 1.2 ms of a compress + encode of 4.4-6 ms)."""
+        payload = super().compress(x, worker, step)
+        cpu_kernels.note_finite(payload.values)
+        return payload
+
     def _compress(self, x, key):
         return Dense(x.detach().clone(), x.dtype)  # (the caller keeps x and may change it)
 
