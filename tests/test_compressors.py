@@ -158,6 +158,20 @@ def test_casts_are_clamped_casts_bit_for_bit(dtype):
         assert cpu_kernels.known_finite(got)  # (checked as the cast; the encoder does not read it again)
 
 
+def test_top_k_values_are_marked_finite_once_x_is_checked():
+    """Top-K's values are x's at the kept indices, so once x is found finite (by the candidate pass
+    or the input check) they are marked finite for the encoder, also for a Markov message's
+    difference; a NaN is still refused."""
+    dim = 300_000
+    c = build("topk:ratio=0.01", dim)
+    x, h = torch.randn(dim), torch.randn(dim)
+    assert cpu_kernels.known_finite(c.compress(x).values.values)
+    assert cpu_kernels.known_finite(c.compress_difference(x, h).values.values)
+    x[dim // 2] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        c.compress(x)
+
+
 @pytest.mark.parametrize("name", ["fp16", "bf16", "identity"])
 def test_a_cast_or_a_copy_refuses_what_is_not_finite_and_marks_what_is(name):
     """The casts check their cast, not x first, and the identity its input: either way a NaN or inf

@@ -31,12 +31,14 @@ def top_k(x: torch.Tensor, k: int, check_finite: Callable[[torch.Tensor], None] 
 
     ``check_finite`` (the compressor's input check, which raises for a NaN or inf) is called with x
     unless the compiled candidate pass, which reads every x_i anyway, found them all finite: that
-    saves the check's own pass over x.
+    saves the check's own pass over x. x then being finite, so are its values, which are marked so
+    (``cpu_kernels.note_finite``): the encoder does not read them again.
     """
     finite, indices, values = _search(x, k)
     if not finite and check_finite is not None:
         check_finite(x)
-    return indices, (values if values is not None else x[indices])
+    values = values if values is not None else x[indices]
+    return indices, (cpu_kernels.note_finite(values) if check_finite is not None else values)
 
 
 def _search(x: torch.Tensor, k: int, minus: torch.Tensor | None = None) -> tuple[bool, torch.Tensor, torch.Tensor | None] | None:
@@ -204,4 +206,4 @@ class TopK(Sparsifier):
         finite, idx, values = found
         if not finite:
             self._check_finite(target - h)  # raises for the NaN or inf
-        return Sparse(self.dim, Dense(values, target.dtype), idx, None, target.dtype)
+        return Sparse(self.dim, Dense(cpu_kernels.note_finite(values), target.dtype), idx, None, target.dtype)
