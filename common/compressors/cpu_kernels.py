@@ -1215,18 +1215,15 @@ def _kernels():
                         columns[i * blocks + q] = band[(q << 6) + i]
                 for i in range(64):  # row l of column i after round 3 is undone: row (l - T3[i] - A) mod A of M
                     shift = np.int64(t3[(np.int64(b) << 6) + i]) + a_size
-                    at = i * blocks
+                    column = columns[i * blocks:(i + 1) * blocks]
                     for q in range(blocks):
                         start = (q << 6) - shift
                         if start < 0:
                             start += a_size
-                        w, offset = start >> 6, u64(start & 63)
-                        word = columns[at + w] >> offset
-                        if offset != u64(0) and w + 1 < blocks:
-                            word |= columns[at + w + 1] << (u64(64) - offset)
+                        word = kernel_parts.bits_from(column, start)
                         if start + 64 > a_size:  # the column's bits from its start follow its bit A - 1
                             seam = u64(a_size - start)
-                            word = (word & ((u64(1) << seam) - u64(1))) | (columns[at] << seam)
+                            word = (word & ((u64(1) << seam) - u64(1))) | (column[0] << seam)
                         band[(q << 6) + i] = word
                 for q in range(blocks):
                     kernel_parts.transpose64(band, q << 6)
@@ -1872,39 +1869,42 @@ def quantize(x: torch.Tensor, levels: torch.Tensor, uniform_s: int, key: int, st
     signs = np.empty((flat.size + 7) // 8 if bitmap else 0, dtype=np.uint8)
     align = 64 if bitmap else 2
 
+    def signs_of(a, b):  # the bytes of the piece [a, b) (a is a multiple of 64: byte a / 8)
+        return signs[a // 8:(b + 7) // 8]
+
     if np_work == np.float32 and uniform_s > 0 and uniform_levels_are_quotients(lv.tobytes(), int(uniform_s)):
         uniform, s = kernels["uniform32"], int(uniform_s)
         power_of_two = s & (s - 1) == 0
 
         def piece(a, b):  # levels computed as k / s
-            return uniform(flat[a:b], a, div, s, power_of_two, draws_key, rounding, signs[a // 8:(b + 7) // 8], codes[a:b])
+            return uniform(flat[a:b], a, div, s, power_of_two, draws_key, rounding, signs_of(a, b), codes[a:b])
     elif np_work == np.float32 and uniform_s == 0 and _small_table_pays(top, scan, powers is not None):
         small, padded = kernels["small32"], small_levels(lv.tobytes())
 
-        def piece(a, b):  # at most 16 levels, counted in registers; a is a multiple of 64: byte a / 8
-            return small(flat[a:b], a, div, padded, top, draws_key, rounding, signs[a // 8:(b + 7) // 8], codes[a:b])
+        def piece(a, b):  # at most 16 levels, counted in registers
+            return small(flat[a:b], a, div, padded, top, draws_key, rounding, signs_of(a, b), codes[a:b])
     elif powers is not None:
         binary, (c, fixups) = kernels["powers32"], powers
 
         def piece(a, b):  # levels 0 and powers of two, read off the exponent
             return binary(flat[a:b], a, div, c, top, fixups, lv, starts, draws_key, rounding,
-                          signs[a // 8:(b + 7) // 8], codes[a:b])
+                          signs_of(a, b), codes[a:b])
     elif np_work == np.float32 and uniform_s == 0 and scan < 2 and vector_compress():
         windowed, pairs, windows = kernels["pairs32_windowed"], binade_pairs(lv.tobytes()), binade_windows(lv.tobytes())
 
         def piece(a, b):  # one level at most a binade, looked up in windows of the tables held in registers
-            return windowed(flat[a:b], a, div, *pairs, windows, lv, scan, top, draws_key, rounding, signs[a // 8:(b + 7) // 8], codes[a:b])
+            return windowed(flat[a:b], a, div, *pairs, windows, lv, scan, top, draws_key, rounding, signs_of(a, b), codes[a:b])
     elif np_work == np.float32 and uniform_s == 0 and scan < 2:
         paired, pairs = kernels["pairs32"], binade_pairs(lv.tobytes())
 
         def piece(a, b):  # one level at most a binade: t's code and levels from its exponent field
-            return paired(flat[a:b], a, div, *pairs, lv, scan, top, draws_key, rounding, signs[a // 8:(b + 7) // 8], codes[a:b])
+            return paired(flat[a:b], a, div, *pairs, lv, scan, top, draws_key, rounding, signs_of(a, b), codes[a:b])
     elif np_work == np.float32:
         table = kernels[np_work]
 
         def piece(a, b):  # any other table, looked up
             return table(flat[a:b], a, div, int(uniform_s), starts, crowded, lv, top, draws_key, rounding,
-                         signs[a // 8:(b + 7) // 8], codes[a:b])
+                         signs_of(a, b), codes[a:b])
     else:
         table = kernels[np_work]
 
