@@ -2016,3 +2016,77 @@ def test_fetch_ahead_reads_nothing_it_should_not_and_changes_nothing():
         assert ask(np.empty(0, dtype), 0, 4096) == 0
     with pytest.raises(numba.core.errors.TypingError):
         ask(np.arange(10.0)[::2], 0, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_sum_on_a_support_in_place_has_the_bits_of_index_select_add_and_index_copy(dtype):
+    """``add_on_support`` (EF21's Markov state shifted by a sparse payload, in place): the bytes of
+    torch's index_select, add_ and index_copy_ for supports from empty to every index, spread or in
+    runs, with -0 + -0, a + (-a), NaN, inf and overflow among the sums; its flag says whether a sum
+    is -0; and h is left as it was for a support that is not strictly increasing within [0, d),
+    values of another dtype or length, or a short h."""
+    gen = torch.Generator().manual_seed(11)
+    d = cpu_kernels.MIN_COMPILED + 333
+    big = torch.finfo(dtype).max
+    h0 = torch.randn(d, generator=gen, dtype=dtype)
+    h0[::41] = -0.0
+    h0[5], h0[6], h0[7] = float("nan"), float("inf"), big
+    supports = [torch.arange(0), torch.arange(d), torch.arange(0, d, 41), torch.arange(d - 40, d),
+                torch.randperm(d, generator=gen)[: d // 30].sort().values]
+    for support in supports:
+        for negative_zeros in (False, True):
+            values = torch.randn(support.numel(), generator=gen, dtype=dtype)
+            on_grid = support % 41 == 0
+            if negative_zeros:
+                values[on_grid] = -0.0  # -0 + -0 = -0
+            else:
+                values[on_grid] = 1.0
+            cancel = (support % 7 == 3) & ~on_grid
+            values[cancel] = -h0[support[cancel]]  # a + (-a) = +0
+            values[support == 7] = big  # overflow to inf
+            h, want = h0.clone(), h0.clone()
+            want.index_copy_(0, support, want.index_select(0, support).add_(values))
+            flag = cpu_kernels.add_on_support(h, support, values)
+            assert torch.equal(h.view(torch.uint8), want.view(torch.uint8)), (support.numel(), negative_zeros)
+            sums = want[support]
+            assert flag == bool(((sums == 0) & sums.signbit()).any())
+            assert flag == (negative_zeros and bool(on_grid.any()))
+    support = torch.tensor([3, 9, 40, 1000])
+    values = torch.ones(4, dtype=dtype)
+    for bad in (torch.tensor([3, 9, 9, 1000]), torch.tensor([9, 3, 40, 1000]), torch.tensor([-1, 9, 40, 1000]),
+                torch.tensor([3, 9, 40, d])):
+        h = h0.clone()
+        assert cpu_kernels.add_on_support(h, bad, values) is None
+        assert torch.equal(h.view(torch.uint8), h0.view(torch.uint8))
+    other = torch.float64 if dtype == torch.float32 else torch.float32
+    for h, v in ((h0.clone(), values.to(other)), (h0.clone(), values[:3]), (h0[:100].clone(), values)):
+        before = h.clone()
+        assert cpu_kernels.add_on_support(h, support, v) is None
+        assert torch.equal(h.view(torch.uint8), before.view(torch.uint8))
+
+
+def test_a_shift_in_place_on_a_support_runs_the_compiled_loop_and_drops_the_marks_it_invalidates(monkeypatch):
+    """``payloads.add_dense`` in place into a state known to hold no negative zero goes through
+    ``add_on_support``; a state marked finite loses that mark (a sum may overflow), and keeps or
+    loses the no-negative-zero mark by the kernel's flag."""
+    from common.compressors.payloads import Dense, Sparse, add_dense
+
+    calls = []
+    real = cpu_kernels.add_on_support
+    monkeypatch.setattr(cpu_kernels, "add_on_support", lambda *a: calls.append(real(*a)) or calls[-1])
+    d = cpu_kernels.MIN_COMPILED + 9
+    h = torch.randn(d, generator=torch.Generator().manual_seed(2))
+    cpu_kernels.without_negative_zero.note(h)
+    cpu_kernels.note_finite(h)
+    support = torch.tensor([1, 2, 50, d - 1])
+    want = h.clone()
+    values = torch.tensor([1.0, -h[2].item(), 3e38, 4.0])
+    got = add_dense(h, Sparse(d, Dense(values, torch.float32), support, None, torch.float32), inplace=True)
+    want[support] += values
+    assert got is h and calls == [False]
+    assert torch.equal(h, want)
+    assert not cpu_kernels.known_finite(h) and cpu_kernels.without_negative_zero.holds(h)
+    h[7] = -0.0  # (a torch write: the marks drop by the version counter)
+    cpu_kernels.without_negative_zero.note(h)  # (as if it held none; the sum below writes one)
+    add_dense(h, Sparse(d, Dense(torch.tensor([-0.0, 1.0]), torch.float32), torch.tensor([7, 8]), None, torch.float32), inplace=True)
+    assert calls == [False, True] and not cpu_kernels.without_negative_zero.holds(h)
