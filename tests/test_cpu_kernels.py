@@ -2031,6 +2031,9 @@ def test_a_sum_on_a_support_in_place_has_the_bits_of_index_select_add_and_index_
     h0 = torch.randn(d, generator=gen, dtype=dtype)
     h0[::41] = -0.0
     h0[5], h0[6], h0[7] = float("nan"), float("inf"), big
+    bits = torch.int32 if dtype == torch.float32 else torch.int64
+    quiet = 0x7FC00001 if dtype == torch.float32 else 0x7FF8000000000001
+    h0[8:10] = torch.tensor([quiet, quiet], dtype=bits).view(dtype)  # NaNs with a payload
     supports = [torch.arange(0), torch.arange(d), torch.arange(0, d, 41), torch.arange(d - 40, d),
                 torch.randperm(d, generator=gen)[: d // 30].sort().values]
     for support in supports:
@@ -2044,6 +2047,7 @@ def test_a_sum_on_a_support_in_place_has_the_bits_of_index_select_add_and_index_
             cancel = (support % 7 == 3) & ~on_grid
             values[cancel] = -h0[support[cancel]]  # a + (-a) = +0
             values[support == 7] = big  # overflow to inf
+            values[support == 9] = -float("nan")  # NaN + NaN: torch keeps the value's NaN, not h's
             h, want = h0.clone(), h0.clone()
             want.index_copy_(0, support, want.index_select(0, support).add_(values))
             flag = cpu_kernels.add_on_support(h, support, values)
@@ -2059,10 +2063,18 @@ def test_a_sum_on_a_support_in_place_has_the_bits_of_index_select_add_and_index_
         assert cpu_kernels.add_on_support(h, bad, values) is None
         assert torch.equal(h.view(torch.uint8), h0.view(torch.uint8))
     other = torch.float64 if dtype == torch.float32 else torch.float32
-    for h, v in ((h0.clone(), values.to(other)), (h0.clone(), values[:3]), (h0[:100].clone(), values)):
-        before = h.clone()
+    h = h0.clone()
+    for h, v in ((h0.clone(), values.to(other)), (h0.clone(), values[:3]), (h0[:100].clone(), values),
+                 (h, h[996:1000]),  # values that are h's own memory (torch reads them all before it writes)
+                 (h0.clone().requires_grad_(), values)):
+        before = h.detach().clone()
         assert cpu_kernels.add_on_support(h, support, v) is None
-        assert torch.equal(h.view(torch.uint8), before.view(torch.uint8))
+        assert torch.equal(h.detach().view(torch.uint8), before.view(torch.uint8))
+    h, want = h0.clone(), h0.clone()
+    tracked = values.clone().requires_grad_()  # values that require grad: added as torch adds them
+    want.index_copy_(0, support, want.index_select(0, support).add_(values))
+    assert cpu_kernels.add_on_support(h, support, tracked) is False
+    assert torch.equal(h.view(torch.uint8), want.view(torch.uint8))
 
 
 def test_a_shift_in_place_on_a_support_runs_the_compiled_loop_and_drops_the_marks_it_invalidates(monkeypatch):

@@ -85,7 +85,7 @@ from common.compressors.draws import GOLDEN
 # its intrinsics and helpers are compiled into them, and Numba's disk cache does not see them change.
 # tests/test_cpu_kernels.py fails until this is the current digest. (A kernel cached before a
 # change of kernel_parts.py alone was loaded as it was: a mutation test of an intrinsic found it.)
-KERNEL_PARTS_DIGEST = "e429daa4b3bf4092"
+KERNEL_PARTS_DIGEST = "8148956042816d06"
 
 
 def parts_digest() -> str:
@@ -1062,7 +1062,7 @@ def _kernels():
             if j + ahead < k:
                 kernel_parts.prefetch(h, support[j + ahead])
             i = support[j]
-            total = h[i] + values[j]
+            total = values[j] + h[i]  # (in this order, the NaN that torch's add_ keeps where both are NaN)
             h[i] = total
             negative_zero |= (total == 0) & np.signbit(total)
         return negative_zero
@@ -2341,15 +2341,22 @@ def add_on_support(h: torch.Tensor, support: torch.Tensor, values: torch.Tensor)
     non-CPU h, values of another dtype or length, or a support that is not strictly increasing in
     [0, len(h)) (the torch path then says what is wrong)."""
     kernels = _long_cpu_floats((h,), MIN_COMPILED)
-    if (kernels is None or h.dim() != 1 or not h.is_contiguous() or support.device.type != "cpu"
+    if (kernels is None or h.dim() != 1 or h.requires_grad or support.device.type != "cpu"
             or support.dtype != torch.int64 or support.dim() != 1 or values.device.type != "cpu"
-            or values.dtype != h.dtype or values.shape != support.shape):
+            or values.dtype != h.dtype or values.shape != support.shape
+            or any(_overlap(h, t) for t in (support, values))):  # (torch reads every value before it writes)
         return None
     index = support.contiguous().numpy()
     if index.size and (index[0] < 0 or index[-1] >= h.numel() or not np.all(index[1:] > index[:-1])):
         return None
     _forget_marks(h)  # written through NumPy: torch's version counter does not move
-    return bool(kernels["add_on_support"](h.detach().numpy(), index, values.contiguous().numpy(), SUPPORT_AHEAD))
+    return bool(kernels["add_on_support"](h.numpy(), index, values.detach().contiguous().numpy(), SUPPORT_AHEAD))
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of two CPU tensors meet."""
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def sparse_added(h: torch.Tensor, support: torch.Tensor, values: torch.Tensor, inplace: bool = False) -> torch.Tensor | None:
@@ -2373,7 +2380,7 @@ def _sparse_pass(h, supports, values, mean: bool, inplace: bool) -> torch.Tensor
     index = [s.contiguous().numpy() for s in supports]
     if any(i.size and (i[0] < 0 or i[-1] >= ha.size or not np.all(i[1:] > i[:-1])) for i in index):
         return None
-    kept = [v.contiguous().numpy() for v in values]
+    kept = [v.detach().contiguous().numpy() for v in values]
     if inplace:
         _forget_marks(h)  # written through NumPy: torch's version counter does not move
     out = ha if inplace else np.empty_like(ha)

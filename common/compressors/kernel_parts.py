@@ -78,6 +78,7 @@ def prefetch(typingctx, array, index):
     def codegen(context, builder, signature, args):
         array_value, index_value = args
         data = context.make_array(signature.args[0])(context, builder, array_value).data
+        index_value = context.cast(builder, index_value, signature.args[1], types.intp)  # (an unsigned one zero-extended)
         byte_pointer, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
         fetch = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch.p0i8")
@@ -96,7 +97,7 @@ def fetch_ahead(x, start, stop):
     such a loop, and each line then costs much of a memory latency. On an Intel Xeon host (2 vCPUs,
     AVX-512), QSGD's codes at d = 1e7 on one thread took 10.8 ms without it and 5.8 with it, the
     speed of the same loop on a vector that is already in the cache."""
-    stop = min(stop, x.size)
+    start, stop = max(start, 0), min(stop, x.size)
     for q in range(start, stop, max(1, 64 // x.itemsize)):
         prefetch(x, q)
 
