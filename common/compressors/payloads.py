@@ -352,30 +352,32 @@ def add_dense(h: torch.Tensor, payload, inplace: bool = False) -> torch.Tensor:
             if clean:
                 negative_zero = cpu_kernels.add_on_support(h, support, kept)  # one compiled loop over the support
                 if negative_zero is not None:
-                    return _noting_signed_zeros(h, negative_zero)
+                    return _noting_negative_zero(h, negative_zero)
             on_support = h.index_select(0, support).add_(kept)  # h_i + c_i
             if clean:
-                return _noting_signed_zeros(h.index_copy_(0, support, on_support), _has_negative_zero(on_support))
+                return _noting_signed_zeros(h.index_copy_(0, support, on_support), on_support)
             fused = cpu_kernels.sparse_added(h, support, kept, inplace)
             if fused is None:
                 fused = (h.add_(0.0) if inplace else h + 0.0).index_copy_(0, support, on_support)
-            return _noting_signed_zeros(fused, _has_negative_zero(on_support))
+            return _noting_signed_zeros(fused, on_support)
     return h.add_(payload.to_dense()) if inplace else h + payload.to_dense()
 
 
-def _has_negative_zero(values: torch.Tensor) -> bool:
-    return bool(((values == 0) & values.signbit()).any())
-
-
-def _noting_signed_zeros(result: torch.Tensor, negative_zero: bool) -> torch.Tensor:
+def _noting_signed_zeros(result: torch.Tensor, on_support: torch.Tensor) -> torch.Tensor:
     """``result`` of h + a sparse payload's dense form, marked as holding no negative zero where its
-    support holds none (``negative_zero`` False; ``cpu_kernels.without_negative_zero``): off the
-    support it is h_i + 0, never -0. The next such addition into it in place then writes the
-    support alone, O(k) instead of a pass over d (EF21's Markov states at d = 1e6: a pass of 4 MB
-    read and 4 MB written a round on each side). Only CPU vectors are marked (``TensorMarks.holds`` refuses others): on a GPU the
-    test would cost a device sync every addition."""
+    support holds none (``on_support``: the sums written there; ``cpu_kernels.without_negative_zero``):
+    off the support it is h_i + 0, never -0. The next such addition into it in place then writes the
+    support alone, O(k) instead of a pass over d (EF21's Markov states at d = 1e6: a pass of 4 MB read
+    and 4 MB written a round on each side). Only CPU vectors are marked (``TensorMarks.holds`` refuses
+    others): on a GPU the test would cost a device sync every addition."""
     if result.device.type != "cpu":
         return result
+    return _noting_negative_zero(result, bool(((on_support == 0) & on_support.signbit()).any()))
+
+
+def _noting_negative_zero(result: torch.Tensor, negative_zero: bool) -> torch.Tensor:
+    """``result`` (a CPU vector) marked as holding no negative zero, or its mark dropped where a sum on
+    the support is -0 (``negative_zero``)."""
     if negative_zero:
         cpu_kernels.without_negative_zero.drop(result)
     else:
