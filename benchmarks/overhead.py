@@ -44,7 +44,8 @@ import time
 
 import zmq
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from runtime.allocator import keep_freed_memory  # noqa: E402
 
 PSC = [sys.executable, "-m", "psc", "-q"]
@@ -105,7 +106,8 @@ def psc_round(method: str, d: int, workers: int, rounds: int, folder: str, devic
     """Medians of the round's time and of its parts, and the bytes of one uplink and one downlink
     (metrics fields; INTERFACE.md)."""
     metrics = os.path.join(folder, "run.jsonl")
-    subprocess.run(launch_command(method, d, workers, rounds + 1, metrics, device), check=True)
+    # run from this checkout (``-m psc`` looks in the working folder first), so that two checkouts compare
+    subprocess.run(launch_command(method, d, workers, rounds + 1, metrics, device), check=True, cwd=ROOT)
     with open(metrics) as fh:
         lines = [json.loads(line) for line in fh if '"event": "round"' in line][1:]
     out = {k: statistics.median(r[k] for r in lines) for k in PARTS}

@@ -610,3 +610,84 @@ def test_ef21_with_top_k_shifts_its_states_in_place_to_the_same_model(monkeypatc
     assert any(held)  # the support-only shift did run
     monkeypatch.setattr(cpu_kernels.without_negative_zero, "holds", lambda t: False)
     assert run_inproc(config, None, progress=False).model_digest() == in_place
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_blend_has_the_bits_of_the_torch_expression_and_says_when_it_is_finite(dtype):
+    """``cpu_kernels.blend(y, a, x, b)``: the bytes of ``a * y + b * x`` (each product rounded, then
+    the sum) for running-average weights, including weights that do not round exactly to the
+    vectors' precision, signed zeros, and products that overflow; marked finite exactly where every
+    value is."""
+    gen = torch.Generator().manual_seed(8)
+    d = cpu_kernels.MIN_CHUNK * 2 + 11
+    y = torch.randn(d, generator=gen, dtype=dtype) * 1e3
+    x = torch.randn(d, generator=gen, dtype=dtype)
+    y[::101], x[::103] = -0.0, -0.0
+    for k in (1, 2, 3, 7, 1000):
+        lam = 1.0 / (k + 1)
+        for a, b in ((1.0 - lam, lam), (0.1, 0.7), (1.0 - 1e-9, 1e-9)):
+            want = a * y + b * x
+            got = cpu_kernels.blend(y, a, x, b)
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (k, a, b)
+            assert cpu_kernels.known_finite(got)
+    huge = y.clone()
+    huge[5] = torch.finfo(dtype).max
+    got = cpu_kernels.blend(huge, 3.0, x, 0.5)
+    assert torch.isinf(got[5]) and not cpu_kernels.known_finite(got)
+    assert torch.equal(got.view(torch.uint8), (3.0 * huge + 0.5 * x).view(torch.uint8))
+    assert cpu_kernels.blend(y[:100], 0.5, x[:100], 0.5) is None  # short: torch's ops
+
+
+def test_error_feedback_on_an_owned_vector_takes_a_top_k_message_off_in_place():
+    """``error_feedback(..., owned=True)`` with Top-K: e is v itself, with C(v) taken off on the
+    support alone, and has the bytes of v - C(v)'s dense form (-0 off the support stays -0, since
+    v_i - 0 = v_i); a compressor whose message is not sparse with sent indices, and a vector too short
+    for the compiled loop, take the difference as before."""
+    from common.algorithms.memory import error_feedback
+    from common.compressors import build
+
+    gen = torch.Generator().manual_seed(9)
+    d = cpu_kernels.MIN_COMPILED + 77
+    for spec in ("topk:ratio=0.01", "topk:ratio=0.3", "sign", "randk:ratio=0.1"):
+        c = build(spec, d, 1, seed=0)
+        v = torch.randn(d, generator=gen)
+        v[::13] = -0.0
+        want = v - c.compress(v.clone(), worker=0, step=4).to_dense()
+        payload, e = error_feedback(c, v, 0, 4, owned=True)
+        assert torch.equal(e.view(torch.uint8), want.view(torch.uint8)), spec
+        assert (e is v) == spec.startswith("topk"), spec
+    c = build("topk:ratio=0.1", 100, 1, seed=0)
+    v = torch.randn(100, generator=gen)
+    payload, e = error_feedback(c, v, 0, 1, owned=True)
+    assert e is not v and torch.equal(e, v - payload.to_dense())
+
+
+def test_ef_sgd_with_top_k_and_its_compiled_passes_ends_at_the_model_of_torch_s_ops(monkeypatch):
+    """EF-SGD with Top-K at a length where its compiled passes run (e + eta g in one pass, the error
+    taken off on the support in place, the eq. 20 average in one pass, after the downlinks are sent)
+    ends at the model of the run where each of them is torch's ops, for the uniform and the
+    exponential average and for none."""
+    from runtime.engine import run_inproc
+
+    for option in ("", ":average=exp,mu=0.5", ":average=none"):
+        config = RunConfig(algorithm="ef-sgd" + option, workers=2, rounds=6, lr="0.05", eval_every=100,
+                           uplink="topk:ratio=0.02", problem=f"identity-quadratic:d={cpu_kernels.MIN_CHUNK + 3}")
+        calls = {"blend": 0, "add_on_support": 0, "descend": 0}
+        real = {name: getattr(cpu_kernels, name) for name in calls}
+
+        def counted(name):
+            def call(*args):
+                calls[name] += 1
+                return real[name](*args)
+            return call
+
+        with monkeypatch.context() as patch:
+            for name in calls:
+                patch.setattr(cpu_kernels, name, counted(name))
+            compiled = run_inproc(config, None, progress=False).model_digest()
+        assert calls["add_on_support"] >= 12 and calls["descend"] >= 12, (option, calls)
+        assert (calls["blend"] >= 6) == (option != ":average=none"), (option, calls)
+        with monkeypatch.context() as patch:
+            for name in calls:
+                patch.setattr(cpu_kernels, name, lambda *args: None)
+            assert run_inproc(config, None, progress=False).model_digest() == compiled, option

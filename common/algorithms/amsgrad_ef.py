@@ -41,7 +41,7 @@ class EFWorker(MirrorWorker):
 
     def uplink(self, t):
         p = self.grad(self.x, t) + self.delta                            # g_t^(i) + delta^(i)
-        c, self.delta = error_feedback(self.ctx.uplink, p, self.rank, t)  # g_hat^(i) = C(...);  delta^(i) <- ... - g_hat^(i)
+        c, self.delta = error_feedback(self.ctx.uplink, p, self.rank, t, owned=True)  # (p is fresh) g_hat^(i) = C(...);  delta^(i) <- ... - g_hat^(i)
         return Message({"c": c})
 
     def downlink(self, t, msg):

@@ -40,7 +40,7 @@ class DoubleSqueezeWorker(WorkerRule):
 
     def uplink(self, t):
         v = self.grad(self.x, t) + self.delta                           # v_i = g_i + delta_i
-        q, self.delta = error_feedback(self.ctx.uplink, v, self.rank, t)  # send Q_i(v_i);  delta_i <- v_i - Q_i(v_i)
+        q, self.delta = error_feedback(self.ctx.uplink, v, self.rank, t, owned=True)  # (v is fresh) send Q_i(v_i);  delta_i <- v_i - Q_i(v_i)
         return Message({"q": q})
 
     def downlink(self, t, msg):

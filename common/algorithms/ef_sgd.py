@@ -12,7 +12,8 @@ g~ is what the server decodes (payload.to_dense()), so e_i is exact. C: ``--upli
 10% of d), which should be in B3 (contractive). Option ``average``: ``none`` (the model is x^k),
 ``uniform`` (the default, the paper's output: w^k = 1, Thm 21 iii) or ``exp`` (w^k = (1 - mu eta/2)^{-(k+1)}, Thm 21 ii, needs ``mu``);
 the average is the server's ``model`` and is kept as a normalized running average
-x_bar <- (1 - lam_k) x_bar + lam_k x^k, lam_k = w^k / W^k, computed without forming w^k (no overflow).
+x_bar <- (1 - lam_k) x_bar + lam_k x^k, lam_k = w^k / W^k, computed without forming w^k (no overflow),
+in ``settle``: no downlink carries it, so it runs after they are sent.
 Theory step: Thm 21 (ii)/(iii) take eta <= 1/(14 (2 delta + B) L) with delta = 1/alpha and B = 0 for
 exact gradients and L the f_i's smoothness (L_max); we return 1/(28 delta L_max).
 """
@@ -23,6 +24,7 @@ import torch
 
 from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, descend_by_mean, full, need_constants
 from common.algorithms.memory import error_feedback
+from common.compressors import cpu_kernels
 from common.options import Param
 from common.compressors.message import Message
 
@@ -55,11 +57,16 @@ class EFSGDServer(ServerRule):
     def step(self, t, uplinks):
         self.x = descend_by_mean(self.x, 1.0, uplinks, "g")   # (23): x - 1 mean is x - mean, in one compiled pass that notes finiteness
         self.k += 1
-        if self.average != "none":
-            lam = average_weight(self.average, self.k, self.q)
-            self.x_bar = (1.0 - lam) * self.x_bar + lam * self.x
         down = Message({"x": full(self.x, copy=False)})  # x is replaced, never updated in place
         return [down] * self.ctx.n
+
+    def settle(self, t):
+        """Eq. (20)'s running average, which no downlink carries: after the downlinks are sent, while
+        the workers compute (one compiled pass for long CPU vectors, the bits of the torch expression)."""
+        if self.average != "none":
+            lam = average_weight(self.average, self.k, self.q)
+            blended = cpu_kernels.blend(self.x_bar, 1.0 - lam, self.x, lam)
+            self.x_bar = (1.0 - lam) * self.x_bar + lam * self.x if blended is None else blended
 
 
 class EFSGDWorker(WorkerRule):
@@ -72,7 +79,10 @@ class EFSGDWorker(WorkerRule):
 
     def uplink(self, t):
         self.g = self.grad(self.x, t)                                                           # (19)
-        g_tilde, self.e = error_feedback(self.ctx.uplink, self.e + self.ctx.lr * self.g, self.rank, t)   # (21), (22)
+        v = cpu_kernels.descend(self.e, -self.ctx.lr, self.g)  # e + eta g as e - (-eta) g: one compiled pass, the same bits
+        if v is None:
+            v = self.e + self.ctx.lr * self.g
+        g_tilde, self.e = error_feedback(self.ctx.uplink, v, self.rank, t, owned=True)          # (21), (22)
         return Message({"g": g_tilde})
 
     def downlink(self, t, msg):

@@ -35,7 +35,7 @@ class MemSGDWorker(WorkerRule):
 
     def uplink(self, t):
         p = staircase(self.ctx, t) * self.grad(self.x, t) + self.e        # p_i = gamma g_i + e_i
-        q, self.e = error_feedback(self.ctx.uplink, p, self.rank, t)     # q_i = C_i(p_i);  e_i <- p_i - q_i
+        q, self.e = error_feedback(self.ctx.uplink, p, self.rank, t, owned=True)  # (p is fresh) q_i = C_i(p_i);  e_i <- p_i - q_i
         return Message({"q": q})
 
     def downlink(self, t, msg):

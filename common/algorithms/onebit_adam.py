@@ -81,7 +81,7 @@ class OneBitAdamWorker(WorkerRule):
         if t < o["warmup"]:
             return Message({"g": full(g, copy=False)})  # a fresh gradient
         p = o["beta1"] * self.m + (1 - o["beta1"]) * g + self.delta                        # step 1: m^(i) + delta^(i)
-        c, self.delta = error_feedback(self.ctx.uplink, p, self.rank, t)                   # step 2
+        c, self.delta = error_feedback(self.ctx.uplink, p, self.rank, t, owned=True)      # step 2 (p is fresh)
         return Message({"m": c})
 
     def downlink(self, t, msg):

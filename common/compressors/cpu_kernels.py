@@ -983,6 +983,17 @@ def _kernels():
         return bad
 
     @jit(error_model="numpy")
+    def blend(y, a, x, b, out):
+        """out_i = a y_i + b x_i: torch's a * y + b * x (each product rounded, then the sum; no fused
+        multiply-add). Returns whether an out_i is inf or NaN (``known_finite``)."""
+        bad = False
+        for i in range(y.size):
+            o = a * y[i] + b * x[i]
+            out[i] = o
+            bad |= (o - o) != 0
+        return bad
+
+    @jit(error_model="numpy")
     def signs_mean_added(h, negatives, scales, zero, n, cut, out):
         """out_i = h_i + ((v_0i + v_1i + ...) + 0) / n with v_ki = -scale_k where negatives_k[i], else
         scale_k: the running mean of scaled-sign payloads (``base.mean_of``: the first one's dense
@@ -1659,7 +1670,7 @@ def _kernels():
             "pack_small": pack_small, "pack_words": pack_words, "pack_vectors": pack_vectors, "unpack_small": unpack_small, "unpack_words": unpack_words, "unpack_vectors": unpack_vectors, "dequantize": dequantize, "dequantize_stacked": dequantize_stacked, "dequantize_uniform32": dequantize_uniform32, "dequantize_powers32": dequantize_powers32,
             "block_sums": block_sums, "at_least": at_least, "signs": signs, "add_signs": add_signs, "add_signs_to": add_signs_to, "below_zero": below_zero,
             "amsgrad_moments": amsgrad_moments, "amsgrad_apply": amsgrad_apply,
-            "descend": descend, "mean_descend": mean_descend, "signs_mean_added": signs_mean_added, "sparse_added": sparse_added, "add_on_support": add_on_support, "marked_mean_added": marked_mean_added, "mean_added_on_union": mean_added_on_union, "feistel": feistel, "mark_rest": mark_rest, "ascending": ascending,
+            "descend": descend, "blend": blend, "mean_descend": mean_descend, "signs_mean_added": signs_mean_added, "sparse_added": sparse_added, "add_on_support": add_on_support, "marked_mean_added": marked_mean_added, "mean_added_on_union": mean_added_on_union, "feistel": feistel, "mark_rest": mark_rest, "ascending": ascending,
             "mark": mark, "mark_rows_banded": mark_rows_banded, "rotated_bits": rotated_bits, "count_marked": count_marked, "gather_marked": gather_marked, "scatter_marked": scatter_marked,
             "gap_quotient_sums": gap_quotient_sums, "rice_write": rice_write, "bitmap_write": bitmap_write,
             "rice_read": rice_read, "pick_top": pick_top, "kth_largest_bits": kth_largest_bits,
@@ -2422,6 +2433,21 @@ def descend(x: torch.Tensor, lr: float, g: torch.Tensor) -> torch.Tensor | None:
     rate = xa.dtype.type(lr)  # rounded to the vectors' precision, as torch does
     bad = _run(xa.size, 1, lambda a, b: kernels["descend"](xa[a:b], ga[a:b], rate, out[a:b]))
     return _noting_finite(torch.from_numpy(out).view(x.shape), bad)
+
+
+def blend(y: torch.Tensor, a: float, x: torch.Tensor, b: float) -> torch.Tensor | None:
+    """a * y + b * x as a new tensor in one pass instead of three (a running average's
+    (1 - lam) x_bar + lam x), the same bits, marked finite where it is; None without Numba, for
+    weights that are not Python numbers, and where ``_long_cpu_floats`` refuses the tensors."""
+    kernels = _long_cpu_floats((y, x), MIN_CHUNK) if _is_number(a) and _is_number(b) else None
+    if kernels is None:
+        return None
+    ya, xa = (t.detach().numpy().reshape(-1) for t in (y, x))
+    out = np.empty_like(ya)
+    kind = ya.dtype.type  # the weights rounded to the vectors' precision, as torch does
+    wa, wb = kind(a), kind(b)
+    bad = _run(ya.size, 1, lambda i, j: kernels["blend"](ya[i:j], wa, xa[i:j], wb, out[i:j]))
+    return _noting_finite(torch.from_numpy(out).view(y.shape), bad)
 
 
 def mean_descend(x: torch.Tensor, lr: float, rows: list[torch.Tensor],
