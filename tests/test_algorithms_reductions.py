@@ -691,3 +691,48 @@ def test_ef_sgd_with_top_k_and_its_compiled_passes_ends_at_the_model_of_torch_s_
             for name in calls:
                 patch.setattr(cpu_kernels, name, lambda *args: None)
             assert run_inproc(config, None, progress=False).model_digest() == compiled, option
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n_uplinks", [2, 3, 4])
+def test_a_step_by_the_mean_of_top_k_uplinks_in_one_pass_has_the_bits_of_the_dense_mean(dtype, n_uplinks):
+    """``descend_by_mean`` with Top-K-like uplinks (indices sent; supports that overlap, and that
+    hold the last index): one compiled pass (``cpu_kernels.sparse_mean_descend``) with the bytes of
+    x - lr * mean_of(...) (torch's ops), for -0 in x and in the values, values that cancel, step sizes
+    that are not exact in the vectors' precision and a step of 1; a new vector, marked finite
+    exactly where it is; 5 uplinks take the other path."""
+    from common.algorithms.base import descend, descend_by_mean, mean_of
+    from common.compressors.message import Message
+    from common.compressors.payloads import Dense, Sparse
+
+    gen = torch.Generator().manual_seed(12)
+    n = cpu_kernels.MIN_CHUNK * 2 + 9
+    calls = []
+    real = cpu_kernels.sparse_mean_descend
+    for step, lr in enumerate((0.1, 1.0, 0.07, 3e-5)):
+        x = torch.randn(n, generator=gen, dtype=dtype)
+        x[::37] = -0.0
+        uplinks = []
+        for w in range(n_uplinks):
+            support = torch.cat([torch.randperm(n, generator=gen)[: n // 60], torch.arange(0, 40 * 37, 37), torch.tensor([n - 1])]).unique()
+            values = torch.randn(support.numel(), generator=gen, dtype=dtype) * 10.0 ** w
+            values[:7] = -0.0
+            if step == 2:
+                values[10:20] = -x[support[10:20]] / lr * n_uplinks  # steps that cancel to 0
+            uplinks.append(Message({"g": Sparse(n, Dense(values, dtype), support, None, dtype)}))
+        want = descend(x, lr, mean_of(uplinks, "g"))
+        calls.clear()
+        cpu_kernels.sparse_mean_descend = lambda *a: calls.append(real(*a)) or calls[-1]
+        try:
+            got = descend_by_mean(x, lr, uplinks, "g")
+        finally:
+            cpu_kernels.sparse_mean_descend = real
+        assert calls and calls[0] is not None and got is not x
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (step, lr)
+        assert cpu_kernels.known_finite(got)
+    big = torch.finfo(dtype).max
+    uplinks[0].payloads["g"].values.values[0] = -big  # x - lr * mean overflows where the first index is
+    got = descend_by_mean(x, 1e30 if dtype == torch.float64 else 1e3, uplinks, "g")
+    assert not torch.isfinite(got).all() and not cpu_kernels.known_finite(got)
+    five = (uplinks * 5)[:5]  # 5 rows: not a running sum's count (ATen orders them otherwise)
+    assert real(x, 0.1, [u.payloads["g"].indices for u in five], [u.payloads["g"].values.values for u in five]) is None

@@ -166,8 +166,16 @@ def descend_by_mean(x: torch.Tensor, lr: float, uplinks: list[Message], name: st
     DCGD's with an identity uplink) and long, the mean and the step are one compiled pass over the
     received vectors (``cpu_kernels.mean_descend``): at d = 1e7 and n = 2 one pass instead of five.
     For 5 to 14 such uplinks the pass adds them in ATen's order (``row_order``), without the stack:
-    at d = 1e7 and n = 8 in 13 ms against 62-270 ms for the stack, its mean and the step."""
+    at d = 1e7 and n = 8 in 13 ms against 62-270 ms for the stack, its mean and the step. Where 2 to
+    4 payloads are sparse with their indices sent (Top-K: EF-SGD's and DCGD's uplinks), one compiled
+    pass over x adds their values a block at a time (``cpu_kernels.sparse_mean_descend``), without
+    the dense forms or the mean as vectors."""
     payloads = [m.payloads[name] for m in uplinks]
+    if all(isinstance(p, Sparse) and p.indices is not None and p.dtype == x.dtype and p.dim == x.numel() for p in payloads):
+        values = [p.values.to_dense().to(x.dtype) for p in payloads]
+        out = cpu_kernels.sparse_mean_descend(x, lr, [p.indices for p in payloads], values)
+        if out is not None:
+            return out
     if all(isinstance(p, Dense) and p.values.dtype == p.dtype == x.dtype for p in payloads):
         rows = [p.values for p in payloads]
         if 1 < len(rows) <= RUNNING_SUM_ROWS.get(x.dtype, 0):
