@@ -736,3 +736,44 @@ def test_a_step_by_the_mean_of_top_k_uplinks_in_one_pass_has_the_bits_of_the_den
     assert not torch.isfinite(got).all() and not cpu_kernels.known_finite(got)
     five = (uplinks * 5)[:5]  # 5 rows: not a running sum's count (ATen orders them otherwise)
     assert real(x, 0.1, [u.payloads["g"].indices for u in five], [u.payloads["g"].values.values for u in five]) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_step_by_a_top_k_payload_steps_the_support_of_a_copy_with_the_bits_of_the_dense_step(dtype):
+    """``descend_by(x, lr, payload)`` for a Top-K payload (indices sent) on a long CPU x: a new vector,
+    x itself untouched, with the bytes of ``descend(x, lr, dense(payload))`` for steps 0, 1 and
+    inexact ones, -0 in x and in the values; a negative step (x_i - lr * 0 would turn -0 into +0), a
+    payload that is not sparse with indices, and a short x take the dense step."""
+    from common.algorithms.base import dense, descend, descend_by
+    from common.compressors import build
+    from common.compressors.payloads import Dense, Sparse
+
+    gen = torch.Generator().manual_seed(13)
+    d = cpu_kernels.MIN_CHUNK + 21
+    x = torch.randn(d, generator=gen, dtype=dtype)
+    x[::29] = -0.0
+    before = x.clone()
+    support = torch.cat([torch.arange(0, 29 * 50, 29), torch.randperm(d, generator=gen)[: d // 50]]).unique()
+    values = torch.randn(support.numel(), generator=gen, dtype=dtype)
+    values[:9] = -0.0
+    topk = Sparse(d, Dense(values, dtype), support, None, dtype)
+    calls = []
+    real = cpu_kernels.add_on_support
+    cpu_kernels.add_on_support = lambda *a: calls.append(real(*a)) or calls[-1]
+    try:
+        for lr, fast in ((0.1, True), (1.0, True), (0.0, True), (0.0731, True), (-0.5, False)):
+            calls.clear()
+            got = descend_by(x, lr, topk)
+            want = descend(x, lr, dense(topk))
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), lr
+            assert got is not x and torch.equal(x.view(torch.uint8), before.view(torch.uint8))
+            assert bool(calls) == fast, lr
+        signs = build("sign", d, 1, seed=0).compress(x, worker=0, step=0)
+        short = Sparse(100, Dense(values[:5], dtype), torch.tensor([1, 5, 9, 50, 99]), None, dtype)
+        for vector, payload in ((x, signs), (x[:100].clone(), short)):
+            calls.clear()
+            got = descend_by(vector, 0.1, payload)
+            assert torch.equal(got.view(torch.uint8), descend(vector, 0.1, dense(payload)).view(torch.uint8))
+            assert not any(c is not None for c in calls)
+    finally:
+        cpu_kernels.add_on_support = real

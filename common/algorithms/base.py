@@ -160,6 +160,21 @@ def descend(x: torch.Tensor, lr: float, g: torch.Tensor) -> torch.Tensor:
     return x - lr * g if out is None else out
 
 
+def descend_by(x: torch.Tensor, lr: float, payload) -> torch.Tensor:
+    """x - lr * the payload's dense form: ``descend(x, lr, dense(payload))``, bit for bit. For a sparse
+    payload with its indices sent (Top-K) on a long CPU x and a step 0 <= lr < inf, a copy of x with
+    the support alone stepped, x_i - lr c_i (elsewhere x_i - lr * 0 = x_i, -0 included): a copy and
+    O(k) instead of the dense form and a pass over both (``cpu_kernels.add_on_support`` of -(c lr),
+    whose products are torch's: c lr = lr c, with lr in x's precision)."""
+    if (isinstance(payload, Sparse) and payload.indices is not None and payload.dtype == x.dtype and x.dim() == 1
+            and payload.dim == x.numel() and isinstance(lr, (int, float)) and 0 <= lr < float("inf")):
+        step = payload.values.to_dense().to(x.dtype) * lr
+        out = x.detach().clone()
+        if step.device == x.device and cpu_kernels.add_on_support(out, payload.indices.to(x.device), step.neg_()) is not None:
+            return out
+    return descend(x, lr, dense(payload))
+
+
 def descend_by_mean(x: torch.Tensor, lr: float, uplinks: list[Message], name: str) -> torch.Tensor:
     """x - lr (1/n) sum_i (payload ``name`` of uplink i): ``descend(x, lr, mean_of(uplinks, name))``,
     bit for bit. Where every payload is uncompressed (GD's, PSGD's, MARINA-P's and EF21-P's uplinks,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, descend, register
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, descend_by, register
 from common.algorithms.memory import error_feedback, shift_by_mean
 from common.algorithms.schedule import SCHEDULE_PARAMS, staircase
 from common.compressors.message import Message
@@ -24,9 +24,9 @@ class DoubleSqueezeServer(ServerRule):
         self.delta = torch.zeros_like(self.x)
 
     def step(self, t, uplinks):
-        v = shift_by_mean(self.delta, uplinks, "q")                # v = (1/n) sum_i Q_i(v_i) + delta (delta + it: the same sum)
-        q, self.delta = error_feedback(self.ctx.downlink, v, 0, t)   # broadcast Q(v);  delta <- v - Q(v)
-        self.x = descend(self.x, staircase(self.ctx, t), dense(q))
+        v = shift_by_mean(self.delta, uplinks, "q", owned=True)    # v = (1/n) sum_i Q_i(v_i) + delta (delta + it: the same sum; delta is replaced)
+        q, self.delta = error_feedback(self.ctx.downlink, v, 0, t, owned=True)   # broadcast Q(v);  delta <- v - Q(v)
+        self.x = descend_by(self.x, staircase(self.ctx, t), q)
         return [Message({"q": q})] * self.ctx.n
 
     def round_metrics(self):
@@ -44,7 +44,7 @@ class DoubleSqueezeWorker(WorkerRule):
         return Message({"q": q})
 
     def downlink(self, t, msg):
-        self.x = descend(self.x, staircase(self.ctx, t), dense(msg.payloads["q"]))
+        self.x = descend_by(self.x, staircase(self.ctx, t), msg.payloads["q"])
 
 
 @register

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, descend, full, register
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, descend, descend_by, full, register
 from common.algorithms.memory import markov_message, shift, shift_by_mean
 from common.algorithms.schedule import SCHEDULE_PARAMS, staircase
 from common.compressors.message import Message
@@ -45,7 +45,7 @@ class EF21SGDWorker(WorkerRule):
         self.g_i = shift(self.g_i, sent.payloads["c"], owned=True)                                   # g_i^{t+1} = g_i^t + c_i, once c_i is sent
 
     def downlink(self, t, msg):
-        self.x = descend(self.x, staircase(self.ctx, t), dense(msg.payloads["g"]))
+        self.x = descend_by(self.x, staircase(self.ctx, t), msg.payloads["g"])
 
 
 @register

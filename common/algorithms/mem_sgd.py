@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, ServerRule, WorkerRule, dense, descend, full, register, mean_of
+from common.algorithms.base import Algorithm, ServerRule, WorkerRule, descend, descend_by, full, register, mean_of
 from common.algorithms.memory import error_feedback
 from common.algorithms.schedule import SCHEDULE_PARAMS, staircase
 from common.compressors.message import Message
@@ -39,7 +39,7 @@ class MemSGDWorker(WorkerRule):
         return Message({"q": q})
 
     def downlink(self, t, msg):
-        self.x = descend(self.x, 1.0, dense(msg.payloads["q_bar"]))  # x - 1 q_bar is x - q_bar
+        self.x = descend_by(self.x, 1.0, msg.payloads["q_bar"])  # x - 1 q_bar is x - q_bar
 
 
 @register
