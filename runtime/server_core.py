@@ -158,16 +158,19 @@ class ServerCore:
         self.unsettled = t
         if not self.defers:
             self.settle()  # checks the model before it is sent
-        model = self.rule.model
+        # a downlink that is the model is not checked twice, where the model was checked: not yet
+        # where the rule defers its rest (EF-SGD's average, whose model without one is its downlink)
+        checked = () if self.unsettled is not None else (self.rule.model,)
         encoded: dict[int, Any] = {}
         out, bits_down = [], []
-        with checked_finite(model):  # a downlink that is the model is not checked twice
+        with checked_finite(*checked):
             for rank, msg in enumerate(downs):
                 if id(msg) not in encoded:  # a broadcast's payloads are encoded once, then wrapped per link
                     try:
                         encoded[id(msg)] = encode_parts(msg)
                     except (WireError, ValueError) as exc:
-                        raise RunFailed(f"round {t}: cannot encode the downlink ({exc})") from None
+                        raise RunFailed(f"round {t}: cannot encode the downlink ({exc}); "
+                                        "if values are not finite the run diverged: try a smaller --lr") from None
                 out.append(self.downs[rank].encode(t, encoded[id(msg)]))
                 bits_down.append(encoded[id(msg)].bits)
         return out, bits_down

@@ -738,6 +738,7 @@ def test_a_step_by_the_mean_of_top_k_uplinks_in_one_pass_has_the_bits_of_the_den
     assert real(x, 0.1, [u.payloads["g"].indices for u in five], [u.payloads["g"].values.values for u in five]) is None
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # a step of 1e39 in float32
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_step_by_a_top_k_payload_steps_the_support_of_a_copy_with_the_bits_of_the_dense_step(dtype):
     """``descend_by(x, lr, payload)`` for a Top-K payload (indices sent) on a long CPU x: a new vector,
@@ -761,7 +762,9 @@ def test_a_step_by_a_top_k_payload_steps_the_support_of_a_copy_with_the_bits_of_
     real = cpu_kernels.add_on_support
     cpu_kernels.add_on_support = lambda *a: calls.append(real(*a)) or calls[-1]
     try:
-        for lr, fast in ((0.1, True), (1.0, True), (0.0, True), (0.0731, True), (-0.5, False)):
+        huge = 1e39 if dtype == torch.float32 else 1e300  # float32: rounds to inf
+        for lr, fast in ((0.1, True), (1.0, True), (0.0, True), (0.0731, True), (-0.5, False), (-0.0, False),
+                         (huge, dtype == torch.float64)):
             calls.clear()
             got = descend_by(x, lr, topk)
             want = descend(x, lr, dense(topk))
@@ -777,3 +780,38 @@ def test_a_step_by_a_top_k_payload_steps_the_support_of_a_copy_with_the_bits_of_
             assert not any(c is not None for c in calls)
     finally:
         cpu_kernels.add_on_support = real
+
+
+def test_ef_sgd_without_an_average_does_not_send_a_model_that_is_no_longer_finite(monkeypatch):
+    """EF-SGD leaves its average to ``settle`` (after the downlinks are sent); with ``average=none``
+    its model is its downlink x, which is then not yet checked when it is encoded: finite uplinks
+    whose mean overflows stop the run at the server, which says why, and no worker receives an inf."""
+    import torch
+    from common.algorithms import ef_sgd
+    from common.compressors.message import Message
+    from common.compressors.payloads import Dense
+    from runtime.engine import run_inproc
+    from runtime.server_core import RunFailed
+
+    received, uplink = [], ef_sgd.EFSGDWorker.uplink
+
+    def overflowing(self, t):
+        if t == 2:
+            g = torch.zeros(self.x.numel())
+            g[0] = 3e38  # each finite; their mean's step is not
+            return Message({"g": Dense(g, torch.float32)})
+        return uplink(self, t)
+
+    def downlink(self, t, msg):
+        received.append(bool(torch.isfinite(msg.payloads["x"].to_dense()).all()))
+        self.x = msg.payloads["x"].to_dense()
+
+    monkeypatch.setattr(ef_sgd.EFSGDWorker, "uplink", overflowing)
+    monkeypatch.setattr(ef_sgd.EFSGDWorker, "downlink", downlink)
+    for option in (":average=none", ""):
+        received.clear()
+        config = RunConfig(algorithm="ef-sgd" + option, workers=2, rounds=6, lr="0.05", eval_every=100,
+                           uplink="identity", problem=f"identity-quadratic:d={cpu_kernels.MIN_CHUNK + 1}")
+        with pytest.raises(RunFailed, match="round 2: .*not (all )?finite.*smaller --lr"):
+            run_inproc(config, None, progress=False)
+        assert received and all(received), option

@@ -23,6 +23,7 @@ The pieces several rules share have a module each: ``memory`` (error feedback, t
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,14 +161,22 @@ def descend(x: torch.Tensor, lr: float, g: torch.Tensor) -> torch.Tensor:
     return x - lr * g if out is None else out
 
 
+def _plain_step(lr: float, dtype: torch.dtype) -> bool:
+    """Whether lr, rounded to ``dtype`` as torch rounds a step, is +0 or a positive finite number:
+    then lr * 0 is +0, and x_i - lr * 0 is x_i for every x_i (not for -0, a negative or an inf step)."""
+    rounded = float(torch.tensor(float(lr), dtype=dtype))
+    return math.isfinite(rounded) and math.copysign(1.0, rounded) > 0
+
+
 def descend_by(x: torch.Tensor, lr: float, payload) -> torch.Tensor:
     """x - lr * the payload's dense form: ``descend(x, lr, dense(payload))``, bit for bit. For a sparse
-    payload with its indices sent (Top-K) on a long CPU x and a step 0 <= lr < inf, a copy of x with
-    the support alone stepped, x_i - lr c_i (elsewhere x_i - lr * 0 = x_i, -0 included): a copy and
-    O(k) instead of the dense form and a pass over both (``cpu_kernels.add_on_support`` of -(c lr),
-    whose products are torch's: c lr = lr c, with lr in x's precision)."""
+    payload with its indices sent (Top-K) on a long CPU x and a step that is +0 or positive and
+    finite in x's precision, a copy of x with the support alone stepped, x_i - lr c_i (elsewhere
+    x_i - lr * 0 = x_i, -0 included): a copy and O(k) instead of the dense form and a pass over both
+    (``cpu_kernels.add_on_support`` of -(c lr), whose products are torch's: c lr = lr c, with lr in
+    x's precision)."""
     if (isinstance(payload, Sparse) and payload.indices is not None and payload.dtype == x.dtype and x.dim() == 1
-            and payload.dim == x.numel() and isinstance(lr, (int, float)) and 0 <= lr < float("inf")):
+            and payload.dim == x.numel() and isinstance(lr, (int, float)) and _plain_step(lr, x.dtype)):
         step = payload.values.to_dense().to(x.dtype) * lr
         out = x.detach().clone()
         if step.device == x.device and cpu_kernels.add_on_support(out, payload.indices.to(x.device), step.neg_()) is not None:
