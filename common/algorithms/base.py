@@ -168,18 +168,32 @@ def _plain_step(lr: float, dtype: torch.dtype) -> bool:
     return math.isfinite(rounded) and math.copysign(1.0, rounded) > 0
 
 
+def indices_sent(payload, x: torch.Tensor) -> bool:
+    """Whether ``payload`` is sparse with its indices sent (Top-K), of the dtype and length of the
+    vector x it is added to."""
+    return (isinstance(payload, Sparse) and payload.indices is not None and payload.dtype == x.dtype
+            and x.dim() == 1 and payload.dim == x.numel())
+
+
+def support_step(x: torch.Tensor, lr: float, payload) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(support, -(c lr)) of a Top-K payload c (``indices_sent``), for a step lr that is +0 or
+    positive and finite in x's precision: adding them to x on the support (``cpu_kernels.add_on_support``)
+    gives the bits of x - lr * c's dense form, since elsewhere x_i - lr * 0 = x_i (-0 included) and
+    c lr = lr c, with lr in x's precision, as torch rounds it. None otherwise."""
+    if not (indices_sent(payload, x) and isinstance(lr, (int, float)) and _plain_step(lr, x.dtype)):
+        return None
+    step = payload.values.to_dense().to(x.dtype) * lr
+    return (payload.indices.to(x.device), step.neg_()) if step.device == x.device else None
+
+
 def descend_by(x: torch.Tensor, lr: float, payload) -> torch.Tensor:
-    """x - lr * the payload's dense form: ``descend(x, lr, dense(payload))``, bit for bit. For a sparse
-    payload with its indices sent (Top-K) on a long CPU x and a step that is +0 or positive and
-    finite in x's precision, a copy of x with the support alone stepped, x_i - lr c_i (elsewhere
-    x_i - lr * 0 = x_i, -0 included): a copy and O(k) instead of the dense form and a pass over both
-    (``cpu_kernels.add_on_support`` of -(c lr), whose products are torch's: c lr = lr c, with lr in
-    x's precision)."""
-    if (isinstance(payload, Sparse) and payload.indices is not None and payload.dtype == x.dtype and x.dim() == 1
-            and payload.dim == x.numel() and isinstance(lr, (int, float)) and _plain_step(lr, x.dtype)):
-        step = payload.values.to_dense().to(x.dtype) * lr
+    """x - lr * the payload's dense form: ``descend(x, lr, dense(payload))``, bit for bit. For a Top-K
+    payload on a long CPU x (``support_step``), a copy of x with the support alone stepped: a copy
+    and O(k) instead of the dense form and a pass over both."""
+    taken = support_step(x, lr, payload)
+    if taken is not None:
         out = x.detach().clone()
-        if step.device == x.device and cpu_kernels.add_on_support(out, payload.indices.to(x.device), step.neg_()) is not None:
+        if cpu_kernels.add_on_support(out, *taken) is not None:
             return out
     return descend(x, lr, dense(payload))
 
@@ -195,7 +209,7 @@ def descend_by_mean(x: torch.Tensor, lr: float, uplinks: list[Message], name: st
     pass over x adds their values a block at a time (``cpu_kernels.sparse_mean_descend``), without
     the dense forms or the mean as vectors."""
     payloads = [m.payloads[name] for m in uplinks]
-    if all(isinstance(p, Sparse) and p.indices is not None and p.dtype == x.dtype and p.dim == x.numel() for p in payloads):
+    if all(indices_sent(p, x) for p in payloads):
         values = [p.values.to_dense().to(x.dtype) for p in payloads]
         out = cpu_kernels.sparse_mean_descend(x, lr, [p.indices for p in payloads], values)
         if out is not None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, descend_by_mean, full, need_constants
+from common.algorithms.base import Algorithm, register, ServerRule, WorkerRule, dense, descend, descend_by_mean, full, need_constants
 from common.algorithms.memory import error_feedback
 from common.compressors import cpu_kernels
 from common.options import Param
@@ -79,9 +79,7 @@ class EFSGDWorker(WorkerRule):
 
     def uplink(self, t):
         self.g = self.grad(self.x, t)                                                           # (19)
-        v = cpu_kernels.descend(self.e, -self.ctx.lr, self.g)  # e + eta g as e - (-eta) g: one compiled pass, the same bits
-        if v is None:
-            v = self.e + self.ctx.lr * self.g
+        v = descend(self.e, -self.ctx.lr, self.g)  # e + eta g as e - (-eta) g: the same bits, in one compiled pass where it can
         g_tilde, self.e = error_feedback(self.ctx.uplink, v, self.rank, t, owned=True)          # (21), (22)
         return Message({"g": g_tilde})
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from common.algorithms import row_order
-from common.algorithms.base import RUNNING_SUM_ROWS, dense, last_columns, mean_of
+from common.algorithms.base import RUNNING_SUM_ROWS, dense, last_columns, mean_of, support_step
 from common.compressors import cpu_kernels, indices as index_sets
 from common.compressors.payloads import Signs, Sparse, add_dense
 
@@ -33,14 +33,12 @@ def error_feedback(compressor, v: torch.Tensor, worker: int, step: int, owned: b
     """Send C(v), keep the rest: returns (payload, e) with e = v - C(v) (C(v) as decoded). With
     ``owned`` (v is a vector the caller has just made and holds alone), where C(v) is sparse with its
     indices sent (Top-K), e is v itself with C(v) taken off on the support alone, in one compiled
-    loop (``cpu_kernels.add_on_support`` of -c): O(k) instead of two passes over d (the dense form
-    and the difference), the same bits, since v_i - 0 = v_i for every v_i (-0 included) and
-    v_i - c_i = v_i + (-c_i)."""
+    loop (``base.support_step`` with a step of 1, ``cpu_kernels.add_on_support``): O(k) instead of two
+    passes over d (the dense form and the difference), the same bits, since v - 1 * c is v - c."""
     c = compressor.compress(v, worker=worker, step=step)
-    if owned and isinstance(c, Sparse) and c.indices is not None and c.dtype == v.dtype and v.dim() == 1 and c.dim == v.numel():
-        kept = c.values.to_dense().to(v.dtype)
-        if kept.device == v.device and cpu_kernels.add_on_support(v, c.indices.to(v.device), kept.neg()) is not None:
-            return c, v
+    taken = support_step(v, 1.0, c) if owned else None
+    if taken is not None and cpu_kernels.add_on_support(v, *taken) is not None:
+        return c, v
     return c, v - dense(c)
 
 

@@ -2367,10 +2367,15 @@ def add_on_support(h: torch.Tensor, support: torch.Tensor, values: torch.Tensor)
             or any(_overlap(h, t) for t in (support, values))):  # (torch reads every value before it writes)
         return None
     index = support.contiguous().numpy()
-    if index.size and (index[0] < 0 or index[-1] >= h.numel() or not np.all(index[1:] > index[:-1])):
+    if not _ascending_within(index, h.numel()):
         return None
     _forget_marks(h)  # written through NumPy: torch's version counter does not move
     return bool(kernels["add_on_support"](h.numpy(), index, values.detach().contiguous().numpy(), SUPPORT_AHEAD))
+
+
+def _ascending_within(index: np.ndarray, n: int) -> bool:
+    """Whether a support's indices are strictly increasing within [0, n)."""
+    return not index.size or (index[0] >= 0 and index[-1] < n and bool(np.all(index[1:] > index[:-1])))
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -2398,7 +2403,7 @@ def _sparse_pass(h, supports, values, mean: bool, inplace: bool, rate: float | N
         return None
     ha = h.detach().numpy()
     index = [s.contiguous().numpy() for s in supports]
-    if any(i.size and (i[0] < 0 or i[-1] >= ha.size or not np.all(i[1:] > i[:-1])) for i in index):
+    if not all(_ascending_within(i, ha.size) for i in index):
         return None
     kept = [v.detach().contiguous().numpy() for v in values]
     if inplace:
